@@ -1,0 +1,48 @@
+# llmos — the two commands a fresh machine needs:
+#   make run    install into .venv (if anything changed) and start the daemon
+#   make test   install into .venv (if anything changed) and run the whole suite
+# `make install` does the install step alone; it is idempotent and quick when
+# nothing changed (a stamp file records the inputs it was made from).
+
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.llmos-installed
+
+# every first-party plugin is installed editable next to the kernel
+PLUGIN_DIRS := $(patsubst %/pyproject.toml,%,$(wildcard plugins/*/pyproject.toml))
+INSTALL_INPUTS := pyproject.toml constraints.txt core/pyproject.toml \
+                  $(addsuffix /pyproject.toml,$(PLUGIN_DIRS))
+
+# No network to the model hub; one torch thread per process on small machines.
+export HF_HUB_OFFLINE := 1
+export OMP_NUM_THREADS ?= 1
+# pip: no version-check chatter, quiet progress; every install is constrained
+# (torch==2.13.0: never a multi-GB CUDA build).
+PIP := $(BIN)/python -m pip --disable-pip-version-check
+PIP_CONSTRAINT := -c constraints.txt
+
+.PHONY: install run test lint clean
+
+install: $(STAMP)
+
+$(BIN)/python:
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11 ...'" >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade "pip>=25.1"
+
+$(STAMP): $(BIN)/python $(INSTALL_INPUTS)
+	$(PIP) install --quiet $(PIP_CONSTRAINT) --group dev -e core $(addprefix -e ,$(PLUGIN_DIRS))
+	@touch $@
+
+run: install
+	$(BIN)/llmos serve
+
+test: install
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check core plugins contrib tests bench
+
+clean:
+	rm -rf $(VENV)

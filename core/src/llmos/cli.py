@@ -1,0 +1,259 @@
+"""The ``llmos`` command line.
+
+Tables for people, ``--json`` for programs. A failure ends with one line on
+stderr (``error: …``) and a non-zero exit code that says what kind of failure
+it was (see :mod:`llmos.errors`); ``--debug`` (or ``LLMOS_DEBUG=1``) shows the
+traceback instead. Plugins add sub-commands through ``llmos_register_commands``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import click
+from rich.console import Console
+from rich.table import Table
+
+from llmos import __version__
+from llmos.errors import LlmosError
+from llmos.runtime.kernel import Kernel
+from llmos.types import CommandSpec
+
+#: exit codes, documented in the README; LlmosError subclasses carry their own
+EXIT_OK = 0
+EXIT_ERROR = 1
+
+
+@attrs.define
+class _State:
+    """What the top-level options set, and the kernel built from them lazily."""
+
+    config_paths: tuple[str, ...] = ()
+    overrides: tuple[str, ...] = ()
+    debug: bool = False
+    _kernel: Kernel | None = None
+
+    def kernel(self) -> Kernel:
+        if self._kernel is None:
+            self._kernel = Kernel.from_config(self.config_paths, self.overrides)
+            self._kernel.plugins.reserve(
+                "commands", (CommandSpec(command=c) for c in cli.commands.values())
+            )
+        return self._kernel
+
+
+def _state(ctx: click.Context) -> _State:
+    root = ctx.find_root()
+    if not isinstance(root.obj, _State):
+        params = root.params
+        overrides = tuple(params.get("overrides") or ())
+        if params.get("strict"):
+            overrides += ("plugins.strict=true",)
+        root.obj = _State(
+            config_paths=tuple(params.get("config_paths") or ()),
+            overrides=overrides,
+            debug=bool(params.get("debug")),
+        )
+    return root.obj
+
+
+def _emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
+
+
+class LlmosGroup(click.Group):
+    """A click group that adds the sub-commands plugins register."""
+
+    def _plugin_commands(self, ctx: click.Context) -> dict[str, click.Command]:
+        pm = _state(ctx).kernel().load_plugins()
+        return {
+            name: registered.spec.command
+            for name, registered in pm.commands.items()
+            if name not in self.commands
+        }
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*self.commands, *self._plugin_commands(ctx)})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.commands:
+            return self.commands[cmd_name]
+        return self._plugin_commands(ctx).get(cmd_name)
+
+
+@click.group(cls=LlmosGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    "config_paths",
+    multiple=True,
+    is_eager=True,
+    metavar="PATH",
+    help="Config file (TOML); repeat to layer, later files win. Default: $LLMOS_CONFIG.",
+)
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    is_eager=True,
+    metavar="KEY=VALUE",
+    help="Override one config value, e.g. --set server.port=9000 (typed as TOML).",
+)
+# Eager, like --help: `llmos --strict --help` must see --strict before --help
+# lists the commands, which loads the plugins.
+@click.option(
+    "--strict", is_flag=True, is_eager=True, help="Fail on the first plugin that fails to load."
+)
+@click.option("--debug", is_flag=True, is_eager=True, help="Debug logging, tracebacks on errors.")
+@click.pass_context
+def cli(
+    ctx: click.Context,
+    config_paths: tuple[str, ...],
+    overrides: tuple[str, ...],
+    strict: bool,
+    debug: bool,
+) -> None:
+    """llmos: an operating system for language models."""
+    from llmos.logs import configure_logging
+
+    _state(ctx)
+    # Warnings and errors only (a plugin that failed to load, say): the CLI's
+    # own output is its result, on stdout.
+    configure_logging("debug" if debug else os.environ.get("LLMOS_LOG_LEVEL", "warning"))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def version(as_json: bool) -> None:
+    """Show the versions of llmos, pluggy and Python."""
+    import pluggy
+
+    info = {
+        "llmos": __version__,
+        "pluggy": pluggy.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    if as_json:
+        _emit_json(info)
+    else:
+        click.echo(f"llmos {info['llmos']} (pluggy {info['pluggy']}, Python {info['python']})")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--all", "show_all", is_flag=True, help="Include the kernel's default plugins.")
+@click.pass_context
+def plugins(ctx: click.Context, as_json: bool, show_all: bool) -> None:
+    """List plugins with their version, hooks, and status (and load errors)."""
+    pm = _state(ctx).kernel().load_plugins()
+    rows = pm.plugins(include_defaults=show_all)
+    if as_json:
+        _emit_json([info.to_dict() for info in rows])
+        return
+    if not rows:
+        click.echo("No plugins installed. (--all shows the kernel's default plugins.)")
+        return
+    table = Table(title="llmos plugins")
+    for column in ("name", "distribution", "version", "status", "hooks", "registered"):
+        table.add_column(column)
+    for info in rows:
+        status = info.status if info.error is None else f"{info.status}: {info.error}"
+        style = "red" if info.status == "failed" else None
+        registered = "; ".join(f"{k}: {', '.join(v)}" for k, v in info.registered.items())
+        table.add_row(
+            info.name,
+            info.distribution or "-",
+            info.version or "-",
+            status,
+            "\n".join(info.hooks),
+            registered,
+            style=style,
+        )
+    Console().print(table)
+
+
+@cli.group()
+def config() -> None:
+    """Inspect the effective configuration."""
+
+
+@config.command("show")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def config_show(ctx: click.Context, as_json: bool) -> None:
+    """Print every effective value and where it came from (file:line, env, --set)."""
+    cfg = _state(ctx).kernel().config
+    rows = cfg.explain()
+    if as_json:
+        _emit_json(
+            {
+                "files": [str(p) for p in cfg.files],
+                "config": cfg.to_dict(),
+                "origins": {key: str(origin) for key, _, origin in rows},
+            }
+        )
+        return
+    table = Table(title="llmos config")
+    for column in ("key", "value", "origin"):
+        table.add_column(column)
+    for key, value, origin in rows:
+        table.add_row(key, json.dumps(value, default=str), str(origin))
+    Console().print(table)
+
+
+@cli.command()
+@click.option("--host", help="Address to bind (default: server.host, 127.0.0.1).")
+@click.option("--port", type=click.IntRange(0, 65535), help="Port (default: server.port, 8470).")
+@click.pass_context
+def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
+    """Run the llmos daemon."""
+    from llmos.logs import configure_logging
+    from llmos.server import serve as run_server
+
+    state = _state(ctx)
+    kernel = state.kernel()
+    configure_logging("debug" if state.debug else kernel.config.server.log_level)
+    ctx.exit(run_server(kernel, host=host, port=port))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``llmos`` console script; returns the exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("LLMOS_DEBUG", "") not in ("", "0")
+    try:
+        # With standalone_mode off, click returns ctx.exit()'s code instead of
+        # calling sys.exit, and leaves the error handling to us.
+        result = cli.main(args=args, prog_name="llmos", standalone_mode=False)
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return EXIT_ERROR
+    except LlmosError as exc:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: {exc.message}", err=True)
+        return exc.exit_code
+    except Exception as exc:
+        if debug:
+            traceback.print_exc()
+        else:
+            click.echo(
+                f"error: unexpected {type(exc).__name__}: {exc} "
+                "(run again with --debug for the traceback)",
+                err=True,
+            )
+        return EXIT_ERROR
+    return result if isinstance(result, int) else EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

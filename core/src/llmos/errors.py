@@ -1,0 +1,98 @@
+"""The errors llmos raises on purpose.
+
+Every error a user can cause or fix derives from :class:`LlmosError`. Each class
+carries what the two front doors need to report it without a traceback: an HTTP
+status and a stable ``type`` string for the daemon's JSON error body, and an
+exit code for the CLI. Messages are one line and say what to do.
+"""
+
+from __future__ import annotations
+
+
+class LlmosError(Exception):
+    """Base of every error llmos raises deliberately."""
+
+    #: stable machine-readable kind, used as ``error.type`` in HTTP bodies
+    type: str = "llmos_error"
+    #: HTTP status the daemon answers with
+    status: int = 500
+    #: process exit code the CLI ends with
+    exit_code: int = 1
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UsageError(LlmosError):
+    """The request or command line is malformed."""
+
+    type = "invalid_request_error"
+    status = 400
+    exit_code = 2
+
+
+class ConfigError(LlmosError):
+    """A config file, include, interpolation or override is wrong."""
+
+    type = "config_error"
+    status = 500
+    exit_code = 2
+
+
+class PluginError(LlmosError):
+    """A plugin failed to load or to register (strict mode makes this fatal)."""
+
+    type = "plugin_error"
+    status = 500
+    exit_code = 3
+
+
+class DuplicateNameError(PluginError):
+    """Two plugins registered the same provider, strategy, method or sink name."""
+
+    type = "duplicate_name"
+
+
+class NotFoundError(LlmosError):
+    """A model, version, alias, job or other named thing does not exist."""
+
+    type = "not_found"
+    status = 404
+    exit_code = 4
+
+
+class CapabilityNotSupported(LlmosError):
+    """The model does not declare the capability that was asked of it."""
+
+    type = "capability_not_supported"
+    status = 400
+    exit_code = 2
+
+
+class AuthenticationError(LlmosError):
+    """A missing or wrong API key."""
+
+    type = "authentication_error"
+    status = 401
+    exit_code = 5
+
+
+class PayloadTooLarge(LlmosError):
+    """A request body over the configured cap."""
+
+    type = "payload_too_large"
+    status = 413
+    exit_code = 2
+
+
+class Unavailable(LlmosError):
+    """The daemon is starting or draining and takes no new work."""
+
+    type = "unavailable"
+    status = 503
+    exit_code = 6

@@ -1,0 +1,1 @@
+"""Monitoring: the event bus that fans events out to sinks."""

@@ -1,0 +1,462 @@
+"""Plugin loading: default plugins, then the ``llmos`` entry points, each isolated.
+
+The kernel never calls ``pm.hook.*`` directly; it talks to :class:`PluginManager`,
+a typed façade with one method per hook family. Loading follows one rule: a
+plugin that breaks — on import, on registration with pluggy, with a misspelled
+hook, by raising inside a hook, by taking a name another plugin holds — is
+recorded with its distribution, version and error, logged, rolled back and
+skipped, and every other plugin keeps working. Strict mode
+(``LLMOS_STRICT_PLUGINS=1``, ``--strict``) turns the first such failure into a
+:class:`~llmos.errors.PluginError`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import attrs
+import importlib_metadata
+import pluggy
+import structlog
+
+from llmos import __version__
+from llmos.errors import DuplicateNameError, PluginError
+from llmos.plugin import spec
+from llmos.types import (
+    CommandSpec,
+    FusionStrategySpec,
+    ModelCard,
+    MonitorSinkSpec,
+    ProviderSpec,
+    RouteSpec,
+    TuningMethodSpec,
+)
+
+if TYPE_CHECKING:
+    from llmos.config import PluginSettings
+    from llmos.runtime.kernel import Kernel
+
+log = structlog.get_logger("llmos.plugins")
+
+ENTRY_POINT_GROUP = spec.NAME
+
+#: plugins that ship inside the kernel, loaded first; each can be disabled by name
+DEFAULT_PLUGINS: tuple[str, ...] = ("llmos.default_plugins.log_sink",)
+
+HOOK_NAMES: frozenset[str] = frozenset(
+    name for name in dir(spec) if name.startswith("llmos_") and callable(getattr(spec, name))
+)
+
+S = TypeVar("S")
+
+
+@attrs.define
+class PluginInfo:
+    """What ``llmos plugins`` shows about one plugin."""
+
+    name: str
+    module: str
+    distribution: str | None
+    version: str | None
+    default: bool
+    #: ``loaded`` | ``failed`` | ``disabled`` (deny-list) | ``not-allowed`` (allow-list)
+    status: str = "loaded"
+    error: str | None = None
+    hooks: list[str] = attrs.field(factory=list)
+    #: family -> names this plugin registered (``providers``: ``["transformers"]``)
+    registered: dict[str, list[str]] = attrs.field(factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+@attrs.frozen
+class Registered(Generic[S]):
+    """A spec and the plugin that registered it."""
+
+    spec: S
+    plugin: str
+
+
+@attrs.frozen
+class _Family:
+    """A registration hook, the spec type its ``register`` takes, and how a
+    spec is named (for duplicate detection)."""
+
+    key: str
+    hook: str
+    spec_type: type
+    name_of: Callable[[Any], str]
+
+
+_FAMILIES: tuple[_Family, ...] = (
+    _Family("providers", "llmos_register_providers", ProviderSpec, lambda s: s.name),
+    _Family(
+        "fusion_strategies",
+        "llmos_register_fusion_strategies",
+        FusionStrategySpec,
+        lambda s: s.name,
+    ),
+    _Family("tuning_methods", "llmos_register_tuning_methods", TuningMethodSpec, lambda s: s.name),
+    _Family("monitor_sinks", "llmos_register_monitor_sinks", MonitorSinkSpec, lambda s: s.name),
+    _Family("commands", "llmos_register_commands", CommandSpec, lambda s: s.command.name),
+)
+
+
+def _normalise(name: str) -> str:
+    return name.strip().lower().replace("_", "-")
+
+
+class _HookFailed(Exception):
+    """Internal: a plugin's hook raised; carries the plugin-facing message."""
+
+
+class PluginManager:
+    """The kernel's typed façade over pluggy.
+
+    Create it with the plugin settings, call :meth:`load` once, then use the
+    registries (:attr:`providers` …) and the per-hook methods.
+    """
+
+    def __init__(self, settings: PluginSettings | None = None) -> None:
+        self._load = None if settings is None else settings.load
+        self._disable = frozenset(_normalise(n) for n in (settings.disable if settings else ()))
+        self.strict = bool(settings and settings.strict)
+        self.trace = bool(settings and settings.trace)
+        self.pm = pluggy.PluginManager(spec.NAME)
+        self.pm.add_hookspecs(spec)
+        self._infos: dict[str, PluginInfo] = {}
+        self._objects: dict[str, object] = {}
+        self._registries: dict[str, dict[str, Registered[Any]]] = {f.key: {} for f in _FAMILIES}
+        self._routes: list[Registered[RouteSpec]] = []
+        self.loaded = False
+
+    # -- registries -------------------------------------------------------
+
+    @property
+    def providers(self) -> Mapping[str, Registered[ProviderSpec]]:
+        return self._registries["providers"]
+
+    @property
+    def fusion_strategies(self) -> Mapping[str, Registered[FusionStrategySpec]]:
+        return self._registries["fusion_strategies"]
+
+    @property
+    def tuning_methods(self) -> Mapping[str, Registered[TuningMethodSpec]]:
+        return self._registries["tuning_methods"]
+
+    @property
+    def monitor_sinks(self) -> Mapping[str, Registered[MonitorSinkSpec]]:
+        return self._registries["monitor_sinks"]
+
+    @property
+    def commands(self) -> Mapping[str, Registered[CommandSpec]]:
+        return self._registries["commands"]
+
+    def plugins(self, *, include_defaults: bool = True) -> list[PluginInfo]:
+        """Every plugin seen, in load order, with its status and error."""
+        return [i for i in self._infos.values() if include_defaults or not i.default]
+
+    def failed(self) -> list[PluginInfo]:
+        return [i for i in self._infos.values() if i.status == "failed"]
+
+    # -- loading ----------------------------------------------------------
+
+    def load(self, entry_points: Iterable[importlib_metadata.EntryPoint] | None = None) -> None:
+        """Load default plugins, then entry-point plugins, one by one.
+
+        ``entry_points`` defaults to the installed ``llmos`` group.
+        """
+        if self.loaded:
+            return
+        for module_name in DEFAULT_PLUGINS:
+            info = PluginInfo(
+                name=module_name,
+                module=module_name,
+                distribution="llmos",
+                version=__version__,
+                default=True,
+            )
+            if self._admit(info, allow_list_applies=False):
+                self._load_one(info, lambda m=module_name: importlib.import_module(m))
+        if entry_points is None:
+            entry_points = importlib_metadata.entry_points(group=ENTRY_POINT_GROUP)
+        for ep in sorted(entry_points, key=lambda e: (e.dist.name if e.dist else "", e.name)):
+            info = PluginInfo(
+                name=ep.name,
+                module=ep.value,
+                distribution=ep.dist.name if ep.dist else None,
+                version=ep.dist.version if ep.dist else None,
+                default=False,
+            )
+            if self._admit(info, allow_list_applies=True):
+                self._load_one(info, ep.load)
+        # Every implementation left has a spec (misspelled ones were rejected
+        # per plugin above); this is the belt to those braces.
+        self.pm.check_pending()
+        self.loaded = True
+        log.debug(
+            "plugins.loaded", plugins=[i.name for i in self._infos.values() if i.status == "loaded"]
+        )
+
+    def register(self, plugin: object, name: str) -> PluginInfo:
+        """Register an in-process plugin object (tests, embedding applications).
+
+        Goes through the same validation and registration as an entry point;
+        undo it with :meth:`unregister`.
+        """
+        info = PluginInfo(
+            name=name,
+            module=getattr(plugin, "__name__", type(plugin).__name__),
+            distribution=None,
+            version=None,
+            default=False,
+        )
+        self._load_one(info, lambda: plugin)
+        return info
+
+    def unregister(self, name: str) -> None:
+        """Remove a plugin and everything it registered."""
+        self._rollback(name)
+        if (obj := self._objects.pop(name, None)) is not None and self.pm.is_registered(obj):
+            self.pm.unregister(obj)
+        self._infos.pop(name, None)
+
+    def reserve(self, family: str, specs: Iterable[Any], owner: str = "llmos") -> None:
+        """Record specs the kernel provides itself (the CLI's built-in commands)
+        before loading, so a plugin taking one of their names is a duplicate
+        like any other."""
+        for item in specs:
+            name = next(f for f in _FAMILIES if f.key == family).name_of(item)
+            self._registries[family][name] = Registered(item, owner)
+
+    def _admit(self, info: PluginInfo, *, allow_list_applies: bool) -> bool:
+        names = {_normalise(info.name)}
+        if info.distribution:
+            names.add(_normalise(info.distribution))
+        if names & self._disable:
+            info.status = "disabled"
+        elif (
+            allow_list_applies
+            and self._load is not None
+            and not (names & {_normalise(n) for n in self._load})
+        ):
+            info.status = "not-allowed"
+        self._infos[info.name] = info
+        return info.status == "loaded"
+
+    def _load_one(self, info: PluginInfo, load: Callable[[], object]) -> None:
+        self._infos[info.name] = info
+        try:
+            obj = load()
+        except Exception as exc:  # an import error of any kind is the plugin's
+            self._fail(info, f"import failed: {type(exc).__name__}: {exc}", exc)
+            return
+        if info.name in self._objects or self.pm.has_plugin(info.name):
+            self._fail(info, f"a plugin named {info.name!r} is already registered", None)
+            return
+        try:
+            self.pm.register(obj, name=info.name)
+        except (pluggy.PluginValidationError, ValueError) as exc:
+            self._fail(info, f"invalid plugin: {exc}", exc)
+            return
+        self._objects[info.name] = obj
+        info.hooks = sorted(impl_name for impl_name in self._hookimpl_names(obj))
+        unknown = [h for h in info.hooks if h not in HOOK_NAMES and not self._optional(obj, h)]
+        if unknown:
+            hints = []
+            for name in unknown:
+                close = difflib.get_close_matches(name, sorted(HOOK_NAMES), n=1)
+                hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            self._fail(info, f"unknown hook {', '.join(hints)}", None)
+            return
+        self._register_specs(info, obj)
+
+    def _hookimpl_names(self, obj: object) -> list[str]:
+        return [name for name in dir(obj) if self.pm.parse_hookimpl_opts(obj, name) is not None]
+
+    def _optional(self, obj: object, name: str) -> bool:
+        opts = self.pm.parse_hookimpl_opts(obj, name)
+        return bool(opts and opts.get("optionalhook"))
+
+    def _register_specs(self, info: PluginInfo, obj: object) -> None:
+        """Run the plugin's registration hooks into a staging area, then commit
+        all of it or none of it."""
+        staged: list[tuple[_Family, Any]] = []
+        for family in _FAMILIES:
+            for impl in self._impls_of(family.hook, obj):
+
+                def register(item: Any, _family: _Family = family) -> None:
+                    if not isinstance(item, _family.spec_type):
+                        raise TypeError(
+                            f"register() in {_family.hook} takes a {_family.spec_type.__name__}, "
+                            f"got {type(item).__name__}"
+                        )
+                    staged.append((_family, item))
+
+                try:
+                    self._call(impl, info.name, family.hook, {"register": register})
+                except _HookFailed as exc:
+                    self._fail(info, str(exc), exc.__cause__)
+                    return
+        seen: dict[tuple[str, str], bool] = {}
+        for family, item in staged:
+            name = family.name_of(item)
+            holder = self._registries[family.key].get(name)
+            if holder is not None or (family.key, name) in seen:
+                other = holder.plugin if holder else info.name
+                message = (
+                    f"{family.key[:-1].replace('_', ' ')} {name!r} is registered by both "
+                    f"{other!r} and {info.name!r}; disable one of them "
+                    "(LLMOS_DISABLE_PLUGINS or [plugins] disable)"
+                )
+                self._fail(info, message, None, error_type=DuplicateNameError)
+                return
+            seen[(family.key, name)] = True
+        for family, item in staged:
+            self._registries[family.key][family.name_of(item)] = Registered(item, info.name)
+            info.registered.setdefault(family.key, []).append(family.name_of(item))
+
+    def _impls_of(self, hook_name: str, obj: object | None = None) -> list[pluggy.HookImpl]:
+        impls = getattr(self.pm.hook, hook_name).get_hookimpls()
+        return [i for i in impls if obj is None or i.plugin is obj]
+
+    def _call(
+        self, impl: pluggy.HookImpl, plugin: str, hook: str, kwargs: Mapping[str, Any]
+    ) -> Any:
+        """Call one implementation with the arguments it asks for."""
+        args = [kwargs[name] for name in impl.argnames]
+        start = time.perf_counter()
+        try:
+            return impl.function(*args)
+        except Exception as exc:
+            raise _HookFailed(f"{hook} raised {type(exc).__name__}: {exc}") from exc
+        finally:
+            if self.trace:
+                log.info(
+                    "plugins.trace",
+                    plugin=plugin,
+                    hook=hook,
+                    duration_ms=round((time.perf_counter() - start) * 1000, 3),
+                )
+
+    def _fail(
+        self,
+        info: PluginInfo,
+        message: str,
+        exc: BaseException | None,
+        error_type: type[PluginError] = PluginError,
+    ) -> None:
+        info.status = "failed"
+        info.error = message
+        self._rollback(info.name)
+        obj = self._objects.pop(info.name, None)
+        if obj is not None and self.pm.is_registered(obj):
+            self.pm.unregister(obj)
+        log.error(
+            "plugins.failed",
+            plugin=info.name,
+            distribution=info.distribution,
+            version=info.version,
+            error=message,
+        )
+        if self.strict:
+            raise error_type(
+                f"plugin {info.name!r} ({info.distribution or 'not installed'} "
+                f"{info.version or ''}) failed: {message}".replace(" )", ")")
+            ) from exc
+
+    def _rollback(self, plugin: str) -> None:
+        for registry in self._registries.values():
+            for name in [n for n, r in registry.items() if r.plugin == plugin]:
+                del registry[name]
+        self._routes = [r for r in self._routes if r.plugin != plugin]
+        if plugin in self._infos:
+            self._infos[plugin].registered.clear()
+
+    def _name_of(self, impl: pluggy.HookImpl) -> str:
+        return impl.plugin_name
+
+    def _each(self, hook: str, kwargs: Mapping[str, Any]) -> Iterable[tuple[str, Any]]:
+        """Call every loaded plugin's implementation of ``hook`` on its own; a
+        plugin that raises is failed and skipped."""
+        for impl in list(self._impls_of(hook)):
+            plugin = self._name_of(impl)
+            try:
+                yield plugin, self._call(impl, plugin, hook, kwargs)
+            except _HookFailed as exc:
+                self._fail(self._infos[plugin], str(exc), exc.__cause__)
+
+    # -- hooks called after loading ---------------------------------------
+
+    def discover_models(self) -> list[Registered[ModelCard]]:
+        """Ask every model source for its cards."""
+        found: list[Registered[ModelCard]] = []
+        for impl in list(self._impls_of("llmos_discover_models")):
+            plugin = self._name_of(impl)
+            cards: list[ModelCard] = []
+
+            def register(card: ModelCard, _cards: list[ModelCard] = cards) -> None:
+                if not isinstance(card, ModelCard):
+                    raise TypeError(f"register() takes a ModelCard, got {type(card).__name__}")
+                _cards.append(card)
+
+            try:
+                self._call(impl, plugin, "llmos_discover_models", {"register": register})
+            except _HookFailed as exc:
+                self._fail(self._infos[plugin], str(exc), exc.__cause__)
+                continue
+            found.extend(Registered(card, plugin) for card in cards)
+        return found
+
+    def routes(self, kernel: Kernel) -> Sequence[Registered[RouteSpec]]:
+        """Collect every plugin's routes (once; later calls return the same)."""
+        if not self._routes:
+            for impl in list(self._impls_of("llmos_register_routes")):
+                plugin = self._name_of(impl)
+                staged: list[RouteSpec] = []
+
+                def register(item: RouteSpec, _staged: list[RouteSpec] = staged) -> None:
+                    if not isinstance(item, RouteSpec):
+                        raise TypeError(f"register() takes a RouteSpec, got {type(item).__name__}")
+                    _staged.append(item)
+
+                try:
+                    self._call(
+                        impl,
+                        plugin,
+                        "llmos_register_routes",
+                        {"register": register, "kernel": kernel},
+                    )
+                except _HookFailed as exc:
+                    self._fail(self._infos[plugin], str(exc), exc.__cause__)
+                    continue
+                self._routes.extend(Registered(r, plugin) for r in staged)
+                if staged:
+                    self._infos[plugin].registered["routes"] = [r.prefix or "/" for r in staged]
+        return list(self._routes)
+
+    def reject(
+        self, plugin: str, message: str, error_type: type[PluginError] = PluginError
+    ) -> None:
+        """Fail a plugin for a reason found outside the manager (a route that
+        collides with the kernel's own, a sink that cannot start)."""
+        self._fail(self._infos[plugin], message, None, error_type=error_type)
+
+    def startup(self, kernel: Kernel) -> None:
+        for _ in self._each("llmos_startup", {"kernel": kernel}):
+            pass
+
+    def shutdown(self, kernel: Kernel) -> None:
+        # A plugin failing at shutdown is logged but not rolled back from the
+        # record: it did run; it only failed to clean up.
+        for impl in list(self._impls_of("llmos_shutdown")):
+            plugin = self._name_of(impl)
+            try:
+                self._call(impl, plugin, "llmos_shutdown", {"kernel": kernel})
+            except _HookFailed as exc:
+                log.error("plugins.shutdown_failed", plugin=plugin, error=str(exc))

@@ -1,0 +1,1 @@
+"""The kernel at run time: resolves models, loads them, batches, fuses, times."""

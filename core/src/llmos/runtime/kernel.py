@@ -1,0 +1,137 @@
+"""The Kernel: config + plugins + monitor bus, with a start/stop lifecycle.
+
+The daemon and the CLI both build one :class:`Kernel`. Later subsystems (the
+registry, model loading and batching, fusion, tuning) hang off it, so that a
+plugin handed the kernel in ``llmos_startup`` or ``llmos_register_routes``
+reaches all of them through one object.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from llmos.config import Config, load_config
+from llmos.monitor.bus import EventBus
+from llmos.plugin.manager import PluginManager
+from llmos.types import MonitorEvent, MonitorSink
+
+log = structlog.get_logger("llmos.kernel")
+
+
+class KernelState(enum.StrEnum):
+    CREATED = "created"
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+
+
+class Kernel:
+    """One llmos kernel: its config, its plugins, its monitor bus."""
+
+    def __init__(self, config: Config, plugins: PluginManager | None = None) -> None:
+        self.config = config
+        self.plugins = plugins if plugins is not None else PluginManager(config.plugins)
+        self.bus = EventBus()
+        self._state = KernelState.CREATED
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_config(
+        cls,
+        paths: Sequence[str | os.PathLike[str]] = (),
+        overrides: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> Kernel:
+        """Compose the config (files, environment, ``--set``) and build a kernel."""
+        return cls(load_config(paths, overrides, env))
+
+    @property
+    def state(self) -> KernelState:
+        return self._state
+
+    @property
+    def ready(self) -> bool:
+        return self._state is KernelState.READY
+
+    @property
+    def home(self) -> Path:
+        """The data folder (``LLMOS_HOME``); created on start."""
+        return self.config.home
+
+    def plugin_options(self, plugin: str) -> Mapping[str, Any]:
+        """The ``[plugins.<plugin>]`` table of the config, or ``{}``."""
+        return self.config.plugin_options(plugin)
+
+    def load_plugins(self) -> PluginManager:
+        """Load plugins (idempotent); enough for commands that need no start."""
+        self.plugins.load()
+        return self.plugins
+
+    def start(self) -> None:
+        """Load plugins, open sinks, run ``llmos_startup``; then ready."""
+        with self._lock:
+            if self._state is not KernelState.CREATED:
+                return
+            self._state = KernelState.STARTING
+        try:
+            self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.load_plugins()
+            self.bus.sinks = self._create_sinks()
+            self.bus.start()
+            self.plugins.startup(self)
+        except BaseException:
+            # Strict mode, or an unwritable home: leave nothing running behind.
+            self._state = KernelState.STOPPED
+            self.bus.stop()
+            raise
+        self._state = KernelState.READY
+        failed = [p.name for p in self.plugins.failed()]
+        log.info(
+            "kernel.ready",
+            home=str(self.home),
+            plugins=[p.name for p in self.plugins.plugins() if p.status == "loaded"],
+            failed=failed,
+        )
+        self.emit(MonitorEvent(kind="kernel.started", fields={"failed_plugins": failed}))
+
+    def begin_drain(self) -> None:
+        """Stop taking new work; what is in flight may finish."""
+        with self._lock:
+            if self._state in (KernelState.READY, KernelState.STARTING):
+                self._state = KernelState.DRAINING
+                log.info("kernel.draining")
+
+    def stop(self) -> None:
+        """Run ``llmos_shutdown`` and close the sinks."""
+        with self._lock:
+            if self._state in (KernelState.CREATED, KernelState.STOPPED):
+                self._state = KernelState.STOPPED
+                return
+            self._state = KernelState.STOPPED
+        self.emit(MonitorEvent(kind="kernel.stopped"))
+        self.plugins.shutdown(self)
+        self.bus.stop()
+        log.info("kernel.stopped")
+
+    def emit(self, event: MonitorEvent) -> None:
+        """Send a monitor event to every sink; never blocks, never raises."""
+        self.bus.emit(event)
+
+    def _create_sinks(self) -> dict[str, MonitorSink]:
+        sinks: dict[str, MonitorSink] = {}
+        for name, registered in self.plugins.monitor_sinks.items():
+            try:
+                sinks[name] = registered.spec.create(self.plugin_options(registered.plugin))
+            except Exception as exc:
+                self.plugins.reject(
+                    registered.plugin, f"monitor sink {name!r} failed to start: {exc!r}"
+                )
+        return sinks

@@ -1,0 +1,587 @@
+"""Value types shared by the kernel and every plugin.
+
+Everything here is a frozen attrs class (or a Protocol), importable without
+torch or any model library, so a plugin can depend on these shapes alone.
+
+Three groups:
+
+* **the model card** (:class:`ModelCard`): what the registry stores and a
+  provider receives when it loads a model;
+* **requests and results** for each capability: completion, chat, streaming,
+  embedding, classification;
+* **the capability protocol of a loaded model** (:class:`LoadedModel`): every
+  method is *batch-first* (a sequence of requests in, a list of results out, in
+  the same order) and optional; a model declares what it answers in
+  :attr:`LoadedModel.capabilities`. A fused model implements the same protocol,
+  which is what lets fusions nest and lets the daemon treat them alike.
+
+The plugin specs that registration hooks receive (``ProviderSpec`` and the
+rest) are at the end of this module.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import attrs
+
+from llmos.errors import CapabilityNotSupported, UsageError
+
+if TYPE_CHECKING:
+    import click
+    from fastapi import APIRouter
+
+__all__ = [
+    "Capability",
+    "ChatMessage",
+    "ChatRequest",
+    "ChatResult",
+    "ClassifyRequest",
+    "ClassifyResult",
+    "CommandSpec",
+    "CompletionRequest",
+    "CompletionResult",
+    "EmbedRequest",
+    "EmbedResult",
+    "FusionStrategySpec",
+    "LoadedModel",
+    "ModelBase",
+    "ModelCard",
+    "ModelFormat",
+    "MonitorEvent",
+    "MonitorSink",
+    "MonitorSinkSpec",
+    "ProviderSpec",
+    "RouteSpec",
+    "Sampling",
+    "StreamChunk",
+    "TuningMethodSpec",
+    "TuningRequest",
+    "TuningResult",
+    "Usage",
+]
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _tuple_of_str(value: Sequence[str] | str) -> tuple[str, ...]:
+    # A bare string is a common slip ("tasks='chat'"); take it as one item
+    # rather than as a tuple of characters.
+    if isinstance(value, str):
+        return (value,)
+    return tuple(value)
+
+
+def _frozen_mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    return dict(value or {})
+
+
+# --------------------------------------------------------------------------
+# Capabilities
+# --------------------------------------------------------------------------
+
+
+class Capability(enum.StrEnum):
+    """What a loaded model can be asked to do."""
+
+    COMPLETE = "complete"
+    CHAT = "chat"
+    STREAM = "stream"
+    EMBED = "embed"
+    CLASSIFY = "classify"
+
+
+# --------------------------------------------------------------------------
+# The model card
+# --------------------------------------------------------------------------
+
+
+class ModelFormat(enum.StrEnum):
+    """How a model's weights (or its stand-in) are stored."""
+
+    SAFETENSORS = "safetensors"
+    GGUF = "gguf"
+    REMOTE_API = "remote-api"
+    ADAPTER = "adapter"
+    FUSION = "fusion"
+    OTHER = "other"
+
+
+#: lowercase letters, digits, ``-``, ``_``, ``.``; an optional ``vendor/`` part
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]*(/[a-z0-9][a-z0-9._-]*)?$")
+NAME_MAX_LENGTH = 128
+
+
+def validate_model_name(name: str) -> str:
+    """Return ``name`` if it is a valid model name, else raise :class:`UsageError`.
+
+    Valid: ``model`` or ``vendor/model`` of lowercase letters, digits, ``-``,
+    ``_`` and ``.``; never ``..``, never a leading ``/``; at most 128 characters.
+    """
+    if not isinstance(name, str):
+        raise UsageError(f"model name must be a string, got {type(name).__name__}")
+    if len(name) > NAME_MAX_LENGTH:
+        raise UsageError(
+            f"model name is {len(name)} characters long; the limit is {NAME_MAX_LENGTH}"
+        )
+    if ".." in name:
+        raise UsageError(f"model name {name!r} contains '..'")
+    if not NAME_PATTERN.match(name):
+        raise UsageError(
+            f"model name {name!r} is invalid: use 'model' or 'vendor/model' made of "
+            "lowercase letters, digits, '-', '_' and '.'"
+        )
+    return name
+
+
+def _check_name(instance: Any, attribute: attrs.Attribute[str], value: str) -> None:
+    validate_model_name(value)
+
+
+@attrs.frozen(kw_only=True)
+class ModelCard:
+    """A registered model: what it is, where its weights are, who serves it.
+
+    ``provider`` names the plugin that loads it (``transformers``, ``vllm``,
+    ``openai-compatible``, ``fusion`` …); ``source`` is where its weights live
+    (a path under an allowed root, ``pkg://dist/path``, ``hf://org/name``,
+    ``https://…``); ``options`` are handed to the provider unchanged.
+    """
+
+    name: str = attrs.field(validator=_check_name)
+    version: int | None = None
+    provider: str
+    source: str = ""
+    tasks: tuple[str, ...] = attrs.field(default=(), converter=_tuple_of_str)
+    family: str | None = None
+    parameters: int | None = None
+    format: ModelFormat = attrs.field(default=ModelFormat.OTHER, converter=ModelFormat)
+    license: str | None = None
+    description: str = ""
+    tags: tuple[str, ...] = attrs.field(default=(), converter=_tuple_of_str)
+    #: evaluation scores, e.g. ``{"test/accuracy": 0.91}``
+    scores: Mapping[str, float] = attrs.field(factory=dict, converter=_frozen_mapping)
+    #: base model of an adapter (one entry) or members of a fusion (several)
+    parents: tuple[str, ...] = attrs.field(default=(), converter=_tuple_of_str)
+    #: provider options, e.g. ``{"dtype": "float32"}``
+    options: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_mapping)
+    created_at: datetime = attrs.field(factory=_utcnow)
+    created_by: str | None = None
+
+    @property
+    def ref(self) -> str:
+        """``name@version`` when the version is known, else ``name``."""
+        return self.name if self.version is None else f"{self.name}@{self.version}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (enums as strings, time as ISO 8601)."""
+        out = attrs.asdict(self, recurse=False)
+        out["format"] = str(self.format)
+        out["tasks"] = list(self.tasks)
+        out["tags"] = list(self.tags)
+        out["parents"] = list(self.parents)
+        out["scores"] = dict(self.scores)
+        out["options"] = dict(self.options)
+        out["created_at"] = self.created_at.isoformat()
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelCard:
+        """Inverse of :meth:`to_dict`; unknown keys are an error, not ignored."""
+        known = {a.name for a in attrs.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UsageError(f"unknown model card field(s): {', '.join(unknown)}")
+        values = dict(data)
+        if isinstance(values.get("created_at"), str):
+            values["created_at"] = datetime.fromisoformat(values["created_at"])
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"invalid model card: {exc}") from exc
+
+
+# --------------------------------------------------------------------------
+# Requests and results
+# --------------------------------------------------------------------------
+
+
+def _check_sampling(instance: Sampling, attribute: attrs.Attribute[Any], value: Any) -> None:
+    name = attribute.name
+    if value is None:
+        return
+    if name == "max_tokens" and (not isinstance(value, int) or value < 1):
+        raise UsageError(f"max_tokens must be a positive integer, got {value!r}", param=name)
+    if name == "temperature" and not (0.0 <= value <= 2.0 and math.isfinite(value)):
+        raise UsageError(f"temperature must be between 0 and 2, got {value!r}", param=name)
+    if name == "top_p" and not (0.0 < value <= 1.0):
+        raise UsageError(f"top_p must be in (0, 1], got {value!r}", param=name)
+
+
+@attrs.frozen(kw_only=True)
+class Sampling:
+    """Generation parameters shared by completion, chat and streaming.
+
+    ``None`` means "the provider's default". ``temperature=0`` is greedy.
+    """
+
+    max_tokens: int | None = attrs.field(default=None, validator=_check_sampling)
+    temperature: float | None = attrs.field(default=None, validator=_check_sampling)
+    top_p: float | None = attrs.field(default=None, validator=_check_sampling)
+    stop: tuple[str, ...] = attrs.field(default=(), converter=_tuple_of_str)
+    seed: int | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Usage:
+    """Token counts of one call."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@attrs.frozen(kw_only=True)
+class CompletionRequest:
+    """Continue ``prompt``."""
+
+    prompt: str
+    sampling: Sampling = attrs.field(factory=Sampling)
+    #: when set, also return the log-probability of each of these continuations
+    #: of ``prompt`` (zero-shot classification and ranking need it)
+    score_continuations: tuple[str, ...] = attrs.field(default=(), converter=_tuple_of_str)
+
+
+@attrs.frozen(kw_only=True)
+class CompletionResult:
+    text: str
+    finish_reason: str = "stop"  # "stop" | "length" | "error"
+    usage: Usage = attrs.field(factory=Usage)
+    #: log-probabilities of ``CompletionRequest.score_continuations``, same order
+    continuation_logprobs: tuple[float, ...] = ()
+
+
+@attrs.frozen
+class ChatMessage:
+    role: str  # "system" | "user" | "assistant" | "tool"
+    content: str
+
+
+def _messages(value: Sequence[ChatMessage | Mapping[str, str]]) -> tuple[ChatMessage, ...]:
+    return tuple(m if isinstance(m, ChatMessage) else ChatMessage(**m) for m in value)
+
+
+@attrs.frozen(kw_only=True)
+class ChatRequest:
+    """Answer the last message of a conversation."""
+
+    messages: tuple[ChatMessage, ...] = attrs.field(converter=_messages)
+    sampling: Sampling = attrs.field(factory=Sampling)
+
+
+@attrs.frozen(kw_only=True)
+class ChatResult:
+    message: ChatMessage
+    finish_reason: str = "stop"
+    usage: Usage = attrs.field(factory=Usage)
+
+
+@attrs.frozen(kw_only=True)
+class StreamChunk:
+    """One piece of a streamed answer.
+
+    ``index`` is the position of the request in the batch handed to
+    :meth:`LoadedModel.stream`; chunks of different requests may interleave.
+    The last chunk of a request has a ``finish_reason`` and its ``usage``.
+    """
+
+    index: int
+    text: str
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
+@attrs.frozen(kw_only=True)
+class EmbedRequest:
+    text: str
+
+
+@attrs.frozen(kw_only=True)
+class EmbedResult:
+    vector: tuple[float, ...] = attrs.field(converter=tuple)
+    usage: Usage = attrs.field(factory=Usage)
+
+
+@attrs.frozen(kw_only=True)
+class ClassifyRequest:
+    """Score ``text`` against labels.
+
+    ``labels`` empty: the model's own label set (a classification head).
+    ``labels`` given: zero-shot over these labels.
+    """
+
+    text: str
+    labels: tuple[str, ...] = attrs.field(default=(), converter=_tuple_of_str)
+
+
+@attrs.frozen(kw_only=True)
+class ClassifyResult:
+    """Probabilities per label (summing to 1) and the best label."""
+
+    scores: Mapping[str, float] = attrs.field(converter=_frozen_mapping)
+    usage: Usage = attrs.field(factory=Usage)
+
+    @property
+    def label(self) -> str:
+        return max(self.scores, key=self.scores.__getitem__)
+
+
+# --------------------------------------------------------------------------
+# The capability protocol of a loaded model
+# --------------------------------------------------------------------------
+
+
+@runtime_checkable
+class LoadedModel(Protocol):
+    """A model a provider (or a fusion strategy) has loaded and can serve.
+
+    Each capability method takes a sequence of requests and returns results in
+    the same order; a model answers only the capabilities it lists in
+    :attr:`capabilities` and raises :class:`~llmos.errors.CapabilityNotSupported`
+    for the rest. :attr:`max_batch_size` tells the kernel's batcher how many
+    requests one call may carry (``None``: no kernel batching — the backend
+    batches on its own, as vLLM does).
+    """
+
+    card: ModelCard
+    capabilities: frozenset[Capability]
+    max_batch_size: int | None
+
+    def complete(self, requests: Sequence[CompletionRequest]) -> list[CompletionResult]: ...
+
+    def chat(self, requests: Sequence[ChatRequest]) -> list[ChatResult]: ...
+
+    def stream(
+        self, requests: Sequence[CompletionRequest | ChatRequest]
+    ) -> Iterator[StreamChunk]: ...
+
+    def embed(self, requests: Sequence[EmbedRequest]) -> list[EmbedResult]: ...
+
+    def classify(self, requests: Sequence[ClassifyRequest]) -> list[ClassifyResult]: ...
+
+    def close(self) -> None: ...
+
+
+class ModelBase:
+    """A convenient base for :class:`LoadedModel` implementations.
+
+    Subclasses set :attr:`capabilities` and override the methods they declare;
+    the others raise :class:`~llmos.errors.CapabilityNotSupported` with a
+    message that names the model and what it does support.
+    """
+
+    capabilities: frozenset[Capability] = frozenset()
+    max_batch_size: int | None = 8
+
+    def __init__(self, card: ModelCard) -> None:
+        self.card = card
+
+    def _unsupported(self, capability: Capability) -> CapabilityNotSupported:
+        have = ", ".join(sorted(self.capabilities)) or "nothing"
+        return CapabilityNotSupported(
+            f"model {self.card.ref!r} does not support {capability}; it supports: {have}"
+        )
+
+    def complete(self, requests: Sequence[CompletionRequest]) -> list[CompletionResult]:
+        raise self._unsupported(Capability.COMPLETE)
+
+    def chat(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
+        raise self._unsupported(Capability.CHAT)
+
+    def stream(self, requests: Sequence[CompletionRequest | ChatRequest]) -> Iterator[StreamChunk]:
+        raise self._unsupported(Capability.STREAM)
+
+    def embed(self, requests: Sequence[EmbedRequest]) -> list[EmbedResult]:
+        raise self._unsupported(Capability.EMBED)
+
+    def classify(self, requests: Sequence[ClassifyRequest]) -> list[ClassifyResult]:
+        raise self._unsupported(Capability.CLASSIFY)
+
+    def close(self) -> None:
+        """Release what the model holds (weights, threads, connections)."""
+
+
+# --------------------------------------------------------------------------
+# Monitoring
+# --------------------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class MonitorEvent:
+    """Something the kernel observed, fanned out to every monitor sink.
+
+    ``kind`` is dotted: ``request`` (one model call), ``tuning.progress``,
+    ``alert.firing``, ``plugin.failed`` …; ``fields`` holds the figures
+    (``latency_s``, ``tokens_out``, ``status`` …).
+    """
+
+    kind: str
+    time: datetime = attrs.field(factory=_utcnow)
+    model: str | None = None
+    capability: str | None = None
+    fields: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_mapping)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "time": self.time.isoformat(),
+            "model": self.model,
+            "capability": self.capability,
+            "fields": dict(self.fields),
+        }
+
+
+@runtime_checkable
+class MonitorSink(Protocol):
+    """Receives monitor events. ``emit`` must be quick; a sink that needs I/O
+    queues the event and writes it elsewhere. Exceptions are caught and counted
+    by the kernel and never reach the call that produced the event."""
+
+    def emit(self, event: MonitorEvent) -> None: ...
+
+    def close(self) -> None: ...
+
+
+# --------------------------------------------------------------------------
+# Tuning
+# --------------------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class TuningRequest:
+    """What a tuning method is asked to do.
+
+    ``data`` maps split names (``train``, ``dev``, ``test``) to rows;
+    ``report`` takes progress figures (``step``, ``loss``, …);
+    ``should_stop`` turns true when the job is cancelled.
+    """
+
+    base: ModelCard
+    task: str
+    data: Mapping[str, Sequence[Mapping[str, Any]]]
+    hyperparameters: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_mapping)
+    output_dir: str = ""
+    seed: int = 0
+    report: Callable[[Mapping[str, Any]], None] = attrs.field(default=lambda figures: None)
+    should_stop: Callable[[], bool] = attrs.field(default=lambda: False)
+
+
+@attrs.frozen(kw_only=True)
+class TuningResult:
+    """The artifact a method produced and its evaluation scores."""
+
+    card: ModelCard
+    scores: Mapping[str, float] = attrs.field(factory=dict, converter=_frozen_mapping)
+
+
+# --------------------------------------------------------------------------
+# Specs handed to the registration hooks' ``register`` callbacks
+# --------------------------------------------------------------------------
+
+
+def _check_spec_name(instance: Any, attribute: attrs.Attribute[str], value: str) -> None:
+    if not isinstance(value, str) or not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,63}", value):
+        raise UsageError(
+            f"{type(instance).__name__}.name {value!r} is invalid: use 1-64 lowercase "
+            "letters, digits, '.', '_' or '-'"
+        )
+
+
+@attrs.frozen(kw_only=True)
+class ProviderSpec:
+    """A model provider: turns a :class:`ModelCard` into a :class:`LoadedModel`.
+
+    ``load(card, options)`` receives the card and the merged options (the
+    card's ``options`` over the ``[plugins.<plugin>]`` config table). It may be
+    slow (weights); the kernel calls it once per model and caches the result.
+    ``batching=False`` tells the kernel's batcher to step aside because the
+    backend batches continuously on its own.
+    """
+
+    name: str = attrs.field(validator=_check_spec_name)
+    load: Callable[[ModelCard, Mapping[str, Any]], LoadedModel]
+    description: str = ""
+    capabilities: frozenset[Capability] = attrs.field(factory=frozenset, converter=frozenset)
+    formats: tuple[str, ...] = attrs.field(default=(), converter=_tuple_of_str)
+    batching: bool = True
+
+
+@attrs.frozen(kw_only=True)
+class FusionStrategySpec:
+    """A way to combine member models into one :class:`LoadedModel`.
+
+    ``build(card, members, options)`` gets the fusion's card, the loaded
+    members in order, and the strategy options; ``fit`` (optional) learns the
+    strategy's parameters from dev data and returns options for ``build``.
+    """
+
+    name: str = attrs.field(validator=_check_spec_name)
+    build: Callable[[ModelCard, Sequence[LoadedModel], Mapping[str, Any]], LoadedModel]
+    description: str = ""
+    capabilities: frozenset[Capability] = attrs.field(factory=frozenset, converter=frozenset)
+    fit: (
+        Callable[
+            [Sequence[LoadedModel], Sequence[Mapping[str, Any]], Mapping[str, Any]],
+            Mapping[str, Any],
+        ]
+        | None
+    ) = None
+
+
+@attrs.frozen(kw_only=True)
+class TuningMethodSpec:
+    """A way to tune a base model on data; ``run(request)`` does the work in a
+    worker process and returns a :class:`TuningResult`."""
+
+    name: str = attrs.field(validator=_check_spec_name)
+    run: Callable[[TuningRequest], TuningResult]
+    description: str = ""
+    tasks: tuple[str, ...] = attrs.field(default=(), converter=_tuple_of_str)
+    defaults: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_mapping)
+
+
+@attrs.frozen(kw_only=True)
+class MonitorSinkSpec:
+    """A place monitor events go: ``create(options)`` returns a
+    :class:`MonitorSink`; ``options`` is the ``[plugins.<plugin>]`` table."""
+
+    name: str = attrs.field(validator=_check_spec_name)
+    create: Callable[[Mapping[str, Any]], MonitorSink]
+    description: str = ""
+
+
+@attrs.frozen(kw_only=True)
+class RouteSpec:
+    """HTTP routes a plugin adds to the daemon: a FastAPI ``APIRouter`` mounted
+    at ``prefix``. A prefix that collides with a route already mounted is an
+    error naming both plugins."""
+
+    router: APIRouter
+    prefix: str = ""
+
+
+@attrs.frozen(kw_only=True)
+class CommandSpec:
+    """A ``llmos`` sub-command a plugin adds (a click command or group)."""
+
+    command: click.Command

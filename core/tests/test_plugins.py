@@ -1,0 +1,273 @@
+"""Plugin loading: real distributions on disk, discovered through entry points.
+
+Each test writes one or more small distributions (a module plus a
+``.dist-info`` folder with ``entry_points.txt``) into a temporary folder, puts
+it on ``sys.path`` and lets the real :class:`PluginManager` find them through
+importlib-metadata — the same path an installed plugin takes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import importlib_metadata
+import pytest
+import structlog
+
+from llmos.config import PluginSettings
+from llmos.errors import DuplicateNameError, PluginError
+from llmos.plugin import hookimpl
+from llmos.plugin.manager import DEFAULT_PLUGINS, HOOK_NAMES, PluginManager
+from llmos.testing import registered
+from llmos.types import ProviderSpec
+
+GOOD = """
+from llmos.plugin import hookimpl
+from llmos.types import ProviderSpec
+
+@hookimpl
+def llmos_register_providers(register):
+    register(ProviderSpec(name="{provider}", load=lambda card, options: None))
+"""
+
+
+def entry_points(tmp_path: Path) -> list[importlib_metadata.EntryPoint]:
+    """The ``llmos`` entry points of the distributions written under tmp_path only
+    (the test environment may have other plugins installed)."""
+    return [
+        ep
+        for dist in importlib_metadata.distributions(path=[str(tmp_path)])
+        for ep in dist.entry_points.select(group="llmos")
+    ]
+
+
+def load(tmp_path: Path, **settings: object) -> PluginManager:
+    values: dict[str, object] = {"load": None, "disable": (), "strict": False, "trace": False}
+    values.update(settings)
+    pm = PluginManager(PluginSettings(**values))
+    pm.load(entry_points(tmp_path))
+    return pm
+
+
+def info(pm: PluginManager, name: str):
+    return next(i for i in pm.plugins() if i.name == name)
+
+
+def test_default_plugins_load_and_every_hook_is_specified(tmp_path: Path) -> None:
+    pm = load(tmp_path)
+    assert [i.name for i in pm.plugins()] == list(DEFAULT_PLUGINS)
+    assert all(i.status == "loaded" and i.default for i in pm.plugins())
+    assert "log" in pm.monitor_sinks
+    assert pm.plugins(include_defaults=False) == []
+    assert "llmos_register_providers" in HOOK_NAMES and "llmos_startup" in HOOK_NAMES
+
+
+def test_good_plugin_is_discovered_with_distribution_and_version(site, tmp_path: Path) -> None:
+    site("llmos-good", GOOD.format(provider="good"), version="2.5")
+    pm = load(tmp_path)
+    good = info(pm, "llmos-good")
+    assert (good.status, good.distribution, good.version) == ("loaded", "llmos-good", "2.5")
+    assert good.hooks == ["llmos_register_providers"]
+    assert good.registered == {"providers": ["good"]}
+    assert pm.providers["good"].plugin == "llmos-good"
+
+
+def test_plugin_that_raises_on_import_is_recorded_and_skipped(site, tmp_path: Path) -> None:
+    site("llmos-broken", "raise ImportError('needs libfoo')\n", version="0.3")
+    site("llmos-good", GOOD.format(provider="good"))
+    pm = load(tmp_path)
+    broken = info(pm, "llmos-broken")
+    assert broken.status == "failed"
+    assert (broken.distribution, broken.version) == ("llmos-broken", "0.3")
+    assert "import failed: ImportError: needs libfoo" in broken.error
+    assert info(pm, "llmos-good").status == "loaded"
+    assert "good" in pm.providers
+
+
+def test_hook_raising_during_registration_rolls_back_what_it_registered(
+    site, tmp_path: Path
+) -> None:
+    site(
+        "llmos-half",
+        """
+        from llmos.plugin import hookimpl
+        from llmos.types import ProviderSpec
+
+        @hookimpl
+        def llmos_register_providers(register):
+            register(ProviderSpec(name="half", load=lambda card, options: None))
+            raise RuntimeError("second provider is broken")
+        """,
+    )
+    site("llmos-good", GOOD.format(provider="good"))
+    pm = load(tmp_path)
+    half = info(pm, "llmos-half")
+    assert half.status == "failed"
+    assert "llmos_register_providers raised RuntimeError: second provider is broken" in half.error
+    assert "half" not in pm.providers, "what the failed plugin registered must be rolled back"
+    assert half.registered == {}
+    assert "good" in pm.providers
+
+
+def test_register_with_the_wrong_type_fails_the_plugin(site, tmp_path: Path) -> None:
+    site(
+        "llmos-wrongtype",
+        """
+        from llmos.plugin import hookimpl
+
+        @hookimpl
+        def llmos_register_providers(register):
+            register(("name", object()))
+        """,
+    )
+    pm = load(tmp_path)
+    assert "takes a ProviderSpec, got tuple" in info(pm, "llmos-wrongtype").error
+
+
+def test_misspelled_hook_is_reported_with_a_suggestion(site, tmp_path: Path) -> None:
+    site(
+        "llmos-typo",
+        """
+        from llmos.plugin import hookimpl
+
+        @hookimpl
+        def llmos_register_provider(register):
+            pass
+        """,
+    )
+    pm = load(tmp_path)
+    typo = info(pm, "llmos-typo")
+    assert typo.status == "failed"
+    assert "unknown hook 'llmos_register_provider'" in typo.error
+    assert "did you mean 'llmos_register_providers'" in typo.error
+    pm.pm.check_pending()  # the failed plugin left nothing unverified behind
+
+
+def test_optional_unknown_hook_is_allowed(site, tmp_path: Path) -> None:
+    site(
+        "llmos-future",
+        """
+        from llmos.plugin import hookimpl
+
+        @hookimpl(optionalhook=True)
+        def llmos_hook_of_a_later_kernel(register):
+            pass
+        """,
+    )
+    assert info(load(tmp_path), "llmos-future").status == "loaded"
+
+
+def test_hookimpl_with_an_unknown_argument_is_invalid(site, tmp_path: Path) -> None:
+    site(
+        "llmos-badargs",
+        """
+        from llmos.plugin import hookimpl
+
+        @hookimpl
+        def llmos_register_providers(register, colour):
+            pass
+        """,
+    )
+    badargs = info(load(tmp_path), "llmos-badargs")
+    assert badargs.status == "failed"
+    assert "invalid plugin" in badargs.error and "colour" in badargs.error
+
+
+def test_allow_list_by_entry_point_or_distribution_name(site, tmp_path: Path) -> None:
+    site("llmos-one", GOOD.format(provider="one"), entry="one")
+    site("llmos-two", GOOD.format(provider="two"), entry="two")
+    pm = load(tmp_path, load=("one",))
+    assert (info(pm, "one").status, info(pm, "two").status) == ("loaded", "not-allowed")
+    assert set(pm.providers) == {"one"}
+    pm = load(tmp_path, load=("llmos_two",))  # distribution name, any separator
+    assert (info(pm, "one").status, info(pm, "two").status) == ("not-allowed", "loaded")
+
+
+def test_empty_allow_list_loads_no_entry_point_plugin_but_keeps_defaults(
+    site, tmp_path: Path
+) -> None:
+    site("llmos-one", GOOD.format(provider="one"))
+    pm = load(tmp_path, load=())
+    assert info(pm, "llmos-one").status == "not-allowed"
+    assert pm.providers == {}
+    assert "log" in pm.monitor_sinks
+
+
+def test_deny_list_applies_to_entry_points_and_default_plugins(site, tmp_path: Path) -> None:
+    site("llmos-one", GOOD.format(provider="one"))
+    pm = load(tmp_path, disable=("llmos-one", DEFAULT_PLUGINS[0]))
+    assert info(pm, "llmos-one").status == "disabled"
+    assert info(pm, DEFAULT_PLUGINS[0]).status == "disabled"
+    assert pm.providers == {} and pm.monitor_sinks == {}
+
+
+def test_two_plugins_registering_one_name_is_an_error_naming_both(site, tmp_path: Path) -> None:
+    site("llmos-first", GOOD.format(provider="same"))
+    site("llmos-second", GOOD.format(provider="same"))
+    pm = load(tmp_path)
+    second = info(pm, "llmos-second")
+    assert second.status == "failed"
+    assert "'llmos-first'" in second.error and "'llmos-second'" in second.error
+    assert pm.providers["same"].plugin == "llmos-first"
+
+
+def test_strict_mode_makes_the_first_failure_fatal(site, tmp_path: Path) -> None:
+    site("llmos-broken", "raise ImportError('needs libfoo')\n", version="0.3")
+    with pytest.raises(PluginError, match=r"'llmos-broken' \(llmos-broken 0.3\).*needs libfoo"):
+        load(tmp_path, strict=True)
+
+
+def test_strict_mode_raises_the_duplicate_error_type(site, tmp_path: Path) -> None:
+    site("llmos-first", GOOD.format(provider="same"))
+    site("llmos-second", GOOD.format(provider="same"))
+    with pytest.raises(DuplicateNameError):
+        load(tmp_path, strict=True)
+
+
+def test_in_process_register_and_unregister(tmp_path: Path) -> None:
+    pm = load(tmp_path)
+
+    class Plugin:
+        @hookimpl
+        def llmos_register_providers(self, register):
+            register(ProviderSpec(name="inproc", load=lambda card, options: None))
+
+    with registered(pm, Plugin(), "inproc-plugin") as plugin:
+        assert plugin.status == "loaded"
+        assert pm.providers["inproc"].plugin == "inproc-plugin"
+    assert "inproc" not in pm.providers
+    assert all(i.name != "inproc-plugin" for i in pm.plugins())
+
+
+def test_trace_logs_every_hook_call(site, tmp_path: Path) -> None:
+    site("llmos-good", GOOD.format(provider="good"))
+    with structlog.testing.capture_logs() as logs:
+        load(tmp_path, trace=True)
+    traced = [e for e in logs if e["event"] == "plugins.trace"]
+    assert {(e["plugin"], e["hook"]) for e in traced} >= {
+        ("llmos-good", "llmos_register_providers"),
+        (DEFAULT_PLUGINS[0], "llmos_register_monitor_sinks"),
+    }
+    assert all(e["duration_ms"] >= 0 for e in traced)
+
+
+def test_discover_models_isolates_a_failing_source(tmp_path: Path) -> None:
+    from llmos.types import ModelCard
+
+    pm = load(tmp_path)
+
+    class Source:
+        @hookimpl
+        def llmos_discover_models(self, register):
+            register(ModelCard(name="acme/tiny", provider="transformers"))
+
+    class BrokenSource:
+        @hookimpl
+        def llmos_discover_models(self, register):
+            raise OSError("catalogue unreachable")
+
+    pm.register(Source(), "source")
+    pm.register(BrokenSource(), "broken-source")
+    found = pm.discover_models()
+    assert [(r.plugin, r.spec.name) for r in found] == [("source", "acme/tiny")]
+    assert "catalogue unreachable" in info(pm, "broken-source").error
