@@ -116,7 +116,10 @@ def test_broken_plugin_is_listed_as_failed_and_the_command_still_succeeds(
 
 def test_strict_turns_a_broken_plugin_into_exit_3_with_one_line(env: dict[str, str]) -> None:
     add_plugin(env, "llmos-broken", BROKEN)
-    for args, extra in ((("--strict", "plugins"), {}), (("plugins",), {"LLMOS_STRICT_PLUGINS": "1"})):
+    for args, extra in (
+        (("--strict", "plugins"), {}),
+        (("plugins",), {"LLMOS_STRICT_PLUGINS": "1"}),
+    ):
         run = llmos(*args, env={**env, **extra})
         assert run.returncode == 3, run.stderr
         errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]

@@ -23,6 +23,7 @@ from rich.table import Table
 
 from llmos import __version__
 from llmos.errors import LlmosError
+from llmos.logs import configure_logging
 from llmos.runtime.kernel import Kernel
 from llmos.types import CommandSpec
 
@@ -120,12 +121,7 @@ def cli(
     debug: bool,
 ) -> None:
     """llmos: an operating system for language models."""
-    from llmos.logs import configure_logging
-
     _state(ctx)
-    # Warnings and errors only (a plugin that failed to load, say): the CLI's
-    # own output is its result, on stdout.
-    configure_logging("debug" if debug else os.environ.get("LLMOS_LOG_LEVEL", "warning"))
 
 
 @cli.command()
@@ -200,12 +196,11 @@ def config_show(ctx: click.Context, as_json: bool) -> None:
             }
         )
         return
-    table = Table(title="llmos config")
-    for column in ("key", "value", "origin"):
-        table.add_column(column)
+    # Like `git config --show-origin`: one line per value, never truncated,
+    # easy to grep. Values are JSON so strings and lists read unambiguously.
+    width = max((len(str(origin)) for _, _, origin in rows), default=0)
     for key, value, origin in rows:
-        table.add_row(key, json.dumps(value, default=str), str(origin))
-    Console().print(table)
+        click.echo(f"{origin!s:<{width}}  {key} = {json.dumps(value, default=str)}")
 
 
 @cli.command()
@@ -214,7 +209,6 @@ def config_show(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
     """Run the llmos daemon."""
-    from llmos.logs import configure_logging
     from llmos.server import serve as run_server
 
     state = _state(ctx)
@@ -227,6 +221,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``llmos`` console script; returns the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("LLMOS_DEBUG", "") not in ("", "0")
+    # Before click resolves a sub-command, which may load plugins and log.
+    # Warnings and errors only (a plugin that failed to load, say), on stderr:
+    # the CLI's own output is its result, on stdout.
+    configure_logging("debug" if debug else os.environ.get("LLMOS_LOG_LEVEL", "warning"))
     try:
         # With standalone_mode off, click returns ctx.exit()'s code instead of
         # calling sys.exit, and leaves the error handling to us.

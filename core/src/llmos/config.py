@@ -1,0 +1,891 @@
+"""Config composition: TOML layers, includes, interpolation, overrides, origins.
+
+The effective config is built from layers, each later one winning:
+
+1. the defaults the schema declares (:func:`register_section`);
+2. config files in the order given (``--config A --config B``), or the file
+   ``LLMOS_CONFIG`` names when none is given; the files a file pulls in with
+   ``include = [...]`` are layers below that file's own keys;
+3. environment variables (``LLMOS_HOME``, ``LLMOS_LOAD_PLUGINS`` ...);
+4. ``--set section.key=value`` overrides.
+
+Tables merge recursively; scalars and lists are replaced. Every leaf value
+remembers its :class:`Origin`, which ``llmos config show`` prints, and every
+error names the file, the line where it can, the key and what is wrong.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+import tomllib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import date, time
+from pathlib import Path
+from typing import Any
+
+import attrs
+import platformdirs
+
+from llmos.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_MAX_BODY_BYTES",
+    "DEFAULT_PORT",
+    "Config",
+    "Field",
+    "Origin",
+    "PluginSettings",
+    "Section",
+    "ServerSettings",
+    "load_config",
+    "parse_override",
+    "register_section",
+    "unregister_section",
+]
+
+DEFAULT_PORT = 8470
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+
+#: no value: a key that is absent, or a value that cannot be converted
+_MISSING: Any = object()
+
+
+# --------------------------------------------------------------------- origins
+
+
+@attrs.frozen
+class Origin:
+    """Where a config value came from: a default, a file line, a variable or ``--set``."""
+
+    kind: str = attrs.field(validator=attrs.validators.in_(("default", "file", "env", "set")))
+    file: Path | None = None
+    line: int | None = None
+    #: the environment variable's name, or the raw ``--set`` text
+    detail: str | None = None
+
+    def __str__(self) -> str:
+        if self.kind == "file":
+            return str(self.file) if self.line is None else f"{self.file}:{self.line}"
+        if self.kind == "env":
+            return f"env {self.detail}"
+        if self.kind == "set":
+            return f"--set {self.detail}"
+        return "default"
+
+
+_DEFAULT = Origin("default")
+#: the origin of the value at a key path, for a layer
+_OriginAt = Callable[[tuple[str, ...]], Origin]
+
+
+def _everywhere(origin: Origin) -> _OriginAt:
+    """The origin function of a layer that came from one place (a default, a variable)."""
+    return lambda _path: origin
+
+
+# ---------------------------------------------------------------------- schema
+
+#: each kind a field may have, with the words an error uses for it
+_KINDS: dict[str, str] = {
+    "str": "a string",
+    "int": "an integer",
+    "float": "a number",
+    "bool": "a boolean (true/false, yes/no, on/off, 1/0)",
+    "path": "a path",
+    "list[str]": "a list of strings",
+}
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off", ""})
+
+
+@attrs.frozen
+class Field:
+    """One key of a config section: its kind, default and rules.
+
+    ``check`` receives the value already converted to ``kind`` and returns
+    whether it is acceptable; ``expect`` is what an error says was expected
+    (it defaults to the kind's description, e.g. "an integer"). ``optional``
+    fields may be ``None``; ``secret`` values are masked by
+    :meth:`Config.explain` and :meth:`Config.to_dict`; ``env`` names an
+    environment variable that sets the field; ``factory`` computes a default
+    at load time instead of ``default``.
+    """
+
+    kind: str = attrs.field(validator=attrs.validators.in_(_KINDS))
+    default: Any = None
+    doc: str = ""
+    check: Callable[[Any], bool] | None = None
+    expect: str | None = None
+    optional: bool = False
+    secret: bool = False
+    env: str | None = None
+    factory: Callable[[], Any] | None = None
+
+    @property
+    def expected(self) -> str:
+        """The words an error uses for what this field accepts."""
+        return self.expect or _KINDS[self.kind]
+
+    def default_value(self) -> Any:
+        """The default, computed by ``factory`` when there is one."""
+        return self.factory() if self.factory is not None else self.default
+
+
+@attrs.frozen
+class Section:
+    """A registered ``[name]`` table.
+
+    With ``free_form`` a key whose value is a table (``[name.<anything>]``)
+    is accepted as is, unvalidated: per-plugin options, named fusions.
+    """
+
+    name: str
+    fields: Mapping[str, Field]
+    doc: str = ""
+    free_form: bool = False
+
+
+def _default_home() -> Path:
+    return Path(platformdirs.user_data_dir("llmos"))
+
+
+_ROOT_FIELDS: dict[str, Field] = {
+    "home": Field(
+        "path",
+        doc="The data folder: registry, jobs, artifacts.",
+        env="LLMOS_HOME",
+        factory=_default_home,
+    ),
+}
+_SECTIONS: dict[str, Section] = {}
+
+
+def register_section(
+    name: str, fields: Mapping[str, Field], *, doc: str = "", free_form: bool = False
+) -> Section:
+    """Declare the ``[name]`` section so config files may use it.
+
+    Registering the same section twice is harmless; registering a different
+    one under a taken name raises :class:`ValueError`, since two owners of
+    one section would silently disagree about its keys.
+    """
+    if name in _ROOT_FIELDS or name == "include":
+        raise ValueError(f"{name!r} is a top-level config key, not a section name")
+    section = Section(name, dict(fields), doc=doc, free_form=free_form)
+    if _SECTIONS.get(name, section) != section:
+        raise ValueError(f"config section [{name}] is already registered")
+    _SECTIONS[name] = section
+    return section
+
+
+def unregister_section(name: str) -> None:
+    """Forget the ``[name]`` section (for tests and plugins that unload)."""
+    _SECTIONS.pop(name, None)
+
+
+def _field_at(path: tuple[str, ...]) -> Field | None:
+    """The declared field at ``path``, if any."""
+    if len(path) == 1:
+        return _ROOT_FIELDS.get(path[0])
+    section = _SECTIONS.get(path[0]) if len(path) == 2 else None
+    return section.fields.get(path[1]) if section is not None else None
+
+
+def _fields() -> Iterator[tuple[tuple[str, ...], Field]]:
+    """Every declared field with its key path."""
+    for key, field in _ROOT_FIELDS.items():
+        yield (key,), field
+    for name, section in _SECTIONS.items():
+        for key, field in section.fields.items():
+            yield (name, key), field
+
+
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+register_section(
+    "server",
+    {
+        "host": Field("str", "127.0.0.1", "Address the daemon listens on."),
+        "port": Field(
+            "int",
+            DEFAULT_PORT,
+            "TCP port the daemon listens on.",
+            check=lambda port: 1 <= port <= 65535,
+            expect="an integer between 1 and 65535",
+        ),
+        "api_keys": Field(
+            "list[str]",
+            (),
+            "Keys a client must present; none means no authentication.",
+            secret=True,
+            env="LLMOS_API_KEYS",
+        ),
+        "api_keys_file": Field(
+            "path",
+            None,
+            "A file of API keys, one a line (blank lines and # comments ignored),"
+            " added to api_keys.",
+            optional=True,
+        ),
+        "max_body_bytes": Field(
+            "int",
+            DEFAULT_MAX_BODY_BYTES,
+            "Largest request body accepted.",
+            check=lambda size: size > 0,
+            expect="a positive integer",
+        ),
+        "drain_timeout": Field(
+            "float",
+            30.0,
+            "Seconds a stopping daemon waits for requests in flight.",
+            check=lambda seconds: seconds >= 0,
+            expect="a number of seconds >= 0",
+        ),
+        "log_level": Field(
+            "str",
+            "info",
+            "Least severe log level written.",
+            check=lambda level: level in _LOG_LEVELS,
+            expect="one of " + ", ".join(f'"{level}"' for level in _LOG_LEVELS),
+        ),
+    },
+    doc="The daemon.",
+)
+register_section(
+    "plugins",
+    {
+        "load": Field(
+            "list[str]",
+            None,
+            "Entry-point plugins to load; unset loads all, empty loads none.",
+            optional=True,
+            env="LLMOS_LOAD_PLUGINS",
+        ),
+        "disable": Field("list[str]", (), "Plugins not to load.", env="LLMOS_DISABLE_PLUGINS"),
+        "strict": Field(
+            "bool", False, "A plugin that fails to load is fatal.", env="LLMOS_STRICT_PLUGINS"
+        ),
+        "trace": Field("bool", False, "Log every hook call.", env="LLMOS_TRACE_PLUGINS"),
+    },
+    doc="Plugin loading; [plugins.<name>] tables are that plugin's options.",
+    free_form=True,
+)
+
+
+# ------------------------------------------------------------------ the result
+
+
+@attrs.frozen
+class ServerSettings:
+    """The ``[server]`` section, typed, with the keys of ``api_keys_file`` added."""
+
+    host: str
+    port: int
+    api_keys: tuple[str, ...]
+    max_body_bytes: int
+    drain_timeout: float
+    log_level: str
+
+
+@attrs.frozen
+class PluginSettings:
+    """The ``[plugins]`` switches. ``load`` is ``None`` for all, ``()`` for none."""
+
+    load: tuple[str, ...] | None
+    disable: tuple[str, ...]
+    strict: bool
+    trace: bool
+
+
+@attrs.frozen
+class Config:
+    """The effective config and where each of its values came from."""
+
+    #: nested tables, defaults filled in, ``include`` removed
+    data: Mapping[str, Any]
+    #: dotted key path -> origin, for every leaf (a list is a leaf)
+    origins: Mapping[str, Origin]
+    #: every file read, in load order, included files too
+    files: tuple[Path, ...]
+    home: Path
+    server: ServerSettings
+    plugins: PluginSettings
+
+    def get(self, dotted: str, default: Any = _MISSING) -> Any:
+        """The value at ``dotted`` (``"server.port"``); ``KeyError`` if absent and no default."""
+        node: Any = self.data
+        for key in _split_key(dotted):
+            if not isinstance(node, Mapping) or key not in node:
+                if default is _MISSING:
+                    raise KeyError(dotted)
+                return default
+            node = node[key]
+        return node
+
+    def section(self, name: str) -> Mapping[str, Any]:
+        """The ``[name]`` table, or ``{}``."""
+        table = self.data.get(name)
+        return table if isinstance(table, Mapping) else {}
+
+    def plugin_options(self, name: str) -> Mapping[str, Any]:
+        """The ``[plugins.<name>]`` table, or ``{}``."""
+        table = self.section("plugins").get(name)
+        return table if isinstance(table, Mapping) else {}
+
+    def explain(self, *, redact: bool = True) -> list[tuple[str, Any, Origin]]:
+        """``(key, value, origin)`` for every leaf, sorted by key, values as in :meth:`to_dict`."""
+        return [
+            (key, _export(self.get(key), _split_key(key), redact), origin)
+            for key, origin in sorted(self.origins.items())
+        ]
+
+    def to_dict(self, *, redact: bool = True) -> dict[str, Any]:
+        """The effective config as JSON-serialisable data; secrets masked if ``redact``."""
+        return _export(self.data, (), redact)
+
+
+def _export(value: Any, path: tuple[str, ...], redact: bool) -> Any:
+    """``value`` made JSON-serialisable, masked if ``path`` names a secret field."""
+    if isinstance(value, Mapping):
+        return {key: _export(item, (*path, key), redact) for key, item in value.items()}
+    field = _field_at(path)
+    if redact and value is not None and field is not None and field.secret:
+        return [_mask(item) for item in value] if isinstance(value, list | tuple) else _mask(value)
+    if isinstance(value, list | tuple):
+        return [_export(item, path, redact) for item in value]
+    if isinstance(value, date | time):  # TOML dates and times, datetime included
+        return value.isoformat()
+    return str(value) if isinstance(value, Path) else value
+
+
+def _mask(secret: Any) -> str:
+    # The last four characters tell keys apart; a short key shows none of itself.
+    text = str(secret)
+    return "****" + text[-4:] if len(text) >= 12 else "****"
+
+
+# ----------------------------------------------------------------- public API
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``--set`` text ``"a.b=VALUE"`` into ``("a.b", value)``.
+
+    VALUE is read as a TOML value when it is one (``9000``, ``1.5``, ``true``,
+    ``[1, 2]``, ``"quoted"``), else taken as the plain string.
+    """
+    equals = _find_unquoted(text, "=")
+    if equals < 0 or not text[:equals].strip():
+        raise ConfigError(
+            f"--set expects KEY=VALUE, e.g. --set server.port=9000; got {text!r}", param=text
+        )
+    key, raw = _join(_split_key(text[:equals].strip())), text[equals + 1 :].strip()
+    try:
+        parsed = tomllib.loads(f"v = {raw}")
+    except tomllib.TOMLDecodeError:
+        return key, raw
+    # "1\nx = 2" parses too, with a second key: that is text, not one value.
+    return key, parsed["v"] if parsed.keys() == {"v"} else raw
+
+
+def load_config(
+    paths: Sequence[str | os.PathLike[str]] = (),
+    overrides: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """Compose the effective config from defaults, files, environment and overrides.
+
+    ``paths`` are the ``--config`` files in order (they replace ``LLMOS_CONFIG``);
+    ``overrides`` the ``--set`` texts in order; ``env`` defaults to ``os.environ``.
+    Raises :class:`~llmos.errors.ConfigError` for anything wrong.
+    """
+    env = os.environ if env is None else env
+    tree = _check_layer(_default_tree(), _everywhere(_DEFAULT))
+    loader = _Loader(env)
+    for path, via in _config_files(paths, env):
+        tree = _merge(tree, loader.load(path, via=via))
+    for path, field in _fields():
+        if field.env is not None and field.env in env:
+            origin = Origin("env", detail=field.env)
+            tree = _merge(tree, _check_layer(_nest(path, env[field.env]), _everywhere(origin)))
+    for text in overrides:
+        key, value = parse_override(text)
+        origin = Origin("set", detail=text)
+        tree = _merge(tree, _check_layer(_nest(_split_key(key), value), _everywhere(origin)))
+
+    origins: dict[str, Origin] = {}
+    data = _unwrap(tree, (), origins)
+    _add_file_keys(data["server"], origins)
+    server, plugins = data["server"], data["plugins"]
+    return Config(
+        data=data,
+        origins=origins,
+        files=tuple(loader.files),
+        home=data["home"],
+        server=ServerSettings(
+            host=server["host"],
+            port=server["port"],
+            api_keys=tuple(server["api_keys"]),
+            max_body_bytes=server["max_body_bytes"],
+            drain_timeout=server["drain_timeout"],
+            log_level=server["log_level"],
+        ),
+        plugins=PluginSettings(
+            load=None if plugins["load"] is None else tuple(plugins["load"]),
+            disable=tuple(plugins["disable"]),
+            strict=plugins["strict"],
+            trace=plugins["trace"],
+        ),
+    )
+
+
+def _config_files(
+    paths: Sequence[str | os.PathLike[str]], env: Mapping[str, str]
+) -> list[tuple[Path, Origin | None]]:
+    """The top-level files to read, each with the variable that named it, if any."""
+    if paths:
+        return [(_absolute(os.fspath(path), Path.cwd()), None) for path in paths]
+    if env.get("LLMOS_CONFIG"):
+        return [(_absolute(env["LLMOS_CONFIG"], Path.cwd()), Origin("env", detail="LLMOS_CONFIG"))]
+    return []
+
+
+def _add_file_keys(server: dict[str, Any], origins: dict[str, Origin]) -> None:
+    """Append the keys in ``server.api_keys_file`` to ``server.api_keys``."""
+    path = server["api_keys_file"]
+    if path is None:
+        return
+    where = origins["server.api_keys_file"]
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{where}: server.api_keys_file: file not found: {path}", param="server.api_keys_file"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            f"{where}: server.api_keys_file: cannot read {path}: {exc}",
+            param="server.api_keys_file",
+        ) from None
+    keys = [key for line in lines if (key := line.strip()) and not key.startswith("#")]
+    # When every key comes from the file, the file is where they came from; when
+    # api_keys has keys of its own, its origin stays (one origin per leaf).
+    if keys and not server["api_keys"]:
+        origins["server.api_keys"] = Origin("file", file=path)
+    server["api_keys"] = [*server["api_keys"], *keys]
+
+
+# ---------------------------------------------------------------- files
+
+
+@attrs.define
+class _Loader:
+    """Reads config files and their includes into layers, recording each file."""
+
+    env: Mapping[str, str]
+    files: list[Path] = attrs.Factory(list)
+
+    def load(
+        self, path: Path, chain: tuple[Path, ...] = (), via: Origin | None = None
+    ) -> dict[str, Any]:
+        """``path`` as a validated layer, its includes merged below its own keys.
+
+        ``chain`` is the files that included this one; ``via`` what named it:
+        the including file's ``include`` line, or ``LLMOS_CONFIG``.
+        """
+        if path in chain:
+            raise ConfigError(f"include cycle: {_chain_text((*chain, path))}")
+        text = self._read(path, chain, via)
+        raw = _parse(text, path)
+        lines = _key_lines(text)
+
+        def origin_at(key_path: tuple[str, ...]) -> Origin:
+            return Origin("file", file=path, line=_line_of(lines, key_path))
+
+        raw = _interpolate(raw, (), origin_at, self.env)
+        includes = raw.pop("include", [])
+        if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+            raise ConfigError(
+                f"{origin_at(('include',))}: include: expected a list of paths,"
+                f" got {_show(includes)}",
+                param="include",
+            )
+        layer: dict[str, Any] = {}
+        for include in includes:
+            target = _absolute(include, path.parent)
+            layer = _merge(layer, self.load(target, (*chain, path), origin_at(("include",))))
+        return _merge(layer, _check_layer(raw, origin_at))
+
+    def _read(self, path: Path, chain: tuple[Path, ...], via: Origin | None) -> str:
+        if path not in self.files:
+            self.files.append(path)
+        prefix = f"{via}: " if via is not None else ""
+        try:
+            return path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            if not chain:
+                raise ConfigError(f"{prefix}config file not found: {path}") from None
+            via_chain = f" (included via {_chain_text(chain)})" if len(chain) > 1 else ""
+            raise ConfigError(
+                f"{prefix}include: file not found: {path}{via_chain}", param="include"
+            ) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{prefix}cannot read config file {path}: {exc}") from None
+
+
+def _parse(text: str, path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        # The message says "(at line N, column M)", or "(at end of document)".
+        found = re.search(r"at line (\d+)", str(exc))
+        line = found.group(1) if found else max(len(text.splitlines()), 1)
+        raise ConfigError(f"{path}:{line}: invalid TOML: {exc}") from None
+
+
+def _chain_text(paths: Sequence[Path]) -> str:
+    """``a.toml -> b.toml -> a.toml (in /dir)``: names relative to the first file's folder."""
+    base = paths[0].parent
+    names = [str(p.relative_to(base)) if p.is_relative_to(base) else str(p) for p in paths]
+    return f"{' -> '.join(names)} (in {base})"
+
+
+def _absolute(text: str, base: Path) -> Path:
+    """``text`` as an absolute path, ``~`` expanded, relative to ``base``."""
+    return Path(os.path.abspath(base / Path(text).expanduser()))
+
+
+# ---------------------------------------------------------------- interpolation
+
+# "$${" is an escaped "${"; a "${" that is not a whole ${NAME} or
+# ${NAME:-default} matches with no name, so it is reported, not kept.
+_REFERENCE = re.compile(r"\$\$\{|\$\{(?:([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\})?")
+
+
+def _interpolate(
+    value: Any, path: tuple[str, ...], origin_at: _OriginAt, env: Mapping[str, str]
+) -> Any:
+    """``value`` with ``${VAR}`` references in every string replaced from ``env``."""
+    if isinstance(value, dict):
+        return {
+            key: _interpolate(item, (*path, key), origin_at, env) for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [_interpolate(item, path, origin_at, env) for item in value]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def replace(match: re.Match[str]) -> str:
+        if match.group(0) == "$${":
+            return "${"
+        name, default = match.group(1), match.group(2)
+        if name is None:
+            raise ConfigError(
+                f"{origin_at(path)}: {_join(path)}: bad reference in {_show(value)};"
+                " write ${NAME} or ${NAME:-default}, and $${ for a literal ${",
+                param=_join(path),
+            )
+        if default is not None:  # as in the shell, an empty variable takes the default
+            return env.get(name) or default
+        if name not in env:
+            raise ConfigError(
+                f"{origin_at(path)}: {_join(path)}: environment variable {name} is not set"
+                f" (write ${{{name}:-default}} to give a default)",
+                param=_join(path),
+            )
+        return env[name]
+
+    return _REFERENCE.sub(replace, value)
+
+
+# ---------------------------------------------------------------- layers
+
+
+@attrs.frozen
+class _Leaf:
+    """A value in a layer tree, with its origin; tables are plain dicts."""
+
+    value: Any
+    origin: Origin
+
+
+def _default_tree() -> dict[str, Any]:
+    tree: dict[str, Any] = {name: {} for name in _SECTIONS}
+    for path, field in _fields():
+        tree = _merge(tree, _nest(path, field.default_value()))
+    return tree
+
+
+def _nest(path: tuple[str, ...], value: Any) -> dict[str, Any]:
+    """``("a", "b"), 1`` -> ``{"a": {"b": 1}}``."""
+    for key in reversed(path[1:]):
+        value = {key: value}
+    return {path[0]: value}
+
+
+def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``: tables merge recursively, anything else is replaced."""
+    merged = dict(base)
+    for key, value in over.items():
+        below = merged.get(key)
+        both_tables = isinstance(value, dict) and isinstance(below, dict)
+        merged[key] = _merge(below, value) if both_tables else value
+    return merged
+
+
+def _unwrap(
+    tree: Mapping[str, Any], prefix: tuple[str, ...], origins: dict[str, Origin]
+) -> dict[str, Any]:
+    """Plain data from a layer tree, filling ``origins`` with each leaf's origin."""
+    data: dict[str, Any] = {}
+    for key, node in tree.items():
+        path = (*prefix, key)
+        if isinstance(node, _Leaf):
+            data[key] = node.value
+            origins[_join(path)] = node.origin
+        else:
+            data[key] = _unwrap(node, path, origins)
+    return data
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _check_layer(tree: Mapping[str, Any], origin_at: _OriginAt) -> dict[str, Any]:
+    """One layer validated against the schema and converted, as a tree of ``_Leaf``."""
+    layer: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = (key,)
+        if key in _ROOT_FIELDS:
+            layer[key] = _leaf(_ROOT_FIELDS[key], path, value, origin_at)
+        elif key in _SECTIONS:
+            layer[key] = _check_section(_SECTIONS[key], value, origin_at)
+        elif key == "include":
+            raise ConfigError(
+                f"{origin_at(path)}: include: only a config file can include others", param=key
+            )
+        else:
+            what = "section" if isinstance(value, dict) else "key"
+            raise _unknown(path, origin_at(path), [*_ROOT_FIELDS, *_SECTIONS, "include"], what)
+    return layer
+
+
+def _check_section(section: Section, value: Any, origin_at: _OriginAt) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(
+            f"{origin_at((section.name,))}: {section.name}: expected a table"
+            f" ([{section.name}]), got {_show(value)}",
+            param=section.name,
+        )
+    layer: dict[str, Any] = {}
+    for key, item in value.items():
+        path = (section.name, key)
+        field = section.fields.get(key)
+        if field is not None:
+            layer[key] = _leaf(field, path, item, origin_at)
+        elif section.free_form and isinstance(item, dict):
+            layer[key] = _free_form(item, path, origin_at)
+        else:
+            raise _unknown(path, origin_at(path), list(section.fields), "key")
+    return layer
+
+
+def _free_form(value: Any, path: tuple[str, ...], origin_at: _OriginAt) -> Any:
+    if isinstance(value, dict):
+        return {key: _free_form(item, (*path, key), origin_at) for key, item in value.items()}
+    return _Leaf(value, origin_at(path))
+
+
+def _leaf(field: Field, path: tuple[str, ...], value: Any, origin_at: _OriginAt) -> _Leaf:
+    origin = origin_at(path)
+    converted = None if value is None and field.optional else _convert(field.kind, value, origin)
+    if converted is _MISSING or (
+        converted is not None and field.check is not None and not field.check(converted)
+    ):
+        key = _join(path)
+        shown = "a secret value" if field.secret else _show(value)
+        raise ConfigError(f"{origin}: {key}: expected {field.expected}, got {shown}", param=key)
+    return _Leaf(converted, origin)
+
+
+def _convert(kind: str, value: Any, origin: Origin) -> Any:
+    """``value`` as ``kind``, or ``_MISSING`` when it cannot be one.
+
+    Strings convert to numbers, booleans and lists because environment
+    variables, ``--set`` text and ``${VAR}`` references are all strings; a
+    TOML boolean is never taken for a number.
+    """
+    text = value.strip() if isinstance(value, str) else None
+    match kind:
+        case "str":
+            return value if isinstance(value, str) else _MISSING
+        case "bool":
+            if isinstance(value, bool):
+                return value
+            if text is not None and text.lower() in _TRUE | _FALSE:
+                return text.lower() in _TRUE
+        case "int" | "float":
+            number = int if kind == "int" else float
+            exact = (int,) if kind == "int" else (int, float)
+            if isinstance(value, exact) and not isinstance(value, bool):
+                return number(value)
+            if text is not None:
+                try:
+                    return number(text)
+                except ValueError:
+                    return _MISSING
+        case "path":
+            if isinstance(value, Path):
+                return value
+            if text:
+                base = origin.file.parent if origin.file is not None else Path.cwd()
+                return _absolute(text, base)
+        case "list[str]":
+            if text is not None:  # "a, b" from the environment or --set
+                return [item.strip() for item in text.split(",") if item.strip()]
+            if isinstance(value, list | tuple) and all(isinstance(i, str) for i in value):
+                return list(value)
+    return _MISSING
+
+
+def _unknown(path: tuple[str, ...], origin: Origin, known: Sequence[str], what: str) -> ConfigError:
+    """The error for a key the schema does not know, with the nearest known key."""
+    near = difflib.get_close_matches(path[-1], known, n=1)
+    if near:
+        hint = f"did you mean {_join((*path[:-1], near[0]))}?"
+    elif known:
+        hint = "known: " + ", ".join(sorted(known))
+    else:
+        hint = f"only [{_join((*path[:-1], 'name'))}] tables belong here"
+    return ConfigError(f"{origin}: {_join(path)}: unknown {what} ({hint})", param=_join(path))
+
+
+def _show(value: Any) -> str:
+    """A value as an error message shows it: TOML-like, strings in double quotes."""
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+# ---------------------------------------------------------------- keys and lines
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _join(path: Sequence[str]) -> str:
+    """A key path as a TOML dotted key: ``plugins."my.plugin".level``."""
+    return ".".join(
+        k if _BARE_KEY.fullmatch(k) else json.dumps(k, ensure_ascii=False) for k in path
+    )
+
+
+def _split_key(text: str) -> tuple[str, ...]:
+    """A TOML dotted key (bare, quoted or both) as its parts."""
+    # tomllib already knows every quoting and escaping rule for keys.
+    try:
+        node: Any = tomllib.loads(f"{text} = 0")
+        path: list[str] = []
+        while isinstance(node, dict):
+            ((key, node),) = node.items()
+            path.append(key)
+    except (tomllib.TOMLDecodeError, ValueError):
+        raise ConfigError(f"not a valid key: {text!r}", param=text) from None
+    return tuple(path)
+
+
+def _skip_string(text: str, start: int) -> int:
+    """The index after the one-line string that opens at ``start``."""
+    quote, i = text[start], start + 1
+    while i < len(text):
+        if text[i] == "\\" and quote == '"':
+            i += 2
+        elif text[i] == quote:
+            return i + 1
+        else:
+            i += 1
+    return len(text)
+
+
+def _find_unquoted(text: str, char: str, start: int = 0) -> int:
+    """The index of ``char`` outside quotes, or -1."""
+    i = start
+    while i < len(text):
+        if text[i] in "\"'":
+            i = _skip_string(text, i)
+        elif text[i] == char:
+            return i
+        else:
+            i += 1
+    return -1
+
+
+@attrs.define
+class _ValueScan:
+    """Follows a TOML value across lines: an open multi-line string, bracket depth."""
+
+    string: str | None = None
+    depth: int = 0
+
+    @property
+    def open(self) -> bool:
+        return self.string is not None or self.depth > 0
+
+    def feed(self, line: str, i: int = 0) -> None:
+        while i < len(line):
+            char = line[i]
+            if self.string is not None:
+                if line.startswith(self.string, i):
+                    i += 3
+                    while i < len(line) and line[i] == self.string[0]:  # '""""' ends with content
+                        i += 1
+                    self.string = None
+                else:
+                    i += 2 if char == "\\" and self.string == '"""' else 1
+            elif char == "#":
+                return
+            elif char in "\"'":
+                if line.startswith(char * 3, i):
+                    self.string, i = char * 3, i + 3
+                else:
+                    i = _skip_string(line, i)
+            else:
+                self.depth += (char in "[{") - (char in "]}")
+                i += 1
+
+
+def _key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """The line each key path and table header of valid TOML ``text`` starts on.
+
+    tomllib reports no positions, so this follows ``[table]`` and
+    ``[[array]]`` headers and ``key =`` assignments, skipping the inside of
+    multi-line arrays and strings. A path's prefixes get the line where they
+    first appear.
+    """
+    lines: dict[tuple[str, ...], int] = {}
+    table: tuple[str, ...] = ()
+    value = _ValueScan()
+    for number, line in enumerate(text.splitlines(), start=1):
+        if value.open:
+            value.feed(line)
+            continue
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if stripped.startswith("["):
+            start = 2 if stripped.startswith("[[") else 1
+            table = path = _split_key(stripped[start : _find_unquoted(stripped, "]", start)])
+        else:
+            equals = _find_unquoted(stripped, "=")
+            path = table + _split_key(stripped[:equals])
+            value.feed(stripped, equals + 1)
+        for size in range(1, len(path) + 1):
+            lines.setdefault(path[:size], number)
+    return lines
+
+
+def _line_of(lines: Mapping[tuple[str, ...], int], path: tuple[str, ...]) -> int | None:
+    """The line of ``path``, else of its nearest ancestor found (an inline table)."""
+    for size in range(len(path), 0, -1):
+        if path[:size] in lines:
+            return lines[path[:size]]
+    return None

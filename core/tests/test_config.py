@@ -1,0 +1,600 @@
+"""Tests of config composition: layers, includes, interpolation, overrides, origins."""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import platformdirs
+import pytest
+
+from llmos.config import (
+    DEFAULT_PORT,
+    Config,
+    Field,
+    Origin,
+    load_config,
+    parse_override,
+    register_section,
+    unregister_section,
+)
+from llmos.errors import ConfigError
+
+WriteToml = Callable[[str, str], Path]
+
+
+@pytest.fixture
+def write(tmp_path: Path) -> WriteToml:
+    """Write dedented TOML text to ``tmp_path / name`` and return the path."""
+
+    def write(name: str, text: str) -> Path:
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text).lstrip("\n"), encoding="utf-8")
+        return path
+
+    return write
+
+
+def load(*paths: Path, overrides: tuple[str, ...] = (), **env: str) -> Config:
+    """Load with an explicit environment, so the test's own shell never leaks in."""
+    return load_config(paths, overrides, env=env)
+
+
+def error(*paths: Path, overrides: tuple[str, ...] = (), **env: str) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load(*paths, overrides=overrides, **env)
+    return str(caught.value)
+
+
+# ------------------------------------------------------------------ layering
+
+
+def test_later_file_wins_and_tables_merge(write: WriteToml) -> None:
+    a = write(
+        "a.toml",
+        """
+        [server]
+        host = "0.0.0.0"
+        port = 1000
+
+        [plugins]
+        disable = ["x", "y"]
+        """,
+    )
+    b = write(
+        "b.toml",
+        """
+        [server]
+        port = 2000
+
+        [plugins]
+        disable = ["z"]
+        """,
+    )
+    config = load(a, b)
+    assert config.server.host == "0.0.0.0"  # from a: b's [server] merged, not replaced
+    assert config.server.port == 2000
+    assert config.plugins.disable == ("z",)  # lists are replaced, not concatenated
+    assert str(config.origins["server.host"]) == f"{a}:2"
+    assert str(config.origins["server.port"]) == f"{b}:2"
+    assert config.files == (a, b)
+    assert load(b, a).server.port == 1000
+
+
+def test_defaults_fill_what_no_layer_sets() -> None:
+    config = load()
+    assert config.server.port == DEFAULT_PORT == 8470
+    assert config.server.host == "127.0.0.1"
+    assert config.server.max_body_bytes == 4 * 1024 * 1024
+    assert config.server.drain_timeout == 30.0
+    assert config.server.log_level == "info"
+    assert config.server.api_keys == ()
+    assert config.plugins.load is None
+    assert config.plugins.disable == ()
+    assert (config.plugins.strict, config.plugins.trace) == (False, False)
+    assert config.files == ()
+    assert str(config.origins["server.port"]) == "default"
+    assert "include" not in config.data
+
+
+def test_set_beats_env_beats_file_beats_default(write: WriteToml) -> None:
+    path = write("llmos.toml", '[plugins]\ndisable = ["from-file"]\n')
+    assert load().plugins.disable == ()
+    assert load(path).plugins.disable == ("from-file",)
+    with_env = load(path, LLMOS_DISABLE_PLUGINS="e1, e2")
+    assert with_env.plugins.disable == ("e1", "e2")
+    assert str(with_env.origins["plugins.disable"]) == "env LLMOS_DISABLE_PLUGINS"
+    with_set = load(path, overrides=('plugins.disable=["s"]',), LLMOS_DISABLE_PLUGINS="e1, e2")
+    assert with_set.plugins.disable == ("s",)
+    assert str(with_set.origins["plugins.disable"]) == '--set plugins.disable=["s"]'
+
+
+def test_later_set_wins_over_earlier_set() -> None:
+    config = load(overrides=("server.port=1", "server.port=2"))
+    assert config.server.port == 2
+    assert str(config.origins["server.port"]) == "--set server.port=2"
+
+
+# ------------------------------------------------------------------ includes
+
+
+def test_include_resolves_relative_to_the_including_file(write: WriteToml) -> None:
+    main = write(
+        "main.toml",
+        """
+        include = ["conf/base.toml"]
+
+        [server]
+        port = 3000
+        """,
+    )
+    base = write(
+        "conf/base.toml",
+        """
+        include = ["more.toml"]
+
+        [server]
+        port = 1111
+        host = "base-host"
+        """,
+    )
+    more = write("conf/more.toml", '[server]\nhost = "more-host"\nlog_level = "debug"\n')
+    config = load(main)
+    assert config.server.port == 3000  # the including file wins over what it includes
+    assert config.server.host == "base-host"
+    assert config.server.log_level == "debug"  # from conf/more.toml, found next to base.toml
+    assert str(config.origins["server.host"]) == f"{base}:5"
+    assert str(config.origins["server.log_level"]) == f"{more}:3"
+    assert config.files == (main, base, more)
+
+
+def test_include_cycle_shows_the_chain(write: WriteToml) -> None:
+    a = write("a.toml", 'include = ["b.toml"]\n')
+    write("b.toml", 'include = ["a.toml"]\n')
+    message = error(a)
+    assert "include cycle: a.toml -> b.toml -> a.toml" in message
+    assert str(a.parent) in message
+
+
+def test_missing_include_names_the_including_file_and_the_missing_path(
+    write: WriteToml, tmp_path: Path
+) -> None:
+    a = write("a.toml", '# the base\n\n\ninclude = ["nope/missing.toml"]\n')
+    message = error(a)
+    assert message.startswith(f"{a}:4: include: file not found")
+    assert str(tmp_path / "nope" / "missing.toml") in message
+
+
+def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
+    assert f"config file not found: {tmp_path / 'absent.toml'}" in error(tmp_path / "absent.toml")
+
+
+def test_bad_toml_names_the_file_and_line(write: WriteToml) -> None:
+    path = write("bad.toml", '[server]\nhost = "x"\nport = = 3\n')
+    message = error(path)
+    assert str(path) in message
+    assert "line 3" in message
+    assert message.startswith(f"{path}:3:")
+
+
+# ------------------------------------------------------------------ interpolation
+
+
+def test_variables_are_interpolated_in_strings(write: WriteToml) -> None:
+    path = write(
+        "llmos.toml",
+        """
+        [server]
+        host = "${HOST}"
+        log_level = "${LEVEL:-warning}"
+        api_keys = ["${KEY}", "literal-$${KEY}"]
+
+        [plugins.foo]
+        url = "http://${HOST}:${PORT:-80}/x"
+        empty = "${EMPTY:-fallback}"
+        """,
+    )
+    config = load(path, HOST="example.org", KEY="k", EMPTY="")
+    assert config.server.host == "example.org"
+    assert config.server.log_level == "warning"
+    assert config.server.api_keys == ("k", "literal-${KEY}")
+    assert config.plugin_options("foo") == {
+        "url": "http://example.org:80/x",
+        "empty": "fallback",
+    }
+
+
+def test_numbers_can_come_from_variables(write: WriteToml) -> None:
+    path = write("llmos.toml", '[server]\nport = "${PORT:-8000}"\n')
+    assert load(path).server.port == 8000
+    assert load(path, PORT="9000").server.port == 9000
+
+
+def test_unset_variable_names_file_line_and_key(write: WriteToml) -> None:
+    path = write("llmos.toml", '[server]\n\nhost = "${NOPE}"\n')
+    message = error(path)
+    assert message.startswith(f"{path}:3: server.host: environment variable NOPE is not set")
+
+
+def test_malformed_reference_is_an_error(write: WriteToml) -> None:
+    path = write("llmos.toml", '[server]\nhost = "${1x}"\n')
+    assert error(path).startswith(f"{path}:2: server.host: bad reference")
+
+
+# ------------------------------------------------------------------ --set
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("server.port=9000", ("server.port", 9000)),
+        ("server.drain_timeout=1.5", ("server.drain_timeout", 1.5)),
+        ("plugins.strict=true", ("plugins.strict", True)),
+        ("plugins.disable=[1,2]", ("plugins.disable", [1, 2])),
+        ('server.host="8000"', ("server.host", "8000")),
+        ("server.host=my host", ("server.host", "my host")),
+        ("server.host=a=b", ("server.host", "a=b")),
+        ("server.host=", ("server.host", "")),
+        (" server.port = 1 ", ("server.port", 1)),
+        ('plugins."my.plugin".x=1', ('plugins."my.plugin".x', 1)),
+    ],
+)
+def test_parse_override_types_the_value(text: str, expected: tuple[str, object]) -> None:
+    assert parse_override(text) == expected
+
+
+@pytest.mark.parametrize("text", ["server.port", "=1", " =1"])
+def test_parse_override_rejects_text_without_key(text: str) -> None:
+    with pytest.raises(ConfigError, match="--set expects KEY=VALUE"):
+        parse_override(text)
+
+
+def test_set_values_are_typed_and_validated() -> None:
+    config = load(
+        overrides=(
+            "server.port=9000",
+            "server.drain_timeout=2",
+            "plugins.trace=yes",
+            "plugins.load=a,b",
+            'plugins."my.plugin".level=3',
+        )
+    )
+    assert config.server.port == 9000
+    assert config.server.drain_timeout == 2.0
+    assert config.plugins.trace is True
+    assert config.plugins.load == ("a", "b")
+    assert config.plugin_options("my.plugin") == {"level": 3}
+    assert str(config.origins['plugins."my.plugin".level']) == '--set plugins."my.plugin".level=3'
+    assert error(overrides=("server.port=abc",)) == (
+        '--set server.port=abc: server.port: expected an integer between 1 and 65535, got "abc"'
+    )
+
+
+# ------------------------------------------------------------------ origins
+
+
+def test_origins_carry_the_line_of_each_key(write: WriteToml) -> None:
+    path = write(
+        "llmos.toml",
+        '''
+        # a comment
+        home = "data"
+
+        [server]
+        api_keys = [
+          "one-key-0000000",  # a comment with = and [brackets]
+          "two-key-0000000",
+        ]
+        host = """
+        [plugins]
+        trace = true
+        """
+        port = 9000
+
+        [plugins]
+        foo.level = 2
+        "quoted key".x = 1
+        ''',
+    )
+    config = load(path)
+    lines = {key: origin.line for key, origin in config.origins.items() if origin.file == path}
+    assert lines == {
+        "home": 2,
+        "server.api_keys": 5,
+        "server.host": 9,
+        "server.port": 13,
+        "plugins.foo.level": 16,
+        'plugins."quoted key".x': 17,
+    }
+    assert config.plugins.trace is False  # the [plugins] inside the string is text
+
+
+def test_origin_of_a_key_in_an_inline_table_is_its_line(write: WriteToml) -> None:
+    path = write("llmos.toml", "[plugins]\n\nfoo = { a = 1, b = { c = 2 } }\n")
+    config = load(path)
+    assert str(config.origins["plugins.foo.b.c"]) == f"{path}:3"
+
+
+def test_origin_text_for_each_kind(tmp_path: Path) -> None:
+    assert str(Origin("default")) == "default"
+    assert str(Origin("file", file=tmp_path / "x.toml", line=12)) == f"{tmp_path}/x.toml:12"
+    assert str(Origin("file", file=tmp_path / "x.toml")) == f"{tmp_path}/x.toml"
+    assert str(Origin("env", detail="LLMOS_HOME")) == "env LLMOS_HOME"
+    assert str(Origin("set", detail="server.port=9000")) == "--set server.port=9000"
+
+
+def test_explain_lists_every_leaf_sorted_with_its_origin(write: WriteToml) -> None:
+    path = write("llmos.toml", "[server]\nport = 9000\n")
+    rows = load(path, LLMOS_TRACE_PLUGINS="1").explain()
+    keys = [key for key, _value, _origin in rows]
+    assert keys == sorted(keys)
+    assert set(keys) >= {"home", "server.port", "server.host", "plugins.load", "plugins.trace"}
+    by_key = {key: (value, str(origin)) for key, value, origin in rows}
+    assert by_key["server.port"] == (9000, f"{path}:2")
+    assert by_key["plugins.trace"] == (True, "env LLMOS_TRACE_PLUGINS")
+    assert by_key["server.host"] == ("127.0.0.1", "default")
+
+
+# ------------------------------------------------------------------ validation
+
+
+def test_wrong_type_names_file_line_key_and_problem(write: WriteToml) -> None:
+    path = write("llmos.toml", '# x\n\n[server]\nhost = "h"\n\n\nport = "abc"\n')
+    assert error(path) == (
+        f'{path}:7: server.port: expected an integer between 1 and 65535, got "abc"'
+    )
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ("port = 70000", "server.port: expected an integer between 1 and 65535, got 70000"),
+        ("port = true", "server.port: expected an integer between 1 and 65535, got true"),
+        ("port = 80.5", "server.port: expected an integer between 1 and 65535, got 80.5"),
+        ("max_body_bytes = 0", "server.max_body_bytes: expected a positive integer, got 0"),
+        ("drain_timeout = -1", "server.drain_timeout: expected a number of seconds >= 0, got -1"),
+        ('log_level = "loud"', 'server.log_level: expected one of "debug", "info"'),
+        ("host = 1", "server.host: expected a string, got 1"),
+        ("api_keys = [1]", "server.api_keys: expected a list of strings, got a secret value"),
+    ],
+)
+def test_out_of_range_values_are_errors(write: WriteToml, line: str, problem: str) -> None:
+    path = write("llmos.toml", f"[server]\n{line}\n")
+    assert error(path).startswith(f"{path}:2: {problem}")
+
+
+def test_unknown_key_in_a_section_suggests_the_nearest(write: WriteToml) -> None:
+    path = write("llmos.toml", "[server]\nprot = 1\n")
+    assert error(path) == f"{path}:2: server.prot: unknown key (did you mean server.port?)"
+
+
+def test_unknown_top_level_section_suggests_the_nearest(write: WriteToml) -> None:
+    path = write("llmos.toml", "# typo\n[servr]\nport = 1\n")
+    assert error(path) == f"{path}:2: servr: unknown section (did you mean server?)"
+
+
+def test_unknown_key_without_a_near_one_lists_the_known(write: WriteToml) -> None:
+    path = write("llmos.toml", "[plugins]\nzzz = 1\n")
+    message = error(path)
+    assert message.startswith(f"{path}:2: plugins.zzz: unknown key (known: ")
+    assert "disable" in message
+
+
+def test_unknown_top_level_key_and_include_outside_a_file(write: WriteToml) -> None:
+    path = write("llmos.toml", 'hom = "x"\n')
+    assert error(path) == f"{path}:1: hom: unknown key (did you mean home?)"
+    assert error(overrides=("include=x",)) == (
+        "--set include=x: include: only a config file can include others"
+    )
+
+
+def test_a_section_must_be_a_table(write: WriteToml) -> None:
+    path = write("llmos.toml", "server = 1\n")
+    assert error(path).startswith(f"{path}:1: server: expected a table")
+
+
+# ------------------------------------------------------------------ plugins
+
+
+def test_plugin_tables_are_free_form(write: WriteToml) -> None:
+    path = write(
+        "llmos.toml",
+        """
+        [plugins]
+        strict = true
+
+        [plugins.foo]
+        anything = "goes"
+        nested = { deep = [1, 2] }
+
+        [plugins.foo.more]
+        x = 1.5
+        """,
+    )
+    config = load(path)
+    assert config.plugins.strict is True
+    assert config.plugin_options("foo") == {
+        "anything": "goes",
+        "nested": {"deep": [1, 2]},
+        "more": {"x": 1.5},
+    }
+    assert config.plugin_options("absent") == {}
+    assert config.plugin_options("strict") == {}  # a field, not a plugin's table
+    assert str(config.origins["plugins.foo.more.x"]) == f"{path}:9"
+
+
+def test_load_plugins_empty_means_none_and_unset_means_all() -> None:
+    assert load().plugins.load is None
+    assert load(LLMOS_LOAD_PLUGINS="").plugins.load == ()
+    assert load(LLMOS_LOAD_PLUGINS="a, b,").plugins.load == ("a", "b")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        *[("1", True), ("TRUE", True), ("yes", True), ("on", True)],
+        *[("0", False), ("false", False), ("no", False), ("off", False), ("", False)],
+    ],
+)
+def test_plugin_switches_parse_booleans(value: str, expected: bool) -> None:
+    assert load(LLMOS_STRICT_PLUGINS=value).plugins.strict is expected
+    assert load(LLMOS_TRACE_PLUGINS=value).plugins.trace is expected
+
+
+def test_bad_boolean_in_the_environment_is_an_error() -> None:
+    message = error(LLMOS_STRICT_PLUGINS="maybe")
+    assert message.startswith("env LLMOS_STRICT_PLUGINS: plugins.strict: expected a boolean")
+    assert message.endswith('got "maybe"')
+
+
+# ------------------------------------------------------------------ API keys
+
+
+def test_api_keys_file_is_read_and_keys_are_redacted(write: WriteToml) -> None:
+    write(
+        "secrets/keys.txt",
+        "# the daemon's keys\n\nsk-file-key-11112222\n  sk-file-key-33334444  \n",
+    )
+    path = write(
+        "llmos.toml",
+        '[server]\napi_keys = ["sk-inline-key-55556666"]\napi_keys_file = "secrets/keys.txt"\n',
+    )
+    config = load(path)
+    keys = ("sk-inline-key-55556666", "sk-file-key-11112222", "sk-file-key-33334444")
+    assert config.server.api_keys == keys
+    shown = json.dumps(config.to_dict()) + repr(config.explain())
+    for key in keys:
+        assert key not in shown
+    assert config.to_dict()["server"]["api_keys"] == ["****6666", "****2222", "****4444"]
+    assert dict((k, v) for k, v, _o in config.explain())["server.api_keys"] == [
+        "****6666",
+        "****2222",
+        "****4444",
+    ]
+    assert config.to_dict(redact=False)["server"]["api_keys"] == list(keys)
+
+
+def test_api_keys_from_the_environment(write: WriteToml) -> None:
+    config = load(LLMOS_API_KEYS="sk-env-aaaaaaaa1, sk-env-bbbbbbbb2")
+    assert config.server.api_keys == ("sk-env-aaaaaaaa1", "sk-env-bbbbbbbb2")
+    assert str(config.origins["server.api_keys"]) == "env LLMOS_API_KEYS"
+
+
+def test_missing_api_keys_file_is_an_error(write: WriteToml, tmp_path: Path) -> None:
+    path = write("llmos.toml", '[server]\napi_keys_file = "keys.txt"\n')
+    assert error(path) == (
+        f"{path}:2: server.api_keys_file: file not found: {tmp_path / 'keys.txt'}"
+    )
+
+
+# ------------------------------------------------------------------ environment
+
+
+def test_environment_defaults_to_the_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [name for name in os.environ if name.startswith("LLMOS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("LLMOS_TRACE_PLUGINS", "1")
+    assert load_config().plugins.trace is True
+    monkeypatch.delenv("LLMOS_TRACE_PLUGINS")
+    assert load_config().plugins.trace is False
+
+
+def test_llmos_config_is_used_only_without_explicit_paths(write: WriteToml) -> None:
+    from_env = write("env.toml", "[server]\nport = 1111\n")
+    explicit = write("explicit.toml", '[server]\nhost = "h"\n')
+    assert load(LLMOS_CONFIG=str(from_env)).server.port == 1111
+    config = load(explicit, LLMOS_CONFIG=str(from_env))
+    assert config.server.port == DEFAULT_PORT
+    assert config.files == (explicit,)
+    assert error(LLMOS_CONFIG=str(from_env.parent / "gone.toml")).startswith(
+        "env LLMOS_CONFIG: config file not found"
+    )
+
+
+def test_home_defaults_to_the_user_data_folder(
+    write: WriteToml, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    default = load()
+    assert default.home == Path(platformdirs.user_data_dir("llmos"))
+    assert str(default.origins["home"]) == "default"
+    assert load(LLMOS_HOME=str(tmp_path / "h")).home == tmp_path / "h"
+    # A relative path in a file resolves against that file's folder, not the cwd.
+    path = write("conf/llmos.toml", 'home = "../data"\n')
+    monkeypatch.chdir("/")
+    assert load(path).home == tmp_path / "data"
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    assert load(LLMOS_HOME="~/llmos").home == tmp_path / "user" / "llmos"
+    assert load(LLMOS_HOME="rel").home == Path("/rel")  # from the environment: the cwd
+    assert error(LLMOS_HOME="") == 'env LLMOS_HOME: home: expected a path, got ""'
+
+
+# ------------------------------------------------------------------ API
+
+
+def test_get_section_and_to_dict(write: WriteToml) -> None:
+    path = write("llmos.toml", 'home = "data"\n[server]\nport = 9000\n')
+    config = load(path)
+    assert config.get("server.port") == 9000
+    assert config.get("server")["port"] == 9000
+    assert config.get("server.nope", "fallback") == "fallback"
+    with pytest.raises(KeyError):
+        config.get("server.nope")
+    assert config.section("server")["port"] == 9000
+    assert config.section("absent") == {}
+    exported = json.loads(json.dumps(config.to_dict()))  # JSON-serialisable
+    assert exported["home"] == str(path.parent / "data")
+    assert exported["plugins"]["load"] is None
+
+
+# ------------------------------------------------------------------ extending
+
+
+@pytest.fixture
+def alerts_section() -> Iterator[None]:
+    register_section(
+        "alerts",
+        {
+            "interval": Field("float", 10.0, "Seconds between checks.", env="LLMOS_ALERT_EVERY"),
+            "token": Field("str", "", "Webhook token.", secret=True),
+        },
+        doc="Alert rules.",
+        free_form=True,
+    )
+    try:
+        yield
+    finally:
+        unregister_section("alerts")
+
+
+def test_unregistered_section_is_unknown(write: WriteToml) -> None:
+    path = write("llmos.toml", "[alerts]\ninterval = 5\n")
+    assert error(path).startswith(f"{path}:1: alerts: unknown section")
+
+
+@pytest.mark.usefixtures("alerts_section")
+def test_registered_section_is_valid_with_defaults_env_and_secrets(write: WriteToml) -> None:
+    path = write(
+        "llmos.toml",
+        '[alerts]\ntoken = "tok-abcdefgh1234"\n[alerts.high_latency]\nabove_ms = 500\n',
+    )
+    config = load(path)
+    assert config.section("alerts") == {
+        "interval": 10.0,
+        "token": "tok-abcdefgh1234",
+        "high_latency": {"above_ms": 500},
+    }
+    assert config.to_dict()["alerts"]["token"] == "****1234"
+    assert load(path, LLMOS_ALERT_EVERY="2.5").get("alerts.interval") == 2.5
+    bad = write("bad.toml", "[alerts]\nintervl = 1\n")
+    assert error(bad).endswith("alerts.intervl: unknown key (did you mean alerts.interval?)")
+
+
+def test_register_section_refuses_a_taken_name() -> None:
+    with pytest.raises(ValueError, match="already registered"):
+        register_section("server", {})
+    with pytest.raises(ValueError, match="top-level"):
+        register_section("home", {})
