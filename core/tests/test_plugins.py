@@ -271,3 +271,15 @@ def test_discover_models_isolates_a_failing_source(tmp_path: Path) -> None:
     found = pm.discover_models()
     assert [(r.plugin, r.spec.name) for r in found] == [("source", "acme/tiny")]
     assert "catalogue unreachable" in info(pm, "broken-source").error
+
+
+def test_a_second_plugin_under_a_taken_name_fails_alone(site, tmp_path: Path) -> None:
+    site("llmos-a", GOOD.format(provider="from-a"), entry="same")
+    site("llmos-b", GOOD.format(provider="from-b"), entry="same")
+    pm = load(tmp_path)
+    first, second = [i for i in pm.plugins() if i.name == "same"]
+    assert (first.distribution, first.status) == ("llmos-a", "loaded")
+    assert (second.distribution, second.status) == ("llmos-b", "failed")
+    assert "already taken by 'llmos-a'" in second.error
+    assert pm.providers["from-a"].plugin == "same"
+    assert "from-b" not in pm.providers

@@ -216,7 +216,9 @@ class PluginManager:
             version=None,
             default=False,
         )
-        self._load_one(info, lambda: plugin)
+        if not self._name_taken(info):
+            self._infos[name] = info
+            self._load_one(info, lambda: plugin)
         return info
 
     def unregister(self, name: str) -> None:
@@ -234,7 +236,25 @@ class PluginManager:
             name = next(f for f in _FAMILIES if f.key == family).name_of(item)
             self._registries[family][name] = Registered(item, owner)
 
+    def _name_taken(self, info: PluginInfo) -> bool:
+        """A second plugin under a name already in use fails on its own,
+        recorded under a key of its own, and leaves the first one alone."""
+        holder = self._infos.get(info.name)
+        if holder is None:
+            return False
+        self._infos[f"{info.name} ({info.distribution or info.module})#{len(self._infos)}"] = info
+        self._record_failure(
+            info,
+            f"plugin name {info.name!r} is already taken by "
+            f"{holder.distribution or holder.module!r}; rename one entry point",
+            None,
+            DuplicateNameError,
+        )
+        return True
+
     def _admit(self, info: PluginInfo, *, allow_list_applies: bool) -> bool:
+        if self._name_taken(info):
+            return False
         names = {_normalise(info.name)}
         if info.distribution:
             names.add(_normalise(info.distribution))
@@ -250,14 +270,10 @@ class PluginManager:
         return info.status == "loaded"
 
     def _load_one(self, info: PluginInfo, load: Callable[[], object]) -> None:
-        self._infos[info.name] = info
         try:
             obj = load()
         except Exception as exc:  # an import error of any kind is the plugin's
             self._fail(info, f"import failed: {type(exc).__name__}: {exc}", exc)
-            return
-        if info.name in self._objects or self.pm.has_plugin(info.name):
-            self._fail(info, f"a plugin named {info.name!r} is already registered", None)
             return
         try:
             self.pm.register(obj, name=info.name)
@@ -351,12 +367,22 @@ class PluginManager:
         exc: BaseException | None,
         error_type: type[PluginError] = PluginError,
     ) -> None:
-        info.status = "failed"
-        info.error = message
         self._rollback(info.name)
         obj = self._objects.pop(info.name, None)
         if obj is not None and self.pm.is_registered(obj):
             self.pm.unregister(obj)
+        self._record_failure(info, message, exc, error_type)
+
+    def _record_failure(
+        self,
+        info: PluginInfo,
+        message: str,
+        exc: BaseException | None,
+        error_type: type[PluginError] = PluginError,
+    ) -> None:
+        """Mark ``info`` failed, log it, and raise in strict mode; undoes nothing."""
+        info.status = "failed"
+        info.error = message
         log.error(
             "plugins.failed",
             plugin=info.name,

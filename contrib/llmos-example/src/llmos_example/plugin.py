@@ -1,0 +1,396 @@
+"""The example plugin: one small, real implementation of every llmos hook.
+
+Copy this module to start a plugin. Each hook is a top-level ``@hookimpl``
+function of a few lines; the classes above them exist only where something
+holds state (a loaded model, a fusion, a sink). Sections follow the hook
+families in :mod:`llmos.plugin.spec`.
+
+What it adds:
+
+* provider ``example-keyword``: a keyword classifier (capability ``classify``);
+* model card ``example/sentiment-keywords`` served by that provider;
+* fusion strategy ``example-first-confident``: a cascade over classifiers;
+* tuning method ``example-keywords``: learns keyword lists from labelled rows;
+* monitor sink ``example-counter``: counts events by kind;
+* start-up and shut-down log lines;
+* the command ``llmos example keywords TEXT``;
+* the route ``GET /example/info``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import click
+import structlog
+
+from llmos.errors import UsageError
+from llmos.plugin import hookimpl
+from llmos.types import (
+    Capability,
+    ClassifyRequest,
+    ClassifyResult,
+    CommandSpec,
+    FusionStrategySpec,
+    LoadedModel,
+    ModelBase,
+    ModelCard,
+    MonitorEvent,
+    MonitorSinkSpec,
+    ProviderSpec,
+    RouteSpec,
+    TuningMethodSpec,
+    TuningRequest,
+    TuningResult,
+    Usage,
+)
+from llmos_example import __version__
+
+if TYPE_CHECKING:
+    from llmos.runtime.kernel import Kernel
+
+#: the plugin's name: its entry-point name in pyproject.toml
+PLUGIN = "example"
+PROVIDER = "example-keyword"
+CARD_NAME = "example/sentiment-keywords"
+TASK = "text-classification"
+
+log = structlog.get_logger("llmos.example")
+
+_WORD = re.compile(r"[a-z0-9']+")
+
+
+def tokens(text: str) -> list[str]:
+    """Lower-case words of ``text``: what keywords are matched against."""
+    return _WORD.findall(text.lower())
+
+
+# --------------------------------------------------------------------------
+# Model provider: a keyword classifier
+# --------------------------------------------------------------------------
+
+
+class KeywordClassifier(ModelBase):
+    """Scores each label by its keyword hits, with add-one smoothing:
+    ``(hits[label] + 1) / (total hits + number of labels)``."""
+
+    capabilities = frozenset({Capability.CLASSIFY})
+    max_batch_size = 256  # pure Python and cheap: large batches cost nothing
+
+    def __init__(self, card: ModelCard, keywords: Mapping[str, Sequence[str]]) -> None:
+        super().__init__(card)
+        if not isinstance(keywords, Mapping) or not keywords:
+            raise UsageError(
+                f"model {card.ref!r}: provider {PROVIDER!r} needs options "
+                '{"keywords": {"label": ["word", ...], ...}}'
+            )
+        self.keywords = {
+            str(label): frozenset(tokens(" ".join([words] if isinstance(words, str) else words)))
+            for label, words in keywords.items()
+        }
+
+    def classify(self, requests: Sequence[ClassifyRequest]) -> list[ClassifyResult]:
+        return [self._classify_one(request) for request in requests]
+
+    def _classify_one(self, request: ClassifyRequest) -> ClassifyResult:
+        words = tokens(request.text)
+        # Zero-shot labels this model has no keywords for simply get no hits.
+        labels = request.labels or tuple(self.keywords)
+        hits = {label: sum(w in self.keywords.get(label, ()) for w in words) for label in labels}
+        total = sum(hits.values()) + len(labels)
+        return ClassifyResult(
+            scores={label: (hits[label] + 1) / total for label in labels},
+            usage=Usage(prompt_tokens=len(words)),
+        )
+
+
+def load_keyword_classifier(card: ModelCard, options: Mapping[str, Any]) -> KeywordClassifier:
+    """The provider's ``load``: ``options`` are the card's options merged over
+    the ``[plugins.example]`` config table."""
+    return KeywordClassifier(card, options.get("keywords", card.options.get("keywords", {})))
+
+
+@hookimpl
+def llmos_register_providers(register: Callable[[ProviderSpec], None]) -> None:
+    register(
+        ProviderSpec(
+            name=PROVIDER,
+            load=load_keyword_classifier,
+            description="keyword-count text classifier (options: keywords per label)",
+            capabilities={Capability.CLASSIFY},
+            formats=("other",),
+        )
+    )
+
+
+# --------------------------------------------------------------------------
+# Model source: one packaged card
+# --------------------------------------------------------------------------
+
+
+def sentiment_card() -> ModelCard:
+    """The card this plugin offers: a tiny English sentiment classifier."""
+    return ModelCard(
+        name=CARD_NAME,
+        provider=PROVIDER,
+        tasks=(TASK,),
+        format="other",
+        options={
+            "keywords": {
+                "positive": ["good", "great", "excellent", "love", "wonderful", "best"],
+                "negative": ["bad", "awful", "terrible", "hate", "boring", "worst"],
+            }
+        },
+        description="English sentiment by keyword counts; the llmos-example plugin's model",
+        tags=("example",),
+        license="Apache-2.0",
+    )
+
+
+@hookimpl
+def llmos_discover_models(register: Callable[[ModelCard], None]) -> None:
+    register(sentiment_card())
+
+
+# --------------------------------------------------------------------------
+# Fusion strategy: first confident member
+# --------------------------------------------------------------------------
+
+
+class FirstConfident(ModelBase):
+    """A cascade: each request gets the first member's answer whose top score
+    reaches ``threshold``, else the last member's. Later members only see the
+    requests earlier ones were unsure of."""
+
+    capabilities = frozenset({Capability.CLASSIFY})
+
+    def __init__(self, card: ModelCard, members: Sequence[LoadedModel], threshold: float) -> None:
+        super().__init__(card)
+        if not members:
+            raise UsageError(f"fusion {card.ref!r} needs at least one member")
+        for member in members:
+            if Capability.CLASSIFY not in member.capabilities:
+                raise UsageError(f"fusion {card.ref!r}: member {member.card.ref!r} cannot classify")
+        if not 0.0 <= threshold <= 1.0:
+            raise UsageError(f"fusion {card.ref!r}: threshold must be in [0, 1], got {threshold}")
+        self.members = tuple(members)
+        self.threshold = threshold
+        # A batch the fusion accepts must fit every member's batch limit.
+        self.max_batch_size = min(
+            (m.max_batch_size for m in members if m.max_batch_size), default=None
+        )
+
+    def classify(self, requests: Sequence[ClassifyRequest]) -> list[ClassifyResult]:
+        results: list[ClassifyResult | None] = [None] * len(requests)
+        pending = list(range(len(requests)))
+        for position, member in enumerate(self.members):
+            last = position == len(self.members) - 1
+            answers = member.classify([requests[i] for i in pending])
+            unsure = []
+            for i, answer in zip(pending, answers, strict=True):
+                if last or max(answer.scores.values()) >= self.threshold:
+                    results[i] = answer
+                else:
+                    unsure.append(i)
+            pending = unsure
+            if not pending:
+                break
+        return [r for r in results if r is not None]
+
+    # close() is inherited and does nothing: the kernel owns the members.
+
+
+def build_first_confident(
+    card: ModelCard, members: Sequence[LoadedModel], options: Mapping[str, Any]
+) -> FirstConfident:
+    return FirstConfident(card, members, float(options.get("threshold", 0.6)))
+
+
+@hookimpl
+def llmos_register_fusion_strategies(register: Callable[[FusionStrategySpec], None]) -> None:
+    register(
+        FusionStrategySpec(
+            name="example-first-confident",
+            build=build_first_confident,
+            description="classify with the first member whose top score >= threshold (0.6)",
+            capabilities={Capability.CLASSIFY},
+        )
+    )
+
+
+# --------------------------------------------------------------------------
+# Tuning method: learn keyword lists from labelled rows
+# --------------------------------------------------------------------------
+
+
+def learn_keywords(rows: Sequence[Mapping[str, Any]], top_k: int) -> dict[str, list[str]]:
+    """Per label, the ``top_k`` words found in more of its rows than in any
+    other label's rows (by that margin, then alphabetically)."""
+    counts: dict[str, Counter[str]] = {}
+    for row in rows:
+        counts.setdefault(str(row["label"]), Counter()).update(set(tokens(str(row["text"]))))
+    keywords: dict[str, list[str]] = {}
+    for label, counter in sorted(counts.items()):
+        margin = {
+            word: n - max((c[word] for other, c in counts.items() if other != label), default=0)
+            for word, n in counter.items()
+        }
+        distinctive = [w for w in sorted(margin, key=lambda w: (-margin[w], w)) if margin[w] > 0]
+        keywords[label] = distinctive[:top_k]
+    return keywords
+
+
+def accuracy(model: LoadedModel, rows: Sequence[Mapping[str, Any]]) -> float:
+    results = model.classify([ClassifyRequest(text=str(row["text"])) for row in rows])
+    right = sum(r.label == str(row["label"]) for r, row in zip(results, rows, strict=True))
+    return right / len(rows)
+
+
+def tune_keywords(request: TuningRequest) -> TuningResult:
+    """The tuning method's ``run``: rows are ``{"text": ..., "label": ...}``."""
+    train = request.data.get("train") or []
+    if not train:
+        raise UsageError("tuning method 'example-keywords' needs a non-empty 'train' split")
+    top_k = int(request.hyperparameters.get("top_k", 10))
+    keywords = learn_keywords(train, top_k)
+    card = ModelCard(
+        name=f"{request.base.name}-tuned",
+        provider=PROVIDER,
+        tasks=(TASK,),
+        format="other",
+        options={"keywords": keywords},
+        description=f"keywords learnt from {len(train)} rows by llmos-example",
+        tags=("example", "tuned"),
+        license=request.base.license,
+        parents=(request.base.name,),
+    )
+    model = KeywordClassifier(card, keywords)
+    scores = {
+        f"{split}/accuracy": accuracy(model, rows)
+        for split in ("dev", "test")
+        if (rows := request.data.get(split))
+    }
+    request.report({"step": 1, "train_rows": len(train), **scores})
+    return TuningResult(card=attrs.evolve(card, scores=scores), scores=scores)
+
+
+@hookimpl
+def llmos_register_tuning_methods(register: Callable[[TuningMethodSpec], None]) -> None:
+    register(
+        TuningMethodSpec(
+            name="example-keywords",
+            run=tune_keywords,
+            description="learn the most distinctive words of each label",
+            tasks=(TASK,),
+            defaults={"top_k": 10},
+        )
+    )
+
+
+# --------------------------------------------------------------------------
+# Monitor sink: count events by kind
+# --------------------------------------------------------------------------
+
+
+class CounterSink:
+    """Counts events by kind in memory; with option ``path``, ``close()``
+    writes the counts there as JSON."""
+
+    def __init__(self, options: Mapping[str, Any]) -> None:
+        self.path = Path(options["path"]).expanduser() if options.get("path") else None
+        self._counts: Counter[str] = Counter()
+        # emit() runs on the bus's dispatcher thread, counts() on any other.
+        self._lock = threading.Lock()
+
+    def emit(self, event: MonitorEvent) -> None:
+        with self._lock:
+            self._counts[event.kind] += 1
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+    def close(self) -> None:
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(self.counts(), indent=2, sort_keys=True) + "\n")
+
+
+@hookimpl
+def llmos_register_monitor_sinks(register: Callable[[MonitorSinkSpec], None]) -> None:
+    register(
+        MonitorSinkSpec(
+            name="example-counter",
+            create=CounterSink,
+            description="counts events by kind (option path: write them as JSON on close)",
+        )
+    )
+
+
+# --------------------------------------------------------------------------
+# Lifecycle
+# --------------------------------------------------------------------------
+
+
+@hookimpl
+def llmos_startup(kernel: Kernel) -> None:
+    log.info("example.started", plugin=PLUGIN, home=str(kernel.home))
+
+
+@hookimpl
+def llmos_shutdown(kernel: Kernel) -> None:
+    log.info("example.stopped", plugin=PLUGIN, home=str(kernel.home))
+
+
+# --------------------------------------------------------------------------
+# Extension: a CLI command and an HTTP route
+# --------------------------------------------------------------------------
+
+
+@click.group(name="example")
+def example_group() -> None:
+    """Commands of the llmos-example plugin."""
+
+
+@example_group.command("keywords")
+@click.argument("text")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def keywords_command(text: str, as_json: bool) -> None:
+    """Score TEXT with the example/sentiment-keywords model."""
+    card = sentiment_card()
+    result = load_keyword_classifier(card, card.options).classify([ClassifyRequest(text=text)])[0]
+    if as_json:
+        data = {"model": card.name, "label": result.label, "scores": dict(result.scores)}
+        click.echo(json.dumps(data))
+        return
+    click.echo(f"{card.name}: {result.label}")
+    for label, score in sorted(result.scores.items(), key=lambda item: -item[1]):
+        click.echo(f"  {label:<10} {score:.3f}")
+
+
+@hookimpl
+def llmos_register_commands(register: Callable[[CommandSpec], None]) -> None:
+    register(CommandSpec(command=example_group))
+
+
+@hookimpl
+def llmos_register_routes(register: Callable[[RouteSpec], None]) -> None:
+    # An implementation may take any subset of the spec's parameters; this one
+    # needs no kernel. FastAPI is imported here, not at the top, so that CLI
+    # commands (which load every plugin) do not pay for it.
+    from fastapi import APIRouter
+
+    router = APIRouter(tags=["example"])
+
+    @router.get("/info")
+    def info() -> dict[str, Any]:
+        return {"plugin": PLUGIN, "version": __version__, "providers": [PROVIDER]}
+
+    register(RouteSpec(router=router, prefix="/example"))

@@ -1,0 +1,355 @@
+"""Tests of the installed llmos-example distribution.
+
+They load the plugin the way the kernel does, through its ``llmos`` entry
+point, so the distribution must be installed (``pip install -e`` or
+``pip install --target`` plus ``PYTHONPATH``). Then each hook is exercised for
+real through what the plugin manager recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import httpx
+import pytest
+import structlog
+from click.testing import CliRunner
+from fastapi import FastAPI
+
+import llmos_example
+from llmos.errors import CapabilityNotSupported, UsageError
+from llmos.plugin.manager import HOOK_NAMES, PluginManager
+from llmos.types import (
+    ClassifyRequest,
+    ClassifyResult,
+    CompletionRequest,
+    LoadedModel,
+    ModelCard,
+    MonitorEvent,
+    MonitorSink,
+    TuningRequest,
+)
+
+PLUGIN = "example"
+
+
+@pytest.fixture(scope="module")
+def pm() -> PluginManager:
+    manager = PluginManager()
+    manager.load()  # entry-point discovery, as the kernel does it
+    return manager
+
+
+@pytest.fixture(scope="module")
+def card(pm: PluginManager) -> ModelCard:
+    cards = [r.spec for r in pm.discover_models() if r.plugin == PLUGIN]
+    assert [c.name for c in cards] == ["example/sentiment-keywords"]
+    return cards[0]
+
+
+def load(pm: PluginManager, card: ModelCard) -> LoadedModel:
+    registered = pm.providers[card.provider]
+    assert registered.plugin == PLUGIN
+    return registered.spec.load(card, card.options)
+
+
+def keyword_card(name: str, positive: list[str], negative: list[str]) -> ModelCard:
+    return ModelCard(
+        name=name,
+        provider="example-keyword",
+        options={"keywords": {"positive": positive, "negative": negative}},
+    )
+
+
+# --------------------------------------------------------------------------
+# Loading through the entry point
+# --------------------------------------------------------------------------
+
+
+def test_the_entry_point_is_loaded_with_every_hook(pm: PluginManager) -> None:
+    info = {i.name: i for i in pm.plugins()}[PLUGIN]
+    assert info.status == "loaded", info.error
+    assert info.error is None
+    assert info.distribution == "llmos-example"
+    assert info.version == llmos_example.__version__ == "0.1.0"
+    assert info.module == "llmos_example.plugin"
+    assert set(info.hooks) == HOOK_NAMES
+    assert info.registered == {
+        "providers": ["example-keyword"],
+        "fusion_strategies": ["example-first-confident"],
+        "tuning_methods": ["example-keywords"],
+        "monitor_sinks": ["example-counter"],
+        "commands": ["example"],
+    }
+    assert pm.providers["example-keyword"].plugin == PLUGIN
+    assert pm.fusion_strategies["example-first-confident"].plugin == PLUGIN
+    assert pm.tuning_methods["example-keywords"].plugin == PLUGIN
+    assert pm.monitor_sinks["example-counter"].plugin == PLUGIN
+    assert pm.commands["example"].plugin == PLUGIN
+
+
+def test_the_discovered_card(card: ModelCard) -> None:
+    assert card.provider == "example-keyword"
+    assert card.tasks == ("text-classification",)
+    assert card.tags == ("example",)
+    assert card.license == "Apache-2.0"
+    assert set(card.options["keywords"]) == {"positive", "negative"}
+
+
+# --------------------------------------------------------------------------
+# Provider
+# --------------------------------------------------------------------------
+
+
+def test_classify_scores_sum_to_one_and_pick_the_label(pm: PluginManager, card: ModelCard) -> None:
+    model = load(pm, card)
+    assert isinstance(model, LoadedModel)
+    assert "classify" in model.capabilities
+    results = model.classify(
+        [
+            ClassifyRequest(text="A great film, I love it"),
+            ClassifyRequest(text="Awful. The worst, most boring evening"),
+            ClassifyRequest(text="It was a film"),
+        ]
+    )
+    assert [r.label for r in results] == ["positive", "negative", "positive"]
+    for result in results:
+        assert sum(result.scores.values()) == pytest.approx(1.0)
+    # two positive hits, none negative: (2 + 1) / (2 + 2) with add-one smoothing
+    assert results[0].scores == pytest.approx({"positive": 0.75, "negative": 0.25})
+    assert results[1].scores == pytest.approx({"positive": 0.2, "negative": 0.8})
+    assert results[2].scores == pytest.approx({"positive": 0.5, "negative": 0.5})
+    assert results[0].usage.prompt_tokens == 6
+
+
+def test_classify_over_given_labels(pm: PluginManager, card: ModelCard) -> None:
+    [result] = load(pm, card).classify(
+        [ClassifyRequest(text="bad bad", labels=("neutral", "negative"))]
+    )
+    assert result.scores == pytest.approx({"neutral": 0.25, "negative": 0.75})
+
+
+def test_the_provider_answers_only_classify(pm: PluginManager, card: ModelCard) -> None:
+    with pytest.raises(CapabilityNotSupported, match="supports: classify"):
+        load(pm, card).complete([CompletionRequest(prompt="hi")])
+
+
+def test_the_provider_rejects_a_card_without_keywords(pm: PluginManager) -> None:
+    card = ModelCard(name="example/empty", provider="example-keyword")
+    with pytest.raises(UsageError, match="keywords"):
+        pm.providers["example-keyword"].spec.load(card, {})
+
+
+# --------------------------------------------------------------------------
+# Fusion strategy
+# --------------------------------------------------------------------------
+
+
+class Spy:
+    """A member that records the texts it was asked about."""
+
+    def __init__(self, model: LoadedModel) -> None:
+        self.model = model
+        self.card = model.card
+        self.capabilities = model.capabilities
+        self.max_batch_size = model.max_batch_size
+        self.seen: list[str] = []
+
+    def classify(self, requests: list[ClassifyRequest]) -> list[ClassifyResult]:
+        self.seen.extend(r.text for r in requests)
+        return self.model.classify(requests)
+
+
+def build_fusion(pm: PluginManager, options: dict[str, Any]) -> tuple[LoadedModel, Spy, Spy]:
+    # The second member reads "good" the other way round, so who answered shows.
+    first = Spy(load(pm, keyword_card("t/first", ["good"], ["bad"])))
+    second = Spy(load(pm, keyword_card("t/second", ["fine"], ["good"])))
+    spec = pm.fusion_strategies["example-first-confident"].spec
+    fusion = spec.build(ModelCard(name="t/fusion", provider="fusion"), [first, second], options)
+    return fusion, first, second
+
+
+def test_fusion_takes_the_first_confident_member(pm: PluginManager) -> None:
+    fusion, first, second = build_fusion(pm, {})
+    results = fusion.classify(
+        [ClassifyRequest(text="good"), ClassifyRequest(text="fine"), ClassifyRequest(text="meh")]
+    )
+    # "good": the first member is 2/3 sure (>= 0.6) -> its answer, not the second's
+    assert results[0].label == "positive"
+    assert results[0].scores["positive"] == pytest.approx(2 / 3)
+    # "fine": the first is unsure (0.5) -> the second's; "meh": the last member's
+    assert results[1].label == "positive"
+    assert results[1].scores["positive"] == pytest.approx(2 / 3)
+    assert results[2].scores == pytest.approx({"positive": 0.5, "negative": 0.5})
+    assert first.seen == ["good", "fine", "meh"]
+    assert second.seen == ["fine", "meh"]  # only what the first was unsure of
+
+
+def test_fusion_threshold_option(pm: PluginManager) -> None:
+    fusion, _, second = build_fusion(pm, {"threshold": 0.9})
+    [result] = fusion.classify([ClassifyRequest(text="good")])
+    assert result.label == "negative"  # 2/3 < 0.9, so the second member answered
+    assert second.seen == ["good"]
+
+
+# --------------------------------------------------------------------------
+# Tuning method
+# --------------------------------------------------------------------------
+
+DATA = {
+    "train": [
+        {"text": "a delightful and charming film", "label": "positive"},
+        {"text": "charming story with delightful acting", "label": "positive"},
+        {"text": "an uplifting and delightful ending", "label": "positive"},
+        {"text": "uplifting music and a charming cast", "label": "positive"},
+        {"text": "a dull and tedious film", "label": "negative"},
+        {"text": "tedious plot with dull acting", "label": "negative"},
+        {"text": "a clumsy and dull ending", "label": "negative"},
+        {"text": "clumsy dialogue and a tedious cast", "label": "negative"},
+    ],
+    "dev": [
+        {"text": "Delightful, and so uplifting!", "label": "positive"},
+        {"text": "tedious and clumsy", "label": "negative"},
+        {"text": "what a charming film", "label": "positive"},
+        {"text": "the story was dull", "label": "negative"},
+    ],
+    "test": [
+        {"text": "charming", "label": "positive"},
+        {"text": "clumsy", "label": "negative"},
+    ],
+}
+
+
+def test_tuning_learns_keywords_that_classify_dev(pm: PluginManager, card: ModelCard) -> None:
+    spec = pm.tuning_methods["example-keywords"].spec
+    assert spec.tasks == ("text-classification",)
+    reports: list[dict[str, Any]] = []
+    result = spec.run(
+        TuningRequest(
+            base=card,
+            task="text-classification",
+            data=DATA,
+            hyperparameters={"top_k": 3},
+            report=lambda figures: reports.append(dict(figures)),
+        )
+    )
+    assert result.card.options["keywords"] == {
+        "negative": ["dull", "tedious", "clumsy"],
+        "positive": ["charming", "delightful", "uplifting"],
+    }
+    assert result.scores == {"dev/accuracy": 1.0, "test/accuracy": 1.0}
+    assert result.card.scores == result.scores
+    assert result.card.provider == "example-keyword"
+    assert result.card.parents == (card.name,)
+    assert reports and reports[-1]["dev/accuracy"] == 1.0
+    # The base model knows none of these words: the tuning is what made it right.
+    base_labels = [
+        r.label
+        for r in load(pm, card).classify([ClassifyRequest(text=row["text"]) for row in DATA["dev"]])
+    ]
+    assert base_labels != [row["label"] for row in DATA["dev"]]
+    tuned = load(pm, result.card)
+    [answer] = tuned.classify([ClassifyRequest(text="such a tedious story")])
+    assert answer.label == "negative"
+
+
+def test_tuning_needs_train_rows(pm: PluginManager, card: ModelCard) -> None:
+    spec = pm.tuning_methods["example-keywords"].spec
+    with pytest.raises(UsageError, match="train"):
+        spec.run(TuningRequest(base=card, task="text-classification", data={"dev": DATA["dev"]}))
+
+
+# --------------------------------------------------------------------------
+# Monitor sink
+# --------------------------------------------------------------------------
+
+
+def test_the_sink_counts_events_from_many_threads(pm: PluginManager, tmp_path: Path) -> None:
+    path = tmp_path / "out" / "counts.json"
+    sink = pm.monitor_sinks["example-counter"].spec.create({"path": str(path)})
+    assert isinstance(sink, MonitorSink)
+
+    def emit_many() -> None:
+        for i in range(500):
+            sink.emit(MonitorEvent(kind="request" if i % 5 else "kernel.started"))
+
+    threads = [threading.Thread(target=emit_many) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sink.counts() == {"request": 1600, "kernel.started": 400}
+    assert not path.exists()
+    sink.close()
+    assert json.loads(path.read_text()) == {"kernel.started": 400, "request": 1600}
+
+
+def test_the_sink_without_a_path_writes_nothing(pm: PluginManager, tmp_path: Path) -> None:
+    sink = pm.monitor_sinks["example-counter"].spec.create({})
+    sink.emit(MonitorEvent(kind="request"))
+    sink.close()
+    assert sink.counts() == {"request": 1}
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------
+# Lifecycle
+# --------------------------------------------------------------------------
+
+
+def test_startup_and_shutdown_log_the_home_folder(pm: PluginManager, tmp_path: Path) -> None:
+    kernel = SimpleNamespace(home=tmp_path)  # the hooks read only kernel.home
+    with structlog.testing.capture_logs() as logs:
+        pm.startup(kernel)  # type: ignore[arg-type]
+        pm.shutdown(kernel)  # type: ignore[arg-type]
+    mine = [(e["event"], e["home"]) for e in logs if e.get("plugin") == PLUGIN]
+    assert mine == [("example.started", str(tmp_path)), ("example.stopped", str(tmp_path))]
+    assert {i.name: i for i in pm.plugins()}[PLUGIN].status == "loaded"
+
+
+# --------------------------------------------------------------------------
+# Command and route
+# --------------------------------------------------------------------------
+
+
+def test_the_keywords_command(pm: PluginManager) -> None:
+    command = pm.commands["example"].spec.command
+    runner = CliRunner()
+    result = runner.invoke(command, ["keywords", "a great film, I love it"])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == [
+        "example/sentiment-keywords: positive",
+        "  positive   0.750",
+        "  negative   0.250",
+    ]
+    result = runner.invoke(command, ["keywords", "--json", "terrible"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["model"] == "example/sentiment-keywords"
+    assert data["label"] == "negative"
+    assert data["scores"] == pytest.approx({"positive": 1 / 3, "negative": 2 / 3})
+
+
+def test_the_info_route(pm: PluginManager) -> None:
+    routes = [r.spec for r in pm.routes(SimpleNamespace()) if r.plugin == PLUGIN]  # type: ignore[arg-type]
+    assert [r.prefix for r in routes] == ["/example"]
+    app = FastAPI()
+    app.include_router(routes[0].router, prefix=routes[0].prefix)
+
+    async def get(path: str) -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.get(path)
+
+    response = asyncio.run(get("/example/info"))
+    assert response.status_code == 200
+    assert response.json() == {
+        "plugin": "example",
+        "version": llmos_example.__version__,
+        "providers": ["example-keyword"],
+    }
