@@ -92,7 +92,10 @@ class Kernel:
             self._state = KernelState.STOPPED
             self.bus.stop()
             raise
-        self._state = KernelState.READY
+        with self._lock:
+            # A drain that began while plugins were starting stands.
+            if self._state is KernelState.STARTING:
+                self._state = KernelState.READY
         failed = [p.name for p in self.plugins.failed()]
         log.info(
             "kernel.ready",

@@ -1,0 +1,401 @@
+"""The daemon's ASGI app: probes, plugin routes, errors in one shape.
+
+:func:`create_app` builds a FastAPI app around a :class:`~llmos.runtime.kernel.Kernel`
+that has not started yet. The app's lifespan starts the kernel in a worker
+thread and does not wait for it, so the daemon listens and answers
+``/healthz`` while plugins run ``llmos_startup``; ``/readyz`` turns 200 when
+the kernel is ready, and every other route answers 503 until then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import json
+import re
+import threading
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import structlog
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, WebSocketRoute
+
+from llmos import __version__
+from llmos.errors import DuplicateNameError, LlmosError, PluginError
+from llmos.runtime.kernel import Kernel, KernelState
+from llmos.server.middleware import (
+    AccessMiddleware,
+    BodyLimitMiddleware,
+    RequestContextMiddleware,
+    error_body,
+    error_headers,
+)
+from llmos.types import RouteSpec
+
+log = structlog.get_logger("llmos.server")
+
+__all__ = ["DaemonState", "create_app"]
+
+#: how the kernel is named when a plugin's route collides with one of its own
+KERNEL_OWNER = "llmos"
+
+
+# --------------------------------------------------------------------------
+# What the daemon knows about itself
+# --------------------------------------------------------------------------
+
+
+@attrs.define(eq=False)
+class DaemonState:
+    """The daemon's run-time state, shared by the lifespan, the middleware
+    and the server (``app.state.daemon``).
+
+    ``inflight`` and ``draining`` are only written from the event loop's
+    thread (the middleware, the signal handler), so they need no lock;
+    ``start_error`` is written once by the start thread before it ends.
+    """
+
+    kernel: Kernel
+    #: requests (and websockets) the app is handling now
+    inflight: int = 0
+    #: a stop was asked for: no new work, wait for what is in flight
+    draining: bool = False
+    #: a second signal: stop waiting for anything
+    forced: bool = False
+    #: what ``kernel.start()`` raised, if it did
+    start_error: BaseException | None = None
+    start_thread: threading.Thread | None = None
+
+    @property
+    def status(self) -> str:
+        """``ready``, ``starting``, ``draining``, ``failed``, ``stopped`` (or ``created``)."""
+        if self.start_error is not None:
+            return "failed"
+        if self.draining or self.kernel.state is KernelState.DRAINING:
+            return "draining"
+        return str(self.kernel.state)
+
+    def unavailable_reason(self) -> str | None:
+        """Why new work is refused now (a message for the 503), or ``None``."""
+        status = self.status
+        if status == "ready":
+            return None
+        if status == "draining":
+            return "llmos is shutting down and takes no new requests; retry after it restarts"
+        if status == "failed":
+            return "llmos failed to start; see the daemon's log"
+        if status == "stopped":
+            return "llmos has stopped"
+        return "llmos is starting; retry in a few seconds"
+
+    def start_kernel(self) -> None:
+        """Start the kernel in a daemon thread; return at once."""
+
+        def run() -> None:
+            try:
+                self.kernel.start()
+            except Exception as exc:
+                self.start_error = exc
+                if isinstance(exc, LlmosError):
+                    # A deliberate error already says what to do: one line.
+                    log.error("kernel.start_failed", error=str(exc), error_type=exc.type)
+                else:
+                    log.error("kernel.start_failed", error=repr(exc), exc_info=exc)
+
+        # A daemon thread: a plugin stuck in llmos_startup must not keep the
+        # process alive once the server has given up on it.
+        self.start_thread = threading.Thread(target=run, name="llmos-kernel-start", daemon=True)
+        self.start_thread.start()
+
+    async def stop_kernel(self, start_timeout: float) -> None:
+        """Wait (up to ``start_timeout``) for a start still running, then run
+        ``kernel.stop()`` off the event loop; a forced exit stops waiting."""
+        thread = self.start_thread
+        if thread is not None and not await self._wait(thread.is_alive, start_timeout):
+            # Shutting down plugins whose start-up has not returned would run
+            # llmos_shutdown against half-made state; leave them to the exit.
+            log.warning("kernel.start_unfinished", waited_s=start_timeout)
+            return
+        stopper = threading.Thread(target=self.kernel.stop, name="llmos-kernel-stop", daemon=True)
+        stopper.start()
+        await self._wait(stopper.is_alive, None)
+
+    async def _wait(self, busy: Callable[[], bool], timeout: float | None) -> bool:
+        """Poll ``busy`` until false (True), timeout or a forced exit (False)."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while busy():
+            if self.forced or (deadline is not None and loop.time() >= deadline):
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+
+# --------------------------------------------------------------------------
+# The app
+# --------------------------------------------------------------------------
+
+
+def create_app(kernel: Kernel) -> FastAPI:
+    """Build the daemon's app for ``kernel`` (loading its plugins if needed).
+
+    The app has the probes ``/healthz`` and ``/readyz``, the OpenAPI schema at
+    ``/openapi.json``, and every plugin's routes (``llmos_register_routes``);
+    a plugin whose route collides with the kernel's or another plugin's is
+    failed with a :class:`~llmos.errors.DuplicateNameError` naming both, and
+    none of its routes is mounted. ``app.state.kernel`` is the kernel,
+    ``app.state.daemon`` its :class:`DaemonState`.
+
+    In strict plugin mode a collision raises instead.
+    """
+    kernel.load_plugins()
+    settings = kernel.config.server
+    daemon = DaemonState(kernel=kernel)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        daemon.start_kernel()
+        try:
+            yield
+        finally:
+            await daemon.stop_kernel(start_timeout=settings.drain_timeout)
+
+    app = FastAPI(
+        title="llmos",
+        version=__version__,
+        # Swagger UI and ReDoc load their JavaScript from a CDN; the daemon
+        # must work offline, so only the schema itself is served.
+        docs_url=None,
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    app.state.kernel = kernel
+    app.state.daemon = daemon
+    app.include_router(_probes())
+    _mount_plugin_routes(app, kernel)
+
+    app.add_exception_handler(LlmosError, _llmos_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    # add_middleware wraps what is there, so the last added runs first.
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(AccessMiddleware, state=daemon, api_keys=settings.api_keys)
+    app.add_middleware(RequestContextMiddleware, state=daemon)
+    return app
+
+
+def _probes() -> APIRouter:
+    router = APIRouter(tags=["probes"])
+
+    @router.get("/healthz", summary="Liveness: the process is up")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @router.get("/readyz", summary="Readiness: the kernel is ready and not draining")
+    async def readyz(request: Request) -> JSONResponse:
+        daemon: DaemonState = request.app.state.daemon
+        reason = daemon.unavailable_reason()
+        if reason is None:
+            return JSONResponse({"status": "ready"})
+        # The state for people and probes, and the error shape for clients
+        # that only know that.
+        body = {"status": daemon.status, **error_body(503, "unavailable", reason)}
+        return JSONResponse(body, status_code=503, headers=error_headers(503))
+
+    return router
+
+
+# --------------------------------------------------------------------------
+# Plugin routes
+# --------------------------------------------------------------------------
+
+_PATH_PARAM = re.compile(r"\{[^}:]*(:[^}]*)?\}")
+
+
+def _flatten(routes: Iterable[BaseRoute], prefix: str = "") -> Iterator[tuple[str, BaseRoute]]:
+    """Every route with the full path prefix it is served under.
+
+    FastAPI copies an included router's routes in some versions and keeps the
+    router as one nested entry (``original_router`` plus an include prefix)
+    in others; this walks either.
+    """
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            context = getattr(route, "include_context", None)
+            yield from _flatten(inner.routes, prefix + getattr(context, "prefix", ""))
+        else:
+            yield prefix, route
+
+
+def _route_keys(routes: Iterable[BaseRoute], prefix: str = "") -> list[tuple[str, str]]:
+    """``(method, path)`` pairs the routes answer, with parameter names erased
+    (``/m/{a}`` and ``/m/{b}`` are the same route to a client)."""
+    keys = []
+    for full_prefix, route in _flatten(routes, prefix):
+        path = _PATH_PARAM.sub(
+            lambda m: "{" + (m.group(1) or "") + "}", full_prefix + getattr(route, "path", "")
+        )
+        methods: Iterable[str] | None = getattr(route, "methods", None)
+        if methods is None:  # FastAPI's websocket routes derive from Starlette's
+            methods = ("WEBSOCKET",) if isinstance(route, WebSocketRoute) else ("*",)
+        keys.extend((method, path) for method in sorted(methods))
+    return keys
+
+
+def _mount_plugin_routes(app: FastAPI, kernel: Kernel) -> None:
+    owners = dict.fromkeys(_route_keys(app.routes), KERNEL_OWNER)
+    by_plugin: dict[str, list[RouteSpec]] = {}
+    for registered in kernel.plugins.routes(kernel):
+        by_plugin.setdefault(registered.plugin, []).append(registered.spec)
+    for plugin, specs in by_plugin.items():
+        _mount_one(app, kernel, plugin, specs, owners)
+
+
+def _mount_one(
+    app: FastAPI,
+    kernel: Kernel,
+    plugin: str,
+    specs: Sequence[RouteSpec],
+    owners: dict[tuple[str, str], str],
+) -> None:
+    """Mount all of one plugin's routes, or none of them."""
+    mine: dict[tuple[str, str], str] = {}
+    for spec in specs:
+        if spec.prefix and (not spec.prefix.startswith("/") or spec.prefix.endswith("/")):
+            kernel.plugins.reject(
+                plugin,
+                f"route prefix {spec.prefix!r} must start with '/' and not end with '/'",
+                PluginError,
+            )
+            return
+        for method, path in _route_keys(spec.router.routes, spec.prefix):
+            other = owners.get((method, path))
+            if other is None:
+                mine[(method, path)] = plugin
+                continue
+            if other == KERNEL_OWNER:
+                message = (
+                    f"route {method} {path} is registered by both {KERNEL_OWNER!r} (the kernel) "
+                    f"and {plugin!r}; change the plugin's route or disable it "
+                    "(LLMOS_DISABLE_PLUGINS or [plugins] disable)"
+                )
+            else:
+                message = (
+                    f"route {method} {path} is registered by both {other!r} and {plugin!r}; "
+                    "disable one of them (LLMOS_DISABLE_PLUGINS or [plugins] disable)"
+                )
+            kernel.plugins.reject(plugin, message, DuplicateNameError)
+            return
+    # Gather the plugin's routers in one router first, so that the app gets
+    # all of them in one step or, when one cannot be included, none.
+    staging = APIRouter()
+    try:
+        for spec in specs:
+            staging.include_router(spec.router, prefix=spec.prefix)
+    except Exception as exc:
+        kernel.plugins.reject(plugin, f"its routes could not be mounted: {exc!r}", PluginError)
+        return
+    app.include_router(staging, tags=[f"plugin: {plugin}"])
+    owners.update(mine)
+    log.debug("server.plugin_routes", plugin=plugin, routes=sorted(f"{m} {p}" for m, p in mine))
+
+
+# --------------------------------------------------------------------------
+# Exception handlers: everything in the one error shape
+# --------------------------------------------------------------------------
+
+
+def _error(
+    status: int,
+    type_: str,
+    message: str,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    return JSONResponse(
+        error_body(status, type_, message, param),
+        status_code=status,
+        headers={**error_headers(status), **(headers or {})},
+    )
+
+
+async def _llmos_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, LlmosError)
+    if exc.status >= 500:
+        log.warning("http.llmos_error", error=exc.message, error_type=exc.type)
+    return _error(exc.status, exc.type, exc.message, exc.param)
+
+
+_LOCATIONS = frozenset({"body", "query", "path", "header", "cookie"})
+
+
+def _dotted(loc: Sequence[Any]) -> str:
+    """``("body", "messages", 0, "role")`` -> ``messages.0.role``; the source
+    (body, query …) is dropped unless it is all there is."""
+    parts = [str(p) for p in loc]
+    if len(parts) > 1 and parts[0] in _LOCATIONS:
+        parts = parts[1:]
+    return ".".join(parts)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = list(exc.errors())
+    if not errors:
+        return _error(400, "invalid_request_error", "invalid request")
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        detail = (first.get("ctx") or {}).get("error", "")
+        message = f"request body is not valid JSON: {detail}".rstrip(": ")
+        return _error(400, "invalid_request_error", message, "body")
+    parts = []
+    for error in errors[:5]:
+        where = _dotted(error.get("loc", ()))
+        parts.append(f"{where}: {error.get('msg', 'invalid value')}")
+    if len(errors) > 5:
+        parts.append(f"and {len(errors) - 5} more")
+    return _error(
+        400, "invalid_request_error", "; ".join(parts), _dotted(first.get("loc", ())) or None
+    )
+
+
+_HTTP_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "unavailable",
+}
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    status = exc.status_code
+    type_ = _HTTP_TYPES.get(status, "invalid_request_error" if status < 500 else "internal_error")
+    detail = exc.detail
+    try:
+        default_detail = http.HTTPStatus(status).phrase
+    except ValueError:
+        default_detail = ""
+    if status == 404 and detail == default_detail:
+        message = f"no route for {request.method} {request.url.path}"
+    elif status == 405 and detail == default_detail:
+        allowed = (exc.headers or {}).get("Allow", "")
+        message = f"method {request.method} is not allowed on {request.url.path}" + (
+            f"; allowed: {allowed}" if allowed else ""
+        )
+    else:
+        message = detail if isinstance(detail, str) else json.dumps(detail, default=str)
+    return _error(status, type_, message, headers=dict(exc.headers or {}))
