@@ -305,20 +305,12 @@ class PluginManager:
         staged: list[tuple[_Family, Any]] = []
         for family in _FAMILIES:
             for impl in self._impls_of(family.hook, obj):
-
-                def register(item: Any, _family: _Family = family) -> None:
-                    if not isinstance(item, _family.spec_type):
-                        raise TypeError(
-                            f"register() in {_family.hook} takes a {_family.spec_type.__name__}, "
-                            f"got {type(item).__name__}"
-                        )
-                    staged.append((_family, item))
-
                 try:
-                    self._call(impl, info.name, family.hook, {"register": register})
+                    items = self._gather(impl, info.name, family.hook, family.spec_type)
                 except _HookFailed as exc:
                     self._fail(info, str(exc), exc.__cause__)
                     return
+                staged.extend((family, item) for item in items)
         seen: dict[tuple[str, str], bool] = {}
         for family, item in staged:
             name = family.name_of(item)
@@ -407,6 +399,42 @@ class PluginManager:
     def _name_of(self, impl: pluggy.HookImpl) -> str:
         return impl.plugin_name
 
+    def _gather(
+        self,
+        impl: pluggy.HookImpl,
+        plugin: str,
+        hook: str,
+        spec_type: type,
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> list[Any]:
+        """Call a registration hook of one plugin with a ``register`` callback
+        that checks each item's type; return what it registered."""
+        staged: list[Any] = []
+
+        def register(item: Any) -> None:
+            if not isinstance(item, spec_type):
+                raise TypeError(
+                    f"register() in {hook} takes a {spec_type.__name__}, got {type(item).__name__}"
+                )
+            staged.append(item)
+
+        self._call(impl, plugin, hook, {"register": register, **(kwargs or {})})
+        return staged
+
+    def _gather_all(
+        self, hook: str, spec_type: type, kwargs: Mapping[str, Any] | None = None
+    ) -> list[tuple[str, list[Any]]]:
+        """:meth:`_gather` over every loaded plugin; one that raises is failed,
+        rolled back and skipped."""
+        out: list[tuple[str, list[Any]]] = []
+        for impl in list(self._impls_of(hook)):
+            plugin = self._name_of(impl)
+            try:
+                out.append((plugin, self._gather(impl, plugin, hook, spec_type, kwargs)))
+            except _HookFailed as exc:
+                self._fail(self._infos[plugin], str(exc), exc.__cause__)
+        return out
+
     def _each(self, hook: str, kwargs: Mapping[str, Any]) -> Iterable[tuple[str, Any]]:
         """Call every loaded plugin's implementation of ``hook`` on its own; a
         plugin that raises is failed and skipped."""
@@ -421,49 +449,20 @@ class PluginManager:
 
     def discover_models(self) -> list[Registered[ModelCard]]:
         """Ask every model source for its cards."""
-        found: list[Registered[ModelCard]] = []
-        for impl in list(self._impls_of("llmos_discover_models")):
-            plugin = self._name_of(impl)
-            cards: list[ModelCard] = []
-
-            def register(card: ModelCard, _cards: list[ModelCard] = cards) -> None:
-                if not isinstance(card, ModelCard):
-                    raise TypeError(f"register() takes a ModelCard, got {type(card).__name__}")
-                _cards.append(card)
-
-            try:
-                self._call(impl, plugin, "llmos_discover_models", {"register": register})
-            except _HookFailed as exc:
-                self._fail(self._infos[plugin], str(exc), exc.__cause__)
-                continue
-            found.extend(Registered(card, plugin) for card in cards)
-        return found
+        return [
+            Registered(card, plugin)
+            for plugin, cards in self._gather_all("llmos_discover_models", ModelCard)
+            for card in cards
+        ]
 
     def routes(self, kernel: Kernel) -> Sequence[Registered[RouteSpec]]:
         """Collect every plugin's routes (once; later calls return the same)."""
         if not self._routes:
-            for impl in list(self._impls_of("llmos_register_routes")):
-                plugin = self._name_of(impl)
-                staged: list[RouteSpec] = []
-
-                def register(item: RouteSpec, _staged: list[RouteSpec] = staged) -> None:
-                    if not isinstance(item, RouteSpec):
-                        raise TypeError(f"register() takes a RouteSpec, got {type(item).__name__}")
-                    _staged.append(item)
-
-                try:
-                    self._call(
-                        impl,
-                        plugin,
-                        "llmos_register_routes",
-                        {"register": register, "kernel": kernel},
-                    )
-                except _HookFailed as exc:
-                    self._fail(self._infos[plugin], str(exc), exc.__cause__)
-                    continue
-                self._routes.extend(Registered(r, plugin) for r in staged)
-                if staged:
-                    self._infos[plugin].registered["routes"] = [r.prefix or "/" for r in staged]
+            gathered = self._gather_all("llmos_register_routes", RouteSpec, {"kernel": kernel})
+            for plugin, specs in gathered:
+                self._routes.extend(Registered(r, plugin) for r in specs)
+                if specs:
+                    self._infos[plugin].registered["routes"] = [r.prefix or "/" for r in specs]
         return list(self._routes)
 
     def reject(
