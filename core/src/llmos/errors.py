@@ -36,6 +36,14 @@ class UsageError(LlmosError):
     exit_code = 2
 
 
+class UnsafeSourceError(UsageError):
+    """A model source, URL or uploaded file refused for safety (traversal,
+    private address, pickle, archive link ...); the message says why and what
+    to do instead."""
+
+    type = "unsafe_source"
+
+
 class ConfigError(LlmosError):
     """A config file, include, interpolation or override is wrong."""
 

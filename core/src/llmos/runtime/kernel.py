@@ -20,6 +20,10 @@ import structlog
 from llmos.config import Config, load_config
 from llmos.monitor.bus import EventBus
 from llmos.plugin.manager import PluginManager
+from llmos.registry.service import (  # also registers the [registry] config section
+    DiscoverReport,
+    Registry,
+)
 from llmos.types import MonitorEvent, MonitorSink
 
 log = structlog.get_logger("llmos.kernel")
@@ -42,6 +46,7 @@ class Kernel:
         self.bus = EventBus()
         self._state = KernelState.CREATED
         self._lock = threading.Lock()
+        self._registry: Registry | None = None
 
     @classmethod
     def from_config(
@@ -66,6 +71,20 @@ class Kernel:
         """The data folder (``LLMOS_HOME``); created on start."""
         return self.config.home
 
+    @property
+    def registry(self) -> Registry:
+        """The model registry in the data folder (opened on first use)."""
+        with self._lock:
+            if self._registry is None:
+                self._registry = Registry.from_config(self.config)
+            return self._registry
+
+    def discover_models(self) -> DiscoverReport:
+        """Register the cards model-source plugins offer (unchanged ones are skipped)."""
+        report = self.registry.discover(self.plugins.discover_models())
+        log.info("registry.discovered", **report.to_dict())
+        return report
+
     def plugin_options(self, plugin: str) -> Mapping[str, Any]:
         """The ``[plugins.<plugin>]`` table of the config, or ``{}``."""
         return self.config.plugin_options(plugin)
@@ -87,6 +106,7 @@ class Kernel:
             self.bus.sinks = self._create_sinks()
             self.bus.start()
             self.plugins.startup(self)
+            self.discover_models()
         except BaseException:
             # Strict mode, or an unwritable home: leave nothing running behind.
             self._state = KernelState.STOPPED
@@ -122,6 +142,8 @@ class Kernel:
         self.emit(MonitorEvent(kind="kernel.stopped"))
         self.plugins.shutdown(self)
         self.bus.stop()
+        if self._registry is not None:
+            self._registry.close()
         log.info("kernel.stopped")
 
     def emit(self, event: MonitorEvent) -> None:

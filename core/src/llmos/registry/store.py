@@ -1,0 +1,1060 @@
+"""The registry's storage: model versions, aliases, tags and search.
+
+:class:`RegistryStore` is the interface the kernel talks to, so a server
+database can replace the embedded one when several machines share a registry;
+:class:`SQLiteStore` implements it on one SQLite file in WAL mode with an FTS5
+index.
+
+Several processes (the daemon, the CLI, a second daemon) may use one file at
+once. What makes that safe:
+
+* every thread of every process has its own connection;
+* writes run in short ``BEGIN IMMEDIATE`` transactions, so a writer takes the
+  write lock before it reads what it will change (the next version number, the
+  current ``latest``) and waits up to ``busy_timeout`` for another writer;
+* WAL lets readers go on while one process writes; a commit is in the WAL file
+  before ``register`` returns, so a registration that returned survives the
+  process being killed (``synchronous=NORMAL`` only risks the last commits on
+  a power cut, never corruption);
+* reads that take several statements (a search page, its total, its aliases)
+  share one read transaction, so they see one snapshot.
+
+The schema is versioned with ``PRAGMA user_version`` and :data:`MIGRATIONS`,
+applied in order inside one transaction; a file from a newer llmos is refused.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import hashlib
+import json
+import os
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import attrs
+import structlog
+
+from llmos.errors import LlmosError, NotFoundError, Unavailable, UsageError
+from llmos.registry.query import FTS_TABLE, TRUE, SearchPlan, parse_query, plan_search
+from llmos.types import ModelCard, validate_model_name
+
+__all__ = [
+    "LATEST",
+    "MIGRATIONS",
+    "SORTS",
+    "RegistryStore",
+    "SQLiteStore",
+    "SearchHit",
+    "SearchPage",
+    "VersionInfo",
+    "VersionStatus",
+    "parse_ref",
+    "validate_alias",
+]
+
+log = structlog.get_logger("llmos.registry")
+
+#: the alias the registry keeps on the newest version that is not deleted
+LATEST = "latest"
+#: the orders :meth:`RegistryStore.search` knows
+SORTS = ("relevance", "name", "created", "parameters")
+#: most hits one search page may carry
+MAX_LIMIT = 1000
+
+_ALIAS = re.compile(r"[a-z0-9_-]{1,64}")
+_VERSION = re.compile(r"[0-9]+")
+
+
+class VersionStatus(enum.StrEnum):
+    """A version's life: active, deprecated (still resolvable, flagged), deleted
+    (kept for the record, hidden from search and from ``get`` by name)."""
+
+    ACTIVE = "active"
+    DEPRECATED = "deprecated"
+    DELETED = "deleted"
+
+
+# ---------------------------------------------------------------- references
+
+
+def validate_alias(alias: str) -> str:
+    """Return ``alias`` if it is a valid alias name, else raise :class:`UsageError`.
+
+    Valid: 1-64 lowercase letters, digits, ``-`` and ``_``, not only digits
+    (``name@3`` is always version 3).
+    """
+    if not isinstance(alias, str) or not _ALIAS.fullmatch(alias):
+        raise UsageError(
+            f"alias {alias!r} is invalid: use 1-64 lowercase letters, digits, '-' and '_'"
+        )
+    if _VERSION.fullmatch(alias):
+        raise UsageError(f"alias {alias!r} is invalid: an alias cannot be only digits")
+    return alias
+
+
+def parse_ref(ref: str) -> tuple[str, int | str]:
+    """Split ``name``, ``name@3``, ``name@prod`` into ``(name, version or alias)``.
+
+    A bare name means ``name@latest``.
+    """
+    if not isinstance(ref, str):
+        raise UsageError(f"model reference must be a string, got {type(ref).__name__}")
+    name, at, selector = ref.partition("@")
+    validate_model_name(name)
+    if not at:
+        return name, LATEST
+    if _VERSION.fullmatch(selector):
+        version = int(selector)
+        if version < 1:
+            raise UsageError(f"{ref!r}: versions start at 1")
+        return name, version
+    if not selector:
+        raise UsageError(f"{ref!r}: nothing after '@'; write name@<version> or name@<alias>")
+    return name, validate_alias(selector)
+
+
+# -------------------------------------------------------------- value types
+
+
+@attrs.frozen(kw_only=True)
+class VersionInfo:
+    """One version of a model, with its status and the aliases on it."""
+
+    card: ModelCard
+    status: VersionStatus
+    aliases: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "card": self.card.to_dict(),
+            "status": str(self.status),
+            "aliases": list(self.aliases),
+        }
+
+
+@attrs.frozen(kw_only=True)
+class SearchHit:
+    """A search result: the card, its status and aliases, and its relevance
+    (bm25, higher is better; ``None`` unless ordered by relevance and the
+    query has free text)."""
+
+    card: ModelCard
+    status: VersionStatus
+    aliases: tuple[str, ...] = ()
+    score: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "card": self.card.to_dict(),
+            "status": str(self.status),
+            "aliases": list(self.aliases),
+            "score": self.score,
+        }
+
+
+@attrs.frozen(kw_only=True)
+class SearchPage:
+    """One page of results. ``total`` counts every match (no cap);
+    ``next_cursor`` (keyset paging, stable under inserts) and ``next_offset``
+    are ``None`` on the last page."""
+
+    items: list[SearchHit]
+    total: int
+    next_cursor: str | None = None
+    next_offset: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "items": [hit.to_dict() for hit in self.items],
+            "total": self.total,
+            "next_cursor": self.next_cursor,
+            "next_offset": self.next_offset,
+        }
+
+
+# --------------------------------------------------------------- interface
+
+
+@runtime_checkable
+class RegistryStore(Protocol):
+    """Where model cards, their versions and aliases live.
+
+    A *ref* is ``name`` (its ``latest`` version), ``name@<version>`` or
+    ``name@<alias>``. Versions are numbered 1, 2, 3 … per name, without gaps,
+    whoever registers them. Every method raises
+    :class:`~llmos.errors.NotFoundError` for a ref that does not resolve and
+    :class:`~llmos.errors.UsageError` for malformed input.
+    """
+
+    def register(
+        self, card: ModelCard, created_by: str | None = None, *, if_changed: bool = False
+    ) -> ModelCard:
+        """Store ``card`` as the next version of its name and move ``latest``
+        to it; return the stored card (version, ``created_at`` and
+        ``created_by`` set). With ``if_changed``, a card equal to the latest
+        version (apart from those three) is not stored again and the latest
+        card is returned."""
+        ...
+
+    def register_many(
+        self, cards: Iterable[ModelCard], created_by: str | None = None
+    ) -> list[ModelCard]:
+        """:meth:`register` each card, all in one transaction (bulk imports)."""
+        ...
+
+    def get(self, ref: str) -> ModelCard:
+        """The card ``ref`` names; deprecated versions resolve, deleted do not."""
+        ...
+
+    def versions(self, name: str) -> list[VersionInfo]:
+        """Every version of ``name``, oldest first, deleted ones included."""
+        ...
+
+    def set_alias(self, name: str, alias: str, version: int) -> None:
+        """Point ``name@alias`` at ``version`` (moving it if it exists)."""
+        ...
+
+    def remove_alias(self, name: str, alias: str) -> None:
+        """Remove ``name@alias``."""
+        ...
+
+    def tag(self, ref: str, *tags: str) -> ModelCard:
+        """Add tags to the version ``ref`` names; return its card."""
+        ...
+
+    def untag(self, ref: str, *tags: str) -> ModelCard:
+        """Remove tags (case-insensitively; absent ones are ignored)."""
+        ...
+
+    def set_description(self, ref: str, text: str) -> ModelCard:
+        """Replace the description of the version ``ref`` names."""
+        ...
+
+    def deprecate(self, ref: str) -> ModelCard:
+        """Mark the version deprecated: still resolvable, flagged in listings."""
+        ...
+
+    def delete(self, ref: str) -> ModelCard:
+        """Soft-delete the version: hidden from search and ``get(name)``, its
+        aliases removed, ``latest`` moved to the newest version left."""
+        ...
+
+    def search(
+        self,
+        query: str = "",
+        *,
+        sort: str = "relevance",
+        descending: bool | None = None,
+        limit: int = 20,
+        offset: int = 0,
+        cursor: str | None = None,
+        all_versions: bool = False,
+    ) -> SearchPage:
+        """Search with the query language of :mod:`llmos.registry.query`.
+
+        One hit per model (its ``latest`` version) unless ``all_versions``.
+        ``sort``: ``relevance`` (bm25, best first; by name when the query has
+        no free text), ``name`` (A→Z), ``created`` (newest first) or
+        ``parameters`` (largest first); ``descending`` reverses the default.
+        Page with ``cursor`` (from ``next_cursor``) or ``offset``.
+        """
+        ...
+
+    def close(self) -> None:
+        """Release connections; the store is unusable afterwards."""
+        ...
+
+
+# ------------------------------------------------------------------- schema
+
+
+def _migration_1(conn: sqlite3.Connection) -> None:
+    """The first schema: models, versions (with denormalised filter columns),
+    tags, tasks, aliases and the FTS5 index."""
+    statements = [
+        """CREATE TABLE models (
+            name TEXT PRIMARY KEY,
+            created_at REAL NOT NULL
+        ) WITHOUT ROWID""",
+        # ``id`` is the FTS5 rowid; the filter columns hold lowercased copies
+        # of card fields so filters compare case-insensitively on an index;
+        # ``is_latest`` marks the ``latest`` alias's target, which is what a
+        # per-model search scans.
+        """CREATE TABLE versions (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL REFERENCES models (name),
+            version INTEGER NOT NULL CHECK (version >= 1),
+            status TEXT NOT NULL DEFAULT 'active'
+                CHECK (status IN ('active', 'deprecated', 'deleted')),
+            is_latest INTEGER NOT NULL DEFAULT 0,
+            created_at REAL NOT NULL,
+            created_by TEXT,
+            provider TEXT NOT NULL,
+            family TEXT,
+            format TEXT NOT NULL,
+            license TEXT,
+            parameters INTEGER,
+            UNIQUE (name, version)
+        )""",
+        # The card's JSON lives apart so that the rows searches walk stay small.
+        """CREATE TABLE cards (
+            version_id INTEGER PRIMARY KEY REFERENCES versions (id),
+            card TEXT NOT NULL
+        )""",
+        "CREATE INDEX versions_latest_name ON versions (is_latest, name)",
+        "CREATE INDEX versions_latest_created ON versions (is_latest, created_at)",
+        "CREATE INDEX versions_provider ON versions (provider, is_latest)",
+        "CREATE INDEX versions_family ON versions (family, is_latest)",
+        "CREATE INDEX versions_format ON versions (format, is_latest)",
+        "CREATE INDEX versions_license ON versions (license, is_latest)",
+        "CREATE INDEX versions_parameters ON versions (parameters, is_latest)",
+        """CREATE TABLE tags (
+            version_id INTEGER NOT NULL REFERENCES versions (id),
+            tag TEXT NOT NULL,
+            PRIMARY KEY (version_id, tag)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX tags_by_tag ON tags (tag)",
+        """CREATE TABLE tasks (
+            version_id INTEGER NOT NULL REFERENCES versions (id),
+            task TEXT NOT NULL,
+            PRIMARY KEY (version_id, task)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX tasks_by_task ON tasks (task)",
+        """CREATE TABLE aliases (
+            name TEXT NOT NULL,
+            alias TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            PRIMARY KEY (name, alias),
+            FOREIGN KEY (name, version) REFERENCES versions (name, version)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX aliases_by_version ON aliases (name, version)",
+        f"""CREATE VIRTUAL TABLE {FTS_TABLE} USING fts5 (
+            name, description, tags, tasks,
+            tokenize = 'unicode61 remove_diacritics 2'
+        )""",
+        # bm25 weights per column: a name match counts most.
+        f"INSERT INTO {FTS_TABLE} ({FTS_TABLE}, rank) VALUES ('rank', 'bm25(10.0, 1.0, 4.0, 4.0)')",
+    ]
+    for statement in statements:
+        conn.execute(statement)
+
+
+#: schema migrations, applied in order; the schema version is their count.
+#: Append, never edit or reorder: a file's ``user_version`` says how many ran.
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migration_1]
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _lower(value: str | None) -> str | None:
+    return None if value is None else value.lower()
+
+
+def _card_json(card: ModelCard) -> str:
+    try:
+        return json.dumps(card.to_dict(), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"model card {card.name!r} is not JSON-serialisable: {exc}") from exc
+
+
+def _load_card(text: str) -> ModelCard:
+    return ModelCard.from_dict(json.loads(text))
+
+
+def _check_card(card: object) -> ModelCard:
+    """Refuse a card whose fields have the wrong types: ModelCard does not
+    check them, and SQLite would store a string in an integer column."""
+    if not isinstance(card, ModelCard):
+        raise UsageError(f"expected a ModelCard, got {type(card).__name__}")
+    problem = None
+    count = card.parameters
+    if count is not None and (type(count) is not int or count < 0):
+        problem = f"parameters must be a whole number of at least 0, got {count!r}"
+    elif not isinstance(card.provider, str) or not card.provider:
+        problem = f"provider must be a non-empty string, got {card.provider!r}"
+    for field in ("source", "description", "family", "license", "created_by"):
+        value = getattr(card, field)
+        if problem is None and value is not None and not isinstance(value, str):
+            problem = f"{field} must be a string, got {value!r}"
+    for field in ("tasks", "tags", "parents"):
+        if problem is None and not all(isinstance(v, str) for v in getattr(card, field)):
+            problem = f"{field} must be strings, got {getattr(card, field)!r}"
+    if problem is not None:
+        raise UsageError(f"model card {card.name!r}: {problem}")
+    return card
+
+
+def _same_content(a: ModelCard, b: ModelCard) -> bool:
+    skip = ("version", "created_at", "created_by")
+    da, db = a.to_dict(), b.to_dict()
+    return all(da[k] == db[k] for k in da if k not in skip)
+
+
+def _clean_tags(tags: Sequence[str]) -> list[str]:
+    cleaned = []
+    for tag in tags:
+        if not isinstance(tag, str) or not tag.strip():
+            raise UsageError(f"tag {tag!r} is invalid: tags are non-empty strings")
+        cleaned.append(tag.strip())
+    return cleaned
+
+
+@attrs.frozen
+class _Row:
+    id: int
+    name: str
+    version: int
+    status: VersionStatus
+    card: ModelCard
+
+
+# sort -> (key expression over the versions row ``v``, descending by default)
+_SORT_KEYS = {
+    "name": ("v.name", False),
+    "created": ("v.created_at", True),
+    "parameters": ("COALESCE(v.parameters, -1)", True),
+}
+
+
+def _encode_cursor(fingerprint: str, key: Any, row_id: int) -> str:
+    raw = json.dumps([fingerprint, key, row_id], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str, fingerprint: str) -> tuple[Any, int]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        mark, key, row_id = json.loads(raw)
+        if not isinstance(row_id, int) or not isinstance(key, str | int | float):
+            raise ValueError
+    except (ValueError, TypeError, binascii.Error) as exc:
+        raise UsageError("invalid search cursor", param="cursor") from exc
+    if mark != fingerprint:
+        raise UsageError(
+            "this cursor belongs to another search (query, sort or scope differ)",
+            param="cursor",
+        )
+    return key, row_id
+
+
+@attrs.frozen
+class _SearchSql:
+    count: str
+    count_params: tuple[Any, ...]
+    page: str  # first page; binds page_params, then LIMIT and OFFSET
+    page_after: str  # after a cursor; binds page_params, the cursor's key and id, LIMIT, OFFSET
+    page_params: tuple[Any, ...]
+    descending: bool
+
+
+def _search_sql(
+    plan: SearchPlan, sort: str, descending: bool | None, all_versions: bool
+) -> _SearchSql:
+    """The statements of one search: its total, and a page of ``(id, score, key)``.
+
+    Three shapes, chosen so SQLite walks the fewest rows:
+
+    * free text ANDed with the rest (the common case): the FTS5 index drives
+      (``CROSS JOIN`` fixes that order; left alone, the planner probes the
+      index once per version), every other condition checks each match, so
+      the cost follows the number of cards the text matches;
+    * free text only under ``OR``/``NOT``: filters drive; when ranking, bm25
+      comes from a materialised ``MATCH`` joined by rowid;
+    * filters alone: ordinary indexes.
+
+    bm25 is computed only when the order is relevance.
+    """
+    scope = "v.status <> 'deleted'" if all_versions else "v.is_latest = 1"
+    if plan.where != TRUE and not all_versions:
+        # A unary plus keeps SQLite from reading the whole is_latest index when
+        # a filter's index finds far fewer rows.
+        scope = "+" + scope
+    where = f"{scope} AND {plan.where.sql}"
+    params = plan.where.params
+    source = "versions v"
+    if plan.match is not None:
+        source = f"{FTS_TABLE} CROSS JOIN versions v ON v.id = {FTS_TABLE}.rowid"
+        where = f"{FTS_TABLE} MATCH ? AND {where}"
+        params = (plan.match, *params)
+
+    by_score = sort == "relevance" and plan.has_text
+    prefix, prefix_params, scored_source, score = "", (), source, "NULL"
+    if by_score and plan.match is not None:
+        score = f"-{FTS_TABLE}.rank"
+    elif by_score:
+        prefix = (
+            f"WITH s AS MATERIALIZED (SELECT rowid, rank FROM {FTS_TABLE}"
+            f" WHERE {FTS_TABLE} MATCH ?) "
+        )
+        prefix_params = (plan.score_match,)
+        scored_source = f"{source} LEFT JOIN s ON s.rowid = v.id"
+        score = "COALESCE(-s.rank, 0.0)"
+
+    key, desc = (score, True) if by_score else _SORT_KEYS["name" if sort == "relevance" else sort]
+    if descending is not None:
+        desc = bool(descending)
+    direction, after = ("DESC", "<") if desc else ("ASC", ">")
+    inner = f"SELECT v.id AS id, {score} AS score, {key} AS k FROM {scored_source} WHERE {where}"
+    outer = f"{prefix}SELECT id, score, k FROM ({inner})"
+    tail = f"ORDER BY k {direction}, id {direction} LIMIT ? OFFSET ?"
+    return _SearchSql(
+        count=f"SELECT count(*) FROM {source} WHERE {where}",
+        count_params=params,
+        page=f"{outer} {tail}",
+        page_after=f"{outer} WHERE (k, id) {after} (?, ?) {tail}",
+        page_params=(*prefix_params, *params),
+        descending=desc,
+    )
+
+
+# -------------------------------------------------------------------- store
+
+
+class SQLiteStore:
+    """:class:`RegistryStore` on one SQLite file (WAL, FTS5).
+
+    Open one per process (or share one between threads: each thread gets its
+    own connection). The file is created and migrated on construction.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 30.0) -> None:
+        self.path = Path(path)
+        self.busy_timeout = busy_timeout
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._connections: list[tuple[int, sqlite3.Connection]] = []
+        self._closed = False
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._migrate(self._conn())
+        except BaseException:
+            self.close()
+            raise
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({str(self.path)!r})"
+
+    def __enter__(self) -> SQLiteStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ connections
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._closed:
+            raise LlmosError(f"registry store {self.path} is closed")
+        pid = os.getpid()
+        conn = getattr(self._local, "conn", None)
+        # A connection must not cross a fork: the child opens its own.
+        if conn is None or self._local.pid != pid:
+            conn = self._open()
+            self._local.conn, self._local.pid = conn, pid
+            with self._lock:
+                self._connections.append((pid, conn))
+        return conn
+
+    def _open(self) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(
+                self.path,
+                timeout=self.busy_timeout,
+                isolation_level=None,  # transactions are explicit
+                check_same_thread=False,  # so close() may close every thread's
+            )
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            mode = self._retry_busy(lambda: conn.execute("PRAGMA journal_mode = WAL").fetchone())
+            if str(mode[0]).lower() != "wal":
+                raise LlmosError(
+                    f"registry database {self.path} cannot use WAL (journal mode {mode[0]}); "
+                    "put LLMOS_HOME on a local file system"
+                )
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            # Searches at a million cards read a few hundred MB; map them
+            # rather than copy them into each connection's page cache.
+            conn.execute(f"PRAGMA mmap_size = {256 * 2**20:d}")
+        except sqlite3.DatabaseError as exc:
+            raise LlmosError(f"cannot open registry database {self.path}: {exc}") from exc
+        return conn
+
+    def _retry_busy(self, step: Callable[[], Any]) -> Any:
+        # Switching a new file to WAL needs an exclusive lock, and SQLite may
+        # report "locked" at once instead of waiting when processes race.
+        deadline = time.monotonic() + self.busy_timeout
+        while True:
+            try:
+                return step()
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            pid = os.getpid()
+            for owner, conn in self._connections:
+                if owner == pid:
+                    conn.close()
+            self._connections.clear()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction that holds the write lock from its first statement."""
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise Unavailable(
+                f"registry database {self.path} stayed locked for {self.busy_timeout:g} s: {exc}"
+            ) from exc
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            # SQLite may already have rolled back (a full disk, an I/O error).
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction: its statements see one snapshot."""
+        conn = self._conn()
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        finally:
+            conn.execute("COMMIT")
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        target = len(MIGRATIONS)
+        try:
+            current = conn.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            raise LlmosError(f"{self.path} is not a registry database: {exc}") from exc
+        self._check_not_newer(current, target)
+        if current == target:
+            return
+        with self._write() as c:
+            # Another process may have migrated while this one waited for the lock.
+            current = c.execute("PRAGMA user_version").fetchone()[0]
+            self._check_not_newer(current, target)
+            for step in range(current, target):
+                try:
+                    MIGRATIONS[step](c)
+                except sqlite3.OperationalError as exc:
+                    if "fts5" in str(exc):
+                        raise LlmosError(
+                            f"this Python's SQLite ({sqlite3.sqlite_version}) lacks FTS5, "
+                            "which the registry needs"
+                        ) from exc
+                    raise
+            c.execute(f"PRAGMA user_version = {target:d}")
+        if current != target:
+            log.info(
+                "registry migrated", path=str(self.path), schema_from=current, schema_to=target
+            )
+
+    def _check_not_newer(self, current: int, target: int) -> None:
+        if current > target:
+            raise LlmosError(
+                f"registry database {self.path} has schema version {current}, newer than "
+                f"this llmos understands ({target}); upgrade llmos or use another LLMOS_HOME"
+            )
+
+    @property
+    def schema_version(self) -> int:
+        """The file's schema version (``PRAGMA user_version``)."""
+        return int(self._conn().execute("PRAGMA user_version").fetchone()[0])
+
+    # --------------------------------------------------------------- writing
+
+    def register(
+        self, card: ModelCard, created_by: str | None = None, *, if_changed: bool = False
+    ) -> ModelCard:
+        with self._write() as c:
+            stored = self._insert(c, card, created_by, _now(), if_changed)
+        log.info("model registered", model=stored.ref)
+        return stored
+
+    def register_many(
+        self, cards: Iterable[ModelCard], created_by: str | None = None
+    ) -> list[ModelCard]:
+        now = _now()
+        with self._write() as c:
+            stored = [self._insert(c, card, created_by, now, False) for card in cards]
+        log.info("models registered", count=len(stored))
+        return stored
+
+    def _insert(
+        self,
+        c: sqlite3.Connection,
+        card: ModelCard,
+        created_by: str | None,
+        now: datetime,
+        if_changed: bool,
+    ) -> ModelCard:
+        name = _check_card(card).name
+        c.execute(
+            "INSERT INTO models (name, created_at) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+            (name, now.timestamp()),
+        )
+        # Under BEGIN IMMEDIATE no other writer runs, so max + 1 is ours alone;
+        # deleted versions stay in the table, which keeps the numbers gapless.
+        last = c.execute("SELECT MAX(version) FROM versions WHERE name = ?", (name,)).fetchone()[0]
+        if if_changed and last is not None:
+            latest = self._alias_row(c, name, LATEST)
+            if latest is not None and _same_content(latest.card, card):
+                return latest.card
+        stored = attrs.evolve(
+            card,
+            version=(last or 0) + 1,
+            created_at=now,
+            created_by=created_by if created_by is not None else card.created_by,
+        )
+        c.execute("UPDATE versions SET is_latest = 0 WHERE name = ? AND is_latest = 1", (name,))
+        row_id = c.execute(
+            "INSERT INTO versions (name, version, is_latest, created_at, created_by,"
+            " provider, family, format, license, parameters)"
+            " VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                name,
+                stored.version,
+                now.timestamp(),
+                stored.created_by,
+                stored.provider.lower(),
+                _lower(stored.family),
+                str(stored.format),
+                _lower(stored.license),
+                stored.parameters,
+            ),
+        ).lastrowid
+        assert row_id is not None
+        c.execute(
+            "INSERT INTO cards (version_id, card) VALUES (?, ?)", (row_id, _card_json(stored))
+        )
+        c.executemany(
+            "INSERT OR IGNORE INTO tasks (version_id, task) VALUES (?, ?)",
+            [(row_id, task.lower()) for task in stored.tasks],
+        )
+        self._index(c, row_id, stored, new=True)
+        self._point(c, name, LATEST, stored.version)
+        return stored
+
+    def _index(self, c: sqlite3.Connection, row_id: int, card: ModelCard, *, new: bool) -> None:
+        """Write the parts of a version that change after registration: the
+        card's JSON, its tags rows and its full-text entry."""
+        tags = " ".join(card.tags)
+        if new:
+            c.execute(
+                f"INSERT INTO {FTS_TABLE} (rowid, name, description, tags, tasks)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (row_id, card.name, card.description, tags, " ".join(card.tasks)),
+            )
+        else:
+            c.execute("UPDATE cards SET card = ? WHERE version_id = ?", (_card_json(card), row_id))
+            c.execute("DELETE FROM tags WHERE version_id = ?", (row_id,))
+            c.execute(
+                f"UPDATE {FTS_TABLE} SET description = ?, tags = ? WHERE rowid = ?",
+                (card.description, tags, row_id),
+            )
+        c.executemany(
+            "INSERT OR IGNORE INTO tags (version_id, tag) VALUES (?, ?)",
+            [(row_id, tag.lower()) for tag in card.tags],
+        )
+
+    def _point(self, c: sqlite3.Connection, name: str, alias: str, version: int) -> None:
+        c.execute(
+            "INSERT INTO aliases (name, alias, version) VALUES (?, ?, ?)"
+            " ON CONFLICT (name, alias) DO UPDATE SET version = excluded.version",
+            (name, alias, version),
+        )
+
+    def _refresh_latest(self, c: sqlite3.Connection, name: str) -> None:
+        """Point ``latest`` (and ``is_latest``) at the newest version not deleted."""
+        newest = c.execute(
+            "SELECT MAX(version) FROM versions WHERE name = ? AND status <> 'deleted'", (name,)
+        ).fetchone()[0]
+        c.execute("UPDATE versions SET is_latest = 0 WHERE name = ? AND is_latest = 1", (name,))
+        if newest is None:
+            c.execute("DELETE FROM aliases WHERE name = ? AND alias = ?", (name, LATEST))
+            return
+        c.execute(
+            "UPDATE versions SET is_latest = 1 WHERE name = ? AND version = ?", (name, newest)
+        )
+        self._point(c, name, LATEST, newest)
+
+    def set_alias(self, name: str, alias: str, version: int) -> None:
+        self._check_manual_alias(alias)
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise UsageError(f"version must be a positive integer, got {version!r}")
+        with self._write() as c:
+            row = self._resolve(c, f"{validate_model_name(name)}@{version}")
+            self._point(c, row.name, alias, row.version)
+        log.info("alias set", model=f"{name}@{alias}", version=version)
+
+    def remove_alias(self, name: str, alias: str) -> None:
+        self._check_manual_alias(alias)
+        validate_model_name(name)
+        with self._write() as c:
+            if (
+                c.execute(
+                    "DELETE FROM aliases WHERE name = ? AND alias = ?", (name, alias)
+                ).rowcount
+                == 0
+            ):
+                self._missing(c, name, alias)
+        log.info("alias removed", model=f"{name}@{alias}")
+
+    @staticmethod
+    def _check_manual_alias(alias: str) -> None:
+        validate_alias(alias)
+        if alias == LATEST:
+            raise UsageError(
+                "'latest' is kept by the registry on the newest version that is not "
+                "deleted; it cannot be set or removed by hand",
+                param="alias",
+            )
+
+    def _edit(self, ref: str, change: Callable[[ModelCard], ModelCard]) -> ModelCard:
+        with self._write() as c:
+            row = self._resolve(c, ref)
+            card = change(row.card)
+            if card != row.card:
+                self._index(c, row.id, card, new=False)
+        return card
+
+    def tag(self, ref: str, *tags: str) -> ModelCard:
+        wanted = _clean_tags(tags)
+
+        def add(card: ModelCard) -> ModelCard:
+            have = [t.lower() for t in card.tags]
+            new = list(card.tags)
+            for tag in wanted:
+                if tag.lower() not in have:
+                    new.append(tag)
+                    have.append(tag.lower())
+            return attrs.evolve(card, tags=tuple(new))
+
+        return self._edit(ref, add)
+
+    def untag(self, ref: str, *tags: str) -> ModelCard:
+        unwanted = {t.lower() for t in _clean_tags(tags)}
+        return self._edit(
+            ref,
+            lambda card: attrs.evolve(
+                card, tags=tuple(t for t in card.tags if t.lower() not in unwanted)
+            ),
+        )
+
+    def set_description(self, ref: str, text: str) -> ModelCard:
+        if not isinstance(text, str):
+            raise UsageError(f"a description must be a string, got {type(text).__name__}")
+        return self._edit(ref, lambda card: attrs.evolve(card, description=text))
+
+    def deprecate(self, ref: str) -> ModelCard:
+        with self._write() as c:
+            row = self._resolve(c, ref)
+            c.execute("UPDATE versions SET status = 'deprecated' WHERE id = ?", (row.id,))
+        log.info("model deprecated", model=row.card.ref)
+        return row.card
+
+    def delete(self, ref: str) -> ModelCard:
+        with self._write() as c:
+            row = self._resolve(c, ref)
+            c.execute(
+                "UPDATE versions SET status = 'deleted', is_latest = 0 WHERE id = ?", (row.id,)
+            )
+            c.execute("DELETE FROM aliases WHERE name = ? AND version = ?", (row.name, row.version))
+            c.execute(f"DELETE FROM {FTS_TABLE} WHERE rowid = ?", (row.id,))
+            self._refresh_latest(c, row.name)
+        log.info("model deleted", model=row.card.ref)
+        return row.card
+
+    # --------------------------------------------------------------- reading
+
+    _ROW_COLUMNS = "v.id, v.name, v.version, v.status, j.card"
+
+    @staticmethod
+    def _row(found: tuple[Any, ...] | None) -> _Row | None:
+        if found is None:
+            return None
+        row_id, name, version, status, card = found
+        return _Row(row_id, name, version, VersionStatus(status), _load_card(card))
+
+    def _alias_row(self, c: sqlite3.Connection, name: str, alias: str) -> _Row | None:
+        return self._row(
+            c.execute(
+                f"SELECT {self._ROW_COLUMNS} FROM aliases a"
+                " JOIN versions v ON v.name = a.name AND v.version = a.version"
+                " JOIN cards j ON j.version_id = v.id"
+                " WHERE a.name = ? AND a.alias = ?",
+                (name, alias),
+            ).fetchone()
+        )
+
+    def _resolve(self, c: sqlite3.Connection, ref: str) -> _Row:
+        name, selector = parse_ref(ref)
+        if isinstance(selector, int):
+            row = self._row(
+                c.execute(
+                    f"SELECT {self._ROW_COLUMNS} FROM versions v"
+                    " JOIN cards j ON j.version_id = v.id WHERE v.name = ? AND v.version = ?",
+                    (name, selector),
+                ).fetchone()
+            )
+        else:
+            row = self._alias_row(c, name, selector)
+        if row is None:
+            self._missing(c, name, selector)
+        assert row is not None
+        if row.status is VersionStatus.DELETED:
+            raise NotFoundError(f"model {name}@{row.version} was deleted")
+        return row
+
+    def _missing(self, c: sqlite3.Connection, name: str, selector: int | str) -> None:
+        """Raise the NotFoundError that says best what is missing."""
+        if c.execute("SELECT 1 FROM models WHERE name = ?", (name,)).fetchone() is None:
+            raise NotFoundError(f"no model named {name!r}")
+        if isinstance(selector, int):
+            last = c.execute(
+                "SELECT MAX(version) FROM versions WHERE name = ?", (name,)
+            ).fetchone()[0]
+            raise NotFoundError(f"model {name!r} has no version {selector} (versions 1-{last})")
+        if selector == LATEST:
+            raise NotFoundError(f"every version of model {name!r} is deleted")
+        have = [
+            a
+            for (a,) in c.execute(
+                "SELECT alias FROM aliases WHERE name = ? ORDER BY alias", (name,)
+            )
+        ]
+        raise NotFoundError(
+            f"model {name!r} has no alias {selector!r} (aliases: {', '.join(have) or 'none'})"
+        )
+
+    def get(self, ref: str) -> ModelCard:
+        with self._read() as c:
+            return self._resolve(c, ref).card
+
+    def versions(self, name: str) -> list[VersionInfo]:
+        validate_model_name(name)
+        with self._read() as c:
+            rows = c.execute(
+                "SELECT v.version, v.status, j.card FROM versions v"
+                " JOIN cards j ON j.version_id = v.id WHERE v.name = ? ORDER BY v.version",
+                (name,),
+            ).fetchall()
+            if not rows:
+                raise NotFoundError(f"no model named {name!r}")
+            aliases = self._aliases(c, [name])
+        return [
+            VersionInfo(
+                card=_load_card(card),
+                status=VersionStatus(status),
+                aliases=aliases.get((name, version), ()),
+            )
+            for version, status, card in rows
+        ]
+
+    @staticmethod
+    def _aliases(
+        c: sqlite3.Connection, names: Sequence[str]
+    ) -> dict[tuple[str, int], tuple[str, ...]]:
+        found: dict[tuple[str, int], list[str]] = {}
+        marks = ", ".join("?" * len(names))
+        for name, version, alias in c.execute(
+            f"SELECT name, version, alias FROM aliases WHERE name IN ({marks})"
+            " ORDER BY alias = 'latest' DESC, alias",
+            tuple(names),
+        ):
+            found.setdefault((name, version), []).append(alias)
+        return {key: tuple(value) for key, value in found.items()}
+
+    def search(
+        self,
+        query: str = "",
+        *,
+        sort: str = "relevance",
+        descending: bool | None = None,
+        limit: int = 20,
+        offset: int = 0,
+        cursor: str | None = None,
+        all_versions: bool = False,
+    ) -> SearchPage:
+        if sort not in SORTS:
+            raise UsageError(f"sort must be one of {', '.join(SORTS)}, not {sort!r}", param="sort")
+        if not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
+            raise UsageError(
+                f"limit must be between 1 and {MAX_LIMIT}, got {limit!r}", param="limit"
+            )
+        if not isinstance(offset, int) or offset < 0:
+            raise UsageError(f"offset must be 0 or more, got {offset!r}", param="offset")
+        if cursor is not None and offset:
+            raise UsageError("give a cursor or an offset, not both", param="cursor")
+        plan = plan_search(parse_query(query))
+        sql = _search_sql(plan, sort, descending, all_versions)
+        fingerprint = hashlib.sha1(
+            json.dumps([query, sort, sql.descending, all_versions]).encode()
+        ).hexdigest()[:12]
+        page_sql, page_params = sql.page, sql.page_params
+        if cursor is not None:
+            last_key, last_id = _decode_cursor(cursor, fingerprint)
+            page_sql = sql.page_after
+            page_params = (*page_params, last_key, last_id)
+        with self._read() as c:
+            total = c.execute(sql.count, sql.count_params).fetchone()[0]
+            rows = c.execute(page_sql, (*page_params, limit + 1, offset)).fetchall()
+            more = len(rows) > limit
+            rows = rows[:limit]
+            ids = [row[0] for row in rows]
+            details = (
+                {
+                    row_id: (VersionStatus(status), _load_card(card))
+                    for row_id, status, card in c.execute(
+                        "SELECT v.id, v.status, j.card FROM versions v"
+                        " JOIN cards j ON j.version_id = v.id"
+                        f" WHERE v.id IN ({', '.join('?' * len(ids))})",
+                        ids,
+                    )
+                }
+                if ids
+                else {}
+            )
+            aliases = self._aliases(c, sorted({details[i][1].name for i in ids}))
+        items = []
+        for row_id, row_score, _ in rows:
+            status, card = details[row_id]
+            items.append(
+                SearchHit(
+                    card=card,
+                    status=status,
+                    aliases=aliases.get((card.name, card.version or 0), ()),
+                    score=None if row_score is None else float(row_score),
+                )
+            )
+        next_cursor = next_offset = None
+        if more:
+            next_cursor = _encode_cursor(fingerprint, rows[-1][2], rows[-1][0])
+            next_offset = None if cursor is not None else offset + len(rows)
+        return SearchPage(
+            items=items, total=total, next_cursor=next_cursor, next_offset=next_offset
+        )

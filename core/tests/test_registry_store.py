@@ -1,0 +1,810 @@
+"""Tests of the registry store (real SQLite files) and of card files."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+
+from llmos.errors import LlmosError, NotFoundError, UsageError
+from llmos.registry import (
+    LATEST,
+    RegistryStore,
+    SQLiteStore,
+    VersionStatus,
+    card_from_markdown,
+    card_to_markdown,
+    parse_ref,
+    read_card_file,
+    write_card_file,
+)
+from llmos.registry import store as store_module
+from llmos.types import ModelCard, ModelFormat
+
+M = 10**6
+B = 10**9
+
+
+def card(name: str, **fields: Any) -> ModelCard:
+    fields.setdefault("provider", "transformers")
+    return ModelCard(name=name, **fields)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SQLiteStore]:
+    with SQLiteStore(tmp_path / "registry.db") as opened:
+        yield opened
+
+
+def names(page: Any) -> list[str]:
+    return [hit.card.name for hit in page.items]
+
+
+def name_set(store: SQLiteStore, query: str) -> set[str]:
+    page = store.search(query, limit=1000)
+    assert page.total == len(page.items)
+    return set(names(page))
+
+
+# ------------------------------------------------------------ registration
+
+
+def test_sqlite_store_implements_the_interface(store: SQLiteStore) -> None:
+    assert isinstance(store, RegistryStore)
+
+
+def test_register_assigns_consecutive_versions(store: SQLiteStore) -> None:
+    got = [store.register(card("acme/bert"), created_by="ci").version for _ in range(3)]
+    assert got == [1, 2, 3]
+    assert store.register(card("other")).version == 1
+    stored = store.get("acme/bert@2")
+    assert stored.version == 2 and stored.created_by == "ci"
+    assert stored.created_at.tzinfo is not None
+
+
+def test_register_returns_the_stored_card(store: SQLiteStore) -> None:
+    given = card("m", created_by="alice", created_at=datetime(2020, 1, 1, tzinfo=UTC))
+    stored = store.register(given)
+    assert stored.version == 1
+    assert stored.created_by == "alice"  # kept when register names nobody
+    assert stored.created_at > given.created_at  # the time of registration
+    assert store.get("m") == stored
+
+
+def test_a_full_card_survives_the_store(store: SQLiteStore) -> None:
+    full = full_card()
+    stored = store.register(full, created_by="bob")
+    assert stored.version == 1 and stored.created_by == "bob"
+    restored = attrs.evolve(
+        stored, version=full.version, created_at=full.created_at, created_by=full.created_by
+    )
+    assert restored == full
+    assert store.get(full.name) == stored
+
+
+def test_register_if_changed_skips_an_identical_card(store: SQLiteStore) -> None:
+    first = store.register(card("m", description="one"))
+    again = store.register(card("m", description="one"), created_by="scan", if_changed=True)
+    assert again == first
+    changed = store.register(card("m", description="two"), if_changed=True)
+    assert changed.version == 2
+    assert [v.card.version for v in store.versions("m")] == [1, 2]
+
+
+def test_register_many_numbers_within_the_batch(store: SQLiteStore) -> None:
+    store.register(card("a"))
+    stored = store.register_many([card("a"), card("b"), card("a")], created_by="bulk")
+    assert [(c.name, c.version) for c in stored] == [("a", 2), ("b", 1), ("a", 3)]
+    assert store.get("a").version == 3
+    assert store.get("a@2").created_by == "bulk"
+    assert store.search("").total == 2
+
+
+def test_register_many_is_one_transaction(store: SQLiteStore) -> None:
+    bad = card("c", options={"not json": object()})
+    with pytest.raises(UsageError, match="not JSON-serialisable"):
+        store.register_many([card("a"), card("b"), bad])
+    assert store.search("").total == 0
+    with pytest.raises(NotFoundError):
+        store.get("a")
+
+
+def test_register_refuses_what_is_not_a_card(store: SQLiteStore) -> None:
+    with pytest.raises(UsageError, match="expected a ModelCard"):
+        store.register({"name": "m", "provider": "x"})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        ({"parameters": "many"}, "parameters must be a whole number"),
+        ({"parameters": -1}, "parameters must be a whole number"),
+        ({"parameters": 1.5}, "parameters must be a whole number"),
+        ({"provider": ""}, "provider must be a non-empty string"),
+        ({"family": 3}, "family must be a string"),
+        ({"tags": ["ok", 3]}, "tags must be strings"),
+    ],
+)
+def test_register_refuses_mistyped_fields(
+    store: SQLiteStore, fields: dict[str, Any], words: str
+) -> None:
+    with pytest.raises(UsageError, match=words):
+        store.register(card("m", **fields))
+    assert store.search("").total == 0
+
+
+# -------------------------------------------------------------- resolution
+
+
+def test_get_by_name_version_alias_and_latest(store: SQLiteStore) -> None:
+    for text in ("one", "two", "three"):
+        store.register(card("acme/m", description=text))
+    store.set_alias("acme/m", "prod", 2)
+    assert store.get("acme/m").description == "three"
+    assert store.get("acme/m@latest").version == 3
+    assert store.get("acme/m@1").description == "one"
+    assert store.get("acme/m@prod").version == 2
+
+
+@pytest.mark.parametrize(
+    ("ref", "parsed"),
+    [("m", ("m", LATEST)), ("a/m@3", ("a/m", 3)), ("m@prod", ("m", "prod")), ("m@v2", ("m", "v2"))],
+)
+def test_parse_ref(ref: str, parsed: tuple[str, Any]) -> None:
+    assert parse_ref(ref) == parsed
+
+
+@pytest.mark.parametrize("ref", ["M", "m@", "m@0", "m@Prod", "m@a b", "/m", "m@x@y"])
+def test_malformed_refs_are_usage_errors(store: SQLiteStore, ref: str) -> None:
+    with pytest.raises(UsageError):
+        store.get(ref)
+
+
+def test_missing_things_say_what_is_missing(store: SQLiteStore) -> None:
+    store.register(card("m"))
+    store.register(card("m"))
+    with pytest.raises(NotFoundError, match="no model named 'nope'"):
+        store.get("nope")
+    with pytest.raises(NotFoundError, match=r"has no version 7 \(versions 1-2\)"):
+        store.get("m@7")
+    with pytest.raises(NotFoundError, match=r"no alias 'prod' \(aliases: latest\)"):
+        store.get("m@prod")
+    with pytest.raises(NotFoundError, match="no model named"):
+        store.versions("nope")
+
+
+# ------------------------------------------------------------------ aliases
+
+
+def test_aliases_set_move_and_remove(store: SQLiteStore) -> None:
+    for _ in range(3):
+        store.register(card("m"))
+    store.set_alias("m", "prod", 1)
+    store.set_alias("m", "staging", 1)
+    store.set_alias("m", "prod", 2)  # moves
+    by_version = {v.card.version: v.aliases for v in store.versions("m")}
+    assert by_version == {1: ("staging",), 2: ("prod",), 3: ("latest",)}
+    store.remove_alias("m", "staging")
+    assert store.versions("m")[0].aliases == ()
+    with pytest.raises(NotFoundError, match="no alias 'staging'"):
+        store.get("m@staging")
+    with pytest.raises(NotFoundError):
+        store.remove_alias("m", "staging")
+
+
+def test_latest_is_managed_by_the_registry(store: SQLiteStore) -> None:
+    store.register(card("m"))
+    store.register(card("m"))
+    with pytest.raises(UsageError, match="'latest' is kept by the registry"):
+        store.set_alias("m", "latest", 1)
+    with pytest.raises(UsageError, match="'latest' is kept by the registry"):
+        store.remove_alias("m", "latest")
+    assert store.get("m@latest").version == 2
+
+
+@pytest.mark.parametrize("alias", ["Prod", "12", "a b", "", "x" * 65, "p@q", "ok/no"])
+def test_alias_names_are_validated(store: SQLiteStore, alias: str) -> None:
+    store.register(card("m"))
+    with pytest.raises(UsageError, match="alias"):
+        store.set_alias("m", alias, 1)
+
+
+def test_alias_needs_an_existing_version(store: SQLiteStore) -> None:
+    store.register(card("m"))
+    with pytest.raises(NotFoundError, match="no version 5"):
+        store.set_alias("m", "prod", 5)
+    with pytest.raises(NotFoundError, match="no model named"):
+        store.set_alias("other", "prod", 1)
+    with pytest.raises(UsageError, match="positive integer"):
+        store.set_alias("m", "prod", 0)
+
+
+# ----------------------------------------------- tags, descriptions, status
+
+
+def test_tag_untag_and_describe(store: SQLiteStore) -> None:
+    store.register(card("m", tags=["nlp"], description="an old description"))
+    store.register(card("m", tags=["nlp"]))
+    tagged = store.tag("m@1", "Fast", "nlp", "fast")
+    assert tagged.tags == ("nlp", "Fast")
+    assert store.get("m@1").tags == ("nlp", "Fast")
+    assert store.get("m@2").tags == ("nlp",)  # another version is untouched
+    assert names(store.search("tag:fast", all_versions=True)) == ["m"]
+    assert store.search("fast", all_versions=True).items[0].card.version == 1
+
+    untagged = store.untag("m@1", "FAST", "absent")
+    assert untagged.tags == ("nlp",)
+    assert store.search("tag:fast", all_versions=True).total == 0
+    assert store.search("fast", all_versions=True).total == 0
+
+    described = store.set_description("m@1", "a brand new text")
+    assert described.description == "a brand new text"
+    assert store.get("m@1").description == "a brand new text"
+    assert store.search("brand", all_versions=True).total == 1
+    assert store.search("old", all_versions=True).total == 0
+
+
+def test_tags_must_be_text(store: SQLiteStore) -> None:
+    store.register(card("m"))
+    with pytest.raises(UsageError, match="tag"):
+        store.tag("m", " ")
+
+
+def test_deprecated_versions_still_resolve(store: SQLiteStore) -> None:
+    store.register(card("m"))
+    store.register(card("m"))
+    deprecated = store.deprecate("m")
+    assert deprecated.version == 2
+    assert store.get("m").version == 2
+    assert store.get("m@2").version == 2
+    assert [v.status for v in store.versions("m")] == [
+        VersionStatus.ACTIVE,
+        VersionStatus.DEPRECATED,
+    ]
+    hit = store.search("").items[0]
+    assert hit.status is VersionStatus.DEPRECATED
+    assert names(store.search("status:deprecated")) == ["m"]
+    assert store.search("status:active").total == 0
+    assert store.search("status:active", all_versions=True).total == 1
+
+
+def test_delete_hides_the_version_and_moves_latest(store: SQLiteStore) -> None:
+    for text in ("one", "two", "three"):
+        store.register(card("m", description=f"version {text}"))
+    store.set_alias("m", "prod", 3)
+    store.set_alias("m", "old", 1)
+    assert store.delete("m").version == 3
+
+    assert store.get("m").version == 2
+    assert store.get("m@latest").version == 2
+    with pytest.raises(NotFoundError, match="m@3 was deleted"):
+        store.get("m@3")
+    with pytest.raises(NotFoundError, match="no alias 'prod'"):
+        store.get("m@prod")  # aliases on a deleted version go with it
+    assert store.get("m@old").version == 1
+
+    listed = store.versions("m")
+    assert [(v.card.version, v.status, v.aliases) for v in listed] == [
+        (1, VersionStatus.ACTIVE, ("old",)),
+        (2, VersionStatus.ACTIVE, ("latest",)),
+        (3, VersionStatus.DELETED, ()),
+    ]
+    assert store.search("three", all_versions=True).total == 0
+    assert store.search("three").total == 0
+    assert [h.card.version for h in store.search("", all_versions=True, sort="name").items] == [
+        1,
+        2,
+    ]
+    with pytest.raises(NotFoundError):
+        store.delete("m@3")
+    with pytest.raises(NotFoundError):
+        store.tag("m@3", "x")
+
+
+def test_deleting_an_older_version_keeps_latest(store: SQLiteStore) -> None:
+    store.register(card("m"))
+    store.register(card("m"))
+    store.delete("m@1")
+    assert store.get("m").version == 2
+
+
+def test_deleting_every_version(store: SQLiteStore) -> None:
+    store.register(card("m"))
+    store.delete("m")
+    with pytest.raises(NotFoundError, match="every version of model 'm' is deleted"):
+        store.get("m")
+    assert store.search("").total == 0
+    # Numbers are never reused.
+    assert store.register(card("m")).version == 2
+    assert store.get("m").version == 2
+
+
+# --------------------------------------------------------------- migrations
+
+
+def test_a_fresh_database_gets_the_current_schema(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "registry.db"
+    with SQLiteStore(path) as opened:
+        assert opened.schema_version == len(store_module.MIGRATIONS) >= 1
+        opened.register(card("m"))
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    assert db.execute("PRAGMA user_version").fetchone() == (len(store_module.MIGRATIONS),)
+    db.close()
+
+
+def test_migrations_run_once_and_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "registry.db"
+    first = store_module.MIGRATIONS[0]
+    monkeypatch.setattr(store_module, "MIGRATIONS", [first])
+    with SQLiteStore(path) as opened:
+        opened.register(card("m"))
+
+    ran: list[str] = []
+
+    def second(conn: sqlite3.Connection) -> None:
+        ran.append("second")
+        conn.execute("CREATE TABLE extra (x INTEGER)")
+
+    def third(conn: sqlite3.Connection) -> None:
+        ran.append("third")
+        conn.execute("INSERT INTO extra VALUES (1)")  # needs second's table
+
+    monkeypatch.setattr(store_module, "MIGRATIONS", [first, second, third])
+    with SQLiteStore(path) as opened:
+        assert opened.schema_version == 3
+        assert opened.get("m").version == 1  # data survives
+    with SQLiteStore(path) as opened:  # re-opening is a no-op
+        assert opened.schema_version == 3
+    assert ran == ["second", "third"]
+
+
+def test_a_failing_migration_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "registry.db"
+    first = store_module.MIGRATIONS[0]
+    monkeypatch.setattr(store_module, "MIGRATIONS", [first])
+    SQLiteStore(path).close()
+
+    def broken(conn: sqlite3.Connection) -> None:
+        conn.execute("CREATE TABLE half_done (x INTEGER)")
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(store_module, "MIGRATIONS", [first, broken])
+    with pytest.raises(RuntimeError, match="boom"):
+        SQLiteStore(path)
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone() == (1,)
+    assert db.execute("SELECT name FROM sqlite_master WHERE name = 'half_done'").fetchone() is None
+    db.close()
+
+
+def test_a_newer_database_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "registry.db"
+    SQLiteStore(path).close()
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA user_version = 99")
+    db.close()
+    with pytest.raises(LlmosError, match="schema version 99, newer than this llmos understands"):
+        SQLiteStore(path)
+
+
+def test_a_file_that_is_not_a_database_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "registry.db"
+    path.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(LlmosError, match="registry database"):
+        SQLiteStore(path)
+
+
+def test_a_closed_store_refuses_work(tmp_path: Path) -> None:
+    opened = SQLiteStore(tmp_path / "registry.db")
+    opened.close()
+    with pytest.raises(LlmosError, match="closed"):
+        opened.get("m")
+
+
+# -------------------------------------------------------------------- search
+
+CORPUS = [
+    card(
+        "acme/bert-base",
+        family="bert",
+        tasks=["text-classification"],
+        tags=["nlp", "english"],
+        license="apache-2.0",
+        parameters=110 * M,
+        format="safetensors",
+        description="A pre-trained BERT model for text classification",
+    ),
+    card(
+        "acme/roberta-sentiment",
+        family="roberta",
+        tasks=["text-classification"],
+        tags=["nlp", "sentiment"],
+        license="Apache-2.0",
+        parameters=125 * M,
+        format="safetensors",
+        description="RoBERTa fine-tuned for sentiment analysis of reviews",
+    ),
+    card(
+        "acme/distilbert-sst2",
+        family="bert",
+        tasks=["text-classification"],
+        tags=["nlp", "sentiment", "deprecated"],
+        license="apache-2.0",
+        parameters=66 * M,
+        format="safetensors",
+        description="Distilled BERT for sentiment",
+    ),
+    card(
+        "meta/llama-7b",
+        provider="vllm",
+        family="llama",
+        tasks=["chat", "text-generation"],
+        tags=["llm"],
+        license="llama2",
+        parameters=7 * B,
+        format="gguf",
+        description="A large language model for chat",
+    ),
+    card(
+        "tiny/gpt2-small",
+        family="gpt2",
+        tasks=["text-generation"],
+        tags=["llm", "tiny"],
+        license="mit",
+        parameters=124 * M,
+        description="Small generative model",
+    ),
+    card(
+        "openai/remote-chat",
+        provider="openai-compatible",
+        tasks=["chat"],
+        format="remote-api",
+        description="A remote chat endpoint",
+    ),
+    card(
+        "mini/minilm-encoder",
+        family="BERT",
+        tasks=["embedding"],
+        tags=["sentence"],
+        license="apache-2.0",
+        parameters=22 * M,
+        description="Sentence encoder for semantic search",
+    ),
+]
+ALL = {c.name for c in CORPUS}
+BERT, ROBERTA, DISTIL = "acme/bert-base", "acme/roberta-sentiment", "acme/distilbert-sst2"
+LLAMA, GPT2, REMOTE, MINILM = (
+    "meta/llama-7b",
+    "tiny/gpt2-small",
+    "openai/remote-chat",
+    "mini/minilm-encoder",
+)
+
+
+@pytest.fixture
+def corpus(store: SQLiteStore) -> SQLiteStore:
+    store.register_many(CORPUS)
+    return store
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("", ALL),
+        # each filter
+        ("task:text-classification", {BERT, ROBERTA, DISTIL}),
+        ("task:chat", {LLAMA, REMOTE}),
+        ("provider:vllm", {LLAMA}),
+        ("provider:OpenAI-Compatible", {REMOTE}),
+        ("family:bert", {BERT, DISTIL, MINILM}),
+        ("tag:NLP", {BERT, ROBERTA, DISTIL}),
+        ("tag:sent*", {ROBERTA, DISTIL, MINILM}),
+        ("license:apache-2.0", {BERT, ROBERTA, DISTIL, MINILM}),
+        ("license:MIT", {GPT2}),
+        ("format:gguf", {LLAMA}),
+        ("format:remote-api", {REMOTE}),
+        ("name:acme/*", {BERT, ROBERTA, DISTIL}),
+        ("name:acme/bert-base", {BERT}),
+        ("name:*chat*", {REMOTE}),
+        # parameters
+        ("params:<200M", {BERT, ROBERTA, DISTIL, GPT2, MINILM}),
+        ("params:>=1B", {LLAMA}),
+        ("params:>7B", set()),
+        ("params:100M..125M", {BERT, ROBERTA, GPT2}),
+        ("params:66M", {DISTIL}),
+        ("parameters:<=66000000", {DISTIL, MINILM}),
+        ("NOT params:<200M", {LLAMA, REMOTE}),
+        # free text, words and phrases
+        ("sentiment", {ROBERTA, DISTIL}),
+        ("text classification", {BERT, ROBERTA, DISTIL}),
+        ('"classification text"', set()),
+        ("chat", {LLAMA, REMOTE}),
+        ("bert", {BERT, DISTIL}),
+        # boolean structure
+        ("sentiment tag:deprecated", {DISTIL}),
+        ("sentiment AND NOT tag:deprecated", {ROBERTA}),
+        ("family:bert OR family:roberta", {BERT, ROBERTA, DISTIL, MINILM}),
+        ("NOT family:bert", {ROBERTA, LLAMA, GPT2, REMOTE}),
+        ("NOT NOT family:bert", {BERT, DISTIL, MINILM}),
+        ("bert OR tag:llm", {BERT, DISTIL, LLAMA, GPT2}),
+        ("(bert OR llama) NOT tag:deprecated", {BERT, LLAMA}),
+        ("bert OR llama NOT tag:deprecated", {BERT, DISTIL, LLAMA}),
+        ("NOT sentiment", ALL - {ROBERTA, DISTIL}),
+        ("chat NOT provider:vllm", {REMOTE}),
+        ("chat OR sentiment NOT tag:deprecated", {LLAMA, REMOTE, ROBERTA}),
+        ("(chat OR sentiment) NOT tag:deprecated", {LLAMA, REMOTE, ROBERTA}),
+        ("task:chat (tag:llm OR format:remote-api)", {LLAMA, REMOTE}),
+        ("NOT (family:bert OR task:chat)", {ROBERTA, GPT2}),
+        ("tag:nlp AND NOT (sentiment OR params:>100M)", set()),
+        ("tag:nlp NOT (sentiment AND params:>100M)", {BERT, DISTIL}),
+        (
+            "sentiment task:text-classification (family:bert OR family:roberta) "
+            "NOT tag:deprecated params:<200M license:apache-2.0",
+            {ROBERTA},
+        ),
+    ],
+)
+def test_query_semantics(corpus: SQLiteStore, query: str, expected: set[str]) -> None:
+    assert name_set(corpus, query) == expected
+
+
+def test_the_seed_document_search(corpus: SQLiteStore) -> None:
+    assert BERT in name_set(corpus, "text classification")
+    # The shell passes the quotes through: a phrase.
+    assert name_set(corpus, '"text classification"') == {BERT, ROBERTA, DISTIL}
+
+
+def test_name_matches_rank_above_description_matches(store: SQLiteStore) -> None:
+    # The name match sits in a longer field than the others, which unweighted
+    # bm25 would penalise: only the column weights put it first.
+    store.register(card("acme/other", description="sentiment"))
+    store.register(card("acme/sentiment-model-for-long-reviews", description="a model"))
+    store.register(card("acme/tagged", tags=["sentiment", "english"], description="a model"))
+    page = store.search("sentiment")
+    assert names(page) == ["acme/sentiment-model-for-long-reviews", "acme/tagged", "acme/other"]
+    scores = [hit.score for hit in page.items]
+    assert all(s is not None and s > 0 for s in scores)
+    assert scores == sorted(scores, reverse=True)  # type: ignore[type-var]
+    # Ascending relevance is the reverse order.
+    assert names(store.search("sentiment", descending=False)) == names(page)[::-1]
+
+
+def test_text_under_or_still_ranks_text_matches_first(corpus: SQLiteStore) -> None:
+    page = corpus.search("bert OR tag:llm")
+    assert set(names(page)[:2]) == {BERT, DISTIL}
+    assert [hit.score for hit in page.items][2:] == [0.0, 0.0]
+
+
+def test_sorts(corpus: SQLiteStore) -> None:
+    by_name = sorted(ALL)
+    assert names(corpus.search("", sort="name")) == by_name
+    assert names(corpus.search("")) == by_name  # relevance without text: by name
+    assert names(corpus.search("", sort="name", descending=True)) == by_name[::-1]
+    assert names(corpus.search("", sort="parameters"))[:3] == [LLAMA, ROBERTA, GPT2]
+    assert names(corpus.search("", sort="parameters"))[-1] == REMOTE  # unknown size last
+    assert names(corpus.search("", sort="parameters", descending=False))[:2] == [REMOTE, MINILM]
+    # register_many stamps one time; ties fall back to registration order.
+    assert names(corpus.search("", sort="created")) == [c.name for c in CORPUS][::-1]
+    later = corpus.register(card("zz/new"))
+    assert names(corpus.search("", sort="created", limit=1)) == [later.name]
+    assert corpus.search("chat", sort="created").items[0].score is None
+
+
+def test_bad_search_arguments(corpus: SQLiteStore) -> None:
+    with pytest.raises(UsageError, match="sort must be one of"):
+        corpus.search("", sort="size")
+    with pytest.raises(UsageError, match="limit"):
+        corpus.search("", limit=0)
+    with pytest.raises(UsageError, match="limit"):
+        corpus.search("", limit=1001)
+    with pytest.raises(UsageError, match="offset"):
+        corpus.search("", offset=-1)
+    cursor = corpus.search("", limit=2).next_cursor
+    with pytest.raises(UsageError, match="not both"):
+        corpus.search("", limit=2, cursor=cursor, offset=2)
+    with pytest.raises(UsageError, match="another search"):
+        corpus.search("tag:nlp", limit=2, cursor=cursor)
+    with pytest.raises(UsageError, match="another search"):
+        corpus.search("", limit=2, cursor=cursor, sort="created")
+    with pytest.raises(UsageError, match="invalid search cursor"):
+        corpus.search("", cursor="not-a-cursor!")
+
+
+@pytest.mark.parametrize(
+    ("query", "sort"),
+    [
+        ("", "name"),
+        ("", "created"),
+        ("", "parameters"),
+        ("model", "relevance"),
+        ("tag:even", "name"),
+    ],
+)
+def test_walking_every_page_returns_every_card_once(
+    store: SQLiteStore, query: str, sort: str
+) -> None:
+    cards = [
+        card(
+            f"vendor{i % 7}/model-{i:03d}",
+            description="model " * (1 + i % 5) + f"number {i}",
+            tags=["even" if i % 2 == 0 else "odd"],
+            parameters=None if i % 10 == 0 else (i % 13) * M,
+        )
+        for i in range(250)
+    ]
+    store.register_many(cards)
+    expected = {c.name for c in cards if query != "tag:even" or c.tags == ("even",)}
+
+    seen: list[str] = []
+    cursor = None
+    pages = 0
+    while True:
+        page = store.search(query, sort=sort, limit=20, cursor=cursor)
+        assert page.total == len(expected)
+        assert len(page.items) <= 20
+        seen += names(page)
+        pages += 1
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    assert len(seen) == len(expected) and set(seen) == expected
+    assert pages == -(-len(expected) // 20)
+
+    by_offset: list[str] = []
+    offset: int | None = 0
+    while offset is not None:
+        page = store.search(query, sort=sort, limit=20, offset=offset)
+        by_offset += names(page)
+        offset = page.next_offset
+    assert by_offset == seen
+
+
+def test_no_cap_on_results(store: SQLiteStore) -> None:
+    store.register_many(card(f"m{i:04d}", tags=["bulk"]) for i in range(1100))
+    first = store.search("tag:bulk", sort="name", limit=1000)
+    assert first.total == 1100 and len(first.items) == 1000
+    second = store.search("tag:bulk", sort="name", limit=1000, cursor=first.next_cursor)
+    assert len(second.items) == 100 and second.next_cursor is None
+    assert names(second)[-1] == "m1099"
+
+
+def test_one_hit_per_model_unless_all_versions(store: SQLiteStore) -> None:
+    for text in ("alpha one", "alpha two", "alpha three"):
+        store.register(card("m", description=text))
+    store.set_alias("m", "prod", 2)
+    page = store.search("alpha")
+    assert [(h.card.version, h.aliases) for h in page.items] == [(3, ("latest",))]
+    assert page.total == 1
+    every = store.search("alpha", all_versions=True, sort="name")
+    assert every.total == 3
+    assert {h.card.version: h.aliases for h in every.items} == {
+        1: (),
+        2: ("prod",),
+        3: ("latest",),
+    }
+    # A filter that only an older version matches finds nothing per model.
+    assert store.search("two").total == 0
+    assert store.search("two", all_versions=True).total == 1
+
+
+def test_hits_carry_their_aliases(corpus: SQLiteStore) -> None:
+    corpus.register(attrs.evolve(CORPUS[0], description="retrained"))
+    corpus.set_alias(BERT, "prod", 2)
+    corpus.set_alias(BERT, "champion", 2)
+    corpus.set_alias(GPT2, "prod", 1)
+    hits = {h.card.name: h for h in corpus.search("", limit=100).items}
+    assert hits[BERT].aliases == ("latest", "champion", "prod")
+    assert hits[GPT2].aliases == ("latest", "prod")
+    assert hits[LLAMA].aliases == ("latest",)
+    as_dict = corpus.search(f"name:{BERT}").to_dict()
+    assert as_dict["items"][0]["aliases"] == ["latest", "champion", "prod"]
+    assert as_dict["total"] == 1
+
+
+def test_search_sees_its_own_writes_from_other_connections(tmp_path: Path) -> None:
+    path = tmp_path / "registry.db"
+    with SQLiteStore(path) as one, SQLiteStore(path) as two:
+        one.register(card("m", description="findable"))
+        assert two.search("findable").total == 1
+        two.delete("m")
+        assert one.search("findable").total == 0
+
+
+# ---------------------------------------------------------------- card files
+
+
+def full_card() -> ModelCard:
+    return ModelCard(
+        name="acme/bert-base",
+        version=3,
+        provider="transformers",
+        source="hf://acme/bert-base",
+        tasks=("text-classification", "embedding"),
+        family="bert",
+        parameters=110_000_000,
+        format=ModelFormat.SAFETENSORS,
+        license="apache-2.0",
+        description="A pre-trained BERT model for text classification.\n\n"
+        "It knows English — and ünïcödé.\n---\nNot front matter.",
+        tags=("nlp", "english"),
+        scores={"test/accuracy": 0.91, "dev/f1": 0.875},
+        parents=("acme/bert-raw@1",),
+        options={"dtype": "float32", "nested": {"a": [1, 2, None]}, "flag": True},
+        created_at=datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC),
+        created_by="alice",
+    )
+
+
+def test_card_json_round_trip() -> None:
+    full = full_card()
+    assert ModelCard.from_dict(full.to_dict()) == full
+
+
+def test_card_markdown_round_trip() -> None:
+    full = full_card()
+    text = card_to_markdown(full)
+    assert text.startswith('---\nname: "acme/bert-base"\n')
+    assert "\n# acme/bert-base\n\nA pre-trained BERT model" in text
+    assert card_from_markdown(text) == full
+    assert card_from_markdown(text.replace("\n", "\r\n")) == full
+    minimal = card("m")
+    assert card_from_markdown(card_to_markdown(minimal)) == minimal
+
+
+def test_card_files(tmp_path: Path) -> None:
+    path = tmp_path / "README.md"
+    write_card_file(path, full_card())
+    assert read_card_file(path) == full_card()
+    path.write_text("no front matter", encoding="utf-8")
+    with pytest.raises(UsageError, match=r"README\.md: a model card file must start"):
+        read_card_file(path)
+
+
+def test_hand_written_card_file() -> None:
+    text = (
+        "---\n"
+        'name: "acme/tiny"\n'
+        "\n"
+        'provider: "transformers"\n'
+        'tasks: ["chat"]\n'
+        "parameters: 135000000\n"
+        "---\n"
+        "# A title people like\n"
+        "\n"
+        "Chats a little.\n"
+    )
+    parsed = card_from_markdown(text)
+    assert parsed.name == "acme/tiny" and parsed.tasks == ("chat",)
+    assert parsed.parameters == 135_000_000 and parsed.description == "Chats a little."
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("", "must start with a '---' line"),
+        ('name: "m"\n---\n', "must start with a '---' line"),
+        ('---\nname: "m"\nprovider: "x"\n', "never closed"),
+        ('---\nname: "m"\nprovider: x\n---\n', "line 3: the value of 'provider' is not JSON"),
+        ('---\nname: "m"\njust text\n---\n', "line 3: expected 'key: <JSON value>'"),
+        ('---\nname: "m"\nname: "n"\n---\n', "line 3: 'name' is given twice"),
+        ('---\nname: "m"\nprovider: "x"\ncolour: "red"\n---\n', "unknown model card field"),
+        ('---\nname: "m"\n---\n', "invalid model card"),
+        ('---\nname: "Bad Name"\nprovider: "x"\n---\n', "model name 'Bad Name' is invalid"),
+        (
+            '---\nname: "m"\nprovider: "x"\ndescription: "a"\n---\n# m\n\nb\n',
+            "the description is given twice",
+        ),
+    ],
+)
+def test_malformed_card_files(text: str, words: str) -> None:
+    with pytest.raises(UsageError) as caught:
+        card_from_markdown(text)
+    assert words in caught.value.message
