@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,3 +28,32 @@ def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[.
     yield add
     for module in written:
         sys.modules.pop(module, None)
+
+
+# the console script next to this interpreter, whether or not the venv is activated
+LLMOS = shutil.which("llmos", path=str(Path(sys.executable).parent))
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    """A clean environment: own home, own plugin folder, no user config."""
+    plugins = tmp_path / "site"
+    plugins.mkdir()
+    out = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("LLMOS_") and k not in ("PYTHONPATH",)
+    }
+    out.update(
+        LLMOS_HOME=str(tmp_path / "home"),
+        PYTHONPATH=str(plugins),
+        LLMOS_LOG_FORMAT="json",
+    )
+    return out
+
+
+def llmos(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    assert LLMOS, "the llmos console script is not installed (make install)"
+    return subprocess.run(
+        [LLMOS, *args], env=env, capture_output=True, text=True, timeout=60, check=False
+    )

@@ -8,45 +8,13 @@ folder on ``PYTHONPATH`` and are found through entry points.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
-
-import pytest
 
 from llmos import __version__
 from llmos.plugin.manager import DEFAULT_PLUGINS
 from llmos.testing import write_distribution
 
-# the console script next to this interpreter, whether or not the venv is activated
-LLMOS = shutil.which("llmos", path=str(Path(sys.executable).parent))
-
-
-@pytest.fixture
-def env(tmp_path: Path) -> dict[str, str]:
-    """A clean environment: own home, own plugin folder, no user config."""
-    plugins = tmp_path / "site"
-    plugins.mkdir()
-    out = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("LLMOS_") and k not in ("PYTHONPATH",)
-    }
-    out.update(
-        LLMOS_HOME=str(tmp_path / "home"),
-        PYTHONPATH=str(plugins),
-        LLMOS_LOG_FORMAT="json",
-    )
-    return out
-
-
-def llmos(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    assert LLMOS, "the llmos console script is not installed (make install)"
-    return subprocess.run(
-        [LLMOS, *args], env=env, capture_output=True, text=True, timeout=60, check=False
-    )
+from .conftest import llmos
 
 
 def add_plugin(env: dict[str, str], dist: str, source: str, **kwargs: str) -> None:

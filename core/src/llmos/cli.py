@@ -24,6 +24,7 @@ from rich.table import Table
 from llmos import __version__
 from llmos.errors import LlmosError
 from llmos.logs import configure_logging
+from llmos.registry.commands import models_group
 from llmos.runtime.kernel import Kernel
 from llmos.types import CommandSpec
 
@@ -63,6 +64,11 @@ def _state(ctx: click.Context) -> _State:
             debug=bool(params.get("debug")),
         )
     return root.obj
+
+
+def current_kernel(ctx: click.Context) -> Kernel:
+    """The kernel the top-level options describe (built once per command)."""
+    return _state(ctx).kernel()
 
 
 def _emit_json(data: Any) -> None:
@@ -215,6 +221,9 @@ def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
     kernel = state.kernel()
     configure_logging("debug" if state.debug else kernel.config.server.log_level)
     ctx.exit(run_server(kernel, host=host, port=port))
+
+
+cli.add_command(models_group(lambda ctx: current_kernel(ctx).registry))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,162 @@
+"""``llmos models …`` end to end: the console script on a real registry file."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from .conftest import llmos
+
+
+def ok(*args: str, env: dict[str, str]) -> str:
+    run = llmos(*args, env=env)
+    assert run.returncode == 0, run.stderr
+    return run.stdout
+
+
+def as_json(*args: str, env: dict[str, str]):
+    return json.loads(ok(*args, "--json", env=env))
+
+
+@pytest.fixture
+def populated(env: dict[str, str]) -> dict[str, str]:
+    ok(
+        "models", "register", "acme/bert-sentiment", "--provider", "transformers",
+        "--task", "text-classification", "--family", "bert", "--parameters", "110000000",
+        "--description", "BERT fine-tuned for sentiment analysis of reviews",
+        "--tag", "nlp", "--license", "apache-2.0", env=env,
+    )  # fmt: skip
+    ok(
+        "models", "register", "acme/llama-chat", "--provider", "transformers",
+        "--task", "chat", "--family", "llama", "--parameters", "7000000000",
+        "--source", "hf://meta-llama/Llama-2-7b-chat-hf", "--option", "dtype=float16",
+        "--option", "max_batch=8", env=env,
+    )  # fmt: skip
+    ok(
+        "models", "register", "other/roberta-news", "--provider", "transformers",
+        "--task", "text-classification", "--family", "roberta", "--parameters", "125000000",
+        "--description", "news topic classifier", "--tag", "nlp", env=env,
+    )  # fmt: skip
+    return env
+
+
+def names(page: dict) -> list[str]:
+    return sorted(hit["card"]["name"] for hit in page["items"])
+
+
+def test_register_assigns_versions_and_show_resolves_refs(populated: dict[str, str]) -> None:
+    env = populated
+    card = as_json("models", "register", "acme/llama-chat", "--provider", "vllm", env=env)["card"]
+    assert (card["name"], card["version"], card["provider"]) == ("acme/llama-chat", 2, "vllm")
+    shown = as_json("models", "show", "acme/llama-chat@1", env=env)
+    assert shown["card"]["options"] == {"dtype": "float16", "max_batch": 8}
+    assert shown["card"]["source"] == "hf://meta-llama/Llama-2-7b-chat-hf"
+    assert as_json("models", "show", "acme/llama-chat", env=env)["aliases"] == ["latest"]
+    assert as_json("models", "show", "acme/llama-chat", env=env)["card"]["version"] == 2
+
+
+def test_search_with_free_text_filters_and_boolean_operators(populated: dict[str, str]) -> None:
+    env = populated
+    assert names(as_json("models", "search", "sentiment", env=env)) == ["acme/bert-sentiment"]
+    page = as_json("models", "search", "task:text-classification", "NOT", "family:bert", env=env)
+    assert names(page) == ["other/roberta-news"]
+    page = as_json("models", "search", "(family:bert OR family:llama) params:<1B", env=env)
+    assert names(page) == ["acme/bert-sentiment"]
+    page = as_json("models", "search", "--limit", "1", "--sort", "name", env=env)
+    assert page["total"] == 3 and len(page["items"]) == 1 and page["next_cursor"]
+    rest = as_json("models", "search", "--sort", "name", "--cursor", page["next_cursor"], env=env)
+    assert names(page) + names(rest) == sorted(
+        ["acme/bert-sentiment", "acme/llama-chat", "other/roberta-news"]
+    )
+
+
+def test_alias_tag_describe_deprecate_delete(populated: dict[str, str]) -> None:
+    env = populated
+    ok("models", "register", "acme/bert-sentiment", "--provider", "transformers", env=env)
+    ok("models", "alias", "acme/bert-sentiment", "prod", "1", env=env)
+    assert as_json("models", "show", "acme/bert-sentiment@prod", env=env)["card"]["version"] == 1
+    ok("models", "tag", "acme/bert-sentiment@prod", "reviewed", env=env)
+    ok("models", "tag", "acme/bert-sentiment@prod", "nlp", "--remove", env=env)
+    assert as_json("models", "show", "acme/bert-sentiment@1", env=env)["card"]["tags"] == [
+        "reviewed"
+    ]
+    ok("models", "describe", "acme/bert-sentiment@1", "reviews, now calibrated", env=env)
+    ok("models", "deprecate", "acme/bert-sentiment@1", env=env)
+    versions = as_json("models", "versions", "acme/bert-sentiment", env=env)
+    assert [(v["card"]["version"], v["status"], v["aliases"]) for v in versions] == [
+        (1, "deprecated", ["prod"]),
+        (2, "active", ["latest"]),
+    ]
+    ok("models", "delete", "acme/bert-sentiment@2", "--yes", env=env)
+    assert as_json("models", "show", "acme/bert-sentiment", env=env)["card"]["version"] == 1
+    ok("models", "alias", "acme/bert-sentiment", "prod", "--remove", env=env)
+    gone = llmos("models", "show", "acme/bert-sentiment@prod", env=env)
+    assert gone.returncode == 4 and gone.stderr.startswith("error: ")
+
+
+def test_bad_input_is_refused_with_one_line_and_nothing_written(
+    populated: dict[str, str],
+) -> None:
+    env = populated
+    db = Path(env["LLMOS_HOME"]) / "registry.db"
+    count = sqlite3.connect(db).execute("SELECT COUNT(*) FROM versions").fetchone()[0]
+    for args, code, words in (
+        (("--source", "file:///etc/passwd"), 2, "file:// URLs are not accepted"),
+        (("--source", "../../etc/passwd"), 2, "refused"),
+        (("--source", "https://user:pw@example.com/m.tgz"), 2, "credentials"),
+        (("--source", "https://169.254.169.254/latest"), 2, "metadata"),
+    ):
+        run = llmos("models", "register", "acme/evil", "--provider", "x", *args, env=env)
+        assert run.returncode == code, run.stderr
+        (line,) = run.stderr.strip().splitlines()
+        assert line.startswith("error: ") and words in line
+    run = llmos("models", "register", "../evil", "--provider", "x", env=env)
+    assert run.returncode == 2 and "contains '..'" in run.stderr
+    run = llmos("models", "register", "acme/x", env=env)
+    assert run.returncode == 2 and "needs a provider" in run.stderr
+    run = llmos("models", "search", "family:", env=env)
+    assert run.returncode == 2 and run.stderr.startswith("error: ")
+    assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM versions").fetchone()[0] == count
+
+
+def test_scan_registers_a_local_folder(env: dict[str, str], tmp_path: Path) -> None:
+    home = Path(env["LLMOS_HOME"])
+    model = home / "models" / "Tiny-Llama"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "model_type": "llama",
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "vocab_size": 1000,
+            }
+        )
+    )
+    (model / "model.safetensors").write_bytes(_safetensors({"w": [64, 1000]}))
+    result = as_json("models", "scan", str(home / "models"), env=env)
+    (card,) = result["registered"]
+    assert (card["name"], card["family"], card["parameters"]) == ("tiny-llama", "llama", 64_000)
+    assert card["tasks"] == ["text-generation"] and card["format"] == "safetensors"
+    # scanning again registers nothing new
+    assert as_json("models", "scan", str(home / "models"), env=env)["registered"][0]["version"] == 1
+    outside = llmos("models", "scan", str(tmp_path), env=env)
+    assert outside.returncode == 2 and "allowed" in outside.stderr
+
+
+def _safetensors(tensors: dict[str, list[int]]) -> bytes:
+    header, offset = {}, 0
+    for name, shape in tensors.items():
+        size = 4
+        for dim in shape:
+            size *= dim
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    return len(raw).to_bytes(8, "little") + raw + bytes(offset)
