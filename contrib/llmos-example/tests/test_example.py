@@ -29,6 +29,7 @@ from llmos.types import (
     ClassifyResult,
     CompletionRequest,
     LoadedModel,
+    LoadRequest,
     ModelCard,
     MonitorEvent,
     MonitorSink,
@@ -55,7 +56,7 @@ def card(pm: PluginManager) -> ModelCard:
 def load(pm: PluginManager, card: ModelCard) -> LoadedModel:
     registered = pm.providers[card.provider]
     assert registered.plugin == PLUGIN
-    return registered.spec.load(card, card.options)
+    return registered.spec.load(LoadRequest(card=card))
 
 
 def keyword_card(name: str, positive: list[str], negative: list[str]) -> ModelCard:
@@ -142,7 +143,7 @@ def test_the_provider_answers_only_classify(pm: PluginManager, card: ModelCard) 
 def test_the_provider_rejects_a_card_without_keywords(pm: PluginManager) -> None:
     card = ModelCard(name="example/empty", provider="example-keyword")
     with pytest.raises(UsageError, match="keywords"):
-        pm.providers["example-keyword"].spec.load(card, {})
+        pm.providers["example-keyword"].spec.load(LoadRequest(card=card))
 
 
 # --------------------------------------------------------------------------

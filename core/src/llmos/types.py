@@ -26,6 +26,7 @@ import math
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import attrs
@@ -49,6 +50,7 @@ __all__ = [
     "EmbedRequest",
     "EmbedResult",
     "FusionStrategySpec",
+    "LoadRequest",
     "LoadedModel",
     "ModelBase",
     "ModelCard",
@@ -508,18 +510,39 @@ def _check_spec_name(instance: Any, attribute: attrs.Attribute[str], value: str)
 
 
 @attrs.frozen(kw_only=True)
+class LoadRequest:
+    """What a provider's ``load`` receives: one object, so that the kernel can
+    hand providers more over time without breaking their signatures.
+
+    ``options`` is the provider plugin's ``[plugins.<plugin>]`` config table
+    (the operator's settings); the card's own ``options`` stay on the card.
+    A provider decides how the two combine — and must not let a card grant
+    itself what only the operator may (``trust_remote_code``, say).
+    """
+
+    card: ModelCard
+    #: the ``[plugins.<plugin>]`` config table
+    options: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_mapping)
+    #: the card's source as a local file or folder, already checked against the
+    #: registry's source policy; ``None`` for ``hf://``, ``https://`` or no source
+    path: Path | None = None
+    #: a folder under the data folder this provider may write to (converted
+    #: weights, compiled kernels); created by the kernel
+    cache_dir: Path | None = None
+
+
+@attrs.frozen(kw_only=True)
 class ProviderSpec:
     """A model provider: turns a :class:`ModelCard` into a :class:`LoadedModel`.
 
-    ``load(card, options)`` receives the card and the merged options (the
-    card's ``options`` over the ``[plugins.<plugin>]`` config table). It may be
-    slow (weights); the kernel calls it once per model and caches the result.
+    ``load(request)`` receives a :class:`LoadRequest`. It may be slow
+    (weights); the kernel calls it once per model and caches the result.
     ``batching=False`` tells the kernel's batcher to step aside because the
     backend batches continuously on its own.
     """
 
     name: str = attrs.field(validator=_check_spec_name)
-    load: Callable[[ModelCard, Mapping[str, Any]], LoadedModel]
+    load: Callable[[LoadRequest], LoadedModel]
     description: str = ""
     capabilities: frozenset[Capability] = attrs.field(factory=frozenset, converter=frozenset)
     formats: tuple[str, ...] = attrs.field(default=(), converter=_tuple_of_str)

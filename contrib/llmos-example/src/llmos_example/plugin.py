@@ -40,6 +40,7 @@ from llmos.types import (
     CommandSpec,
     FusionStrategySpec,
     LoadedModel,
+    LoadRequest,
     ModelBase,
     ModelCard,
     MonitorEvent,
@@ -111,10 +112,13 @@ class KeywordClassifier(ModelBase):
         )
 
 
-def load_keyword_classifier(card: ModelCard, options: Mapping[str, Any]) -> KeywordClassifier:
-    """The provider's ``load``: ``options`` are the card's options merged over
-    the ``[plugins.example]`` config table."""
-    return KeywordClassifier(card, options.get("keywords", card.options.get("keywords", {})))
+def load_keyword_classifier(request: LoadRequest) -> KeywordClassifier:
+    """The provider's ``load``: keywords come from the card's options, else
+    from the ``[plugins.example]`` config table (``request.options``)."""
+    card = request.card
+    return KeywordClassifier(
+        card, card.options.get("keywords", request.options.get("keywords", {}))
+    )
 
 
 @hookimpl
@@ -365,7 +369,9 @@ def example_group() -> None:
 def keywords_command(text: str, as_json: bool) -> None:
     """Score TEXT with the example/sentiment-keywords model."""
     card = sentiment_card()
-    result = load_keyword_classifier(card, card.options).classify([ClassifyRequest(text=text)])[0]
+    result = load_keyword_classifier(LoadRequest(card=card)).classify([ClassifyRequest(text=text)])[
+        0
+    ]
     if as_json:
         data = {"model": card.name, "label": result.label, "scores": dict(result.scores)}
         click.echo(json.dumps(data))
