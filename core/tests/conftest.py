@@ -11,7 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from llmos.logs import configure_logging
 from llmos.testing import write_distribution
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_logs() -> None:
+    """Warnings and errors only: the log sink would print every test's events."""
+    configure_logging("warning", fmt="console")
 
 
 @pytest.fixture

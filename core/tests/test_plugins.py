@@ -16,6 +16,7 @@ import structlog
 
 from llmos.config import PluginSettings
 from llmos.errors import DuplicateNameError, PluginError
+from llmos.logs import configure_logging
 from llmos.plugin import hookimpl
 from llmos.plugin.manager import DEFAULT_PLUGINS, HOOK_NAMES, PluginManager
 from llmos.testing import registered
@@ -241,8 +242,12 @@ def test_in_process_register_and_unregister(tmp_path: Path) -> None:
 
 def test_trace_logs_every_hook_call(site, tmp_path: Path) -> None:
     site("llmos-good", GOOD.format(provider="good"))
-    with structlog.testing.capture_logs() as logs:
-        load(tmp_path, trace=True)
+    configure_logging("debug")  # trace lines are info; the suite logs warnings only
+    try:
+        with structlog.testing.capture_logs() as logs:
+            load(tmp_path, trace=True)
+    finally:
+        configure_logging("warning", fmt="console")
     traced = [e for e in logs if e["event"] == "plugins.trace"]
     assert {(e["plugin"], e["hook"]) for e in traced} >= {
         ("llmos-good", "llmos_register_providers"),

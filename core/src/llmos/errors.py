@@ -104,3 +104,19 @@ class Unavailable(LlmosError):
     type = "unavailable"
     status = 503
     exit_code = 6
+
+
+class Overloaded(LlmosError):
+    """A model's request queue is full; retry after a moment."""
+
+    type = "overloaded"
+    status = 429
+    exit_code = 6
+
+
+class RequestTimeout(LlmosError):
+    """A request did not finish within its timeout."""
+
+    type = "timeout"
+    status = 504
+    exit_code = 6

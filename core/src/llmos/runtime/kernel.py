@@ -8,6 +8,8 @@ reaches all of them through one object.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import enum
 import os
 import threading
@@ -18,13 +20,16 @@ from typing import Any
 import structlog
 
 from llmos.config import Config, load_config
+from llmos.errors import RequestTimeout
 from llmos.monitor.bus import EventBus
 from llmos.plugin.manager import PluginManager
 from llmos.registry.service import (  # also registers the [registry] config section
     DiscoverReport,
     Registry,
 )
-from llmos.types import MonitorEvent, MonitorSink
+from llmos.runtime.models import ModelManager
+from llmos.runtime.worker import StreamHandle
+from llmos.types import Capability, MonitorEvent, MonitorSink
 
 log = structlog.get_logger("llmos.kernel")
 
@@ -47,6 +52,7 @@ class Kernel:
         self._state = KernelState.CREATED
         self._lock = threading.Lock()
         self._registry: Registry | None = None
+        self._models: ModelManager | None = None
 
     @classmethod
     def from_config(
@@ -78,6 +84,62 @@ class Kernel:
             if self._registry is None:
                 self._registry = Registry.from_config(self.config)
             return self._registry
+
+    @property
+    def models(self) -> ModelManager:
+        """Loaded models: resolution, lazy loading, batching workers."""
+        with self._lock:
+            if self._models is None:
+                self._models = ModelManager(self)
+            return self._models
+
+    @property
+    def request_timeout(self) -> float:
+        return float(self.config.section("runtime").get("request_timeout_s", 300.0))
+
+    def submit(
+        self, model: str, capability: Capability, requests: Sequence[Any]
+    ) -> concurrent.futures.Future[list[Any]]:
+        """Queue one caller's requests for ``model`` (loading it on first use)."""
+        return self.models.get(model).submit(Capability(capability), requests)
+
+    def call(
+        self,
+        model: str,
+        capability: Capability,
+        requests: Sequence[Any],
+        timeout: float | None = None,
+    ) -> list[Any]:
+        """Run ``requests`` on ``model`` and wait for the results (sync callers)."""
+        future = self.submit(model, capability, requests)
+        try:
+            return future.result(timeout or self.request_timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise RequestTimeout(
+                f"{capability} on {model!r} took longer than {timeout or self.request_timeout} s"
+            ) from None
+
+    async def acall(
+        self,
+        model: str,
+        capability: Capability,
+        requests: Sequence[Any],
+        timeout: float | None = None,
+    ) -> list[Any]:
+        """:meth:`call` for asyncio: a cancelled caller (a client that went
+        away) takes its requests out of the queue."""
+        worker = await asyncio.to_thread(self.models.get, model)
+        future = worker.submit(Capability(capability), requests)
+        limit = timeout or self.request_timeout
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), limit)
+        except TimeoutError:
+            raise RequestTimeout(f"{capability} on {model!r} took longer than {limit} s") from None
+
+    def stream(self, model: str, request: Any) -> StreamHandle:
+        """Start streaming one request; iterate the handle, cancel it to stop."""
+        return self.models.get(model).submit_stream(request)
 
     def discover_models(self) -> DiscoverReport:
         """Register the cards model-source plugins offer (unchanged ones are skipped)."""
@@ -140,6 +202,8 @@ class Kernel:
                 return
             self._state = KernelState.STOPPED
         self.emit(MonitorEvent(kind="kernel.stopped"))
+        if self._models is not None:
+            self._models.close()
         self.plugins.shutdown(self)
         self.bus.stop()
         if self._registry is not None:

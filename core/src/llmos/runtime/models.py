@@ -1,0 +1,320 @@
+"""Model resolution and loading: a name becomes a running :class:`ModelWorker`.
+
+A name resolves to a deployment declared in config (``[models.NAME]``:
+provider, source, options, batching) or to a registry entry (``name``,
+``name@3``, ``name@prod``). The model is loaded once, lazily, under a lock per
+model — concurrent first requests wait for one load — and kept until it is
+idle and the memory budget needs room (least recently used first) or it has
+been idle for ``runtime.idle_unload_s``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import structlog
+
+from llmos.config import Field, register_section
+from llmos.errors import ConfigError, LlmosError, NotFoundError
+from llmos.registry.sources import check_source
+from llmos.runtime.worker import BatchSettings, ModelWorker
+from llmos.types import LoadRequest, ModelCard, MonitorEvent, ProviderSpec, validate_model_name
+
+if TYPE_CHECKING:
+    from llmos.runtime.kernel import Kernel
+
+log = structlog.get_logger("llmos.runtime")
+
+register_section(
+    "runtime",
+    {
+        "memory_budget_mb": Field(
+            "int",
+            0,
+            "Memory that loaded models may take; past it, idle models are unloaded"
+            " (least recently used first). 0: half of the machine's memory.",
+            check=lambda mb: mb >= 0,
+            expect="a number of MiB >= 0",
+        ),
+        "idle_unload_s": Field(
+            "float",
+            0.0,
+            "Unload a model idle for this many seconds; 0 keeps it.",
+            check=lambda s: s >= 0,
+            expect="a number of seconds >= 0",
+        ),
+        "max_batch_size": Field(
+            "int", 8, "Requests grouped into one model call.", check=lambda n: n >= 1
+        ),
+        "max_wait_ms": Field(
+            "float",
+            5.0,
+            "How long the first request of a batch waits for others.",
+            check=lambda ms: ms >= 0,
+        ),
+        "max_queue": Field(
+            "int",
+            64,
+            "Requests queued per model before new ones get 429.",
+            check=lambda n: n >= 1,
+        ),
+        "request_timeout_s": Field(
+            "float", 300.0, "Longest a request may take, queue included.", check=lambda s: s > 0
+        ),
+    },
+    doc="Loading models and batching requests.",
+)
+register_section(
+    "models",
+    {},
+    free_form=True,
+    doc="Deployments: [models.NAME] with provider, source, options and batching overrides.",
+)
+
+_BATCH_KEYS = ("max_batch_size", "max_wait_ms", "max_queue")
+_DEPLOYMENT_KEYS = {
+    "provider",
+    "source",
+    "tasks",
+    "family",
+    "format",
+    "license",
+    "description",
+    "tags",
+    "parameters",
+    "options",
+    "max_batch_size",
+    "max_wait_ms",
+    "max_queue",
+}
+
+
+@attrs.frozen
+class Deployment:
+    """A resolved model: its card, the provider that loads it, its batching."""
+
+    key: str
+    card: ModelCard
+    provider: str
+    spec: ProviderSpec
+    settings: BatchSettings
+
+
+def _memory_budget(config_mb: int) -> int:
+    if config_mb:
+        return config_mb * 1024 * 1024
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):
+        return 8 * 1024**3
+
+
+def _footprint(worker: ModelWorker) -> int:
+    """Bytes a loaded model takes: what it reports, else 4 bytes a parameter."""
+    reported = getattr(worker.model, "memory_bytes", None)
+    if isinstance(reported, int):
+        return reported
+    return 4 * (worker.card.parameters or 0)
+
+
+class ModelManager:
+    """Loaded models of one kernel, by resolved reference."""
+
+    def __init__(self, kernel: Kernel) -> None:
+        self.kernel = kernel
+        runtime = kernel.config.section("runtime")
+        self.budget = _memory_budget(int(runtime.get("memory_budget_mb", 0)))
+        self.idle_unload_s = float(runtime.get("idle_unload_s", 0.0))
+        self.defaults = BatchSettings(
+            max_batch_size=int(runtime.get("max_batch_size", 8)),
+            max_wait_ms=float(runtime.get("max_wait_ms", 5.0)),
+            max_queue=int(runtime.get("max_queue", 64)),
+        )
+        self._workers: dict[str, ModelWorker] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._lock = threading.Lock()
+
+    # -- resolution -----------------------------------------------------------
+
+    def resolve(self, name: str) -> Deployment:
+        """The deployment ``name`` refers to: config first, then the registry."""
+        if not isinstance(name, str) or not name:
+            raise NotFoundError("no model given; `llmos models search` lists models")
+        deployments = self.kernel.config.section("models")
+        if name in deployments:
+            return self._from_config(name, deployments[name])
+        try:
+            card = self.kernel.registry.store.get(name)
+        except NotFoundError:
+            raise NotFoundError(
+                f"model {name!r} not found: it is neither a [models.{name}] deployment nor a "
+                "registered model; list them with `llmos models search` or GET /v1/models"
+            ) from None
+        return self._deployment(card.ref, card, self._settings(card.options))
+
+    def _from_config(self, name: str, table: Any) -> Deployment:
+        where = f"[models.{name}]"
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{where} must be a table")
+        unknown = sorted(set(table) - _DEPLOYMENT_KEYS)
+        if unknown:
+            raise ConfigError(
+                f"{where}: unknown key(s) {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(_DEPLOYMENT_KEYS))}"
+            )
+        if "provider" not in table:
+            raise ConfigError(f"{where}: 'provider' is required")
+        validate_model_name(name)
+        fields = {k: v for k, v in table.items() if k not in _BATCH_KEYS}
+        try:
+            card = ModelCard.from_dict({"name": name, **fields})
+        except LlmosError as exc:
+            raise ConfigError(f"{where}: {exc.message}") from exc
+        return self._deployment(name, card, self._settings(table))
+
+    def _settings(self, overrides: Mapping[str, Any]) -> BatchSettings:
+        """The runtime defaults with a deployment's or card's own batching keys."""
+        return attrs.evolve(
+            self.defaults, **{k: overrides[k] for k in _BATCH_KEYS if k in overrides}
+        )
+
+    def _deployment(self, key: str, card: ModelCard, settings: BatchSettings) -> Deployment:
+        registered = self.kernel.plugins.providers.get(card.provider)
+        if registered is None:
+            have = ", ".join(sorted(self.kernel.plugins.providers)) or "none"
+            raise NotFoundError(
+                f"model {key!r} needs provider {card.provider!r}, which no loaded plugin "
+                f"offers (providers: {have}); install its plugin, or see `llmos plugins`"
+            )
+        spec = registered.spec
+        if not spec.batching:
+            settings = attrs.evolve(settings, batching=False)
+        return Deployment(key, card, registered.plugin, spec, settings)
+
+    # -- loading --------------------------------------------------------------
+
+    def get(self, name: str) -> ModelWorker:
+        """The running worker for ``name``, loading the model on first use."""
+        deployment = self.resolve(name)
+        with self._lock:
+            worker = self._workers.get(deployment.key)
+            if worker is not None:
+                return worker
+            lock = self._locks.setdefault(deployment.key, threading.Lock())
+        with lock:
+            with self._lock:
+                worker = self._workers.get(deployment.key)
+            if worker is None:
+                worker = self._load(deployment)
+                with self._lock:
+                    self._workers[deployment.key] = worker
+        return worker
+
+    def _load(self, deployment: Deployment) -> ModelWorker:
+        card = deployment.card
+        path = None
+        if card.source:
+            parsed = check_source(card.source, self.kernel.registry.policy)
+            path = parsed.path
+        cache_dir = self.kernel.home / "cache" / deployment.spec.name
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        self._make_room(4 * (card.parameters or 0))
+        request = LoadRequest(
+            card=card,
+            options=self.kernel.plugin_options(deployment.provider),
+            path=Path(path) if path is not None else None,
+            cache_dir=cache_dir,
+        )
+        started = time.perf_counter()
+        log.info("runtime.loading", model=deployment.key, provider=card.provider)
+        try:
+            model = deployment.spec.load(request)
+        except LlmosError:
+            raise
+        except Exception as exc:
+            raise LlmosError(
+                f"provider {card.provider!r} failed to load {deployment.key!r}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        seconds = time.perf_counter() - started
+        settings = deployment.settings
+        reported = getattr(model, "max_batch_size", None)
+        if isinstance(reported, int) and reported < settings.max_batch_size:
+            settings = attrs.evolve(settings, max_batch_size=reported)
+        elif reported is None:
+            settings = attrs.evolve(settings, batching=False)
+        worker = ModelWorker(deployment.key, model, settings, self.kernel.emit)
+        self.kernel.emit(
+            MonitorEvent(
+                kind="model.loaded",
+                model=deployment.key,
+                fields={"load_s": seconds, "provider": card.provider},
+            )
+        )
+        log.info("runtime.loaded", model=deployment.key, seconds=round(seconds, 3))
+        return worker
+
+    def _make_room(self, needed: int) -> None:
+        """Unload idle models, least recently used first, until ``needed``
+        more bytes fit in the budget (or nothing idle is left)."""
+        while True:
+            with self._lock:
+                used = sum(_footprint(w) for w in self._workers.values())
+                if used + needed <= self.budget:
+                    return
+                idle = sorted(
+                    (w for w in self._workers.values() if not w.busy), key=lambda w: w.last_used
+                )
+                if not idle:
+                    log.warning("runtime.over_budget", used=used, needed=needed, budget=self.budget)
+                    return
+                victim = idle[0]
+                del self._workers[victim.name]
+            self._close(victim, "memory budget")
+
+    def unload_idle(self) -> list[str]:
+        """Unload models idle longer than ``runtime.idle_unload_s``."""
+        if not self.idle_unload_s:
+            return []
+        now = time.monotonic()
+        with self._lock:
+            victims = [
+                w
+                for w in self._workers.values()
+                if not w.busy and now - w.last_used > self.idle_unload_s
+            ]
+            for worker in victims:
+                del self._workers[worker.name]
+        for worker in victims:
+            self._close(worker, "idle")
+        return [w.name for w in victims]
+
+    def unload(self, key: str) -> bool:
+        with self._lock:
+            worker = self._workers.pop(key, None)
+        if worker is not None:
+            self._close(worker, "requested")
+        return worker is not None
+
+    def loaded(self) -> list[ModelWorker]:
+        with self._lock:
+            return list(self._workers.values())
+
+    def close(self) -> None:
+        with self._lock:
+            workers, self._workers = list(self._workers.values()), {}
+        for worker in workers:
+            self._close(worker, "shutdown")
+
+    def _close(self, worker: ModelWorker, why: str) -> None:
+        worker.close()
+        self.kernel.emit(
+            MonitorEvent(kind="model.unloaded", model=worker.name, fields={"why": why})
+        )
+        log.info("runtime.unloaded", model=worker.name, why=why)

@@ -1,0 +1,352 @@
+"""One loaded model and the thread that runs every call to it.
+
+Models are not thread-safe in general (a torch module, a tokenizer), and on a
+small machine one call at a time is also the fastest. So each loaded model
+gets one worker thread and a bounded queue in front of it. Concurrent requests
+for the same capability are grouped into one batch — up to
+``max_batch_size`` requests, waiting at most ``max_wait_ms`` after the first —
+which is where a batching backend earns its throughput. A full queue refuses
+new work at once (:class:`~llmos.errors.Overloaded`, HTTP 429) instead of
+letting latency grow without bound.
+
+Callers get a :class:`concurrent.futures.Future` (sync code waits on it, the
+daemon wraps it for asyncio) or, for streaming, a :class:`StreamHandle` that
+can be cancelled when the client goes away.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import attrs
+import structlog
+
+from llmos.errors import CapabilityNotSupported, LlmosError, Overloaded
+from llmos.types import Capability, LoadedModel, ModelCard, MonitorEvent, StreamChunk, Usage
+
+log = structlog.get_logger("llmos.runtime")
+
+#: capabilities whose requests can be grouped into one call
+BATCHED = (Capability.COMPLETE, Capability.CHAT, Capability.EMBED, Capability.CLASSIFY)
+
+
+@attrs.frozen(kw_only=True)
+class BatchSettings:
+    """How requests to one model are queued and grouped."""
+
+    max_batch_size: int = 8
+    max_wait_ms: float = 5.0
+    max_queue: int = 64
+    #: ``False``: the backend batches on its own; the worker sends one request a call
+    batching: bool = True
+
+
+@attrs.define(eq=False)
+class _Job:
+    capability: Capability
+    requests: Sequence[Any]
+    future: concurrent.futures.Future[list[Any]]
+    enqueued: float
+    stream: StreamHandle | None = None
+
+
+_END = object()
+
+
+class StreamHandle:
+    """Chunks of one streamed request, as they come.
+
+    Iterate it (blocking) or call :meth:`get` with a timeout; :meth:`cancel`
+    stops the generation at the next token — what the daemon does when a
+    client disconnects.
+    """
+
+    def __init__(self) -> None:
+        self._chunks: queue.Queue[Any] = queue.Queue()
+        self.cancelled = threading.Event()
+        self.first_chunk_at: float | None = None
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def put(self, chunk: StreamChunk) -> None:
+        if self.first_chunk_at is None:
+            self.first_chunk_at = time.perf_counter()
+        self._chunks.put(chunk)
+
+    def finish(self, error: BaseException | None = None) -> None:
+        self._chunks.put(error if error is not None else _END)
+
+    def get(self, timeout: float | None = None) -> StreamChunk | None:
+        """The next chunk; ``None`` at the end. Raises what the model raised,
+        or :class:`queue.Empty` after ``timeout``."""
+        item = self._chunks.get(timeout=timeout)
+        if item is _END:
+            return None
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def __iter__(self) -> Iterator[StreamChunk]:
+        while (chunk := self.get()) is not None:
+            yield chunk
+
+
+class ModelWorker:
+    """Runs one loaded model: a bounded queue, a thread, batching, events."""
+
+    def __init__(
+        self,
+        name: str,
+        model: LoadedModel,
+        settings: BatchSettings,
+        emit: Callable[[MonitorEvent], None],
+    ) -> None:
+        self.name = name
+        self.model = model
+        self.settings = settings
+        self._emit = emit
+        self._jobs: deque[_Job] = deque()
+        self._queued_requests = 0
+        self._cond = threading.Condition()
+        self._closed = False
+        self.in_flight = 0
+        self.last_used = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name=f"llmos-model-{name}", daemon=True)
+        self._thread.start()
+
+    @property
+    def card(self) -> ModelCard:
+        return self.model.card
+
+    @property
+    def busy(self) -> bool:
+        with self._cond:
+            return bool(self._jobs) or self.in_flight > 0
+
+    def check(self, capability: Capability) -> None:
+        if capability not in self.model.capabilities:
+            have = ", ".join(sorted(self.model.capabilities)) or "nothing"
+            raise CapabilityNotSupported(
+                f"model {self.name!r} does not support {capability}; it supports: {have}"
+            )
+
+    def submit(
+        self, capability: Capability, requests: Sequence[Any]
+    ) -> concurrent.futures.Future[list[Any]]:
+        """Queue ``requests`` (one caller's batch); the future gets their results."""
+        self.check(capability)
+        job = _Job(capability, list(requests), concurrent.futures.Future(), time.perf_counter())
+        self._enqueue(job, len(job.requests))
+        return job.future
+
+    def submit_stream(self, request: Any) -> StreamHandle:
+        """Queue one streamed request; read its chunks from the handle."""
+        self.check(Capability.STREAM)
+        handle = StreamHandle()
+        job = _Job(
+            Capability.STREAM, [request], concurrent.futures.Future(), time.perf_counter(), handle
+        )
+        self._enqueue(job, 1)
+        return handle
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Finish what is queued, stop the thread, release the model."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+        try:
+            self.model.close()
+        except Exception as exc:
+            log.warning("runtime.close_failed", model=self.name, error=repr(exc))
+
+    # -- internals ----------------------------------------------------------
+
+    def _enqueue(self, job: _Job, size: int) -> None:
+        with self._cond:
+            if self._closed:
+                raise Overloaded(f"model {self.name!r} is being unloaded; retry")
+            if self._queued_requests + size > self.settings.max_queue:
+                self._emit(self._event(job, "rejected", {"error": "queue full"}))
+                raise Overloaded(
+                    f"model {self.name!r} has {self._queued_requests} requests queued "
+                    f"(limit {self.settings.max_queue}); retry shortly"
+                )
+            self._jobs.append(job)
+            self._queued_requests += size
+            self.last_used = time.monotonic()
+            self._cond.notify()
+
+    def _take(self) -> list[_Job] | None:
+        """The next batch: the first job plus, for a batched capability, the
+        jobs of the same capability that arrive within ``max_wait_ms``."""
+        with self._cond:
+            while not self._jobs:
+                if self._closed:
+                    return None
+                self._cond.wait()
+            first = self._jobs.popleft()
+            batch, size = [first], len(first.requests)
+            limit = self.settings.max_batch_size
+            if first.capability in BATCHED and self.settings.batching:
+                deadline = first.enqueued + self.settings.max_wait_ms / 1000
+                while size < limit:
+                    match = next(
+                        (
+                            j
+                            for j in self._jobs
+                            if j.capability is first.capability and size + len(j.requests) <= limit
+                        ),
+                        None,
+                    )
+                    if match is not None:
+                        self._jobs.remove(match)
+                        batch.append(match)
+                        size += len(match.requests)
+                        continue
+                    remaining = deadline - time.perf_counter()
+                    if remaining <= 0 or self._closed:
+                        break
+                    self._cond.wait(remaining)
+            self._queued_requests -= size
+            self.in_flight += size
+            return batch
+
+    def _run(self) -> None:
+        while (batch := self._take()) is not None:
+            # A caller that gave up (timeout, disconnect) before its turn
+            # costs nothing.
+            live = [job for job in batch if job.future.set_running_or_notify_cancel()]
+            try:
+                if live and live[0].stream is not None:
+                    self._run_stream(live[0])
+                elif live:
+                    self._run_batch(live)
+            except BaseException as exc:  # never let the thread die silently
+                log.exception("runtime.worker_crashed", model=self.name, error=repr(exc))
+            finally:
+                with self._cond:
+                    self.in_flight -= sum(len(job.requests) for job in batch)
+                    self.last_used = time.monotonic()
+
+    def _call(self, capability: Capability, requests: Sequence[Any]) -> list[Any]:
+        results = list(getattr(self.model, str(capability))(requests))
+        if len(results) != len(requests):
+            raise LlmosError(
+                f"model {self.name!r} returned {len(results)} results for {len(requests)} "
+                f"{capability} requests"
+            )
+        return results
+
+    def _run_batch(self, jobs: list[_Job]) -> None:
+        capability = jobs[0].capability
+        started = time.perf_counter()
+        requests = [r for job in jobs for r in job.requests]
+        try:
+            results = self._call(capability, requests)
+        except Exception as exc:
+            if len(jobs) == 1:
+                self._fail(jobs[0], exc, started, len(requests))
+                return
+            # One bad request must not fail its neighbours: run each alone.
+            for job in jobs:
+                self._run_batch([job])
+            return
+        finished = time.perf_counter()
+        offset = 0
+        for job in jobs:
+            mine = results[offset : offset + len(job.requests)]
+            offset += len(job.requests)
+            job.future.set_result(mine)
+            self._emit(
+                self._event(
+                    job,
+                    "ok",
+                    {
+                        "queue_wait_s": started - job.enqueued,
+                        "latency_s": finished - job.enqueued,
+                        "model_s": finished - started,
+                        "batch_size": len(requests),
+                        **_tokens(mine),
+                    },
+                )
+            )
+
+    def _run_stream(self, job: _Job) -> None:
+        handle = job.stream
+        assert handle is not None
+        started = time.perf_counter()
+        usage: Usage | None = None
+        chunks = 0
+        status = "ok"
+        stream = self.model.stream(job.requests)
+        try:
+            for chunk in stream:
+                if handle.cancelled.is_set():
+                    status = "cancelled"
+                    break
+                handle.put(chunk)
+                chunks += 1
+                usage = chunk.usage or usage
+        except Exception as exc:
+            handle.finish(exc)
+            job.future.set_result([])
+            self._emit(self._event(job, "error", _error_fields(exc, started, job)))
+            return
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()  # stops a generator mid-generation
+        handle.finish()
+        job.future.set_result([])
+        finished = time.perf_counter()
+        fields: dict[str, Any] = {
+            "queue_wait_s": started - job.enqueued,
+            "latency_s": finished - job.enqueued,
+            "model_s": finished - started,
+            "batch_size": 1,
+            "chunks": chunks,
+        }
+        if handle.first_chunk_at is not None:
+            fields["ttft_s"] = handle.first_chunk_at - job.enqueued
+        if usage is not None:
+            fields.update(tokens_in=usage.prompt_tokens, tokens_out=usage.completion_tokens)
+        self._emit(self._event(job, status, fields))
+
+    def _fail(self, job: _Job, exc: Exception, started: float, size: int) -> None:
+        job.future.set_exception(exc)
+        fields = _error_fields(exc, started, job)
+        fields["batch_size"] = size
+        self._emit(self._event(job, "error", fields))
+
+    def _event(self, job: _Job, status: str, fields: dict[str, Any]) -> MonitorEvent:
+        return MonitorEvent(
+            kind="request",
+            model=self.name,
+            capability=str(job.capability),
+            fields={"status": status, "requests": len(job.requests), **fields},
+        )
+
+
+def _tokens(results: Sequence[Any]) -> dict[str, int]:
+    usages = [r.usage for r in results if getattr(r, "usage", None) is not None]
+    return {
+        "tokens_in": sum(u.prompt_tokens for u in usages),
+        "tokens_out": sum(u.completion_tokens for u in usages),
+    }
+
+
+def _error_fields(exc: BaseException, started: float, job: _Job) -> dict[str, Any]:
+    return {
+        "queue_wait_s": started - job.enqueued,
+        "latency_s": time.perf_counter() - job.enqueued,
+        "error": getattr(exc, "type", type(exc).__name__),
+        "message": str(exc)[:500],
+    }

@@ -1,0 +1,316 @@
+"""The kernel runtime: resolution, lazy loading, batching, queues, events.
+
+The models here are a real provider plugin registered in-process: a small
+deterministic model whose calls the tests can observe (batch sizes, loads,
+cancellation), which is what these properties are about.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from llmos.config import load_config
+from llmos.errors import (
+    CapabilityNotSupported,
+    ConfigError,
+    NotFoundError,
+    Overloaded,
+    RequestTimeout,
+)
+from llmos.plugin import hookimpl
+from llmos.runtime.kernel import Kernel
+from llmos.types import (
+    Capability,
+    CompletionRequest,
+    CompletionResult,
+    LoadRequest,
+    ModelBase,
+    ModelCard,
+    MonitorEvent,
+    MonitorSinkSpec,
+    ProviderSpec,
+    StreamChunk,
+    Usage,
+)
+
+
+class Upper(ModelBase):
+    """Completes a prompt with itself upper-cased; records every call."""
+
+    capabilities = frozenset({Capability.COMPLETE, Capability.STREAM})
+
+    def __init__(self, card: ModelCard, recorder: Recorder) -> None:
+        super().__init__(card)
+        self.recorder = recorder
+        # max_batch_size None: the backend batches on its own (as vLLM does)
+        self.max_batch_size = None if card.options.get("own") else card.options.get("batch", 8)
+
+    def complete(self, requests: Sequence[CompletionRequest]) -> list[CompletionResult]:
+        self.recorder.batches.append(len(requests))
+        delay = self.card.options.get("delay", 0)
+        if delay:
+            self.recorder.started.set()
+            time.sleep(delay)
+        if any(r.prompt == "boom" for r in requests):
+            raise ValueError("cannot complete 'boom'")
+        return [
+            CompletionResult(
+                text=r.prompt.upper(),
+                usage=Usage(prompt_tokens=len(r.prompt), completion_tokens=len(r.prompt)),
+            )
+            for r in requests
+        ]
+
+    def stream(self, requests: Sequence[CompletionRequest]) -> Iterator[StreamChunk]:
+        try:
+            for i in range(1000):
+                time.sleep(0.01)
+                self.recorder.tokens += 1
+                yield StreamChunk(index=0, text=str(i))
+            yield StreamChunk(index=0, text="", finish_reason="stop", usage=Usage())
+        finally:
+            self.recorder.stream_closed.set()
+
+    def close(self) -> None:
+        self.recorder.closed.append(self.card.name)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.loads: list[str] = []
+        self.batches: list[int] = []
+        self.closed: list[str] = []
+        self.events: list[MonitorEvent] = []
+        self.tokens = 0
+        self.started = threading.Event()
+        self.stream_closed = threading.Event()
+
+
+class UpperPlugin:
+    def __init__(self, recorder: Recorder) -> None:
+        self.recorder = recorder
+
+    @hookimpl
+    def llmos_register_providers(self, register):
+        def load(request: LoadRequest) -> Upper:
+            self.recorder.loads.append(request.card.name)
+            time.sleep(0.05)  # loading takes a moment: concurrent first calls overlap
+            return Upper(request.card, self.recorder)
+
+        register(ProviderSpec(name="upper", load=load))
+
+    @hookimpl
+    def llmos_register_monitor_sinks(self, register):
+        recorder = self.recorder
+
+        class Sink:
+            def emit(self, event):
+                recorder.events.append(event)
+
+            def close(self):
+                pass
+
+        register(MonitorSinkSpec(name="recorder", create=lambda options: Sink()))
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+def make_kernel(tmp_path: Path, recorder: Recorder):
+    kernels: list[Kernel] = []
+
+    def make(*overrides: str) -> Kernel:
+        kernel = Kernel(
+            load_config(
+                overrides=list(overrides),
+                env={"LLMOS_HOME": str(tmp_path / "home"), "LLMOS_LOAD_PLUGINS": ""},
+            )
+        )
+        kernel.load_plugins()
+        kernel.plugins.register(UpperPlugin(recorder), "upper-plugin")
+        kernel.start()
+        kernels.append(kernel)
+        return kernel
+
+    yield make
+    for kernel in kernels:
+        kernel.stop()
+
+
+def prompts(*texts: str) -> list[CompletionRequest]:
+    return [CompletionRequest(prompt=t) for t in texts]
+
+
+def test_a_configured_deployment_resolves_and_loads_once(make_kernel, recorder) -> None:
+    kernel = make_kernel('models.shout.provider="upper"', "models.shout.options.batch=4")
+    results: list[list[CompletionResult]] = []
+
+    def call(text: str) -> None:
+        results.append(kernel.call("shout", Capability.COMPLETE, prompts(text)))
+
+    threads = [threading.Thread(target=call, args=(f"p{i}",)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert recorder.loads == ["shout"], "concurrent first requests must share one load"
+    assert sorted(r[0].text for r in results) == [f"P{i}" for i in range(6)]
+
+
+def test_a_registered_model_resolves_by_name_version_and_alias(make_kernel, recorder) -> None:
+    kernel = make_kernel()
+    kernel.registry.register(ModelCard(name="acme/up", provider="upper", description="v1"))
+    kernel.registry.register(ModelCard(name="acme/up", provider="upper", description="v2"))
+    kernel.registry.store.set_alias("acme/up", "prod", 1)
+    assert kernel.models.resolve("acme/up").key == "acme/up@2"
+    assert kernel.models.resolve("acme/up@prod").key == "acme/up@1"
+    assert kernel.call("acme/up@1", "complete", prompts("hi"))[0].text == "HI"
+
+
+def test_unknown_model_and_unknown_provider_say_what_to_do(make_kernel) -> None:
+    kernel = make_kernel('models.orphan.provider="nope"', "models.bad.colour=1")
+    with pytest.raises(NotFoundError, match=r"'ghost' not found.*llmos models search"):
+        kernel.call("ghost", "complete", prompts("x"))
+    with pytest.raises(NotFoundError, match=r"provider 'nope'.*providers: upper"):
+        kernel.call("orphan", "complete", prompts("x"))
+    with pytest.raises(ConfigError, match=r"\[models.bad\]: unknown key"):
+        kernel.call("bad", "complete", prompts("x"))
+
+
+def test_concurrent_requests_are_grouped_into_batches(make_kernel, recorder) -> None:
+    kernel = make_kernel(
+        'models.up.provider="upper"', "models.up.max_wait_ms=200", "models.up.options.batch=8"
+    )
+    kernel.call("up", "complete", prompts("warm"))  # load first
+    recorder.batches.clear()
+    futures = [kernel.submit("up", "complete", prompts(f"r{i}")) for i in range(8)]
+    assert [f.result(10)[0].text for f in futures] == [f"R{i}" for i in range(8)]
+    assert recorder.batches == [8], "eight requests inside the wait window make one call"
+
+
+def test_batching_steps_aside_for_a_model_that_batches_on_its_own(make_kernel, recorder) -> None:
+    kernel = make_kernel(
+        'models.up.provider="upper"', "models.up.max_wait_ms=200", "models.up.options.own=true"
+    )
+    futures = [kernel.submit("up", "complete", prompts(f"r{i}")) for i in range(4)]
+    assert [f.result(10)[0].text for f in futures] == [f"R{i}" for i in range(4)]
+    assert recorder.batches == [1, 1, 1, 1]
+
+
+def test_one_bad_request_does_not_fail_its_batch_neighbours(make_kernel, recorder) -> None:
+    kernel = make_kernel('models.up.provider="upper"', "models.up.max_wait_ms=200")
+    kernel.call("up", "complete", prompts("warm"))
+    futures = [kernel.submit("up", "complete", prompts(t)) for t in ("a", "boom", "c")]
+    assert futures[0].result(10)[0].text == "A"
+    assert futures[2].result(10)[0].text == "C"
+    with pytest.raises(ValueError, match="boom"):
+        futures[1].result(10)
+
+
+def test_a_full_queue_answers_overloaded(make_kernel, recorder) -> None:
+    kernel = make_kernel(
+        'models.slow.provider="upper"',
+        "models.slow.options.delay=0.5",
+        "models.slow.max_queue=2",
+        "models.slow.options.batch=1",
+    )
+    first = kernel.submit("slow", "complete", prompts("a"))
+    assert recorder.started.wait(5)
+    queued = [kernel.submit("slow", "complete", prompts(t)) for t in ("b", "c")]
+    with pytest.raises(Overloaded, match="limit 2"):
+        kernel.submit("slow", "complete", prompts("d"))
+    assert [f.result(10)[0].text for f in (first, *queued)] == ["A", "B", "C"]
+    rejected = [e for e in recorder.events if e.fields.get("status") == "rejected"]
+    assert len(rejected) == 1 and rejected[0].model == "slow"
+
+
+def test_timeout_takes_the_request_out_of_the_queue(make_kernel, recorder) -> None:
+    kernel = make_kernel(
+        'models.slow.provider="upper"',
+        "models.slow.options.delay=0.5",
+        "models.slow.options.batch=1",
+    )
+    blocker = kernel.submit("slow", "complete", prompts("a"))
+    assert recorder.started.wait(5)
+    with pytest.raises(RequestTimeout):
+        kernel.call("slow", "complete", prompts("late"), timeout=0.1)
+    blocker.result(10)
+    kernel.call("slow", "complete", prompts("b"))
+    assert recorder.batches == [1, 1], "the timed-out request never reached the model"
+
+
+def test_cancelling_a_stream_stops_the_generation(make_kernel, recorder) -> None:
+    kernel = make_kernel('models.up.provider="upper"')
+    handle = kernel.stream("up", CompletionRequest(prompt="x"))
+    first = [handle.get(timeout=5) for _ in range(3)]
+    assert [c.text for c in first] == ["0", "1", "2"]
+    handle.cancel()
+    assert recorder.stream_closed.wait(5), "the model's generator was closed"
+    assert recorder.tokens < 100
+    time.sleep(0.1)
+    event = next(e for e in recorder.events if e.capability == "stream")
+    assert event.fields["status"] == "cancelled" and event.fields["ttft_s"] > 0
+
+
+def test_every_call_emits_one_request_event(make_kernel, recorder) -> None:
+    kernel = make_kernel('models.up.provider="upper"')
+    kernel.call("up", "complete", prompts("abc", "de"))
+    kernel.stop()
+    (event,) = [e for e in recorder.events if e.kind == "request"]
+    assert (event.model, event.capability) == ("up", "complete")
+    fields = event.fields
+    assert fields["status"] == "ok" and fields["requests"] == 2 and fields["batch_size"] == 2
+    assert (fields["tokens_in"], fields["tokens_out"]) == (5, 5)
+    assert fields["latency_s"] >= fields["model_s"] >= 0 and fields["queue_wait_s"] >= 0
+    assert any(e.kind == "model.loaded" and e.model == "up" for e in recorder.events)
+
+
+def test_capability_not_declared_is_refused_before_queueing(make_kernel) -> None:
+    kernel = make_kernel('models.up.provider="upper"')
+    with pytest.raises(CapabilityNotSupported, match="supports: complete, stream"):
+        kernel.call("up", "embed", [])
+
+
+def test_idle_models_are_unloaded_lru_under_the_memory_budget(make_kernel, recorder) -> None:
+    kernel = make_kernel(
+        "runtime.memory_budget_mb=10",
+        'models.a.provider="upper"',
+        "models.a.parameters=1500000",  # 6 MB at 4 bytes a parameter
+        'models.b.provider="upper"',
+        "models.b.parameters=1500000",
+    )
+    kernel.call("a", "complete", prompts("x"))
+    kernel.call("b", "complete", prompts("x"))
+    assert recorder.closed == ["a"], "a was idle and least recently used"
+    assert [w.name for w in kernel.models.loaded()] == ["b"]
+    kernel.call("a", "complete", prompts("x"))
+    assert recorder.loads == ["a", "b", "a"]
+
+
+def test_acall_works_from_asyncio_and_cancellation_frees_the_slot(make_kernel, recorder) -> None:
+    kernel = make_kernel(
+        'models.slow.provider="upper"',
+        "models.slow.options.delay=0.3",
+        "models.slow.options.batch=1",
+    )
+
+    async def scenario() -> str:
+        blocker = asyncio.ensure_future(kernel.acall("slow", "complete", prompts("a")))
+        await asyncio.sleep(0.05)
+        doomed = asyncio.ensure_future(kernel.acall("slow", "complete", prompts("gone")))
+        await asyncio.sleep(0.05)
+        doomed.cancel()  # the client went away while queued
+        await blocker
+        return (await kernel.acall("slow", "complete", prompts("b")))[0].text
+
+    assert asyncio.run(scenario()) == "B"
+    assert recorder.batches == [1, 1], "the cancelled request never reached the model"
