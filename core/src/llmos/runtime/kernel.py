@@ -126,16 +126,21 @@ class Kernel:
         capability: Capability,
         requests: Sequence[Any],
         timeout: float | None = None,
+        timing: dict[str, float] | None = None,
     ) -> list[Any]:
         """:meth:`call` for asyncio: a cancelled caller (a client that went
-        away) takes its requests out of the queue."""
+        away) takes its requests out of the queue. ``timing``, when given, is
+        filled with the call's queue wait, model time and batch size."""
         worker = await asyncio.to_thread(self.models.get, model)
         future = worker.submit(Capability(capability), requests)
         limit = timeout or self.request_timeout
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), limit)
+            results = await asyncio.wait_for(asyncio.wrap_future(future), limit)
         except TimeoutError:
             raise RequestTimeout(f"{capability} on {model!r} took longer than {limit} s") from None
+        if timing is not None:
+            timing.update(getattr(future, "timing", {}))
+        return results
 
     def stream(self, model: str, request: Any) -> StreamHandle:
         """Start streaming one request; iterate the handle, cancel it to stop."""

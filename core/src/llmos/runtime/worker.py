@@ -264,20 +264,16 @@ class ModelWorker:
         for job in jobs:
             mine = results[offset : offset + len(job.requests)]
             offset += len(job.requests)
+            timing = {
+                "queue_wait_s": started - job.enqueued,
+                "latency_s": finished - job.enqueued,
+                "model_s": finished - started,
+                "batch_size": len(requests),
+            }
+            # Read by the daemon for its x-llmos-overhead-ms header.
+            job.future.timing = timing  # type: ignore[attr-defined]
             job.future.set_result(mine)
-            self._emit(
-                self._event(
-                    job,
-                    "ok",
-                    {
-                        "queue_wait_s": started - job.enqueued,
-                        "latency_s": finished - job.enqueued,
-                        "model_s": finished - started,
-                        "batch_size": len(requests),
-                        **_tokens(mine),
-                    },
-                )
-            )
+            self._emit(self._event(job, "ok", {**timing, **_tokens(mine)}))
 
     def _run_stream(self, job: _Job) -> None:
         handle = job.stream

@@ -36,6 +36,8 @@ from llmos.server.middleware import (
     error_body,
     error_headers,
 )
+from llmos.server.models_api import models_router, push_body_limit
+from llmos.server.openai_api import openai_router
 from llmos.types import RouteSpec
 
 log = structlog.get_logger("llmos.server")
@@ -146,7 +148,9 @@ def create_app(kernel: Kernel) -> FastAPI:
     """Build the daemon's app for ``kernel`` (loading its plugins if needed).
 
     The app has the probes ``/healthz`` and ``/readyz``, the OpenAPI schema at
-    ``/openapi.json``, and every plugin's routes (``llmos_register_routes``);
+    ``/openapi.json``, the registry's routes (:mod:`llmos.server.models_api`),
+    the OpenAI-compatible routes (:mod:`llmos.server.openai_api`),
+    and every plugin's routes (``llmos_register_routes``);
     a plugin whose route collides with the kernel's or another plugin's is
     failed with a :class:`~llmos.errors.DuplicateNameError` naming both, and
     none of its routes is mounted. ``app.state.kernel`` is the kernel,
@@ -178,13 +182,19 @@ def create_app(kernel: Kernel) -> FastAPI:
     app.state.kernel = kernel
     app.state.daemon = daemon
     app.include_router(_probes())
+    app.include_router(models_router(kernel))
+    app.include_router(openai_router(kernel))
     _mount_plugin_routes(app, kernel)
 
     app.add_exception_handler(LlmosError, _llmos_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     # add_middleware wraps what is there, so the last added runs first.
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        limit_for=push_body_limit(kernel),
+    )
     app.add_middleware(AccessMiddleware, state=daemon, api_keys=settings.api_keys)
     app.add_middleware(RequestContextMiddleware, state=daemon)
     return app

@@ -27,7 +27,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -43,6 +43,7 @@ __all__ = [
     "RETRY_AFTER_SECONDS",
     "AccessMiddleware",
     "BodyLimitMiddleware",
+    "LimitChooser",
     "RequestContextMiddleware",
     "error_body",
     "error_headers",
@@ -275,6 +276,11 @@ class AccessMiddleware:
 # --------------------------------------------------------------------------
 
 
+#: picks the body cap of one request: ``(bytes, name of the setting)``, or
+#: ``None`` for the global ``server.max_body_bytes``
+LimitChooser = Callable[[Scope], tuple[int, str] | None]
+
+
 class BodyLimitMiddleware:
     """Refuse request bodies over ``max_body_bytes`` with 413.
 
@@ -283,23 +289,29 @@ class BodyLimitMiddleware:
     first chunk over the cap the app is told the client went away, whatever
     it answers to that is dropped, and the client gets the 413 instead — so
     the app never sees more than the cap.
+
+    ``limit_for`` gives some requests another cap (a model push takes
+    ``registry.max_push_bytes``); the rest keep ``max_body_bytes``.
     """
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, *, max_body_bytes: int, limit_for: LimitChooser | None = None
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.limit_for = limit_for
 
-    def _message(self, size: int | None = None) -> str:
+    @staticmethod
+    def _message(limit: int, setting: str, size: int | None = None) -> str:
         what = "request body" if size is None else f"request body of {size} bytes"
-        return (
-            f"{what} is larger than the limit of {self.max_body_bytes} bytes "
-            "(server.max_body_bytes)"
-        )
+        return f"{what} is larger than the limit of {limit} bytes ({setting})"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        chosen = self.limit_for(scope) if self.limit_for is not None else None
+        limit, setting = chosen or (self.max_body_bytes, "server.max_body_bytes")
         declared = _header(scope, b"content-length")
         if declared is not None:
             try:
@@ -307,8 +319,10 @@ class BodyLimitMiddleware:
             except ValueError:
                 await send_error(send, 400, "invalid_request_error", "invalid Content-Length")
                 return
-            if size > self.max_body_bytes:
-                await send_error(send, 413, "payload_too_large", self._message(size))
+            if size > limit:
+                await send_error(
+                    send, 413, "payload_too_large", self._message(limit, setting, size)
+                )
                 return
 
         received = 0
@@ -322,7 +336,7 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
+                if received > limit:
                     too_large = True
                     return {"type": "http.disconnect"}
             return message
@@ -344,6 +358,6 @@ class BodyLimitMiddleware:
                 raise
         if too_large:
             if response_started:
-                log.warning("http.body_too_large_after_response", limit=self.max_body_bytes)
+                log.warning("http.body_too_large_after_response", limit=limit, setting=setting)
             else:
-                await send_error(send, 413, "payload_too_large", self._message())
+                await send_error(send, 413, "payload_too_large", self._message(limit, setting))
