@@ -27,6 +27,7 @@ from llmos.registry.service import (  # also registers the [registry] config sec
     DiscoverReport,
     Registry,
 )
+from llmos.runtime import limits as _limits  # noqa: F401  (registers [api])
 from llmos.runtime.models import ModelManager
 from llmos.runtime.worker import StreamHandle
 from llmos.types import Capability, MonitorEvent, MonitorSink

@@ -79,6 +79,9 @@ def error_headers(status: int) -> dict[str, str]:
         return {"WWW-Authenticate": "Bearer"}
     if status == 503:
         return {"Retry-After": str(RETRY_AFTER_SECONDS)}
+    if status == 429:
+        # a model's queue is full: it drains within a batch or two
+        return {"Retry-After": "1"}
     if status == 413:
         # The rest of an oversized body is never read, so the connection
         # cannot carry another request.

@@ -23,8 +23,6 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from llmos.config import Field as ConfigField
-from llmos.config import register_section
 from llmos.errors import UsageError
 from llmos.runtime.kernel import Kernel
 from llmos.types import (
@@ -37,26 +35,6 @@ from llmos.types import (
     Sampling,
     StreamChunk,
     Usage,
-)
-
-register_section(
-    "api",
-    {
-        "max_tokens": ConfigField(
-            "int", 4096, "Largest max_tokens a request may ask for.", check=lambda n: n >= 1
-        ),
-        "max_n": ConfigField("int", 8, "Most choices (n) per request.", check=lambda n: n >= 1),
-        "max_prompt_chars": ConfigField(
-            "int", 200_000, "Longest prompt or message text, in characters.", check=lambda n: n > 0
-        ),
-        "max_inputs": ConfigField(
-            "int",
-            256,
-            "Most inputs in one embeddings, completions or classify request.",
-            check=lambda n: n >= 1,
-        ),
-    },
-    doc="Caps on the OpenAI-compatible API's requests.",
 )
 
 
