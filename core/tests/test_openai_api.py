@@ -259,3 +259,10 @@ def test_overhead_header_is_small_and_excludes_the_model(daemon) -> None:
     overhead = float(response.headers["x-llmos-overhead-ms"])
     assert overhead >= 0
     assert int(response.headers["x-llmos-batch-size"]) == 1
+
+
+def test_a_stream_for_an_unknown_model_is_an_ordinary_404(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError, match="'ghost' not found"):
+        client.chat.completions.create(
+            model="ghost", messages=[{"role": "user", "content": "x"}], stream=True
+        )

@@ -25,6 +25,7 @@ from llmos import __version__
 from llmos.errors import LlmosError
 from llmos.logs import configure_logging
 from llmos.registry.commands import models_group
+from llmos.runtime.commands import inference_commands
 from llmos.runtime.kernel import Kernel
 from llmos.types import CommandSpec
 
@@ -224,6 +225,8 @@ def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
 
 
 cli.add_command(models_group(lambda ctx: current_kernel(ctx).registry))
+for _command in inference_commands(current_kernel):
+    cli.add_command(_command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

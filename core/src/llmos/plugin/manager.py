@@ -240,7 +240,8 @@ class PluginManager:
         """A second plugin under a name already in use fails on its own,
         recorded under a key of its own, and leaves the first one alone."""
         holder = self._infos.get(info.name)
-        if holder is None:
+        # A plugin that was not loaded (disabled, not allowed) holds nothing.
+        if holder is None or holder.status in ("disabled", "not-allowed"):
             return False
         self._infos[f"{info.name} ({info.distribution or info.module})#{len(self._infos)}"] = info
         self._record_failure(

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from llmos.errors import UsageError
 from llmos.runtime.kernel import Kernel
+from llmos.runtime.worker import StreamHandle
 from llmos.types import (
     Capability,
     ChatMessage,
@@ -168,14 +169,26 @@ def _sse(data: Any) -> bytes:
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
-async def _stream_events(
+async def _stream_response(
     kernel: Kernel,
     model: str,
     request: CompletionRequest | ChatRequest,
     envelope: dict[str, Any],
     chat: bool,
-) -> AsyncIterator[bytes]:
+) -> StreamingResponse:
+    # Resolve, load and queue before the response starts, so that an unknown
+    # model or a full queue is an ordinary JSON error, not a broken stream.
     handle = await asyncio.to_thread(kernel.stream, model, request)
+    return StreamingResponse(
+        _stream_events(kernel, handle, envelope, chat),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _stream_events(
+    kernel: Kernel, handle: StreamHandle, envelope: dict[str, Any], chat: bool
+) -> AsyncIterator[bytes]:
     try:
         if chat:
             first = {**envelope, "choices": [{"index": 0, "delta": {"role": "assistant"}}]}
@@ -246,11 +259,7 @@ def openai_router(kernel: Kernel) -> APIRouter:
             if body.n != 1:
                 raise UsageError("stream with n > 1 is not supported", param="n")
             chunk_envelope = {**envelope, "object": "chat.completion.chunk"}
-            return StreamingResponse(
-                _stream_events(kernel, body.model, request, chunk_envelope, chat=True),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
+            return await _stream_response(kernel, body.model, request, chunk_envelope, chat=True)
         timing: dict[str, float] = {}
         results = await kernel.acall(body.model, Capability.CHAT, [request] * body.n, timing=timing)
         choices = [
@@ -287,11 +296,7 @@ def openai_router(kernel: Kernel) -> APIRouter:
         if body.stream:
             if len(requests) != 1:
                 raise UsageError("stream takes one prompt and n = 1", param="stream")
-            return StreamingResponse(
-                _stream_events(kernel, body.model, requests[0], envelope, chat=False),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
+            return await _stream_response(kernel, body.model, requests[0], envelope, chat=False)
         timing: dict[str, float] = {}
         results = await kernel.acall(body.model, Capability.COMPLETE, requests, timing=timing)
         choices = [
