@@ -314,3 +314,15 @@ def test_acall_works_from_asyncio_and_cancellation_frees_the_slot(make_kernel, r
 
     assert asyncio.run(scenario()) == "B"
     assert recorder.batches == [1, 1], "the cancelled request never reached the model"
+
+
+def test_without_a_wait_requests_queued_behind_a_busy_model_share_its_next_call(
+    make_kernel, recorder
+) -> None:
+    kernel = make_kernel('models.slow.provider="upper"', "models.slow.options.delay=0.3")
+    first = kernel.submit("slow", "complete", prompts("a"))
+    assert recorder.started.wait(5)
+    queued = [kernel.submit("slow", "complete", prompts(f"q{i}")) for i in range(5)]
+    assert first.result(10)[0].text == "A"
+    assert [f.result(10)[0].text for f in queued] == [f"Q{i}" for i in range(5)]
+    assert recorder.batches == [1, 5], "an idle model answers at once; the queue forms one batch"

@@ -54,8 +54,9 @@ register_section(
         ),
         "max_wait_ms": Field(
             "float",
-            5.0,
-            "How long the first request of a batch waits for others.",
+            0.0,
+            "How long the first request of a batch waits for others. 0: no wait;"
+            " requests that queue while the model is busy still share its next call.",
             check=lambda ms: ms >= 0,
         ),
         "max_queue": Field(
@@ -133,7 +134,7 @@ class ModelManager:
         self.idle_unload_s = float(runtime.get("idle_unload_s", 0.0))
         self.defaults = BatchSettings(
             max_batch_size=int(runtime.get("max_batch_size", 8)),
-            max_wait_ms=float(runtime.get("max_wait_ms", 5.0)),
+            max_wait_ms=float(runtime.get("max_wait_ms", 0.0)),
             max_queue=int(runtime.get("max_queue", 64)),
         )
         self._workers: dict[str, ModelWorker] = {}

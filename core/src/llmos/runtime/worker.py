@@ -2,10 +2,13 @@
 
 Models are not thread-safe in general (a torch module, a tokenizer), and on a
 small machine one call at a time is also the fastest. So each loaded model
-gets one worker thread and a bounded queue in front of it. Concurrent requests
-for the same capability are grouped into one batch — up to
-``max_batch_size`` requests, waiting at most ``max_wait_ms`` after the first —
-which is where a batching backend earns its throughput. A full queue refuses
+gets one worker thread and a bounded queue in front of it. Requests for the
+same capability that are queued when the worker takes its next batch share
+one call — up to ``max_batch_size`` requests — which is where a batching
+backend earns its throughput. By default the worker never waits for company
+(``max_wait_ms = 0``): an idle model answers at once, and under load the
+requests that queue while it is busy make the next batch. A positive
+``max_wait_ms`` trades that much latency for fuller batches. A full queue refuses
 new work at once (:class:`~llmos.errors.Overloaded`, HTTP 429) instead of
 letting latency grow without bound.
 
@@ -41,7 +44,7 @@ class BatchSettings:
     """How requests to one model are queued and grouped."""
 
     max_batch_size: int = 8
-    max_wait_ms: float = 5.0
+    max_wait_ms: float = 0.0
     max_queue: int = 64
     #: ``False``: the backend batches on its own; the worker sends one request a call
     batching: bool = True
