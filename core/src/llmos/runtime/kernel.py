@@ -29,7 +29,7 @@ from llmos.registry.service import (  # also registers the [registry] config sec
 )
 from llmos.runtime import limits as _limits  # noqa: F401  (registers [api])
 from llmos.runtime.models import ModelManager
-from llmos.runtime.worker import StreamHandle
+from llmos.runtime.worker import ModelWorker, StreamHandle
 from llmos.types import Capability, MonitorEvent, MonitorSink
 
 log = structlog.get_logger("llmos.kernel")
@@ -102,7 +102,7 @@ class Kernel:
         self, model: str, capability: Capability, requests: Sequence[Any]
     ) -> concurrent.futures.Future[list[Any]]:
         """Queue one caller's requests for ``model`` (loading it on first use)."""
-        return self.models.get(model).submit(Capability(capability), requests)
+        return self._worker(model).submit(Capability(capability), requests)
 
     def call(
         self,
@@ -132,7 +132,7 @@ class Kernel:
         """:meth:`call` for asyncio: a cancelled caller (a client that went
         away) takes its requests out of the queue. ``timing``, when given, is
         filled with the call's queue wait, model time and batch size."""
-        worker = await asyncio.to_thread(self.models.get, model)
+        worker = self.models.peek(model) or await asyncio.to_thread(self.models.get, model)
         future = worker.submit(Capability(capability), requests)
         limit = timeout or self.request_timeout
         try:
@@ -145,7 +145,10 @@ class Kernel:
 
     def stream(self, model: str, request: Any) -> StreamHandle:
         """Start streaming one request; iterate the handle, cancel it to stop."""
-        return self.models.get(model).submit_stream(request)
+        return self._worker(model).submit_stream(request)
+
+    def _worker(self, model: str) -> ModelWorker:
+        return self.models.peek(model) or self.models.get(model)
 
     def discover_models(self) -> DiscoverReport:
         """Register the cards model-source plugins offer (unchanged ones are skipped)."""

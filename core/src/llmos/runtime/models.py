@@ -78,6 +78,9 @@ register_section(
     doc="Deployments: [models.NAME] with provider, source, options and batching overrides.",
 )
 
+#: how long a name's resolution (alias -> version) is reused on the hot path
+RESOLVE_TTL_S = 1.0
+
 _BATCH_KEYS = ("max_batch_size", "max_wait_ms", "max_queue")
 _DEPLOYMENT_KEYS = {
     "provider",
@@ -138,6 +141,8 @@ class ModelManager:
             max_queue=int(runtime.get("max_queue", 64)),
         )
         self._workers: dict[str, ModelWorker] = {}
+        #: name as asked -> (resolved key, until when the answer holds)
+        self._keys: dict[str, tuple[str, float]] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
 
@@ -200,9 +205,20 @@ class ModelManager:
 
     # -- loading --------------------------------------------------------------
 
+    def peek(self, name: str) -> ModelWorker | None:
+        """The worker for ``name`` if it is loaded and was resolved less than
+        ``RESOLVE_TTL_S`` ago — the hot path, with no registry query and no
+        thread hop. ``None``: call :meth:`get`."""
+        entry = self._keys.get(name)
+        if entry is None or entry[1] < time.monotonic():
+            return None
+        return self._workers.get(entry[0])
+
     def get(self, name: str) -> ModelWorker:
         """The running worker for ``name``, loading the model on first use."""
         deployment = self.resolve(name)
+        # An alias moved to another version is seen within RESOLVE_TTL_S.
+        self._keys[name] = (deployment.key, time.monotonic() + RESOLVE_TTL_S)
         with self._lock:
             worker = self._workers.get(deployment.key)
             if worker is not None:
