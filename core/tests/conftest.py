@@ -55,6 +55,7 @@ def env(tmp_path: Path) -> dict[str, str]:
         LLMOS_HOME=str(tmp_path / "home"),
         PYTHONPATH=str(plugins),
         LLMOS_LOG_FORMAT="json",
+        COLUMNS="200",  # rich tables: no wrapping inside the cells tests look for
     )
     return out
 

@@ -152,7 +152,7 @@ class Kernel:
 
     def discover_models(self) -> DiscoverReport:
         """Register the cards model-source plugins offer (unchanged ones are skipped)."""
-        report = self.registry.discover(self.plugins.discover_models())
+        report = self.registry.discover(self.load_plugins().discover_models())
         log.info("registry.discovered", **report.to_dict())
         return report
 
