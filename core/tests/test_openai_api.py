@@ -57,6 +57,8 @@ class Parrot(ModelBase):
     """Completes with the prompt reversed word by word; chats by echoing."""
 
     capabilities = frozenset(Capability)
+    #: every prompt a completion was computed for, in order
+    seen: list[str] = []
 
     def __init__(self, card: ModelCard) -> None:
         super().__init__(card)
@@ -72,6 +74,7 @@ class Parrot(ModelBase):
         return " ".join(words), finish, usage
 
     def complete(self, requests: Sequence[CompletionRequest]) -> list[CompletionResult]:
+        Parrot.seen.extend(r.prompt for r in requests)
         time.sleep(self.delay)
         out = []
         for r in requests:
@@ -129,6 +132,9 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Kernel, s
                 "models.slow.options.delay=0.5",
                 "models.slow.max_queue=1",
                 "models.slow.max_batch_size=1",
+                'models.slow2.provider="parrot"',
+                "models.slow2.options.delay=0.5",
+                "models.slow2.max_batch_size=1",
                 "api.max_tokens=64",
                 "api.max_inputs=4",
             ],
@@ -266,3 +272,18 @@ def test_a_stream_for_an_unknown_model_is_an_ordinary_404(client: openai.OpenAI)
         client.chat.completions.create(
             model="ghost", messages=[{"role": "user", "content": "x"}], stream=True
         )
+
+
+def test_a_client_that_disconnects_while_queued_costs_the_model_nothing(daemon) -> None:
+    url = daemon[1] + "/v1/completions"
+    first = threading.Thread(
+        target=lambda: httpx.post(url, json={"model": "slow2", "prompt": "kept"}, timeout=30)
+    )
+    first.start()
+    time.sleep(0.1)
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and hangs up
+        httpx.post(url, json={"model": "slow2", "prompt": "abandoned"}, timeout=0.2)
+    first.join()
+    time.sleep(0.6)  # long enough for the abandoned one to have run, had it stayed queued
+    assert "kept" in Parrot.seen
+    assert "abandoned" not in Parrot.seen

@@ -326,3 +326,13 @@ def test_without_a_wait_requests_queued_behind_a_busy_model_share_its_next_call(
     assert first.result(10)[0].text == "A"
     assert [f.result(10)[0].text for f in queued] == [f"Q{i}" for i in range(5)]
     assert recorder.batches == [1, 5], "an idle model answers at once; the queue forms one batch"
+
+
+def test_a_model_idle_past_idle_unload_s_is_unloaded(make_kernel, recorder) -> None:
+    kernel = make_kernel("runtime.idle_unload_s=0.2", 'models.up.provider="upper"')
+    kernel.call("up", "complete", prompts("x"))
+    deadline = time.monotonic() + 5
+    while kernel.models.loaded() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert kernel.models.loaded() == [] and recorder.closed == ["up"]
+    assert any(e.kind == "model.unloaded" and e.fields["why"] == "idle" for e in recorder.events)

@@ -54,6 +54,7 @@ class Kernel:
         self._lock = threading.Lock()
         self._registry: Registry | None = None
         self._models: ModelManager | None = None
+        self._stopping = threading.Event()
 
     @classmethod
     def from_config(
@@ -178,6 +179,7 @@ class Kernel:
             self.bus.start()
             self.plugins.startup(self)
             self.discover_models()
+            self._start_janitor()
         except BaseException:
             # Strict mode, or an unwritable home: leave nothing running behind.
             self._state = KernelState.STOPPED
@@ -211,6 +213,7 @@ class Kernel:
                 return
             self._state = KernelState.STOPPED
         self.emit(MonitorEvent(kind="kernel.stopped"))
+        self._stopping.set()
         if self._models is not None:
             self._models.close()
         self.plugins.shutdown(self)
@@ -218,6 +221,18 @@ class Kernel:
         if self._registry is not None:
             self._registry.close()
         log.info("kernel.stopped")
+
+    def _start_janitor(self) -> None:
+        """Unload models idle past ``runtime.idle_unload_s`` (when set)."""
+        idle = float(self.config.section("runtime").get("idle_unload_s", 0.0))
+        if not idle:
+            return
+
+        def sweep() -> None:
+            while not self._stopping.wait(min(max(idle / 2, 0.05), 30.0)):
+                self.models.unload_idle()
+
+        threading.Thread(target=sweep, name="llmos-janitor", daemon=True).start()
 
     def emit(self, event: MonitorEvent) -> None:
         """Send a monitor event to every sink; never blocks, never raises."""

@@ -16,10 +16,10 @@ import json
 import struct
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import Any, Literal, TypeVar
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -37,6 +37,8 @@ from llmos.types import (
     StreamChunk,
     Usage,
 )
+
+T = TypeVar("T")
 
 
 class _Body(BaseModel):
@@ -215,6 +217,34 @@ async def _stream_events(
         handle.cancel()
 
 
+#: nginx's status for "the client closed the request"; nobody reads it
+CLIENT_CLOSED = 499
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | Response:
+    """Await ``work``, or cancel it when the client disconnects first.
+
+    Starlette does not cancel a handler whose client went away, so a request
+    still queued for a busy model would run for no one. Cancelling the
+    kernel call takes it out of the model's queue.
+    """
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    return Response(status_code=CLIENT_CLOSED)
+
+
 def openai_router(kernel: Kernel) -> APIRouter:
     """The OpenAI-compatible routes and ``/api/classify`` over ``kernel``."""
     router = APIRouter(tags=["openai-compatible"])
@@ -244,7 +274,7 @@ def openai_router(kernel: Kernel) -> APIRouter:
         return {"object": "list", "data": data}
 
     @router.post("/v1/chat/completions", summary="Chat (OpenAI-compatible)", response_model=None)
-    async def chat_completions(body: ChatCompletionBody) -> Response:
+    async def chat_completions(body: ChatCompletionBody, http: Request) -> Response:
         started = time.perf_counter()
         messages = tuple(ChatMessage(m.role, m.text()) for m in body.messages)
         caps.texts([m.content for m in messages], "messages")
@@ -261,7 +291,11 @@ def openai_router(kernel: Kernel) -> APIRouter:
             chunk_envelope = {**envelope, "object": "chat.completion.chunk"}
             return await _stream_response(kernel, body.model, request, chunk_envelope, chat=True)
         timing: dict[str, float] = {}
-        results = await kernel.acall(body.model, Capability.CHAT, [request] * body.n, timing=timing)
+        results = await _unless_disconnected(
+            http, kernel.acall(body.model, Capability.CHAT, [request] * body.n, timing=timing)
+        )
+        if isinstance(results, Response):
+            return results
         choices = [
             {
                 "index": i,
@@ -276,7 +310,7 @@ def openai_router(kernel: Kernel) -> APIRouter:
     @router.post(
         "/v1/completions", summary="Complete text (OpenAI-compatible)", response_model=None
     )
-    async def completions(body: CompletionBody) -> Response:
+    async def completions(body: CompletionBody, http: Request) -> Response:
         started = time.perf_counter()
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts:
@@ -298,7 +332,11 @@ def openai_router(kernel: Kernel) -> APIRouter:
                 raise UsageError("stream takes one prompt and n = 1", param="stream")
             return await _stream_response(kernel, body.model, requests[0], envelope, chat=False)
         timing: dict[str, float] = {}
-        results = await kernel.acall(body.model, Capability.COMPLETE, requests, timing=timing)
+        results = await _unless_disconnected(
+            http, kernel.acall(body.model, Capability.COMPLETE, requests, timing=timing)
+        )
+        if isinstance(results, Response):
+            return results
         choices = [
             {"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}
             for i, r in enumerate(results)
@@ -307,16 +345,19 @@ def openai_router(kernel: Kernel) -> APIRouter:
         return JSONResponse(payload, headers=_overhead(started, timing))
 
     @router.post("/v1/embeddings", summary="Embed texts (OpenAI-compatible)", response_model=None)
-    async def embeddings(body: EmbeddingBody) -> Response:
+    async def embeddings(body: EmbeddingBody, http: Request) -> Response:
         started = time.perf_counter()
         texts = [body.input] if isinstance(body.input, str) else body.input
         if not texts:
             raise UsageError("input is empty", param="input")
         caps.texts(texts, "input")
         timing: dict[str, float] = {}
-        results = await kernel.acall(
-            body.model, Capability.EMBED, [EmbedRequest(text=t) for t in texts], timing=timing
+        embed = [EmbedRequest(text=t) for t in texts]
+        results = await _unless_disconnected(
+            http, kernel.acall(body.model, Capability.EMBED, embed, timing=timing)
         )
+        if isinstance(results, Response):
+            return results
         data = []
         for i, result in enumerate(results):
             vector = list(result.vector)
@@ -345,12 +386,16 @@ def openai_router(kernel: Kernel) -> APIRouter:
         return JSONResponse(payload, headers=_overhead(started, timing))
 
     @router.post("/api/classify", summary="Label scores for a batch of texts", response_model=None)
-    async def classify(body: ClassifyBody) -> Response:
+    async def classify(body: ClassifyBody, http: Request) -> Response:
         started = time.perf_counter()
         caps.texts(body.texts, "texts")
         timing: dict[str, float] = {}
         requests = [ClassifyRequest(text=t, labels=tuple(body.labels)) for t in body.texts]
-        results = await kernel.acall(body.model, Capability.CLASSIFY, requests, timing=timing)
+        results = await _unless_disconnected(
+            http, kernel.acall(body.model, Capability.CLASSIFY, requests, timing=timing)
+        )
+        if isinstance(results, Response):
+            return results
         payload = {
             "model": body.model,
             "results": [{"label": r.label, "scores": dict(r.scores)} for r in results],
