@@ -6,13 +6,9 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import shutil
-import struct
 import subprocess
 import tarfile
-import threading
-import time
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -23,13 +19,13 @@ import attrs
 import httpx
 import pytest
 import structlog
-import uvicorn
 
 from llmos.config import load_config
 from llmos.logs import configure_logging
 from llmos.plugin import hookimpl
 from llmos.runtime.kernel import Kernel
 from llmos.server import DaemonServer, create_app
+from llmos.testing import safetensors_bytes, serve_app
 from llmos.types import ModelCard
 
 SERVER_CAP = 4096
@@ -70,14 +66,6 @@ class Daemon:
         return self.server.port
 
 
-def _wait_until(predicate: Callable[[], Any], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     """``daemon(*overrides, plugins=[(name, plugin)])``: a ready daemon whose
@@ -98,27 +86,9 @@ def daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
             kernel.load_plugins()
             for name, plugin in plugins:
                 kernel.plugins.register(plugin, name)
-            app = create_app(kernel)
-            server = DaemonServer(
-                uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, access_log=False),
-                app.state.daemon,
-                drain_timeout=2,
-            )
-            thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
-            thread.start()
-
-            def stop() -> None:
-                server.should_exit = True
-                thread.join(timeout=10)
-                assert not thread.is_alive(), "the server did not stop"
-
-            stack.callback(stop)
-            _wait_until(lambda: server.started or not thread.is_alive(), "uvicorn start")
-            client = stack.enter_context(
-                httpx.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=10)
-            )
-            _wait_until(lambda: client.get("/readyz").status_code == 200, "ready")
-            return Daemon(kernel=kernel, server=server, client=client)
+            running = stack.enter_context(serve_app(create_app(kernel)))
+            client = stack.enter_context(httpx.Client(base_url=running.url, timeout=10))
+            return Daemon(kernel=kernel, server=running.server, client=client)
 
         yield start
 
@@ -150,18 +120,6 @@ def _register(d: Daemon, name: str, **fields: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------
 # Tiny real weights
 # --------------------------------------------------------------------------
-
-
-def safetensors_bytes(tensors: dict[str, list[int]]) -> bytes:
-    """A valid safetensors file of F32 zeros: 8-byte LE header length, JSON header, data."""
-    header: dict[str, Any] = {}
-    offset = 0
-    for name, shape in tensors.items():
-        size = 4 * math.prod(shape)
-        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header).encode()
-    return struct.pack("<Q", len(raw)) + raw + bytes(offset)
 
 
 BERT_CONFIG = {"architectures": ["BertForSequenceClassification"], "model_type": "bert"}

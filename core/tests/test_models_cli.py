@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from llmos.testing import write_safetensors
+
 from .conftest import llmos
 
 
@@ -139,7 +141,7 @@ def test_scan_registers_a_local_folder(env: dict[str, str], tmp_path: Path) -> N
             }
         )
     )
-    (model / "model.safetensors").write_bytes(_safetensors({"w": [64, 1000]}))
+    write_safetensors(model / "model.safetensors", {"w": [64, 1000]})
     result = as_json("models", "scan", str(home / "models"), env=env)
     (card,) = result["registered"]
     assert (card["name"], card["family"], card["parameters"]) == ("tiny-llama", "llama", 64_000)
@@ -148,15 +150,3 @@ def test_scan_registers_a_local_folder(env: dict[str, str], tmp_path: Path) -> N
     assert as_json("models", "scan", str(home / "models"), env=env)["registered"][0]["version"] == 1
     outside = llmos("models", "scan", str(tmp_path), env=env)
     assert outside.returncode == 2 and "allowed" in outside.stderr
-
-
-def _safetensors(tensors: dict[str, list[int]]) -> bytes:
-    header, offset = {}, 0
-    for name, shape in tensors.items():
-        size = 4
-        for dim in shape:
-            size *= dim
-        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header).encode()
-    return len(raw).to_bytes(8, "little") + raw + bytes(offset)

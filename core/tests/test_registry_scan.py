@@ -8,7 +8,6 @@ struct), not through the formats' libraries.
 from __future__ import annotations
 
 import json
-import math
 import struct
 import tracemalloc
 from collections.abc import Sequence
@@ -22,27 +21,10 @@ from llmos.errors import UnsafeSourceError, UsageError
 from llmos.registry.scan import ScanResult, estimate_parameters, scan
 from llmos.registry.sources import SourcePolicy
 from llmos.registry.weights import GGUFValueType, Omitted, read_gguf_header
+from llmos.testing import write_safetensors
 from llmos.types import ModelFormat
 
 T = GGUFValueType
-_DTYPE_SIZES = {"F32": 4, "F16": 2, "BF16": 2, "I64": 8, "U8": 1}
-
-
-def write_safetensors(path: Path, tensors: dict[str, tuple[str, list[int]]]) -> int:
-    """A valid safetensors file of zeros; returns its element count."""
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, (dtype, shape) in tensors.items():
-        size = math.prod(shape) * _DTYPE_SIZES[dtype]
-        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)  # the reference writer pads with spaces
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(offset))
-    return sum(math.prod(shape) for _dtype, shape in tensors.values())
-
-
 # ------------------------------------------------------------------ GGUF writer
 
 _SCALAR = {

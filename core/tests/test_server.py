@@ -22,7 +22,6 @@ import attrs
 import httpx
 import pytest
 import structlog
-import uvicorn
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
@@ -34,6 +33,7 @@ from llmos.logs import configure_logging
 from llmos.plugin import hookimpl
 from llmos.runtime.kernel import Kernel
 from llmos.server import DaemonServer, check_bind, create_app, serve
+from llmos.testing import serve_app
 from llmos.types import RouteSpec
 
 CAP = 1024
@@ -174,29 +174,9 @@ def daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
             kernel.load_plugins()
             for name, plugin in plugins:
                 kernel.plugins.register(plugin, name)
-            app = create_app(kernel)
-            server = DaemonServer(
-                uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, access_log=False),
-                app.state.daemon,
-                drain_timeout=2,
-            )
-            thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
-            thread.start()
-
-            def stop() -> None:
-                server.should_exit = True
-                thread.join(timeout=10)
-                assert not thread.is_alive(), "the server did not stop"
-
-            stack.callback(stop)
-            _wait_until(lambda: server.started or not thread.is_alive(), what="uvicorn start")
-            assert server.port is not None
-            client = stack.enter_context(
-                httpx.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=10)
-            )
-            if wait_ready:
-                _wait_until(lambda: client.get("/readyz").status_code == 200, what="ready")
-            return Daemon(kernel=kernel, app=app, server=server, client=client)
+            running = stack.enter_context(serve_app(create_app(kernel), wait_ready=wait_ready))
+            client = stack.enter_context(httpx.Client(base_url=running.url, timeout=10))
+            return Daemon(kernel=kernel, app=running.app, server=running.server, client=client)
 
         yield start
 

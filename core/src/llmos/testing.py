@@ -1,24 +1,35 @@
 """Helpers for testing plugins (and the kernel) against the real system.
 
-``serve_in_thread`` runs the real daemon on a loopback port in a thread;
-``registered`` puts an in-process plugin into a :class:`PluginManager` for the
-length of a ``with`` block; ``write_distribution`` writes what ``pip install``
-would leave behind for a one-module plugin, so entry-point discovery can be
-tested without building a wheel.
+* ``serve_app`` and ``serve_in_thread`` run the real daemon on a loopback
+  port in a thread;
+* ``registered`` puts an in-process plugin into a :class:`PluginManager` for
+  the length of a ``with`` block;
+* ``write_distribution`` writes what ``pip install`` leaves behind for a
+  one-module plugin, so entry-point discovery is tested without a wheel;
+* ``safetensors_bytes`` and ``write_safetensors`` make weight files without
+  torch.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import math
+import struct
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import attrs
 
 from llmos.plugin.manager import PluginInfo, PluginManager
 
 if TYPE_CHECKING:
+    from fastapi import FastAPI
+
     from llmos.runtime.kernel import Kernel
+    from llmos.server.run import DaemonServer
 
 
 @contextlib.contextmanager
@@ -47,15 +58,27 @@ def write_distribution(
     (info / "entry_points.txt").write_text(f"[llmos]\n{entry or dist} = {module}\n")
 
 
-@contextlib.contextmanager
-def serve_in_thread(
-    kernel: Kernel, *, wait_ready: bool = True, timeout: float = 60.0
-) -> Iterator[str]:
-    """Run the daemon for ``kernel`` on a free loopback port in a thread;
-    yield its base URL (``http://127.0.0.1:PORT``) and stop it afterwards.
+@attrs.frozen
+class RunningDaemon:
+    """A daemon :func:`serve_app` runs: its base URL, app and uvicorn server."""
 
-    Real HTTP, the real app and middleware: what a plugin's end-to-end test
-    (or a benchmark) points an HTTP or OpenAI client at.
+    url: str
+    app: FastAPI
+    server: DaemonServer
+
+    @property
+    def port(self) -> int:
+        assert self.server.port is not None
+        return self.server.port
+
+
+@contextlib.contextmanager
+def serve_app(
+    app: FastAPI, *, wait_ready: bool = True, timeout: float = 60.0
+) -> Iterator[RunningDaemon]:
+    """Run a daemon app (from :func:`llmos.server.create_app`) on a free
+    loopback port in a thread, with the real middleware and the graceful
+    drain; stop it afterwards. ``wait_ready``: return once ``/readyz`` is 200.
     """
     import threading
     import time
@@ -63,11 +86,9 @@ def serve_in_thread(
     import httpx
     import uvicorn
 
-    from llmos.server.app import create_app
     from llmos.server.run import DaemonServer
 
-    app = create_app(kernel)
-    drain = kernel.config.server.drain_timeout
+    drain = app.state.kernel.config.server.drain_timeout
     server = DaemonServer(
         uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, access_log=False),
         app.state.daemon,
@@ -86,7 +107,54 @@ def serve_in_thread(
             if time.monotonic() > deadline:
                 raise RuntimeError("the test daemon did not become ready")
             time.sleep(0.02)
-        yield url
+        yield RunningDaemon(url=url, app=app, server=server)
     finally:
         server.should_exit = True
         thread.join(timeout=drain + 10)
+        if thread.is_alive():
+            raise RuntimeError("the test daemon did not stop")
+
+
+@contextlib.contextmanager
+def serve_in_thread(
+    kernel: Kernel, *, wait_ready: bool = True, timeout: float = 60.0
+) -> Iterator[str]:
+    """Run the daemon for ``kernel`` (see :func:`serve_app`); yield its base
+    URL (``http://127.0.0.1:PORT``) — what a plugin's end-to-end test or a
+    benchmark points an HTTP or OpenAI client at."""
+    from llmos.server.app import create_app
+
+    with serve_app(create_app(kernel), wait_ready=wait_ready, timeout=timeout) as running:
+        yield running.url
+
+
+_DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U8": 1}
+
+
+def safetensors_bytes(tensors: Mapping[str, Sequence[int] | tuple[str, Sequence[int]]]) -> bytes:
+    """A valid safetensors file of zeros: ``{"w": [4, 4]}`` (F32) or
+    ``{"w": ("F16", [4, 4])}`` per tensor — for tests of code that reads
+    model folders (scans, uploads, parameter counts) without torch."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, spec in tensors.items():
+        dtype, shape = spec if isinstance(spec, tuple) else ("F32", spec)
+        size = math.prod(shape) * _DTYPE_SIZES[dtype]
+        header[name] = {
+            "dtype": dtype,
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)  # the reference writer pads with spaces
+    return struct.pack("<Q", len(raw)) + raw + bytes(offset)
+
+
+def write_safetensors(
+    path: Path, tensors: Mapping[str, Sequence[int] | tuple[str, Sequence[int]]]
+) -> int:
+    """Write :func:`safetensors_bytes` to ``path``; return the element count."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(safetensors_bytes(tensors))
+    return sum(math.prod(spec[1] if isinstance(spec, tuple) else spec) for spec in tensors.values())
