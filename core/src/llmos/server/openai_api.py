@@ -16,7 +16,7 @@ import json
 import struct
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Literal, TypeVar
 
 from fastapi import APIRouter, Request, Response
@@ -30,9 +30,13 @@ from llmos.types import (
     Capability,
     ChatMessage,
     ChatRequest,
+    ChatResult,
     ClassifyRequest,
+    ClassifyResult,
     CompletionRequest,
+    CompletionResult,
     EmbedRequest,
+    EmbedResult,
     Sampling,
     StreamChunk,
     Usage,
@@ -245,6 +249,26 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | Resp
     return Response(status_code=CLIENT_CLOSED)
 
 
+async def _respond(
+    kernel: Kernel,
+    http: Request,
+    model: str,
+    capability: Capability,
+    requests: Sequence[Any],
+    started: float,
+    payload: Callable[[list[Any]], dict[str, Any]],
+) -> Response:
+    """Run the requests through the kernel (cancelled if the client hangs up)
+    and answer ``payload(results)`` with the overhead headers."""
+    timing: dict[str, float] = {}
+    results = await _unless_disconnected(
+        http, kernel.acall(model, capability, requests, timing=timing)
+    )
+    if isinstance(results, Response):
+        return results
+    return JSONResponse(payload(results), headers=_overhead(started, timing))
+
+
 def openai_router(kernel: Kernel) -> APIRouter:
     """The OpenAI-compatible routes and ``/api/classify`` over ``kernel``."""
     router = APIRouter(tags=["openai-compatible"])
@@ -290,22 +314,21 @@ def openai_router(kernel: Kernel) -> APIRouter:
                 raise UsageError("stream with n > 1 is not supported", param="n")
             chunk_envelope = {**envelope, "object": "chat.completion.chunk"}
             return await _stream_response(kernel, body.model, request, chunk_envelope, chat=True)
-        timing: dict[str, float] = {}
-        results = await _unless_disconnected(
-            http, kernel.acall(body.model, Capability.CHAT, [request] * body.n, timing=timing)
+
+        def payload(results: list[ChatResult]) -> dict[str, Any]:
+            choices = [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": r.message.content},
+                    "finish_reason": r.finish_reason,
+                }
+                for i, r in enumerate(results)
+            ]
+            return {**envelope, "choices": choices, "usage": _usage([r.usage for r in results])}
+
+        return await _respond(
+            kernel, http, body.model, Capability.CHAT, [request] * body.n, started, payload
         )
-        if isinstance(results, Response):
-            return results
-        choices = [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": r.message.content},
-                "finish_reason": r.finish_reason,
-            }
-            for i, r in enumerate(results)
-        ]
-        payload = {**envelope, "choices": choices, "usage": _usage([r.usage for r in results])}
-        return JSONResponse(payload, headers=_overhead(started, timing))
 
     @router.post(
         "/v1/completions", summary="Complete text (OpenAI-compatible)", response_model=None
@@ -331,18 +354,17 @@ def openai_router(kernel: Kernel) -> APIRouter:
             if len(requests) != 1:
                 raise UsageError("stream takes one prompt and n = 1", param="stream")
             return await _stream_response(kernel, body.model, requests[0], envelope, chat=False)
-        timing: dict[str, float] = {}
-        results = await _unless_disconnected(
-            http, kernel.acall(body.model, Capability.COMPLETE, requests, timing=timing)
+
+        def payload(results: list[CompletionResult]) -> dict[str, Any]:
+            choices = [
+                {"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}
+                for i, r in enumerate(results)
+            ]
+            return {**envelope, "choices": choices, "usage": _usage([r.usage for r in results])}
+
+        return await _respond(
+            kernel, http, body.model, Capability.COMPLETE, requests, started, payload
         )
-        if isinstance(results, Response):
-            return results
-        choices = [
-            {"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}
-            for i, r in enumerate(results)
-        ]
-        payload = {**envelope, "choices": choices, "usage": _usage([r.usage for r in results])}
-        return JSONResponse(payload, headers=_overhead(started, timing))
 
     @router.post("/v1/embeddings", summary="Embed texts (OpenAI-compatible)", response_model=None)
     async def embeddings(body: EmbeddingBody, http: Request) -> Response:
@@ -351,56 +373,54 @@ def openai_router(kernel: Kernel) -> APIRouter:
         if not texts:
             raise UsageError("input is empty", param="input")
         caps.texts(texts, "input")
-        timing: dict[str, float] = {}
-        embed = [EmbedRequest(text=t) for t in texts]
-        results = await _unless_disconnected(
-            http, kernel.acall(body.model, Capability.EMBED, embed, timing=timing)
+
+        def payload(results: list[EmbedResult]) -> dict[str, Any]:
+            data = []
+            for i, result in enumerate(results):
+                vector = list(result.vector)
+                if body.dimensions is not None:
+                    if not 1 <= body.dimensions <= len(vector):
+                        raise UsageError(
+                            f"dimensions must be between 1 and {len(vector)}", param="dimensions"
+                        )
+                    vector = vector[: body.dimensions]
+                embedding: Any = (
+                    base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+                    if body.encoding_format == "base64"
+                    else vector
+                )
+                data.append({"object": "embedding", "index": i, "embedding": embedding})
+            usage = _usage([r.usage for r in results])
+            return {
+                "object": "list",
+                "data": data,
+                "model": body.model,
+                "usage": {
+                    "prompt_tokens": usage["prompt_tokens"],
+                    "total_tokens": usage["total_tokens"],
+                },
+            }
+
+        requests = [EmbedRequest(text=t) for t in texts]
+        return await _respond(
+            kernel, http, body.model, Capability.EMBED, requests, started, payload
         )
-        if isinstance(results, Response):
-            return results
-        data = []
-        for i, result in enumerate(results):
-            vector = list(result.vector)
-            if body.dimensions is not None:
-                if not 1 <= body.dimensions <= len(vector):
-                    raise UsageError(
-                        f"dimensions must be between 1 and {len(vector)}", param="dimensions"
-                    )
-                vector = vector[: body.dimensions]
-            embedding: Any = (
-                base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
-                if body.encoding_format == "base64"
-                else vector
-            )
-            data.append({"object": "embedding", "index": i, "embedding": embedding})
-        usage = _usage([r.usage for r in results])
-        payload = {
-            "object": "list",
-            "data": data,
-            "model": body.model,
-            "usage": {
-                "prompt_tokens": usage["prompt_tokens"],
-                "total_tokens": usage["total_tokens"],
-            },
-        }
-        return JSONResponse(payload, headers=_overhead(started, timing))
 
     @router.post("/api/classify", summary="Label scores for a batch of texts", response_model=None)
     async def classify(body: ClassifyBody, http: Request) -> Response:
         started = time.perf_counter()
         caps.texts(body.texts, "texts")
-        timing: dict[str, float] = {}
+
+        def payload(results: list[ClassifyResult]) -> dict[str, Any]:
+            return {
+                "model": body.model,
+                "results": [{"label": r.label, "scores": dict(r.scores)} for r in results],
+                "usage": _usage([r.usage for r in results]),
+            }
+
         requests = [ClassifyRequest(text=t, labels=tuple(body.labels)) for t in body.texts]
-        results = await _unless_disconnected(
-            http, kernel.acall(body.model, Capability.CLASSIFY, requests, timing=timing)
+        return await _respond(
+            kernel, http, body.model, Capability.CLASSIFY, requests, started, payload
         )
-        if isinstance(results, Response):
-            return results
-        payload = {
-            "model": body.model,
-            "results": [{"label": r.label, "scores": dict(r.scores)} for r in results],
-            "usage": _usage([r.usage for r in results]),
-        }
-        return JSONResponse(payload, headers=_overhead(started, timing))
 
     return router
