@@ -471,18 +471,29 @@ class MonitorSink(Protocol):
 
 @attrs.frozen(kw_only=True)
 class TuningRequest:
-    """What a tuning method is asked to do.
+    """What a tuning method is asked to do; it runs in a worker process.
 
-    ``data`` maps split names (``train``, ``dev``, ``test``) to rows;
-    ``report`` takes progress figures (``step``, ``loss``, …);
-    ``should_stop`` turns true when the job is cancelled.
+    ``data`` maps split names (``train``, ``dev``, ``test``) to rows:
+    ``{"text", "label"}`` for ``text-classification`` (labels already mapped
+    to the names in ``labels``), ``{"prompt", "response"}`` for ``sft``.
+    ``base_path`` is the base model's checked local folder or file.
+    The method writes its final artifact (safetensors only) into
+    ``output_dir`` and checkpoints into ``checkpoint_dir``; when that folder
+    holds a checkpoint, the method resumes from the latest one — that is how
+    a job survives a daemon restart or a SIGKILL. ``report`` takes progress
+    figures (``step``, ``total_steps``, ``epoch``, ``loss``, ``learning_rate``,
+    ``dev/accuracy`` …); ``should_stop`` turns true when the job is cancelled:
+    poll it between steps.
     """
 
     base: ModelCard
     task: str
     data: Mapping[str, Sequence[Mapping[str, Any]]]
+    labels: tuple[str, ...] = attrs.field(default=(), converter=_tuple_of_str)
     hyperparameters: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_mapping)
-    output_dir: str = ""
+    base_path: Path | None = None
+    output_dir: Path | None = None
+    checkpoint_dir: Path | None = None
     seed: int = 0
     report: Callable[[Mapping[str, Any]], None] = attrs.field(default=lambda figures: None)
     should_stop: Callable[[], bool] = attrs.field(default=lambda: False)
