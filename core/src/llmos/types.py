@@ -540,6 +540,11 @@ class LoadRequest:
     #: a folder under the data folder this provider may write to (converted
     #: weights, compiled kernels); created by the kernel
     cache_dir: Path | None = None
+    #: for an adapter (``format = "adapter"``): the checked local path of its
+    #: base model, the card's first parent (``name@version``)
+    base_path: Path | None = None
+    #: the base model's card, for an adapter
+    base: ModelCard | None = None
 
 
 @attrs.frozen(kw_only=True)

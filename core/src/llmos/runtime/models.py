@@ -24,7 +24,14 @@ from llmos.config import Field, register_section
 from llmos.errors import ConfigError, LlmosError, NotFoundError
 from llmos.registry.sources import check_source
 from llmos.runtime.worker import BatchSettings, ModelWorker
-from llmos.types import LoadRequest, ModelCard, MonitorEvent, ProviderSpec, validate_model_name
+from llmos.types import (
+    LoadRequest,
+    ModelCard,
+    ModelFormat,
+    MonitorEvent,
+    ProviderSpec,
+    validate_model_name,
+)
 
 if TYPE_CHECKING:
     from llmos.runtime.kernel import Kernel
@@ -245,14 +252,17 @@ class ModelManager:
         if card.source:
             parsed = check_source(card.source, self.kernel.registry.policy)
             path = parsed.path
+        base, base_path = self._base_of(card)
         cache_dir = self.kernel.home / "cache" / deployment.spec.name
         cache_dir.mkdir(parents=True, exist_ok=True)
-        self._make_room(4 * (card.parameters or 0))
+        self._make_room(4 * ((card.parameters or 0) + (base.parameters or 0 if base else 0)))
         request = LoadRequest(
             card=card,
             options=self.kernel.plugin_options(deployment.provider),
             path=Path(path) if path is not None else None,
             cache_dir=cache_dir,
+            base=base,
+            base_path=base_path,
         )
         started = time.perf_counter()
         log.info("runtime.loading", model=deployment.key, provider=card.provider)
@@ -282,6 +292,17 @@ class ModelManager:
         )
         log.info("runtime.loaded", model=deployment.key, seconds=round(seconds, 3))
         return worker
+
+    def _base_of(self, card: ModelCard) -> tuple[ModelCard | None, Path | None]:
+        """An adapter's base model (its first parent) and the base's checked path."""
+        if card.format != ModelFormat.ADAPTER:
+            return None, None
+        if not card.parents:
+            raise ConfigError(f"adapter {card.ref!r} names no base model in its parents")
+        base = self.kernel.registry.store.get(card.parents[0])
+        if not base.source:
+            return base, None
+        return base, check_source(base.source, self.kernel.registry.policy).path
 
     def _make_room(self, needed: int) -> None:
         """Unload idle models, least recently used first, until ``needed``
