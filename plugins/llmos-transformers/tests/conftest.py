@@ -52,6 +52,15 @@ def _quiet_logs() -> None:
 
 
 @pytest.fixture(scope="session")
+def bundled_home(request: pytest.FixtureRequest) -> Path:
+    """A data folder kept in pytest's cache for the tests with the bundled
+    models: SmolLM2's GGUF conversion (about half a minute) happens once, and
+    both the provider tests (its ``cache/transformers``) and the daemon tests
+    (the whole home) reuse it."""
+    return Path(request.config.cache.mkdir("llmos-bundled-home"))
+
+
+@pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A byte-level BPE tokenizer with <unk> <pad> <s> </s> and a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -44,11 +44,11 @@ def _load(pm: Any, card: ModelCard, cache_dir: Path) -> LoadedModel:
 
 
 @pytest.fixture(scope="module")
-def cache_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cache = getattr(request.config, "cache", None)
-    if cache is not None:
-        return Path(cache.mkdir("llmos-transformers"))
-    return tmp_path_factory.mktemp("bundled-cache")
+def cache_dir(bundled_home: Path) -> Path:
+    """Where the kernel would put this provider's cache for ``bundled_home``."""
+    folder = bundled_home / "cache" / "transformers"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 @pytest.fixture(scope="module")

@@ -31,8 +31,8 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def client(request: pytest.FixtureRequest) -> Iterator[openai.OpenAI]:
-    home = Path(request.config.cache.mkdir("llmos-e2e-home"))
+def client(bundled_home: Path) -> Iterator[openai.OpenAI]:
+    home = bundled_home
     kernel = Kernel(
         load_config(
             # entry-point discovery of the installed plugin, nothing else
