@@ -10,7 +10,8 @@ brings it) through the ``transformers`` provider, greedy decoding.
 2. **Batching** — N concurrent requests (default 32) through the daemon's
    ``/v1/completions`` with batching on (``max_batch_size`` 8) and off (1),
    and a loop calling transformers one request at a time: throughput
-   (requests/s, tokens/s), p50/p95 latency, and the throughput ratios.
+   (requests/s), p50/p95 latency, and the throughput ratios; batching on is
+   run at each of --batch-sizes (default 8 and 32).
    Triton reports x3.7 from dynamic batching.
 
 JSON goes to bench/results/inference.json.
@@ -188,6 +189,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument(
+        "--batch-sizes",
+        type=lambda text: [int(x) for x in text.split(",")],
+        default=[8, 32],
+        help="max_batch_size values to run with batching on (comma list).",
+    )
     parser.add_argument("--home", type=Path, help="Data folder to reuse (keeps the conversion).")
     parser.add_argument("--out", type=Path, default=RESULTS / "inference.json")
     args = parser.parse_args()
@@ -207,8 +214,14 @@ def main() -> None:
     kernel.stop()
 
     batching: dict[str, Any] = {}
-    for label, batch in (("batching_on", 8), ("batching_off", 1)):
-        kernel = make_kernel(home, f"runtime.max_batch_size={batch}", "runtime.max_queue=256")
+    runs = [(f"batching_on_{size}", size) for size in args.batch_sizes] + [("batching_off", 1)]
+    for label, batch in runs:
+        kernel = make_kernel(
+            home,
+            f"runtime.max_batch_size={batch}",
+            f"plugins.transformers.max_batch_size={batch}",
+            "runtime.max_queue=256",
+        )
         with serve_in_thread(kernel) as url:
             httpx.post(
                 f"{url}/v1/completions",
@@ -222,13 +235,15 @@ def main() -> None:
     batching["transformers_loop"] = sequential_loop(kernel, home, args.requests, args.max_tokens)
     kernel.stop()
     print("transformers_loop", json.dumps(batching["transformers_loop"]))
-    on = batching["batching_on"]["requests_per_s"]
-    batching["throughput_ratio_on_vs_off"] = round(
-        on / batching["batching_off"]["requests_per_s"], 3
-    )
-    batching["throughput_ratio_on_vs_loop"] = round(
-        on / batching["transformers_loop"]["requests_per_s"], 3
-    )
+    for size in args.batch_sizes:
+        on = batching[f"batching_on_{size}"]["requests_per_s"]
+        batching[f"throughput_ratio_on_{size}_vs_off"] = round(
+            on / batching["batching_off"]["requests_per_s"], 3
+        )
+        batching[f"throughput_ratio_on_{size}_vs_loop"] = round(
+            on / batching["transformers_loop"]["requests_per_s"], 3
+        )
+
     batching["max_tokens"] = args.max_tokens
     report["batching"] = batching
     args.out.parent.mkdir(parents=True, exist_ok=True)
