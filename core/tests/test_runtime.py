@@ -22,6 +22,7 @@ from llmos.errors import (
     NotFoundError,
     Overloaded,
     RequestTimeout,
+    UsageError,
 )
 from llmos.plugin import hookimpl
 from llmos.runtime.kernel import Kernel
@@ -344,3 +345,10 @@ def test_preload_loads_models_in_the_background_at_start(make_kernel, recorder) 
     while recorder.loads != ["up"] and time.monotonic() < deadline:
         time.sleep(0.02)
     assert recorder.loads == ["up"], "preloaded without any request; the unknown one is logged"
+
+
+def test_a_call_larger_than_the_whole_queue_is_a_usage_error(make_kernel) -> None:
+    kernel = make_kernel('models.up.provider="upper"', "models.up.max_queue=4")
+    with pytest.raises(UsageError, match="queues at most 4 .*smaller batches"):
+        kernel.call("up", "complete", prompts(*"abcde"))
+    assert [r.text for r in kernel.call("up", "complete", prompts(*"abcd"))] == list("ABCD")

@@ -27,6 +27,7 @@ from llmos.logs import configure_logging
 from llmos.registry.commands import models_group
 from llmos.runtime.commands import inference_commands
 from llmos.runtime.kernel import Kernel
+from llmos.tuning.evaluate import eval_command
 from llmos.types import CommandSpec
 
 #: exit codes, documented in the README; LlmosError subclasses carry their own
@@ -227,6 +228,7 @@ def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
 cli.add_command(models_group(lambda ctx: current_kernel(ctx).registry))
 for _command in inference_commands(current_kernel):
     cli.add_command(_command)
+cli.add_command(eval_command(current_kernel))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

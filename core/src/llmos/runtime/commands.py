@@ -174,26 +174,33 @@ def _texts(args: Sequence[str]) -> list[str]:
     return texts
 
 
+def connection(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The ``--url`` and ``--api-key-env`` options of a command that uses a
+    model (pair with :func:`backend`)."""
+    f = click.option(
+        "--url",
+        envvar="LLMOS_URL",
+        help="A running daemon (default: $LLMOS_URL; none: run the model in this process).",
+    )(f)
+    return click.option(
+        "--api-key-env",
+        default="LLMOS_API_KEY",
+        show_default=True,
+        help="Environment variable with the daemon's API key.",
+    )(f)
+
+
+def backend(
+    ctx: click.Context, get_kernel: KernelGetter, url: str | None, api_key_env: str
+) -> Backend:
+    """The daemon at ``url`` when given, else a kernel in this process."""
+    if url:
+        return HttpBackend(url, os.environ.get(api_key_env))
+    return LocalBackend(get_kernel(ctx))
+
+
 def inference_commands(get_kernel: KernelGetter) -> list[click.Command]:
     """The four commands, over the kernel the CLI's root options describe."""
-
-    def backend(ctx: click.Context, url: str | None, api_key_env: str) -> Backend:
-        if url:
-            return HttpBackend(url, os.environ.get(api_key_env))
-        return LocalBackend(get_kernel(ctx))
-
-    def connection(f: Callable[..., Any]) -> Callable[..., Any]:
-        f = click.option(
-            "--url",
-            envvar="LLMOS_URL",
-            help="A running daemon (default: $LLMOS_URL; none: run the model in this process).",
-        )(f)
-        return click.option(
-            "--api-key-env",
-            default="LLMOS_API_KEY",
-            show_default=True,
-            help="Environment variable with the daemon's API key.",
-        )(f)
 
     def sampling_options(f: Callable[..., Any]) -> Callable[..., Any]:
         for option in (
@@ -235,7 +242,7 @@ def inference_commands(get_kernel: KernelGetter) -> list[click.Command]:
     ) -> None:
         """Chat with MODEL: answer PROMPT, or talk interactively without one."""
         sampling = sampling_of(kw)
-        client = backend(ctx, url, api_key_env)
+        client = backend(ctx, get_kernel, url, api_key_env)
         history = [ChatMessage("system", system)] if system else []
         try:
             if prompt is not None:
@@ -275,7 +282,7 @@ def inference_commands(get_kernel: KernelGetter) -> list[click.Command]:
     ) -> None:
         """Continue each PROMPT (or each line of standard input) with MODEL."""
         sampling = sampling_of(kw)
-        client = backend(ctx, url, api_key_env)
+        client = backend(ctx, get_kernel, url, api_key_env)
         try:
             results = client.complete(model, _texts(prompts), sampling)
         finally:
@@ -295,7 +302,7 @@ def inference_commands(get_kernel: KernelGetter) -> list[click.Command]:
         ctx: click.Context, model: str, texts: tuple[str, ...], url: str | None, api_key_env: str
     ) -> None:
         """Embed each TEXT (or each line of standard input): one JSON array a line."""
-        client = backend(ctx, url, api_key_env)
+        client = backend(ctx, get_kernel, url, api_key_env)
         try:
             vectors = client.embed(model, _texts(texts))
         finally:
@@ -322,7 +329,7 @@ def inference_commands(get_kernel: KernelGetter) -> list[click.Command]:
         as_json: bool,
     ) -> None:
         """Label each TEXT (or each line of standard input) with MODEL."""
-        client = backend(ctx, url, api_key_env)
+        client = backend(ctx, get_kernel, url, api_key_env)
         items = _texts(texts)
         try:
             results = client.classify(model, items, labels)

@@ -30,7 +30,7 @@ from typing import Any
 import attrs
 import structlog
 
-from llmos.errors import CapabilityNotSupported, LlmosError, Overloaded
+from llmos.errors import CapabilityNotSupported, LlmosError, Overloaded, UsageError
 from llmos.types import Capability, LoadedModel, ModelCard, MonitorEvent, StreamChunk, Usage
 
 log = structlog.get_logger("llmos.runtime")
@@ -173,6 +173,12 @@ class ModelWorker:
     # -- internals ----------------------------------------------------------
 
     def _enqueue(self, job: _Job, size: int) -> None:
+        if size > self.settings.max_queue:
+            # No amount of waiting admits it: say so rather than "retry".
+            raise UsageError(
+                f"{size} requests in one call to {self.name!r}; the model queues at most "
+                f"{self.settings.max_queue} (max_queue): send them in smaller batches"
+            )
         with self._cond:
             if self._closed:
                 raise Overloaded(f"model {self.name!r} is being unloaded; retry")

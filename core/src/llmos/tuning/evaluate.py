@@ -1,0 +1,358 @@
+"""Scoring a classifier on labelled data: ``llmos eval`` and the metrics.
+
+* :func:`classification_report` is the arithmetic alone (accuracy, macro and
+  per-label precision/recall/F1, the confusion matrix), a pure function;
+* :func:`evaluate` runs a ``predict`` callable over rows in batches and
+  reports on the answers, mapping the data's label names to the model's;
+* :func:`eval_command` is ``llmos eval``, which predicts with a model in this
+  process or through a daemon (``--url``), like ``llmos classify``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import click
+
+from llmos.errors import UsageError
+from llmos.runtime.commands import KernelGetter, backend, connection
+from llmos.tuning.data import load_file, rows_hash, sort_labels
+
+__all__ = ["classification_report", "eval_command", "evaluate", "parse_mapping"]
+
+DEFAULT_BATCH_SIZE = 32
+
+
+def classification_report(
+    golds: Sequence[str], preds: Sequence[str], labels: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """Accuracy, per-label and macro precision/recall/F1, and the confusion
+    matrix of ``preds`` against ``golds``.
+
+    The report covers ``labels`` in their order, then any other label seen in
+    ``golds`` or ``preds``. A label never predicted has precision 0; one with
+    no gold rows has recall 0. Macro averages are over the labels that occur
+    in ``golds`` or ``preds`` (a label named in ``labels`` that occurs in
+    neither is listed but does not count). ``confusion[i][j]`` counts rows
+    whose gold label is ``labels[i]`` and whose prediction is ``labels[j]``.
+    """
+    if len(golds) != len(preds):
+        raise ValueError(f"{len(golds)} gold labels but {len(preds)} predictions")
+    if not golds:
+        raise ValueError("no rows to score")
+    order = list(dict.fromkeys(labels or ()))
+    seen = set(order)
+    order += [label for label in sort_labels({*golds, *preds}) if label not in seen]
+    index = {label: i for i, label in enumerate(order)}
+
+    confusion = [[0] * len(order) for _ in order]
+    for gold, pred in zip(golds, preds, strict=True):
+        confusion[index[gold]][index[pred]] += 1
+
+    per_label: dict[str, dict[str, float | int]] = {}
+    occurring: list[dict[str, float | int]] = []
+    for i, label in enumerate(order):
+        hits = confusion[i][i]
+        support = sum(confusion[i])
+        predicted = sum(row[i] for row in confusion)
+        precision = hits / predicted if predicted else 0.0
+        recall = hits / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        figures = {
+            "precision": precision,
+            "recall": recall,
+            "f1": f1,
+            "support": support,
+            "predicted": predicted,
+        }
+        per_label[label] = figures
+        if support or predicted:
+            occurring.append(figures)
+
+    def macro(key: str) -> float:
+        return sum(float(f[key]) for f in occurring) / len(occurring)
+
+    correct = sum(confusion[i][i] for i in range(len(order)))
+    return {
+        "rows": len(golds),
+        "accuracy": correct / len(golds),
+        "macro_precision": macro("precision"),
+        "macro_recall": macro("recall"),
+        "macro_f1": macro("f1"),
+        "labels": order,
+        "per_label": per_label,
+        "confusion": confusion,
+    }
+
+
+def parse_mapping(items: Iterable[str]) -> dict[str, str]:
+    """``["0=negative", "1=positive"]`` → ``{"0": "negative", "1": "positive"}``."""
+    mapping: dict[str, str] = {}
+    for item in items:
+        data_label, sep, model_label = item.partition("=")
+        data_label, model_label = data_label.strip(), model_label.strip()
+        if not sep or not data_label or not model_label:
+            raise UsageError(f"--map {item!r}: write DATA_LABEL=MODEL_LABEL, e.g. 0=negative")
+        if data_label in mapping:
+            raise UsageError(f"--map: data label {data_label!r} is mapped twice")
+        mapping[data_label] = model_label
+    return mapping
+
+
+def evaluate(
+    predict: Callable[[Sequence[str]], Sequence[str]],
+    rows: Sequence[Mapping[str, str]],
+    *,
+    mapping: Mapping[str, str] | None = None,
+    zero_shot_labels: Sequence[str] = (),
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    on_batch: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Predict the label of every ``{"text", "label"}`` row and report.
+
+    ``predict`` takes a batch of texts and returns one label each.
+    ``mapping`` renames data labels to the model's (``{"0": "negative"}``);
+    unmapped labels keep their name. Predictions match label names ignoring
+    case ("POSITIVE" counts as "positive") when that is unambiguous.
+    ``zero_shot_labels`` are the labels the model chooses among, when it is
+    asked to; every (mapped) data label must be one of them. ``on_batch``
+    gets the number of rows each batch did.
+    """
+    if batch_size < 1:
+        raise UsageError(f"the batch size must be 1 or more, got {batch_size}")
+    mapping = dict(mapping or {})
+    data_labels = sort_labels(row["label"] for row in rows)
+    stray = [label for label in mapping if label not in data_labels]
+    if stray:
+        raise UsageError(
+            f"--map {stray[0]}=…: the data has no label {stray[0]!r} "
+            f"(its labels: {', '.join(data_labels)})"
+        )
+    golds = [mapping.get(row["label"], row["label"]) for row in rows]
+    gold_labels = list(dict.fromkeys(mapping.get(label, label) for label in data_labels))
+
+    if zero_shot_labels:
+        folded = {label.casefold() for label in zero_shot_labels}
+        missing = [label for label in gold_labels if label.casefold() not in folded]
+        if missing:
+            raise UsageError(
+                f"data label {missing[0]!r} is not among the labels given "
+                f"({', '.join(zero_shot_labels)}); map it with --map {missing[0]}=LABEL"
+            )
+        order = list(dict.fromkeys(zero_shot_labels))
+    else:
+        order = gold_labels
+
+    # Name each gold and prediction by its spelling in `order`, ignoring case,
+    # unless two labels there differ only by case.
+    folded_names = {label.casefold(): label for label in order}
+    if len(folded_names) < len(order):
+        folded_names = {}
+
+    def canonical(label: str) -> str:
+        return folded_names.get(label.strip().casefold(), label)
+
+    golds = [canonical(gold) for gold in golds]
+    preds: list[str] = []
+    for start in range(0, len(rows), batch_size):
+        texts = [row["text"] for row in rows[start : start + batch_size]]
+        answers = list(predict(texts))
+        if len(answers) != len(texts):
+            raise UsageError(f"the model answered {len(answers)} of a batch of {len(texts)}")
+        preds.extend(canonical(str(answer)) for answer in answers)
+        if on_batch is not None:
+            on_batch(len(texts))
+    report = classification_report(golds, preds, order)
+    # Predictions outside the data's (and the zero-shot) labels: most often
+    # labels the data names otherwise, which --map fixes.
+    known = {*order, *golds}
+    report["unknown_predictions"] = [label for label in report["labels"] if label not in known]
+    return report
+
+
+# --------------------------------------------------------------------------
+# llmos eval
+# --------------------------------------------------------------------------
+
+
+def eval_command(get_kernel: KernelGetter) -> click.Command:
+    """``llmos eval``, over the kernel the CLI's root options describe."""
+
+    @click.command("eval")
+    @click.argument("model")
+    @click.option(
+        "--data",
+        "data_path",
+        required=True,
+        metavar="FILE",
+        help="Labelled rows: .jsonl, .csv or .tsv with a text and a label column.",
+    )
+    @click.option("--text-column", help="The text column (default: text, sentence, …).")
+    @click.option("--label-column", help="The label column (default: label, class, …).")
+    @click.option(
+        "--labels",
+        "zero_shot",
+        multiple=True,
+        metavar="L[,L…]",
+        help="Zero-shot: the labels the model chooses among (repeat, or comma-separated); "
+        "none: the model's own labels.",
+    )
+    @click.option(
+        "--map",
+        "maps",
+        multiple=True,
+        metavar="DATA=MODEL",
+        help="Name a data label as the model does, e.g. --map 0=negative (repeat).",
+    )
+    @click.option(
+        "--batch-size",
+        type=click.IntRange(min=1),
+        default=DEFAULT_BATCH_SIZE,
+        show_default=True,
+        help="Texts per request.",
+    )
+    @connection
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+    @click.pass_context
+    def eval_(
+        ctx: click.Context,
+        model: str,
+        data_path: str,
+        text_column: str | None,
+        label_column: str | None,
+        zero_shot: tuple[str, ...],
+        maps: tuple[str, ...],
+        batch_size: int,
+        url: str | None,
+        api_key_env: str,
+        as_json: bool,
+    ) -> None:
+        """Score MODEL on the labelled rows of a file: accuracy, macro-F1,
+        per-label precision/recall/F1 and the confusion matrix.
+
+        Labels match ignoring case. When the data names its labels unlike the
+        model (0/1 against negative/positive), map them: --map 0=negative
+        --map 1=positive; add --labels negative,positive to ask a zero-shot
+        model to choose among them.
+        """
+        from rich.console import Console
+        from rich.markup import escape
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        rows = load_file(data_path, text_column=text_column, label_column=label_column)
+        labels = tuple(
+            label.strip() for item in zero_shot for label in item.split(",") if label.strip()
+        )
+        mapping = parse_mapping(maps)
+
+        client = backend(ctx, get_kernel, url, api_key_env)
+
+        def predict(texts: Sequence[str]) -> list[str]:
+            return [result["label"] for result in client.classify(model, texts, labels)]
+
+        errors = Console(stderr=True)
+        progress = Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=errors,
+            transient=True,
+            # a bar only for a person watching; logs and pipes get none
+            disable=not errors.is_terminal,
+        )
+        started = time.perf_counter()
+        try:
+            with progress:
+                task = progress.add_task(f"eval {model}", total=len(rows))
+                report = evaluate(
+                    predict,
+                    rows,
+                    mapping=mapping,
+                    zero_shot_labels=labels,
+                    batch_size=batch_size,
+                    on_batch=lambda done: progress.advance(task, done),
+                )
+        finally:
+            client.close()
+        seconds = time.perf_counter() - started
+        if report["unknown_predictions"]:
+            errors.print(
+                escape(
+                    "note: the model answered labels the data does not have "
+                    f"({', '.join(report['unknown_predictions'])}); "
+                    "name the data's labels as the model does with --map DATA=MODEL"
+                ),
+                highlight=False,
+            )
+
+        result = {
+            "model": model,
+            "data": {"path": data_path, "rows": len(rows), "sha256": rows_hash(rows)},
+            "mapping": mapping,
+            "zero_shot_labels": list(labels),
+            **report,
+            "seconds": round(seconds, 3),
+        }
+        if as_json:
+            click.echo(json.dumps(result, indent=2))
+        else:
+            _print_report(result)
+
+    return eval_
+
+
+def _print_report(result: Mapping[str, Any]) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = Console()
+    rate = result["rows"] / result["seconds"] if result["seconds"] else 0.0
+    console.print(
+        escape(
+            f"{result['model']} on {result['data']['path']}: {result['rows']} rows "
+            f"in {result['seconds']:.1f} s ({rate:.1f} rows/s)"
+        ),
+        highlight=False,
+    )
+    if result["mapping"]:
+        pairs = ", ".join(f"{k} → {v}" for k, v in result["mapping"].items())
+        console.print(escape(f"data labels mapped: {pairs}"), highlight=False)
+    console.print(
+        f"accuracy [bold]{result['accuracy']:.4f}[/bold]   "
+        f"macro-F1 [bold]{result['macro_f1']:.4f}[/bold]",
+        highlight=False,
+    )
+
+    table = Table(title="per label")
+    for column in ("label", "precision", "recall", "F1", "support", "predicted"):
+        table.add_column(column, justify="left" if column == "label" else "right")
+    for label, figures in result["per_label"].items():
+        table.add_row(
+            escape(label),
+            f"{figures['precision']:.4f}",
+            f"{figures['recall']:.4f}",
+            f"{figures['f1']:.4f}",
+            str(figures["support"]),
+            str(figures["predicted"]),
+        )
+    console.print(table)
+
+    matrix = Table(title="confusion (rows: gold, columns: predicted)")
+    matrix.add_column("gold \\ predicted")
+    for label in result["labels"]:
+        matrix.add_column(escape(label), justify="right")
+    for label, counts in zip(result["labels"], result["confusion"], strict=True):
+        matrix.add_row(escape(label), *map(str, counts))
+    console.print(matrix)
