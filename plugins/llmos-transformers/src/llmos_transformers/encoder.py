@@ -28,7 +28,7 @@ from llmos.types import (
 )
 from llmos_transformers.layout import Layout
 from llmos_transformers.options import Settings
-from llmos_transformers.runtime import release
+from llmos_transformers.runtime import ensure_padding, release
 
 __all__ = ["Classifier", "Encoder", "pool"]
 
@@ -65,9 +65,7 @@ class _EncoderBase(ModelBase):
         self.device = device
         self.max_batch_size = settings.max_batch_size
         if tokenizer.pad_token is None:  # GPT-2-style heads batch with eos as padding
-            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-            if getattr(model.config, "pad_token_id", None) is None:
-                model.config.pad_token_id = tokenizer.pad_token_id
+            ensure_padding(model, tokenizer)
         self.max_length = self._max_length(None)
         self._lock = threading.Lock()
 

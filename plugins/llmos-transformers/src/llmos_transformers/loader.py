@@ -4,25 +4,27 @@ Order matters for safety and speed: options are merged and checked, the
 folder is inspected (pickles refused, the kind decided) — all before torch is
 imported — and only then are weights read, with ``use_safetensors=True``,
 ``local_files_only=True`` and ``trust_remote_code`` only where the operator
-allows it.
+allows it. An adapter card (format ``adapter``) is loaded on its base model by
+:mod:`llmos_transformers.adapters`.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import structlog
 
 from llmos.errors import UsageError
-from llmos.types import LoadedModel, LoadRequest
+from llmos.types import LoadedModel, LoadRequest, ModelCard, ModelFormat
 from llmos_transformers.layout import Layout, inspect
 from llmos_transformers.options import Settings, settings_for
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["load"]
+__all__ = ["converted", "load"]
 
 log = structlog.get_logger("llmos.transformers")
 
@@ -30,6 +32,10 @@ log = structlog.get_logger("llmos.transformers")
 def load(request: LoadRequest) -> LoadedModel:
     """Load ``request.card`` from ``request.path`` (see the module docstring)."""
     card = request.card
+    if card.format == ModelFormat.ADAPTER:
+        from llmos_transformers import adapters
+
+        return adapters.load(request)
     settings = settings_for(card, request.options)
     if request.path is None:
         raise UsageError(
@@ -46,8 +52,7 @@ def load(request: LoadRequest) -> LoadedModel:
     runtime.apply_threads(settings)
     device = runtime.pick_device(settings.device)
     with runtime.quiet_progress():
-        if layout.gguf is not None:
-            layout = _converted(request, layout)
+        layout = converted(layout, card, request.cache_dir)
         model = _build(request, layout, settings, device)
     log.info(
         "transformers.loaded",
@@ -60,19 +65,22 @@ def load(request: LoadRequest) -> LoadedModel:
     return model
 
 
-def _converted(request: LoadRequest, layout: Layout) -> Layout:
+def converted(layout: Layout, card: ModelCard, cache_dir: Path | None) -> Layout:
+    """``layout`` itself, or for a GGUF file the safetensors folder it was
+    converted into (once) under ``cache_dir``; ``card`` names the cache entry."""
+    if layout.gguf is None:
+        return layout
     import attrs
 
     from llmos_transformers import gguf
 
-    assert layout.gguf is not None
-    if request.cache_dir is None:
+    if cache_dir is None:
         raise UsageError(
-            f"model {request.card.ref!r} is a GGUF file, which is converted once into the"
+            f"model {card.ref!r} is a GGUF file, which is converted once into the"
             " provider's cache folder; this load was given none (the kernel gives one)",
             param="source",
         )
-    folder = gguf.converted_folder(layout.gguf, request.cache_dir, request.card)
+    folder = gguf.converted_folder(layout.gguf, cache_dir, card)
     return attrs.evolve(layout, folder=folder, gguf=None)
 
 

@@ -49,10 +49,14 @@ _SHARED_KEYS = frozenset(
         "task",
         "zero_shot_template",
         "gguf_file",
+        "labels",
     }
 )
 #: keys only the operator's table may hold
 _OPERATOR_KEYS = frozenset({"allow_remote_code"})
+#: keys written on a card for the record — llmos-peft's ``method``, the job
+#: manager's ``tuning`` provenance: known, so not warned about, and not used here
+_RECORD_KEYS = frozenset({"method", "tuning"})
 
 
 @attrs.frozen(kw_only=True)
@@ -74,6 +78,8 @@ class Settings:
     zero_shot_template: str = DEFAULT_ZERO_SHOT_TEMPLATE
     #: the GGUF file to load when the source is a folder holding several
     gguf_file: str | None = None
+    #: an adapter on a classification head: its label names, in the head's order
+    labels: tuple[str, ...] = ()
 
 
 def _positive_int(name: str, value: Any, where: str) -> int:
@@ -123,11 +129,24 @@ def _check(key: str, value: Any, where: str) -> Any:
         if not isinstance(value, str) or "/" in value or "\\" in value or value.startswith("."):
             raise UsageError(f"{where}: gguf_file must be a plain file name, got {value!r}")
         return value
+    if key == "labels":
+        if (
+            not isinstance(value, list | tuple)
+            or len(value) < 2
+            or not all(isinstance(label, str) and label for label in value)
+            or len(set(value)) != len(value)
+        ):
+            raise UsageError(
+                f"{where}: labels must be a list of two or more distinct label names,"
+                f" got {value!r}",
+                param=key,
+            )
+        return tuple(value)
     raise AssertionError(key)  # pragma: no cover - keys are filtered before
 
 
 def _checked(table: Mapping[str, Any], allowed: frozenset[str], where: str) -> dict[str, Any]:
-    unknown = sorted(set(table) - allowed)
+    unknown = sorted(set(table) - allowed - _RECORD_KEYS)
     if unknown:
         # A misspelt key would otherwise be silently ignored; other plugins'
         # keys can share a card, so warn rather than fail.

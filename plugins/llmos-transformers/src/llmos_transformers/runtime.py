@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 __all__ = [
     "apply_threads",
     "dtype_kwarg",
+    "ensure_padding",
     "load_tokenizer",
     "pick_device",
     "pretrained_kwargs",
@@ -94,6 +95,16 @@ def load_tokenizer(folder: Path, settings: Settings) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(folder), **tokenizer_kwargs(settings))
+
+
+def ensure_padding(model: Any, tokenizer: Any) -> None:
+    """Give a tokenizer without a pad token one (its end-of-sequence token, else
+    its unknown token) and tell the model, whose sequence-classification head
+    finds each row's last token by it. GPT-2-style models batch this way."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
 
 
 @contextlib.contextmanager
