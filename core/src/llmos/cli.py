@@ -27,6 +27,7 @@ from llmos.logs import configure_logging
 from llmos.registry.commands import models_group
 from llmos.runtime.commands import inference_commands
 from llmos.runtime.kernel import Kernel
+from llmos.tuning.commands import tuning_commands
 from llmos.tuning.evaluate import eval_command
 from llmos.types import CommandSpec
 
@@ -229,6 +230,8 @@ cli.add_command(models_group(lambda ctx: current_kernel(ctx).registry))
 for _command in inference_commands(current_kernel):
     cli.add_command(_command)
 cli.add_command(eval_command(current_kernel))
+for _command in tuning_commands(current_kernel):
+    cli.add_command(_command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -30,6 +30,7 @@ from llmos.registry.service import (  # also registers the [registry] config sec
 from llmos.runtime import limits as _limits  # noqa: F401  (registers [api])
 from llmos.runtime.models import ModelManager
 from llmos.runtime.worker import ModelWorker, StreamHandle
+from llmos.tuning.jobs import JobManager  # also registers the [tuning] config section
 from llmos.types import Capability, MonitorEvent, MonitorSink
 
 log = structlog.get_logger("llmos.kernel")
@@ -54,6 +55,7 @@ class Kernel:
         self._lock = threading.Lock()
         self._registry: Registry | None = None
         self._models: ModelManager | None = None
+        self._jobs: JobManager | None = None
         self._stopping = threading.Event()
 
     @classmethod
@@ -94,6 +96,14 @@ class Kernel:
             if self._models is None:
                 self._models = ModelManager(self)
             return self._models
+
+    @property
+    def jobs(self) -> JobManager:
+        """Tuning jobs: the queue in the data folder and their worker processes."""
+        with self._lock:
+            if self._jobs is None:
+                self._jobs = JobManager(self)
+            return self._jobs
 
     @property
     def request_timeout(self) -> float:
@@ -181,6 +191,9 @@ class Kernel:
             self.discover_models()
             self._start_janitor()
             self._start_preload()
+            if self._jobs is not None and self._jobs.adopt:
+                # The daemon: queued jobs run, jobs a killed kernel left resume.
+                self._jobs.start()
         except BaseException:
             # Strict mode, or an unwritable home: leave nothing running behind.
             self._state = KernelState.STOPPED
@@ -209,14 +222,17 @@ class Kernel:
     def stop(self) -> None:
         """Run ``llmos_shutdown`` and close the sinks."""
         with self._lock:
-            if self._state in (KernelState.CREATED, KernelState.STOPPED):
-                self._state = KernelState.STOPPED
-                return
-            self._state = KernelState.STOPPED
+            previous, self._state = self._state, KernelState.STOPPED
+        if previous in (KernelState.CREATED, KernelState.STOPPED):
+            if previous is KernelState.CREATED and self._jobs is not None:
+                self._jobs.stop()  # jobs submitted to a kernel never started still ran
+            return
         self.emit(MonitorEvent(kind="kernel.stopped"))
         self._stopping.set()
         if self._models is not None:
             self._models.close()
+        if self._jobs is not None:
+            self._jobs.stop()
         self.plugins.shutdown(self)
         self.bus.stop()
         if self._registry is not None:

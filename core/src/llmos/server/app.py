@@ -38,6 +38,7 @@ from llmos.server.middleware import (
 )
 from llmos.server.models_api import models_router, push_body_limit
 from llmos.server.openai_api import openai_router
+from llmos.server.tuning_api import tuning_router
 from llmos.types import RouteSpec
 
 log = structlog.get_logger("llmos.server")
@@ -184,6 +185,7 @@ def create_app(kernel: Kernel) -> FastAPI:
     app.include_router(_probes())
     app.include_router(models_router(kernel))
     app.include_router(openai_router(kernel))
+    app.include_router(tuning_router(kernel))
     _mount_plugin_routes(app, kernel)
 
     app.add_exception_handler(LlmosError, _llmos_error)
