@@ -44,7 +44,7 @@ from typing import Any
 from llmos.logs import configure_logging
 from llmos.registry import SQLiteStore
 from llmos.registry.query import And, Compare, Filter, Node, Not, Or, Text, parse_query
-from llmos.registry.store import MIGRATIONS
+from llmos.registry.store import MIGRATIONS, MMAP_SIZE
 from llmos.types import ModelCard
 
 #: bump when the generated cards change: cached databases are keyed by it
@@ -456,7 +456,7 @@ def _open_sqlite(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = NORMAL")
-    conn.execute(f"PRAGMA mmap_size = {256 * 2**20:d}")  # as the registry's connections
+    conn.execute(f"PRAGMA mmap_size = {MMAP_SIZE:d}")  # as the registry's connections
     return conn
 
 
@@ -629,7 +629,9 @@ def ratio(baseline: float, ours: float) -> float | None:
 
 def registry_plan(store: SQLiteStore, query: str) -> dict[str, list[str]] | None:
     """EXPLAIN QUERY PLAN of the registry's count and page statements for
-    ``query`` (best effort: it reads the store's private SQL builder)."""
+    ``query``: ``page`` sorts what the filters find, ``walk`` (when the query
+    has one) reads an index in order, the form a search takes once the count
+    reaches its limit (best effort: it reads the store's private SQL builder)."""
     try:
         from llmos.registry.query import plan_search
         from llmos.registry.store import _search_sql
@@ -637,9 +639,10 @@ def registry_plan(store: SQLiteStore, query: str) -> dict[str, list[str]] | None
         sql = _search_sql(plan_search(parse_query(query)), "relevance", None, False)
         conn = store._conn()
         out = {}
+        pages = [("page", sql.page)] + ([("walk", sql.walk)] if sql.walk else [])
         for label, text, params in (
-            ("count", sql.count, sql.count_params),
-            ("page", sql.page, (*sql.page_params, LIMIT + 1, 0)),
+            ("count", sql.count, (*sql.count_params, store.count_limit + 1)),
+            *((name, page.first, (*page.params, LIMIT + 1, 0)) for name, page in pages),
         ):
             rows = conn.execute(f"EXPLAIN QUERY PLAN {text}", params).fetchall()
             out[label] = [str(row[-1]) for row in rows]
@@ -785,6 +788,7 @@ def bench_tier(args: argparse.Namespace, workdir: Path, size: int) -> dict[str, 
                 pooled_base.append(base_s)
                 ours, base = summarise(ours_s), summarise(base_s)
                 ours["total"], base["total"] = page.total, base_total
+                ours["total_exact"] = page.total_exact
                 entries.append(
                     {
                         "query": query,
@@ -795,9 +799,10 @@ def bench_tier(args: argparse.Namespace, workdir: Path, size: int) -> dict[str, 
                         "plan": registry_plan(store, query),
                     }
                 )
+                more = "" if page.total_exact else "+"
                 say(
                     f"  {cls:<18} {query:<58} llmos p50 {ours['p50_ms']:9.3f} ms"
-                    f" p95 {ours['p95_ms']:9.3f} ms ({page.total:,} hits) | LIKE p50"
+                    f" p95 {ours['p95_ms']:9.3f} ms ({page.total:,}{more} hits) | LIKE p50"
                     f" {base['p50_ms']:9.3f} ms ({base_total:,}) x{entries[-1]['ratio_p50']}"
                 )
             ours, base = summarise_pooled(pooled_ours), summarise_pooled(pooled_base)

@@ -263,7 +263,7 @@ def test_search_parameters_paging_and_errors(daemon: Callable[..., Daemon]) -> N
 
     page = d.client.get("/api/models", params={"q": "sentiment"}).json()
     assert {hit["card"]["name"] for hit in page["items"]} == {"alpha", "beta"}
-    assert page["total"] == 2
+    assert page["total"] == 2 and page["total_exact"] is True
     assert all(hit["score"] is not None for hit in page["items"])
     assert d.client.get("/api/models", params={"query": "sentiment"}).json()["total"] == 2
     assert (
@@ -705,6 +705,7 @@ def test_seed_register_refuses_bad_input_writing_nothing(daemon: Callable[..., D
         "models": [],
         "results": [],
         "total": 0,
+        "total_exact": True,
     }
     _error(d.client.get("/api/models/bert"), 404, "not_found")
 

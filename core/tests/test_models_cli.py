@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from llmos.registry import SQLiteStore
+from llmos.registry.store import COUNT_LIMIT
 from llmos.testing import write_safetensors
+from llmos.types import ModelCard
 
 from .conftest import llmos
 
@@ -73,6 +76,18 @@ def test_search_with_free_text_filters_and_boolean_operators(populated: dict[str
     assert names(page) + names(rest) == sorted(
         ["acme/bert-sentiment", "acme/llama-chat", "other/roberta-news"]
     )
+
+
+def test_search_says_when_the_total_is_only_a_lower_bound(env: dict[str, str]) -> None:
+    with SQLiteStore(Path(env["LLMOS_HOME"]) / "registry.db") as store:
+        store.register_many(
+            ModelCard(name=f"bulk/m{i:04d}", provider="transformers", tags=("bulk",))
+            for i in range(COUNT_LIMIT + 1)
+        )
+    assert f"{COUNT_LIMIT}+ model(s)" in ok("models", "search", "tag:bulk", env=env)
+    page = as_json("models", "search", "tag:bulk", env=env)
+    assert (page["total"], page["total_exact"]) == (COUNT_LIMIT, False)
+    assert "1 model(s)" in ok("models", "search", "name:bulk/m0001", env=env)
 
 
 def test_alias_tag_describe_deprecate_delete(populated: dict[str, str]) -> None:

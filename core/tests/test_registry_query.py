@@ -208,6 +208,13 @@ def test_plan_ranks_text_under_or_without_driving() -> None:
     assert plan.where.params == ('"bert"', "nlp")
 
 
+def test_plan_checks_filters_row_by_row_for_walking_an_index() -> None:
+    plan = plan_search(parse_query("tag:nlp family:bert"))
+    assert "v.id IN (SELECT version_id FROM tags" in plan.where.sql
+    assert "EXISTS (SELECT 1 FROM tags WHERE version_id = v.id" in plan.probes.sql
+    assert plan.probes.params == plan.where.params == ("nlp", "bert")
+
+
 def test_plan_ranks_only_text_that_is_not_negated() -> None:
     plan = plan_search(parse_query("tag:x OR NOT bert"))
     assert plan.match is None and plan.score_match is None

@@ -670,10 +670,74 @@ def test_walking_every_page_returns_every_card_once(
 def test_no_cap_on_results(store: SQLiteStore) -> None:
     store.register_many(card(f"m{i:04d}", tags=["bulk"]) for i in range(1100))
     first = store.search("tag:bulk", sort="name", limit=1000)
-    assert first.total == 1100 and len(first.items) == 1000
+    assert len(first.items) == 1000
+    # Counting stops at the count limit; paging does not.
+    assert store_module.COUNT_LIMIT < 1100
+    assert (first.total, first.total_exact) == (store_module.COUNT_LIMIT, False)
+    assert first.to_dict()["total_exact"] is False
     second = store.search("tag:bulk", sort="name", limit=1000, cursor=first.next_cursor)
     assert len(second.items) == 100 and second.next_cursor is None
     assert names(second)[-1] == "m1099"
+
+
+@pytest.mark.parametrize(
+    ("query", "sort"),
+    [
+        ("", "name"),
+        ("tag:even", "name"),
+        ("tag:even", "created"),
+        ("NOT tag:even provider:transformers", "relevance"),
+        ("(tag:even OR vendor3) params:<8M", "name"),
+        ("model", "relevance"),
+        ("model tag:odd", "created"),
+        ("tag:odd", "parameters"),
+    ],
+)
+def test_a_count_limit_caps_the_total_but_every_page_is_the_same(
+    tmp_path: Path, query: str, sort: str
+) -> None:
+    """Past the count limit, filter-only searches read their pages in an
+    index's order instead of sorting what the filters find: the pages, and
+    cursors and offsets across them, must not change."""
+    path = tmp_path / "registry.db"
+    cards = [
+        card(
+            f"vendor{i % 7}/model-{i:03d}",
+            description="model " * (1 + i % 5) + f"number {i}",
+            tags=["even" if i % 2 == 0 else "odd"],
+            parameters=None if i % 10 == 0 else (i % 13) * M,
+        )
+        for i in range(120)
+    ]
+    with SQLiteStore(path) as exact:
+        exact.register_many(cards)
+        expected = exact.search(query, sort=sort, limit=1000)
+    assert expected.total_exact and expected.total > 7
+
+    with SQLiteStore(path, count_limit=7) as capped:
+        seen, cursor = [], None
+        while True:
+            page = capped.search(query, sort=sort, limit=9, cursor=cursor)
+            assert (page.total, page.total_exact) == (7, False)
+            seen += names(page)
+            if (cursor := page.next_cursor) is None:
+                break
+        by_offset: list[str] = []
+        offset: int | None = 0
+        while offset is not None:
+            page = capped.search(query, sort=sort, limit=9, offset=offset)
+            by_offset += names(page)
+            offset = page.next_offset
+        few = capped.search("name:vendor1/model-00*", sort=sort)
+    assert seen == by_offset == names(expected)
+    assert (few.total, few.total_exact) == (2, True)
+    assert sorted(names(few)) == ["vendor1/model-001", "vendor1/model-008"]
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "10"])
+def test_count_limit_must_be_a_positive_whole_number(tmp_path: Path, bad: Any) -> None:
+    with pytest.raises(UsageError, match="count_limit"):
+        SQLiteStore(tmp_path / "registry.db", count_limit=bad)
 
 
 def test_one_hit_per_model_unless_all_versions(store: SQLiteStore) -> None:

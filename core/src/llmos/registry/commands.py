@@ -233,7 +233,8 @@ def models_group(get_registry: RegistryGetter) -> click.Group:
         if as_json:
             _emit_json(page.to_dict())
             return
-        _cards_table(f"{page.total} model(s)", page.items)
+        more = "" if page.total_exact else "+"
+        _cards_table(f"{page.total}{more} model(s)", page.items)
         if page.next_cursor:
             click.echo(f"more: --cursor {page.next_cursor}")
 

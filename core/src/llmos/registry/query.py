@@ -478,12 +478,16 @@ class SearchPlan:
     ``match``: an FTS5 expression that every hit satisfies, so the search can
     start from the full-text index (the fast path: free text ANDed with
     filters); its bm25 rank is the score. ``where``: the rest of the query
-    over the ``versions`` row ``v``. ``score_match``: when the free text sits
-    under ``OR`` and cannot drive, an FTS5 expression used only to rank.
+    over the ``versions`` row ``v``, written so that its tag and task filters
+    can find rows. ``probes``: the same conditions written to check one row
+    at a time, for when rows are walked in an index's order and only a page
+    of them is needed. ``score_match``: when the free text sits under ``OR``
+    and cannot drive, an FTS5 expression used only to rank.
     """
 
     match: str | None
     where: Sql
+    probes: Sql
     score_match: str | None = None
 
     @property
@@ -494,12 +498,14 @@ class SearchPlan:
 def plan_search(node: Node | None) -> SearchPlan:
     """Split a parsed query into the FTS5 part that drives it and SQL for the rest."""
     if node is None:
-        return SearchPlan(None, TRUE)
+        return SearchPlan(None, TRUE, TRUE)
     conjuncts = node.items if isinstance(node, And) else (node,)
     driving = [c for c in conjuncts if isinstance(c, Text) and c.searchable]
     if not driving:
         scoring = [fts_phrase(t.text) for t, positive in _texts(node) if positive]
-        return SearchPlan(None, to_sql(node), " OR ".join(scoring) or None)
+        return SearchPlan(
+            None, to_sql(node), to_sql(node, correlated=True), " OR ".join(scoring) or None
+        )
     excluded = [
         c.item
         for c in conjuncts
@@ -515,4 +521,4 @@ def plan_search(node: Node | None) -> SearchPlan:
     ]
     # The full-text index finds the rows, so filters only check each one.
     where = to_sql(_join(And, rest), correlated=True) if rest else TRUE
-    return SearchPlan(match, where)
+    return SearchPlan(match, where, where)

@@ -49,6 +49,7 @@ from llmos.registry.query import FTS_TABLE, TRUE, SearchPlan, parse_query, plan_
 from llmos.types import ModelCard, validate_model_name
 
 __all__ = [
+    "COUNT_LIMIT",
     "LATEST",
     "MIGRATIONS",
     "SORTS",
@@ -68,8 +69,14 @@ log = structlog.get_logger("llmos.registry")
 LATEST = "latest"
 #: the orders :meth:`RegistryStore.search` knows
 SORTS = ("relevance", "name", "created", "parameters")
+#: bytes of the file each connection maps (SQLite's default build caps it at 2 GiB - 64 KiB)
+MMAP_SIZE = 0x7FFF0000
 #: most hits one search page may carry
 MAX_LIMIT = 1000
+#: matches a search counts before it reports ``total`` as "at least this many":
+#: counting visits every match it counts (1-3 µs each at a million cards), so
+#: 1,000 costs a few ms where 10,000 costs tens of ms on broad queries
+COUNT_LIMIT = 1000
 
 _ALIAS = re.compile(r"[a-z0-9_-]{1,64}")
 _VERSION = re.compile(r"[0-9]+")
@@ -164,12 +171,18 @@ class SearchHit:
 
 @attrs.frozen(kw_only=True)
 class SearchPage:
-    """One page of results. ``total`` counts every match (no cap);
+    """One page of results.
+
+    ``total`` counts the matches exactly up to the store's count limit
+    (``total_exact``); past it, ``total`` is that limit and ``total_exact`` is
+    False ("1000+"): an exact count would visit every match, which at a
+    million cards costs more than the page itself. Paging has no cap:
     ``next_cursor`` (keyset paging, stable under inserts) and ``next_offset``
-    are ``None`` on the last page."""
+    lead to every match and are ``None`` only on the last page."""
 
     items: list[SearchHit]
     total: int
+    total_exact: bool = True
     next_cursor: str | None = None
     next_offset: int | None = None
 
@@ -177,6 +190,7 @@ class SearchPage:
         return {
             "items": [hit.to_dict() for hit in self.items],
             "total": self.total,
+            "total_exact": self.total_exact,
             "next_cursor": self.next_cursor,
             "next_offset": self.next_offset,
         }
@@ -349,9 +363,21 @@ def _migration_1(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
+def _migration_2(conn: sqlite3.Connection) -> None:
+    """Filter indexes that also keep each value's models in name order.
+
+    ``family:bert`` then reads its first page straight off the index and
+    stops, instead of sorting every BERT model by name; the indexes cover
+    the filter columns, so counting reads no table rows either.
+    """
+    for column in ("provider", "family", "format", "license"):
+        conn.execute(f"DROP INDEX versions_{column}")
+        conn.execute(f"CREATE INDEX versions_{column} ON versions ({column}, is_latest, name)")
+
+
 #: schema migrations, applied in order; the schema version is their count.
 #: Append, never edit or reorder: a file's ``user_version`` says how many ran.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migration_1]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migration_1, _migration_2]
 
 
 # ------------------------------------------------------------------ helpers
@@ -429,6 +455,8 @@ _SORT_KEYS = {
     "created": ("v.created_at", True),
     "parameters": ("COALESCE(v.parameters, -1)", True),
 }
+#: the sorts an index on ``(is_latest, key)`` hands over in order
+_INDEXED_SORTS = frozenset({"name", "created"})
 
 
 def _encode_cursor(fingerprint: str, key: Any, row_id: int) -> str:
@@ -453,19 +481,29 @@ def _decode_cursor(cursor: str, fingerprint: str) -> tuple[Any, int]:
 
 
 @attrs.frozen
+class _Page:
+    """A page statement of ``(id, score, key)`` rows: ``first`` binds
+    ``params``, LIMIT and OFFSET; ``after`` (a cursor's page) binds ``params``,
+    the cursor's key and id, LIMIT and OFFSET."""
+
+    first: str
+    after: str
+    params: tuple[Any, ...]
+
+
+@attrs.frozen
 class _SearchSql:
-    count: str
+    count: str  # binds count_params, then how many rows at most to count
     count_params: tuple[Any, ...]
-    page: str  # first page; binds page_params, then LIMIT and OFFSET
-    page_after: str  # after a cursor; binds page_params, the cursor's key and id, LIMIT, OFFSET
-    page_params: tuple[Any, ...]
+    page: _Page  # the conditions find the rows, which are then sorted
+    walk: _Page | None  # rows read in the order's index, each checked: for many matches
     descending: bool
 
 
 def _search_sql(
     plan: SearchPlan, sort: str, descending: bool | None, all_versions: bool
 ) -> _SearchSql:
-    """The statements of one search: its total, and a page of ``(id, score, key)``.
+    """The statements of one search: its capped count, and its page.
 
     Three shapes, chosen so SQLite walks the fewest rows:
 
@@ -477,14 +515,26 @@ def _search_sql(
       comes from a materialised ``MATCH`` joined by rowid;
     * filters alone: ordinary indexes.
 
-    bm25 is computed only when the order is relevance.
+    bm25 is computed only when the order is relevance, and then for every
+    match that passes the filters: the page must hold the best of them all.
+
+    Without free text to drive and in an order an index keeps (name, or
+    creation time), a page has two forms. ``page`` lets the most selective
+    filter's index find the rows and sorts them all: right for few matches.
+    ``walk`` reads rows in the order's index (``(family, is_latest, name)``
+    for ``family:bert``, else ``(is_latest, name)`` or ``(is_latest,
+    created_at)``) with tag and task filters probing each row, and stops
+    when the page is full: right for many matches, which it meets early,
+    ruinous for few (it may read every model to find none). The capped count
+    tells them apart: a search that reaches the count limit matches at least
+    that many models, so a walk fills a page after about ``page size * cards
+    / count limit`` rows when the matches are spread over the order.
     """
     scope = "v.status <> 'deleted'" if all_versions else "v.is_latest = 1"
-    if plan.where != TRUE and not all_versions:
-        # A unary plus keeps SQLite from reading the whole is_latest index when
-        # a filter's index finds far fewer rows.
-        scope = "+" + scope
-    where = f"{scope} AND {plan.where.sql}"
+    # A unary plus keeps SQLite from reading the whole is_latest index when
+    # a filter's index finds far fewer rows.
+    driving_scope = "+" + scope if plan.where != TRUE and not all_versions else scope
+    where = f"{driving_scope} AND {plan.where.sql}"
     params = plan.where.params
     source = "versions v"
     if plan.match is not None:
@@ -505,19 +555,30 @@ def _search_sql(
         scored_source = f"{source} LEFT JOIN s ON s.rowid = v.id"
         score = "COALESCE(-s.rank, 0.0)"
 
-    key, desc = (score, True) if by_score else _SORT_KEYS["name" if sort == "relevance" else sort]
+    order = "name" if sort == "relevance" else sort
+    key, desc = (score, True) if by_score else _SORT_KEYS[order]
     if descending is not None:
         desc = bool(descending)
     direction, after = ("DESC", "<") if desc else ("ASC", ">")
-    inner = f"SELECT v.id AS id, {score} AS score, {key} AS k FROM {scored_source} WHERE {where}"
-    outer = f"{prefix}SELECT id, score, k FROM ({inner})"
     tail = f"ORDER BY k {direction}, id {direction} LIMIT ? OFFSET ?"
+
+    def page(source: str, where: str, params: tuple[Any, ...]) -> _Page:
+        inner = f"SELECT v.id AS id, {score} AS score, {key} AS k FROM {source} WHERE {where}"
+        outer = f"{prefix}SELECT id, score, k FROM ({inner})"
+        return _Page(
+            first=f"{outer} {tail}",
+            after=f"{outer} WHERE (k, id) {after} (?, ?) {tail}",
+            params=(*prefix_params, *params),
+        )
+
+    walk = None
+    if plan.match is None and not by_score and not all_versions and order in _INDEXED_SORTS:
+        walk = page(source, f"{scope} AND {plan.probes.sql}", plan.probes.params)
     return _SearchSql(
-        count=f"SELECT count(*) FROM {source} WHERE {where}",
+        count=f"SELECT count(*) FROM (SELECT 1 FROM {source} WHERE {where} LIMIT ?)",
         count_params=params,
-        page=f"{outer} {tail}",
-        page_after=f"{outer} WHERE (k, id) {after} (?, ?) {tail}",
-        page_params=(*prefix_params, *params),
+        page=page(scored_source, where, params),
+        walk=walk,
         descending=desc,
     )
 
@@ -530,11 +591,24 @@ class SQLiteStore:
 
     Open one per process (or share one between threads: each thread gets its
     own connection). The file is created and migrated on construction.
+    ``count_limit``: how many matches a search counts exactly before it
+    reports "at least that many" (:attr:`SearchPage.total_exact`).
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        busy_timeout: float = 30.0,
+        count_limit: int = COUNT_LIMIT,
+    ) -> None:
+        if not isinstance(count_limit, int) or isinstance(count_limit, bool) or count_limit < 1:
+            raise UsageError(
+                f"count_limit must be a whole number of at least 1, got {count_limit!r}"
+            )
         self.path = Path(path)
         self.busy_timeout = busy_timeout
+        self.count_limit = count_limit
         self._local = threading.local()
         self._lock = threading.Lock()
         self._connections: list[tuple[int, sqlite3.Connection]] = []
@@ -588,8 +662,11 @@ class SQLiteStore:
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA foreign_keys = ON")
             # Searches at a million cards read a few hundred MB; map them
-            # rather than copy them into each connection's page cache.
-            conn.execute(f"PRAGMA mmap_size = {256 * 2**20:d}")
+            # rather than copy them into each connection's page cache. 2 GiB
+            # (SQLite's usual ceiling) maps a million-card file whole, which
+            # halves a selective search's time against 256 MiB; it is address
+            # space, not memory, and the pages are the OS's shared file cache.
+            conn.execute(f"PRAGMA mmap_size = {MMAP_SIZE:d}")
         except sqlite3.DatabaseError as exc:
             raise LlmosError(f"cannot open registry database {self.path}: {exc}") from exc
         return conn
@@ -1015,14 +1092,16 @@ class SQLiteStore:
         fingerprint = hashlib.sha1(
             json.dumps([query, sort, sql.descending, all_versions]).encode()
         ).hexdigest()[:12]
-        page_sql, page_params = sql.page, sql.page_params
+        after: tuple[Any, ...] = ()
         if cursor is not None:
-            last_key, last_id = _decode_cursor(cursor, fingerprint)
-            page_sql = sql.page_after
-            page_params = (*page_params, last_key, last_id)
+            after = _decode_cursor(cursor, fingerprint)
         with self._read() as c:
-            total = c.execute(sql.count, sql.count_params).fetchone()[0]
-            rows = c.execute(page_sql, (*page_params, limit + 1, offset)).fetchall()
+            total = c.execute(sql.count, (*sql.count_params, self.count_limit + 1)).fetchone()[0]
+            exact = total <= self.count_limit
+            page = sql.page if exact or sql.walk is None else sql.walk
+            rows = c.execute(
+                page.after if after else page.first, (*page.params, *after, limit + 1, offset)
+            ).fetchall()
             more = len(rows) > limit
             rows = rows[:limit]
             ids = [row[0] for row in rows]
@@ -1056,5 +1135,9 @@ class SQLiteStore:
             next_cursor = _encode_cursor(fingerprint, rows[-1][2], rows[-1][0])
             next_offset = None if cursor is not None else offset + len(rows)
         return SearchPage(
-            items=items, total=total, next_cursor=next_cursor, next_offset=next_offset
+            items=items,
+            total=min(total, self.count_limit),
+            total_exact=exact,
+            next_cursor=next_cursor,
+            next_offset=next_offset,
         )

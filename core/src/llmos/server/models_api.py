@@ -327,6 +327,7 @@ def models_router(kernel: Kernel) -> APIRouter:
             "models": [hit.card.name for hit in page.items],
             "results": [hit.to_dict() for hit in page.items],
             "total": page.total,
+            "total_exact": page.total_exact,
         }
 
     return router
