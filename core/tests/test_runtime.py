@@ -349,6 +349,6 @@ def test_preload_loads_models_in_the_background_at_start(make_kernel, recorder) 
 
 def test_a_call_larger_than_the_whole_queue_is_a_usage_error(make_kernel) -> None:
     kernel = make_kernel('models.up.provider="upper"', "models.up.max_queue=4")
-    with pytest.raises(UsageError, match="queues at most 4 .*smaller batches"):
+    with pytest.raises(UsageError, match=r"queues at most 4 .*smaller batches"):
         kernel.call("up", "complete", prompts(*"abcde"))
     assert [r.text for r in kernel.call("up", "complete", prompts(*"abcd"))] == list("ABCD")
