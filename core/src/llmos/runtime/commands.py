@@ -174,13 +174,15 @@ def _texts(args: Sequence[str]) -> list[str]:
     return texts
 
 
-def connection(f: Callable[..., Any]) -> Callable[..., Any]:
-    """The ``--url`` and ``--api-key-env`` options of a command that uses a
-    model (pair with :func:`backend`)."""
+def connection(
+    f: Callable[..., Any], *, local: str = "run the model in this process"
+) -> Callable[..., Any]:
+    """The ``--url`` and ``--api-key-env`` options of a command that can work
+    against a daemon or locally (``local`` says what it does without one)."""
     f = click.option(
         "--url",
         envvar="LLMOS_URL",
-        help="A running daemon (default: $LLMOS_URL; none: run the model in this process).",
+        help=f"A running daemon (default: $LLMOS_URL; none: {local}).",
     )(f)
     return click.option(
         "--api-key-env",

@@ -14,6 +14,7 @@ queued instead (without ``--url``, a daemon on the same data folder runs it).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -36,6 +37,7 @@ from rich.table import Table
 from llmos.errors import LlmosError, UsageError
 from llmos.registry.commands import _options
 from llmos.runtime.commands import HttpBackend, _raise_for
+from llmos.runtime.commands import connection as shared_connection
 from llmos.runtime.kernel import Kernel
 from llmos.tuning.data import load_splits
 from llmos.tuning.jobs import JobConflict, JobState, TuningFailed, normalise_task
@@ -326,18 +328,7 @@ def tuning_commands(get_kernel: KernelGetter) -> list[click.Command]:
         finally:
             jobs.close()
 
-    def connection(f: Callable[..., Any]) -> Callable[..., Any]:
-        f = click.option(
-            "--url",
-            envvar="LLMOS_URL",
-            help="A running daemon (default: $LLMOS_URL; none: this data folder).",
-        )(f)
-        return click.option(
-            "--api-key-env",
-            default="LLMOS_API_KEY",
-            show_default=True,
-            help="Environment variable with the daemon's API key.",
-        )(f)
+    connection = functools.partial(shared_connection, local="this data folder")
 
     @click.command("tune")
     @click.option("--model", required=True, help="The base model: name, name@version, name@alias.")
