@@ -14,7 +14,6 @@ import platform
 import sys
 import traceback
 from collections.abc import Sequence
-from typing import Any
 
 import attrs
 import click
@@ -24,6 +23,7 @@ from rich.table import Table
 from llmos import __version__
 from llmos.errors import LlmosError
 from llmos.logs import configure_logging
+from llmos.output import emit_json, json_option
 from llmos.registry.commands import models_group
 from llmos.runtime.commands import inference_commands
 from llmos.runtime.kernel import Kernel
@@ -72,10 +72,6 @@ def _state(ctx: click.Context) -> _State:
 def current_kernel(ctx: click.Context) -> Kernel:
     """The kernel the top-level options describe (built once per command)."""
     return _state(ctx).kernel()
-
-
-def _emit_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
 
 
 class LlmosGroup(click.Group):
@@ -134,7 +130,7 @@ def cli(
 
 
 @cli.command()
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option
 def version(as_json: bool) -> None:
     """Show the versions of llmos, pluggy and Python."""
     import pluggy
@@ -146,13 +142,13 @@ def version(as_json: bool) -> None:
         "platform": platform.platform(),
     }
     if as_json:
-        _emit_json(info)
+        emit_json(info)
     else:
         click.echo(f"llmos {info['llmos']} (pluggy {info['pluggy']}, Python {info['python']})")
 
 
 @cli.command()
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option
 @click.option("--all", "show_all", is_flag=True, help="Include the kernel's default plugins.")
 @click.pass_context
 def plugins(ctx: click.Context, as_json: bool, show_all: bool) -> None:
@@ -160,7 +156,7 @@ def plugins(ctx: click.Context, as_json: bool, show_all: bool) -> None:
     pm = _state(ctx).kernel().load_plugins()
     rows = pm.plugins(include_defaults=show_all)
     if as_json:
-        _emit_json([info.to_dict() for info in rows])
+        emit_json([info.to_dict() for info in rows])
         return
     if not rows:
         click.echo("No plugins installed. (--all shows the kernel's default plugins.)")
@@ -190,14 +186,14 @@ def config() -> None:
 
 
 @config.command("show")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option
 @click.pass_context
 def config_show(ctx: click.Context, as_json: bool) -> None:
     """Print every effective value and where it came from (file:line, env, --set)."""
     cfg = _state(ctx).kernel().config
     rows = cfg.explain()
     if as_json:
-        _emit_json(
+        emit_json(
             {
                 "files": [str(p) for p in cfg.files],
                 "config": cfg.to_dict(),

@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from llmos.errors import LlmosError, UsageError
+from llmos.output import emit_json, json_option
 from llmos.registry.cardfile import card_to_markdown, read_card_file
 from llmos.registry.service import Registry
 from llmos.registry.store import SearchHit, VersionInfo
@@ -29,12 +30,6 @@ from llmos.types import ModelCard
 
 #: given the click context, the registry to work on (set by the CLI's root)
 RegistryGetter = Callable[[click.Context], Registry]
-
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-
-
-def _emit_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, default=str))
 
 
 def _human_params(count: int | None) -> str:
@@ -154,7 +149,7 @@ def models_group(get_registry: RegistryGetter) -> click.Group:
                 raise UsageError(f"a model needs a {required}: give --{required} or a card file")
         card = registry().register(ModelCard.from_dict(fields), created_by=_user())
         if as_json:
-            _emit_json({"card": card.to_dict()})
+            emit_json({"card": card.to_dict()})
         else:
             click.echo(f"registered {card.ref}")
 
@@ -168,7 +163,7 @@ def models_group(get_registry: RegistryGetter) -> click.Group:
         card = reg.store.get(ref)
         info = next(v for v in reg.store.versions(card.name) if v.card.version == card.version)
         if as_json:
-            _emit_json(info.to_dict())
+            emit_json(info.to_dict())
         elif as_card:
             click.echo(card_to_markdown(card), nl=False)
         else:
@@ -187,7 +182,7 @@ def models_group(get_registry: RegistryGetter) -> click.Group:
         """List every version of NAME with its status and aliases."""
         rows = registry().store.versions(name)
         if as_json:
-            _emit_json([row.to_dict() for row in rows])
+            emit_json([row.to_dict() for row in rows])
         else:
             _cards_table(f"versions of {name}", rows)
 
@@ -231,7 +226,7 @@ def models_group(get_registry: RegistryGetter) -> click.Group:
             all_versions=all_versions,
         )
         if as_json:
-            _emit_json(page.to_dict())
+            emit_json(page.to_dict())
             return
         more = "" if page.total_exact else "+"
         _cards_table(f"{page.total}{more} model(s)", page.items)
@@ -299,7 +294,7 @@ def models_group(get_registry: RegistryGetter) -> click.Group:
         """Register the Hugging Face folders and GGUF files under PATH."""
         registered, result = registry().scan(path.resolve(), created_by=_user())
         if as_json:
-            _emit_json(
+            emit_json(
                 {
                     "registered": [card.to_dict() for card in registered],
                     "skipped": [{"path": str(p), "reason": r} for p, r in result.skipped],
@@ -324,7 +319,7 @@ def models_group(get_registry: RegistryGetter) -> click.Group:
 
         report = current_kernel(ctx).discover_models()
         if as_json:
-            _emit_json(report.to_dict())
+            emit_json(report.to_dict())
             return
         for card in report.registered:
             click.echo(f"registered {card.ref}")
@@ -367,7 +362,7 @@ def models_group(get_registry: RegistryGetter) -> click.Group:
         with _upload_file(src) as (upload, filename):
             card = _push(base, name, upload, filename, description, tags, tasks, api_key_env)
         if as_json:
-            _emit_json({"card": card})
+            emit_json({"card": card})
         else:
             click.echo(f"pushed {card['name']}@{card['version']} ({card['format']})")
 

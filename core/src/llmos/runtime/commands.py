@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import click
 
 from llmos.errors import LlmosError, NotFoundError, UsageError
+from llmos.output import json_option
 from llmos.runtime.kernel import Kernel
 from llmos.types import (
     Capability,
@@ -271,7 +272,7 @@ def inference_commands(get_kernel: KernelGetter) -> list[click.Command]:
     @click.argument("prompts", nargs=-1)
     @sampling_options
     @connection
-    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+    @json_option
     @click.pass_context
     def complete(
         ctx: click.Context,
@@ -319,7 +320,7 @@ def inference_commands(get_kernel: KernelGetter) -> list[click.Command]:
         "--label", "labels", multiple=True, help="Zero-shot label (repeat); none: the model's own."
     )
     @connection
-    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+    @json_option
     @click.pass_context
     def classify(
         ctx: click.Context,

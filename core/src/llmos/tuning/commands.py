@@ -35,6 +35,7 @@ from rich.progress import (
 from rich.table import Table
 
 from llmos.errors import LlmosError, UsageError
+from llmos.output import emit_json, json_option
 from llmos.registry.commands import _options
 from llmos.runtime.commands import HttpBackend, _raise_for
 from llmos.runtime.commands import connection as shared_connection
@@ -47,12 +48,7 @@ __all__ = ["tuning_commands"]
 KernelGetter = Callable[[click.Context], Kernel]
 T = TypeVar("T")
 
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 _ENDED = ("succeeded", "failed", "cancelled")
-
-
-def _emit_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, default=str))
 
 
 def parse_params(pairs: Sequence[str]) -> dict[str, Any]:
@@ -384,7 +380,7 @@ def tuning_commands(get_kernel: KernelGetter) -> list[click.Command]:
             job = jobs.submit(request, files, wait=not no_wait)
             if no_wait:
                 if as_json:
-                    _emit_json(job)
+                    emit_json(job)
                 else:
                     where = "the daemon" if url else "a daemon on this data folder (`llmos serve`)"
                     click.echo(f"queued tuning job {job['id']}; {where} runs it")
@@ -394,7 +390,7 @@ def tuning_commands(get_kernel: KernelGetter) -> list[click.Command]:
         finally:
             jobs.close()
         if as_json:
-            _emit_json(job)
+            emit_json(job)
         if job["state"] == JobState.CANCELLED:
             raise JobConflict(f"tuning job {job['id']} was cancelled")
         if job["state"] != JobState.SUCCEEDED:
@@ -423,7 +419,7 @@ def tuning_commands(get_kernel: KernelGetter) -> list[click.Command]:
         """List tuning jobs, newest first."""
         rows = using(ctx, url, api_key_env, lambda jobs: jobs.list(states, limit))
         if as_json:
-            _emit_json(rows)
+            emit_json(rows)
         elif not rows:
             click.echo("No tuning jobs.")
         else:
@@ -440,7 +436,7 @@ def tuning_commands(get_kernel: KernelGetter) -> list[click.Command]:
         """Show one tuning job."""
         job = using(ctx, url, api_key_env, lambda jobs: jobs.get(job_id))
         if as_json:
-            _emit_json(job)
+            emit_json(job)
         else:
             _show_job(job)
 
@@ -491,7 +487,7 @@ def tuning_commands(get_kernel: KernelGetter) -> list[click.Command]:
         """Cancel a tuning job (a running one stops within [tuning] cancel_grace_s)."""
         job = using(ctx, url, api_key_env, lambda jobs: jobs.cancel(job_id))
         if as_json:
-            _emit_json(job)
+            emit_json(job)
         elif job["state"] == JobState.CANCELLED:
             click.echo(f"cancelled job {job_id}")
         else:

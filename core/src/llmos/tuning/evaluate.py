@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from llmos.errors import UsageError
+from llmos.output import json_option
 from llmos.runtime.commands import KernelGetter, backend, connection
 from llmos.tuning.data import load_file, rows_hash, sort_labels
 
@@ -215,7 +216,7 @@ def eval_command(get_kernel: KernelGetter) -> click.Command:
         help="Texts per request.",
     )
     @connection
-    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+    @json_option
     @click.pass_context
     def eval_(
         ctx: click.Context,
