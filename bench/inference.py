@@ -58,6 +58,17 @@ def pct(samples: list[float], q: float) -> float:
     return ordered[int(q * (len(ordered) - 1))]
 
 
+def throughput(n: int, wall: float, latencies: list[float]) -> dict[str, Any]:
+    """Requests per second and latency percentiles of ``n`` requests."""
+    return {
+        "requests": n,
+        "wall_s": round(wall, 3),
+        "requests_per_s": round(n / wall, 3),
+        "p50_s": round(pct(latencies, 0.5), 3),
+        "p95_s": round(pct(latencies, 0.95), 3),
+    }
+
+
 def make_kernel(home: Path, *overrides: str) -> Kernel:
     kernel = Kernel(
         load_config(
@@ -143,13 +154,8 @@ def concurrent_load(url: str, n: int, max_tokens: int) -> dict[str, Any]:
     started = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(n) as pool:
         list(pool.map(one, range(n)))
-    wall = time.perf_counter() - started
     return {
-        "requests": n,
-        "wall_s": round(wall, 3),
-        "requests_per_s": round(n / wall, 3),
-        "p50_s": round(pct(latencies, 0.5), 3),
-        "p95_s": round(pct(latencies, 0.95), 3),
+        **throughput(n, time.perf_counter() - started, latencies),
         "mean_batch_size": round(statistics.fmean(sizes), 2),
     }
 
@@ -174,14 +180,7 @@ def sequential_loop(kernel: Kernel, home: Path, n: int, max_tokens: int) -> dict
             )
         # every request of the loop waited for all before it
         latencies.append(time.perf_counter() - started)
-    wall = time.perf_counter() - started
-    return {
-        "requests": n,
-        "wall_s": round(wall, 3),
-        "requests_per_s": round(n / wall, 3),
-        "p50_s": round(pct(latencies, 0.5), 3),
-        "p95_s": round(pct(latencies, 0.95), 3),
-    }
+    return throughput(n, time.perf_counter() - started, latencies)
 
 
 def main() -> None:
