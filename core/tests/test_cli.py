@@ -8,7 +8,10 @@ folder on ``PYTHONPATH`` and are found through entry points.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
+
+import pytest
 
 from llmos import __version__
 from llmos.plugin.manager import DEFAULT_PLUGINS
@@ -182,3 +185,22 @@ def test_unknown_command_and_bad_option_are_usage_errors(env: dict[str, str]) ->
     assert run.returncode == 2 and "No such command 'frobnicate'" in run.stderr
     run = llmos("serve", "--port", "99999", env=env)
     assert run.returncode == 2 and "--port" in run.stderr
+
+
+def test_logs_go_to_the_stderr_of_the_moment_not_the_one_at_configure_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import io
+
+    import structlog
+
+    from llmos.logs import configure_logging
+
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    configure_logging("info", fmt="json")
+    first.close()  # a capture that has ended: writing to it would raise
+    monkeypatch.setattr(sys, "stderr", second)
+    structlog.get_logger("llmos.test").info("after.swap", n=1)
+    assert '"event": "after.swap"' in second.getvalue()
+    configure_logging("warning")
