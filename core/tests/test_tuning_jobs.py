@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from llmos.config import load_config
-from llmos.errors import ConfigError, NotFoundError, UsageError
+from llmos.errors import ConfigError, NotFoundError, PluginError, UsageError
 from llmos.plugin import hookimpl
 from llmos.registry.service import Registry
 from llmos.runtime.kernel import Kernel
@@ -43,6 +43,7 @@ import json
 import os
 import time
 
+from llmos.errors import UsageError
 from llmos.plugin import hookimpl
 from llmos.testing import write_safetensors
 from llmos.types import ModelCard, TuningMethodSpec, TuningResult
@@ -109,6 +110,17 @@ def run(request):
     return TuningResult(card=card, scores=scores)
 
 
+KNOWN = {"steps", "sleep", "crash_at", "raise_at", "ignore_stop", "check_bug"}
+
+
+def check(task, hp):
+    if hp.get("check_bug"):
+        return {}["a plugin bug"]
+    unknown = sorted(set(hp) - KNOWN)
+    if unknown:
+        raise UsageError(f"count: unknown hyper-parameter {unknown[0]}", param=unknown[0])
+
+
 @hookimpl
 def llmos_register_tuning_methods(register):
     register(TuningMethodSpec(
@@ -117,6 +129,7 @@ def llmos_register_tuning_methods(register):
         tasks=("text-classification",),
         defaults={"steps": 4, "sleep": 0.0},
         description="per-label word counts",
+        check=check,
     ))
 """
 
@@ -253,11 +266,14 @@ def test_a_job_runs_in_a_worker_and_registers_the_tuned_model(make_kernel) -> No
     assert done.progress["step"] == 6 and done.progress["loss"] == pytest.approx(1 / 6)
 
     card = kernel.registry.store.get("acme/sentiment")
-    assert done.result == {
+    usage = dict(done.result).pop("usage")
+    assert {k: v for k, v in done.result.items() if k != "usage"} == {
         "model": "acme/sentiment@1",
         "scores": {"dev/accuracy": 1.0, "test/accuracy": 1.0},
         "source": card.source,
     }
+    # the worker's own peak memory (an interpreter: more than 5 MB) and CPU time
+    assert 5e6 < usage["peak_rss_bytes"] < 5e9 and usage["cpu_seconds"] > 0
     assert card.parents == ("base@1",)
     assert card.scores == {"dev/accuracy": 1.0, "test/accuracy": 1.0}
     artifact = kernel.home / "artifacts" / "acme" / "sentiment" / job.id
@@ -398,6 +414,13 @@ def test_a_submission_is_checked_before_it_is_queued(make_kernel) -> None:
         kernel.jobs.submit(model="base", method="count", inline=DATA, name="Bad Name")
     with pytest.raises(UsageError, match="seed must be an integer"):
         kernel.jobs.submit(model="base", method="count", inline=DATA, params={"seed": "x"})
+    # the method's own check runs at submission: a typo never reaches a worker
+    with pytest.raises(UsageError, match="count: unknown hyper-parameter stepz"):
+        kernel.jobs.submit(model="base", method="count", inline=DATA, params={"stepz": 2})
+    with pytest.raises(PluginError, match=r"'count' \(plugin llmos-count\).*KeyError"):
+        kernel.jobs.submit(model="base", method="count", inline=DATA, params={"check_bug": 1})
+    assert kernel.jobs.list() == []
+    assert not any(kernel.jobs.root.glob("*/data.json"))
     from_param = kernel.jobs.submit(
         model="base", method="count", inline=DATA, params={"seed": 3}, run=False
     )

@@ -89,3 +89,28 @@ def test_run_refuses_bad_hyper_parameters_before_loading_anything(
     with pytest.raises(UsageError, match="early stopping needs dev rows"):
         data = {"train": sentiment_data()["train"]}
         tune("lora", bert_card, bert_dir, data, early_stopping_patience=1)
+
+
+def test_the_submission_check_catches_typos_types_and_peft_refusals(pm: PluginManager) -> None:
+    spec = pm.tuning_methods["lora"].spec
+    assert spec.check is not None
+    spec.check("sft", {**spec.defaults, "r": 4, "target_modules": ["q_proj"]})  # fine
+    with pytest.raises(UsageError, match=r"lora: lora_alpah \(did you mean lora_alpha\?\)"):
+        spec.check("sft", {"lora_alpah": 4})
+    with pytest.raises(UsageError, match="PEFT option r must be an integer, got '8'"):
+        spec.check("sft", {"r": "8"})
+    with pytest.raises(UsageError, match="target_modules must be a string or a list of strings"):
+        spec.check("sft", {"target_modules": [1, 2]})
+    with pytest.raises(UsageError, match="lora_dropout must be a number"):
+        spec.check("sft", {"lora_dropout": "high"})
+    # peft's own checks run on the config the job would build
+    with pytest.raises(UsageError, match=r"invalid PEFT options.*layers_to_transform"):
+        spec.check("sft", {"target_modules": "q_proj", "layers_to_transform": [0]})
+    # AdaLoRA's schedule is checked against the step count when the job runs
+    pm.tuning_methods["adalora"].spec.check("text-classification", {"tinit": 50, "tfinal": 100})
+    # prompt tuning from text gets the base's tokenizer only when it runs
+    pm.tuning_methods["prompt"].spec.check(
+        "sft", {"prompt_tuning_init": "TEXT", "prompt_tuning_init_text": "Classify:"}
+    )
+    with pytest.raises(UsageError, match="full has no PEFT options"):
+        pm.tuning_methods["full"].spec.check("sft", {"r": 8})

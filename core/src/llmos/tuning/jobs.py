@@ -56,7 +56,7 @@ import attrs
 import structlog
 
 from llmos.config import Field, register_section
-from llmos.errors import LlmosError, NotFoundError, Unavailable, UsageError
+from llmos.errors import LlmosError, NotFoundError, PluginError, Unavailable, UsageError
 from llmos.registry.sources import check_source
 from llmos.registry.weights import pickle_reason, read_safetensors_header
 from llmos.tuning.data import SPLITS, load_splits
@@ -67,10 +67,10 @@ from llmos.tuning.worker import (
     start_worker,
     try_lock,
 )
-from llmos.types import ModelCard, MonitorEvent, validate_model_name
+from llmos.types import ModelCard, MonitorEvent, TuningMethodSpec, validate_model_name
 
 if TYPE_CHECKING:
-    from llmos.plugin.manager import PluginManager
+    from llmos.plugin.manager import PluginManager, Registered
     from llmos.runtime.kernel import Kernel
 
 __all__ = [
@@ -84,6 +84,7 @@ __all__ = [
     "JobState",
     "JobStore",
     "TuningFailed",
+    "check_artifact",
     "methods_hint",
     "normalise_task",
 ]
@@ -194,6 +195,7 @@ class Job:
     progress: Mapping[str, Any] = attrs.field(factory=dict)
     error: str | None = None
     #: on success: ``model`` (the new ``name@version``), ``scores``, ``source``
+    #: and ``usage`` (the worker's ``peak_rss_bytes`` and ``cpu_seconds``)
     result: Mapping[str, Any] | None = None
     #: how many times a worker was started for it (more than one: resumed)
     attempts: int = 0
@@ -486,7 +488,29 @@ def _params(params: Mapping[str, Any] | None, method: str) -> dict[str, Any]:
     return {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in params.items()}
 
 
-def _check_artifact(folder: Path, allow_pickle: bool) -> None:
+def _check_params(
+    registered: Registered[TuningMethodSpec], task: str, hyper: Mapping[str, Any]
+) -> None:
+    """The method's own check of the hyper-parameters, at submission.
+
+    A :class:`UsageError` (a typo, a value out of range) refuses the job; any
+    other exception is the plugin's bug and says which plugin to report it to.
+    """
+    check = registered.spec.check
+    if check is None:
+        return
+    try:
+        check(task, dict(hyper))
+    except LlmosError:
+        raise
+    except Exception as exc:  # a plugin's bug must not pass for a bad request
+        raise PluginError(
+            f"tuning method {registered.spec.name!r} (plugin {registered.plugin}) failed"
+            f" while checking the hyper-parameters: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def check_artifact(folder: Path, allow_pickle: bool) -> None:
     """The method's output must be weights llmos can load safely: at least
     one valid safetensors file, no pickles, no links."""
     if not folder.is_dir():
@@ -666,6 +690,7 @@ class JobManager:
         seed = param_seed if seed is None else seed
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise UsageError(f"seed must be an integer, got {seed!r}", param="seed")
+        _check_params(registered, task, hyper)
 
         job_id = uuid.uuid4().hex[:12]
         folder = self.folder(job_id)
@@ -986,7 +1011,7 @@ class JobManager:
         """Move the artifact under the data folder and register the new model."""
         folder = self.folder(job.id)
         output = folder / "output"
-        _check_artifact(output, self.kernel.registry.policy.allow_pickle)
+        check_artifact(output, self.kernel.registry.policy.allow_pickle)
         fields = {
             k: v
             for k, v in dict(result["card"]).items()
@@ -1030,7 +1055,10 @@ class JobManager:
         )
         stored = self.kernel.registry.register(card, f"tuning:{job.id}", if_changed=True)
         log.info("tuning.registered", job=job.id, model=stored.ref, scores=scores)
-        return {"model": stored.ref, "scores": scores, "source": str(source)}
+        out = {"model": stored.ref, "scores": scores, "source": str(source)}
+        if isinstance(result.get("usage"), Mapping):
+            out["usage"] = dict(result["usage"])  # the worker's peak memory and CPU time
+        return out
 
     def _end(
         self,

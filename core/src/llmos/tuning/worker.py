@@ -22,7 +22,8 @@ The two talk over the child's standard streams, one JSON document a line:
   writer in the folder;
 * child → parent, on the stdout it was started with: ``["progress",
   figures]`` for each ``report(figures)``, then ``["result", {"card": ...,
-  "scores": ...}]`` or ``["error", message]``. The child points its own
+  "scores": ..., "usage": ...}]`` (usage: the worker's peak memory and CPU
+  time) or ``["error", message]``. The child points its own
   stdout and stderr (the method's prints, its libraries' warnings) at the
   job's ``worker.log``.
 
@@ -63,6 +64,7 @@ __all__ = [
     "plain",
     "start_worker",
     "try_lock",
+    "usage",
 ]
 
 #: the child's exit codes that are its own verdict, not a crash
@@ -386,7 +388,17 @@ def _run(payload: WorkerPayload, channel: _Channel) -> dict[str, Any]:
         raise LlmosError(
             f"tuning method {payload.method!r} returned {type(result).__name__}, not a TuningResult"
         )
-    return {"card": result.card.to_dict(), "scores": dict(result.scores)}
+    return {"card": result.card.to_dict(), "scores": dict(result.scores), "usage": usage()}
+
+
+def usage() -> dict[str, float]:
+    """What this process has used: its peak resident memory and CPU time."""
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    # ru_maxrss is in KiB on Linux, in bytes on macOS
+    peak = own.ru_maxrss if sys.platform == "darwin" else own.ru_maxrss * 1024
+    return {"peak_rss_bytes": float(peak), "cpu_seconds": round(own.ru_utime + own.ru_stime, 3)}
 
 
 if __name__ == "__main__":

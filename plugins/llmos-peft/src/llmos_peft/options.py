@@ -15,6 +15,7 @@ defaults and refuses an unknown key with the list of valid ones.
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
@@ -236,8 +237,11 @@ def resolve(
             if peft_keys
             else f"; {method} has no PEFT options"
         )
+        close = difflib.get_close_matches(unknown[0], [*TRAINING, *peft_keys], n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
         raise UsageError(
-            f"unknown hyper-parameter(s) for {method}: {', '.join(unknown)}. Training options:"
+            f"unknown hyper-parameter(s) for {method}: {', '.join(unknown)}{hint}."
+            " Training options:"
             f" {', '.join(sorted(TRAINING))}{peft_part}",
             param=unknown[0],
         )

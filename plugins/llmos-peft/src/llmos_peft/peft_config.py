@@ -6,7 +6,7 @@ Imports peft; only a running job (or the merge command) imports this module.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +18,9 @@ from peft.utils.constants import (
 )
 
 from llmos.errors import UsageError
-from llmos_peft.options import CLASSIFICATION
+from llmos_peft.options import CLASSIFICATION, resolve
 
-__all__ = ["CONFIG_CLASSES", "classifier_heads", "make_config", "settable_keys"]
+__all__ = ["CONFIG_CLASSES", "check", "classifier_heads", "make_config", "settable_keys"]
 
 CONFIG_CLASSES: dict[str, type[peft.PeftConfig]] = {
     "lora": peft.LoraConfig,
@@ -62,6 +62,86 @@ def settable_keys(method: str) -> frozenset[str]:
     if config_class is None:
         return frozenset()
     return frozenset(f.name for f in dataclasses.fields(config_class)) - _NOT_SETTABLE
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return _is_int(value) or isinstance(value, float)
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+#: what a value of a PEFT field of a plain annotation must be, and how to say so
+_PLAIN_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "int": (_is_int, "an integer"),
+    "float": (_is_number, "a number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "list[str]": (_is_str_list, "a list of strings"),
+    "Union[list[str], str]": (
+        lambda v: isinstance(v, str) or _is_str_list(v),
+        "a string or a list of strings",
+    ),
+}
+
+
+def _annotation(field: dataclasses.Field[Any]) -> tuple[str, bool]:
+    """A field's annotation as text without ``Optional``, and whether None is allowed."""
+    text = field.type if isinstance(field.type, str) else repr(field.type)
+    text = text.replace("typing.", "").replace("<class '", "").replace("'>", "")
+    if text.startswith("Optional[") and text.endswith("]"):
+        return text[len("Optional[") : -1], True
+    return text, False
+
+
+def _check_types(method: str, options: Mapping[str, Any]) -> None:
+    """Refuse a PEFT option whose value is plainly of the wrong type.
+
+    peft's dataclasses do not check types, so ``r = "8"`` would only fail
+    deep inside training; fields with richer annotations are left to peft.
+    """
+    fields = {f.name: f for f in dataclasses.fields(CONFIG_CLASSES[method])}
+    for key, value in options.items():
+        text, optional = _annotation(fields[key])
+        if value is None and optional:
+            continue
+        expected = _PLAIN_TYPES.get(text)
+        if expected is not None and not expected[0](value):
+            raise UsageError(
+                f"{method}: PEFT option {key} must be {expected[1]}"
+                f"{' or null' if optional else ''}, got {value!r}",
+                param=key,
+            )
+
+
+def check(method: str, task: str, given: Mapping[str, Any]) -> None:
+    """Check a job's hyper-parameters when it is submitted.
+
+    Names are checked against the training options and the method's PEFT
+    config, values against the training options' ranges and the PEFT fields'
+    types, and then peft's own checks run on a config built from them —
+    everything that can be known before the model is loaded.
+    """
+    resolved = resolve(method, task, given, settable_keys(method))
+    if method not in CONFIG_CLASSES:
+        return
+    options = dict(resolved.peft)
+    _check_types(method, options)
+    if method == "adalora":
+        # the job's step count, known when it runs: checked against it then
+        options.setdefault("total_step", 2**31)
+    if method == "prompt" and options.get("prompt_tuning_init") == "TEXT":
+        options["tokenizer_name_or_path"] = "base"  # the base's own folder, when it runs
+    task_type = peft.TaskType.SEQ_CLS if task == CLASSIFICATION else peft.TaskType.CAUSAL_LM
+    try:
+        CONFIG_CLASSES[method](task_type=task_type, **options)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"{method}: invalid PEFT options: {exc}") from None
 
 
 def classifier_heads(model: Any) -> list[str]:
