@@ -3,7 +3,8 @@
 They load the plugin the way the kernel does, through its ``llmos`` entry
 point, so the distribution must be installed (``pip install -e`` or
 ``pip install --target`` plus ``PYTHONPATH``). Then each hook is exercised for
-real through what the plugin manager recorded.
+real through what the plugin manager recorded; the fusion strategy through a
+real kernel, since the kernel is what calls a fusion's members.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -22,9 +24,14 @@ from click.testing import CliRunner
 from fastapi import FastAPI
 
 import llmos_example
+from llmos.config import load_config
 from llmos.errors import CapabilityNotSupported, UsageError
+from llmos.plugin import hookimpl
 from llmos.plugin.manager import HOOK_NAMES, PluginManager
+from llmos.runtime.kernel import Kernel
 from llmos.types import (
+    Budget,
+    Capability,
     ClassifyRequest,
     ClassifyResult,
     CompletionRequest,
@@ -33,6 +40,7 @@ from llmos.types import (
     ModelCard,
     MonitorEvent,
     MonitorSink,
+    MonitorSinkSpec,
     TuningRequest,
 )
 
@@ -151,51 +159,193 @@ def test_the_provider_rejects_a_card_without_keywords(pm: PluginManager) -> None
 # --------------------------------------------------------------------------
 
 
-class Spy:
-    """A member that records the texts it was asked about."""
+class Recorder:
+    """An in-process plugin whose monitor sink keeps every event."""
 
-    def __init__(self, model: LoadedModel) -> None:
-        self.model = model
-        self.card = model.card
-        self.capabilities = model.capabilities
-        self.max_batch_size = model.max_batch_size
-        self.seen: list[str] = []
+    def __init__(self) -> None:
+        self.events: list[MonitorEvent] = []
 
-    def classify(self, requests: list[ClassifyRequest]) -> list[ClassifyResult]:
-        self.seen.extend(r.text for r in requests)
-        return self.model.classify(requests)
+    @hookimpl
+    def llmos_register_monitor_sinks(self, register: Any) -> None:
+        events = self.events
 
+        class Sink:
+            def emit(self, event: MonitorEvent) -> None:
+                events.append(event)
 
-def build_fusion(pm: PluginManager, options: dict[str, Any]) -> tuple[LoadedModel, Spy, Spy]:
-    # The second member reads "good" the other way round, so who answered shows.
-    first = Spy(load(pm, keyword_card("t/first", ["good"], ["bad"])))
-    second = Spy(load(pm, keyword_card("t/second", ["fine"], ["good"])))
-    spec = pm.fusion_strategies["example-first-confident"].spec
-    fusion = spec.build(ModelCard(name="t/fusion", provider="fusion"), [first, second], options)
-    return fusion, first, second
+            def close(self) -> None:
+                pass
+
+        register(MonitorSinkSpec(name="test-recorder", create=lambda options: Sink()))
 
 
-def test_fusion_takes_the_first_confident_member(pm: PluginManager) -> None:
-    fusion, first, second = build_fusion(pm, {})
-    results = fusion.classify(
-        [ClassifyRequest(text="good"), ClassifyRequest(text="fine"), ClassifyRequest(text="meh")]
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+def kernel(tmp_path: Path, recorder: Recorder) -> Iterator[Kernel]:
+    """A real kernel with only this plugin (found through its entry point) and
+    three keyword members that read the words differently, so who answered
+    shows: ``first`` and ``second`` disagree on "good", ``second`` knows
+    "fine", ``third`` knows "meh"."""
+    kernel = Kernel(
+        load_config(env={"LLMOS_HOME": str(tmp_path / "home"), "LLMOS_LOAD_PLUGINS": PLUGIN})
     )
-    # "good": the first member is 2/3 sure (>= 0.6) -> its answer, not the second's
-    assert results[0].label == "positive"
-    assert results[0].scores["positive"] == pytest.approx(2 / 3)
-    # "fine": the first is unsure (0.5) -> the second's; "meh": the last member's
-    assert results[1].label == "positive"
-    assert results[1].scores["positive"] == pytest.approx(2 / 3)
-    assert results[2].scores == pytest.approx({"positive": 0.5, "negative": 0.5})
-    assert first.seen == ["good", "fine", "meh"]
-    assert second.seen == ["fine", "meh"]  # only what the first was unsure of
+    kernel.load_plugins()
+    kernel.plugins.register(recorder, "test-recorder")
+    assert kernel.plugins.fusion_strategies["example-first-confident"].plugin == PLUGIN
+    for card in (
+        keyword_card("first", ["good"], ["bad"]),
+        keyword_card("second", ["fine"], ["good"]),
+        keyword_card("third", ["meh"], ["so"]),
+    ):
+        kernel.registry.register(card)
+    kernel.start()
+    try:
+        yield kernel
+    finally:
+        kernel.stop()
 
 
-def test_fusion_threshold_option(pm: PluginManager) -> None:
-    fusion, _, second = build_fusion(pm, {"threshold": 0.9})
-    [result] = fusion.classify([ClassifyRequest(text="good")])
-    assert result.label == "negative"  # 2/3 < 0.9, so the second member answered
-    assert second.seen == ["good"]
+def classify(kernel: Kernel, model: str, requests: list[ClassifyRequest]) -> list[ClassifyResult]:
+    return kernel.call(model, Capability.CLASSIFY, requests)
+
+
+def texts(*words: str) -> list[ClassifyRequest]:
+    return [ClassifyRequest(text=w) for w in words]
+
+
+def asked(result: ClassifyResult) -> list[str]:
+    """The members the fusion asked for this result's row."""
+    return [m["model"] for m in result.meta["fusion"]["members"]]
+
+
+def test_fusion_takes_the_first_confident_member(kernel: Kernel, recorder: Recorder) -> None:
+    card = kernel.fusions.create(
+        "cascade", strategy="example-first-confident", members=["first", "second", "third"]
+    )
+    assert card.options["fusion"]["options"] == {"threshold": 0.6}  # check() filled it in
+    good, fine, meh, ok = classify(kernel, "cascade", texts("good", "fine", "meh", "ok"))
+    # "good": first is 2/3 sure (>= 0.6) -> its positive, not second's negative
+    assert good.label == "positive" and good.scores["positive"] == pytest.approx(2 / 3)
+    # "fine": first is unsure (1/2) -> second's; "meh": first two unsure -> third's
+    assert fine.label == "positive" and fine.scores["positive"] == pytest.approx(2 / 3)
+    assert meh.label == "positive" and meh.scores["positive"] == pytest.approx(2 / 3)
+    # "ok": nobody is sure -> the last member's answer all the same
+    assert ok.scores == pytest.approx({"positive": 0.5, "negative": 0.5})
+
+    results = [good, fine, meh, ok]
+    assert [r.meta["fusion"]["answered_by"] for r in results] == [
+        "first@1",
+        "second@1",
+        "third@1",
+        "third@1",
+    ]
+    # later members were not asked for rows an earlier one was sure of
+    assert [asked(r) for r in results] == [
+        ["first@1"],
+        ["first@1", "second@1"],
+        ["first@1", "second@1", "third@1"],
+        ["first@1", "second@1", "third@1"],
+    ]
+    assert [r.meta["fusion"]["skipped"] for r in results] == [
+        ["second@1", "third@1"],
+        ["third@1"],
+        [],
+        [],
+    ]
+    assert [m["agreed"] for m in fine.meta["fusion"]["members"]] == [True, True]
+    assert [m["label"] for m in good.meta["fusion"]["members"]] == ["positive"]
+
+    # The members' own workers saw exactly that: 4 rows, then 3, then 2.
+    kernel.bus.stop()
+    served = {
+        name: sum(
+            e.fields["requests"]
+            for e in recorder.events
+            if e.kind == "request" and e.model == name and e.fields["status"] == "ok"
+        )
+        for name in ("first@1", "second@1", "third@1")
+    }
+    assert served == {"first@1": 4, "second@1": 3, "third@1": 2}
+    [event] = [e for e in recorder.events if e.kind == "fusion.call"]
+    assert event.model == "cascade@1" and event.fields["strategy"] == "example-first-confident"
+    assert event.fields["member_calls"] == 9
+    assert {m: f["asked"] for m, f in event.fields["members"].items()} == served
+
+
+def test_fusion_threshold_option(kernel: Kernel) -> None:
+    members = ["first", "second"]
+    kernel.fusions.create(
+        "strict", strategy="example-first-confident", members=members, options={"threshold": 0.9}
+    )
+    kernel.fusions.create(
+        "lenient", strategy="example-first-confident", members=members, options={"threshold": 0.5}
+    )
+    [good] = classify(kernel, "strict", texts("good"))
+    # 2/3 < 0.9: first is not sure enough, so second answered (it reads "good" as negative)
+    assert good.label == "negative" and good.scores["negative"] == pytest.approx(2 / 3)
+    assert asked(good) == ["first@1", "second@1"]
+    assert good.meta["fusion"]["answered_by"] == "second@1"
+    [fine] = classify(kernel, "lenient", texts("fine"))
+    # first's 1/2 reaches 0.5: its answer stands and second is never asked
+    assert fine.scores == pytest.approx({"positive": 0.5, "negative": 0.5})
+    assert asked(fine) == ["first@1"] and fine.meta["fusion"]["skipped"] == ["second@1"]
+    # with the default 0.6 the same row goes on to second
+    kernel.fusions.create("default", strategy="example-first-confident", members=members)
+    [fine] = classify(kernel, "default", texts("fine"))
+    assert fine.meta["fusion"]["answered_by"] == "second@1"
+
+
+def test_fusion_keeps_the_request_budget(kernel: Kernel) -> None:
+    kernel.fusions.create(
+        "cascade", strategy="example-first-confident", members=["first", "second"]
+    )
+    [fine] = classify(
+        kernel, "cascade", [ClassifyRequest(text="fine", budget=Budget(max_members=1))]
+    )
+    # first is unsure, but the budget allows one member: its answer stands
+    assert fine.scores == pytest.approx({"positive": 0.5, "negative": 0.5})
+    assert fine.meta["fusion"]["answered_by"] == "first@1"
+    assert fine.meta["fusion"]["skipped"] == ["second@1"]
+    assert fine.meta["fusion"]["budget"]["exhausted"] is True
+
+
+def test_fusion_is_scored_on_dev_data(kernel: Kernel) -> None:
+    dev = [
+        {"text": "good", "label": "positive"},
+        {"text": "fine", "label": "positive"},
+        {"text": "bad", "label": "negative"},
+    ]
+    card = kernel.fusions.create(
+        "scored", strategy="example-first-confident", members=["first", "second"], dev=dev
+    )
+    assert card.scores == {"dev/accuracy": 1.0}
+    # only "fine" needed the second member
+    assert card.options["fusion"]["fit"]["member_calls_per_row"] == pytest.approx(4 / 3)
+
+
+@pytest.mark.parametrize(
+    ("members", "options", "message"),
+    [
+        (["first", "second"], {"treshold": 0.7}, "unknown option.*treshold"),
+        (["first", "second"], {"threshold": 1.5}, r"in \[0, 1\]"),
+        (["first", "second"], {"threshold": -0.1}, r"in \[0, 1\]"),
+        (["first", "second"], {"threshold": "high"}, "must be a number"),
+        (["first", "second"], {"threshold": True}, "must be a number"),
+        (["first"], {}, "two or more members"),
+    ],
+)
+def test_fusion_check_refuses_bad_options(
+    kernel: Kernel, members: list[str], options: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(UsageError, match=message):
+        kernel.fusions.create(
+            "refused", strategy="example-first-confident", members=members, options=options
+        )
+    assert kernel.fusions.list() == []  # nothing registered
 
 
 # --------------------------------------------------------------------------

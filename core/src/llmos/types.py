@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from fastapi import APIRouter
 
 __all__ = [
+    "Budget",
     "Capability",
     "ChatMessage",
     "ChatRequest",
@@ -49,9 +50,12 @@ __all__ = [
     "CompletionResult",
     "EmbedRequest",
     "EmbedResult",
+    "FitData",
+    "FusionCall",
     "FusionStrategySpec",
     "LoadRequest",
     "LoadedModel",
+    "MergeRequest",
     "ModelBase",
     "ModelCard",
     "ModelFormat",
@@ -227,6 +231,32 @@ def _check_sampling(instance: Sampling, attribute: attrs.Attribute[Any], value: 
         raise UsageError(f"top_p must be in (0, 1], got {value!r}", param=name)
 
 
+def _check_budget(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is None:
+        return
+    name = attribute.name
+    if name == "max_members" and (
+        isinstance(value, bool) or not isinstance(value, int) or value < 1
+    ):
+        raise UsageError(f"max_members must be an integer >= 1, got {value!r}", param=name)
+    if name == "max_latency_ms" and (
+        isinstance(value, bool) or not isinstance(value, int | float) or not value > 0
+    ):
+        raise UsageError(f"max_latency_ms must be a number > 0, got {value!r}", param=name)
+
+
+@attrs.frozen(kw_only=True)
+class Budget:
+    """Limits a request puts on a fusion: how many members may be called for
+    it, and how long it may take. Past either, the fusion answers with what
+    its members have said so far and says so in the result's ``meta``. The
+    first member a request reaches always answers: a fusion never answers
+    with nothing. Models that are not fusions ignore it."""
+
+    max_members: int | None = attrs.field(default=None, validator=_check_budget)
+    max_latency_ms: float | None = attrs.field(default=None, validator=_check_budget)
+
+
 @attrs.frozen(kw_only=True)
 class Sampling:
     """Generation parameters shared by completion, chat and streaming.
@@ -262,6 +292,7 @@ class CompletionRequest:
     #: when set, also return the log-probability of each of these continuations
     #: of ``prompt`` (zero-shot classification and ranking need it)
     score_continuations: tuple[str, ...] = attrs.field(default=(), converter=_tuple_of_str)
+    budget: Budget | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -271,6 +302,9 @@ class CompletionResult:
     usage: Usage = attrs.field(factory=Usage)
     #: log-probabilities of ``CompletionRequest.score_continuations``, same order
     continuation_logprobs: tuple[float, ...] = ()
+    #: what the model adds about this answer (a fusion: the members asked,
+    #: their latencies and agreement, whether a budget cut it short)
+    meta: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_mapping)
 
 
 @attrs.frozen
@@ -289,6 +323,7 @@ class ChatRequest:
 
     messages: tuple[ChatMessage, ...] = attrs.field(converter=_messages)
     sampling: Sampling = attrs.field(factory=Sampling)
+    budget: Budget | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -296,6 +331,9 @@ class ChatResult:
     message: ChatMessage
     finish_reason: str = "stop"
     usage: Usage = attrs.field(factory=Usage)
+    #: what the model adds about this answer (a fusion: the members asked,
+    #: their latencies and agreement, whether a budget cut it short)
+    meta: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_mapping)
 
 
 @attrs.frozen(kw_only=True)
@@ -316,12 +354,16 @@ class StreamChunk:
 @attrs.frozen(kw_only=True)
 class EmbedRequest:
     text: str
+    budget: Budget | None = None
 
 
 @attrs.frozen(kw_only=True)
 class EmbedResult:
     vector: tuple[float, ...] = attrs.field(converter=tuple)
     usage: Usage = attrs.field(factory=Usage)
+    #: what the model adds about this answer (a fusion: the members asked,
+    #: their latencies and agreement, whether a budget cut it short)
+    meta: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_mapping)
 
 
 @attrs.frozen(kw_only=True)
@@ -334,6 +376,7 @@ class ClassifyRequest:
 
     text: str
     labels: tuple[str, ...] = attrs.field(default=(), converter=_tuple_of_str)
+    budget: Budget | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -342,6 +385,9 @@ class ClassifyResult:
 
     scores: Mapping[str, float] = attrs.field(converter=_frozen_mapping)
     usage: Usage = attrs.field(factory=Usage)
+    #: what the model adds about this answer (a fusion: the members asked,
+    #: their latencies and agreement, whether a budget cut it short)
+    meta: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_mapping)
 
     @property
     def label(self) -> str:
@@ -565,38 +611,145 @@ class ProviderSpec:
     batching: bool = True
 
 
+class FusionCall(Protocol):
+    """One batch of requests of one capability on its way through a fusion:
+    what a strategy's ``combine`` gets. The kernel implements it
+    (:class:`llmos.fusion.call.Call`); it calls the members through the
+    kernel (their own batching and monitoring), keeps the request's
+    :class:`Budget`, and records which member answered which row, and when.
+    """
+
+    capability: Capability
+    #: the batch; rows are indexes into it
+    requests: Sequence[Any]
+    #: the members' cards, in the fusion's order
+    members: Sequence[ModelCard]
+    #: the strategy's options (with what ``fit`` learned)
+    options: Mapping[str, Any]
+
+    def ask(
+        self, member: int, rows: Sequence[int] | None = None, requests: Sequence[Any] | None = None
+    ) -> dict[int, Any]:
+        """``member``'s results for ``rows`` (default: all), by row. ``requests``
+        (one per row) replace the batch's own. Rows the budget rules out are
+        missing from the answer."""
+        ...
+
+    def ask_all(
+        self, members: Sequence[int] | None = None, rows: Sequence[int] | None = None
+    ) -> list[dict[int, Any]]:
+        """Several members (default: all) at once, each on ``rows``; a member
+        the budget rules out, or that is not back within it, answers ``{}``."""
+        ...
+
+    def helper(self, model: str, capability: Capability, requests: Sequence[Any]) -> list[Any]:
+        """Call a model that is not a member (a judge, an embedder)."""
+        ...
+
+    def note(self, row: int, **facts: Any) -> None:
+        """Strategy facts about a row (a route taken, a confidence) for its ``meta``."""
+        ...
+
+
+@attrs.frozen(kw_only=True)
+class FitData:
+    """Dev data and what each member answered on it: what a strategy's ``fit``
+    learns from (weights, thresholds, routes)."""
+
+    texts: tuple[str, ...] = attrs.field(converter=tuple)
+    #: the right label of each row
+    gold: tuple[str, ...] = attrs.field(converter=tuple)
+    #: ``outputs[m][i]``: member ``m``'s scores per label on row ``i``
+    outputs: tuple[tuple[Mapping[str, float], ...], ...] = attrs.field(
+        converter=lambda rows: tuple(tuple(r) for r in rows)
+    )
+    #: mean seconds per row of each member (what calling it costs)
+    seconds: tuple[float, ...] = attrs.field(converter=tuple)
+    members: tuple[ModelCard, ...] = attrs.field(converter=tuple)
+    options: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_mapping)
+    #: call a model that is not a member (e.g. a router's embedder)
+    helper: Callable[[str, Capability, Sequence[Any]], list[Any]] | None = None
+
+
+@attrs.frozen(kw_only=True)
+class MergeRequest:
+    """Members merged in weight space into a new model (``merge`` strategies)."""
+
+    #: the new model's name
+    name: str
+    members: tuple[ModelCard, ...] = attrs.field(converter=tuple)
+    #: each member's checked local folder
+    member_paths: tuple[Path, ...] = attrs.field(converter=tuple)
+    options: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_mapping)
+    #: where the merged model's files go (safetensors only)
+    output_dir: Path
+    #: the base of the members, when they are adapters (their first parent)
+    base: ModelCard | None = None
+    base_path: Path | None = None
+
+
 @attrs.frozen(kw_only=True)
 class FusionStrategySpec:
-    """A way to combine member models into one :class:`LoadedModel`.
+    """A way to combine member models into one. Two kinds:
 
-    ``build(card, members, options)`` gets the fusion's card, the loaded
-    members in order, and the strategy options; ``fit`` (optional) learns the
-    strategy's parameters from dev data and returns options for ``build``.
+    * served (``combine``): a fusion with this strategy is a model like any
+      other; each batch of requests it gets reaches ``combine(call)`` (a
+      :class:`FusionCall`), which asks members and returns one result per
+      request, in order, for the capabilities listed in ``capabilities``;
+    * weight space (``merge``): ``merge(request)`` writes a new model's files
+      to ``request.output_dir`` and returns its card (provider, format,
+      options; the kernel names, registers and stores it).
+
+    ``check(options, members)`` (optional) validates and completes the
+    options when a fusion is created, raising
+    :class:`~llmos.errors.UsageError`; ``fit(data)`` (optional) learns
+    options from dev data (:class:`FitData`) and returns them. ``needs_fit``
+    (``True``, or a function of the checked options) says a fusion cannot be
+    created without dev data — a cascade given no thresholds, say.
     """
 
     name: str = attrs.field(validator=_check_spec_name)
-    build: Callable[[ModelCard, Sequence[LoadedModel], Mapping[str, Any]], LoadedModel]
     description: str = ""
     capabilities: frozenset[Capability] = attrs.field(factory=frozenset, converter=frozenset)
-    fit: (
-        Callable[
-            [Sequence[LoadedModel], Sequence[Mapping[str, Any]], Mapping[str, Any]],
-            Mapping[str, Any],
-        ]
-        | None
-    ) = None
+    combine: Callable[[FusionCall], list[Any]] | None = None
+    merge: Callable[[MergeRequest], ModelCard] | None = None
+    check: Callable[[Mapping[str, Any], Sequence[ModelCard]], Mapping[str, Any]] | None = None
+    fit: Callable[[FitData], Mapping[str, Any]] | None = None
+    needs_fit: bool | Callable[[Mapping[str, Any]], bool] = False
+
+    def __attrs_post_init__(self) -> None:
+        if (self.combine is None) == (self.merge is None):
+            raise UsageError(
+                f"fusion strategy {self.name!r} must have exactly one of combine (served)"
+                " and merge (weight space)"
+            )
+        if self.needs_fit is not False and self.fit is None:
+            raise UsageError(f"fusion strategy {self.name!r} needs_fit but has no fit")
+
+    def fit_required(self, options: Mapping[str, Any]) -> bool:
+        """Whether a fusion with these options needs dev data to be created."""
+        needs = self.needs_fit
+        return bool(needs(options) if callable(needs) else needs)
 
 
 @attrs.frozen(kw_only=True)
 class TuningMethodSpec:
     """A way to tune a base model on data; ``run(request)`` does the work in a
-    worker process and returns a :class:`TuningResult`."""
+    worker process and returns a :class:`TuningResult`.
+
+    ``check(task, hyperparameters)`` (optional) runs when a job is submitted,
+    in the submitting process: it raises :class:`~llmos.errors.UsageError` for
+    a misspelt or out-of-range hyper-parameter, so the job is refused at once
+    instead of failing later in its worker. ``hyperparameters`` are the
+    method's ``defaults`` updated with the job's own.
+    """
 
     name: str = attrs.field(validator=_check_spec_name)
     run: Callable[[TuningRequest], TuningResult]
     description: str = ""
     tasks: tuple[str, ...] = attrs.field(default=(), converter=_tuple_of_str)
     defaults: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_mapping)
+    check: Callable[[str, Mapping[str, Any]], None] | None = None
 
 
 @attrs.frozen(kw_only=True)

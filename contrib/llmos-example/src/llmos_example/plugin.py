@@ -2,8 +2,8 @@
 
 Copy this module to start a plugin. Each hook is a top-level ``@hookimpl``
 function of a few lines; the classes above them exist only where something
-holds state (a loaded model, a fusion, a sink). Sections follow the hook
-families in :mod:`llmos.plugin.spec`.
+holds state (a loaded model, a sink). Sections follow the hook families in
+:mod:`llmos.plugin.spec`.
 
 What it adds:
 
@@ -38,6 +38,7 @@ from llmos.types import (
     ClassifyRequest,
     ClassifyResult,
     CommandSpec,
+    FusionCall,
     FusionStrategySpec,
     LoadedModel,
     LoadRequest,
@@ -168,53 +169,68 @@ def llmos_discover_models(register: Callable[[ModelCard], None]) -> None:
 # --------------------------------------------------------------------------
 
 
-class FirstConfident(ModelBase):
-    """A cascade: each request gets the first member's answer whose top score
-    reaches ``threshold``, else the last member's. Later members only see the
-    requests earlier ones were unsure of."""
+#: the options ``example-first-confident`` takes, with their defaults
+FIRST_CONFIDENT_DEFAULTS = {"threshold": 0.6}
 
-    capabilities = frozenset({Capability.CLASSIFY})
 
-    def __init__(self, card: ModelCard, members: Sequence[LoadedModel], threshold: float) -> None:
-        super().__init__(card)
-        if not members:
-            raise UsageError(f"fusion {card.ref!r} needs at least one member")
-        for member in members:
-            if Capability.CLASSIFY not in member.capabilities:
-                raise UsageError(f"fusion {card.ref!r}: member {member.card.ref!r} cannot classify")
-        if not 0.0 <= threshold <= 1.0:
-            raise UsageError(f"fusion {card.ref!r}: threshold must be in [0, 1], got {threshold}")
-        self.members = tuple(members)
-        self.threshold = threshold
-        # A batch the fusion accepts must fit every member's batch limit.
-        self.max_batch_size = min(
-            (m.max_batch_size for m in members if m.max_batch_size), default=None
+def check_first_confident(
+    options: Mapping[str, Any], members: Sequence[ModelCard]
+) -> dict[str, Any]:
+    """The strategy's ``check``, run when a fusion is created: refuses what
+    ``combine`` could not use and returns the options complete."""
+    unknown = sorted(set(options) - set(FIRST_CONFIDENT_DEFAULTS))
+    if unknown:
+        raise UsageError(
+            f"example-first-confident: unknown option(s) {', '.join(unknown)}; known: threshold",
+            param=unknown[0],
         )
-
-    def classify(self, requests: Sequence[ClassifyRequest]) -> list[ClassifyResult]:
-        results: list[ClassifyResult | None] = [None] * len(requests)
-        pending = list(range(len(requests)))
-        for position, member in enumerate(self.members):
-            last = position == len(self.members) - 1
-            answers = member.classify([requests[i] for i in pending])
-            unsure = []
-            for i, answer in zip(pending, answers, strict=True):
-                if last or max(answer.scores.values()) >= self.threshold:
-                    results[i] = answer
-                else:
-                    unsure.append(i)
-            pending = unsure
-            if not pending:
-                break
-        return [r for r in results if r is not None]
-
-    # close() is inherited and does nothing: the kernel owns the members.
+    if len(members) < 2:
+        raise UsageError("example-first-confident: give two or more members, cheapest first")
+    threshold = options.get("threshold", FIRST_CONFIDENT_DEFAULTS["threshold"])
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float):
+        raise UsageError(
+            f"example-first-confident: threshold must be a number, got {threshold!r}",
+            param="threshold",
+        )
+    if not 0.0 <= threshold <= 1.0:
+        raise UsageError(
+            f"example-first-confident: threshold must be in [0, 1], got {threshold}",
+            param="threshold",
+        )
+    return {"threshold": float(threshold)}
 
 
-def build_first_confident(
-    card: ModelCard, members: Sequence[LoadedModel], options: Mapping[str, Any]
-) -> FirstConfident:
-    return FirstConfident(card, members, float(options.get("threshold", 0.6)))
+def combine_first_confident(call: FusionCall) -> list[ClassifyResult | None]:
+    """The strategy's ``combine``: a cascade. Each row gets the first
+    member's answer whose top score reaches ``threshold``, else the last
+    member's; a member is asked only for the rows every earlier one was
+    unsure of. The kernel calls the members (their own workers and batching),
+    keeps the request's budget and records who was asked in ``meta``."""
+    threshold = float(call.options.get("threshold", FIRST_CONFIDENT_DEFAULTS["threshold"]))
+    last = len(call.members) - 1
+    answers: dict[int, ClassifyResult] = {}
+    by: dict[int, int] = {}
+    pending = list(range(len(call.requests)))
+    for member in range(last + 1):
+        if not pending:
+            break
+        got = call.ask(member, pending)
+        unsure = []
+        for row in pending:
+            if row not in got:
+                # Failed, or the budget ruled this member out: an earlier
+                # answer stands; a row with none yet tries the next member.
+                if row not in answers:
+                    unsure.append(row)
+                continue
+            answers[row], by[row] = got[row], member
+            if member < last and max(got[row].scores.values()) < threshold:
+                unsure.append(row)
+        pending = unsure
+    for row, member in by.items():
+        call.note(row, answered_by=call.members[member].ref)
+    # A row no member answered stays None: the kernel reports the members' errors.
+    return [answers.get(row) for row in range(len(call.requests))]
 
 
 @hookimpl
@@ -222,9 +238,10 @@ def llmos_register_fusion_strategies(register: Callable[[FusionStrategySpec], No
     register(
         FusionStrategySpec(
             name="example-first-confident",
-            build=build_first_confident,
             description="classify with the first member whose top score >= threshold (0.6)",
             capabilities={Capability.CLASSIFY},
+            combine=combine_first_confident,
+            check=check_first_confident,
         )
     )
 

@@ -45,7 +45,10 @@ log = structlog.get_logger("llmos.plugins")
 ENTRY_POINT_GROUP = spec.NAME
 
 #: plugins that ship inside the kernel, loaded first; each can be disabled by name
-DEFAULT_PLUGINS: tuple[str, ...] = ("llmos.default_plugins.log_sink",)
+DEFAULT_PLUGINS: tuple[str, ...] = (
+    "llmos.default_plugins.log_sink",
+    "llmos.default_plugins.fusion",
+)
 
 HOOK_NAMES: frozenset[str] = frozenset(
     name for name in dir(spec) if name.startswith("llmos_") and callable(getattr(spec, name))

@@ -98,10 +98,13 @@ def llmos_register_fusion_strategies(register: Callable[[FusionStrategySpec], No
 
     Called once when plugins are loaded.
 
-    :param register: call ``register(FusionStrategySpec(name=..., build=...))``
-        once per strategy (``vote``, ``cascade``, ``router`` …). ``build``
-        returns a :class:`~llmos.types.LoadedModel`, so a fusion is served
-        like any other model and can itself be a member of a fusion.
+    :param register: call ``register(FusionStrategySpec(name=..., combine=...))``
+        once per strategy (``vote``, ``cascade``, ``router`` …). ``combine``
+        gets each batch a fusion serves as a :class:`~llmos.types.FusionCall`
+        (ask members, within the request's budget) and returns the results,
+        so a fusion is served like any other model and can itself be a
+        member of a fusion; a weight-space strategy gives ``merge`` instead,
+        which writes a new model.
     """
 
 

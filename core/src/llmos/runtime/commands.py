@@ -72,7 +72,15 @@ class LocalBackend:
     def classify(self, model: str, texts: Sequence[str], labels: Sequence[str]) -> list[dict]:
         requests = [ClassifyRequest(text=t, labels=tuple(labels)) for t in texts]
         results = self.kernel.call(model, Capability.CLASSIFY, requests)
-        return [{"label": r.label, "scores": dict(r.scores)} for r in results]
+        # the daemon's shape: a fusion's accounting under "llmos"
+        return [
+            {
+                "label": r.label,
+                "scores": dict(r.scores),
+                **({"llmos": {"meta": dict(r.meta)}} if r.meta else {}),
+            }
+            for r in results
+        ]
 
     def close(self) -> None:
         self.kernel.stop()

@@ -21,6 +21,7 @@ import structlog
 
 from llmos.config import Config, load_config
 from llmos.errors import LlmosError, RequestTimeout
+from llmos.fusion.service import Fusions  # also registers the [fusions] config section
 from llmos.monitor.bus import EventBus
 from llmos.plugin.manager import PluginManager
 from llmos.registry.service import (  # also registers the [registry] config section
@@ -56,6 +57,7 @@ class Kernel:
         self._registry: Registry | None = None
         self._models: ModelManager | None = None
         self._jobs: JobManager | None = None
+        self._fusions: Fusions | None = None
         self._stopping = threading.Event()
 
     @classmethod
@@ -104,6 +106,14 @@ class Kernel:
             if self._jobs is None:
                 self._jobs = JobManager(self)
             return self._jobs
+
+    @property
+    def fusions(self) -> Fusions:
+        """Fusions: created, fitted, registered, and loaded as models."""
+        with self._lock:
+            if self._fusions is None:
+                self._fusions = Fusions(self)
+            return self._fusions
 
     @property
     def request_timeout(self) -> float:
@@ -189,6 +199,7 @@ class Kernel:
             self.bus.start()
             self.plugins.startup(self)
             self.discover_models()
+            self.fusions.sync_config()
             self._start_janitor()
             self._start_preload()
             if self._jobs is not None and self._jobs.adopt:

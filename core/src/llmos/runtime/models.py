@@ -204,6 +204,8 @@ class ModelManager:
         )
 
     def _deployment(self, key: str, card: ModelCard, settings: BatchSettings) -> Deployment:
+        if card.format == ModelFormat.FUSION:
+            return Deployment(key, card, "llmos", self.kernel.fusions.provider, settings)
         registered = self.kernel.plugins.providers.get(card.provider)
         if registered is None:
             have = ", ".join(sorted(self.kernel.plugins.providers)) or "none"

@@ -27,6 +27,7 @@ from llmos.errors import UsageError
 from llmos.runtime.kernel import Kernel
 from llmos.runtime.worker import StreamHandle
 from llmos.types import (
+    Budget,
     Capability,
     ChatMessage,
     ChatRequest,
@@ -45,12 +46,42 @@ from llmos.types import (
 T = TypeVar("T")
 
 
+class LlmosIn(BaseModel):
+    """llmos's own request fields, under ``"llmos"`` (OpenAI clients send
+    them as ``extra_body``): a fusion's budget."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_members: int | None = Field(
+        default=None, ge=1, description="A fusion asks at most this many members"
+    )
+    max_latency_ms: float | None = Field(
+        default=None, gt=0, description="A fusion answers with what it has after this long"
+    )
+
+    def budget(self) -> Budget | None:
+        if self.max_members is None and self.max_latency_ms is None:
+            return None
+        return Budget(max_members=self.max_members, max_latency_ms=self.max_latency_ms)
+
+
 class _Body(BaseModel):
     # OpenAI clients send fields llmos does not use (user, metadata …):
     # accept and ignore them rather than break the client.
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(min_length=1, max_length=300)
+    llmos: LlmosIn | None = None
+
+    def budget(self) -> Budget | None:
+        return None if self.llmos is None else self.llmos.budget()
+
+
+def _meta(result: Any) -> dict[str, Any]:
+    """``{"llmos": {"meta": ...}}`` for a result that carries meta (a fusion's
+    accounting), else nothing: plain answers keep OpenAI's exact shape."""
+    meta = getattr(result, "meta", None)
+    return {"llmos": {"meta": dict(meta)}} if meta else {}
 
 
 class _Sampled(_Body):
@@ -302,7 +333,7 @@ def openai_router(kernel: Kernel) -> APIRouter:
         started = time.perf_counter()
         messages = tuple(ChatMessage(m.role, m.text()) for m in body.messages)
         caps.texts([m.content for m in messages], "messages")
-        request = ChatRequest(messages=messages, sampling=caps.sampling(body))
+        request = ChatRequest(messages=messages, sampling=caps.sampling(body), budget=body.budget())
         envelope = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
@@ -321,6 +352,7 @@ def openai_router(kernel: Kernel) -> APIRouter:
                     "index": i,
                     "message": {"role": "assistant", "content": r.message.content},
                     "finish_reason": r.finish_reason,
+                    **_meta(r),
                 }
                 for i, r in enumerate(results)
             ]
@@ -341,7 +373,9 @@ def openai_router(kernel: Kernel) -> APIRouter:
         caps.texts(prompts, "prompt")
         sampling = caps.sampling(body)
         requests = [
-            CompletionRequest(prompt=p, sampling=sampling) for p in prompts for _ in range(body.n)
+            CompletionRequest(prompt=p, sampling=sampling, budget=body.budget())
+            for p in prompts
+            for _ in range(body.n)
         ]
         caps.count(len(requests), "n")  # n times the prompts is capped too
         envelope = {
@@ -357,7 +391,13 @@ def openai_router(kernel: Kernel) -> APIRouter:
 
         def payload(results: list[CompletionResult]) -> dict[str, Any]:
             choices = [
-                {"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}
+                {
+                    "index": i,
+                    "text": r.text,
+                    "finish_reason": r.finish_reason,
+                    "logprobs": None,
+                    **_meta(r),
+                }
                 for i, r in enumerate(results)
             ]
             return {**envelope, "choices": choices, "usage": _usage([r.usage for r in results])}
@@ -389,7 +429,9 @@ def openai_router(kernel: Kernel) -> APIRouter:
                     if body.encoding_format == "base64"
                     else vector
                 )
-                data.append({"object": "embedding", "index": i, "embedding": embedding})
+                data.append(
+                    {"object": "embedding", "index": i, "embedding": embedding, **_meta(result)}
+                )
             usage = _usage([r.usage for r in results])
             return {
                 "object": "list",
@@ -401,7 +443,7 @@ def openai_router(kernel: Kernel) -> APIRouter:
                 },
             }
 
-        requests = [EmbedRequest(text=t) for t in texts]
+        requests = [EmbedRequest(text=t, budget=body.budget()) for t in texts]
         return await _respond(
             kernel, http, body.model, Capability.EMBED, requests, started, payload
         )
@@ -414,11 +456,16 @@ def openai_router(kernel: Kernel) -> APIRouter:
         def payload(results: list[ClassifyResult]) -> dict[str, Any]:
             return {
                 "model": body.model,
-                "results": [{"label": r.label, "scores": dict(r.scores)} for r in results],
+                "results": [
+                    {"label": r.label, "scores": dict(r.scores), **_meta(r)} for r in results
+                ],
                 "usage": _usage([r.usage for r in results]),
             }
 
-        requests = [ClassifyRequest(text=t, labels=tuple(body.labels)) for t in body.texts]
+        requests = [
+            ClassifyRequest(text=t, labels=tuple(body.labels), budget=body.budget())
+            for t in body.texts
+        ]
         return await _respond(
             kernel, http, body.model, Capability.CLASSIFY, requests, started, payload
         )

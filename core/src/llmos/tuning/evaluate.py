@@ -284,6 +284,9 @@ def eval_command(get_kernel: KernelGetter) -> click.Command:
                     batch_size=batch_size,
                     on_batch=lambda done: progress.advance(task, done),
                 )
+            fusion = None
+            if url is None and not labels:
+                fusion = _fusion_report(get_kernel(ctx), model, rows, mapping, errors)
         finally:
             client.close()
         seconds = time.perf_counter() - started
@@ -305,12 +308,69 @@ def eval_command(get_kernel: KernelGetter) -> click.Command:
             **report,
             "seconds": round(seconds, 3),
         }
+        if fusion is not None:
+            result["fusion"] = fusion
         if as_json:
             click.echo(json.dumps(result, indent=2))
         else:
             _print_report(result)
+            if fusion is not None:
+                _print_fusion(fusion)
 
     return eval_
+
+
+def _fusion_report(
+    kernel: Any,
+    model: str,
+    rows: Sequence[Mapping[str, str]],
+    mapping: Mapping[str, str],
+    console: Any,
+) -> dict[str, Any] | None:
+    """Member by member figures when ``model`` is a registered fusion."""
+    from llmos.errors import NotFoundError
+    from llmos.types import ModelFormat
+
+    try:
+        card = kernel.registry.store.get(model)
+    except NotFoundError:
+        return None  # a [models] deployment: no fusion
+    if card.format != ModelFormat.FUSION:
+        return None
+    console.print(f"{model} is a fusion: asking each member every row …", highlight=False)
+    mapped = [{"text": r["text"], "label": mapping.get(r["label"], r["label"])} for r in rows]
+    return kernel.fusions.analyse(model, mapped)
+
+
+def _print_fusion(fusion: Mapping[str, Any]) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"{fusion['strategy']} fusion {fusion['fusion']}: members")
+    for column in ("member", "accuracy", "marginal", "asked", "s / row"):
+        table.add_column(column, justify="left" if column == "member" else "right")
+    for member in fusion["members"]:
+        marginal = member.get("marginal")
+        table.add_row(
+            escape(member["model"]),
+            f"{member['accuracy']:.4f}",
+            "n/a" if marginal is None else f"{marginal:+.4f}",
+            f"{member['asked_share']:.0%}",
+            f"{member['seconds_per_row']:.4f}",
+        )
+    console.print(table)
+    best = fusion["best_member"]
+    console.print(
+        escape(
+            f"fusion accuracy {fusion['accuracy']:.4f} vs best member {best['model']}"
+            f" {best['accuracy']:.4f}; member calls {fusion['member_calls']} of"
+            f" {fusion['member_calls_if_all']} ({fusion['calls_saved_share']:.0%} saved),"
+            f" member time {fusion['time_saved_share']:.0%} saved"
+        ),
+        highlight=False,
+    )
 
 
 def _print_report(result: Mapping[str, Any]) -> None:

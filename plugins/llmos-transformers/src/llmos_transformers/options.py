@@ -56,7 +56,7 @@ _SHARED_KEYS = frozenset(
 _OPERATOR_KEYS = frozenset({"allow_remote_code"})
 #: keys written on a card for the record — llmos-peft's ``method``, the job
 #: manager's ``tuning`` provenance: known, so not warned about, and not used here
-_RECORD_KEYS = frozenset({"method", "tuning"})
+_RECORD_KEYS = frozenset({"method", "tuning", "merge"})
 
 
 @attrs.frozen(kw_only=True)

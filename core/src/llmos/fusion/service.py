@@ -1,0 +1,861 @@
+"""Fusions as models: created, fitted, registered, loaded.
+
+A fusion is a registry card of format ``fusion`` and provider ``fusion``:
+its members (pinned to versions), its strategy and the strategy's options
+(with what ``fit`` learned on dev data) live in ``options["fusion"]``, its
+members are its ``parents``. It is created three ways, all through
+:meth:`Fusions.create`: ``[fusions.NAME]`` tables in config (registered when
+the kernel starts, fitted when first loaded), ``llmos fuse create`` and
+``POST /api/fusions``. The model manager loads it through
+:attr:`Fusions.provider` like any other model; a fusion can be a member of
+another.
+
+A member is a model name (``a``, ``b@2``, ``b@prod``) or a table::
+
+    {model = "smollm2", labels = ["negative", "positive"],
+     map = {negative = "0", positive = "1"}}
+
+``labels`` asks the member zero-shot over those labels (a causal LM scoring
+label words); ``map`` renames the labels it answers with to the fusion's.
+
+A ``merge`` strategy (weight space) makes no fusion card: it writes a new
+model from its members' weights, which is registered with the merge as its
+lineage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import structlog
+
+from llmos.config import register_section
+from llmos.errors import ConfigError, LlmosError, NotFoundError, PluginError, UsageError
+from llmos.fusion.call import Asked, Call, Member
+from llmos.fusion.model import FusedModel
+from llmos.registry.sources import check_source
+from llmos.types import (
+    Capability,
+    ClassifyRequest,
+    FitData,
+    FusionStrategySpec,
+    LoadRequest,
+    MergeRequest,
+    ModelCard,
+    ModelFormat,
+    ProviderSpec,
+    validate_model_name,
+)
+
+if TYPE_CHECKING:
+    from llmos.plugin.manager import PluginManager, Registered
+    from llmos.runtime.kernel import Kernel
+
+__all__ = ["PROVIDER", "Fusions", "OfflineCall", "offline_results", "strategy_rows"]
+
+log = structlog.get_logger("llmos.fusion")
+
+register_section(
+    "fusions",
+    {},
+    free_form=True,
+    doc="Fusions: [fusions.NAME] with strategy, members, options, dev, description, tags.",
+)
+
+#: the provider name of fusion cards
+PROVIDER = "fusion"
+_TABLE_KEYS = {"strategy", "members", "options", "dev", "description", "tags"}
+_MEMBER_KEYS = {"model", "labels", "map"}
+#: what a capability serves, as a card task
+_TASKS = {
+    Capability.CLASSIFY: "text-classification",
+    Capability.COMPLETE: "text-generation",
+    Capability.CHAT: "chat",
+    Capability.EMBED: "embedding",
+}
+#: rows of dev data a fusion is fitted on, at most
+MAX_FIT_ROWS = 20_000
+FIT_BATCH = 32
+
+
+def strategy_rows(plugins: PluginManager) -> list[dict[str, Any]]:
+    """The installed strategies, for listings (``llmos fuse strategies``, the API)."""
+    return [
+        {
+            "name": name,
+            "plugin": r.plugin,
+            "kind": "merge" if r.spec.merge is not None else "served",
+            "capabilities": sorted(r.spec.capabilities),
+            "description": r.spec.description,
+        }
+        for name, r in sorted(plugins.fusion_strategies.items())
+    ]
+
+
+# --------------------------------------------------------------------------
+# members
+# --------------------------------------------------------------------------
+
+
+def _member_table(item: Any, where: str) -> dict[str, Any]:
+    """A member as given (a name or a table) → ``{"model", "labels", "map"}``."""
+    if isinstance(item, str):
+        return {"model": item, "labels": [], "map": {}}
+    if not isinstance(item, Mapping):
+        raise UsageError(f"{where}: a member is a model name or a table, got {item!r}")
+    unknown = sorted(set(item) - _MEMBER_KEYS)
+    if unknown:
+        raise UsageError(
+            f"{where}: unknown member key(s) {', '.join(unknown)}; known: model, labels, map"
+        )
+    model = item.get("model")
+    if not isinstance(model, str) or not model:
+        raise UsageError(f"{where}: a member table needs model = NAME")
+    labels = item.get("labels") or []
+    if isinstance(labels, str) or not all(isinstance(x, str) and x for x in labels):
+        raise UsageError(f"{where}: member {model!r}: labels must be a list of strings")
+    mapping = item.get("map") or {}
+    if not isinstance(mapping, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()
+    ):
+        raise UsageError(f"{where}: member {model!r}: map must be a table of label = label")
+    return {"model": model, "labels": list(labels), "map": dict(mapping)}
+
+
+def _strategy_options(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise UsageError(f"{where}: options must be a table, got {value!r}")
+    return dict(value)
+
+
+def _rows_hash(rows: Sequence[Mapping[str, Any]]) -> str:
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(json.dumps([row["text"], row["label"]], ensure_ascii=False).encode())
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------
+# offline calls: a strategy run over member answers already in hand
+# --------------------------------------------------------------------------
+
+
+class OfflineCall(Call):
+    """A :class:`Call` answered from member results computed beforehand
+    (``outputs[m][row]``; ``seconds[m]``: what each answer took): a fit's
+    scores, ``llmos eval`` on a fusion and its ablations run the strategy
+    over them without calling any member again."""
+
+    def __init__(
+        self,
+        kernel: Kernel,
+        members: Sequence[Member],
+        requests: Sequence[Any],
+        options: Mapping[str, Any],
+        outputs: Sequence[Sequence[Any]],
+        seconds: Sequence[float],
+    ) -> None:
+        super().__init__(kernel, members, Capability.CLASSIFY, requests, options, None)
+        self._outputs = outputs
+        self._seconds = seconds
+
+    def _ask_many(
+        self,
+        members: Sequence[int],
+        rows: Sequence[int] | None,
+        requests: Sequence[Any] | None,
+    ) -> list[dict[int, Any]]:
+        every = list(range(len(self.requests))) if rows is None else [int(r) for r in rows]
+        answers: list[dict[int, Any]] = []
+        for member in members:
+            self._check_member(member)
+            got: dict[int, Any] = {}
+            for row in every:
+                result = self._outputs[member][row]
+                entry = self.asked[row].setdefault(member, Asked(member))
+                entry.latency_s, entry.result, entry.answered = self._seconds[member], result, True
+                got[row] = result
+            answers.append(got)
+        return answers
+
+
+def offline_results(
+    kernel: Kernel,
+    strategy: FusionStrategySpec,
+    members: Sequence[Member],
+    options: Mapping[str, Any],
+    texts: Sequence[str],
+    outputs: Sequence[Sequence[Any]],
+    seconds: Sequence[float],
+) -> tuple[list[Any], list[list[int]]]:
+    """The strategy's answers over member answers in hand, and which members
+    each row asked."""
+    assert strategy.combine is not None
+    requests = [ClassifyRequest(text=t) for t in texts]
+    call = OfflineCall(kernel, members, requests, options, outputs, seconds)
+    results = strategy.combine(call)
+    return list(results), [sorted(call.asked[row]) for row in range(len(texts))]
+
+
+# --------------------------------------------------------------------------
+# the service
+# --------------------------------------------------------------------------
+
+
+class Fusions:
+    """Fusions of one kernel (see the module docstring)."""
+
+    def __init__(self, kernel: Kernel) -> None:
+        self.kernel = kernel
+        self.provider = ProviderSpec(
+            name=PROVIDER,
+            load=self._load,
+            description="models combined by a fusion strategy (built in)",
+            formats=(ModelFormat.FUSION,),
+        )
+        self._fit_lock = threading.Lock()
+
+    # -- lookups ---------------------------------------------------------------
+
+    def strategy(self, name: str) -> Registered[FusionStrategySpec]:
+        strategies = self.kernel.load_plugins().fusion_strategies
+        registered = strategies.get(name) if isinstance(name, str) else None
+        if registered is None:
+            have = ", ".join(f"{n} ({r.plugin})" for n, r in sorted(strategies.items())) or "none"
+            raise UsageError(
+                f"fusion strategy {name!r} is not installed; installed strategies: {have}",
+                param="strategy",
+            )
+        return registered
+
+    def list(self) -> list[ModelCard]:
+        """The latest version of every registered fusion."""
+        cards = []
+        store = self.kernel.registry.store
+        cursor = None
+        while True:
+            page = store.search(
+                f"format:{ModelFormat.FUSION.value}", sort="name", limit=200, cursor=cursor
+            )
+            cards.extend(hit.card for hit in page.items)
+            cursor = page.next_cursor
+            if not cursor:
+                return cards
+
+    def _member(self, table: Mapping[str, Any], where: str) -> Member:
+        deployment = self.kernel.models.resolve(table["model"])
+        return Member(
+            ref=deployment.key,
+            card=deployment.card,
+            labels=tuple(table["labels"]),
+            label_map=table["map"],
+        )
+
+    def members_of(self, card: ModelCard) -> list[Member]:
+        conf = self._conf(card)
+        return [self._member(t, card.ref) for t in conf["members"]]
+
+    def _conf(self, card: ModelCard) -> dict[str, Any]:
+        conf = card.options.get("fusion")
+        if not isinstance(conf, Mapping) or not isinstance(conf.get("members"), list):
+            raise ConfigError(
+                f"{card.ref!r} is a fusion card without options.fusion (strategy, members)"
+            )
+        return dict(conf)
+
+    def _check_cycle(self, name: str, members: Sequence[Member]) -> None:
+        """A fusion may contain fusions, but never itself."""
+        seen: set[str] = set()
+        stack = [(m.card, [name, m.ref]) for m in members]
+        while stack:
+            card, path = stack.pop()
+            if card.name == name:
+                raise UsageError(f"fusion {name!r} would contain itself: {' -> '.join(path)}")
+            if card.format != ModelFormat.FUSION or card.ref in seen:
+                continue
+            seen.add(card.ref)
+            for table in self._conf(card)["members"]:
+                member = self._member(table, card.ref)
+                stack.append((member.card, [*path, member.ref]))
+
+    # -- creating --------------------------------------------------------------
+
+    def create(
+        self,
+        name: str,
+        *,
+        strategy: str,
+        members: Sequence[Any],
+        options: Mapping[str, Any] | None = None,
+        dev: Sequence[Mapping[str, Any]] | None = None,
+        description: str = "",
+        tags: Sequence[str] = (),
+        created_by: str | None = None,
+        if_changed: bool = False,
+        dev_file: str | None = None,
+    ) -> ModelCard:
+        """Check, fit (with ``dev`` rows: ``{"text", "label"}``) and register a
+        fusion; a ``merge`` strategy registers the merged model instead.
+        ``dev_file`` (config fusions) defers the fit to the first load."""
+        where = f"fusion {name!r}"
+        validate_model_name(name)
+        registered = self.strategy(strategy)
+        spec = registered.spec
+        if not isinstance(members, Sequence) or isinstance(members, str) or not members:
+            raise UsageError(f"{where}: give its members (one or more models)", param="members")
+        tables = [_member_table(item, where) for item in members]
+        resolved = [self._member(t, where) for t in tables]
+        self._check_cycle(name, resolved)
+        given = _strategy_options(options, where)
+        options = self._check_options(registered, given, resolved)
+        if spec.merge is not None:
+            return self._merge(name, registered, resolved, options, description, tags, created_by)
+        if spec.fit_required(options) and not dev and dev_file is None:
+            raise UsageError(
+                f"strategy {strategy!r} learns from dev data: give labelled dev rows"
+                ' (--dev FILE, or "dev" in the request)',
+                param="dev",
+            )
+        fit: dict[str, Any] | None = None
+        scores: dict[str, float] = {}
+        if dev:
+            rows = _dev_rows(dev)
+            options, fit, scores = self.fit(spec, resolved, options, rows)
+            fit["data"] = str(self._keep_rows(name, rows))
+        pinned = [{**t, "model": m.ref} for t, m in zip(tables, resolved, strict=True)]
+        card = ModelCard(
+            name=name,
+            provider=PROVIDER,
+            format=ModelFormat.FUSION,
+            tasks=self._tasks(spec, resolved),
+            parents=tuple(m.ref for m in resolved),
+            description=description or f"{strategy} fusion of {', '.join(m.ref for m in resolved)}",
+            tags=tuple(dict.fromkeys(("fusion", strategy, *tags))),
+            scores=scores,
+            options={
+                "fusion": {
+                    "strategy": strategy,
+                    "members": pinned,
+                    "options": options,
+                    # as given, before the check and the fit: what an ablation re-checks
+                    "given": given,
+                    **({"fit": fit} if fit else {}),
+                    **({"dev_file": dev_file} if dev_file else {}),
+                }
+            },
+        )
+        stored = self.kernel.registry.register(card, created_by, if_changed=if_changed)
+        log.info("fusion.created", model=stored.ref, strategy=strategy, members=card.parents)
+        return stored
+
+    def _check_options(
+        self,
+        registered: Registered[FusionStrategySpec],
+        options: dict[str, Any],
+        members: Sequence[Member],
+    ) -> dict[str, Any]:
+        check = registered.spec.check
+        if check is None:
+            return options
+        try:
+            return dict(check(options, [m.card for m in members]))
+        except LlmosError:
+            raise
+        except Exception as exc:
+            raise PluginError(
+                f"fusion strategy {registered.spec.name!r} (plugin {registered.plugin}) failed"
+                f" checking its options: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    @staticmethod
+    def _tasks(spec: FusionStrategySpec, members: Sequence[Member]) -> tuple[str, ...]:
+        served = [_TASKS[c] for c in sorted(spec.capabilities) if c in _TASKS]
+        common = [t for t in served if all(t in m.card.tasks for m in members if m.card.tasks)]
+        return tuple(common or served)
+
+    # -- fitting ---------------------------------------------------------------
+
+    def member_outputs(
+        self, members: Sequence[Member], texts: Sequence[str]
+    ) -> tuple[list[list[Any]], list[float]]:
+        """Every member's classification of every text, and each one's mean
+        seconds per text (its cost)."""
+        outputs: list[list[Any]] = []
+        seconds: list[float] = []
+        for member in members:
+            started = time.perf_counter()
+            answers: list[Any] = []
+            for at in range(0, len(texts), FIT_BATCH):
+                batch = [
+                    member.request(ClassifyRequest(text=t)) for t in texts[at : at + FIT_BATCH]
+                ]
+                results = self.kernel.call(member.ref, Capability.CLASSIFY, batch)
+                answers.extend(member.result(r) for r in results)
+            outputs.append(answers)
+            seconds.append((time.perf_counter() - started) / max(len(texts), 1))
+        return outputs, seconds
+
+    def fit(
+        self,
+        spec: FusionStrategySpec,
+        members: Sequence[Member],
+        options: Mapping[str, Any],
+        dev: Sequence[Mapping[str, Any]],
+    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, float]]:
+        """Learn the strategy's options on ``dev``; the options, a record of
+        the fit (rows, hash, each member's dev accuracy and cost) and the
+        fusion's dev scores."""
+        rows = _dev_rows(dev)
+        texts = [r["text"] for r in rows]
+        gold = [r["label"] for r in rows]
+        outputs, seconds = self.member_outputs(members, texts)
+        fitted = dict(options)
+        if spec.fit is not None:
+            data = FitData(
+                texts=texts,
+                gold=gold,
+                outputs=[[dict(r.scores) for r in answers] for answers in outputs],
+                seconds=seconds,
+                members=[m.card for m in members],
+                options=options,
+                helper=lambda model, capability, requests: self.kernel.call(
+                    model, capability, requests
+                ),
+            )
+            try:
+                learned = spec.fit(data)
+            except LlmosError:
+                raise
+            except Exception as exc:
+                raise PluginError(
+                    f"fusion strategy {spec.name!r} failed fitting: {type(exc).__name__}: {exc}"
+                ) from exc
+            fitted.update(learned)
+        results, asked = offline_results(
+            self.kernel, spec, members, fitted, texts, outputs, seconds
+        )
+        right = sum(r.label == g for r, g in zip(results, gold, strict=True))
+        member_accuracy = {
+            m.ref: sum(o.label == g for o, g in zip(outputs[i], gold, strict=True)) / len(rows)
+            for i, m in enumerate(members)
+        }
+        calls = sum(len(a) for a in asked) / len(rows)
+        record = {
+            "rows": len(rows),
+            "hash": _rows_hash(rows),
+            "members": {
+                m.ref: {"dev/accuracy": member_accuracy[m.ref], "seconds_per_row": seconds[i]}
+                for i, m in enumerate(members)
+            },
+            "member_calls_per_row": calls,
+        }
+        scores = {"dev/accuracy": right / len(rows)}
+        log.info("fusion.fitted", strategy=spec.name, rows=len(rows), **scores)
+        return fitted, record, scores
+
+    def _keep_rows(self, name: str, rows: Sequence[Mapping[str, Any]]) -> Path:
+        """Dev rows a fusion was fitted on, kept for ablations (``llmos eval``)."""
+        folder = self._scratch() / name.replace("/", "--")
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"dev-{_rows_hash(rows)[:16]}.jsonl"
+        if not path.exists():
+            part = path.with_suffix(".part")
+            part.write_text(
+                "".join(json.dumps(dict(row), ensure_ascii=False) + "\n" for row in rows),
+                encoding="utf-8",
+            )
+            part.replace(path)
+        return path
+
+    def _fit_rows(self, conf: Mapping[str, Any]) -> list[dict[str, str]] | None:
+        """The rows a fusion was fitted on, when they are still there."""
+        from llmos.tuning.data import load_file
+
+        where = (conf.get("fit") or {}).get("data") or conf.get("dev_file")
+        if not where or not Path(where).expanduser().is_file():
+            return None
+        return _dev_rows(load_file(Path(where).expanduser()))
+
+    # -- analysis ----------------------------------------------------------------
+
+    def analyse(self, name: str, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """A fusion on labelled rows, member by member (``llmos eval`` on a fusion).
+
+        Every member answers every row once; the strategy then runs over those
+        answers (the same decisions it makes when served), so the fusion's
+        accuracy, the members it asked per row and the time that took are
+        measured together with each member's own accuracy. A member's
+        marginal contribution is the fusion's accuracy less that of the same
+        fusion without it: re-checked, and re-fitted on its dev rows when it
+        was fitted (a fusion of the one member left is that member).
+        """
+        card = self.kernel.registry.store.get(name)
+        if card.format != ModelFormat.FUSION:
+            raise UsageError(f"{card.ref!r} is not a fusion (its format is {card.format})")
+        conf = self._conf(card)
+        registered = self.strategy(conf.get("strategy", ""))
+        spec = registered.spec
+        members = self.members_of(card)
+        options = self._served_options(card, spec, members)
+        checked = _dev_rows(rows)
+        texts = [r["text"] for r in checked]
+        gold = [r["label"] for r in checked]
+        outputs, seconds = self.member_outputs(members, texts)
+        fused, asked = offline_results(self.kernel, spec, members, options, texts, outputs, seconds)
+
+        def accuracy(results: Sequence[Any]) -> float:
+            return sum(r.label == g for r, g in zip(results, gold, strict=True)) / len(gold)
+
+        fusion_accuracy = accuracy(fused)
+        member_accuracy = [accuracy(o) for o in outputs]
+        refit_rows = self._fit_rows(conf) if "fit" in conf or conf.get("dev_file") else None
+        refit_outputs = None
+        if refit_rows is not None:
+            refit_outputs, _ = self.member_outputs(members, [r["text"] for r in refit_rows])
+        contributions: dict[str, Any] = {}
+        for index, member in enumerate(members):
+            rest = [j for j in range(len(members)) if j != index]
+            if len(rest) == 1:
+                without, how = member_accuracy[rest[0]], "the other member alone"
+            else:
+                try:
+                    without, how = self._ablated(
+                        registered, conf, members, rest, texts, outputs, seconds,
+                        refit_rows, refit_outputs, accuracy,
+                    )  # fmt: skip
+                except LlmosError as exc:
+                    contributions[member.ref] = {"marginal": None, "why": exc.message}
+                    continue
+            contributions[member.ref] = {
+                "accuracy_without": without,
+                "marginal": fusion_accuracy - without,
+                "how": how,
+            }
+        rows_n = len(gold)
+        calls = sum(len(a) for a in asked)
+        seconds_used = sum(seconds[m] for a in asked for m in a)
+        best = max(range(len(members)), key=lambda i: (member_accuracy[i], -seconds[i]))
+        return {
+            "fusion": card.ref,
+            "strategy": spec.name,
+            "rows": rows_n,
+            "accuracy": fusion_accuracy,
+            "members": [
+                {
+                    "model": m.ref,
+                    "accuracy": member_accuracy[i],
+                    "seconds_per_row": seconds[i],
+                    "asked_share": sum(i in a for a in asked) / rows_n,
+                    **contributions[m.ref],
+                }
+                for i, m in enumerate(members)
+            ],
+            "member_calls": calls,
+            "member_calls_if_all": rows_n * len(members),
+            "calls_saved_share": 1 - calls / (rows_n * len(members)),
+            "seconds": seconds_used,
+            "seconds_if_all": sum(seconds) * rows_n,
+            "time_saved_share": 1 - seconds_used / (sum(seconds) * rows_n) if sum(seconds) else 0.0,
+            "best_member": {
+                "model": members[best].ref,
+                "accuracy": member_accuracy[best],
+                "seconds": seconds[best] * rows_n,
+                "accuracy_kept": fusion_accuracy / member_accuracy[best]
+                if member_accuracy[best]
+                else None,
+                "calls_share": calls / rows_n,
+            },
+        }
+
+    def _ablated(
+        self,
+        registered: Registered[FusionStrategySpec],
+        conf: Mapping[str, Any],
+        members: Sequence[Member],
+        rest: Sequence[int],
+        texts: Sequence[str],
+        outputs: Sequence[Sequence[Any]],
+        seconds: Sequence[float],
+        refit_rows: Sequence[Mapping[str, Any]] | None,
+        refit_outputs: Sequence[Sequence[Any]] | None,
+        accuracy: Any,
+    ) -> tuple[float, str]:
+        """The fusion's accuracy without the members not in ``rest``."""
+        spec = registered.spec
+        kept = [members[j] for j in rest]
+        given = dict(conf.get("given") or {})
+        n = len(members)
+        for key, value in list(given.items()):
+            # per-member lists (weights) lose the member's entry
+            if isinstance(value, list) and len(value) == n:
+                given[key] = [value[j] for j in rest]
+        options = self._check_options(registered, given, kept)
+        how = "re-checked without it"
+        if spec.fit is not None and refit_rows is not None and refit_outputs is not None:
+            gold = [r["label"] for r in refit_rows]
+            data = FitData(
+                texts=[r["text"] for r in refit_rows],
+                gold=gold,
+                outputs=[[dict(r.scores) for r in refit_outputs[j]] for j in rest],
+                seconds=[seconds[j] for j in rest],
+                members=[m.card for m in kept],
+                options=options,
+                helper=lambda model, capability, requests: self.kernel.call(
+                    model, capability, requests
+                ),
+            )
+            options = {**options, **spec.fit(data)}
+            how = "re-fitted on its dev rows without it"
+        elif spec.fit_required(options):
+            raise UsageError("its dev rows are gone: it cannot be re-fitted without the member")
+        results, _ = offline_results(
+            self.kernel,
+            spec,
+            kept,
+            options,
+            texts,
+            [outputs[j] for j in rest],
+            [seconds[j] for j in rest],
+        )
+        return accuracy(results), how
+
+    def _served_options(
+        self, card: ModelCard, spec: FusionStrategySpec, members: Sequence[Member]
+    ) -> dict[str, Any]:
+        """The options a loaded fusion runs with (a config fusion's fit included)."""
+        conf = self._conf(card)
+        options = dict(conf.get("options") or {})
+        dev_file = conf.get("dev_file")
+        if dev_file is not None and "fit" not in conf:
+            options = self._fit_from_file(card, spec, members, options, dev_file)
+        elif spec.fit_required(options) and "fit" not in conf:
+            raise ConfigError(
+                f"{card.ref!r}: strategy {spec.name!r} learns from dev data, and this fusion"
+                " was never fitted; recreate it with dev data"
+            )
+        return options
+
+    # -- merging ---------------------------------------------------------------
+
+    def _merge(
+        self,
+        name: str,
+        registered: Registered[FusionStrategySpec],
+        members: Sequence[Member],
+        options: Mapping[str, Any],
+        description: str,
+        tags: Sequence[str],
+        created_by: str | None,
+    ) -> ModelCard:
+        from llmos.tuning.jobs import check_artifact
+
+        spec = registered.spec
+        assert spec.merge is not None
+        policy = self.kernel.registry.policy
+        paths = []
+        for member in members:
+            if not member.card.source:
+                raise UsageError(f"member {member.ref!r} has no weights on disk to merge")
+            paths.append(Path(check_source(member.card.source, policy).path))
+        base = base_path = None
+        if members[0].card.format == ModelFormat.ADAPTER and members[0].card.parents:
+            base = self.kernel.registry.store.get(members[0].card.parents[0])
+            if base.source:
+                base_path = Path(check_source(base.source, policy).path)
+        scratch = Path(tempfile.mkdtemp(prefix="merge-", dir=self._scratch()))
+        try:
+            output = scratch / "output"
+            output.mkdir()
+            request = MergeRequest(
+                name=name,
+                members=[m.card for m in members],
+                member_paths=paths,
+                options=options,
+                output_dir=output,
+                base=base,
+                base_path=base_path,
+            )
+            try:
+                made = spec.merge(request)
+            except LlmosError:
+                raise
+            except Exception as exc:
+                raise PluginError(
+                    f"fusion strategy {spec.name!r} (plugin {registered.plugin}) failed"
+                    f" merging: {type(exc).__name__}: {exc}"
+                ) from exc
+            check_artifact(output, policy.allow_pickle)
+            dest = self.kernel.home / "artifacts" / name / f"merge-{int(time.time() * 1000)}"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            source = dest
+            if made.source:
+                inner = Path(made.source).resolve()
+                if inner.is_relative_to(output.resolve()):
+                    source = dest / inner.relative_to(output.resolve())
+            shutil.move(output, dest)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        card = attrs.evolve(
+            made,
+            name=name,
+            version=None,
+            source=str(source),
+            parents=made.parents or ((base.ref,) if base is not None else ()),
+            description=description
+            or f"{spec.name} of {', '.join(m.ref for m in members)} in weight space",
+            tags=tuple(dict.fromkeys((*made.tags, "fusion", spec.name, *tags))),
+            options={
+                **made.options,
+                "merge": {
+                    "strategy": spec.name,
+                    "members": [m.ref for m in members],
+                    "options": dict(options),
+                },
+            },
+        )
+        stored = self.kernel.registry.register(card, created_by)
+        log.info("fusion.merged", model=stored.ref, members=[m.ref for m in members])
+        return stored
+
+    def _scratch(self) -> Path:
+        folder = self.kernel.home / "fusions"
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return folder
+
+    # -- config ----------------------------------------------------------------
+
+    def sync_config(self) -> list[str]:
+        """Register the ``[fusions.NAME]`` tables (unchanged ones are not
+        registered again); fitting waits for the first load. A bad table is
+        logged and skipped: it fails its own requests, not the daemon."""
+        done = []
+        for name, table in self.kernel.config.section("fusions").items():
+            try:
+                done.append(self._from_table(name, table).ref)
+            except LlmosError as exc:
+                log.error("fusion.config_refused", fusion=name, error=exc.message)
+        return done
+
+    def _from_table(self, name: str, table: Any) -> ModelCard:
+        where = f"[fusions.{name}]"
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{where} must be a table")
+        unknown = sorted(set(table) - _TABLE_KEYS)
+        if unknown:
+            raise ConfigError(
+                f"{where}: unknown key(s) {', '.join(unknown)};"
+                f" known: {', '.join(sorted(_TABLE_KEYS))}"
+            )
+        if "strategy" not in table or "members" not in table:
+            raise ConfigError(f"{where}: strategy and members are required")
+        dev = table.get("dev")
+        if dev is not None and not isinstance(dev, str):
+            raise ConfigError(f"{where}: dev is the path of a labelled data file")
+        try:
+            card = self.create(
+                name,
+                strategy=table["strategy"],
+                members=table["members"],
+                options=_strategy_options(table.get("options"), where),
+                description=str(table.get("description", "")),
+                tags=tuple(table.get("tags", ())),
+                created_by="config",
+                if_changed=True,
+                dev_file=dev,
+            )
+        except UsageError as exc:
+            raise ConfigError(f"{where}: {exc.message}") from exc
+        return card
+
+    # -- loading ---------------------------------------------------------------
+
+    def _load(self, request: LoadRequest) -> FusedModel:
+        card = request.card
+        conf = self._conf(card)
+        registered = self.strategy(conf.get("strategy", ""))
+        spec = registered.spec
+        if spec.combine is None:
+            raise ConfigError(f"{card.ref!r}: strategy {spec.name!r} makes models, it serves none")
+        members = self.members_of(card)
+        options = self._served_options(card, spec, members)
+        capabilities = set(spec.capabilities) - {Capability.STREAM}
+        for member in members:
+            worker = self.kernel.models.get(member.ref)
+            capabilities &= set(worker.model.capabilities)
+        if not capabilities:
+            raise LlmosError(
+                f"fusion {card.ref!r}: its members share none of what strategy {spec.name!r}"
+                f" serves ({', '.join(sorted(spec.capabilities))})"
+            )
+        return FusedModel(
+            self.kernel,
+            card,
+            spec,
+            members,
+            options,
+            frozenset(capabilities),
+            max_batch_size=self.kernel.models.defaults.max_batch_size,
+        )
+
+    def _fit_from_file(
+        self,
+        card: ModelCard,
+        spec: FusionStrategySpec,
+        members: Sequence[Member],
+        options: dict[str, Any],
+        dev_file: str,
+    ) -> dict[str, Any]:
+        """A config fusion's fit, cached by data and options under LLMOS_HOME."""
+        from llmos.tuning.data import load_file
+
+        rows = load_file(Path(dev_file).expanduser())
+        key = hashlib.sha256(
+            json.dumps(
+                [card.ref, spec.name, options, [m.ref for m in members], _rows_hash(rows)],
+                sort_keys=True,
+                default=str,
+            ).encode()
+        ).hexdigest()[:16]
+        cache = (
+            self._scratch() / f"fit-{validate_model_name(card.name).replace('/', '--')}-{key}.json"
+        )
+        with self._fit_lock:
+            if cache.is_file():
+                return dict(json.loads(cache.read_text())["options"])
+            fitted, record, scores = self.fit(spec, members, options, rows)
+            cache.write_text(json.dumps({"options": fitted, "fit": record, "scores": scores}))
+        return fitted
+
+
+def _dev_rows(dev: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
+    if isinstance(dev, str | bytes) or not isinstance(dev, Sequence):
+        raise UsageError("dev must be a list of {text, label} rows", param="dev")
+    if len(dev) > MAX_FIT_ROWS:
+        raise UsageError(
+            f"dev has {len(dev)} rows; a fusion is fitted on at most {MAX_FIT_ROWS}", param="dev"
+        )
+    rows = []
+    for number, row in enumerate(dev, 1):
+        if not isinstance(row, Mapping) or not isinstance(row.get("text"), str):
+            raise UsageError(f"dev row {number}: needs a text", param="dev")
+        if row.get("label") is None or isinstance(row.get("label"), bool):
+            raise UsageError(f"dev row {number}: needs a label", param="dev")
+        rows.append({"text": row["text"], "label": str(row["label"])})
+    if not rows:
+        raise UsageError("dev has no rows", param="dev")
+    return rows
+
+
+def not_found(name: str) -> NotFoundError:
+    return NotFoundError(f"no fusion named {name!r}; `llmos fuse list` lists them")

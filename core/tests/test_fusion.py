@@ -1,0 +1,729 @@
+"""Fusions end to end: real kernel, real registry, real plugin models.
+
+The members are ``table`` models from a plugin distribution written to a
+folder on ``sys.path`` (found through entry points): each answers from a
+table in its card's options — fixed label probabilities per text, answers
+per prompt, log-probabilities per continuation, vectors per text — and
+records every text it was asked (``llmos_table.CALLS``), optionally after a
+delay. So every expected output below is computed by hand from the tables.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from llmos.cli import main
+from llmos.config import load_config
+from llmos.errors import ConfigError, NotFoundError, UsageError
+from llmos.plugin import hookimpl
+from llmos.runtime.kernel import Kernel
+from llmos.testing import serve_in_thread, write_distribution
+from llmos.types import (
+    Budget,
+    Capability,
+    ChatMessage,
+    ChatRequest,
+    ClassifyRequest,
+    CompletionRequest,
+    EmbedRequest,
+    ModelCard,
+    ModelFormat,
+    MonitorEvent,
+    MonitorSinkSpec,
+)
+
+TABLE = """
+import threading
+import time
+
+from llmos.plugin import hookimpl
+from llmos.types import (
+    Capability, ChatMessage, ChatResult, ClassifyResult, CompletionResult, EmbedResult,
+    ModelBase, ProviderSpec, Usage,
+)
+
+CALLS = {}
+LOCK = threading.Lock()
+
+
+class Table(ModelBase):
+    def __init__(self, card):
+        super().__init__(card)
+        o = card.options
+        self.scores = o.get("scores", {})
+        self.default = o.get("default", {"pos": 0.5, "neg": 0.5})
+        self.delay = float(o.get("delay_s", 0.0))
+        self.answers = o.get("answers", {})
+        self.logprobs = o.get("logprobs", {})
+        self.vectors = o.get("vectors", {})
+        self.capabilities = frozenset(Capability(c) for c in o.get("capabilities", ["classify"]))
+
+    def _seen(self, texts):
+        with LOCK:
+            CALLS.setdefault(self.card.name, []).extend(texts)
+        if self.delay:
+            time.sleep(self.delay)
+
+    def classify(self, requests):
+        self._seen([r.text for r in requests])
+        out = []
+        for r in requests:
+            scores = self.scores.get(r.text, self.default)
+            if r.labels:  # zero-shot: only the labels asked, in their order
+                scores = {label: scores.get(label, 0.0) for label in r.labels}
+            out.append(ClassifyResult(scores=scores, usage=Usage(prompt_tokens=1)))
+        return out
+
+    def complete(self, requests):
+        self._seen([r.prompt for r in requests])
+        out = []
+        for r in requests:
+            if r.score_continuations:
+                logprobs = tuple(self.logprobs.get(c, -50.0) for c in r.score_continuations)
+                out.append(CompletionResult(text="", continuation_logprobs=logprobs))
+            else:
+                out.append(CompletionResult(text=self.answers.get(r.prompt, "?"),
+                                            usage=Usage(prompt_tokens=1, completion_tokens=2)))
+        return out
+
+    def chat(self, requests):
+        self._seen([r.messages[-1].content for r in requests])
+        return [ChatResult(message=ChatMessage("assistant",
+                                               self.answers.get(r.messages[-1].content, "?")))
+                for r in requests]
+
+    def embed(self, requests):
+        self._seen([r.text for r in requests])
+        return [EmbedResult(vector=self.vectors.get(r.text, [0.0, 0.0])) for r in requests]
+
+
+@hookimpl
+def llmos_register_providers(register):
+    register(ProviderSpec(name="table", load=lambda request: Table(request.card)))
+"""
+
+# member tables: texts "x", "y", "z"
+M1 = {"x": {"pos": 0.9, "neg": 0.1}, "y": {"pos": 0.4, "neg": 0.6}, "z": {"pos": 0.7, "neg": 0.3}}
+M2 = {"x": {"pos": 0.2, "neg": 0.8}, "y": {"pos": 0.3, "neg": 0.7}, "z": {"pos": 0.1, "neg": 0.9}}
+M3 = {"x": {"pos": 0.6, "neg": 0.4}, "y": {"pos": 0.55, "neg": 0.45}, "z": {"pos": 0.5, "neg": 0.5}}
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[MonitorEvent] = []
+
+    @hookimpl
+    def llmos_register_monitor_sinks(self, register):
+        events = self.events
+
+        class Sink:
+            def emit(self, event: MonitorEvent) -> None:
+                events.append(event)
+
+            def close(self) -> None:
+                pass
+
+        register(MonitorSinkSpec(name="recorder", create=lambda options: Sink()))
+
+
+@pytest.fixture
+def table_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    site = tmp_path / "site"
+    site.mkdir()
+    write_distribution(site, "llmos-table", TABLE)
+    monkeypatch.syspath_prepend(str(site))
+    yield lambda: sys.modules["llmos_table"]
+    sys.modules.pop("llmos_table", None)
+
+
+def add(kernel: Kernel, name: str, **options: Any) -> ModelCard:
+    return kernel.registry.register(ModelCard(name=name, provider="table", options=options))
+
+
+@pytest.fixture
+def make_kernel(tmp_path: Path, table_module: Any) -> Iterator[Callable[..., Kernel]]:
+    kernels: list[Kernel] = []
+
+    def make(*overrides: str, recorder: Recorder | None = None) -> Kernel:
+        kernel = Kernel(
+            load_config(
+                env={"LLMOS_HOME": str(tmp_path / "home"), "LLMOS_LOAD_PLUGINS": "llmos-table"},
+                overrides=list(overrides),
+            )
+        )
+        kernel.load_plugins()
+        if recorder is not None:
+            kernel.plugins.register(recorder, "recorder")
+        if not kernels:
+            for name, table in (("m1", M1), ("m2", M2), ("m3", M3)):
+                add(kernel, name, scores=table)
+        kernel.start()
+        kernels.append(kernel)
+        return kernel
+
+    yield make
+    for kernel in kernels:
+        kernel.stop()
+
+
+def classify(kernel: Kernel, model: str, texts: list[str], **kw: Any) -> list[Any]:
+    return kernel.call(model, Capability.CLASSIFY, [ClassifyRequest(text=t, **kw) for t in texts])
+
+
+def calls(table_module: Any, name: str) -> list[str]:
+    return list(table_module().CALLS.get(name, []))
+
+
+# --------------------------------------------------------------------------
+# vote and mean: the combination rules, by hand
+# --------------------------------------------------------------------------
+
+
+def test_mean_averages_the_members_probabilities(make_kernel) -> None:
+    recorder = Recorder()
+    kernel = make_kernel(recorder=recorder)
+    card = kernel.fusions.create("avg", strategy="mean", members=["m1", "m2", "m3"])
+    assert card.ref == "avg@1" and card.format == ModelFormat.FUSION
+    assert card.parents == ("m1@1", "m2@1", "m3@1") and card.tasks == ("text-classification",)
+    assert card.options["fusion"]["strategy"] == "mean"
+
+    x, y = classify(kernel, "avg", ["x", "y"])
+    # x: pos (0.9 + 0.2 + 0.6) / 3 = 0.5667; y: pos (0.4 + 0.3 + 0.55) / 3 = 0.4167
+    assert x.scores["pos"] == pytest.approx(1.7 / 3) and x.label == "pos"
+    assert y.scores["neg"] == pytest.approx(1.75 / 3) and y.label == "neg"
+    meta = x.meta["fusion"]
+    assert meta["name"] == "avg@1" and meta["strategy"] == "mean" and meta["skipped"] == []
+    assert [m["model"] for m in meta["members"]] == ["m1@1", "m2@1", "m3@1"]
+    assert [m["agreed"] for m in meta["members"]] == [True, False, True]
+    assert [m["label"] for m in meta["members"]] == ["pos", "neg", "pos"]
+    assert all(m["answered"] and m["latency_s"] >= 0 for m in meta["members"])
+    assert x.usage.prompt_tokens == 3  # one per member
+
+    weighted = kernel.fusions.create(
+        "avg-w", strategy="mean", members=["m1", "m2", "m3"], options={"weights": [1, 3, 0]}
+    )
+    (wx,) = classify(kernel, weighted.ref, ["x"])
+    # pos (1·0.9 + 3·0.2 + 0·0.6) / 4 = 0.375
+    assert wx.scores["pos"] == pytest.approx(0.375) and wx.label == "neg"
+
+    kernel.bus.stop()
+    events = [e for e in recorder.events if e.kind == "fusion.call"]
+    assert events and events[0].model == "avg@1" and events[0].fields["rows"] == 2
+    members = events[0].fields["members"]
+    assert members["m1@1"] == {**members["m1@1"], "asked": 2, "answered": 2, "agreed": 2}
+    assert members["m2@1"]["agreed"] == 1  # agrees on y only
+    assert events[0].fields["member_calls"] == 6
+
+
+def test_vote_counts_labels_and_breaks_ties_by_mean_probability(make_kernel) -> None:
+    kernel = make_kernel()
+    kernel.fusions.create("v3", strategy="vote", members=["m1", "m2", "m3"])
+    x, y = classify(kernel, "v3", ["x", "y"])
+    # x: m1 pos, m2 neg, m3 pos -> pos 2/3; y: m1 neg, m2 neg, m3 pos -> neg 2/3
+    assert x.label == "pos" and x.scores["pos"] == pytest.approx(2 / 3)
+    assert y.label == "neg" and y.scores["neg"] == pytest.approx(2 / 3)
+    kernel.fusions.create("v2", strategy="vote", members=["m1", "m2"])
+    (z,) = classify(kernel, "v2", ["z"])
+    # z: m1 pos (0.7), m2 neg (0.9): a 1-1 tie; mean pos 0.4 < neg 0.6 -> neg
+    assert z.label == "neg" and z.scores == {"neg": 0.5, "pos": 0.5}
+
+
+# --------------------------------------------------------------------------
+# learned strategies: stack, cascade, router
+# --------------------------------------------------------------------------
+
+
+def test_stack_learns_to_trust_the_member_that_is_right(make_kernel) -> None:
+    kernel = make_kernel()
+    # "good" is right on every dev row; "bad" is confidently wrong
+    texts = [f"t{i}" for i in range(8)]
+    gold = ["pos" if i % 2 else "neg" for i in range(8)]
+    good = {
+        t: {"pos": 0.8, "neg": 0.2} if g == "pos" else {"pos": 0.2, "neg": 0.8}
+        for t, g in zip(texts, gold, strict=True)
+    }
+    bad = {
+        t: {"pos": 0.05, "neg": 0.95} if g == "pos" else {"pos": 0.95, "neg": 0.05}
+        for t, g in zip(texts, gold, strict=True)
+    }
+    add(kernel, "good", scores=good)
+    add(kernel, "bad", scores=bad)
+    dev = [{"text": t, "label": g} for t, g in zip(texts, gold, strict=True)]
+    with pytest.raises(UsageError, match="learns from dev data"):
+        kernel.fusions.create("st", strategy="stack", members=["bad", "good"])
+    card = kernel.fusions.create("st", strategy="stack", members=["bad", "good"], dev=dev)
+    weights = card.options["fusion"]["options"]["weights"]
+    assert weights[1] > 0.9 and sum(weights) == pytest.approx(1.0)
+    fit = card.options["fusion"]["fit"]
+    assert fit["rows"] == 8 and fit["members"]["good@1"]["dev/accuracy"] == 1.0
+    assert fit["members"]["bad@1"]["dev/accuracy"] == 0.0
+    assert card.scores["dev/accuracy"] == 1.0
+    results = classify(kernel, "st", texts)
+    assert [r.label for r in results] == gold  # a plain mean would be wrong on every row
+
+    logistic = kernel.fusions.create(
+        "st-log",
+        strategy="stack",
+        members=["bad", "good"],
+        options={"method": "logistic"},
+        dev=dev,
+    )
+    assert logistic.options["fusion"]["options"]["model"]["labels"]
+    assert [r.label for r in classify(kernel, "st-log", texts)] == gold
+
+    # three members: an ablation is re-fitted on the dev rows the fusion kept
+    kernel.fusions.create("st3", strategy="stack", members=["bad", "good", "m1"], dev=dev)
+    analysis = kernel.fusions.analyse("st3", dev)
+    by = {m["model"]: m for m in analysis["members"]}
+    assert analysis["accuracy"] == 1.0
+    assert by["good@1"]["how"] == "re-fitted on its dev rows without it"
+    # without good, only bad (wrong on every row) and m1 (0.5/0.5 on these texts) are
+    # left: the re-fitted fusion loses what good gave; without bad, nothing is lost
+    assert by["good@1"]["marginal"] > 0.4 and by["bad@1"]["marginal"] == 0.0
+
+
+def test_cascade_escalates_only_unconfident_rows(make_kernel, table_module) -> None:
+    kernel = make_kernel()
+    # cheap: right and confident on a, b; right but unsure on c; wrong and unsure on d
+    cheap = {
+        "a": {"pos": 0.95, "neg": 0.05},
+        "b": {"pos": 0.1, "neg": 0.9},
+        "c": {"pos": 0.6, "neg": 0.4},
+        "d": {"pos": 0.55, "neg": 0.45},
+    }
+    strong = {
+        "a": {"pos": 0.9, "neg": 0.1},
+        "b": {"pos": 0.2, "neg": 0.8},
+        "c": {"pos": 0.8, "neg": 0.2},
+        "d": {"pos": 0.3, "neg": 0.7},
+    }
+    add(kernel, "cheap", scores=cheap)
+    add(kernel, "strong", scores=strong, delay_s=0.01)
+    dev = [
+        {"text": "a", "label": "pos"},
+        {"text": "b", "label": "neg"},
+        {"text": "c", "label": "pos"},
+        {"text": "d", "label": "neg"},
+    ]
+    card = kernel.fusions.create("cas", strategy="cascade", members=["cheap", "strong"], dev=dev)
+    options = card.options["fusion"]["options"]
+    # the strong member is right on all 4; target 0.99·1.0 needs every row right:
+    # d (0.55) must escalate, c (0.6) may stay; the cheapest threshold is 0.6
+    assert options["thresholds"] == [pytest.approx(0.6)]
+    assert options["calibration"]["met"] is True
+    assert card.scores["dev/accuracy"] == 1.0
+    assert card.options["fusion"]["fit"]["member_calls_per_row"] == pytest.approx(1.25)
+
+    table_module().CALLS.clear()
+    results = classify(kernel, "cas", ["a", "b", "c", "d"])
+    assert [r.label for r in results] == ["pos", "neg", "pos", "neg"]
+    assert calls(table_module, "strong") == ["d"], "only the unconfident row went on"
+    metas = [r.meta["fusion"] for r in results]
+    assert [m["answered_by"] for m in metas] == ["cheap@1", "cheap@1", "cheap@1", "strong@1"]
+    assert [m["escalations"] for m in metas] == [0, 0, 0, 1]
+    assert metas[0]["skipped"] == ["strong@1"] and metas[3]["skipped"] == []
+
+    with pytest.raises(UsageError, match="thresholds must be 1 numbers"):
+        kernel.fusions.create(
+            "bad",
+            strategy="cascade",
+            members=["cheap", "strong"],
+            options={"thresholds": [0.5, 0.5]},
+        )
+    by_hand = kernel.fusions.create(
+        "cas-hand", strategy="cascade", members=["cheap", "strong"], options={"thresholds": [0.99]}
+    )
+    assert "fit" not in by_hand.options["fusion"]
+    assert [r.meta["fusion"]["answered_by"] for r in classify(kernel, "cas-hand", ["a"])] == [
+        "strong@1"
+    ]
+
+
+def test_router_by_rules_and_by_learned_centroids(make_kernel, table_module) -> None:
+    kernel = make_kernel()
+    kernel.fusions.create(
+        "r-rules",
+        strategy="router",
+        members=["m1", "m2", "m3"],
+        options={"rules": [{"member": "m2", "contains": "Y"}, {"member": 0, "max_chars": 1}]},
+    )
+    table_module().CALLS.clear()
+    results = classify(kernel, "r-rules", ["y", "x", "zz"])
+    # "y" contains y (any case) -> m2; "x" is 1 char -> m1; "zz" -> the default, the last (m3)
+    assert [r.meta["fusion"]["route"] for r in results] == ["m2@1", "m1@1", "m3@1"]
+    assert [r.meta["fusion"]["rule"] for r in results] == [0, 1, None]
+    assert results[0].scores == M2["y"] and results[1].scores == M1["x"]
+    assert calls(table_module, "m1") == ["x"] and calls(table_module, "m2") == ["y"]
+
+    # learned: texts near (1, 0) only m1 gets right, texts near (0, 1) only m2
+    vectors = {
+        "p1": [1.0, 0.1],
+        "p2": [0.9, 0.0],
+        "q1": [0.1, 1.0],
+        "q2": [0.0, 0.8],
+        "new-p": [1.0, 0.2],
+        "new-q": [0.2, 1.0],
+    }
+    add(kernel, "emb", capabilities=["embed"], vectors=vectors)
+    add(
+        kernel,
+        "left",
+        scores={
+            "p1": {"pos": 0.9, "neg": 0.1},
+            "p2": {"pos": 0.8, "neg": 0.2},
+            "q1": {"pos": 0.9, "neg": 0.1},
+            "q2": {"pos": 0.9, "neg": 0.1},
+        },
+    )
+    add(
+        kernel,
+        "right",
+        scores={
+            "p1": {"pos": 0.1, "neg": 0.9},
+            "p2": {"pos": 0.1, "neg": 0.9},
+            "q1": {"pos": 0.1, "neg": 0.9},
+            "q2": {"pos": 0.2, "neg": 0.8},
+        },
+    )
+    dev = [
+        {"text": "p1", "label": "pos"},
+        {"text": "p2", "label": "pos"},
+        {"text": "q1", "label": "neg"},
+        {"text": "q2", "label": "neg"},
+    ]
+    with pytest.raises(UsageError, match="learns from dev data"):
+        kernel.fusions.create(
+            "r-learn", strategy="router", members=["left", "right"], options={"embedder": "emb"}
+        )
+    card = kernel.fusions.create(
+        "r-learn",
+        strategy="router",
+        members=["left", "right"],
+        options={"embedder": "emb"},
+        dev=dev,
+    )
+    assert card.options["fusion"]["options"]["routes"] == [0.5, 0.5]
+    assert card.scores["dev/accuracy"] == 1.0
+    new_p, new_q = classify(kernel, "r-learn", ["new-p", "new-q"])
+    assert (
+        new_p.meta["fusion"]["route"] == "left@1"
+        and new_p.meta["fusion"]["routed_by"] == "centroid"
+    )
+    assert new_q.meta["fusion"]["route"] == "right@1"
+
+
+def test_router_rules_serve_generation_and_rank_picks_the_judges_favourite(
+    make_kernel,
+) -> None:
+    kernel = make_kernel()
+    add(kernel, "g1", capabilities=["complete", "chat"], answers={"Q": "paris", "hi": "hello"})
+    add(kernel, "g2", capabilities=["complete", "chat"], answers={"Q": "london", "hi": "hey"})
+    add(
+        kernel,
+        "judge",
+        capabilities=["complete"],
+        logprobs={"paris": -1.0, "london": -3.0, "hello": -9.0, "hey": -2.0},
+    )
+    kernel.fusions.create("best", strategy="rank", members=["g1", "g2"], options={"judge": "judge"})
+    (answer,) = kernel.call("best", Capability.COMPLETE, [CompletionRequest(prompt="Q")])
+    assert answer.text == "paris"
+    meta = answer.meta["fusion"]
+    assert meta["chosen"] == "g1@1" and meta["judge_scores"] == {"g1@1": -1.0, "g2@1": -3.0}
+    assert [m["agreed"] for m in meta["members"]] == [True, False]
+    (chat,) = kernel.call(
+        "best", Capability.CHAT, [ChatRequest(messages=[ChatMessage("user", "hi")])]
+    )
+    assert chat.message.content == "hey"  # -2 beats -9
+    with pytest.raises(UsageError, match="give judge"):
+        kernel.fusions.create("nojudge", strategy="rank", members=["g1", "g2"])
+
+    kernel.fusions.create(
+        "gen-route",
+        strategy="router",
+        members=["g1", "g2"],
+        options={"rules": [{"member": "g2", "regex": "^h"}]},
+    )
+    a, b = kernel.call(
+        "gen-route",
+        Capability.COMPLETE,
+        [CompletionRequest(prompt="hi"), CompletionRequest(prompt="Q")],
+    )
+    assert (a.text, b.text) == ("hey", "london")  # default: the last member
+
+
+# --------------------------------------------------------------------------
+# budgets, nesting, zero-shot members, refusals
+# --------------------------------------------------------------------------
+
+
+def test_budgets_cap_members_and_latency(make_kernel, table_module) -> None:
+    kernel = make_kernel()
+    add(kernel, "slow", scores={"x": {"pos": 0.0, "neg": 1.0}}, delay_s=1.5)
+    kernel.fusions.create("with-slow", strategy="mean", members=["m1", "slow"])
+    (capped,) = classify(kernel, "with-slow", ["x"], budget=Budget(max_members=1))
+    meta = capped.meta["fusion"]
+    assert capped.scores == M1["x"], "only the first member counted"
+    assert [m["model"] for m in meta["members"]] == ["m1@1"] and meta["skipped"] == ["slow@1"]
+    assert meta["budget"] == {"max_members": 1, "max_latency_ms": None, "exhausted": True}
+
+    started = time.monotonic()
+    (quick,) = classify(kernel, "with-slow", ["x"], budget=Budget(max_latency_ms=300))
+    assert time.monotonic() - started < 1.2, "it did not wait for the slow member"
+    assert quick.scores == M1["x"]
+    slow_entry = quick.meta["fusion"]["members"][1]
+    assert slow_entry["model"] == "slow@1" and slow_entry["answered"] is False
+    assert quick.meta["fusion"]["budget"]["exhausted"] is True
+
+    (full,) = classify(kernel, "with-slow", ["x"])
+    # no budget: both answer; pos (0.9 + 0) / 2
+    assert full.scores["pos"] == pytest.approx(0.45) and "budget" not in full.meta["fusion"]
+
+    # the first member always answers, even past the budget: never an empty answer
+    kernel.fusions.create("slow-only", strategy="mean", members=["slow"])
+    (first,) = classify(kernel, "slow-only", ["x"], budget=Budget(max_latency_ms=50))
+    assert first.scores["neg"] == 1.0 and first.meta["fusion"]["members"][0]["answered"]
+
+
+def test_fusions_nest_and_cycles_are_refused(make_kernel) -> None:
+    kernel = make_kernel()
+    kernel.fusions.create("inner", strategy="mean", members=["m1", "m2"])
+    kernel.fusions.create(
+        "outer", strategy="vote", members=["inner", "m3"], options={"weights": [2, 1]}
+    )
+    (x,) = classify(kernel, "outer", ["x"])
+    # inner(x) = pos 0.55 -> pos (weight 2); m3 pos -> pos 1.0
+    assert x.label == "pos" and x.scores["pos"] == pytest.approx(1.0)
+    inner_entry = x.meta["fusion"]["members"][0]
+    assert inner_entry["model"] == "inner@1"
+    assert inner_entry["meta"]["fusion"]["name"] == "inner@1"
+    with pytest.raises(UsageError, match=r"would contain itself: inner -> outer@1 -> inner@1"):
+        kernel.fusions.create("inner", strategy="mean", members=["outer", "m1"])
+
+
+def test_zero_shot_members_are_asked_their_labels_and_mapped(make_kernel) -> None:
+    kernel = make_kernel()
+    add(kernel, "words", scores={"x": {"positive": 0.3, "negative": 0.7, "other": 0.0}})
+    kernel.fusions.create(
+        "mixed",
+        strategy="mean",
+        members=[
+            "m1",
+            {
+                "model": "words",
+                "labels": ["negative", "positive"],
+                "map": {"negative": "neg", "positive": "pos"},
+            },
+        ],
+    )
+    (x,) = classify(kernel, "mixed", ["x"])
+    # m1 pos 0.9; words asked over [negative, positive] -> pos 0.3; mean pos 0.6
+    assert x.scores["pos"] == pytest.approx(0.6) and set(x.scores) == {"pos", "neg"}
+
+
+def test_bad_fusions_are_refused_before_anything_is_registered(make_kernel) -> None:
+    kernel = make_kernel()
+    with pytest.raises(UsageError, match=r"fusion strategy 'blend' is not installed.*mean"):
+        kernel.fusions.create("f", strategy="blend", members=["m1"])
+    with pytest.raises(NotFoundError, match="model 'ghost' not found"):
+        kernel.fusions.create("f", strategy="mean", members=["m1", "ghost"])
+    with pytest.raises(UsageError, match="2 weights for 3 members"):
+        kernel.fusions.create(
+            "f", strategy="mean", members=["m1", "m2", "m3"], options={"weights": [1, 2]}
+        )
+    with pytest.raises(UsageError, match="unknown option"):
+        kernel.fusions.create("f", strategy="vote", members=["m1", "m2"], options={"wieghts": 1})
+    with pytest.raises(UsageError, match="model name"):
+        kernel.fusions.create("../f", strategy="mean", members=["m1"])
+    with pytest.raises(UsageError, match="dev row 1: needs a label"):
+        kernel.fusions.create("f", strategy="stack", members=["m1", "m2"], dev=[{"text": "x"}])
+    assert kernel.fusions.list() == []
+
+
+# --------------------------------------------------------------------------
+# config, HTTP, CLI
+# --------------------------------------------------------------------------
+
+
+def test_config_fusions_are_registered_at_start_and_fitted_on_first_load(
+    make_kernel, tmp_path: Path, table_module
+) -> None:
+    make_kernel().stop()  # registers the members
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text("".join(json.dumps({"text": t, "label": "neg"}) + "\n" for t in ("x", "y")))
+    kernel = make_kernel(
+        'fusions.cfg.strategy="stack"',
+        'fusions.cfg.members=["m1", "m2"]',
+        f'fusions.cfg.dev="{dev}"',
+        'fusions.broken.strategy="nope"',
+        'fusions.broken.members=["m1"]',
+    )
+    card = kernel.registry.store.get("cfg")
+    assert card.format == ModelFormat.FUSION and card.created_by == "config"
+    assert card.options["fusion"]["dev_file"] == str(dev)
+    with pytest.raises(NotFoundError):
+        kernel.registry.store.get("broken")  # logged and skipped, not fatal
+    table_module().CALLS.clear()
+    x, y = classify(kernel, "cfg", ["x", "y"])
+    assert calls(table_module, "m1")[:2] == ["x", "y"], "fitted on the dev file first"
+    # m2 says neg on both (always right); m1 is wrong on x: the fit trusts m2
+    assert x.label == "neg" and y.label == "neg"
+    assert list((kernel.home / "fusions").glob("fit-cfg-*.json")), "the fit is cached"
+
+
+def test_fusions_over_http_with_budget_and_meta(make_kernel) -> None:
+    kernel = make_kernel()
+    with serve_in_thread(kernel) as url:
+        created = httpx.post(
+            f"{url}/api/fusions",
+            json={
+                "name": "web",
+                "strategy": "mean",
+                "members": ["m1", "m2@1"],
+                "tags": ["demo"],
+            },
+        )
+        assert created.status_code == 201, created.text
+        assert created.json()["name"] == "web" and "demo" in created.json()["tags"]
+        listed = httpx.get(f"{url}/api/fusions").json()["data"]
+        assert [c["name"] for c in listed] == ["web"]
+        assert httpx.get(f"{url}/api/fusions/web").json()["parents"] == ["m1@1", "m2@1"]
+        names = [s["name"] for s in httpx.get(f"{url}/api/fusions/strategies").json()["data"]]
+        assert {"vote", "mean", "stack", "cascade", "router", "rank"} <= set(names)
+
+        answer = httpx.post(
+            f"{url}/api/classify",
+            json={
+                "model": "web",
+                "texts": ["x"],
+                "llmos": {"max_members": 1},
+            },
+        ).json()["results"][0]
+        assert answer["scores"] == M1["x"]
+        meta = answer["llmos"]["meta"]["fusion"]
+        assert meta["skipped"] == ["m2@1"] and meta["budget"]["exhausted"] is True
+        plain = httpx.post(f"{url}/api/classify", json={"model": "m1", "texts": ["x"]}).json()
+        assert "llmos" not in plain["results"][0], "plain models keep their shape"
+        assert any(m["id"] == "web" for m in httpx.get(f"{url}/v1/models").json()["data"])
+
+        bad = httpx.post(
+            f"{url}/api/fusions", json={"name": "w2", "strategy": "nope", "members": ["m1"]}
+        )
+        assert bad.status_code == 400 and "not installed" in bad.json()["error"]["message"]
+        budget = httpx.post(
+            f"{url}/api/classify",
+            json={"model": "web", "texts": ["x"], "llmos": {"max_members": 0}},
+        )
+        assert budget.status_code in (400, 422)
+        outside = httpx.post(
+            f"{url}/api/fusions",
+            json={"name": "w3", "strategy": "stack", "members": ["m1", "m2"], "dev": "/etc/passwd"},
+        )
+        assert outside.status_code == 400 and "dev:" in outside.json()["error"]["message"]
+
+
+def test_the_fuse_commands(
+    make_kernel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    make_kernel().stop()  # registers the members
+    monkeypatch.setenv("LLMOS_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("LLMOS_LOAD_PLUGINS", "llmos-table")
+    dev = tmp_path / "dev.csv"
+    dev.write_text("text,label\nx,pos\ny,neg\nz,pos\n")
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, out, err = run(
+        "fuse", "create", "cli-cas", "--strategy", "cascade", "--member", "m2",
+        "--member", '{"model": "m1"}', "--option", "target_ratio=1.0", "--dev", str(dev),
+        "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    card = json.loads(out)
+    assert card["name"] == "cli-cas" and card["options"]["fusion"]["fit"]["rows"] == 3
+    code, out, _ = run("fuse", "show", "cli-cas")
+    assert code == 0 and "m1@1" in out and "cascade" in out
+    code, out, _ = run("fuse", "list", "--json")
+    assert [f["model"] for f in json.loads(out)] == ["cli-cas@1"]
+    code, _, err = run("fuse", "create", "x", "--strategy", "mean", "--member", "{bad")
+    assert code != 0 and "not valid JSON" in err
+    code, out, _ = run("fuse", "strategies", "--json")
+    assert {"cascade", "vote"} <= {s["name"] for s in json.loads(out)}
+    code, out, err = run("classify", "cli-cas", "y", "--json")
+    assert code == 0, err
+    (answer,) = json.loads(out)
+    assert answer["label"] == "neg"
+    assert answer["llmos"]["meta"]["fusion"]["name"] == "cli-cas@1"
+
+
+def test_a_deployment_table_member_and_config_errors(make_kernel) -> None:
+    kernel = make_kernel(
+        'models.dep.provider="table"', "models.dep.options={scores={x={pos=1.0, neg=0.0}}}"
+    )
+    card = kernel.fusions.create("with-dep", strategy="mean", members=["dep", "m2"])
+    assert card.parents == ("dep", "m2@1")
+    (x,) = classify(kernel, "with-dep", ["x"])
+    assert x.scores["pos"] == pytest.approx(0.6)  # (1.0 + 0.2) / 2
+    with pytest.raises(ConfigError):
+        kernel.fusions._from_table("t", {"strategy": "mean", "members": ["m1"], "typo": 1})
+    (e,) = kernel.call("m1", Capability.CLASSIFY, [ClassifyRequest(text="x")])
+    assert e.meta == {}
+    with pytest.raises(UsageError, match="max_members must be an integer >= 1"):
+        Budget(max_members=0)
+    assert EmbedRequest(text="a").budget is None
+
+
+def test_eval_on_a_fusion_reports_members_marginals_and_savings(
+    make_kernel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    kernel = make_kernel()
+    kernel.fusions.create("avg3", strategy="mean", members=["m1", "m2", "m3"])
+    cheap = {"a": {"pos": 0.95, "neg": 0.05}, "b": {"pos": 0.6, "neg": 0.4}}
+    strong = {"a": {"pos": 0.9, "neg": 0.1}, "b": {"pos": 0.2, "neg": 0.8}}
+    add(kernel, "cheap", scores=cheap)
+    add(kernel, "strong", scores=strong)
+    kernel.fusions.create(
+        "cas2", strategy="cascade", members=["cheap", "strong"], options={"thresholds": [0.9]}
+    )
+    kernel.stop()
+    monkeypatch.setenv("LLMOS_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("LLMOS_LOAD_PLUGINS", "llmos-table")
+    data = tmp_path / "eval.csv"
+    data.write_text("text,label\nx,pos\ny,neg\nz,pos\n")
+    assert main(["eval", "avg3", "--data", str(data), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    fusion = report["fusion"]
+    # mean of all three: x pos, y neg, z neg (0.433) -> 2 of 3 right, as served
+    assert report["accuracy"] == pytest.approx(2 / 3) == fusion["accuracy"]
+    by = {m["model"]: m for m in fusion["members"]}
+    # alone: m1 right on all, m2 on y only, m3 on x and z (its 0.5/0.5 tie reads pos)
+    assert [by[m]["accuracy"] for m in ("m1@1", "m2@1", "m3@1")] == pytest.approx(
+        [1.0, 1 / 3, 2 / 3]
+    )
+    # without m1: mean(m2, m3) right on y only; without m2: all right; without m3: x, y
+    assert by["m1@1"]["marginal"] == pytest.approx(2 / 3 - 1 / 3)
+    assert by["m2@1"]["marginal"] == pytest.approx(2 / 3 - 1.0)
+    assert by["m3@1"]["marginal"] == pytest.approx(0.0)
+    assert fusion["member_calls"] == 9 and fusion["calls_saved_share"] == 0.0
+    assert fusion["best_member"]["model"] == "m1@1"
+
+    data.write_text("text,label\na,pos\nb,neg\n")
+    assert main(["eval", "cas2", "--data", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert "member calls 3 of 4 (25%" in out, out
+    assert main(["eval", "cas2", "--data", str(data), "--json"]) == 0
+    cas = json.loads(capsys.readouterr().out)["fusion"]
+    # a is answered by the cheap member (0.95 >= 0.9); b goes on to the strong one
+    assert [m["asked_share"] for m in cas["members"]] == [1.0, 0.5]
+    assert cas["accuracy"] == 1.0 and cas["best_member"]["calls_share"] == 1.5
+    assert cas["members"][0]["how"] == "the other member alone"
