@@ -22,7 +22,7 @@ import pytest
 
 from llmos.cli import main
 from llmos.config import load_config
-from llmos.errors import ConfigError, NotFoundError, UsageError
+from llmos.errors import ConfigError, LlmosError, NotFoundError, UsageError
 from llmos.plugin import hookimpl
 from llmos.runtime.kernel import Kernel
 from llmos.testing import serve_in_thread, write_distribution
@@ -74,6 +74,8 @@ class Table(ModelBase):
 
     def classify(self, requests):
         self._seen([r.text for r in requests])
+        if self.card.options.get("fail"):
+            raise RuntimeError("table says no")
         out = []
         for r in requests:
             scores = self.scores.get(r.text, self.default)
@@ -458,6 +460,10 @@ def test_router_rules_serve_generation_and_rank_picks_the_judges_favourite(
     )
     assert (a.text, b.text) == ("hey", "london")  # default: the last member
 
+    # streaming routes work too: the fused answer in one chunk, then its end
+    chunks = list(kernel.stream("best", CompletionRequest(prompt="Q")))
+    assert "".join(c.text for c in chunks) == "paris" and chunks[-1].finish_reason == "stop"
+
 
 # --------------------------------------------------------------------------
 # budgets, nesting, zero-shot members, refusals
@@ -490,6 +496,23 @@ def test_budgets_cap_members_and_latency(make_kernel, table_module) -> None:
     kernel.fusions.create("slow-only", strategy="mean", members=["slow"])
     (first,) = classify(kernel, "slow-only", ["x"], budget=Budget(max_latency_ms=50))
     assert first.scores["neg"] == 1.0 and first.meta["fusion"]["members"][0]["answered"]
+
+
+def test_a_failing_member_is_left_out_and_named_when_none_answers(make_kernel) -> None:
+    kernel = make_kernel()
+    add(kernel, "failing", fail=True)
+    kernel.fusions.create("one-bad", strategy="mean", members=["m1", "failing"])
+    (x,) = classify(kernel, "one-bad", ["x"])
+    assert x.scores == M1["x"], "the failing member is left out"
+    entry = x.meta["fusion"]["members"][1]
+    assert entry["model"] == "failing@1" and entry["answered"] is False
+    assert "table says no" in entry["error"]
+    kernel.fusions.create("all-bad", strategy="vote", members=["failing"])
+    with pytest.raises(LlmosError, match=r"no member answered \(failing@1: .*table says no"):
+        classify(kernel, "all-bad", ["x"])
+    with pytest.raises(NotFoundError, match="needs provider 'nowhere'"):
+        kernel.registry.register(ModelCard(name="elsewhere", provider="nowhere"))
+        kernel.fusions.create("f", strategy="mean", members=["m1", "elsewhere"])
 
 
 def test_fusions_nest_and_cycles_are_refused(make_kernel) -> None:

@@ -145,13 +145,16 @@ def _outputs(answers: Sequence[Mapping[int, Any]], row: int) -> list[Mapping[str
 
 def _each_row(
     call: FusionCall, rule: Callable[[list[Mapping[str, float] | None]], tuple[dict, str]]
-) -> list[ClassifyResult]:
+) -> list[ClassifyResult | None]:
     """Ask every member, then combine each row's answers with ``rule``
     (outputs → scores, winning label)."""
     answers = call.ask_all()
-    results = []
+    results: list[ClassifyResult | None] = []
     for row in range(len(call.requests)):
         outputs = _outputs(answers, row)
+        if not any(o is not None for o in outputs):
+            results.append(None)  # no member answered: the kernel reports their errors
+            continue
         scores, winner = rule(outputs)
         present = [a[row] for a in answers if row in a]
         results.append(ClassifyResult(scores=_ordered(scores, winner), usage=_usage(present)))
@@ -183,12 +186,12 @@ def check_weighted(name: str) -> Callable[[Mapping[str, Any], Sequence[ModelCard
     return check
 
 
-def combine_vote(call: FusionCall) -> list[ClassifyResult]:
+def combine_vote(call: FusionCall) -> list[ClassifyResult | None]:
     weights = call.options.get("weights")
     return _each_row(call, lambda o: (arith.vote(o, weights), arith.vote_winner(o, weights)))
 
 
-def combine_mean(call: FusionCall) -> list[ClassifyResult]:
+def combine_mean(call: FusionCall) -> list[ClassifyResult | None]:
     weights = call.options.get("weights")
 
     def rule(outputs: list[Mapping[str, float] | None]) -> tuple[dict, str]:
@@ -221,7 +224,7 @@ def fit_stack(data: FitData) -> dict[str, Any]:
     return {"weights": arith.fit_weights(rows, list(data.gold))}
 
 
-def combine_stack(call: FusionCall) -> list[ClassifyResult]:
+def combine_stack(call: FusionCall) -> list[ClassifyResult | None]:
     model = call.options.get("model")
     if model is not None:
 

@@ -11,7 +11,7 @@ members not asked, and whether the budget cut the request short. One
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -34,6 +34,7 @@ from llmos.types import (
     ModelBase,
     ModelCard,
     MonitorEvent,
+    StreamChunk,
 )
 
 if TYPE_CHECKING:
@@ -78,6 +79,19 @@ class FusedModel(ModelBase):
 
     def embed(self, requests: Sequence[EmbedRequest]) -> list[EmbedResult]:
         return self._run(Capability.EMBED, requests)
+
+    def stream(self, requests: Sequence[CompletionRequest | ChatRequest]) -> Iterator[StreamChunk]:
+        """A fused answer is known only once it is combined: each request's
+        whole answer comes as one chunk, then its end (streaming clients
+        work; the fusion's meta is on the non-streamed routes)."""
+        for index, request in enumerate(requests):
+            chat = isinstance(request, ChatRequest)
+            (result,) = self._run(Capability.CHAT if chat else Capability.COMPLETE, [request])
+            text = result.message.content if chat else result.text
+            yield StreamChunk(index=index, text=text)
+            yield StreamChunk(
+                index=index, text="", finish_reason=result.finish_reason, usage=result.usage
+            )
 
     # -- the work --------------------------------------------------------------
 

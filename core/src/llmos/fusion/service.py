@@ -793,6 +793,8 @@ class Fusions:
         for member in members:
             worker = self.kernel.models.get(member.ref)
             capabilities &= set(worker.model.capabilities)
+        if capabilities & {Capability.COMPLETE, Capability.CHAT}:
+            capabilities.add(Capability.STREAM)  # the whole answer as one chunk
         if not capabilities:
             raise LlmosError(
                 f"fusion {card.ref!r}: its members share none of what strategy {spec.name!r}"
