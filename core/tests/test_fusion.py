@@ -1,9 +1,9 @@
 """Fusions end to end: real kernel, real registry, real plugin models.
 
-The members are ``table`` models from a plugin distribution written to a
-folder on ``sys.path`` (found through entry points): each answers from a
-table in its card's options — fixed label probabilities per text, answers
-per prompt, log-probabilities per continuation, vectors per text — and
+The members are ``table`` models (:mod:`tables`: a plugin distribution
+written to a folder on ``sys.path``, found through entry points): each answers
+from a table in its card's options — fixed label probabilities per text,
+answers per prompt, log-probabilities per continuation, vectors per text — and
 records every text it was asked (``llmos_table.CALLS``), optionally after a
 delay. So every expected output below is computed by hand from the tables.
 """
@@ -11,7 +11,6 @@ delay. So every expected output below is computed by hand from the tables.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,7 +24,7 @@ from llmos.config import load_config
 from llmos.errors import ConfigError, LlmosError, NotFoundError, UsageError
 from llmos.plugin import hookimpl
 from llmos.runtime.kernel import Kernel
-from llmos.testing import serve_in_thread, write_distribution
+from llmos.testing import serve_in_thread
 from llmos.types import (
     Budget,
     Capability,
@@ -40,77 +39,7 @@ from llmos.types import (
     MonitorSinkSpec,
 )
 
-TABLE = """
-import threading
-import time
-
-from llmos.plugin import hookimpl
-from llmos.types import (
-    Capability, ChatMessage, ChatResult, ClassifyResult, CompletionResult, EmbedResult,
-    ModelBase, ProviderSpec, Usage,
-)
-
-CALLS = {}
-LOCK = threading.Lock()
-
-
-class Table(ModelBase):
-    def __init__(self, card):
-        super().__init__(card)
-        o = card.options
-        self.scores = o.get("scores", {})
-        self.default = o.get("default", {"pos": 0.5, "neg": 0.5})
-        self.delay = float(o.get("delay_s", 0.0))
-        self.answers = o.get("answers", {})
-        self.logprobs = o.get("logprobs", {})
-        self.vectors = o.get("vectors", {})
-        self.capabilities = frozenset(Capability(c) for c in o.get("capabilities", ["classify"]))
-
-    def _seen(self, texts):
-        with LOCK:
-            CALLS.setdefault(self.card.name, []).extend(texts)
-        if self.delay:
-            time.sleep(self.delay)
-
-    def classify(self, requests):
-        self._seen([r.text for r in requests])
-        if self.card.options.get("fail"):
-            raise RuntimeError("table says no")
-        out = []
-        for r in requests:
-            scores = self.scores.get(r.text, self.default)
-            if r.labels:  # zero-shot: only the labels asked, in their order
-                scores = {label: scores.get(label, 0.0) for label in r.labels}
-            out.append(ClassifyResult(scores=scores, usage=Usage(prompt_tokens=1)))
-        return out
-
-    def complete(self, requests):
-        self._seen([r.prompt for r in requests])
-        out = []
-        for r in requests:
-            if r.score_continuations:
-                logprobs = tuple(self.logprobs.get(c, -50.0) for c in r.score_continuations)
-                out.append(CompletionResult(text="", continuation_logprobs=logprobs))
-            else:
-                out.append(CompletionResult(text=self.answers.get(r.prompt, "?"),
-                                            usage=Usage(prompt_tokens=1, completion_tokens=2)))
-        return out
-
-    def chat(self, requests):
-        self._seen([r.messages[-1].content for r in requests])
-        return [ChatResult(message=ChatMessage("assistant",
-                                               self.answers.get(r.messages[-1].content, "?")))
-                for r in requests]
-
-    def embed(self, requests):
-        self._seen([r.text for r in requests])
-        return [EmbedResult(vector=self.vectors.get(r.text, [0.0, 0.0])) for r in requests]
-
-
-@hookimpl
-def llmos_register_providers(register):
-    register(ProviderSpec(name="table", load=lambda request: Table(request.card)))
-"""
+from .tables import add, install
 
 # member tables: texts "x", "y", "z"
 M1 = {"x": {"pos": 0.9, "neg": 0.1}, "y": {"pos": 0.4, "neg": 0.6}, "z": {"pos": 0.7, "neg": 0.3}}
@@ -138,16 +67,7 @@ class Recorder:
 
 @pytest.fixture
 def table_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    site = tmp_path / "site"
-    site.mkdir()
-    write_distribution(site, "llmos-table", TABLE)
-    monkeypatch.syspath_prepend(str(site))
-    yield lambda: sys.modules["llmos_table"]
-    sys.modules.pop("llmos_table", None)
-
-
-def add(kernel: Kernel, name: str, **options: Any) -> ModelCard:
-    return kernel.registry.register(ModelCard(name=name, provider="table", options=options))
+    yield from install(tmp_path / "site", monkeypatch)
 
 
 @pytest.fixture
@@ -321,6 +241,9 @@ def test_cascade_escalates_only_unconfident_rows(make_kernel, table_module) -> N
     # d (0.55) must escalate, c (0.6) may stay; the cheapest threshold is 0.6
     assert options["thresholds"] == [pytest.approx(0.6)]
     assert options["calibration"]["met"] is True
+    # aimed one standard error above the target: min(1, 0.99 + sqrt(0.99·0.01/4))
+    assert options["calibration"]["aimed_accuracy"] == 1.0
+    assert options["margin_sd"] == 1.0
     assert card.scores["dev/accuracy"] == 1.0
     assert card.options["fusion"]["fit"]["member_calls_per_row"] == pytest.approx(1.25)
 
@@ -333,6 +256,28 @@ def test_cascade_escalates_only_unconfident_rows(make_kernel, table_module) -> N
     assert [m["escalations"] for m in metas] == [0, 0, 0, 1]
     assert metas[0]["skipped"] == ["strong@1"] and metas[3]["skipped"] == []
 
+    # target 0.75 (3 of 4): met by the cheap member alone, unless aimed a standard
+    # error higher (0.75 + sqrt(0.75·0.25/4) = 0.97), which needs d escalated
+    exact = kernel.fusions.create(
+        "cas-exact", strategy="cascade", members=["cheap", "strong"], dev=dev,
+        options={"target_accuracy": 0.75, "margin_sd": 0},
+    )  # fmt: skip
+    assert exact.options["fusion"]["options"]["calibration"]["answered_by"] == [1.0, 0.0]
+    safe = kernel.fusions.create(
+        "cas-safe", strategy="cascade", members=["cheap", "strong"], dev=dev,
+        options={"target_accuracy": 0.75},
+    )  # fmt: skip
+    calibration = safe.options["fusion"]["options"]["calibration"]
+    assert calibration["aimed_accuracy"] == pytest.approx(0.75 + (0.75 * 0.25 / 4) ** 0.5)
+    assert calibration["answered_by"] == [0.75, 0.25] and safe.scores["dev/accuracy"] == 1.0
+    with pytest.raises(UsageError, match="margin_sd must be a number"):
+        kernel.fusions.create(
+            "bad",
+            strategy="cascade",
+            members=["cheap", "strong"],
+            options={"margin_sd": -1},
+            dev=dev,
+        )
     with pytest.raises(UsageError, match="thresholds must be 1 numbers"):
         kernel.fusions.create(
             "bad",
@@ -748,5 +693,7 @@ def test_eval_on_a_fusion_reports_members_marginals_and_savings(
     cas = json.loads(capsys.readouterr().out)["fusion"]
     # a is answered by the cheap member (0.95 >= 0.9); b goes on to the strong one
     assert [m["asked_share"] for m in cas["members"]] == [1.0, 0.5]
-    assert cas["accuracy"] == 1.0 and cas["best_member"]["calls_share"] == 1.5
+    assert cas["accuracy"] == 1.0 and cas["member_calls_per_row"] == 1.5
+    # the strongest member was asked for half the rows
+    assert cas["best_member"]["model"] == "strong@1" and cas["best_member"]["asked_share"] == 0.5
     assert cas["members"][0]["how"] == "the other member alone"

@@ -74,12 +74,13 @@ class RunningDaemon:
 
 @contextlib.contextmanager
 def serve_app(
-    app: FastAPI, *, wait_ready: bool = True, timeout: float = 60.0
+    app: FastAPI, *, wait_ready: bool = True, timeout: float = 60.0, port: int = 0
 ) -> Iterator[RunningDaemon]:
-    """Run a daemon app (from :func:`llmos.server.create_app`) on a free
-    loopback port in a thread, with the real middleware and the graceful
-    drain; stop it afterwards. ``wait_ready``: return once ``/readyz`` is 200.
-    """
+    """Run a daemon app (from :func:`llmos.server.create_app`) on a loopback
+    port (``0``: a free one) in a thread, with the real middleware and the
+    graceful drain; stop it afterwards. ``wait_ready``: return once
+    ``/readyz`` is 200. A given ``port`` brings a stopped daemon back where
+    its clients knew it."""
     import threading
     import time
 
@@ -90,7 +91,7 @@ def serve_app(
 
     drain = app.state.kernel.config.server.drain_timeout
     server = DaemonServer(
-        uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, access_log=False),
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False),
         app.state.daemon,
         drain_timeout=drain,
     )

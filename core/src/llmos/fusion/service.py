@@ -394,6 +394,7 @@ class Fusions:
         outputs: list[list[Any]] = []
         seconds: list[float] = []
         for member in members:
+            self.kernel.models.get(member.ref)  # loaded before timing: a load is no cost per row
             started = time.perf_counter()
             answers: list[Any] = []
             for at in range(0, len(texts), FIT_BATCH):
@@ -567,6 +568,7 @@ class Fusions:
             "seconds": seconds_used,
             "seconds_if_all": sum(seconds) * rows_n,
             "time_saved_share": 1 - seconds_used / (sum(seconds) * rows_n) if sum(seconds) else 0.0,
+            "member_calls_per_row": calls / rows_n,
             "best_member": {
                 "model": members[best].ref,
                 "accuracy": member_accuracy[best],
@@ -574,7 +576,9 @@ class Fusions:
                 "accuracy_kept": fusion_accuracy / member_accuracy[best]
                 if member_accuracy[best]
                 else None,
-                "calls_share": calls / rows_n,
+                # the rows the fusion still sent to it, and its time against it alone
+                "asked_share": sum(best in a for a in asked) / rows_n,
+                "time_ratio": seconds_used / (seconds[best] * rows_n) if seconds[best] else None,
             },
         }
 

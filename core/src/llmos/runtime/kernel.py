@@ -30,6 +30,7 @@ from llmos.registry.service import (  # also registers the [registry] config sec
 )
 from llmos.runtime import limits as _limits  # noqa: F401  (registers [api])
 from llmos.runtime.models import ModelManager
+from llmos.runtime.router import Router  # also registers the [groups] config section
 from llmos.runtime.worker import ModelWorker, StreamHandle
 from llmos.tuning.jobs import JobManager  # also registers the [tuning] config section
 from llmos.types import Capability, MonitorEvent, MonitorSink
@@ -58,6 +59,7 @@ class Kernel:
         self._models: ModelManager | None = None
         self._jobs: JobManager | None = None
         self._fusions: Fusions | None = None
+        self._router: Router | None = None
         self._stopping = threading.Event()
 
     @classmethod
@@ -116,13 +118,24 @@ class Kernel:
             return self._fusions
 
     @property
+    def router(self) -> Router:
+        """Deployment groups (``[groups.NAME]``): retries, fallbacks, cooldowns."""
+        with self._lock:
+            if self._router is None:
+                self._router = Router(self)
+            return self._router
+
+    @property
     def request_timeout(self) -> float:
         return float(self.config.section("runtime").get("request_timeout_s", 300.0))
 
     def submit(
         self, model: str, capability: Capability, requests: Sequence[Any]
     ) -> concurrent.futures.Future[list[Any]]:
-        """Queue one caller's requests for ``model`` (loading it on first use)."""
+        """Queue one caller's requests for ``model`` (loading it on first use);
+        a deployment group routes them to one of its deployments."""
+        if self.router.has(model):
+            return self.router.submit(model, Capability(capability), requests)
         return self._worker(model).submit(Capability(capability), requests)
 
     def call(
@@ -153,8 +166,11 @@ class Kernel:
         """:meth:`call` for asyncio: a cancelled caller (a client that went
         away) takes its requests out of the queue. ``timing``, when given, is
         filled with the call's queue wait, model time and batch size."""
-        worker = self.models.peek(model) or await asyncio.to_thread(self.models.get, model)
-        future = worker.submit(Capability(capability), requests)
+        if self.router.has(model):
+            future = self.router.submit(model, Capability(capability), requests)
+        else:
+            worker = self.models.peek(model) or await asyncio.to_thread(self.models.get, model)
+            future = worker.submit(Capability(capability), requests)
         limit = timeout or self.request_timeout
         try:
             results = await asyncio.wait_for(asyncio.wrap_future(future), limit)
@@ -166,6 +182,9 @@ class Kernel:
 
     def stream(self, model: str, request: Any) -> StreamHandle:
         """Start streaming one request; iterate the handle, cancel it to stop."""
+        if self.router.has(model):
+            model = self.router.stream_target(model)
+            return self.stream(model, request)  # the target may itself be a group
         return self._worker(model).submit_stream(request)
 
     def _worker(self, model: str) -> ModelWorker:
@@ -200,6 +219,7 @@ class Kernel:
             self.plugins.startup(self)
             self.discover_models()
             self.fusions.sync_config()
+            self._check_groups()
             self._start_janitor()
             self._start_preload()
             if self._jobs is not None and self._jobs.adopt:
@@ -222,6 +242,14 @@ class Kernel:
             failed=failed,
         )
         self.emit(MonitorEvent(kind="kernel.started", fields={"failed_plugins": failed}))
+
+    def _check_groups(self) -> None:
+        """A bad ``[groups.NAME]`` is logged at start; its own calls fail with the reason."""
+        for name in self.config.section("groups"):
+            try:
+                self.router.group(name)
+            except LlmosError as exc:
+                log.error("router.config_refused", group=name, error=exc.message)
 
     def begin_drain(self) -> None:
         """Stop taking new work; what is in flight may finish."""

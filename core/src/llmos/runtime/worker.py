@@ -291,8 +291,11 @@ class ModelWorker:
         usage: Usage | None = None
         chunks = 0
         status = "ok"
-        stream = self.model.stream(job.requests)
+        stream: Any = None
         try:
+            # inside the try: a provider whose stream() raises at once (not a
+            # generator) must end the caller's stream, not leave it waiting
+            stream = self.model.stream(job.requests)
             for chunk in stream:
                 if handle.cancelled.is_set():
                     status = "cancelled"
@@ -306,7 +309,7 @@ class ModelWorker:
             self._emit(self._event(job, "error", _error_fields(exc, started, job)))
             return
         finally:
-            close = getattr(stream, "close", None)
+            close = getattr(stream, "close", None) if stream is not None else None
             if close is not None:
                 close()  # stops a generator mid-generation
         handle.finish()

@@ -30,6 +30,7 @@ from llmos import __version__
 from llmos.errors import DuplicateNameError, LlmosError, PluginError
 from llmos.runtime.kernel import Kernel, KernelState
 from llmos.server.fusions_api import fusions_router
+from llmos.server.groups_api import groups_router
 from llmos.server.middleware import (
     AccessMiddleware,
     BodyLimitMiddleware,
@@ -188,6 +189,7 @@ def create_app(kernel: Kernel) -> FastAPI:
     app.include_router(openai_router(kernel))
     app.include_router(tuning_router(kernel))
     app.include_router(fusions_router(kernel))
+    app.include_router(groups_router(kernel))
     _mount_plugin_routes(app, kernel)
 
     app.add_exception_handler(LlmosError, _llmos_error)

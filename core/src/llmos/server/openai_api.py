@@ -308,6 +308,8 @@ def openai_router(kernel: Kernel) -> APIRouter:
     @router.get("/v1/models", summary="List the models a client can use")
     def list_models() -> dict[str, Any]:
         data: list[dict[str, Any]] = []
+        for name in kernel.config.section("groups"):
+            data.append({"id": name, "object": "model", "created": 0, "owned_by": "group"})
         for name, table in kernel.config.section("models").items():
             owner = table.get("provider", "config") if isinstance(table, dict) else "config"
             data.append({"id": name, "object": "model", "created": 0, "owned_by": owner})
