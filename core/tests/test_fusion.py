@@ -22,9 +22,8 @@ import pytest
 from llmos.cli import main
 from llmos.config import load_config
 from llmos.errors import ConfigError, LlmosError, NotFoundError, UsageError
-from llmos.plugin import hookimpl
 from llmos.runtime.kernel import Kernel
-from llmos.testing import serve_in_thread
+from llmos.testing import EventRecorder, serve_in_thread
 from llmos.types import (
     Budget,
     Capability,
@@ -35,8 +34,6 @@ from llmos.types import (
     EmbedRequest,
     ModelCard,
     ModelFormat,
-    MonitorEvent,
-    MonitorSinkSpec,
 )
 
 from .tables import add, install
@@ -45,24 +42,6 @@ from .tables import add, install
 M1 = {"x": {"pos": 0.9, "neg": 0.1}, "y": {"pos": 0.4, "neg": 0.6}, "z": {"pos": 0.7, "neg": 0.3}}
 M2 = {"x": {"pos": 0.2, "neg": 0.8}, "y": {"pos": 0.3, "neg": 0.7}, "z": {"pos": 0.1, "neg": 0.9}}
 M3 = {"x": {"pos": 0.6, "neg": 0.4}, "y": {"pos": 0.55, "neg": 0.45}, "z": {"pos": 0.5, "neg": 0.5}}
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.events: list[MonitorEvent] = []
-
-    @hookimpl
-    def llmos_register_monitor_sinks(self, register):
-        events = self.events
-
-        class Sink:
-            def emit(self, event: MonitorEvent) -> None:
-                events.append(event)
-
-            def close(self) -> None:
-                pass
-
-        register(MonitorSinkSpec(name="recorder", create=lambda options: Sink()))
 
 
 @pytest.fixture
@@ -74,7 +53,7 @@ def table_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[An
 def make_kernel(tmp_path: Path, table_module: Any) -> Iterator[Callable[..., Kernel]]:
     kernels: list[Kernel] = []
 
-    def make(*overrides: str, recorder: Recorder | None = None) -> Kernel:
+    def make(*overrides: str, recorder: EventRecorder | None = None) -> Kernel:
         kernel = Kernel(
             load_config(
                 env={"LLMOS_HOME": str(tmp_path / "home"), "LLMOS_LOAD_PLUGINS": "llmos-table"},
@@ -110,7 +89,7 @@ def calls(table_module: Any, name: str) -> list[str]:
 
 
 def test_mean_averages_the_members_probabilities(make_kernel) -> None:
-    recorder = Recorder()
+    recorder = EventRecorder()
     kernel = make_kernel(recorder=recorder)
     card = kernel.fusions.create("avg", strategy="mean", members=["m1", "m2", "m3"])
     assert card.ref == "avg@1" and card.format == ModelFormat.FUSION

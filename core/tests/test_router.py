@@ -14,38 +14,17 @@ import pytest
 
 from llmos.config import load_config
 from llmos.errors import ConfigError, Unavailable, UsageError
-from llmos.plugin import hookimpl
 from llmos.runtime.kernel import Kernel
-from llmos.testing import serve_in_thread
+from llmos.testing import EventRecorder, serve_in_thread
 from llmos.types import (
     Capability,
     ChatMessage,
     ChatRequest,
     ClassifyRequest,
     CompletionRequest,
-    MonitorEvent,
-    MonitorSinkSpec,
 )
 
 from .tables import add, install
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.events: list[MonitorEvent] = []
-
-    @hookimpl
-    def llmos_register_monitor_sinks(self, register):
-        events = self.events
-
-        class Sink:
-            def emit(self, event: MonitorEvent) -> None:
-                events.append(event)
-
-            def close(self) -> None:
-                pass
-
-        register(MonitorSinkSpec(name="recorder", create=lambda options: Sink()))
 
 
 @pytest.fixture
@@ -65,7 +44,7 @@ def make_kernel(
 ) -> Iterator[Callable[..., Kernel]]:
     kernels: list[Kernel] = []
 
-    def make(*overrides: str, recorder: Recorder | None = None, **kinds: str) -> Kernel:
+    def make(*overrides: str, recorder: EventRecorder | None = None, **kinds: str) -> Kernel:
         kernel = Kernel(
             load_config(
                 env={"LLMOS_HOME": str(tmp_path / "home"), "LLMOS_LOAD_PLUGINS": "llmos-table"},
@@ -139,7 +118,7 @@ def test_round_robin_spreads_calls_and_says_who_answered(make_kernel, table_modu
 def test_a_failing_deployment_is_retried_elsewhere_then_cooled_down(
     make_kernel, table_module, down: dict[str, Path]
 ) -> None:
-    recorder = Recorder()
+    recorder = EventRecorder()
     kernel = make_kernel(
         *group(
             "g",
@@ -232,7 +211,7 @@ def test_a_request_at_fault_is_not_retried_and_counts_against_nobody(
 def test_fallbacks_are_tried_in_order_when_the_group_is_spent(
     make_kernel, table_module, down: dict[str, Path]
 ) -> None:
-    recorder = Recorder()
+    recorder = EventRecorder()
     kernel = make_kernel(
         *group("g", deployments=["a"], retries=0, fallbacks=["h", "c"]),
         *group("h", deployments=["b"], retries=0),

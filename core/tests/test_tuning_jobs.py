@@ -24,10 +24,9 @@ import pytest
 
 from llmos.config import load_config
 from llmos.errors import ConfigError, NotFoundError, PluginError, UsageError
-from llmos.plugin import hookimpl
 from llmos.registry.service import Registry
 from llmos.runtime.kernel import Kernel
-from llmos.testing import write_distribution, write_safetensors
+from llmos.testing import EventRecorder, write_distribution, write_safetensors
 from llmos.tuning.jobs import (
     DATABASE,
     BaseModelUnavailable,
@@ -36,7 +35,7 @@ from llmos.tuning.jobs import (
     JobState,
     JobStore,
 )
-from llmos.types import ModelCard, MonitorEvent, MonitorSinkSpec
+from llmos.types import ModelCard
 
 COUNT = """
 import json
@@ -145,26 +144,6 @@ DATA = {
 }
 
 
-class Recorder:
-    """A monitor sink that keeps every event."""
-
-    def __init__(self) -> None:
-        self.events: list[MonitorEvent] = []
-
-    @hookimpl
-    def llmos_register_monitor_sinks(self, register):
-        events = self.events
-
-        class Sink:
-            def emit(self, event: MonitorEvent) -> None:
-                events.append(event)
-
-            def close(self) -> None:
-                pass
-
-        register(MonitorSinkSpec(name="recorder", create=lambda options: Sink()))
-
-
 def add_count_plugin(site: Path) -> None:
     """The ``llmos-count`` distribution in ``site`` (a folder on the path)."""
     site.mkdir(parents=True, exist_ok=True)
@@ -223,7 +202,7 @@ def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 def make_kernel(tmp_path: Path, site: Path) -> Iterator[Callable[..., Kernel]]:
     kernels: list[Kernel] = []
 
-    def make(*overrides: str, recorder: Recorder | None = None, adopt: bool = False) -> Kernel:
+    def make(*overrides: str, recorder: EventRecorder | None = None, adopt: bool = False) -> Kernel:
         kernel = kernel_for(tmp_path / "home", *overrides)
         kernel.jobs.adopt = adopt
         kernel.load_plugins()
@@ -248,7 +227,7 @@ def submit(kernel: Kernel, **params: object) -> Job:
 
 
 def test_a_job_runs_in_a_worker_and_registers_the_tuned_model(make_kernel) -> None:
-    recorder = Recorder()
+    recorder = EventRecorder()
     kernel = make_kernel(recorder=recorder)
     job = kernel.jobs.submit(
         model="base",

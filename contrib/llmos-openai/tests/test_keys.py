@@ -16,7 +16,7 @@ import pytest
 
 from llmos.errors import AuthenticationError, ConfigError, UnsafeSourceError, UsageError
 from llmos.logs import configure_logging
-from llmos.plugin import hookimpl
+from llmos.testing import EventRecorder
 from llmos.types import (
     Capability,
     ChatMessage,
@@ -24,8 +24,6 @@ from llmos.types import (
     CompletionRequest,
     LoadRequest,
     ModelCard,
-    MonitorEvent,
-    MonitorSinkSpec,
 )
 from llmos_openai.plugin import load
 
@@ -181,24 +179,6 @@ def test_card_options_are_checked(upstream, card) -> None:
         load(LoadRequest(card=good, options={"typo": 1}))
 
 
-class _Events:
-    def __init__(self) -> None:
-        self.events: list[MonitorEvent] = []
-
-    @hookimpl
-    def llmos_register_monitor_sinks(self, register):
-        events = self.events
-
-        class Sink:
-            def emit(self, event: MonitorEvent) -> None:
-                events.append(event)
-
-            def close(self) -> None:
-                pass
-
-        register(MonitorSinkSpec(name="test-events", create=lambda options: Sink()))
-
-
 def test_the_key_is_in_no_log_line_registry_error_or_event(
     upstream, downstream, register, monkeypatch, capfd, caplog
 ) -> None:
@@ -209,7 +189,7 @@ def test_the_key_is_in_no_log_line_registry_error_or_event(
     configure_logging("debug", fmt="json")
     logging.getLogger().setLevel(logging.DEBUG)  # httpx/httpcore debug lines too
     try:
-        recorder = _Events()
+        recorder = EventRecorder("test-events")
         kernel = downstream(plugins={"test-events": recorder})
         register(kernel, "remote", upstream.url)
         register(kernel, "wrong", upstream.url, api_key_env="WRONG_API_KEY")

@@ -7,7 +7,8 @@
 * ``write_distribution`` writes what ``pip install`` leaves behind for a
   one-module plugin, so entry-point discovery is tested without a wheel;
 * ``safetensors_bytes`` and ``write_safetensors`` make weight files without
-  torch.
+  torch;
+* ``EventRecorder`` is a plugin whose monitor sink keeps every event.
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ import json
 import math
 import struct
 import textwrap
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from llmos.plugin import hookimpl
 from llmos.plugin.manager import PluginInfo, PluginManager
+from llmos.types import MonitorEvent, MonitorSinkSpec
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -56,6 +59,40 @@ def write_distribution(
     info.mkdir()
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
     (info / "entry_points.txt").write_text(f"[llmos]\n{entry or dist} = {module}\n")
+
+
+class EventRecorder:
+    """A plugin object whose monitor sink keeps every event, in order::
+
+    recorder = EventRecorder()
+    kernel.load_plugins()
+    kernel.plugins.register(recorder, "recorder")
+    kernel.start()
+    ...
+    kernel.bus.stop()  # deliver what is queued
+    kinds = [e.kind for e in recorder.events]
+    """
+
+    def __init__(self, sink: str = "recorder") -> None:
+        self.sink = sink
+        self.events: list[MonitorEvent] = []
+
+    def of(self, kind: str) -> list[MonitorEvent]:
+        """The events of one kind."""
+        return [e for e in self.events if e.kind == kind]
+
+    @hookimpl
+    def llmos_register_monitor_sinks(self, register: Callable[[MonitorSinkSpec], None]) -> None:
+        events = self.events
+
+        class Sink:
+            def emit(self, event: MonitorEvent) -> None:
+                events.append(event)
+
+            def close(self) -> None:
+                pass
+
+        register(MonitorSinkSpec(name=self.sink, create=lambda options: Sink()))
 
 
 @attrs.frozen
