@@ -16,12 +16,13 @@ cards' options, so that every expected output in a test is computed by hand.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from llmos.config import load_config
 from llmos.runtime.kernel import Kernel
 from llmos.testing import write_distribution
 from llmos.types import ModelCard
@@ -135,6 +136,21 @@ def install(folder: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     monkeypatch.syspath_prepend(str(folder))
     yield lambda: sys.modules["llmos_table"]
     sys.modules.pop("llmos_table", None)
+
+
+def table_kernel(home: Path, overrides: Sequence[str], recorder: object | None = None) -> Kernel:
+    """A kernel that loads only ``llmos-table`` (plugins loaded, not started),
+    with ``recorder`` registered as a plugin when given."""
+    kernel = Kernel(
+        load_config(
+            env={"LLMOS_HOME": str(home), "LLMOS_LOAD_PLUGINS": "llmos-table"},
+            overrides=list(overrides),
+        )
+    )
+    kernel.load_plugins()
+    if recorder is not None:
+        kernel.plugins.register(recorder, "recorder")
+    return kernel
 
 
 def add(kernel: Kernel, name: str, **options: Any) -> ModelCard:

@@ -20,7 +20,6 @@ import httpx
 import pytest
 
 from llmos.cli import main
-from llmos.config import load_config
 from llmos.errors import ConfigError, LlmosError, NotFoundError, UsageError
 from llmos.runtime.kernel import Kernel
 from llmos.testing import EventRecorder, serve_in_thread
@@ -36,7 +35,7 @@ from llmos.types import (
     ModelFormat,
 )
 
-from .tables import add, install
+from .tables import add, install, table_kernel
 
 # member tables: texts "x", "y", "z"
 M1 = {"x": {"pos": 0.9, "neg": 0.1}, "y": {"pos": 0.4, "neg": 0.6}, "z": {"pos": 0.7, "neg": 0.3}}
@@ -54,15 +53,7 @@ def make_kernel(tmp_path: Path, table_module: Any) -> Iterator[Callable[..., Ker
     kernels: list[Kernel] = []
 
     def make(*overrides: str, recorder: EventRecorder | None = None) -> Kernel:
-        kernel = Kernel(
-            load_config(
-                env={"LLMOS_HOME": str(tmp_path / "home"), "LLMOS_LOAD_PLUGINS": "llmos-table"},
-                overrides=list(overrides),
-            )
-        )
-        kernel.load_plugins()
-        if recorder is not None:
-            kernel.plugins.register(recorder, "recorder")
+        kernel = table_kernel(tmp_path / "home", overrides, recorder)
         if not kernels:
             for name, table in (("m1", M1), ("m2", M2), ("m3", M3)):
                 add(kernel, name, scores=table)

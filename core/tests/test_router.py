@@ -12,7 +12,6 @@ from typing import Any
 import httpx
 import pytest
 
-from llmos.config import load_config
 from llmos.errors import ConfigError, Unavailable, UsageError
 from llmos.runtime.kernel import Kernel
 from llmos.testing import EventRecorder, serve_in_thread
@@ -24,7 +23,7 @@ from llmos.types import (
     CompletionRequest,
 )
 
-from .tables import add, install
+from .tables import add, install, table_kernel
 
 
 @pytest.fixture
@@ -45,15 +44,7 @@ def make_kernel(
     kernels: list[Kernel] = []
 
     def make(*overrides: str, recorder: EventRecorder | None = None, **kinds: str) -> Kernel:
-        kernel = Kernel(
-            load_config(
-                env={"LLMOS_HOME": str(tmp_path / "home"), "LLMOS_LOAD_PLUGINS": "llmos-table"},
-                overrides=list(overrides),
-            )
-        )
-        kernel.load_plugins()
-        if recorder is not None:
-            kernel.plugins.register(recorder, "recorder")
+        kernel = table_kernel(tmp_path / "home", overrides, recorder)
         if not kernels:
             for name in ("a", "b", "c"):
                 add(
