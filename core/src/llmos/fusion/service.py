@@ -39,7 +39,8 @@ import attrs
 import structlog
 
 from llmos.config import register_section
-from llmos.errors import ConfigError, LlmosError, NotFoundError, PluginError, UsageError
+from llmos.errors import ConfigError, LlmosError, PluginError, UsageError
+from llmos.fusion import combine
 from llmos.fusion.call import Asked, Call, Member
 from llmos.fusion.model import FusedModel
 from llmos.registry.sources import check_source
@@ -516,7 +517,7 @@ class Fusions:
         fused, asked = offline_results(self.kernel, spec, members, options, texts, outputs, seconds)
 
         def accuracy(results: Sequence[Any]) -> float:
-            return sum(r.label == g for r, g in zip(results, gold, strict=True)) / len(gold)
+            return combine.accuracy([r.label for r in results], gold)
 
         fusion_accuracy = accuracy(fused)
         member_accuracy = [accuracy(o) for o in outputs]
@@ -861,7 +862,3 @@ def _dev_rows(dev: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
     if not rows:
         raise UsageError("dev has no rows", param="dev")
     return rows
-
-
-def not_found(name: str) -> NotFoundError:
-    return NotFoundError(f"no fusion named {name!r}; `llmos fuse list` lists them")
