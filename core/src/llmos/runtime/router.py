@@ -257,13 +257,6 @@ class Router:
                 self._groups[name] = group
             return group
 
-    def check_config(self) -> list[str]:
-        """Check every ``[groups.NAME]`` (at start: a bad table is an error then)."""
-        names = list(self.kernel.config.section("groups"))
-        for name in names:
-            self.group(name)
-        return names
-
     def status(self) -> dict[str, Any]:
         """Each group's deployments: calls, errors, in flight, latency, cooldown."""
         now = time.monotonic()
