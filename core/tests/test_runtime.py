@@ -297,6 +297,21 @@ def test_idle_models_are_unloaded_lru_under_the_memory_budget(make_kernel, recor
     assert recorder.loads == ["a", "b", "a"]
 
 
+def test_a_remote_model_takes_no_room_from_local_ones(make_kernel, recorder) -> None:
+    kernel = make_kernel(
+        "runtime.memory_budget_mb=10",
+        'models.a.provider="upper"',
+        "models.a.parameters=1500000",  # 6 MB
+        'models.far.provider="upper"',
+        'models.far.format="remote-api"',
+        "models.far.parameters=70000000000",  # 70B, served elsewhere
+    )
+    kernel.call("a", "complete", prompts("x"))
+    kernel.call("far", "complete", prompts("x"))
+    assert recorder.closed == [], "nothing was unloaded for weights that are not here"
+    assert sorted(w.name for w in kernel.models.loaded()) == ["a", "far"]
+
+
 def test_acall_works_from_asyncio_and_cancellation_frees_the_slot(make_kernel, recorder) -> None:
     kernel = make_kernel(
         'models.slow.provider="upper"',

@@ -132,12 +132,25 @@ def _memory_budget(config_mb: int) -> int:
         return 8 * 1024**3
 
 
+#: formats whose weights are not in this process: a remote API, a fusion (its
+#: members are loaded, and counted, on their own)
+_ELSEWHERE = frozenset({ModelFormat.REMOTE_API, ModelFormat.FUSION})
+
+
+def _expected_bytes(card: ModelCard | None) -> int:
+    """What loading ``card`` is expected to take: 4 bytes a parameter, or
+    nothing for weights that live elsewhere."""
+    if card is None or card.format in _ELSEWHERE:
+        return 0
+    return 4 * (card.parameters or 0)
+
+
 def _footprint(worker: ModelWorker) -> int:
-    """Bytes a loaded model takes: what it reports, else 4 bytes a parameter."""
+    """Bytes a loaded model takes: what it reports, else what its card says."""
     reported = getattr(worker.model, "memory_bytes", None)
     if isinstance(reported, int):
         return reported
-    return 4 * (worker.card.parameters or 0)
+    return _expected_bytes(worker.card)
 
 
 class ModelManager:
@@ -257,7 +270,7 @@ class ModelManager:
         base, base_path = self._base_of(card)
         cache_dir = self.kernel.home / "cache" / deployment.spec.name
         cache_dir.mkdir(parents=True, exist_ok=True)
-        self._make_room(4 * ((card.parameters or 0) + (base.parameters or 0 if base else 0)))
+        self._make_room(_expected_bytes(card) + _expected_bytes(base))
         request = LoadRequest(
             card=card,
             options=self.kernel.plugin_options(deployment.provider),
