@@ -11,12 +11,14 @@ import os
 from importlib.metadata import PackageNotFoundError, version
 
 # OpenMP's worker threads spin after each parallel region unless told to
-# sleep. The kernel loads a model in one thread and serves it from another, so
-# a process ends up with two thread teams, and on a small machine the idle one
-# spinning starved the busy one: the first model a process loaded ran 5-10x
-# slower on 2 cores (bench/fusion_sst2.py, SmolLM2). Set before torch is
-# imported (this package imports it only when a model loads); an operator's
-# own value wins.
+# sleep. Each loaded model computes on its own worker thread, so a daemon with
+# several models has several OpenMP thread teams, and on a small machine the
+# idle teams spinning starve the busy one: in bench/fusion_sst2.py (three
+# models and an embedder on 2 cores) members ran 5-10x slower. Sleeping costs
+# a single busy model about 10% (SmolLM2 zero-shot, 2 threads: 139-149 ms a
+# row spinning, 154-167 sleeping), so set OMP_WAIT_POLICY=ACTIVE to trade
+# back. Set before torch is imported (this package imports it only when a
+# model loads); an operator's own value wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 try:
