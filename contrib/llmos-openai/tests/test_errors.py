@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 
+import httpx
 import pytest
 
 from llmos.errors import (
@@ -18,6 +19,7 @@ from llmos.errors import (
     Unavailable,
     UsageError,
 )
+from llmos.testing import serve_in_thread
 from llmos.types import Capability, ChatMessage, ChatRequest, CompletionRequest, Sampling
 
 HI = ChatRequest(messages=[ChatMessage("user", "hi")])
@@ -133,7 +135,14 @@ def test_retry_after_is_kept(scripted, downstream, register) -> None:
     register(kernel, "remote", scripted.url)
     with pytest.raises(Overloaded, match="retry after 7 s") as caught:
         kernel.call("remote", Capability.CHAT, [HI])
-    assert caught.value.retry_after == 7.0  # type: ignore[attr-defined]
+    assert caught.value.retry_after == 7.0
+    # the daemon in front passes the upstream's wait on to its own client
+    with serve_in_thread(kernel) as url:
+        answer = httpx.post(
+            f"{url}/v1/chat/completions",
+            json={"model": "remote", "messages": [{"role": "user", "content": "hi"}]},
+        )
+    assert answer.status_code == 429 and answer.headers["retry-after"] == "7"
 
 
 @pytest.mark.parametrize(

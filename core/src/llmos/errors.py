@@ -19,10 +19,15 @@ class LlmosError(Exception):
     #: process exit code the CLI ends with
     exit_code: int = 1
 
-    def __init__(self, message: str, *, param: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, param: str | None = None, retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        #: seconds after which a retry may succeed, when the error knows
+        #: (an upstream's Retry-After); the daemon passes it on to its client
+        self.retry_after = retry_after
 
     def __str__(self) -> str:
         return self.message

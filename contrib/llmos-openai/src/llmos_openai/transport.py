@@ -262,12 +262,11 @@ def from_status(
         return PayloadTooLarge(f"{upstream}: request too large (413): {said}")
     if status == 429:
         wait = retry_after(headers)
-        error = Overloaded(
+        return Overloaded(
             f"{upstream} is rate-limiting or overloaded (429): {said}"
-            + (f"; it asks to retry after {wait:g} s" if wait is not None else "")
+            + (f"; it asks to retry after {wait:g} s" if wait is not None else ""),
+            retry_after=wait,
         )
-        error.retry_after = wait  # type: ignore[attr-defined]
-        return error
     if 300 <= status < 400:
         return Unavailable(
             f"{upstream} answered a redirect ({status}) to {headers.get('location', '?')};"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import http
 import json
+import math
 import re
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
@@ -346,7 +347,10 @@ async def _llmos_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, LlmosError)
     if exc.status >= 500:
         log.warning("http.llmos_error", error=exc.message, error_type=exc.type)
-    return _error(exc.status, exc.type, exc.message, exc.param)
+    headers = None
+    if exc.retry_after is not None and exc.retry_after > 0:
+        headers = {"Retry-After": str(math.ceil(exc.retry_after))}  # whole seconds
+    return _error(exc.status, exc.type, exc.message, exc.param, headers)
 
 
 _LOCATIONS = frozenset({"body", "query", "path", "header", "cookie"})
