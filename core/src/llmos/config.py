@@ -21,7 +21,7 @@ import json
 import os
 import re
 import tomllib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import date, time
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ __all__ = [
     "PluginSettings",
     "Section",
     "ServerSettings",
+    "check_table",
     "load_config",
     "parse_override",
     "register_section",
@@ -51,6 +52,20 @@ DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 
 #: no value: a key that is absent, or a value that cannot be converted
 _MISSING: Any = object()
+
+
+def check_table(where: str, table: Any, known: Iterable[str]) -> Mapping[str, Any]:
+    """A free-form section's entry (``[models.NAME]``, ``[fusions.NAME]`` …):
+    it must be a table whose keys are all ``known``; ``where`` names it."""
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{where} must be a table")
+    allowed = set(known)
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(allowed))}"
+        )
+    return table
 
 
 # --------------------------------------------------------------------- origins

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import structlog
 
-from llmos.config import register_section
+from llmos.config import check_table, register_section
 from llmos.errors import ConfigError, LlmosError, PluginError, UsageError
 from llmos.fusion import combine
 from llmos.fusion.call import Asked, Call, Member
@@ -754,14 +754,7 @@ class Fusions:
 
     def _from_table(self, name: str, table: Any) -> ModelCard:
         where = f"[fusions.{name}]"
-        if not isinstance(table, Mapping):
-            raise ConfigError(f"{where} must be a table")
-        unknown = sorted(set(table) - _TABLE_KEYS)
-        if unknown:
-            raise ConfigError(
-                f"{where}: unknown key(s) {', '.join(unknown)};"
-                f" known: {', '.join(sorted(_TABLE_KEYS))}"
-            )
+        table = check_table(where, table, _TABLE_KEYS)
         if "strategy" not in table or "members" not in table:
             raise ConfigError(f"{where}: strategy and members are required")
         dev = table.get("dev")

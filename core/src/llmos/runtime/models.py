@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import structlog
 
-from llmos.config import Field, register_section
+from llmos.config import Field, check_table, register_section
 from llmos.errors import ConfigError, LlmosError, NotFoundError
 from llmos.registry.sources import check_source
 from llmos.runtime.worker import BatchSettings, ModelWorker
@@ -192,14 +192,7 @@ class ModelManager:
 
     def _from_config(self, name: str, table: Any) -> Deployment:
         where = f"[models.{name}]"
-        if not isinstance(table, Mapping):
-            raise ConfigError(f"{where} must be a table")
-        unknown = sorted(set(table) - _DEPLOYMENT_KEYS)
-        if unknown:
-            raise ConfigError(
-                f"{where}: unknown key(s) {', '.join(unknown)}; "
-                f"known: {', '.join(sorted(_DEPLOYMENT_KEYS))}"
-            )
+        table = check_table(where, table, _DEPLOYMENT_KEYS)
         if "provider" not in table:
             raise ConfigError(f"{where}: 'provider' is required")
         validate_model_name(name)

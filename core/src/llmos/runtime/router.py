@@ -45,13 +45,13 @@ import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
 import structlog
 
-from llmos.config import register_section
+from llmos.config import check_table, register_section
 from llmos.errors import ConfigError, LlmosError, Unavailable
 from llmos.types import Capability, MonitorEvent, validate_model_name
 
@@ -116,14 +116,7 @@ class GroupSettings:
     @classmethod
     def from_table(cls, name: str, table: Any) -> GroupSettings:
         where = f"[groups.{name}]"
-        if not isinstance(table, Mapping):
-            raise ConfigError(f"{where} must be a table")
-        known = {f.name for f in attrs.fields(cls)} - {"name"}
-        unknown = sorted(set(table) - known)
-        if unknown:
-            raise ConfigError(
-                f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-            )
+        table = check_table(where, table, {f.name for f in attrs.fields(cls)} - {"name"})
         validate_model_name(name)
         deployments = table.get("deployments")
         if (
