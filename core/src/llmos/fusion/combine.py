@@ -147,6 +147,22 @@ def _present(
     return present
 
 
+def _same_rows(what: str, tables: Mapping[str, Sequence[Any]]) -> int:
+    """The number of dev rows, checked: every member's row of every table
+    (``{name: table[member][row]}``) has as many rows as member 0's first."""
+    first_name, first = next(iter(tables.items()))
+    n = len(_sequence(first[0], f"{what}: {first_name} of member 0"))
+    for m in range(len(first)):
+        for name, table in tables.items():
+            values = _sequence(table[m], f"{what}: {name} of member {m}")
+            if len(values) != n:
+                raise UsageError(
+                    f"{what}: {name} of member {m} has {len(values)} rows, "
+                    f"member 0 has {n}; give every member the same dev rows"
+                )
+    return n
+
+
 def _check_members(count: int, what: str) -> None:
     if count < 2:
         raise UsageError(f"{what} needs at least 2 members, got {count}; add another member")
@@ -835,15 +851,7 @@ def calibrate_cascade(
             f"calibrate_cascade: {members} members of confidences, {len(correct)} of correct "
             f"and {len(costs)} costs; pass one of each per member"
         )
-    n = len(_sequence(confidences[0], "calibrate_cascade: confidences of member 0"))
-    for m in range(members):
-        for name, table in (("confidences", confidences), ("correct", correct)):
-            values = _sequence(table[m], f"calibrate_cascade: {name} of member {m}")
-            if len(values) != n:
-                raise UsageError(
-                    f"calibrate_cascade: {name} of member {m} has {len(values)} rows, "
-                    f"member 0 has {n}; give every member the same dev rows"
-                )
+    n = _same_rows("calibrate_cascade", {"confidences": confidences, "correct": correct})
     conf = [
         [_number(c, f"calibrate_cascade: confidence of member {m}") for c in row]
         for m, row in enumerate(confidences)
@@ -1003,14 +1011,7 @@ def route_targets(
             f"route_targets: {members} members of correct, {len(costs)} costs and "
             f"{len(confidences)} of confidences; pass one of each per member"
         )
-    n = len(_sequence(correct[0], "route_targets: correct of member 0"))
-    for m in range(members):
-        for name, table in (("correct", correct), ("confidences", confidences)):
-            if len(_sequence(table[m], f"route_targets: {name} of member {m}")) != n:
-                raise UsageError(
-                    f"route_targets: {name} of member {m} does not have {n} rows like "
-                    "member 0; give every member the same dev rows"
-                )
+    n = _same_rows("route_targets", {"correct": correct, "confidences": confidences})
     cost = [_number(c, "route_targets: cost") for c in costs]
     if any(c < 0 for c in cost):
         raise UsageError(f"route_targets: costs must be >= 0, got {cost}")
