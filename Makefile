@@ -24,7 +24,7 @@ export OMP_NUM_THREADS ?= 1
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 PIP_CONSTRAINT := -c constraints.txt
 
-.PHONY: install run test lint clean
+.PHONY: install system-packages run test lint clean
 
 install: $(STAMP)
 
@@ -43,7 +43,11 @@ $(STAMP): $(BIN)/python $(INSTALL_INPUTS)
 run: install
 	$(BIN)/llmos --set 'runtime.preload=["smollm2", "all-minilm-l6-v2"]' serve
 
-test: install
+# Debian packages some tests run for real (Prometheus, Chromium); see the script.
+system-packages:
+	@bash .ci/system-packages
+
+test: install system-packages
 	$(BIN)/python -m pytest
 
 lint: install

@@ -8,7 +8,10 @@
   one-module plugin, so entry-point discovery is tested without a wheel;
 * ``safetensors_bytes`` and ``write_safetensors`` make weight files without
   torch;
-* ``EventRecorder`` is a plugin whose monitor sink keeps every event.
+* ``EventRecorder`` is a plugin whose monitor sink keeps every event;
+* ``system_tool`` finds a program a test runs for real (Prometheus,
+  Chromium), skipping the test when it is missing — or failing it where
+  ``LLMOS_REQUIRE_SYSTEM_TOOLS=1`` (CI) says it must be there.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import shutil
 import struct
 import textwrap
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -196,3 +201,21 @@ def write_safetensors(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(safetensors_bytes(tensors))
     return sum(math.prod(spec[1] if isinstance(spec, tuple) else spec) for spec in tensors.values())
+
+
+def system_tool(name: str, *, install: str = "bash .ci/system-packages") -> str:
+    """Path of the program ``name`` for a test that runs it for real.
+
+    Missing, the test skips with how to install it; with
+    ``LLMOS_REQUIRE_SYSTEM_TOOLS=1`` in the environment (``.ci/run`` sets it)
+    it fails instead, so CI cannot pass by skipping."""
+    import pytest
+
+    path = shutil.which(name)
+    if path is not None:
+        return path
+    why = f"{name!r} is not installed (run `{install}`)"
+    if os.environ.get("LLMOS_REQUIRE_SYSTEM_TOOLS") == "1":
+        pytest.fail(why + "; LLMOS_REQUIRE_SYSTEM_TOOLS=1 says it must be", pytrace=False)
+    pytest.skip(why)
+
