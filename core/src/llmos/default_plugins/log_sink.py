@@ -15,15 +15,26 @@ from llmos.plugin import hookimpl
 from llmos.types import MonitorEvent, MonitorSinkSpec
 
 
+#: kinds not logged unless asked for: the process's own sample every few seconds
+DEFAULT_EXCLUDE = ("process.sample",)
+
+
 class LogSink:
-    """Writes events through structlog at the level given in options."""
+    """Writes events through structlog at the level given in options
+    (``level``), but for the kinds in ``exclude``."""
 
     def __init__(self, options: Mapping[str, Any]) -> None:
         self._log = structlog.get_logger("llmos.monitor")
         level = str(options.get("level", "info")).lower()
         self._write = getattr(self._log, level, self._log.info)
+        exclude = options.get("exclude", DEFAULT_EXCLUDE)
+        if not isinstance(exclude, list | tuple) or not all(isinstance(k, str) for k in exclude):
+            raise ValueError(f"exclude must be a list of event kinds, got {exclude!r}")
+        self._exclude = frozenset(exclude)
 
     def emit(self, event: MonitorEvent) -> None:
+        if event.kind in self._exclude:
+            return
         data = event.to_dict()
         self._write(
             "monitor." + data.pop("kind"),

@@ -3,7 +3,9 @@
 ``emit`` only puts the event on a bounded queue and returns; one dispatcher
 thread hands each event to every sink, each inside its own try/except. So a
 slow sink delays other sinks at worst, never a request, and a full queue drops
-events (counted) instead of blocking the caller.
+events (counted) instead of blocking the caller. ``observers`` are the
+kernel's own consumers (the metric windows): they get each event first, under
+the same rules.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import contextlib
 import queue
 import threading
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import structlog
 
@@ -28,6 +30,8 @@ class EventBus:
 
     def __init__(self, sinks: Mapping[str, MonitorSink] | None = None, *, capacity: int = 10_000):
         self.sinks: dict[str, MonitorSink] = dict(sinks or {})
+        #: the kernel's own consumers, called before the sinks
+        self.observers: list[Callable[[MonitorEvent], None]] = []
         self._queue: queue.Queue[object] = queue.Queue(maxsize=capacity)
         self.dropped = 0
         self.sink_errors: Counter[str] = Counter()
@@ -70,16 +74,21 @@ class EventBus:
             self._dispatch(event)
 
     def _dispatch(self, event: MonitorEvent) -> None:
+        for observe in self.observers:
+            try:
+                observe(event)
+            except Exception as exc:
+                self._failed("(kernel)", exc)
         for name, sink in self.sinks.items():
             try:
                 sink.emit(event)
             except Exception as exc:
-                self.sink_errors[name] += 1
-                # Log the first failure and then every 1000th, not a flood.
-                if self.sink_errors[name] % 1000 == 1:
-                    log.warning(
-                        "monitor.sink_failed",
-                        sink=name,
-                        error=repr(exc),
-                        failures=self.sink_errors[name],
-                    )
+                self._failed(name, exc)
+
+    def _failed(self, name: str, exc: Exception) -> None:
+        self.sink_errors[name] += 1
+        # Log the first failure and then every 1000th, not a flood.
+        if self.sink_errors[name] % 1000 == 1:
+            log.warning(
+                "monitor.sink_failed", sink=name, error=repr(exc), failures=self.sink_errors[name]
+            )

@@ -23,6 +23,7 @@ from llmos.config import Config, load_config
 from llmos.errors import LlmosError, RequestTimeout
 from llmos.fusion.service import Fusions  # also registers the [fusions] config section
 from llmos.monitor.bus import EventBus
+from llmos.monitor.service import Monitor  # also registers the [monitor] and [alerts] sections
 from llmos.plugin.manager import PluginManager
 from llmos.registry.service import (  # also registers the [registry] config section
     DiscoverReport,
@@ -60,6 +61,7 @@ class Kernel:
         self._jobs: JobManager | None = None
         self._fusions: Fusions | None = None
         self._router: Router | None = None
+        self._monitor: Monitor | None = None
         self._stopping = threading.Event()
 
     @classmethod
@@ -108,6 +110,15 @@ class Kernel:
             if self._jobs is None:
                 self._jobs = JobManager(self)
             return self._jobs
+
+    @property
+    def monitor(self) -> Monitor:
+        """Metric windows, alert rules, accuracy checks (fed by the bus)."""
+        with self._lock:
+            if self._monitor is None:
+                self._monitor = Monitor(self)
+                self.bus.observers.append(self._monitor.windows.observe)
+            return self._monitor
 
     @property
     def fusions(self) -> Fusions:
@@ -215,6 +226,7 @@ class Kernel:
             self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
             self.load_plugins()
             self.bus.sinks = self._create_sinks()
+            self.monitor  # noqa: B018 — created before the first event
             self.bus.start()
             self.plugins.startup(self)
             self.discover_models()
@@ -222,6 +234,7 @@ class Kernel:
             self._check_groups()
             self._start_janitor()
             self._start_preload()
+            self.monitor.start()
             if self._jobs is not None and self._jobs.adopt:
                 # The daemon: queued jobs run, jobs a killed kernel left resume.
                 self._jobs.start()
@@ -273,6 +286,8 @@ class Kernel:
         if self._jobs is not None:
             self._jobs.stop()
         self.plugins.shutdown(self)
+        if self._monitor is not None:
+            self._monitor.stop()
         self.bus.stop()
         if self._registry is not None:
             self._registry.close()

@@ -129,6 +129,12 @@ class ModelWorker:
         return self.model.card
 
     @property
+    def queued(self) -> int:
+        """Requests waiting for the model (not yet in a call)."""
+        with self._cond:
+            return self._queued_requests
+
+    @property
     def busy(self) -> bool:
         with self._cond:
             return bool(self._jobs) or self.in_flight > 0

@@ -40,6 +40,7 @@ from llmos.server.middleware import (
     error_headers,
 )
 from llmos.server.models_api import models_router, push_body_limit
+from llmos.server.monitor_api import monitor_router
 from llmos.server.openai_api import openai_router
 from llmos.server.tuning_api import tuning_router
 from llmos.types import RouteSpec
@@ -191,6 +192,7 @@ def create_app(kernel: Kernel) -> FastAPI:
     app.include_router(tuning_router(kernel))
     app.include_router(fusions_router(kernel))
     app.include_router(groups_router(kernel))
+    app.include_router(monitor_router(kernel))
     _mount_plugin_routes(app, kernel)
 
     app.add_exception_handler(LlmosError, _llmos_error)

@@ -1,0 +1,294 @@
+"""The advisor: measured figures in, concrete advice out, with its evidence.
+
+Each rule looks at one model's figures over a window (the metric windows),
+its live worker (queue, batching settings), its card (provider, format,
+tuning provenance) and the latest accuracy check, and says what change would
+help: the config key and value, or the command to run, and the figures that
+led there. Nothing is advised on too little traffic (``min_requests``).
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from llmos.errors import LlmosError
+
+if TYPE_CHECKING:
+    from llmos.runtime.kernel import Kernel
+
+__all__ = ["Advice", "advise"]
+
+#: rows a model must have answered in the window before it is judged
+MIN_REQUESTS = 20
+#: the vLLM provider against the transformers provider, the same tiny Llama
+#: through the same kernel API on 2 CPU cores (bench/vllm_provider.py,
+#: bench/results/vllm_provider.json): generated tokens/s, vLLM / transformers
+VLLM_BENCHMARK = {"benchmark": "bench/vllm_provider.py", "tokens_per_s_ratio": None}
+_GENERATIVE = {"text-generation", "chat", "completion"}
+_ERROR_FIXES = {
+    "queue_full": (
+        "requests were refused because the model's queue was full",
+        "raise [runtime] max_queue, or serve the model from a [groups.NAME] of several deployments",
+    ),
+    "RequestTimeout": (
+        "requests ran past [runtime] request_timeout_s",
+        "raise [runtime] request_timeout_s, or ask for fewer tokens per request",
+    ),
+    "Overloaded": (
+        "the model was overloaded",
+        "serve it from a [groups.NAME] with another deployment to share the load",
+    ),
+}
+
+
+@attrs.frozen(kw_only=True)
+class Advice:
+    """One piece of advice."""
+
+    id: str
+    model: str | None
+    severity: str  # info, warning, critical
+    title: str
+    action: str
+    evidence: Mapping[str, Any] = attrs.field(factory=dict)
+    #: a config snippet that applies the action, when one does
+    config: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "model": self.model,
+            "severity": self.severity,
+            "title": self.title,
+            "action": self.action,
+            "evidence": dict(self.evidence),
+            "config": self.config,
+        }
+
+
+def advise(
+    kernel: Kernel, *, window_s: float = 600.0, min_requests: int = MIN_REQUESTS
+) -> list[Advice]:
+    """Advice for every model with traffic in the last ``window_s``, most
+    severe first."""
+    monitor = kernel.monitor
+    summary = monitor.windows.summary(window_s)
+    workers = {w.name: w for w in kernel.models.loaded()}
+    out: list[Advice] = []
+    for model, figures in summary["models"].items():
+        card = _card(kernel, model)
+        worker = workers.get(model)
+        enough = figures["requests"] >= min_requests
+        if enough:
+            out += _batching(model, figures, worker)
+            out += _latency(kernel, model, figures, card, monitor.latency_target_ms)
+            out += _errors(model, figures)
+        out += _accuracy(kernel, model, figures, card)
+    out += _fusions(kernel, min_requests)
+    order = {"critical": 0, "warning": 1, "info": 2}
+    out.sort(key=lambda a: (order.get(a.severity, 3), a.model or "", a.id))
+    return out
+
+
+def _card(kernel: Kernel, model: str) -> Any:
+    try:
+        return kernel.registry.store.get(model)
+    except LlmosError:
+        return None
+
+
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f} ms" if value >= 10 else f"{value:.1f} ms"
+
+
+def _batching(model: str, figures: Mapping[str, Any], worker: Any) -> list[Advice]:
+    """Requests queue while the model's calls hold one request each."""
+    if worker is None or not worker.settings.batching:
+        return []
+    wait = figures.get("queue_wait_p95_ms")
+    call = figures.get("model_p50_ms")
+    batch = figures.get("batch_size_mean")
+    if wait is None or call is None or batch is None:
+        return []
+    # Queueing matters when a request waits longer than a call takes.
+    if wait < max(call, 1.0) or batch > 1.5:
+        return []
+    size = worker.settings.max_batch_size
+    evidence = {
+        "queue_wait_p95_ms": round(wait, 2),
+        "model_call_p50_ms": round(call, 2),
+        "batch_size_mean": round(batch, 2),
+        "max_batch_size": size,
+        "rps": round(figures["rps"], 2),
+    }
+    if size <= 1:
+        target = 8
+        return [
+            Advice(
+                id="raise-batch-size",
+                model=model,
+                severity="warning",
+                title=f"{model}: requests queue while every call takes one",
+                action=(
+                    f"raise max_batch_size from {size} to {target}: requests wait "
+                    f"{_ms(wait)} (p95) for calls of {_ms(call)} that take one request each"
+                ),
+                evidence=evidence,
+                config=f"[models.{model}]\nmax_batch_size = {target}",
+            )
+        ]
+    return [
+        Advice(
+            id="wait-for-batch",
+            model=model,
+            severity="info",
+            title=f"{model}: batches stay at one request although requests queue",
+            action=(
+                f"set max_wait_ms to a few milliseconds (e.g. 5) so that a call gathers the "
+                f"requests arriving together; batches average {batch:.2f} of up to {size}"
+            ),
+            evidence=evidence,
+            config=f"[models.{model}]\nmax_wait_ms = 5",
+        )
+    ]
+
+
+def _latency(
+    kernel: Kernel, model: str, figures: Mapping[str, Any], card: Any, target_ms: float
+) -> list[Advice]:
+    """p95 above the target on the transformers provider: vLLM serves faster."""
+    p95 = figures.get("latency_p95_ms")
+    if not target_ms or p95 is None or p95 <= target_ms or card is None:
+        return []
+    if card.provider != "transformers" or not _GENERATIVE & set(card.tasks):
+        return []
+    installed = "vllm" in kernel.load_plugins().providers
+    ratio = VLLM_BENCHMARK.get("tokens_per_s_ratio")
+    measured = (
+        f" (measured x{ratio:.1f} tokens/s in {VLLM_BENCHMARK['benchmark']})" if ratio else ""
+    )
+    how = "" if installed else "pip install llmos-vllm, then "
+    return [
+        Advice(
+            id="try-vllm",
+            model=model,
+            severity="warning",
+            title=f"{model}: p95 latency {_ms(p95)} is above the {_ms(target_ms)} target",
+            action=(
+                f"{how}serve it with the vLLM provider, which batches continuously"
+                f'{measured}: set provider = "vllm"'
+            ),
+            evidence={
+                "latency_p95_ms": round(p95, 2),
+                "latency_target_ms": target_ms,
+                "provider": card.provider,
+                "tokens_out_per_s": round(figures.get("tokens_out_per_s") or 0.0, 2),
+                "vllm_installed": installed,
+                **{k: v for k, v in VLLM_BENCHMARK.items() if v is not None},
+            },
+            config=f'[models.{model}]\nprovider = "vllm"',
+        )
+    ]
+
+
+def _errors(model: str, figures: Mapping[str, Any]) -> list[Advice]:
+    rate = figures.get("error_rate") or 0.0
+    if rate < 0.05:
+        return []
+    kind, count = next(iter(figures["errors_by_kind"].items()), ("error", 0))
+    what, fix = _ERROR_FIXES.get(
+        kind, (f"requests failed with {kind}", f"read the daemon log for {kind} errors")
+    )
+    return [
+        Advice(
+            id="errors",
+            model=model,
+            severity="critical" if rate >= 0.25 else "warning",
+            title=f"{model}: {rate:.0%} of requests failed",
+            action=f"{what} ({count} of {figures['requests']}): {fix}",
+            evidence={
+                "error_rate": round(rate, 4),
+                "errors_by_kind": dict(figures["errors_by_kind"]),
+                "requests": figures["requests"],
+            },
+        )
+    ]
+
+
+def _accuracy(kernel: Kernel, model: str, figures: Mapping[str, Any], card: Any) -> list[Advice]:
+    """The latest accuracy check fell below the registered score: re-tune."""
+    evaluation = figures.get("evaluation") or {}
+    score, registered = evaluation.get("score"), evaluation.get("registered")
+    if score is None or registered is None or card is None:
+        return []
+    tolerance = 0.02
+    for rule in kernel.monitor.alerts.rules:
+        if rule.metric == "accuracy" and rule.model == model:
+            tolerance = rule.tolerance
+    if score >= registered - tolerance:
+        return []
+    provenance = dict(card.options.get("tuning") or {})
+    sources = dict(dict(provenance.get("data") or {}).get("sources") or {})
+    base = card.parents[0] if card.parents else model
+    method = provenance.get("method", "lora")
+    command = ["llmos", "tune", "--model", base, "--method", str(method)]
+    train = sources.get("train")
+    if train and train != "inline":
+        command += ["--train", train]
+    else:
+        command += ["--train", "NEW_TRAIN_FILE"]
+    if sources.get("dev") and sources["dev"] != "inline":
+        command += ["--dev", sources["dev"]]
+    command += ["--name", card.name]
+    return [
+        Advice(
+            id="retune",
+            model=model,
+            severity="critical",
+            title=f"{model}: accuracy {score:.3f} fell below its registered {registered:.3f}",
+            action=(
+                f"re-tune {base} with {method} on fresh labelled data (the recent "
+                f"traffic's, if it drifted): {shlex.join(command)}"
+            ),
+            evidence={
+                "accuracy": score,
+                "registered": registered,
+                "tolerance": tolerance,
+                "rows": evaluation.get("rows"),
+                "data": evaluation.get("data"),
+                "method": method,
+            },
+        )
+    ]
+
+
+def _fusions(kernel: Kernel, min_requests: int) -> list[Advice]:
+    """A member that always agrees with the fused answer adds nothing but cost."""
+    out = []
+    for fusion, members in kernel.monitor.windows.fusions().items():
+        for member, f in members.items():
+            if f["answered"] < min_requests:
+                continue
+            agreed = f["agreed"] / f["answered"]
+            others = [m for m in members if m != member]
+            if agreed >= 0.99 and others:
+                out.append(
+                    Advice(
+                        id="fusion-member",
+                        model=fusion,
+                        severity="info",
+                        title=f"{fusion}: member {member} agreed with the fused answer "
+                        f"on {agreed:.1%} of {f['answered']} rows",
+                        action=(
+                            f"check its marginal contribution with `llmos eval {fusion} "
+                            f"--data DEV_FILE`; if it adds nothing, drop it or make it the "
+                            f"cheap first member of a cascade"
+                        ),
+                        evidence={"member": member, **f},
+                    )
+                )
+    return out

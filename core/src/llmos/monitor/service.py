@@ -1,0 +1,165 @@
+"""The kernel's monitor: metric windows, the process sampler, alert rules and
+scheduled accuracy checks, on one clock thread.
+
+:class:`Monitor` is created by the kernel at start. It is fed every monitor
+event by the bus (before any sink), samples the process's own memory and CPU
+every ``[monitor] sample_every_s`` (a ``process.sample`` event, so sinks get
+it too), evaluates the ``[alerts.*]`` rules every ``evaluate_every_s``, and
+runs each accuracy rule's evaluation every ``every`` on a thread of its own
+(an evaluation can take minutes; the clock never waits for it).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from llmos.errors import ConfigError
+from llmos.monitor.alerts import AlertManager, AlertRule, run_accuracy_check
+from llmos.monitor.metrics import MetricWindows
+from llmos.types import MonitorEvent
+
+if TYPE_CHECKING:
+    from llmos.runtime.kernel import Kernel
+
+log = structlog.get_logger("llmos.monitor")
+
+__all__ = ["Monitor", "process_sample"]
+
+
+def process_sample(
+    previous: tuple[float, float] | None,
+) -> tuple[dict[str, Any], tuple[float, float]]:
+    """This process's resident memory (MiB), CPU use since ``previous``
+    (percent of one core) and thread count; and the mark for the next call."""
+    wall, cpu = time.monotonic(), time.process_time()
+    fields: dict[str, Any] = {"threads": threading.active_count()}
+    rss = _rss_bytes()
+    if rss is not None:
+        fields["rss_mb"] = round(rss / 2**20, 2)
+    if previous is not None and wall > previous[0]:
+        fields["cpu_percent"] = round(100 * (cpu - previous[1]) / (wall - previous[0]), 2)
+    return fields, (wall, cpu)
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # the peak, where no /proc
+        return peak if sys.platform == "darwin" else peak * 1024
+
+
+class Monitor:
+    """Metric windows, alerts and accuracy checks of one kernel."""
+
+    def __init__(self, kernel: Kernel) -> None:
+        self.kernel = kernel
+        section = kernel.config.section("monitor")
+        self.windows = MetricWindows(
+            bucket_s=float(section.get("bucket_s", 10.0)),
+            keep_s=float(section.get("keep_s", 3600.0)),
+        )
+        self.sample_every_s = float(section.get("sample_every_s", 5.0))
+        self.evaluate_every_s = float(section.get("evaluate_every_s", 5.0))
+        self.latency_target_ms = float(section.get("latency_target_ms", 0.0))
+        #: alert rules the config got wrong: name -> why (shown by /api/alerts)
+        self.refused: dict[str, str] = {}
+        rules = []
+        for name, table in kernel.config.section("alerts").items():
+            try:
+                rules.append(AlertRule.from_table(name, table))
+            except ConfigError as exc:
+                self.refused[name] = exc.message
+                log.error("monitor.alert_refused", alert=name, error=exc.message)
+        try:
+            self.alerts = AlertManager.from_config(kernel, self.windows, rules)
+        except ConfigError as exc:
+            self.refused["(webhook)"] = exc.message
+            log.error("monitor.webhook_refused", error=exc.message)
+            self.alerts = AlertManager(rules, self.windows, kernel.emit)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._checks: dict[str, threading.Thread] = {}
+        self._mark: tuple[float, float] | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name="llmos-monitor-clock", daemon=True
+            )
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        self.alerts.close()
+
+    def sample(self) -> dict[str, Any]:
+        """Sample the process now and emit ``process.sample``."""
+        fields, self._mark = process_sample(self._mark)
+        try:
+            workers = self.kernel.models.loaded()
+        except Exception:  # the models manager may be closing
+            workers = []
+        fields["models_loaded"] = len(workers)
+        fields["queued"] = sum(w.queued for w in workers)
+        fields["events_dropped"] = self.kernel.bus.dropped
+        self.kernel.emit(MonitorEvent(kind="process.sample", fields=fields))
+        return fields
+
+    def _run(self) -> None:
+        next_sample = next_eval = time.monotonic()
+        next_check = {rule.name: time.monotonic() for rule in self._accuracy_rules()}
+        tick = min(self.sample_every_s, self.evaluate_every_s, 1.0)
+        while not self._stop.wait(max(min(next_sample, next_eval) - time.monotonic(), 0.0)):
+            now = time.monotonic()
+            try:
+                if now >= next_sample:
+                    self.sample()
+                    next_sample = now + self.sample_every_s
+                for rule in self._accuracy_rules():
+                    if now >= next_check[rule.name] and not self._checking(rule.name):
+                        self.check_accuracy(rule, wait=False)
+                        next_check[rule.name] = now + rule.every_s
+                if now >= next_eval:
+                    self.alerts.evaluate()
+                    next_eval = now + self.evaluate_every_s
+            except Exception as exc:  # never let the clock die
+                log.error("monitor.clock_failed", error=repr(exc))
+                self._stop.wait(tick)
+
+    def _accuracy_rules(self) -> list[AlertRule]:
+        return [rule for rule in self.alerts.rules if rule.metric == "accuracy"]
+
+    def _checking(self, name: str) -> bool:
+        thread = self._checks.get(name)
+        return thread is not None and thread.is_alive()
+
+    def check_accuracy(self, rule: AlertRule, *, wait: bool = True) -> MonitorEvent | None:
+        """Run ``rule``'s evaluation (on its own thread); with ``wait``, return its event."""
+        result: list[MonitorEvent] = []
+
+        def run() -> None:
+            event = run_accuracy_check(self.kernel, rule)
+            # The windows get it at once (the alert is judged on it next tick);
+            # the sinks through the bus.
+            self.windows.observe(event)
+            self.kernel.emit(event)
+            result.append(event)
+
+        thread = threading.Thread(target=run, name=f"llmos-accuracy-{rule.name}", daemon=True)
+        self._checks[rule.name] = thread
+        thread.start()
+        if wait:
+            thread.join()
+            return result[0] if result else None
+        return None
