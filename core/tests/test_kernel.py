@@ -89,6 +89,31 @@ def test_a_plugin_failing_at_startup_is_failed_and_the_kernel_still_starts(kerne
     assert "broken-sink" not in kernel.plugins.monitor_sinks
 
 
+def test_a_sink_that_fails_to_start_fails_its_plugin_and_the_others_run(kernel: Kernel) -> None:
+    good = Recorder()
+
+    class Sinks:
+        @hookimpl
+        def llmos_register_monitor_sinks(self, register):
+            register(MonitorSinkSpec(name="bad-sink", create=lambda options: {}["no such option"]))
+
+    class Good:
+        @hookimpl
+        def llmos_register_monitor_sinks(self, register):
+            register(MonitorSinkSpec(name="good-sink", create=lambda options: good))
+
+    kernel.plugins.register(Sinks(), "sinks")
+    kernel.plugins.register(Good(), "good")
+    kernel.start()
+    assert kernel.ready
+    bad = next(p for p in kernel.plugins.plugins() if p.name == "sinks")
+    assert bad.status == "failed"
+    assert "monitor sink 'bad-sink' failed to start: KeyError" in bad.error
+    assert "good-sink" in kernel.bus.sinks and "bad-sink" not in kernel.bus.sinks
+    kernel.stop()
+    assert good.events[0].kind == "kernel.started"
+
+
 def test_strict_startup_failure_raises(tmp_path: Path) -> None:
     kernel = Kernel(
         load_config(

@@ -328,7 +328,8 @@ class Kernel:
 
     def _create_sinks(self) -> dict[str, MonitorSink]:
         sinks: dict[str, MonitorSink] = {}
-        for name, registered in self.plugins.monitor_sinks.items():
+        # a copy: rejecting a plugin takes its sinks out of the dict being walked
+        for name, registered in list(self.plugins.monitor_sinks.items()):
             try:
                 sinks[name] = registered.spec.create(self.plugin_options(registered.plugin))
             except Exception as exc:
