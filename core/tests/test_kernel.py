@@ -111,7 +111,7 @@ def test_a_sink_that_fails_to_start_fails_its_plugin_and_the_others_run(kernel: 
     assert "monitor sink 'bad-sink' failed to start: KeyError" in bad.error
     assert "good-sink" in kernel.bus.sinks and "bad-sink" not in kernel.bus.sinks
     kernel.stop()
-    assert good.events[0].kind == "kernel.started"
+    assert "kernel.started" in [e.kind for e in good.events]
 
 
 def test_strict_startup_failure_raises(tmp_path: Path) -> None:
