@@ -225,7 +225,10 @@ class AlertRule:
         return rule
 
     def matches(self, model: str) -> bool:
-        return fnmatch.fnmatchcase(model, self.model)
+        """``model`` is a deployment (``name@version``); a rule names models
+        with or without the version."""
+        name = model.partition("@")[0]
+        return fnmatch.fnmatchcase(model, self.model) or fnmatch.fnmatchcase(name, self.model)
 
 
 def _positive_int(value: Any, what: str) -> int:
@@ -556,7 +559,9 @@ def run_accuracy_check(kernel: Kernel, rule: AlertRule) -> MonitorEvent:
         fields["error"] = getattr(exc, "message", None) or str(exc)
         log.error("monitor.accuracy_check_failed", alert=rule.name, error=fields["error"])
     fields["seconds"] = round(time.perf_counter() - started, 3)
-    return MonitorEvent(kind="eval.result", model=rule.model, fields=fields)
+    return MonitorEvent(
+        kind="eval.result", model=fields.get("model_ref", rule.model), fields=fields
+    )
 
 
 def _label_map(labels: Sequence[str], rows: Sequence[Mapping[str, str]]) -> dict[str, str]:

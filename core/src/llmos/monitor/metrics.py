@@ -128,10 +128,13 @@ class Sketch:
         self.high = max(self.high, other.high)
 
     def quantile(self, q: float) -> float | None:
-        """The ``q``-quantile (0..1), or ``None`` with no values."""
+        """The ``q``-quantile (0..1) by nearest rank (the p99 of five values
+        is the largest: a tail is never under-reported), or ``None``."""
         if self.count <= 0:
             return None
-        rank = q * (self.count - 1)
+        rank = max(math.ceil(q * self.count - 1e-9) - 1, 0)
+        if rank >= self.count - 1:
+            return self.high  # the largest value is known exactly
         if rank < self.zeros:
             return 0.0
         seen = self.zeros
@@ -310,6 +313,12 @@ class RequestStats:
         return stats
 
 
+def _names(deployment: str, model: str) -> bool:
+    """Whether ``model`` (``name`` or ``name@version``) names ``deployment``
+    (always ``name@version``): a bare name takes in every version."""
+    return deployment == model or ("@" not in model and deployment.partition("@")[0] == model)
+
+
 def _int(value: Any, default: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return default
@@ -483,7 +492,8 @@ class MetricWindows:
 
     def models(self) -> list[str]:
         with self._lock:
-            return sorted({model for model, _ in self._requests} | set(self._loaded))
+            seen = {model for model, _ in self._requests}
+            return sorted(seen | set(self._loaded) | set(self._evaluations))
 
     def stats(
         self, model: str, window_s: float, capability: str | None = None, now: float | None = None
@@ -495,7 +505,7 @@ class MetricWindows:
             keys = [
                 key
                 for key in self._requests
-                if key[0] == model and (capability is None or key[1] == capability)
+                if _names(key[0], model) and (capability is None or key[1] == capability)
             ]
             return self._merged(keys, first, last), seconds
 
@@ -508,7 +518,7 @@ class MetricWindows:
             for key in self._requests:
                 by_model[key[0]].append(key)
             models: dict[str, Any] = {}
-            for model in sorted(set(by_model) | set(self._loaded)):
+            for model in sorted(set(by_model) | set(self._loaded) | set(self._evaluations)):
                 keys = by_model.get(model, [])
                 figures = self._merged(keys, first, last).figures(seconds)
                 figures["capabilities"] = {
@@ -539,7 +549,7 @@ class MetricWindows:
         steps = max(int(window_s // step_s), 1)
         points = []
         with self._lock:
-            keys = [key for key in self._requests if model is None or key[0] == model]
+            keys = [key for key in self._requests if model is None or _names(key[0], model)]
             for n in range(steps - 1, -1, -1):
                 end = last - n * per_step
                 start = end - per_step + 1

@@ -97,10 +97,16 @@ class Monitor:
             )
             self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the clock; wait for running accuracy checks (the kernel stops
+        its models first, so a check ends at its next call) before the
+        registry they read is closed."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
+        deadline = time.monotonic() + timeout
+        for thread in list(self._checks.values()):
+            thread.join(max(deadline - time.monotonic(), 0.0))
         self.alerts.close()
 
     def sample(self) -> dict[str, Any]:
