@@ -9,6 +9,7 @@ led there. Nothing is advised on too little traffic (``min_requests``).
 
 from __future__ import annotations
 
+import json
 import shlex
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -84,7 +85,7 @@ def advise(
         worker = workers.get(model)
         enough = figures["requests"] >= min_requests
         if enough:
-            out += _batching(model, figures, worker)
+            out += _batching(kernel, model, figures, worker)
             out += _latency(kernel, model, figures, card, monitor.latency_target_ms)
             out += _errors(model, figures)
         out += _accuracy(kernel, model, figures, card)
@@ -105,7 +106,21 @@ def _ms(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.0f} ms" if value >= 10 else f"{value:.1f} ms"
 
 
-def _batching(model: str, figures: Mapping[str, Any], worker: Any) -> list[Advice]:
+def _settings_config(kernel: Kernel, model: str, key: str, value: Any) -> str:
+    """Where a deployment's batching key is set: its ``[models.NAME]`` table
+    when the config declares it, else the registered card's options (or, for
+    every model at once, ``[runtime]``)."""
+    name = model.partition("@")[0]
+    text = json.dumps(value)
+    if name in kernel.config.section("models"):
+        return f"[models.{name}]\n{key} = {text}"
+    return (
+        f"# {model} is a registered card: set its option {key} = {text}, or for every model\n"
+        f"[runtime]\n{key} = {text}"
+    )
+
+
+def _batching(kernel: Kernel, model: str, figures: Mapping[str, Any], worker: Any) -> list[Advice]:
     """Requests queue while the model's calls hold one request each."""
     if worker is None or not worker.settings.batching:
         return []
@@ -138,7 +153,7 @@ def _batching(model: str, figures: Mapping[str, Any], worker: Any) -> list[Advic
                     f"{_ms(wait)} (p95) for calls of {_ms(call)} that take one request each"
                 ),
                 evidence=evidence,
-                config=f"[models.{model}]\nmax_batch_size = {target}",
+                config=_settings_config(kernel, model, "max_batch_size", target),
             )
         ]
     return [
@@ -152,7 +167,7 @@ def _batching(model: str, figures: Mapping[str, Any], worker: Any) -> list[Advic
                 f"requests arriving together; batches average {batch:.2f} of up to {size}"
             ),
             evidence=evidence,
-            config=f"[models.{model}]\nmax_wait_ms = 5",
+            config=_settings_config(kernel, model, "max_wait_ms", 5),
         )
     ]
 
@@ -190,9 +205,16 @@ def _latency(
                 "vllm_installed": installed,
                 **{k: v for k, v in VLLM_BENCHMARK.items() if v is not None},
             },
-            config=f'[models.{model}]\nprovider = "vllm"',
+            config=_vllm_config(kernel, model, card),
         )
     ]
+
+
+def _vllm_config(kernel: Kernel, model: str, card: Any) -> str:
+    name = model.partition("@")[0]
+    if name in kernel.config.section("models"):
+        return f'[models.{name}]\nprovider = "vllm"'
+    return f'[models.{name}-vllm]\nprovider = "vllm"\nsource = {json.dumps(card.source)}'
 
 
 def _errors(model: str, figures: Mapping[str, Any]) -> list[Advice]:

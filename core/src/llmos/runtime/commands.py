@@ -101,6 +101,17 @@ class HttpBackend:
             "start it with `llmos serve`, or drop --url to run in this process"
         )
 
+    def get(self, path: str, params: dict[str, Any] | None = None) -> Any:
+        """``GET path`` on the daemon; its JSON, or the daemon's error."""
+        import httpx
+
+        try:
+            response = self.client.get(path, params=params)
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from exc
+        _raise_for(response)
+        return response.json()
+
     def _post(self, path: str, body: dict[str, Any]) -> Any:
         import httpx
 
