@@ -24,6 +24,7 @@ from llmos import __version__
 from llmos.errors import LlmosError
 from llmos.fusion.commands import fuse_group
 from llmos.logs import configure_logging
+from llmos.monitor.commands import monitor_commands
 from llmos.output import emit_json, json_option
 from llmos.registry.commands import models_group
 from llmos.runtime.commands import inference_commands
@@ -229,6 +230,8 @@ for _command in inference_commands(current_kernel):
 cli.add_command(eval_command(current_kernel))
 cli.add_command(fuse_group(current_kernel))
 for _command in tuning_commands(current_kernel):
+    cli.add_command(_command)
+for _command in monitor_commands(current_kernel):
     cli.add_command(_command)
 
 
