@@ -116,8 +116,8 @@ def test_failing_requests_are_advised_on_with_their_kind(tmp_path: Path, table_m
         (advice,) = advise(kernel)
     assert (advice.id, advice.severity) == ("errors", "critical")
     assert advice.evidence["error_rate"] == 1.0
-    assert advice.evidence["errors_by_kind"] == {"Unavailable": 25}
-    assert "requests failed with Unavailable (25 of 25)" in advice.action
+    assert advice.evidence["errors_by_kind"] == {"unavailable": 25}
+    assert "requests failed with unavailable (25 of 25)" in advice.action
 
 
 def test_a_slow_transformers_model_is_pointed_at_vllm(tmp_path: Path, table_module: Any) -> None:

@@ -387,7 +387,7 @@ def test_accuracy_check_fires_when_the_score_falls_below_the_registered_one(
     (retune,) = [a for a in advice if a["id"] == "retune"]
     assert retune["model"] == "clf@1" and retune["evidence"]["accuracy"] == 0.5
     assert (
-        "llmos tune --model clf --method lora --train " + str(tmp_path / "train.jsonl")
+        "llmos tune --model base@1 --method lora --train " + str(tmp_path / "train.jsonl")
         in (retune["action"])
     )
 
@@ -419,7 +419,7 @@ def test_monitor_summary_and_series_over_http_match_the_traffic(
         summary = wait_for(
             lambda: (
                 (s := httpx.get(f"{url}/api/monitor/summary?window=30").json())["models"]
-                .get("m", {})
+                .get("m@1", {})
                 .get("requests")
                 == 5
                 and s

@@ -35,11 +35,11 @@ _ERROR_FIXES = {
         "requests were refused because the model's queue was full",
         "raise [runtime] max_queue, or serve the model from a [groups.NAME] of several deployments",
     ),
-    "RequestTimeout": (
+    "timeout": (
         "requests ran past [runtime] request_timeout_s",
         "raise [runtime] request_timeout_s, or ask for fewer tokens per request",
     ),
-    "Overloaded": (
+    "overloaded": (
         "the model was overloaded",
         "serve it from a [groups.NAME] with another deployment to share the load",
     ),
@@ -223,7 +223,7 @@ def _errors(model: str, figures: Mapping[str, Any]) -> list[Advice]:
         return []
     kind, count = next(iter(figures["errors_by_kind"].items()), ("error", 0))
     what, fix = _ERROR_FIXES.get(
-        kind, (f"requests failed with {kind}", f"read the daemon log for {kind} errors")
+        kind, (f"requests failed with {kind}", f"read the daemon log for its {kind} errors")
     )
     return [
         Advice(

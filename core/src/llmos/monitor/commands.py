@@ -159,6 +159,8 @@ def monitor_commands(get_kernel: KernelGetter) -> list[click.Command]:
                 click.echo(json.dumps(client.get("/api/monitor/summary", params), indent=2))
                 return
             console = Console()
+            if not console.is_terminal:
+                console = Console(width=160)  # a pipe or a file: no columns cut
             if once or not console.is_terminal:
                 console.print(top_frame(client.get("/api/monitor/summary", params), base))
                 return
