@@ -475,9 +475,15 @@ class MetricWindows:
     def _merged(self, keys: Iterable[tuple[str, str]], first: int, last: int) -> RequestStats:
         total = RequestStats()
         for key in keys:
-            for index, stats in self._requests.get(key, {}).items():
-                if first <= index <= last:
-                    total.merge(stats)
+            buckets = self._requests.get(key, {})
+            if last - first + 1 < len(buckets):  # a chart step: a few lookups
+                for index in range(first, last + 1):
+                    if (stats := buckets.get(index)) is not None:
+                        total.merge(stats)
+            else:
+                for index, stats in buckets.items():
+                    if first <= index <= last:
+                        total.merge(stats)
         return total
 
     def _span(self, window_s: float, now: float | None) -> tuple[int, int, float]:
@@ -519,12 +525,14 @@ class MetricWindows:
                 by_model[key[0]].append(key)
             models: dict[str, Any] = {}
             for model in sorted(set(by_model) | set(self._loaded) | set(self._evaluations)):
-                keys = by_model.get(model, [])
-                figures = self._merged(keys, first, last).figures(seconds)
-                figures["capabilities"] = {
-                    key[1]: self._merged([key], first, last).figures(seconds)["requests"]
-                    for key in keys
+                parts = {
+                    key[1]: self._merged([key], first, last) for key in by_model.get(model, [])
                 }
+                total = RequestStats()
+                for part in parts.values():
+                    total.merge(part)
+                figures = total.figures(seconds)
+                figures["capabilities"] = {cap: part.requests for cap, part in parts.items()}
                 figures["loaded"] = model in self._loaded
                 if model in self._evaluations:
                     figures["evaluation"] = dict(self._evaluations[model])
