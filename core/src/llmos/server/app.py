@@ -30,6 +30,7 @@ from starlette.routing import BaseRoute, WebSocketRoute
 from llmos import __version__
 from llmos.errors import DuplicateNameError, LlmosError, PluginError
 from llmos.runtime.kernel import Kernel, KernelState
+from llmos.server.dashboard import PUBLIC_PATHS, dashboard_router
 from llmos.server.fusions_api import fusions_router
 from llmos.server.groups_api import groups_router
 from llmos.server.middleware import (
@@ -155,6 +156,7 @@ def create_app(kernel: Kernel) -> FastAPI:
     The app has the probes ``/healthz`` and ``/readyz``, the OpenAPI schema at
     ``/openapi.json``, the registry's routes (:mod:`llmos.server.models_api`),
     the OpenAI-compatible routes (:mod:`llmos.server.openai_api`),
+    the dashboard at ``/`` (:mod:`llmos.server.dashboard`; open without a key),
     and every plugin's routes (``llmos_register_routes``);
     a plugin whose route collides with the kernel's or another plugin's is
     failed with a :class:`~llmos.errors.DuplicateNameError` naming both, and
@@ -193,6 +195,7 @@ def create_app(kernel: Kernel) -> FastAPI:
     app.include_router(fusions_router(kernel))
     app.include_router(groups_router(kernel))
     app.include_router(monitor_router(kernel))
+    app.include_router(dashboard_router())
     _mount_plugin_routes(app, kernel)
 
     app.add_exception_handler(LlmosError, _llmos_error)
@@ -204,7 +207,9 @@ def create_app(kernel: Kernel) -> FastAPI:
         max_body_bytes=settings.max_body_bytes,
         limit_for=push_body_limit(kernel),
     )
-    app.add_middleware(AccessMiddleware, state=daemon, api_keys=settings.api_keys)
+    app.add_middleware(
+        AccessMiddleware, state=daemon, api_keys=settings.api_keys, open_paths=PUBLIC_PATHS
+    )
     app.add_middleware(RequestContextMiddleware, state=daemon)
     return app
 

@@ -216,18 +216,27 @@ class AccessMiddleware:
     """Refuse requests without a valid API key (when keys are configured) and
     requests that arrive while the daemon takes no work.
 
-    The probes in :data:`PROBE_PATHS` pass untouched. The key check runs
-    before the availability check so that an unauthenticated client learns
-    nothing beyond what ``/readyz`` already says.
+    The probes in :data:`PROBE_PATHS` pass untouched, and so do ``open_paths``:
+    pages that hold no data (the dashboard, whose own requests carry the key).
+    The key check runs before the availability check so that an
+    unauthenticated client learns nothing beyond what ``/readyz`` already says.
     """
 
-    def __init__(self, app: ASGIApp, *, state: DaemonState, api_keys: Sequence[str]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        state: DaemonState,
+        api_keys: Sequence[str],
+        open_paths: Iterable[str] = (),
+    ) -> None:
         self.app = app
         self.state = state
         self._keys = tuple(key.encode() for key in api_keys)
+        self._open = PROBE_PATHS | frozenset(open_paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or scope["path"] in PROBE_PATHS:
+        if scope["type"] not in ("http", "websocket") or scope["path"] in self._open:
             await self.app(scope, receive, send)
             return
         if self._keys:

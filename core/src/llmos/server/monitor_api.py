@@ -4,7 +4,8 @@
 * ``GET /api/monitor/summary?window=60`` — every model's figures over the
   window (requests, rps, errors by kind, latency/queue/ttft percentiles,
   tokens/s, batch sizes), its live queue and batching settings, the
-  process's latest sample, the firing alerts;
+  process's latest sample, the firing alerts, and the monitor's
+  ``bucket_s`` (the finest step) and ``keep_s`` (the longest window);
 * ``GET /api/monitor/series?model=M&window=600&step=10`` — points over time
   for charts (``model`` omitted: all models together);
 * ``GET /api/monitor/jobs`` — tuning jobs with their loss and dev curves;
@@ -77,6 +78,9 @@ def monitor_router(kernel: Kernel) -> APIRouter:
         out["events_dropped"] = kernel.bus.dropped
         out["sink_errors"] = dict(kernel.bus.sink_errors)
         out["metrics"] = METRICS
+        # what a window or a step may be (the dashboard offers no longer window)
+        out["bucket_s"] = monitor.windows.bucket_s
+        out["keep_s"] = monitor.windows.keep_s
         return out
 
     @router.get("/api/monitor/series", tags=_TAGS, summary="A model's figures over time")
