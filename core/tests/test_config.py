@@ -554,9 +554,9 @@ def test_get_section_and_to_dict(write: WriteToml) -> None:
 
 
 @pytest.fixture
-def alerts_section() -> Iterator[None]:
+def acme_section() -> Iterator[None]:
     register_section(
-        "alerts",
+        "acme",
         {
             "interval": Field("float", 10.0, "Seconds between checks.", env="LLMOS_ALERT_EVERY"),
             "token": Field("str", "", "Webhook token.", secret=True),
@@ -567,30 +567,30 @@ def alerts_section() -> Iterator[None]:
     try:
         yield
     finally:
-        unregister_section("alerts")
+        unregister_section("acme")
 
 
 def test_unregistered_section_is_unknown(write: WriteToml) -> None:
-    path = write("llmos.toml", "[alerts]\ninterval = 5\n")
-    assert error(path).startswith(f"{path}:1: alerts: unknown section")
+    path = write("llmos.toml", "[acme]\ninterval = 5\n")
+    assert error(path).startswith(f"{path}:1: acme: unknown section")
 
 
-@pytest.mark.usefixtures("alerts_section")
+@pytest.mark.usefixtures("acme_section")
 def test_registered_section_is_valid_with_defaults_env_and_secrets(write: WriteToml) -> None:
     path = write(
         "llmos.toml",
-        '[alerts]\ntoken = "tok-abcdefgh1234"\n[alerts.high_latency]\nabove_ms = 500\n',
+        '[acme]\ntoken = "tok-abcdefgh1234"\n[acme.high_latency]\nabove_ms = 500\n',
     )
     config = load(path)
-    assert config.section("alerts") == {
+    assert config.section("acme") == {
         "interval": 10.0,
         "token": "tok-abcdefgh1234",
         "high_latency": {"above_ms": 500},
     }
-    assert config.to_dict()["alerts"]["token"] == "****1234"
-    assert load(path, LLMOS_ALERT_EVERY="2.5").get("alerts.interval") == 2.5
-    bad = write("bad.toml", "[alerts]\nintervl = 1\n")
-    assert error(bad).endswith("alerts.intervl: unknown key (did you mean alerts.interval?)")
+    assert config.to_dict()["acme"]["token"] == "****1234"
+    assert load(path, LLMOS_ALERT_EVERY="2.5").get("acme.interval") == 2.5
+    bad = write("bad.toml", "[acme]\nintervl = 1\n")
+    assert error(bad).endswith("acme.intervl: unknown key (did you mean acme.interval?)")
 
 
 def test_register_section_refuses_a_taken_name() -> None:

@@ -548,12 +548,15 @@ class MetricWindows:
         now: float | None = None,
     ) -> dict[str, Any]:
         """Points every ``step_s`` (a multiple of the bucket) over the last
-        ``window_s`` — for one model, or all models together with ``None``."""
+        ``window_s`` — for one model, or all models together with ``None``.
+        Steps are aligned to multiples of ``step_s`` since the epoch, so a
+        point keeps its value from one poll to the next (the last one, the
+        step now running, grows)."""
         now = self.clock() if now is None else now
         step_s = max(step_s or max(window_s / 60, self.bucket_s), self.bucket_s)
         per_step = max(round(step_s / self.bucket_s), 1)
         step_s = per_step * self.bucket_s
-        last = int(now // self.bucket_s)
+        last = (int(now // self.bucket_s) // per_step) * per_step + per_step - 1
         steps = max(int(window_s // step_s), 1)
         points = []
         with self._lock:

@@ -22,6 +22,7 @@ keeps (``[monitor] keep_s``).
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from fastapi import APIRouter, Query
@@ -105,8 +106,14 @@ def monitor_router(kernel: Kernel) -> APIRouter:
         return {"data": kernel.monitor.windows.fusions()}
 
     @router.get("/api/monitor/process", tags=_TAGS, summary="The daemon's memory and CPU")
-    def process() -> dict[str, Any]:
-        return {"data": kernel.monitor.windows.process()}
+    def process(
+        window: str = Query("", description="only the samples of this window"),
+    ) -> dict[str, Any]:
+        samples = kernel.monitor.windows.process()
+        if window:
+            since = time.time() - duration(window, "window", 0.0)
+            samples = [s for s in samples if s["time"] >= since]
+        return {"data": samples}
 
     @router.get("/api/alerts", tags=_TAGS, summary="Alert rules, their states and history")
     def alerts() -> dict[str, Any]:

@@ -284,7 +284,7 @@ async function poll() {
   const asked = await Promise.allSettled([
     api(`/api/monitor/summary?window=${w}`),
     api(`/api/monitor/series?window=${w}&step=${step}${model}`),
-    api("/api/monitor/process"),
+    api(`/api/monitor/process?window=${w}`),
     api("/api/monitor/jobs"),
     api("/api/alerts"),
     api(`/api/advice?window=${w}`),
