@@ -199,7 +199,7 @@ def test_deny_list_applies_to_entry_points_and_default_plugins(site, tmp_path: P
     pm = load(tmp_path, disable=("llmos-one", DEFAULT_PLUGINS[0]))
     assert info(pm, "llmos-one").status == "disabled"
     assert info(pm, DEFAULT_PLUGINS[0]).status == "disabled"
-    assert pm.providers == {} and pm.monitor_sinks == {}
+    assert pm.providers == {} and "log" not in pm.monitor_sinks
 
 
 def test_two_plugins_registering_one_name_is_an_error_naming_both(site, tmp_path: Path) -> None:

@@ -281,6 +281,8 @@ def test_a_job_runs_in_a_worker_and_registers_the_tuned_model(make_kernel) -> No
     assert all(e.fields["job"] == job.id and e.model == "acme/sentiment" for e in progress)
     states = [e.fields["state"] for e in recorder.events if e.kind == "tuning.job"]
     assert states == ["queued", "running", "succeeded"]
+    # the base rides along: `llmos report base` finds the jobs that tuned it
+    assert {e.fields["base"] for e in recorder.events if e.kind == "tuning.job"} == {job.base}
 
 
 def test_data_from_files_is_checked_and_hashed(make_kernel, tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from llmos.errors import LlmosError
 from llmos.fusion.commands import fuse_group
 from llmos.logs import configure_logging
 from llmos.monitor.commands import monitor_commands
+from llmos.monitor.report import report_command
 from llmos.output import emit_json, json_option
 from llmos.registry.commands import models_group
 from llmos.runtime.commands import inference_commands
@@ -228,6 +229,7 @@ cli.add_command(models_group(lambda ctx: current_kernel(ctx).registry))
 for _command in inference_commands(current_kernel):
     cli.add_command(_command)
 cli.add_command(eval_command(current_kernel))
+cli.add_command(report_command(current_kernel))
 cli.add_command(fuse_group(current_kernel))
 for _command in tuning_commands(current_kernel):
     cli.add_command(_command)

@@ -56,14 +56,18 @@ _MISSING: Any = object()
 
 def check_table(where: str, table: Any, known: Iterable[str]) -> Mapping[str, Any]:
     """A free-form section's entry (``[models.NAME]``, ``[fusions.NAME]`` …):
-    it must be a table whose keys are all ``known``; ``where`` names it."""
+    it must be a table whose keys are all ``known``; ``where`` names it. An
+    unknown key's error lists the known ones and the nearest of them."""
     if not isinstance(table, Mapping):
         raise ConfigError(f"{where} must be a table")
     allowed = set(known)
     unknown = sorted(set(table) - allowed)
     if unknown:
+        near = difflib.get_close_matches(str(unknown[0]), sorted(allowed), n=1)
+        hint = f" (did you mean {near[0]}?)" if near else ""
         raise ConfigError(
             f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(allowed))}"
+            + hint
         )
     return table
 

@@ -47,6 +47,7 @@ ENTRY_POINT_GROUP = spec.NAME
 #: plugins that ship inside the kernel, loaded first; each can be disabled by name
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "llmos.default_plugins.log_sink",
+    "llmos.default_plugins.sqlite_sink",
     "llmos.default_plugins.fusion",
 )
 

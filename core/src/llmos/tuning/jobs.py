@@ -1082,7 +1082,12 @@ class JobManager:
         self._emit_state(self.store.get(job.id))
 
     def _emit_state(self, job: Job) -> None:
-        fields: dict[str, Any] = {"job": job.id, "state": str(job.state), "method": job.method}
+        fields: dict[str, Any] = {
+            "job": job.id,
+            "state": str(job.state),
+            "method": job.method,
+            "base": job.base,
+        }
         if job.error:
             fields["error"] = job.error
         if job.result:

@@ -1,0 +1,599 @@
+"""The ``sqlite`` monitor sink: the monitor's history in
+``LLMOS_HOME/monitor/metrics.db``, which ``llmos report`` reads.
+
+``emit`` only puts the event on the sink's own bounded queue (a full queue
+drops the event and counts it: it never blocks the bus, so never a request).
+One writer thread folds ``request`` events into a
+:class:`~llmos.monitor.metrics.RequestStats` per bucket (``bucket``, 10 s),
+model and capability, and every few seconds (``flush_every``) writes the
+buckets that have closed, and every other event as a raw JSON row (alerts,
+tuning progress and job states, evaluation results, models loaded and
+unloaded, process samples, fusion calls …), in one transaction. Every
+``coarse_bucket`` it downsamples — fine buckets older than
+``downsample_after`` (a day) are merged into ``coarse_bucket`` ones (5 min),
+process samples thinned to one per coarse bucket — and deletes what is older
+than ``keep_days`` (7).
+
+Several processes (the daemon, CLI kernels) may write one file: WAL, a busy
+timeout, and every write in a ``BEGIN IMMEDIATE`` transaction that merges a
+bucket another process already wrote (``RequestStats.merge``) rather than
+replacing it. A flush that fails (the file locked past the busy timeout, a
+full disk) keeps its rows for the next one, bounded; the sink's ``written``,
+``dropped`` and ``errors`` counters say how it went.
+
+Options, in ``[plugins."llmos.default_plugins.sqlite_sink"]``: ``bucket``,
+``coarse_bucket``, ``downsample_after``, ``flush_every``, ``busy_timeout``
+(durations: seconds or ``"10s"``, ``"5m"``, ``"1d"``), ``keep_days``,
+``queue_size``, ``exclude`` (event kinds not stored).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import structlog
+
+from llmos.config import check_table
+from llmos.errors import ConfigError
+from llmos.monitor.metrics import RequestStats, parse_duration
+from llmos.plugin import hookimpl
+from llmos.types import MonitorEvent, MonitorSinkSpec
+
+if TYPE_CHECKING:
+    from llmos.runtime.kernel import Kernel
+
+__all__ = [
+    "PLUGIN",
+    "SCHEMA_VERSION",
+    "MetricsStore",
+    "SqliteSettings",
+    "SqliteSink",
+    "db_path",
+    "settings",
+]
+
+log = structlog.get_logger("llmos.monitor")
+
+#: the plugin's name: its options are the ``[plugins."<PLUGIN>"]`` table
+PLUGIN = "llmos.default_plugins.sqlite_sink"
+WHERE = f'[plugins."{PLUGIN}"]'
+#: ``PRAGMA user_version`` of the schema below; a newer file is refused
+SCHEMA_VERSION = 1
+DAY_S = 86_400.0
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS requests (
+    start REAL NOT NULL,          -- bucket start, seconds since the epoch
+    width REAL NOT NULL,          -- bucket width, seconds (fine or coarse)
+    model TEXT NOT NULL,
+    capability TEXT NOT NULL,
+    requests INTEGER NOT NULL,    -- rows asked for (also inside stats)
+    errors INTEGER NOT NULL,      -- rows failed or refused (also inside stats)
+    stats TEXT NOT NULL,          -- RequestStats.to_dict() as JSON
+    PRIMARY KEY (model, capability, width, start)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS requests_width_start ON requests (width, start);
+CREATE INDEX IF NOT EXISTS requests_start ON requests (start);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    time REAL NOT NULL,           -- seconds since the epoch
+    kind TEXT NOT NULL,
+    model TEXT,
+    capability TEXT,
+    fields TEXT NOT NULL          -- the event's fields as JSON
+);
+CREATE INDEX IF NOT EXISTS events_kind_time ON events (kind, time);
+CREATE INDEX IF NOT EXISTS events_time ON events (time);
+"""
+
+#: the only raw events thinned by downsampling: one every few seconds, forever
+_SAMPLED_KIND = "process.sample"
+
+
+def db_path(home: Path) -> Path:
+    """Where the sink of a kernel whose data folder is ``home`` writes."""
+    return Path(home) / "monitor" / "metrics.db"
+
+
+def connect(path: Path, *, busy_timeout_s: float, read_only: bool = False) -> sqlite3.Connection:
+    """A connection to the metrics database: autocommit (transactions are
+    explicit), the busy timeout set, WAL for writers."""
+    if read_only:
+        con = sqlite3.connect(
+            f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=busy_timeout_s
+        )
+    else:
+        con = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None)
+    try:
+        con.isolation_level = None
+        con.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+        if not read_only:
+            con.execute("PRAGMA journal_mode = WAL")
+            con.execute("PRAGMA synchronous = NORMAL")
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
+# --------------------------------------------------------------------------
+# Options
+# --------------------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class SqliteSettings:
+    """The checked options of the sink (durations in seconds)."""
+
+    #: width of the buckets written as traffic comes
+    bucket: float = 10.0
+    #: width of the buckets fine ones are merged into (a multiple of ``bucket``)
+    coarse_bucket: float = 300.0
+    #: fine buckets older than this are merged into coarse ones
+    downsample_after: float = DAY_S
+    #: rows older than this many days are deleted
+    keep_days: float = 7.0
+    #: seconds between writes (closed buckets and raw events)
+    flush_every: float = 5.0
+    #: how long a write waits for another process's lock on the file
+    busy_timeout: float = 5.0
+    #: events the queue holds for the writer; past it, events are dropped
+    queue_size: int = 10_000
+    #: event kinds not stored
+    exclude: tuple[str, ...] = ()
+
+    @property
+    def keep_s(self) -> float:
+        return self.keep_days * DAY_S
+
+
+_KNOWN = tuple(f.name for f in attrs.fields(SqliteSettings))
+#: duration options: (least, most) seconds
+_DURATIONS: dict[str, tuple[float, float]] = {
+    "bucket": (0.001, 3600.0),
+    "coarse_bucket": (0.001, DAY_S),
+    "downsample_after": (0.0, 365 * DAY_S),
+    "flush_every": (0.001, 300.0),
+    "busy_timeout": (0.0, 600.0),
+}
+
+
+def settings(options: Mapping[str, Any]) -> SqliteSettings:
+    """Check ``options`` (the plugin's table) and fill in the defaults; a
+    :class:`~llmos.errors.ConfigError` names the key and what it must be."""
+    table = check_table(WHERE, options, _KNOWN)
+    checked: dict[str, Any] = {}
+    for key, (least, most) in _DURATIONS.items():
+        if key in table:
+            try:
+                value = parse_duration(table[key], f"{WHERE} {key}")
+            except ValueError as exc:
+                raise ConfigError(str(exc), param=key) from None
+            if not least <= value <= most:
+                raise ConfigError(
+                    f"{WHERE} {key} must be between {least:g} and {most:g} seconds,"
+                    f" got {table[key]!r}",
+                    param=key,
+                )
+            checked[key] = value
+    if "keep_days" in table:
+        value = table["keep_days"]
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or not 0 < value <= 3650
+        ):
+            raise ConfigError(
+                f"{WHERE} keep_days must be a number of days > 0 (at most 3650), got {value!r}",
+                param="keep_days",
+            )
+        checked["keep_days"] = float(value)
+    if "queue_size" in table:
+        value = table["queue_size"]
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10_000_000:
+            raise ConfigError(
+                f"{WHERE} queue_size must be an integer from 1 to 10000000, got {value!r}",
+                param="queue_size",
+            )
+        checked["queue_size"] = value
+    if "exclude" in table:
+        value = table["exclude"]
+        if not isinstance(value, list | tuple) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(
+                f"{WHERE} exclude must be a list of event kinds, got {value!r}", param="exclude"
+            )
+        checked["exclude"] = tuple(value)
+    result = SqliteSettings(**checked)
+    ratio = result.coarse_bucket / result.bucket
+    if ratio < 1 or abs(ratio - round(ratio)) > 1e-9:
+        raise ConfigError(
+            f"{WHERE} coarse_bucket ({result.coarse_bucket:g} s) must be a whole multiple of"
+            f" bucket ({result.bucket:g} s)",
+            param="coarse_bucket",
+        )
+    return result
+
+
+# --------------------------------------------------------------------------
+# The database
+# --------------------------------------------------------------------------
+
+#: a bucket to write: (start, width, model, capability)
+BucketKey = tuple[float, float, str, str]
+#: a raw event row: (time, kind, model, capability, fields as JSON)
+EventRow = tuple[float, str, str | None, str | None, str]
+
+
+def event_row(event: MonitorEvent) -> EventRow:
+    fields = json.dumps(dict(event.fields), ensure_ascii=False, default=str)
+    return (event.time.timestamp(), event.kind, event.model, event.capability, fields)
+
+
+class MetricsStore:
+    """The metrics database, for one writer thread: schema, writes that merge,
+    downsampling, retention. Every method is one ``BEGIN IMMEDIATE``
+    transaction, so writers in several processes take turns."""
+
+    def __init__(self, path: Path, *, busy_timeout_s: float = 5.0) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._con = connect(self.path, busy_timeout_s=busy_timeout_s)
+        try:
+            self._migrate()
+        except BaseException:
+            self._con.close()
+            raise
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Any:
+        self._con.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._con
+            self._con.execute("COMMIT")
+        except BaseException:
+            if self._con.in_transaction:  # SQLite may have rolled it back itself
+                self._con.execute("ROLLBACK")
+            raise
+
+    def _migrate(self) -> None:
+        with self._transaction() as con:
+            version = con.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise ConfigError(
+                    f"{self.path} has schema version {version}, newer than this llmos"
+                    f" knows ({SCHEMA_VERSION}); upgrade llmos or move the file away"
+                )
+            if version < SCHEMA_VERSION:
+                # statement by statement: executescript would commit the transaction
+                for statement in _statements():
+                    con.execute(statement)
+                con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def write(
+        self, buckets: Mapping[BucketKey, RequestStats], events: Sequence[EventRow] = ()
+    ) -> None:
+        """Store ``buckets`` (merged into a stored bucket of the same key) and
+        ``events``, in one transaction."""
+        with self._transaction() as con:
+            for key, stats in buckets.items():
+                _upsert(con, key, stats)
+            con.executemany(
+                "INSERT INTO events (time, kind, model, capability, fields) VALUES (?, ?, ?, ?, ?)",
+                events,
+            )
+
+    def downsample(self, before: float, fine: float, coarse: float) -> int:
+        """Merge the ``fine``-wide buckets that start before ``before`` into
+        ``coarse``-wide ones, and keep one process sample per coarse bucket
+        before it; returns the fine buckets merged."""
+        with self._transaction() as con:
+            rows = con.execute(
+                "SELECT start, model, capability, stats FROM requests"
+                " WHERE width = ? AND start < ? ORDER BY start",
+                (fine, before),
+            ).fetchall()
+            merged: dict[BucketKey, RequestStats] = {}
+            for start, model, capability, stats in rows:
+                key = (math.floor(start / coarse) * coarse, coarse, model, capability)
+                total = merged.get(key)
+                if total is None:
+                    total = merged[key] = RequestStats()
+                total.merge(RequestStats.from_dict(json.loads(stats)))
+            con.execute("DELETE FROM requests WHERE width = ? AND start < ?", (fine, before))
+            for key, stats in merged.items():
+                _upsert(con, key, stats)
+            con.execute(
+                "DELETE FROM events WHERE kind = ? AND time < ? AND id NOT IN"
+                " (SELECT min(id) FROM events WHERE kind = ? AND time < ?"
+                "  GROUP BY CAST(time / ? AS INTEGER))",
+                (_SAMPLED_KIND, before, _SAMPLED_KIND, before, coarse),
+            )
+        return len(rows)
+
+    def prune(self, before: float) -> int:
+        """Delete every bucket and event older than ``before``; returns the rows deleted."""
+        with self._transaction() as con:
+            deleted = con.execute("DELETE FROM requests WHERE start < ?", (before,)).rowcount
+            deleted += con.execute("DELETE FROM events WHERE time < ?", (before,)).rowcount
+        return deleted
+
+    def close(self) -> None:
+        self._con.close()
+
+
+def _statements() -> list[str]:
+    return [s.strip() for s in _SCHEMA.split(";") if s.strip()]
+
+
+def _upsert(con: sqlite3.Connection, key: BucketKey, stats: RequestStats) -> None:
+    start, width, model, capability = key
+    row = con.execute(
+        "SELECT stats FROM requests WHERE model = ? AND capability = ? AND width = ? AND start = ?",
+        (model, capability, width, start),
+    ).fetchone()
+    if row is not None:
+        # Another process (or this one, before a restart) wrote this bucket.
+        stored = RequestStats.from_dict(json.loads(row[0]))
+        stored.merge(stats)
+        stats = stored
+    failed = stats.errors + stats.rejected
+    con.execute(
+        "INSERT OR REPLACE INTO requests"
+        " (start, width, model, capability, requests, errors, stats)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (start, width, model, capability, stats.requests, failed, json.dumps(stats.to_dict())),
+    )
+
+
+# --------------------------------------------------------------------------
+# The sink
+# --------------------------------------------------------------------------
+
+_STOP = object()
+#: seconds after a bucket's end before it counts as closed (events reach the
+#: writer a moment after they happen); a later one is merged into it anyway
+_GRACE_S = 1.0
+#: buckets the writer keeps while the database cannot be written; past it the
+#: oldest are dropped (counted)
+MAX_PENDING_BUCKETS = 10_000
+
+
+class SqliteSink:
+    """Queues events for a writer thread that stores them in the metrics
+    database; opened (the thread started) by :meth:`open`, which the plugin's
+    ``llmos_startup`` calls with the kernel's data folder."""
+
+    def __init__(
+        self, options: Mapping[str, Any], *, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.settings = settings(options)
+        self.clock = clock
+        self.path: Path | None = None
+        #: events whose figures are in the database
+        self.written = 0
+        #: failed opens, writes and maintenance runs of the database
+        self.errors = 0
+        self._dropped_full = 0  # the bus's thread: the queue was full
+        self._dropped_behind = 0  # the writer's thread: too much waiting to be written
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=self.settings.queue_size)
+        self._exclude = frozenset(self.settings.exclude)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        # The writer thread's own state.
+        self._store: MetricsStore | None = None
+        self._buckets: dict[BucketKey, RequestStats] = {}
+        self._bucket_events: dict[BucketKey, int] = {}
+        self._rows: list[EventRow] = []
+
+    # -- the bus's side -----------------------------------------------------
+
+    @property
+    def dropped(self) -> int:
+        """Events lost: the queue was full, or the database could not be
+        written for so long that the writer had to let go of some."""
+        return self._dropped_full + self._dropped_behind
+
+    @property
+    def queued(self) -> int:
+        """Events waiting for the writer."""
+        return self._queue.qsize()
+
+    def emit(self, event: MonitorEvent) -> None:
+        """Queue ``event`` for the writer; never blocks (a full queue drops it)."""
+        if event.kind in self._exclude:
+            return
+        if self._closed:
+            with self._lock:
+                self._dropped_full += 1
+            return
+        try:
+            self._queue.put_nowait(event)
+        except queue.Full:
+            with self._lock:
+                self._dropped_full += 1
+
+    def open(self, path: Path) -> None:
+        """Start writing to ``path`` (the database is opened by the writer)."""
+        with self._lock:
+            if self._thread is not None or self._closed:
+                return
+            self.path = Path(path)
+            self._thread = threading.Thread(target=self._run, name="llmos-sqlite-sink", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        """Write everything queued and every bucket, open ones too, then stop."""
+        with self._lock:
+            self._closed = True
+            thread = self._thread
+        self._stop.set()
+        with contextlib.suppress(queue.Full):
+            self._queue.put_nowait(_STOP)
+        if thread is not None:
+            thread.join(self.settings.busy_timeout + 10.0)
+        else:
+            # never opened: nowhere to write what was queued
+            with self._lock:
+                self._dropped_full += sum(1 for e in _drain(self._queue) if e is not _STOP)
+
+    # -- the writer's side --------------------------------------------------
+
+    def _run(self) -> None:
+        every = self.settings.flush_every
+        maintain_every = max(self.settings.coarse_bucket, every)
+        try:
+            self._maintain()  # at once: the file may be days old
+            next_flush = time.monotonic() + every
+            next_maintain = time.monotonic() + maintain_every
+            while not self._stop.is_set():
+                wait = max(min(next_flush, next_maintain) - time.monotonic(), 0.0)
+                try:
+                    item = self._queue.get(timeout=wait)
+                except queue.Empty:
+                    item = None
+                if item is _STOP:
+                    break
+                if isinstance(item, MonitorEvent):
+                    self._fold(item)
+                now = time.monotonic()
+                if now >= next_maintain:
+                    self._maintain()
+                    next_maintain = now + maintain_every
+                if now >= next_flush:
+                    self._flush(final=False)
+                    next_flush = time.monotonic() + every
+            for item in _drain(self._queue):
+                if isinstance(item, MonitorEvent):
+                    self._fold(item)
+            self._flush(final=True)
+        except Exception as exc:  # never expected; said loudly, not silently lost
+            self._failed("writer", exc)
+        finally:
+            if self._store is not None:
+                self._store.close()
+                self._store = None
+
+    def _fold(self, event: MonitorEvent) -> None:
+        try:
+            if event.kind != "request":
+                self._rows.append(event_row(event))
+                if len(self._rows) > self.settings.queue_size:
+                    del self._rows[0]
+                    self._dropped_behind += 1
+                return
+            if not event.model:
+                return
+            width = self.settings.bucket
+            start = math.floor(event.time.timestamp() / width) * width
+            key = (start, width, event.model, event.capability or "?")
+            stats = self._buckets.get(key)
+            if stats is None:
+                stats = self._buckets[key] = RequestStats()
+                self._bucket_events[key] = 0
+                if len(self._buckets) > MAX_PENDING_BUCKETS:
+                    oldest = min(self._buckets)
+                    del self._buckets[oldest]
+                    self._dropped_behind += self._bucket_events.pop(oldest)
+            stats.add(event.fields)
+            self._bucket_events[key] += 1
+        except Exception as exc:  # an event no one could store
+            self._failed("fold", exc)
+
+    def _open_store(self) -> MetricsStore | None:
+        if self._store is None and self.path is not None:
+            try:
+                self._store = MetricsStore(self.path, busy_timeout_s=self.settings.busy_timeout)
+            except Exception as exc:  # an unwritable folder, a newer schema: retried later
+                self._failed("open", exc)
+        return self._store
+
+    def _flush(self, *, final: bool) -> None:
+        """Write the closed buckets (every one when ``final``) and the raw
+        events, in one transaction; on failure keep them for the next try."""
+        horizon = self.clock() - _GRACE_S
+        ready = {
+            key: stats
+            for key, stats in self._buckets.items()
+            if final or key[0] + key[1] <= horizon
+        }
+        if not ready and not self._rows:
+            return
+        store = self._open_store()
+        if store is None:
+            return
+        try:
+            store.write(ready, self._rows)
+        except Exception as exc:  # a locked file, a full disk, a bad row: retried later
+            self._failed("write", exc)
+            return
+        self.written += len(self._rows) + sum(self._bucket_events.pop(key) for key in ready)
+        for key in ready:
+            del self._buckets[key]
+        self._rows = []
+
+    def _maintain(self) -> None:
+        """Downsample and delete what is past ``keep_days``."""
+        store = self._open_store()
+        if store is None:
+            return
+        now, s = self.clock(), self.settings
+        try:
+            merged = store.downsample(now - s.downsample_after, s.bucket, s.coarse_bucket)
+            deleted = store.prune(now - s.keep_s)
+        except Exception as exc:  # a locked file, a full disk, a bad row: retried later
+            self._failed("maintain", exc)
+            return
+        if merged or deleted:
+            log.debug("monitor.sqlite_maintained", merged=merged, deleted=deleted)
+
+    def _failed(self, what: str, exc: BaseException) -> None:
+        self.errors += 1
+        # The first failure and then every 100th: a locked file is not a flood.
+        if self.errors % 100 == 1:
+            log.warning(
+                "monitor.sqlite_failed",
+                path=str(self.path),
+                step=what,
+                error=repr(exc),
+                errors=self.errors,
+            )
+
+
+def _drain(q: queue.Queue[object]) -> Iterable[object]:
+    while True:
+        try:
+            yield q.get_nowait()
+        except queue.Empty:
+            return
+
+
+@hookimpl
+def llmos_register_monitor_sinks(register: Callable[[MonitorSinkSpec], None]) -> None:
+    register(
+        MonitorSinkSpec(
+            name="sqlite",
+            create=SqliteSink,
+            description="the monitor's history in LLMOS_HOME/monitor/metrics.db (llmos report)",
+        )
+    )
+
+
+@hookimpl
+def llmos_startup(kernel: Kernel) -> None:
+    # A sink is created from its options alone; the data folder is the kernel's.
+    sink = kernel.bus.sinks.get("sqlite")
+    if isinstance(sink, SqliteSink):
+        sink.open(db_path(kernel.home))
