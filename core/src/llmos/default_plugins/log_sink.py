@@ -14,7 +14,6 @@ import structlog
 from llmos.plugin import hookimpl
 from llmos.types import MonitorEvent, MonitorSinkSpec
 
-
 #: kinds not logged unless asked for: the process's own sample every few seconds
 DEFAULT_EXCLUDE = ("process.sample",)
 
