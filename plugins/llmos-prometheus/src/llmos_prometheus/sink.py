@@ -4,9 +4,11 @@ metrics, kept in the sink's own :class:`~prometheus_client.CollectorRegistry`
 library's metrics, do not mix).
 
 ``emit`` runs on the event bus's dispatcher thread and only updates
-counters, gauges and histograms (a few microseconds each); the bus's bounded
-queue and drop counter stand between it and every request. Scrapes read the
-registry from the daemon's threads; prometheus_client's metrics are
+counters, gauges and histograms (a few microseconds each; the per-call
+request metrics are plain numbers behind a collector, see
+:mod:`llmos_prometheus.requests`); the bus's bounded queue and drop counter
+stand between it and every request. Scrapes read the registry from the
+daemon's threads; prometheus_client's metrics and the collector are
 thread-safe.
 
 Label values are bounded: models, groups, fusions, alerts and jobs come from
@@ -24,7 +26,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.gc_collector import GCCollector
@@ -35,6 +37,7 @@ from prometheus_client.registry import Collector
 from llmos.types import MonitorEvent
 from llmos_prometheus import SINK
 from llmos_prometheus.options import Settings, settings
+from llmos_prometheus.requests import RequestMetrics
 
 if TYPE_CHECKING:
     from llmos.monitor.bus import EventBus
@@ -93,10 +96,10 @@ def _rows(fields: Mapping[str, Any]) -> int:
     return int(rows) if rows is not None else 1
 
 
-#: request event fields observed once per row (each row of a call waited and
-#: took as long), and once per call
-_ROW_FIGURES = ("latency_s", "queue_wait_s", "ttft_s")
-_CALL_FIGURES = ("model_s", "batch_size")
+#: request event fields that become histograms (requests.py says which are
+#: observed once per row — each row of a call waited and took as long — and
+#: which once per call)
+_FIGURES = ("latency_s", "queue_wait_s", "ttft_s", "model_s", "batch_size")
 
 
 class _BusCollector(Collector):
@@ -166,57 +169,9 @@ class PrometheusSink:
         def gauge(name: str, doc: str, *labels: str) -> Gauge:
             return Gauge(name, doc, labels, registry=r)
 
-        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
-            return Histogram(name, doc, ("model", "capability"), registry=r, buckets=buckets)
-
-        call = ("model", "capability")
-        self.requests = counter(
-            "llmos_requests",
-            "request rows asked of a model (a batch of n texts is n), by how they ended:"
-            " ok, error, cancelled (a stream the client left) or rejected (queue full)",
-            *call,
-            "status",
-        )
-        self.errors = counter(
-            "llmos_request_errors",
-            "request rows that failed or were rejected, by the error's type"
-            " (queue_full for a rejection)",
-            *call,
-            "kind",
-        )
-        self.duration = histogram(
-            "llmos_request_duration_seconds",
-            "seconds from a request's arrival at its model's queue to its answer,"
-            " one observation per row",
-            s.buckets,
-        )
-        self.queue_wait = histogram(
-            "llmos_queue_wait_seconds",
-            "seconds a request waited in its model's queue, one observation per row",
-            s.buckets,
-        )
-        self.model_time = histogram(
-            "llmos_model_call_duration_seconds",
-            "seconds the model itself took for the call that answered a request,"
-            " one observation per call",
-            s.buckets,
-        )
-        self.ttft = histogram(
-            "llmos_time_to_first_token_seconds",
-            "seconds from a stream's arrival to its first chunk",
-            s.buckets,
-        )
-        self.batch = histogram(
-            "llmos_batch_size",
-            "requests in the model call that answered a request, one observation per call",
-            s.batch_buckets,
-        )
-        self.tokens = counter(
-            "llmos_tokens",
-            "tokens read (direction=in) and written (direction=out) by a model",
-            "model",
-            "direction",
-        )
+        # The hot path: plain numbers and a collector (see requests.py).
+        self.request_metrics = RequestMetrics(s.buckets, s.batch_buckets)
+        r.register(self.request_metrics)
 
         self.loaded = gauge("llmos_model_loaded", "1 while the model is loaded, 0 after", "model")
         self.load_seconds = gauge(
@@ -296,8 +251,6 @@ class PrometheusSink:
         self.events = counter(
             "llmos_monitor_events", "monitor events this sink received, by kind", "kind"
         )
-        self._per_row = (self.duration, self.queue_wait, self.ttft)
-        self._per_call = (self.model_time, self.batch)
 
     # -- the sink -----------------------------------------------------------------
 
@@ -338,30 +291,23 @@ class PrometheusSink:
 
     def _request(self, event: MonitorEvent) -> None:
         f = event.fields
-        call = (event.model or "", event.capability or "")
-        rows = _rows(f)
         status = str(f.get("status", "ok"))
-        self._child(self.requests, *call, self._words(status)).inc(rows)
         if status == "rejected":
             # Refused at the door: no timings, and the model never saw it.
-            self._child(self.errors, *call, "queue_full").inc(rows)
-            return
-        if status == "error":
-            self._child(self.errors, *call, self._error_kinds(f.get("error"))).inc(rows)
-        for histogram, key in zip(self._per_row, _ROW_FIGURES, strict=True):
-            value = _number(f.get(key))
-            if value is not None:
-                child = self._child(histogram, *call)
-                for _ in range(rows):
-                    child.observe(value)
-        for histogram, key in zip(self._per_call, _CALL_FIGURES, strict=True):
-            value = _number(f.get(key))
-            if value is not None:
-                self._child(histogram, *call).observe(value)
-        for direction in ("in", "out"):
-            tokens = _number(f.get(f"tokens_{direction}"))
-            if tokens:
-                self._child(self.tokens, call[0], direction).inc(tokens)
+            kind: str | None = "queue_full"
+            figures: dict[str, float | None] = {}
+        else:
+            kind = self._error_kinds(f.get("error")) if status == "error" else None
+            figures = {key: _number(f.get(key)) for key in _FIGURES}
+        self.request_metrics.add(
+            (event.model or "", event.capability or ""),
+            _rows(f),
+            self._words(status),
+            kind,
+            figures,
+            _number(f.get("tokens_in")),
+            _number(f.get("tokens_out")),
+        )
 
     def _model_loaded(self, event: MonitorEvent) -> None:
         model = event.model or ""
