@@ -134,6 +134,11 @@ class Daemon:
             time.sleep(0.1)
         raise RuntimeError(f"daemon {self.name} did not become ready")
 
+    def cpu_s(self) -> float:
+        """CPU seconds the daemon process has used (user + system)."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         self.process.terminate()
         try:
@@ -194,6 +199,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="llmos-bench-monitor-") as tmp:
         root = Path(tmp)
         site = root / "site"
+        site.mkdir()
         write_distribution(site, "llmos-bench-trivial", TRIVIAL, entry="trivial")
         daemons = {
             "all_on": Daemon("all_on", root, site, []),
@@ -216,13 +222,17 @@ def main() -> None:
             for d in daemons.values():  # warm up: load the model, JIT the paths
                 load(d.url, 300, args.clients)
             rounds: list[dict[str, float]] = []
+            cpu_us: list[dict[str, float]] = []
             load_before = os.getloadavg()
             for r in range(args.rounds):
                 order = list(daemons) if r % 2 == 0 else list(reversed(daemons))
-                rates = {
-                    name: load(daemons[name].url, args.requests, args.clients) for name in order
-                }
+                rates, cpu = {}, {}
+                for name in order:
+                    before = daemons[name].cpu_s()
+                    rates[name] = load(daemons[name].url, args.requests, args.clients)
+                    cpu[name] = (daemons[name].cpu_s() - before) / args.requests * 1e6
                 rounds.append(rates)
+                cpu_us.append(cpu)
                 print(
                     f"round {r + 1}/{args.rounds}: "
                     + "  ".join(f"{k} {v:.0f}/s" for k, v in rates.items()),
@@ -241,6 +251,7 @@ def main() -> None:
             raise RuntimeError("the sinks-off daemon wrote a metrics database")
 
     medians = {name: statistics.median(r[name] for r in rounds) for name in daemons}
+    cpu_medians = {name: statistics.median(c[name] for c in cpu_us) for name in daemons}
     per_round = [r["all_on"] / r["sinks_off"] for r in rounds]
     ratio = medians["all_on"] / medians["sinks_off"]
     result = {
@@ -263,6 +274,12 @@ def main() -> None:
         "ratio_all_on_vs_sinks_off": round(ratio, 4),
         "median_of_round_ratios": round(statistics.median(per_round), 4),
         "round_ratios": [round(x, 4) for x in per_round],
+        # The daemon's own CPU per request (/proc, 10 ms ticks): what the
+        # sinks cost whatever else the machine runs; throughput suffers
+        # from a busy machine, this does not.
+        "daemon_cpu_us_per_request": cpu_medians,
+        "cpu_ratio_sinks_off_vs_all_on": round(cpu_medians["sinks_off"] / cpu_medians["all_on"], 4),
+        "cpu_rounds": cpu_us,
         "all_on_side_effects": {
             "prometheus_scrapes": scrapes,
             "log_lines": log_lines,
