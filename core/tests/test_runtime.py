@@ -54,6 +54,8 @@ class Upper(ModelBase):
 
     def complete(self, requests: Sequence[CompletionRequest]) -> list[CompletionResult]:
         self.recorder.batches.append(len(requests))
+        if self.card.options.get("meet"):  # passes only when four calls run at once
+            self.recorder.meeting.wait(timeout=10)
         delay = self.card.options.get("delay", 0)
         if delay:
             self.recorder.started.set()
@@ -91,6 +93,7 @@ class Recorder:
         self.tokens = 0
         self.started = threading.Event()
         self.stream_closed = threading.Event()
+        self.meeting = threading.Barrier(4)
 
 
 class UpperPlugin:
@@ -101,6 +104,9 @@ class UpperPlugin:
     def llmos_register_providers(self, register):
         def load(request: LoadRequest) -> Upper:
             self.recorder.loads.append(request.card.name)
+            if request.card.options.get("report") and request.emit is not None:
+                # what a backend measures itself reaches the kernel's sinks
+                request.emit(MonitorEvent(kind="upper.figures", model=request.card.name))
             time.sleep(0.05)  # loading takes a moment: concurrent first calls overlap
             return Upper(request.card, self.recorder)
 
@@ -205,6 +211,41 @@ def test_batching_steps_aside_for_a_model_that_batches_on_its_own(make_kernel, r
     futures = [kernel.submit("up", "complete", prompts(f"r{i}")) for i in range(4)]
     assert [f.result(10)[0].text for f in futures] == [f"R{i}" for i in range(4)]
     assert recorder.batches == [1, 1, 1, 1]
+
+
+def test_a_model_that_batches_on_its_own_gets_concurrent_requests_at_once(
+    make_kernel, recorder
+) -> None:
+    # Each call waits at a barrier that four concurrent calls pass: served one
+    # after another, the first would break it (BrokenBarrierError).
+    kernel = make_kernel(
+        'models.up.provider="upper"', "models.up.options.own=true", "models.up.options.meet=true"
+    )
+    futures = [kernel.submit("up", "complete", prompts(f"r{i}")) for i in range(4)]
+    assert [f.result(20)[0].text for f in futures] == [f"R{i}" for i in range(4)]
+    assert recorder.batches == [1, 1, 1, 1]
+
+
+def test_max_queue_bounds_what_a_self_batching_model_has_in_flight(make_kernel, recorder) -> None:
+    kernel = make_kernel(
+        'models.slow.provider="upper"',
+        "models.slow.options.own=true",
+        "models.slow.options.delay=0.5",
+        "models.slow.max_queue=2",
+    )
+    kernel.call("slow", "complete", prompts("warm"))
+    running = [kernel.submit("slow", "complete", prompts(t)) for t in ("a", "b")]
+    with pytest.raises(Overloaded, match="2 requests queued"):
+        kernel.submit("slow", "complete", prompts("c"))
+    assert [f.result(10)[0].text for f in running] == ["A", "B"]
+    assert kernel.call("slow", "complete", prompts("d"))[0].text == "D"
+
+
+def test_a_provider_sends_its_own_figures_to_the_sinks(make_kernel, recorder) -> None:
+    kernel = make_kernel('models.up.provider="upper"', "models.up.options.report=true")
+    kernel.call("up", "complete", prompts("x"))
+    kernel.bus.stop()  # deliver what is queued
+    assert [e.model for e in recorder.events if e.kind == "upper.figures"] == ["up"]
 
 
 def test_one_bad_request_does_not_fail_its_batch_neighbours(make_kernel, recorder) -> None:

@@ -591,6 +591,10 @@ class LoadRequest:
     base_path: Path | None = None
     #: the base model's card, for an adapter
     base: ModelCard | None = None
+    #: sends a monitor event to the kernel's sinks: for what a backend
+    #: measures itself (a serving engine's running and waiting requests, its
+    #: cache use), which no single call's event carries
+    emit: Callable[[MonitorEvent], None] | None = None
 
 
 @attrs.frozen(kw_only=True)

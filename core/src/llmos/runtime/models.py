@@ -271,6 +271,7 @@ class ModelManager:
             cache_dir=cache_dir,
             base=base,
             base_path=base_path,
+            emit=self.kernel.emit,
         )
         started = time.perf_counter()
         log.info("runtime.loading", model=deployment.key, provider=card.provider)

@@ -12,6 +12,11 @@ requests that queue while it is busy make the next batch. A positive
 new work at once (:class:`~llmos.errors.Overloaded`, HTTP 429) instead of
 letting latency grow without bound.
 
+A backend that batches on its own (``batching=False``: vLLM's continuous
+batching) is handed each job as it comes, on a thread of its own, so that it
+sees concurrent requests together; there ``max_queue`` bounds the requests
+queued and in flight alike.
+
 Callers get a :class:`concurrent.futures.Future` (sync code waits on it, the
 daemon wraps it for asyncio) or, for streaming, a :class:`StreamHandle` that
 can be cancelled when the client goes away.
@@ -121,6 +126,14 @@ class ModelWorker:
         self._closed = False
         self.in_flight = 0
         self.last_used = time.monotonic()
+        #: batching off: every job runs on a thread of this pool, at once
+        self._pool = (
+            None
+            if settings.batching
+            else concurrent.futures.ThreadPoolExecutor(
+                settings.max_queue, thread_name_prefix=f"llmos-model-{name}"
+            )
+        )
         self._thread = threading.Thread(target=self._run, name=f"llmos-model-{name}", daemon=True)
         self._thread.start()
 
@@ -167,10 +180,16 @@ class ModelWorker:
 
     def close(self, timeout: float = 30.0) -> None:
         """Finish what is queued, stop the thread, release the model."""
+        deadline = time.monotonic() + timeout
         with self._cond:
             self._closed = True
             self._cond.notify_all()
         self._thread.join(timeout)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            with self._cond:
+                while self.in_flight and (left := deadline - time.monotonic()) > 0:
+                    self._cond.wait(left)
         try:
             self.model.close()
         except Exception as exc:
@@ -188,10 +207,11 @@ class ModelWorker:
         with self._cond:
             if self._closed:
                 raise Overloaded(f"model {self.name!r} is being unloaded; retry")
-            if self._queued_requests + size > self.settings.max_queue:
+            queued = self._queued_requests + (self.in_flight if self._pool is not None else 0)
+            if queued + size > self.settings.max_queue:
                 self._emit(self._event(job, "rejected", {"error": "queue full"}))
                 raise Overloaded(
-                    f"model {self.name!r} has {self._queued_requests} requests queued "
+                    f"model {self.name!r} has {queued} requests queued "
                     f"(limit {self.settings.max_queue}); retry shortly"
                 )
             self._jobs.append(job)
@@ -236,20 +256,27 @@ class ModelWorker:
 
     def _run(self) -> None:
         while (batch := self._take()) is not None:
-            # A caller that gave up (timeout, disconnect) before its turn
-            # costs nothing.
-            live = [job for job in batch if job.future.set_running_or_notify_cancel()]
-            try:
-                if live and live[0].stream is not None:
-                    self._run_stream(live[0])
-                elif live:
-                    self._run_batch(live)
-            except BaseException as exc:  # never let the thread die silently
-                log.exception("runtime.worker_crashed", model=self.name, error=repr(exc))
-            finally:
-                with self._cond:
-                    self.in_flight -= sum(len(job.requests) for job in batch)
-                    self.last_used = time.monotonic()
+            if self._pool is None:
+                self._serve(batch)
+            else:
+                self._pool.submit(self._serve, batch)
+
+    def _serve(self, batch: list[_Job]) -> None:
+        # A caller that gave up (timeout, disconnect) before its turn
+        # costs nothing.
+        live = [job for job in batch if job.future.set_running_or_notify_cancel()]
+        try:
+            if live and live[0].stream is not None:
+                self._run_stream(live[0])
+            elif live:
+                self._run_batch(live)
+        except BaseException as exc:  # never let the thread die silently
+            log.exception("runtime.worker_crashed", model=self.name, error=repr(exc))
+        finally:
+            with self._cond:
+                self.in_flight -= sum(len(job.requests) for job in batch)
+                self.last_used = time.monotonic()
+                self._cond.notify_all()
 
     def _call(self, capability: Capability, requests: Sequence[Any]) -> list[Any]:
         results = list(getattr(self.model, str(capability))(requests))
