@@ -18,7 +18,6 @@ thread and hands out the text as tokens come, so a stream concatenates to what
 
 from __future__ import annotations
 
-import math
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -45,8 +44,10 @@ from llmos.types import (
     StreamChunk,
     Usage,
 )
+from llmos_transformers import tokens
 from llmos_transformers.options import Settings
 from llmos_transformers.runtime import release, seeded
+from llmos_transformers.tokens import stop_at
 
 __all__ = ["CausalLM"]
 
@@ -66,26 +67,6 @@ class _Generated:
     text: str
     finish_reason: str
     usage: Usage
-
-
-def _stop_at(text: str, stops: Sequence[str]) -> int | None:
-    """Where the first stop string starts in ``text``, or ``None``."""
-    found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return min(found) if found else None
-
-
-def _held_back(text: str, stops: Sequence[str]) -> int:
-    """How many characters at the end of ``text`` a stream must not send yet:
-    an unfinished UTF-8 sequence, or the start of a stop string."""
-    keep = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), keep, -1):
-            if text.endswith(stop[:n]):
-                keep = n
-                break
-    if text.endswith("\ufffd"):
-        keep = max(keep, len(text) - len(text.rstrip("\ufffd")))
-    return keep
 
 
 class _RowStop(StoppingCriteria):
@@ -118,7 +99,7 @@ class _RowStop(StoppingCriteria):
             if (
                 generated[-1] in self.eos
                 or n >= limit
-                or (self.stops[i] and _stop_at(self.decode(generated), self.stops[i]) is not None)
+                or (self.stops[i] and stop_at(self.decode(generated), self.stops[i]) is not None)
             ):
                 self.lengths[i] = n
         cancelled = self.cancel is not None and self.cancel.is_set()
@@ -194,37 +175,13 @@ class CausalLM(ModelBase):
     # ------------------------------------------------------------ prompts
 
     def _decode(self, ids: list[int]) -> str:
-        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+        return tokens.decode(self.tokenizer, ids)
 
     def _encode(self, text: str) -> list[int]:
-        ids = list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
-        if not ids:
-            if self.bos_id is None:
-                raise UsageError("the prompt is empty", param="prompt")
-            ids = [self.bos_id]
-        return ids
+        return tokens.encode(self.tokenizer, text)
 
     def _chat_ids(self, messages: Sequence[ChatMessage]) -> list[int]:
-        if not self.has_chat_template:
-            raise UsageError(
-                f"model {self.card.ref!r} has no chat template in its tokenizer, so it cannot"
-                " chat; use completions, or serve a chat-tuned model",
-                param="messages",
-            )
-        if not messages:
-            raise UsageError("a chat needs at least one message", param="messages")
-        conversation = [{"role": m.role, "content": m.content} for m in messages]
-        try:
-            encoded = self.tokenizer.apply_chat_template(
-                conversation, add_generation_prompt=True, tokenize=True, return_dict=True
-            )
-        except Exception as exc:  # jinja2 errors: a role the template refuses, say
-            raise UsageError(
-                f"model {self.card.ref!r}: the chat template refused these messages:"
-                f" {type(exc).__name__}: {exc}",
-                param="messages",
-            ) from exc
-        return list(encoded["input_ids"])
+        return tokens.chat_ids(self.tokenizer, self.card.ref, messages)
 
     def _prompt(self, ids: list[int], sampling: Sampling) -> _Prompt:
         limit = min(
@@ -288,23 +245,16 @@ class CausalLM(ModelBase):
             )
         results = []
         for i, prompt in enumerate(prompts):
-            tokens = output[i, start:].tolist()
+            ids = output[i, start:].tolist()
             length = criterion.lengths[i]
-            tokens = tokens[: len(tokens) if length is None else length]
-            results.append(self._finish(prompt, tokens))
+            ids = ids[: len(ids) if length is None else length]
+            results.append(self._finish(prompt, ids))
         return results
 
-    def _finish(self, prompt: _Prompt, tokens: list[int]) -> _Generated:
+    def _finish(self, prompt: _Prompt, ids: list[int]) -> _Generated:
         """The text of a row's tokens, cut at its first stop string, and why it ended."""
-        text = self._decode(tokens)
-        cut = _stop_at(text, prompt.sampling.stop)
-        if cut is not None:
-            text, reason = text[:cut], "stop"
-        elif tokens and tokens[-1] in self.eos:
-            reason = "stop"
-        else:
-            reason = "length"
-        usage = Usage(prompt_tokens=len(prompt.ids), completion_tokens=len(tokens))
+        text, reason = tokens.answer(self.tokenizer, ids, prompt.sampling.stop, self.eos)
+        usage = Usage(prompt_tokens=len(prompt.ids), completion_tokens=len(ids))
         return _Generated(text=text, finish_reason=reason, usage=usage)
 
     def _run(self, prompts: Sequence[_Prompt]) -> list[_Generated]:
@@ -363,7 +313,7 @@ class CausalLM(ModelBase):
         return scores
 
     def _continuation_ids(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return tokens.continuation_ids(self.tokenizer, text)
 
     # ------------------------------------------------------- capabilities
 
@@ -434,9 +384,7 @@ class CausalLM(ModelBase):
 
         thread = threading.Thread(target=work, name=f"llmos-stream-{self.card.ref}", daemon=True)
         thread.start()
-        stops = prompt.sampling.stop
-        tokens: list[int] = []
-        sent = ""
+        text = tokens.TextStream(self._decode, prompt.sampling.stop)
         try:
             while True:
                 kind, value = events.get()
@@ -444,21 +392,14 @@ class CausalLM(ModelBase):
                     raise value
                 if kind == "done":
                     break
-                tokens.append(value)
-                text = self._decode(tokens)
-                cut = _stop_at(text, stops)
-                ready = (
-                    text[:cut] if cut is not None else text[: len(text) - _held_back(text, stops)]
-                )
-                if len(ready) > len(sent) and ready.startswith(sent):
-                    yield StreamChunk(index=index, text=ready[len(sent) :])
-                    sent = ready
+                if delta := text.push([value]):
+                    yield StreamChunk(index=index, text=delta)
             final: _Generated = value
-            if not final.text.startswith(sent):  # a decoder that rewrote earlier text
+            rest = text.rest(final.text)
+            if rest is None:  # a decoder that rewrote earlier text
                 log.warning("transformers.stream_diverged", model=self.card.ref)
-            rest = final.text[len(sent) :] if final.text.startswith(sent) else ""
             yield StreamChunk(
-                index=index, text=rest, finish_reason=final.finish_reason, usage=final.usage
+                index=index, text=rest or "", finish_reason=final.finish_reason, usage=final.usage
             )
         finally:
             cancel.set()  # a consumer that stopped early stops the generation
@@ -467,35 +408,9 @@ class CausalLM(ModelBase):
     def classify(self, requests: Sequence[ClassifyRequest]) -> list[ClassifyResult]:
         """Zero-shot: each label's log-likelihood as the continuation of the
         ``zero_shot_template`` prompt, turned into probabilities by a softmax."""
-        pairs: list[tuple[list[int], list[int]]] = []
-        prompts: list[list[int]] = []
-        for request in requests:
-            if not request.labels:
-                raise UsageError(
-                    f"model {self.card.ref!r} is a language model with no labels of its own;"
-                    " give the labels to choose from",
-                    param="labels",
-                )
-            template = self.settings.zero_shot_template
-            prompt = self._encode(template.replace("{text}", request.text))
-            prompts.append(prompt)
-            pairs.extend((prompt, self._continuation_ids(label)) for label in request.labels)
-        scores = iter(self._score(pairs))
-        results = []
-        for request, prompt in zip(requests, prompts, strict=True):
-            logprobs = [next(scores) for _ in request.labels]
-            top = max(logprobs)
-            weights = [math.exp(lp - top) for lp in logprobs]
-            total = sum(weights)
-            results.append(
-                ClassifyResult(
-                    scores={
-                        label: w / total for label, w in zip(request.labels, weights, strict=True)
-                    },
-                    usage=Usage(prompt_tokens=len(prompt)),
-                )
-            )
-        return results
+        template = self.settings.zero_shot_template
+        prompts, pairs = tokens.zero_shot(self.tokenizer, self.card.ref, template, requests)
+        return tokens.zero_shot_results(requests, prompts, self._score(pairs))
 
     def close(self) -> None:
         with self._lock:

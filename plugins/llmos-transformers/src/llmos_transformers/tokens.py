@@ -1,0 +1,178 @@
+"""Requests into token ids, token ids into answer text: one implementation
+for every provider that serves a Hugging Face tokenizer (this one, and
+llmos-vllm), so that a request makes the same prompt tokens, and the same
+tokens make the same text, stops and stream chunks, whichever serves it.
+
+Nothing here imports torch: only the tokenizer is used.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from llmos.errors import UsageError
+from llmos.types import ChatMessage, ClassifyRequest, ClassifyResult, Usage
+
+__all__ = [
+    "TextStream",
+    "answer",
+    "chat_ids",
+    "continuation_ids",
+    "decode",
+    "encode",
+    "held_back",
+    "stop_at",
+    "zero_shot",
+    "zero_shot_results",
+]
+
+
+def encode(tokenizer: Any, text: str) -> list[int]:
+    """A prompt's ids (with the tokenizer's special tokens); an empty prompt
+    is the beginning-of-sequence token alone."""
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    if not ids:
+        if tokenizer.bos_token_id is None:
+            raise UsageError("the prompt is empty", param="prompt")
+        ids = [tokenizer.bos_token_id]
+    return ids
+
+
+def continuation_ids(tokenizer: Any, text: str) -> list[int]:
+    """A continuation's ids: no special tokens, it follows a prompt."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def chat_ids(tokenizer: Any, model: str, messages: Sequence[ChatMessage]) -> list[int]:
+    """A chat's ids through the tokenizer's chat template, ending with the
+    assistant's turn; ``model`` names the model in errors."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise UsageError(
+            f"model {model!r} has no chat template in its tokenizer, so it cannot"
+            " chat; use completions, or serve a chat-tuned model",
+            param="messages",
+        )
+    if not messages:
+        raise UsageError("a chat needs at least one message", param="messages")
+    conversation = [{"role": m.role, "content": m.content} for m in messages]
+    try:
+        encoded = tokenizer.apply_chat_template(
+            conversation, add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+    except Exception as exc:  # jinja2 errors: a role the template refuses, say
+        raise UsageError(
+            f"model {model!r}: the chat template refused these messages:"
+            f" {type(exc).__name__}: {exc}",
+            param="messages",
+        ) from exc
+    return list(encoded["input_ids"])
+
+
+def decode(tokenizer: Any, ids: list[int]) -> str:
+    """The text of generated ids, special tokens left out."""
+    return str(tokenizer.decode(ids, skip_special_tokens=True))
+
+
+def stop_at(text: str, stops: Sequence[str]) -> int | None:
+    """Where the first stop string starts in ``text``, or ``None``."""
+    found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(found) if found else None
+
+
+def held_back(text: str, stops: Sequence[str]) -> int:
+    """How many characters at the end of ``text`` a stream must not send yet:
+    an unfinished UTF-8 sequence, or the start of a stop string."""
+    keep = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), keep, -1):
+            if text.endswith(stop[:n]):
+                keep = n
+                break
+    if text.endswith("\ufffd"):
+        keep = max(keep, len(text) - len(text.rstrip("\ufffd")))
+    return keep
+
+
+def answer(
+    tokenizer: Any, ids: list[int], stops: Sequence[str], eos: frozenset[int]
+) -> tuple[str, str]:
+    """The text of a request's generated ``ids``, cut before its first stop
+    string, and why it ended: ``stop`` (a stop string or an end-of-sequence
+    token) or ``length``."""
+    text = decode(tokenizer, ids)
+    cut = stop_at(text, stops)
+    if cut is not None:
+        return text[:cut], "stop"
+    return text, "stop" if ids and ids[-1] in eos else "length"
+
+
+class TextStream:
+    """A stream's text as its tokens come: :meth:`push` gives what may be
+    sent now — the text so far, less an unfinished character or the start of
+    a stop string, and never anything past a stop string — and :meth:`rest`
+    what is left of the final answer, so the chunks concatenate to it."""
+
+    def __init__(self, decode_ids: Callable[[list[int]], str], stops: Sequence[str]) -> None:
+        self.decode = decode_ids
+        self.stops = stops
+        self.tokens: list[int] = []
+        self.sent = ""
+
+    def push(self, tokens: Iterable[int]) -> str:
+        self.tokens.extend(tokens)
+        text = self.decode(self.tokens)
+        cut = stop_at(text, self.stops)
+        ready = text[:cut] if cut is not None else text[: len(text) - held_back(text, self.stops)]
+        if len(ready) > len(self.sent) and ready.startswith(self.sent):
+            delta, self.sent = ready[len(self.sent) :], ready
+            return delta
+        return ""
+
+    def rest(self, final: str) -> str | None:
+        """What is left to send of ``final``; ``None`` when the text sent is
+        not its start (a decoder that rewrote earlier text)."""
+        return final[len(self.sent) :] if final.startswith(self.sent) else None
+
+
+def zero_shot(
+    tokenizer: Any, model: str, template: str, requests: Sequence[ClassifyRequest]
+) -> tuple[list[list[int]], list[tuple[list[int], list[int]]]]:
+    """Zero-shot classification as scoring: each request's prompt (``template``
+    with its text), and the (prompt, label) pairs whose label log-likelihood
+    decides it, request by request, label by label."""
+    prompts: list[list[int]] = []
+    pairs: list[tuple[list[int], list[int]]] = []
+    for request in requests:
+        if not request.labels:
+            raise UsageError(
+                f"model {model!r} is a language model with no labels of its own;"
+                " give the labels to choose from",
+                param="labels",
+            )
+        prompt = encode(tokenizer, template.replace("{text}", request.text))
+        prompts.append(prompt)
+        pairs.extend((prompt, continuation_ids(tokenizer, label)) for label in request.labels)
+    return prompts, pairs
+
+
+def zero_shot_results(
+    requests: Sequence[ClassifyRequest], prompts: Sequence[list[int]], scores: Iterable[float]
+) -> list[ClassifyResult]:
+    """The labels' probabilities: the softmax of their scores (in
+    :func:`zero_shot`'s order)."""
+    scores = iter(scores)
+    results = []
+    for request, prompt in zip(requests, prompts, strict=True):
+        logprobs = [next(scores) for _ in request.labels]
+        top = max(logprobs)
+        weights = [math.exp(lp - top) for lp in logprobs]
+        total = sum(weights)
+        results.append(
+            ClassifyResult(
+                scores={label: w / total for label, w in zip(request.labels, weights, strict=True)},
+                usage=Usage(prompt_tokens=len(prompt)),
+            )
+        )
+    return results
