@@ -28,7 +28,6 @@ import structlog
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from llmos.errors import UsageError
 from llmos.types import (
     Capability,
     ChatMessage,
@@ -188,14 +187,7 @@ class CausalLM(ModelBase):
             sampling.max_tokens or self.settings.max_new_tokens, self.settings.max_new_tokens
         )
         if self.context is not None:
-            room = self.context - len(ids)
-            if room < 1:
-                raise UsageError(
-                    f"the prompt is {len(ids)} tokens; model {self.card.ref!r} takes at most"
-                    f" {self.context} tokens in all",
-                    param="prompt",
-                )
-            limit = min(limit, room)
+            limit = min(limit, tokens.room(self.card.ref, ids, self.context))
         return _Prompt(ids=ids, sampling=sampling, limit=limit)
 
     def _request_prompt(self, request: CompletionRequest | ChatRequest) -> _Prompt:
@@ -323,9 +315,9 @@ class CausalLM(ModelBase):
         prompts: dict[int, _Prompt] = {}
         pairs: list[tuple[list[int], list[int]]] = []
         owners: list[int] = []
-        for i, request in enumerate(requests):
-            ids = self._encode(request.prompt)
-            if not request.score_continuations or request.sampling.max_tokens is not None:
+        encoded = [self._encode(request.prompt) for request in requests]
+        for i, (request, ids) in enumerate(zip(requests, encoded, strict=True)):
+            if tokens.generates(request):
                 prompts[i] = self._prompt(ids, request.sampling)
             for continuation in request.score_continuations:
                 pairs.append((ids, self._continuation_ids(continuation)))
@@ -334,34 +326,14 @@ class CausalLM(ModelBase):
         logprobs: dict[int, list[float]] = {}
         for owner, score in zip(owners, self._score(pairs), strict=True):
             logprobs.setdefault(owner, []).append(score)
-        results = []
-        for i, request in enumerate(requests):
-            scores = tuple(logprobs.get(i, ()))
-            if i in generated:
-                g = generated[i]
-                results.append(
-                    CompletionResult(
-                        text=g.text,
-                        finish_reason=g.finish_reason,
-                        usage=g.usage,
-                        continuation_logprobs=scores,
-                    )
-                )
-            else:
-                usage = Usage(prompt_tokens=len(self._encode(request.prompt)))
-                results.append(CompletionResult(text="", usage=usage, continuation_logprobs=scores))
-        return results
+        return [
+            tokens.completion_result(generated.get(i), len(ids), logprobs.get(i, ()))
+            for i, ids in enumerate(encoded)
+        ]
 
     def chat(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
         prompts = [self._prompt(self._chat_ids(r.messages), r.sampling) for r in requests]
-        return [
-            ChatResult(
-                message=ChatMessage("assistant", g.text),
-                finish_reason=g.finish_reason,
-                usage=g.usage,
-            )
-            for g in self._run(prompts)
-        ]
+        return [tokens.chat_result(g) for g in self._run(prompts)]
 
     def stream(self, requests: Sequence[CompletionRequest | ChatRequest]) -> Iterator[StreamChunk]:
         """Chunks of each request in turn, one per token that adds text; the

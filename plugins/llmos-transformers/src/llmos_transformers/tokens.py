@@ -13,16 +13,28 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from llmos.errors import UsageError
-from llmos.types import ChatMessage, ClassifyRequest, ClassifyResult, Usage
+from llmos.types import (
+    ChatMessage,
+    ChatResult,
+    ClassifyRequest,
+    ClassifyResult,
+    CompletionRequest,
+    CompletionResult,
+    Usage,
+)
 
 __all__ = [
     "TextStream",
     "answer",
     "chat_ids",
+    "chat_result",
+    "completion_result",
     "continuation_ids",
     "decode",
     "encode",
+    "generates",
     "held_back",
+    "room",
     "stop_at",
     "zero_shot",
     "zero_shot_results",
@@ -68,6 +80,19 @@ def chat_ids(tokenizer: Any, model: str, messages: Sequence[ChatMessage]) -> lis
             param="messages",
         ) from exc
     return list(encoded["input_ids"])
+
+
+def room(model: str, ids: Sequence[int], context: int) -> int:
+    """Tokens a ``context`` of that many leaves after the prompt ``ids``;
+    a prompt that leaves none is refused."""
+    left = context - len(ids)
+    if left < 1:
+        raise UsageError(
+            f"the prompt is {len(ids)} tokens; model {model!r} takes at most"
+            f" {context} tokens in all",
+            param="prompt",
+        )
+    return left
 
 
 def decode(tokenizer: Any, ids: list[int]) -> str:
@@ -134,6 +159,38 @@ class TextStream:
         """What is left to send of ``final``; ``None`` when the text sent is
         not its start (a decoder that rewrote earlier text)."""
         return final[len(self.sent) :] if final.startswith(self.sent) else None
+
+
+def generates(request: CompletionRequest) -> bool:
+    """Whether a completion request wants text: a request that scores
+    continuations generates only when it sets ``sampling.max_tokens``."""
+    return not request.score_continuations or request.sampling.max_tokens is not None
+
+
+def completion_result(
+    answer: Any | None, prompt_tokens: int, scores: Sequence[float]
+) -> CompletionResult:
+    """A completion's result from its generated ``answer`` (``text``,
+    ``finish_reason``, ``usage``) and its continuations' ``scores``; ``None``:
+    the request was only scored."""
+    if answer is None:
+        usage = Usage(prompt_tokens=prompt_tokens)
+        return CompletionResult(text="", usage=usage, continuation_logprobs=tuple(scores))
+    return CompletionResult(
+        text=answer.text,
+        finish_reason=answer.finish_reason,
+        usage=answer.usage,
+        continuation_logprobs=tuple(scores),
+    )
+
+
+def chat_result(answer: Any) -> ChatResult:
+    """A chat's result from its generated ``answer``."""
+    return ChatResult(
+        message=ChatMessage("assistant", answer.text),
+        finish_reason=answer.finish_reason,
+        usage=answer.usage,
+    )
 
 
 def zero_shot(
