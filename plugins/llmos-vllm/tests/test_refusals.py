@@ -173,6 +173,7 @@ def test_an_adapter_tuned_on_another_base_is_refused(
         r" with 32 inputs; the base's has 64",
     ):
         load_adapter(kernel, tiny_dir, folder)
+    lora = peft.LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"])
     fitting = write_adapter(tiny_dir, tmp_path / "fitting", lora)
     (fitting / "llmos_tuning.json").write_text(json.dumps({"base": "acme/other@3"}))
     with pytest.raises(UsageError, match="was tuned on 'acme/other@3', not on 'tiny-base@1'"):
@@ -183,3 +184,32 @@ def test_a_prompt_longer_than_the_context_is_refused(kernel: Kernel) -> None:
     request = CompletionRequest(prompt="the cat sat on the mat. " * 60)
     with pytest.raises(UsageError, match="takes at most 256 tokens in all"):
         kernel.call("tiny", Capability.COMPLETE, [request])
+
+
+def test_a_gguf_file_is_served_from_its_converted_folder(tiny_dir: Path, tmp_path: Path) -> None:
+    """A GGUF source is de-quantized once by llmos-transformers' conversion;
+    vLLM is given that safetensors folder (the transformers provider's weights)."""
+    import importlib.util
+
+    from safetensors.numpy import load_file
+
+    from llmos_vllm.folders import model_folder
+
+    fixtures = Path(__file__).parents[2] / "llmos-transformers" / "tests" / "conftest.py"
+    spec = importlib.util.spec_from_file_location("_llmos_transformers_fixtures", fixtures)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    gguf = tmp_path / "tiny.F32.gguf"
+    module.write_gguf(tiny_dir, gguf)
+    card = ModelCard(name="tiny-gguf", provider="vllm", source=str(gguf))
+    folder = model_folder(gguf, card, engine_settings(card, {}), tmp_path / "cache")
+    assert folder.parent == tmp_path / "cache" / "tiny-gguf"
+    assert json.loads((folder / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    converted, original = (
+        load_file(folder / "model.safetensors"),
+        load_file(tiny_dir / "model.safetensors"),
+    )
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert (converted[name] == original[name]).all()
+    assert model_folder(gguf, card, engine_settings(card, {}), tmp_path / "cache") == folder  # once

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
+import queue
 import threading
 import time
 import uuid
@@ -99,7 +100,6 @@ class _Figures:
 
     def _emit(self, scheduler: Any, now: float, running: int, waiting: int) -> None:
         seconds = max(now - self.since, 1e-9)
-        names = self.engine.adapter_names
         fields = {
             "engine": "vllm",
             "models": sorted(self.engine.models),
@@ -113,12 +113,9 @@ class _Figures:
             "generation_tokens_per_s": self.generation_tokens / seconds,
             "preempted": self.preempted,
             "interval_s": seconds,
-            "adapters_running": {
-                names.get(k, k): int(v) for k, v in scheduler.running_lora_adapters.items()
-            },
-            "adapters_waiting": {
-                names.get(k, k): int(v) for k, v in scheduler.waiting_lora_adapters.items()
-            },
+            # by LoRA name: the adapter's card ref
+            "adapters_running": {k: int(v) for k, v in scheduler.running_lora_adapters.items()},
+            "adapters_waiting": {k: int(v) for k, v in scheduler.waiting_lora_adapters.items()},
         }
         self.engine.emit(MonitorEvent(kind="engine.stats", model=self.engine.name, fields=fields))
         self.since = now
@@ -164,9 +161,8 @@ class Engine:
         #: the models served, base and adapters (card refs), with their loads
         self.models: Counter[str] = Counter()
         self._emitters: Counter[Emit] = Counter()
-        #: adapter folder -> its LoRA id; LoRA name (a card ref) -> itself
+        #: adapter folder -> its LoRA id
         self._lora_ids: dict[str, int] = {}
-        self.adapter_names: dict[str, str] = {}
         self._lock = threading.Lock()
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -240,8 +236,6 @@ class Engine:
     def stream(self, jobs: Sequence[tuple[Sequence[int], Any, Any]]) -> Iterator[tuple[int, Any]]:
         """``(index, output)`` of several requests (``output_kind`` DELTA) as
         they come; closing the iterator aborts what is still running."""
-        import queue
-
         events: queue.SimpleQueue[tuple[str, int, Any]] = queue.SimpleQueue()
 
         async def pump(index: int, ids: Sequence[int], params: Any, lora: Any) -> None:
@@ -287,7 +281,6 @@ class Engine:
         with self._lock:
             key = str(folder.resolve())
             lora_id = self._lora_ids.setdefault(key, len(self._lora_ids) + 1)
-            self.adapter_names[name] = name
         return LoRARequest(lora_name=name, lora_int_id=lora_id, lora_path=key)
 
     # ------------------------------------------------------------ monitor
