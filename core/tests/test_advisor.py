@@ -152,6 +152,43 @@ def test_a_slow_transformers_model_is_pointed_at_vllm(tmp_path: Path, table_modu
     assert advice.config == f'[models.gen-vllm]\nprovider = "vllm"\nsource = "{source}"'
 
 
+def test_an_engine_short_of_kv_cache_is_told_to_get_more(tmp_path: Path, table_module: Any) -> None:
+    kernel = table_kernel(tmp_path / "home", FAST_MONITOR)
+    kernel.start()
+    try:
+        stats = {
+            "engine": "vllm",
+            "running": 8,
+            "waiting": 5,
+            "running_max": 8,
+            "waiting_max": 12,
+            "kv_cache_usage": 0.97,
+            "preempted": 3,
+        }
+        kernel.monitor.windows.observe(
+            MonitorEvent(kind="engine.stats", model="gen@1", fields=stats)
+        )
+        assert kernel.monitor.windows.summary(60)["models"]["gen@1"]["engine"]["waiting"] == 5
+        (advice,) = advise(kernel)
+        # the same engine with room to spare: nothing to say
+        kernel.monitor.windows.observe(
+            MonitorEvent(
+                kind="engine.stats", model="gen@1", fields={**stats, "kv_cache_usage": 0.5}
+            )
+        )
+        assert advise(kernel) == []
+    finally:
+        kernel.stop()
+    assert (advice.id, advice.model, advice.severity) == ("kv-cache", "gen@1", "warning")
+    assert advice.evidence == {
+        "kv_cache_usage": 0.97,
+        "waiting_max": 12,
+        "running_max": 8,
+        "preempted": 3,
+    }
+    assert "kv_cache_gib" in advice.action and advice.config == "[plugins.vllm]\nkv_cache_gib = 4"
+
+
 def test_too_little_traffic_gets_no_advice(tmp_path: Path, table_module: Any) -> None:
     kernel = table_kernel(tmp_path / "home", [*FAST_MONITOR, "runtime.max_batch_size=1"])
     add(kernel, "m", delay_s=0.02)

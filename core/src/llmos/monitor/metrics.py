@@ -384,6 +384,8 @@ class MetricWindows:
         self._process: deque[dict[str, Any]] = deque(maxlen=max(int(keep_s // 5), 12))
         self._evaluations: dict[str, dict[str, Any]] = {}
         self._loaded: dict[str, dict[str, Any]] = {}
+        #: a self-batching backend's latest own figures (vLLM's engine.stats)
+        self._engines: dict[str, dict[str, Any]] = {}
         self.started = clock()
 
     # -- feeding ------------------------------------------------------------
@@ -435,6 +437,9 @@ class MetricWindows:
                     "time": event.time.timestamp(),
                     **event.fields,
                 }
+        elif kind == "engine.stats" and event.model:
+            with self._lock:
+                self._engines[event.model] = {"time": event.time.timestamp(), **event.fields}
         elif kind == "model.loaded" and event.model:
             with self._lock:
                 self._loaded[event.model] = {"time": event.time.timestamp(), **event.fields}
@@ -524,7 +529,9 @@ class MetricWindows:
             for key in self._requests:
                 by_model[key[0]].append(key)
             models: dict[str, Any] = {}
-            for model in sorted(set(by_model) | set(self._loaded) | set(self._evaluations)):
+            engines = {m for m, e in self._engines.items() if e["time"] >= first * self.bucket_s}
+            names = set(by_model) | set(self._loaded) | set(self._evaluations) | engines
+            for model in sorted(names):
                 parts = {
                     key[1]: self._merged([key], first, last) for key in by_model.get(model, [])
                 }
@@ -536,6 +543,9 @@ class MetricWindows:
                 figures["loaded"] = model in self._loaded
                 if model in self._evaluations:
                     figures["evaluation"] = dict(self._evaluations[model])
+                engine = self._engines.get(model)
+                if engine is not None and engine["time"] >= first * self.bucket_s:
+                    figures["engine"] = dict(engine)
                 models[model] = figures
             process = dict(self._process[-1]) if self._process else None
         return {"window_s": seconds, "models": models, "process": process}
