@@ -133,6 +133,19 @@ def top_frame(summary: Mapping[str, Any], url: str) -> Group:
 
 
 def monitor_commands(get_kernel: KernelGetter) -> list[click.Command]:
+    def _fetch(
+        ctx: click.Context,
+        url: str | None,
+        key_env: str,
+        path: str,
+        params: dict[str, Any] | None = None,
+    ) -> Any:
+        client = _daemon(ctx, get_kernel, url, key_env)
+        try:
+            return client.get(path, params)
+        finally:
+            client.close()
+
     @click.command("top")
     @click.option("--window", default="60", show_default=True, help="Figures over this window.")
     @click.option("--interval", default=2.0, show_default=True, help="Seconds between updates.")
@@ -185,11 +198,7 @@ def monitor_commands(get_kernel: KernelGetter) -> list[click.Command]:
         """Concrete advice from the daemon's measured figures, with the
         evidence: batching, another provider, failing requests, accuracy
         drift."""
-        client = _daemon(ctx, get_kernel, url, api_key_env)
-        try:
-            answer = client.get("/api/advice", {"window": _window(window)})
-        finally:
-            client.close()
+        answer = _fetch(ctx, url, api_key_env, "/api/advice", {"window": _window(window)})
         if as_json:
             click.echo(json.dumps(answer, indent=2))
             return
@@ -221,11 +230,7 @@ def monitor_commands(get_kernel: KernelGetter) -> list[click.Command]:
     def alerts(ctx: click.Context, url: str | None, api_key_env: str, as_json: bool) -> None:
         """Alert rules and their states (firing, pending, inactive) per model,
         recent firings, and rules the config got wrong."""
-        client = _daemon(ctx, get_kernel, url, api_key_env)
-        try:
-            answer = client.get("/api/alerts")
-        finally:
-            client.close()
+        answer = _fetch(ctx, url, api_key_env, "/api/alerts")
         if as_json:
             click.echo(json.dumps(answer, indent=2))
             return

@@ -132,24 +132,20 @@ class RequestMetrics(Collector):
                 name: {k: (list(h.counts), h.total) for k, h in series.items()}
                 for name, series in self.histograms.items()
             }
-        family = CounterMetricFamily(
+        yield _counter(
             "llmos_requests",
             "request rows asked of a model (a batch of n texts is n), by how they ended:"
             " ok, error, cancelled (a stream the client left) or rejected (queue full)",
-            labels=[*_CALL, "status"],
+            [*_CALL, "status"],
+            requests,
         )
-        for labels, value in sorted(requests.items()):
-            family.add_metric(list(labels), value)
-        yield family
-        family = CounterMetricFamily(
+        yield _counter(
             "llmos_request_errors",
             "request rows that failed or were rejected, by the error's type"
             " (queue_full for a rejection)",
-            labels=[*_CALL, "kind"],
+            [*_CALL, "kind"],
+            errors,
         )
-        for labels, value in sorted(errors.items()):
-            family.add_metric(list(labels), value)
-        yield family
         for name, (doc, kind, _) in _HISTOGRAMS.items():
             bounds = self._bounds[kind]
             histogram = HistogramMetricFamily(name, doc, labels=_CALL)
@@ -160,11 +156,18 @@ class RequestMetrics(Collector):
                     cumulative.append((floatToGoString(bound), running))
                 histogram.add_metric(list(labels), cumulative, total)
             yield histogram
-        family = CounterMetricFamily(
+        yield _counter(
             "llmos_tokens",
             "tokens read (direction=in) and written (direction=out) by a model",
-            labels=["model", "direction"],
+            ["model", "direction"],
+            tokens,
         )
-        for labels, value in sorted(tokens.items()):
-            family.add_metric(list(labels), value)
-        yield family
+
+
+def _counter(
+    name: str, doc: str, labels: list[str], values: Mapping[tuple[str, ...], float]
+) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, doc, labels=labels)
+    for key, value in sorted(values.items()):
+        family.add_metric(list(key), value)
+    return family
