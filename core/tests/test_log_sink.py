@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -9,6 +10,7 @@ import pytest
 
 from llmos.default_plugins.log_sink import LogSink
 from llmos.errors import ConfigError
+from llmos.monitor.metrics import MetricWindows
 from llmos.types import MonitorEvent
 
 
@@ -42,14 +44,26 @@ def call(model: str, latency_s: float, **fields: object) -> MonitorEvent:
     )
 
 
+def buckets(*events: MonitorEvent) -> list[MonitorEvent]:
+    """The ``request.bucket`` events the kernel's windows make of ``events``."""
+    windows = MetricWindows(bucket_s=1)
+    for event in events:
+        windows.observe(event)
+    return windows.close_buckets(math.inf)
+
+
 def test_calls_are_summed_per_model_every_summary_every() -> None:
     clock = Clock()
     out = Lines()
     sink = LogSink({"summary_every": "10s"}, clock=clock, logger=out)
     logs = out.lines
-    for latency in (0.1, 0.2, 0.3, 0.4):
-        sink.emit(call("a@1", latency, tokens_out=10))
-    sink.emit(call("b@1", 1.0, status="error", error="timeout"))
+    calls = [call("a@1", latency, tokens_out=10) for latency in (0.1, 0.2, 0.3, 0.4)]
+    calls.append(call("b@1", 1.0, status="error", error="timeout"))
+    for event in calls:
+        sink.emit(event)  # a call alone is not logged: its bucket is
+    assert logs == []
+    for event in buckets(*calls):
+        sink.emit(event)
     sink.emit(MonitorEvent(kind="model.loaded", model="a@1", fields={"load_s": 2.0}))
     assert [line["event"] for line in logs] == ["monitor.model.loaded"]
     clock.now = 10.0
@@ -65,7 +79,8 @@ def test_calls_are_summed_per_model_every_summary_every() -> None:
     assert not any(line["event"] == "monitor.process.sample" for line in logs)
     out.lines.clear()
     clock.now = 25.0
-    sink.emit(call("a@1", 0.5))
+    for event in buckets(call("a@1", 0.5)):
+        sink.emit(event)
     sink.close()  # what is pending is logged at close
     assert [(line["event"], line["requests"], line["window_s"]) for line in logs] == [
         ("monitor.requests", 1, 15.0)
@@ -78,8 +93,11 @@ def test_each_logs_every_call_and_off_none() -> None:
     off = LogSink({"requests": "off"}, logger=out)
     logs = out.lines
     each.emit(call("a@1", 0.1))
+    for event in buckets(call("a@1", 0.1)):
+        each.emit(event)  # sums are not logged when every call is
     each.emit(MonitorEvent(kind="process.sample", fields={"rss_mb": 1.0}))
-    off.emit(call("a@1", 0.1))
+    for event in [call("a@1", 0.1), *buckets(call("a@1", 0.1))]:
+        off.emit(event)
     off.close()
     assert [(line["event"], line["log_level"]) for line in logs] == [
         ("monitor.request", "debug"),

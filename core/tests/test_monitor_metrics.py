@@ -6,9 +6,11 @@ from __future__ import annotations
 import math
 import random
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
+from llmos.config import load_config
 from llmos.monitor.metrics import (
     SKETCH_ACCURACY,
     MetricWindows,
@@ -16,6 +18,8 @@ from llmos.monitor.metrics import (
     Sketch,
     parse_duration,
 )
+from llmos.runtime.kernel import Kernel
+from llmos.testing import EventRecorder
 from llmos.types import MonitorEvent
 
 
@@ -229,3 +233,47 @@ def test_parse_duration(text: object, seconds: float) -> None:
 def test_parse_duration_refuses(bad: object) -> None:
     with pytest.raises(ValueError, match="duration"):
         parse_duration(bad, "window")
+
+
+def test_finished_buckets_are_handed_on_once_and_late_calls_apart() -> None:
+    clock = Clock(1_000.0)
+    windows = MetricWindows(bucket_s=10, keep_s=600, clock=clock)
+    windows.observe(request("a", 985.0, latency_s=0.1))
+    windows.observe(request("a", 986.0, latency_s=0.3))
+    windows.observe(request("b", 995.0, latency_s=0.2, capability="embed"))
+    windows.observe(request("a", 1_000.5, latency_s=0.1))  # the bucket running now
+    # 1 s of grace: the bucket that ended at 1 000 is not handed on before 1 001.
+    (first,) = windows.close_buckets(now=1_000.5)
+    assert (first.kind, first.model, first.fields["start"], first.fields["width"]) == (
+        "request.bucket",
+        "a",
+        980.0,
+        10.0,
+    )
+    assert first.time.timestamp() == 990.0
+    stats = RequestStats.from_dict(first.fields["stats"])
+    assert stats.requests == 2 and stats.latency_s.quantile(1.0) == 0.3
+    done = windows.close_buckets(now=1_001.0)
+    assert [(e.model, e.capability, e.fields["start"]) for e in done] == [("b", "embed", 990.0)]
+    assert windows.close_buckets(now=1_005.0) == []  # each bucket once
+    windows.observe(request("b", 996.0, latency_s=0.4, capability="embed"))  # late
+    (late,) = windows.close_buckets(now=1_006.0)
+    assert late.fields["start"] == 990.0
+    assert RequestStats.from_dict(late.fields["stats"]).requests == 1  # the late call alone
+    assert windows.summary(60)["models"]["b"]["requests"] == 2  # the windows have both
+    # At the end, the running bucket too.
+    (running,) = windows.close_buckets(now=math.inf)
+    assert (running.model, running.fields["start"]) == ("a", 1_000.0)
+
+
+def test_a_kernel_hands_every_call_on_in_request_buckets(tmp_path: Path) -> None:
+    recorder = EventRecorder()
+    kernel = Kernel(load_config(env={"LLMOS_HOME": str(tmp_path), "LLMOS_LOAD_PLUGINS": ""}))
+    kernel.load_plugins()
+    kernel.plugins.register(recorder, "recorder")
+    kernel.start()
+    for n in range(5):
+        kernel.emit(request("m@1", datetime.now(UTC).timestamp(), requests=n + 1))
+    kernel.stop()
+    sums = [RequestStats.from_dict(e.fields["stats"]) for e in recorder.of("request.bucket")]
+    assert sum(s.requests for s in sums) == 15 and sum(s.calls for s in sums) == 5

@@ -4,12 +4,14 @@ With the daemon's JSON logging this gives one JSON object per line on
 stderr, which any log shipper can pick up. Every event kind is logged as
 it comes (``monitor.<kind>``) but two:
 
-* ``request`` (one per model call): by default folded into one
+* ``request`` (one per model call): by default summed into one
   ``monitor.requests`` line per model every ``summary_every`` (10 s) — rows,
   errors by kind, rows/s, latency p50/p95/p99, queue wait, tokens/s, batch
-  size — the way vLLM logs its throughput; ``requests = "each"`` logs every
-  call instead (a line per call costs the daemon more than the call itself
-  on a small model), ``"off"`` neither;
+  size — the way vLLM logs its throughput. The sums are the kernel's own
+  (``request.bucket`` events: its metric windows' finished buckets), so a
+  call costs this sink nothing. ``requests = "each"`` logs every call
+  instead (a line per call costs the daemon more than the call itself on a
+  small model), ``"off"`` neither;
 * ``process.sample`` (every few seconds): not logged unless taken out of
   ``exclude``.
 
@@ -86,23 +88,34 @@ class LogSink:
         self._since = clock()
 
     def emit(self, event: MonitorEvent) -> None:
-        if event.kind == "request" and self.requests != "each":
+        kind = event.kind
+        if kind == "request.bucket":
+            # The kernel's metric windows fold every call once and hand each
+            # finished bucket on: a summary is the merge of those.
             if self.requests == "summary" and event.model:
+                bucket = RequestStats.from_dict(event.fields.get("stats") or {})
                 with self._lock:
                     stats = self._pending.get(event.model)
                     if stats is None:
-                        stats = self._pending[event.model] = RequestStats()
-                    stats.add(event.fields)
-        elif event.kind not in self._exclude:
-            data = event.to_dict()
-            self._write(
-                "monitor." + data.pop("kind"),
-                **{k: v for k, v in data.items() if v is not None},
-            )
+                        self._pending[event.model] = bucket
+                    else:
+                        stats.merge(bucket)
+        elif kind == "request":
+            if self.requests == "each":
+                self._log(event)
+        elif kind not in self._exclude:
+            self._log(event)
         # Any event is a tick of the clock (the process sample comes every
         # few seconds even when nothing else happens).
         if self._clock() - self._since >= self.summary_every:
             self.flush()
+
+    def _log(self, event: MonitorEvent) -> None:
+        data = event.to_dict()
+        self._write(
+            "monitor." + data.pop("kind"),
+            **{k: v for k, v in data.items() if v is not None},
+        )
 
     def flush(self) -> None:
         """Log a ``monitor.requests`` line per model with calls since the last."""

@@ -23,6 +23,7 @@ import threading
 import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import attrs
@@ -386,6 +387,9 @@ class MetricWindows:
         self._loaded: dict[str, dict[str, Any]] = {}
         #: a self-batching backend's latest own figures (vLLM's engine.stats)
         self._engines: dict[str, dict[str, Any]] = {}
+        #: buckets before this index were handed on by :meth:`close_buckets`
+        self._closed_upto = 0
+        self._late: dict[tuple[tuple[str, str], int], RequestStats] = {}
         self.started = clock()
 
     # -- feeding ------------------------------------------------------------
@@ -407,6 +411,12 @@ class MetricWindows:
                     stats = buckets[index] = RequestStats()
                     self._prune(buckets, index)
                 stats.add(event.fields)
+                if index < self._closed_upto:
+                    # Its bucket was handed on already: this one goes on apart.
+                    late = self._late.get((key, index))
+                    if late is None:
+                        late = self._late[(key, index)] = RequestStats()
+                    late.add(event.fields)
         elif kind == "tuning.progress":
             self._tuning_progress(event)
         elif kind == "tuning.job":
@@ -446,6 +456,51 @@ class MetricWindows:
         elif kind == "model.unloaded" and event.model:
             with self._lock:
                 self._loaded.pop(event.model, None)
+
+    def close_buckets(
+        self, now: float | None = None, *, grace_s: float = 1.0
+    ) -> list[MonitorEvent]:
+        """``request.bucket`` events for the buckets that ended ``grace_s``
+        ago or more and were not handed on yet (all of them, the one running
+        too, with ``now=math.inf``): each model's and capability's figures of
+        one bucket, folded once here for every sink that keeps aggregates
+        (the log sink's summaries) instead of each folding every call. A
+        request that arrives after its bucket was handed on comes in a
+        ``request.bucket`` of its own for the same ``start``: a consumer
+        merges buckets with the same start."""
+        now = self.clock() if now is None else now
+        upto = int((now - grace_s) // self.bucket_s) if math.isfinite(now) else None
+        out: list[MonitorEvent] = []
+        with self._lock:
+            start = self._closed_upto
+            ready: list[tuple[tuple[str, str], int, RequestStats]] = [
+                (key, index, stats)
+                for key, buckets in self._requests.items()
+                for index, stats in buckets.items()
+                if index >= start and (upto is None or index < upto)
+            ]
+            ready += [(key, index, stats) for (key, index), stats in self._late.items()]
+            self._late = {}
+            if upto is not None:
+                self._closed_upto = max(start, upto)
+            elif ready:
+                self._closed_upto = max(index for _, index, _ in ready) + 1
+            for (model, capability), index, stats in sorted(ready, key=lambda r: (r[1], r[0])):
+                end = (index + 1) * self.bucket_s
+                out.append(
+                    MonitorEvent(
+                        kind="request.bucket",
+                        time=datetime.fromtimestamp(end, UTC),
+                        model=model,
+                        capability=capability,
+                        fields={
+                            "start": index * self.bucket_s,
+                            "width": self.bucket_s,
+                            "stats": stats.to_dict(),
+                        },
+                    )
+                )
+        return out
 
     def _prune(self, buckets: dict[int, RequestStats], newest: int) -> None:
         oldest = newest - int(self.keep_s // self.bucket_s)

@@ -11,6 +11,7 @@ runs each accuracy rule's evaluation every ``every`` on a thread of its own
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 import sys
@@ -97,13 +98,19 @@ class Monitor:
             )
             self._thread.start()
 
+    def close_buckets(self, now: float | None = None) -> None:
+        """Hand the finished metric buckets on to the sinks (``request.bucket``)."""
+        for event in self.windows.close_buckets(now):
+            self.kernel.emit(event)
+
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop the clock; wait for running accuracy checks (the kernel stops
-        its models first, so a check ends at its next call) before the
-        registry they read is closed."""
+        """Stop the clock, hand every bucket on (the running ones too); wait
+        for running accuracy checks (the kernel stops its models first, so a
+        check ends at its next call) before the registry they read is closed."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
+        self.close_buckets(math.inf)
         deadline = time.monotonic() + timeout
         for thread in list(self._checks.values()):
             thread.join(max(deadline - time.monotonic(), 0.0))
@@ -123,12 +130,18 @@ class Monitor:
         return fields
 
     def _run(self) -> None:
-        next_sample = next_eval = time.monotonic()
+        next_sample = next_eval = next_close = time.monotonic()
         next_check = {rule.name: time.monotonic() for rule in self._accuracy_rules()}
         tick = min(self.sample_every_s, self.evaluate_every_s, 1.0)
-        while not self._stop.wait(max(min(next_sample, next_eval) - time.monotonic(), 0.0)):
+        close_every = min(self.windows.bucket_s, 1.0)
+        while not self._stop.wait(
+            max(min(next_sample, next_eval, next_close) - time.monotonic(), 0.0)
+        ):
             now = time.monotonic()
             try:
+                if now >= next_close:
+                    self.close_buckets()
+                    next_close = now + close_every
                 if now >= next_sample:
                     self.sample()
                     next_sample = now + self.sample_every_s
