@@ -478,7 +478,8 @@ class AlertManager:
                 fields={k: v for k, v in body.items() if k not in ("model", "status")},
             )
         )
-        log.warning(f"alert.{status}", alert=state.rule.name, model=state.model, value=state.value)
+        write = log.warning if status == "firing" else log.info
+        write(f"alert.{status}", alert=state.rule.name, model=state.model, value=state.value)
         rule = state.rule
         if self.webhook is not None:
             if isinstance(rule.webhook, str):
