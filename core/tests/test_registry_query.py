@@ -288,3 +288,21 @@ def test_fts_operators_are_searched_as_words(store: SQLiteStore) -> None:
     # No searchable characters: the term constrains nothing.
     assert store.search("*").total == 2
     assert store.search("^").total == 2
+
+
+def test_plan_names_the_text_that_ranks_and_checks_rows_one_by_one() -> None:
+    plan = plan_search(parse_query('bert "text classification" tag:nlp NOT tiny (llama OR x)'))
+    assert plan.phrases == ("bert", "text classification")
+    assert plan.excluded == ("tiny",)
+    # Checking the rows the impact index finds: text too is a probe of the row.
+    assert "EXISTS (SELECT 1 FROM tags WHERE version_id = v.id" in plan.checks.sql
+    assert "versions_fts MATCH ? AND rowid = v.id" in plan.checks.sql
+    assert plan.checks.params == ("nlp", '"llama"', '"x"')
+    # Counting from the full-text index: tags probed by its rowid, before the row.
+    assert "version_id = versions_fts.rowid" in plan.where.sql
+
+
+def test_plan_ranks_text_under_or_by_its_positive_phrases() -> None:
+    plan = plan_search(parse_query('bert OR (tag:nlp NOT tiny) OR "a b"'))
+    assert plan.phrases == ("bert", "a b") and plan.excluded == ()
+    assert plan.checks.sql.count("rowid = v.id") == 3

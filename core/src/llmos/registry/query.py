@@ -411,7 +411,14 @@ def _glob(value: str) -> str:
     return value.replace("[", "[[]")
 
 
-def to_sql(node: Node, row: str = "v", *, correlated: bool = False) -> Sql:
+def to_sql(
+    node: Node,
+    row: str = "v",
+    *,
+    correlated: bool = False,
+    text_probes: bool = False,
+    probe_id: str | None = None,
+) -> Sql:
     """Compile ``node`` into a boolean SQL expression over the ``versions``
     row aliased ``row``. Unknown columns (``NULL``) count as not matching,
     also under ``NOT``: ``NOT family:bert`` keeps models with no family.
@@ -419,10 +426,23 @@ def to_sql(node: Node, row: str = "v", *, correlated: bool = False) -> Sql:
     Tag and task filters become ``id IN (…)`` lists, which SQLite can walk to
     find rows; with ``correlated`` they are probes of the row at hand, the
     cheaper choice when something else (the full-text index) finds the rows.
+    Free text is an ``id IN (…)`` list of its matches too, unless
+    ``text_probes``: then a full-text lookup of the row at hand, the cheaper
+    choice for checking a few rows against a word that matches many.
+    ``probe_id``: what the tag and task probes look up instead of the row's
+    id, an expression equal to it (the full-text rowid, when the full-text
+    index drives: SQLite can then probe before it reads the row).
     """
+    key = probe_id or f"{row}.id"
     if isinstance(node, Text):
         if not node.searchable:
             return TRUE
+        if text_probes:
+            return Sql(
+                f"EXISTS (SELECT 1 FROM {FTS_TABLE} WHERE {FTS_TABLE} MATCH ?"
+                f" AND rowid = {row}.id)",
+                (fts_phrase(node.text),),
+            )
         return Sql(
             f"{row}.id IN (SELECT rowid FROM {FTS_TABLE} WHERE {FTS_TABLE} MATCH ?)",
             (fts_phrase(node.text),),
@@ -433,8 +453,7 @@ def to_sql(node: Node, row: str = "v", *, correlated: bool = False) -> Sql:
             table, column = _MANY[node.field]
             if correlated:
                 return Sql(
-                    f"EXISTS (SELECT 1 FROM {table} WHERE version_id = {row}.id"
-                    f" AND {column} {op} ?)",
+                    f"EXISTS (SELECT 1 FROM {table} WHERE version_id = {key} AND {column} {op} ?)",
                     (value,),
                 )
             return Sql(
@@ -446,11 +465,16 @@ def to_sql(node: Node, row: str = "v", *, correlated: bool = False) -> Sql:
             raise ValueError(f"unknown comparison {node.op!r}")
         return Sql(f"{row}.parameters {node.op} ?", (node.value,))
     if isinstance(node, Not):
-        inner = to_sql(node.item, row, correlated=correlated)
+        inner = to_sql(
+            node.item, row, correlated=correlated, text_probes=text_probes, probe_id=probe_id
+        )
         # NULL (an unknown value) must count as false before it is negated.
         return Sql(f"(({inner.sql}) IS NOT 1)", inner.params)
     if isinstance(node, And | Or):
-        parts = [to_sql(item, row, correlated=correlated) for item in node.items]
+        parts = [
+            to_sql(item, row, correlated=correlated, text_probes=text_probes, probe_id=probe_id)
+            for item in node.items
+        ]
         glue = " AND " if isinstance(node, And) else " OR "
         return Sql(
             "(" + glue.join(p.sql for p in parts) + ")",
@@ -483,12 +507,21 @@ class SearchPlan:
     at a time, for when rows are walked in an index's order and only a page
     of them is needed. ``score_match``: when the free text sits under ``OR``
     and cannot drive, an FTS5 expression used only to rank.
+
+    For ranking from the impact index (:mod:`llmos.registry.ranking`):
+    ``phrases``, the free text that scores (with ``match``: the text every
+    hit contains); ``excluded``, the text no hit contains (``NOT`` beside
+    ``match``); ``checks``, the rest of the query checked one row at a time,
+    free text included.
     """
 
     match: str | None
     where: Sql
     probes: Sql
     score_match: str | None = None
+    phrases: tuple[str, ...] = ()
+    excluded: tuple[str, ...] = ()
+    checks: Sql = TRUE
 
     @property
     def has_text(self) -> bool:
@@ -502,9 +535,14 @@ def plan_search(node: Node | None) -> SearchPlan:
     conjuncts = node.items if isinstance(node, And) else (node,)
     driving = [c for c in conjuncts if isinstance(c, Text) and c.searchable]
     if not driving:
-        scoring = [fts_phrase(t.text) for t, positive in _texts(node) if positive]
+        scoring = [t.text for t, positive in _texts(node) if positive]
         return SearchPlan(
-            None, to_sql(node), to_sql(node, correlated=True), " OR ".join(scoring) or None
+            None,
+            to_sql(node),
+            to_sql(node, correlated=True),
+            " OR ".join(fts_phrase(text) for text in scoring) or None,
+            phrases=tuple(scoring),
+            checks=to_sql(node, correlated=True, text_probes=True),
         )
     excluded = [
         c.item
@@ -519,6 +557,17 @@ def plan_search(node: Node | None) -> SearchPlan:
         for c in conjuncts
         if not (isinstance(c, Text) or (isinstance(c, Not) and c.item in excluded))
     ]
-    # The full-text index finds the rows, so filters only check each one.
-    where = to_sql(_join(And, rest), correlated=True) if rest else TRUE
-    return SearchPlan(match, where, where)
+    # The full-text index finds the rows, so filters only check each one,
+    # tags and tasks before the row is read.
+    where = (
+        to_sql(_join(And, rest), correlated=True, probe_id=f"{FTS_TABLE}.rowid") if rest else TRUE
+    )
+    checks = to_sql(_join(And, rest), correlated=True, text_probes=True) if rest else TRUE
+    return SearchPlan(
+        match,
+        where,
+        to_sql(_join(And, rest), correlated=True) if rest else TRUE,
+        phrases=tuple(t.text for t in driving),
+        excluded=tuple(t.text for t in excluded),
+        checks=checks,
+    )
