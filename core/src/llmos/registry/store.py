@@ -45,7 +45,8 @@ import attrs
 import structlog
 
 from llmos.errors import LlmosError, NotFoundError, Unavailable, UsageError
-from llmos.registry.query import FTS_TABLE, TRUE, SearchPlan, parse_query, plan_search
+from llmos.registry import ranking
+from llmos.registry.query import FTS_TABLE, TRUE, SearchPlan, Sql, parse_query, plan_search
 from llmos.types import ModelCard, validate_model_name
 
 __all__ = [
@@ -375,9 +376,21 @@ def _migration_2(conn: sqlite3.Connection) -> None:
         conn.execute(f"CREATE INDEX versions_{column} ON versions ({column}, is_latest, name)")
 
 
+def _migration_3(conn: sqlite3.Connection) -> None:
+    """The impact index that ranked searches read their best matches from
+    (:mod:`llmos.registry.ranking`), empty: the store fills it after the
+    upgrade, in chunks of its own transactions, and searches are right (if
+    slower) until it has."""
+    ranking.create_index(conn)
+
+
 #: schema migrations, applied in order; the schema version is their count.
 #: Append, never edit or reorder: a file's ``user_version`` says how many ran.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migration_1, _migration_2]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
+    _migration_1,
+    _migration_2,
+    _migration_3,
+]
 
 
 # ------------------------------------------------------------------ helpers
@@ -495,7 +508,7 @@ class _Page:
 class _SearchSql:
     count: str  # binds count_params, then how many rows at most to count
     count_params: tuple[Any, ...]
-    page: _Page  # the conditions find the rows, which are then sorted
+    page: _Page | None  # the conditions find the rows, which are then sorted; None: ranked
     walk: _Page | None  # rows read in the order's index, each checked: for many matches
     descending: bool
 
@@ -511,12 +524,12 @@ def _search_sql(
       (``CROSS JOIN`` fixes that order; left alone, the planner probes the
       index once per version), every other condition checks each match, so
       the cost follows the number of cards the text matches;
-    * free text only under ``OR``/``NOT``: filters drive; when ranking, bm25
-      comes from a materialised ``MATCH`` joined by rowid;
+    * free text only under ``OR``/``NOT``: filters drive;
     * filters alone: ordinary indexes.
 
-    bm25 is computed only when the order is relevance, and then for every
-    match that passes the filters: the page must hold the best of them all.
+    Ranked by relevance, free text has no page statement (``page`` is
+    None): the impact index (:mod:`llmos.registry.ranking`) finds its best
+    matches without scoring every match, which bm25 in SQL would.
 
     Without free text to drive and in an order an index keeps (name, or
     creation time), a page has two forms. ``page`` lets the most selective
@@ -541,46 +554,33 @@ def _search_sql(
         source = f"{FTS_TABLE} CROSS JOIN versions v ON v.id = {FTS_TABLE}.rowid"
         where = f"{FTS_TABLE} MATCH ? AND {where}"
         params = (plan.match, *params)
+    count = f"SELECT count(*) FROM (SELECT 1 FROM {source} WHERE {where} LIMIT ?)"
 
-    by_score = sort == "relevance" and plan.has_text
-    prefix, prefix_params, scored_source, score = "", (), source, "NULL"
-    if by_score and plan.match is not None:
-        score = f"-{FTS_TABLE}.rank"
-    elif by_score:
-        prefix = (
-            f"WITH s AS MATERIALIZED (SELECT rowid, rank FROM {FTS_TABLE}"
-            f" WHERE {FTS_TABLE} MATCH ?) "
-        )
-        prefix_params = (plan.score_match,)
-        scored_source = f"{source} LEFT JOIN s ON s.rowid = v.id"
-        score = "COALESCE(-s.rank, 0.0)"
+    if sort == "relevance" and plan.has_text:
+        desc = True if descending is None else bool(descending)
+        return _SearchSql(count, params, page=None, walk=None, descending=desc)
 
     order = "name" if sort == "relevance" else sort
-    key, desc = (score, True) if by_score else _SORT_KEYS[order]
+    key, desc = _SORT_KEYS[order]
     if descending is not None:
         desc = bool(descending)
     direction, after = ("DESC", "<") if desc else ("ASC", ">")
     tail = f"ORDER BY k {direction}, id {direction} LIMIT ? OFFSET ?"
 
     def page(source: str, where: str, params: tuple[Any, ...]) -> _Page:
-        inner = f"SELECT v.id AS id, {score} AS score, {key} AS k FROM {source} WHERE {where}"
-        outer = f"{prefix}SELECT id, score, k FROM ({inner})"
+        outer = (
+            f"SELECT id, NULL, k FROM (SELECT v.id AS id, {key} AS k FROM {source} WHERE {where})"
+        )
         return _Page(
             first=f"{outer} {tail}",
             after=f"{outer} WHERE (k, id) {after} (?, ?) {tail}",
-            params=(*prefix_params, *params),
+            params=params,
         )
 
     walk = None
-    if plan.match is None and not by_score and not all_versions and order in _INDEXED_SORTS:
+    if plan.match is None and not all_versions and order in _INDEXED_SORTS:
         walk = page(source, f"{scope} AND {plan.probes.sql}", plan.probes.params)
-    return _SearchSql(
-        count=f"SELECT count(*) FROM (SELECT 1 FROM {source} WHERE {where} LIMIT ?)",
-        count_params=params,
-        page=page(scored_source, where, params),
-        walk=walk,
-        descending=desc,
-    )
+    return _SearchSql(count, params, page=page(source, where, params), walk=walk, descending=desc)
 
 
 # -------------------------------------------------------------------- store
@@ -613,9 +613,11 @@ class SQLiteStore:
         self._lock = threading.Lock()
         self._connections: list[tuple[int, sqlite3.Connection]] = []
         self._closed = False
+        self._tokenizer = ranking.Tokenizer()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._migrate(self._conn())
+            self._catch_up()
         except BaseException:
             self.close()
             raise
@@ -691,6 +693,7 @@ class SQLiteStore:
                 if owner == pid:
                     conn.close()
             self._connections.clear()
+        self._tokenizer.close()
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -757,6 +760,30 @@ class SQLiteStore:
                 f"this llmos understands ({target}); upgrade llmos or use another LLMOS_HOME"
             )
 
+    def _catch_up(self) -> None:
+        """Index what is pending in chunks, one transaction each (after an
+        upgrade, the whole registry), so that other processes get the lock
+        between them; a process killed half-way leaves the rest pending."""
+        while ranking.pending(self._conn()) >= ranking.FOLD_AT:
+            with self._write() as c:
+                if not ranking.fold(c, self._tokenizer, limit=ranking.CATCH_UP_CHUNK):
+                    break
+
+    def _fold_if_due(self) -> None:
+        """Index the pending versions once there are enough of them to be
+        worth a batch: in a transaction of its own, after the registration's
+        (which has returned if this one fails: the versions stay pending, and
+        the next writer indexes them)."""
+        if ranking.pending(self._conn()) < ranking.FOLD_AT:
+            return
+        try:
+            with self._write() as c:
+                if ranking.pending(c) >= ranking.FOLD_AT:  # not done by another writer meanwhile
+                    ranking.fold(c, self._tokenizer)
+        except (LlmosError, sqlite3.Error) as exc:
+            # Searches stay right with versions pending, only slower.
+            log.warning("search index not updated", path=str(self.path), error=str(exc))
+
     @property
     def schema_version(self) -> int:
         """The file's schema version (``PRAGMA user_version``)."""
@@ -769,6 +796,7 @@ class SQLiteStore:
     ) -> ModelCard:
         with self._write() as c:
             stored = self._insert(c, card, created_by, _now(), if_changed)
+        self._fold_if_due()
         log.info("model registered", model=stored.ref)
         return stored
 
@@ -778,6 +806,7 @@ class SQLiteStore:
         now = _now()
         with self._write() as c:
             stored = [self._insert(c, card, created_by, now, False) for card in cards]
+        self._fold_if_due()
         log.info("models registered", count=len(stored))
         return stored
 
@@ -849,14 +878,27 @@ class SQLiteStore:
         else:
             c.execute("UPDATE cards SET card = ? WHERE version_id = ?", (_card_json(card), row_id))
             c.execute("DELETE FROM tags WHERE version_id = ?", (row_id,))
+            old = self._fts_columns(c, row_id)
             c.execute(
                 f"UPDATE {FTS_TABLE} SET description = ?, tags = ? WHERE rowid = ?",
                 (card.description, tags, row_id),
             )
+            new = (old[0], card.description, tags, old[3])
+            ranking.reindex(c, self._tokenizer, row_id, old, new)
         c.executemany(
             "INSERT OR IGNORE INTO tags (version_id, tag) VALUES (?, ?)",
             [(row_id, tag.lower()) for tag in card.tags],
         )
+
+    @staticmethod
+    def _fts_columns(c: sqlite3.Connection, row_id: int) -> tuple[str, str, str, str]:
+        """What the full-text index holds for a version: name, description,
+        tags, tasks."""
+        row = c.execute(
+            f"SELECT name, description, tags, tasks FROM {FTS_TABLE} WHERE rowid = ?", (row_id,)
+        ).fetchone()
+        assert row is not None, f"version {row_id} is not in the full-text index"
+        return row
 
     def _point(self, c: sqlite3.Connection, name: str, alias: str, version: int) -> None:
         c.execute(
@@ -961,6 +1003,7 @@ class SQLiteStore:
                 "UPDATE versions SET status = 'deleted', is_latest = 0 WHERE id = ?", (row.id,)
             )
             c.execute("DELETE FROM aliases WHERE name = ? AND version = ?", (row.name, row.version))
+            ranking.unindex(c, self._tokenizer, row.id, self._fts_columns(c, row.id))
             c.execute(f"DELETE FROM {FTS_TABLE} WHERE rowid = ?", (row.id,))
             self._refresh_latest(c, row.name)
         log.info("model deleted", model=row.card.ref)
@@ -1066,6 +1109,36 @@ class SQLiteStore:
             found.setdefault((name, version), []).append(alias)
         return {key: tuple(value) for key, value in found.items()}
 
+    def _ranked(
+        self,
+        c: sqlite3.Connection,
+        plan: SearchPlan,
+        all_versions: bool,
+        descending: bool,
+        limit: int,
+        offset: int,
+        after: tuple[Any, ...],
+    ) -> list[tuple[int, float, float]]:
+        """A relevance page of free text ANDed with the rest, from the impact
+        index: ``(id, score, sort key)`` rows, one more than ``limit`` if
+        there are more."""
+        scope = "v.status <> 'deleted'" if all_versions else "v.is_latest = 1"
+        checks = Sql(f"{scope} AND {plan.checks.sql}", plan.checks.params)
+        match = plan.match or plan.score_match
+        assert match is not None
+        query = ranking.RankQuery(
+            phrases=tuple(self._tokenizer.phrase(text) for text in plan.phrases),
+            excluded=tuple(self._tokenizer.phrase(text) for text in plan.excluded),
+            match=match,
+            checks=checks,
+            any_phrase=plan.match is None,
+        )
+        cursor = (float(after[0]), int(after[1])) if after else None
+        top = ranking.Ranker(c, self._tokenizer, query).top(
+            offset + limit + 1, descending=descending, after=cursor
+        )
+        return [(row_id, score, score) for score, row_id in top[offset:]]
+
     def search(
         self,
         query: str = "",
@@ -1098,10 +1171,13 @@ class SQLiteStore:
         with self._read() as c:
             total = c.execute(sql.count, (*sql.count_params, self.count_limit + 1)).fetchone()[0]
             exact = total <= self.count_limit
-            page = sql.page if exact or sql.walk is None else sql.walk
-            rows = c.execute(
-                page.after if after else page.first, (*page.params, *after, limit + 1, offset)
-            ).fetchall()
+            if sql.page is None:
+                rows = self._ranked(c, plan, all_versions, sql.descending, limit, offset, after)
+            else:
+                page = sql.page if exact or sql.walk is None else sql.walk
+                rows = c.execute(
+                    page.after if after else page.first, (*page.params, *after, limit + 1, offset)
+                ).fetchall()
             more = len(rows) > limit
             rows = rows[:limit]
             ids = [row[0] for row in rows]
