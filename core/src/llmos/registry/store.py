@@ -819,13 +819,18 @@ class SQLiteStore:
         if_changed: bool,
     ) -> ModelCard:
         name = _check_card(card).name
-        c.execute(
+        new_model = c.execute(
             "INSERT INTO models (name, created_at) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
             (name, now.timestamp()),
-        )
+        ).rowcount
         # Under BEGIN IMMEDIATE no other writer runs, so max + 1 is ours alone;
         # deleted versions stay in the table, which keeps the numbers gapless.
-        last = c.execute("SELECT MAX(version) FROM versions WHERE name = ?", (name,)).fetchone()[0]
+        # (A model is never removed, so a new one has no versions yet.)
+        last = None
+        if not new_model:
+            last = c.execute(
+                "SELECT MAX(version) FROM versions WHERE name = ?", (name,)
+            ).fetchone()[0]
         if if_changed and last is not None:
             latest = self._alias_row(c, name, LATEST)
             if latest is not None and _same_content(latest.card, card):
@@ -836,7 +841,8 @@ class SQLiteStore:
             created_at=now,
             created_by=created_by if created_by is not None else card.created_by,
         )
-        c.execute("UPDATE versions SET is_latest = 0 WHERE name = ? AND is_latest = 1", (name,))
+        if last is not None:
+            c.execute("UPDATE versions SET is_latest = 0 WHERE name = ? AND is_latest = 1", (name,))
         row_id = c.execute(
             "INSERT INTO versions (name, version, is_latest, created_at, created_by,"
             " provider, family, format, license, parameters)"
