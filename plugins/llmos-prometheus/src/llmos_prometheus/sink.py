@@ -73,12 +73,13 @@ class Bounded:
         self._seen: set[str] = set()
 
     def __call__(self, value: Any) -> str:
+        if isinstance(value, str) and value in self._seen:  # the common case
+            return value
         if not isinstance(value, str) or not self._SHAPE.fullmatch(value):
             return OTHER
-        if value not in self._seen:
-            if len(self._seen) >= self.limit:
-                return OTHER
-            self._seen.add(value)
+        if len(self._seen) >= self.limit:
+            return OTHER
+        self._seen.add(value)
         return value
 
 
