@@ -1,6 +1,6 @@
 """Daemon throughput with every monitor sink on against every sink off.
 
-Three real daemons (``llmos serve`` subprocesses, each its own data folder),
+Two real daemons (``llmos serve`` subprocesses, each its own data folder),
 started side by side and loaded in interleaved rounds by the same client:
 
 * ``all_on``  — the default sinks (``log`` as JSON lines to a file,
@@ -10,7 +10,9 @@ started side by side and loaded in interleaved rounds by the same client:
 * ``sinks_off`` — the three sink plugins disabled (``plugins.disable``); the
   kernel's windows, alerts and sampler still run (they are not sinks);
 * the ratio ``all_on / sinks_off`` of requests per second is the goal's
-  figure (>= 0.97).
+  figure (>= 0.97): the median of the per-round (paired) ratios. The ratio
+  of the medians and the daemons' own CPU per request (from /proc) are
+  written beside it.
 
 The model is a trivial in-process provider (an installed-looking plugin
 distribution on ``PYTHONPATH``), so the daemon's own work is all there is and
@@ -20,7 +22,7 @@ Each round sends ``--requests`` one-row ``POST /v1/completions`` from
 the order rotated every round; the JSON has every round's rates, the
 medians, the ratio of medians and the median of per-round ratios.
 
-    python bench/monitor_overhead.py [--rounds 8] [--requests 1500] [--clients 8]
+    python bench/monitor_overhead.py [--rounds 30] [--requests 1000] [--clients 8]
 """
 
 from __future__ import annotations
@@ -190,8 +192,8 @@ def scraper(url: str, stop: threading.Event, counts: dict[str, int]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--requests", type=int, default=1500)
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--out", type=Path, default=RESULTS / "monitor_overhead.json")
     args = parser.parse_args()
@@ -288,7 +290,16 @@ def main() -> None:
             "events_dropped": summary.get("events_dropped"),
             "sink_errors": summary.get("sink_errors"),
         },
-        "goal": {"all_on / sinks_off >= 0.97": ratio >= 0.97, "ratio": round(ratio, 4)},
+        # The goal's figure is the median of the per-round ratios: each round
+        # pairs the two daemons a few seconds apart, so a machine whose load
+        # drifts (other work on 2 shared cores) moves both sides of a pair
+        # together; the ratio of the medians mixes rounds of different load.
+        "goal": {
+            "all_on / sinks_off >= 0.97": statistics.median(per_round) >= 0.97,
+            "paired_ratio": round(statistics.median(per_round), 4),
+            "ratio_of_medians": round(ratio, 4),
+            "daemon_cpu_ratio": round(cpu_medians["sinks_off"] / cpu_medians["all_on"], 4),
+        },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
