@@ -189,6 +189,18 @@ def test_an_engine_short_of_kv_cache_is_told_to_get_more(tmp_path: Path, table_m
     assert "kv_cache_gib" in advice.action and advice.config == "[plugins.vllm]\nkv_cache_gib = 4"
 
 
+def test_calls_one_after_another_need_no_larger_batch(tmp_path: Path, table_module: Any) -> None:
+    kernel = table_kernel(tmp_path / "home", [*FAST_MONITOR, "runtime.max_batch_size=1"])
+    add(kernel, "m", delay_s=0.02)
+    with serve_in_thread(kernel) as url:
+        hammer(url, "m", threads=1, each=25)  # batches of one, but nobody waits
+        settle(kernel, "m@1", 25)
+        figures = kernel.monitor.windows.summary(60)["models"]["m@1"]
+        assert figures["batch_size_mean"] == 1.0
+        assert figures["queue_wait_p95_ms"] < figures["model_p50_ms"]
+        assert advise(kernel) == []
+
+
 def test_too_little_traffic_gets_no_advice(tmp_path: Path, table_module: Any) -> None:
     kernel = table_kernel(tmp_path / "home", [*FAST_MONITOR, "runtime.max_batch_size=1"])
     add(kernel, "m", delay_s=0.02)

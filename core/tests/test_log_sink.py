@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -35,9 +36,11 @@ class Clock:
         return self.now
 
 
-def call(model: str, latency_s: float, **fields: object) -> MonitorEvent:
+def call(model: str, latency_s: float, at: float = 0.0, **fields: object) -> MonitorEvent:
+    """A call's event, ``at`` seconds after a fixed moment."""
     return MonitorEvent(
         kind="request",
+        time=datetime.fromtimestamp(1_800_000_000 + at, UTC),
         model=model,
         capability="chat",
         fields={"status": "ok", "requests": 1, "latency_s": latency_s, **fields},
@@ -57,12 +60,18 @@ def test_calls_are_summed_per_model_every_summary_every() -> None:
     out = Lines()
     sink = LogSink({"summary_every": "10s"}, clock=clock, logger=out)
     logs = out.lines
-    calls = [call("a@1", latency, tokens_out=10) for latency in (0.1, 0.2, 0.3, 0.4)]
+    # a@1's calls fall in two of the windows' 1 s buckets: the summary merges both
+    calls = [
+        call("a@1", latency, at=at, tokens_out=10)
+        for latency, at in ((0.1, 0.0), (0.2, 0.5), (0.3, 1.2), (0.4, 1.7))
+    ]
     calls.append(call("b@1", 1.0, status="error", error="timeout"))
     for event in calls:
         sink.emit(event)  # a call alone is not logged: its bucket is
     assert logs == []
-    for event in buckets(*calls):
+    sums = buckets(*calls)
+    assert [e.model for e in sums] == ["a@1", "b@1", "a@1"]
+    for event in sums:
         sink.emit(event)
     sink.emit(MonitorEvent(kind="model.loaded", model="a@1", fields={"load_s": 2.0}))
     assert [line["event"] for line in logs] == ["monitor.model.loaded"]
