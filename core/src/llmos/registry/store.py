@@ -72,6 +72,9 @@ LATEST = "latest"
 SORTS = ("relevance", "name", "created", "parameters")
 #: bytes of the file each connection maps (SQLite's default build caps it at 2 GiB - 64 KiB)
 MMAP_SIZE = 0x7FFF0000
+#: KiB of page cache per connection: what a write transaction changes stays
+#: in memory until it commits (reads come from the map)
+CACHE_KIB = 32 * 1024
 #: most hits one search page may carry
 MAX_LIMIT = 1000
 #: matches a search counts before it reports ``total`` as "at least this many":
@@ -669,6 +672,11 @@ class SQLiteStore:
             # halves a selective search's time against 256 MiB; it is address
             # space, not memory, and the pages are the OS's shared file cache.
             conn.execute(f"PRAGMA mmap_size = {MMAP_SIZE:d}")
+            # SQLite's default 2 MiB of cache spills a bulk registration's
+            # changed pages to the WAL before it commits, and writes some of
+            # them again after: register_many of 2,000 cards ran 1.3-1.5x
+            # slower with it. The cache grows only as far as it is used.
+            conn.execute(f"PRAGMA cache_size = -{CACHE_KIB:d}")
         except sqlite3.DatabaseError as exc:
             raise LlmosError(f"cannot open registry database {self.path}: {exc}") from exc
         return conn
