@@ -327,6 +327,19 @@ def test_indexed_and_pending_versions_rank_alike(
         assert ranked(late, query, all_versions=True) == ranked(done, query, all_versions=True)
 
 
+@pytest.mark.parametrize("query", [q for q in QUERIES if q.count(" ") and "tag:" not in q])
+def test_several_phrases_rank_alike_streamed_or_one_by_one(
+    corpus: SQLiteStore, monkeypatch: pytest.MonkeyPatch, query: str
+) -> None:
+    """A query of several phrases with few matches scores them all from
+    their text (or SQLite's bm25, words only); with many, it merges the
+    phrases' streams: the same pages either way."""
+    scored = ranked(corpus, query)
+    monkeypatch.setattr(ranking, "_FEW", 0)
+    assert ranked(corpus, query) == scored
+    assert ranked(corpus, query, descending=False) == scored[::-1]
+
+
 def test_half_indexed_ranks_as_all_indexed(tmp_path: Path) -> None:
     cards = make_cards(300, seed=4)
     with SQLiteStore(tmp_path / "half.db") as half, SQLiteStore(tmp_path / "all.db") as full:
@@ -464,6 +477,26 @@ def test_writers_fold_when_enough_is_pending(
         store.register(card)
     assert pending(store) < 10
     assert ranking.indexed_through(store._conn()) >= 20
+    check_index(store)
+
+
+def test_a_registration_stands_when_indexing_after_it_fails(
+    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ranking, "FOLD_AT", 3)
+
+    def broken(*args: Any, **kwargs: Any) -> int:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(ranking, "fold", broken)
+    stored = [store.register(card) for card in make_cards(5, seed=12)]
+    assert [c.version for c in stored] == [1] * 5
+    assert pending(store) == 5  # left to the next writer; searches still find them
+    assert {n for n, _, _ in ranked(store, "model OR bert")} <= {c.name for c in stored}
+    monkeypatch.undo()
+    monkeypatch.setattr(ranking, "FOLD_AT", 3)
+    store.register(make_cards(1, seed=13)[0])
+    assert pending(store) == 0
     check_index(store)
 
 

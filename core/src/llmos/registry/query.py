@@ -483,6 +483,43 @@ def to_sql(
     raise TypeError(f"not a query node: {node!r}")
 
 
+def _without_text(node: Node, positive: bool = True) -> Node | None:
+    """``node`` for a row that contains none of its positive free text: each
+    such term dropped as false (None: the whole is false)."""
+    if isinstance(node, Text):
+        return None if positive and node.searchable else node
+    if isinstance(node, Not):
+        inner = _without_text(node.item, not positive)
+        return Not(inner) if inner is not None else _ALWAYS
+    if isinstance(node, And):
+        items = [_without_text(item, positive) for item in node.items]
+        if any(item is None for item in items):
+            return None
+        return _join(And, [i for i in items if i is not None and i is not _ALWAYS] or [_ALWAYS])
+    if isinstance(node, Or):
+        kept = [i for i in (_without_text(item, positive) for item in node.items) if i is not None]
+        if any(item is _ALWAYS for item in kept):
+            return _ALWAYS
+        return _join(Or, kept) if kept else None
+    return node
+
+
+#: a term every row matches (NOT of a dropped term)
+_ALWAYS: Node = Text("")
+
+
+def _needs_text(node: Node) -> bool:
+    """Whether every row ``node`` matches contains some of its positive free
+    text (conservatively: False when unsure)."""
+    if isinstance(node, Text):
+        return node.searchable
+    if isinstance(node, And):
+        return any(_needs_text(item) for item in node.items)
+    if isinstance(node, Or):
+        return all(_needs_text(item) for item in node.items)
+    return False  # a filter, or NOT
+
+
 def _texts(node: Node, positive: bool = True) -> Iterator[tuple[Text, bool]]:
     """Every searchable free-text leaf with its polarity (False under an odd number of NOTs)."""
     if isinstance(node, Text):
@@ -512,7 +549,10 @@ class SearchPlan:
     ``phrases``, the free text that scores (with ``match``: the text every
     hit contains); ``excluded``, the text no hit contains (``NOT`` beside
     ``match``); ``checks``, the rest of the query checked one row at a time,
-    free text included.
+    free text included; ``scoreless``, whether a hit may contain none of
+    ``phrases`` (text under ``OR`` beside a filter), and so score 0, and if
+    so ``unscored``, the query for such hits (the text dropped as false),
+    written so that SQLite can find its rows.
     """
 
     match: str | None
@@ -522,10 +562,20 @@ class SearchPlan:
     phrases: tuple[str, ...] = ()
     excluded: tuple[str, ...] = ()
     checks: Sql = TRUE
+    scoreless: bool = False
+    unscored: Sql = TRUE
 
     @property
     def has_text(self) -> bool:
         return self.match is not None or self.score_match is not None
+
+
+def _unscored_sql(node: Node) -> Sql:
+    rest = _without_text(node)
+    if rest is None:
+        return Sql("0")
+    # _ALWAYS is a Text without tokens, which compiles to TRUE.
+    return to_sql(rest)
 
 
 def plan_search(node: Node | None) -> SearchPlan:
@@ -543,6 +593,8 @@ def plan_search(node: Node | None) -> SearchPlan:
             " OR ".join(fts_phrase(text) for text in scoring) or None,
             phrases=tuple(scoring),
             checks=to_sql(node, correlated=True, text_probes=True),
+            scoreless=not _needs_text(node),
+            unscored=_unscored_sql(node),
         )
     excluded = [
         c.item

@@ -348,8 +348,10 @@ def indexed_through(conn: sqlite3.Connection) -> int:
 
 def pending(conn: sqlite3.Connection) -> int:
     """How many versions wait to be indexed (an upper bound: ids, not rows)."""
-    top = conn.execute("SELECT max(id) FROM versions").fetchone()[0] or 0
-    return max(0, top - indexed_through(conn))
+    found = conn.execute(
+        f"SELECT coalesce((SELECT max(id) FROM versions), 0) - indexed FROM {STATE_TABLE}"
+    ).fetchone()[0]
+    return max(0, found)
 
 
 def _key(row_id: int, size: int) -> int:
@@ -408,8 +410,9 @@ def fold(conn: sqlite3.Connection, tokenizer: Tokenizer, limit: int | None = Non
         params = (start, limit)
     rows = conn.execute(sql, params).fetchall()
     if not rows:
+        # Only ids of versions deleted before they were indexed are left.
         top = conn.execute("SELECT max(id) FROM versions").fetchone()[0] or start
-        if limit is None and top > start:
+        if top > start:
             conn.execute(f"UPDATE {STATE_TABLE} SET indexed = ?", (top,))
         return 0
     counts = _TermCounts()
@@ -516,11 +519,22 @@ class RankQuery:
     match: str
     checks: Sql
     any_phrase: bool = False
+    #: with ``any_phrase``: the whole query (scope included) written so that
+    #: SQLite can find its rows from indexes, where ``checks`` probes one row
+    #: at a time: the cheaper way to check many rows against rare text
+    where: Sql | None = None
+    #: with ``any_phrase``: the query for matches that contain no phrase
+    #: (they score 0), scope included, written for indexes too; None: none can
+    unscored: Sql | None = None
 
 
 _INF = float("inf")
 #: a stream entry that stands for a query not run yet
 _UNOPENED = -1
+#: below this many versions containing a several-phrase query's rarest
+#: phrase (all of its phrases, under OR), its matches are scored one by one:
+#: the threshold of streams summed falls slowly when phrases rarely meet
+_FEW = 3_000
 
 
 class _Source:
@@ -631,7 +645,11 @@ class Ranker:
         ]
         self.phrases = [_Phrase(p) for p in query.phrases]
         self.excluded = [_Phrase(p) for p in query.excluded]
-        self.checked = 0  # versions looked at (for tests and benchmarks)
+        # What the last top() read (for tests and benchmarks): versions the
+        # index offered and were checked, versions scored from their text
+        # without it (pending ones; every match of a query with few), streams
+        # there were and streams it opened.
+        self.checked = self.direct = self.sources = self.opened = 0
 
     def _terms(self, words: Iterable[str]) -> dict[str, tuple[int, int]]:
         """term -> (document count now, mask of indexed weights)."""
@@ -715,8 +733,9 @@ class Ranker:
 
     # -------------------------------------------------------------- scoring
 
-    def _check(self, ids: list[int]) -> set[int]:
-        checks = self.query.checks
+    def _check(self, ids: list[int], checks: Sql | None = None) -> set[int]:
+        """Those of ``ids`` that pass ``checks`` (the query's, by default)."""
+        checks = checks or self.query.checks
         rows = self.conn.execute(
             "SELECT v.id FROM json_each(?) AS j CROSS JOIN versions v ON v.id = j.value"
             f" WHERE {checks.sql}",
@@ -755,28 +774,34 @@ class Ranker:
     def _unscored(
         self, want: int, descending: bool, after: tuple[float, int] | None
     ) -> list[tuple[int, float]]:
-        """With ``any_phrase``: the first ``want`` matches that contain no
-        phrase (score 0), by id, after the cursor."""
-        checks = self.query.checks
-        where = (
-            f"{checks.sql} AND NOT EXISTS (SELECT 1 FROM {FTS_TABLE}"
-            f" WHERE {FTS_TABLE} MATCH ? AND rowid = v.id)"
-        )
-        params: list[Any] = [*checks.params, self.query.match]
-        if after is not None:
-            where += " AND v.id < ?" if descending else " AND v.id > ?"
-            params.append(after[1])
-        order = "DESC" if descending else "ASC"
+        """The first ``want`` matches that contain no phrase (score 0), by
+        id, after the cursor: rows of ``unscored`` without the phrases."""
+        assert self.query.unscored is not None
+        where = self.query.unscored
+        order, beyond = ("DESC", "<") if descending else ("ASC", ">")
+        cursor = f" AND v.id {beyond} ?" if after is not None else ""
         rows = self.conn.execute(
-            f"SELECT v.id FROM versions v WHERE {where} ORDER BY v.id {order} LIMIT ?",
-            (*params, want),
-        )
+            f"SELECT v.id FROM versions v WHERE {where.sql}{cursor} AND NOT EXISTS"
+            f" (SELECT 1 FROM {FTS_TABLE} WHERE {FTS_TABLE} MATCH ? AND rowid = v.id)"
+            f" ORDER BY v.id {order} LIMIT ?",
+            (*where.params, *([after[1]] if after else []), self.query.match, want),
+        ).fetchall()
         return [(row[0], 0.0) for row in rows]
 
-    def _pending(self) -> list[int]:
+    def _fts5_scores(self) -> list[tuple[int, float]]:
+        """Every match's id and score from SQLite's ``bm25()`` (the full-text
+        table's rank), for a query of single words."""
+        rows = self.conn.execute(
+            f"SELECT rowid, -rank FROM {FTS_TABLE} WHERE {FTS_TABLE} MATCH ?", (self.query.match,)
+        )
+        return rows.fetchall()
+
+    def _pending(self, everything: bool = False) -> list[int]:
+        """The matches not indexed yet (``everything``: all matches) that
+        contain the phrases (with ``any_phrase``: some phrase)."""
         rows = self.conn.execute(
             f"SELECT rowid FROM {FTS_TABLE} WHERE {FTS_TABLE} MATCH ? AND rowid > ?",
-            (self.query.match, self.indexed),
+            (self.query.match, 0 if everything else self.indexed),
         )
         return [row[0] for row in rows]
 
@@ -806,25 +831,41 @@ class Ranker:
                     heapq.heapreplace(kept, entry)
 
         any_phrase = query.any_phrase
+        scoreless = any_phrase and query.unscored is not None
         # Versions with none of the phrases score 0: after all others, or
         # (ascending) before them.
         cursor_at_zero = after is not None and after[0] == 0.0
-        if any_phrase and not descending:
+        if scoreless and not descending:
             keep(self._unscored(want, descending, after if cursor_at_zero else None))
             if len(kept) >= want:
                 return [(score, row_id) for _, _, score, row_id in sorted(kept, reverse=True)]
-        elif any_phrase and cursor_at_zero:
+        elif scoreless and cursor_at_zero:
             return [(score, row_id) for row_id, score in self._unscored(want, descending, after)]
 
-        # Pending versions: all of their matches, scored from their text.
-        late = self._pending()
-        seen = set(late)
-        if late:
-            passing = self._check(late)
-            keep(self._score_texts([(i, None) for i in late if i in passing]))
+        # Pending versions: all of their matches, scored from their text;
+        # all versions, when a several-phrase query has few matches.
+        rare = [min(self.terms[t][0] for t in phrase) if phrase else 0 for phrase in query.phrases]
+        few = len(rare) > 1 and (sum(rare) if any_phrase else min(rare)) < _FEW
+        if few and all(len(p) == 1 for p in query.phrases + query.excluded):
+            # Words only, and rare: SQLite's bm25 is ours to the bit, and
+            # cheap when no word has many matches to count for its IDF.
+            scored = dict(self._fts5_scores())
+            direct = list(scored)
+        else:
+            scored = {}
+            direct = self._pending(everything=few)
+        self.direct = len(direct)
+        seen = set(direct)
+        if direct:
+            # All matches of rare text under OR: its IN lists are short.
+            passing = self._check(direct, query.where if few and any_phrase else None)
+            if scored:
+                keep((i, scored[i]) for i in direct if i in passing)
+            else:
+                keep(self._score_texts([(i, None) for i in direct if i in passing]))
 
         streams = [
-            _Stream(self.conn, self._sources(phrase), weight, self.avgdl, descending)
+            _Stream(self.conn, [] if few else self._sources(phrase), weight, self.avgdl, descending)
             for phrase, weight in zip(query.phrases, self.weights, strict=True)
         ]
         single = len(streams) == 1
@@ -869,6 +910,9 @@ class Ranker:
                 size = min(size * 2, 256)
             elif done:
                 break
-        if any_phrase and descending and len(kept) < want:
+        if scoreless and descending and len(kept) < want:
             keep(self._unscored(want - len(kept), descending, None))
+        sources = [source for stream in streams for source in stream.sources]
+        self.sources = len(sources)
+        self.opened = sum(source.cursor is not None for source in sources)
         return [(score, row_id) for _, _, score, row_id in sorted(kept, reverse=True)]

@@ -771,11 +771,15 @@ class SQLiteStore:
     def _catch_up(self) -> None:
         """Index what is pending in chunks, one transaction each (after an
         upgrade, the whole registry), so that other processes get the lock
-        between them; a process killed half-way leaves the rest pending."""
-        while ranking.pending(self._conn()) >= ranking.FOLD_AT:
-            with self._write() as c:
-                if not ranking.fold(c, self._tokenizer, limit=ranking.CATCH_UP_CHUNK):
-                    break
+        between them; a process killed half-way leaves the rest pending, and
+        one that cannot get the lock leaves it to the next writer."""
+        try:
+            while ranking.pending(self._conn()) >= ranking.FOLD_AT:
+                with self._write() as c:
+                    if not ranking.fold(c, self._tokenizer, limit=ranking.CATCH_UP_CHUNK):
+                        break
+        except (LlmosError, sqlite3.Error) as exc:
+            log.warning("search index not caught up", path=str(self.path), error=str(exc))
 
     def _fold_if_due(self) -> None:
         """Index the pending versions once there are enough of them to be
@@ -1133,10 +1137,13 @@ class SQLiteStore:
         offset: int,
         after: tuple[Any, ...],
     ) -> list[tuple[int, float, float]]:
-        """A relevance page of free text ANDed with the rest, from the impact
-        index: ``(id, score, sort key)`` rows, one more than ``limit`` if
-        there are more."""
-        scope = "v.status <> 'deleted'" if all_versions else "v.is_latest = 1"
+        """A relevance page of a query with free text, from the impact index:
+        ``(id, score, sort key)`` rows, one more than ``limit`` if there are
+        more."""
+        # The unary plus keeps SQLite off the is_latest index, which lists
+        # every latest version, when it looks for the matches that score 0
+        # (text under OR): the filters' indexes find those.
+        scope = "v.status <> 'deleted'" if all_versions else "+v.is_latest = 1"
         checks = Sql(f"{scope} AND {plan.checks.sql}", plan.checks.params)
         match = plan.match or plan.score_match
         assert match is not None
@@ -1146,6 +1153,12 @@ class SQLiteStore:
             match=match,
             checks=checks,
             any_phrase=plan.match is None,
+            where=Sql(f"{scope} AND {plan.where.sql}", plan.where.params),
+            unscored=(
+                Sql(f"{scope} AND {plan.unscored.sql}", plan.unscored.params)
+                if plan.scoreless
+                else None
+            ),
         )
         cursor = (float(after[0]), int(after[1])) if after else None
         top = ranking.Ranker(c, self._tokenizer, query).top(
