@@ -631,21 +631,45 @@ def registry_plan(store: SQLiteStore, query: str) -> dict[str, list[str]] | None
     """EXPLAIN QUERY PLAN of the registry's count and page statements for
     ``query``: ``page`` sorts what the filters find, ``walk`` (when the query
     has one) reads an index in order, the form a search takes once the count
-    reaches its limit (best effort: it reads the store's private SQL builder)."""
+    reaches its limit. A ranked query (free text, by relevance) has no page
+    statement: ``rank`` says how many versions its impact-index search
+    checked for a page of 20, from how many streams (best effort: it reads
+    the store's private SQL builder and ranker)."""
     try:
+        from llmos.registry import ranking
         from llmos.registry.query import plan_search
         from llmos.registry.store import _search_sql
 
         sql = _search_sql(plan_search(parse_query(query)), "relevance", None, False)
         conn = store._conn()
         out = {}
-        pages = [("page", sql.page)] + ([("walk", sql.walk)] if sql.walk else [])
+        pages = [(name, page) for name, page in (("page", sql.page), ("walk", sql.walk)) if page]
         for label, text, params in (
             ("count", sql.count, (*sql.count_params, store.count_limit + 1)),
             *((name, page.first, (*page.params, LIMIT + 1, 0)) for name, page in pages),
         ):
             rows = conn.execute(f"EXPLAIN QUERY PLAN {text}", params).fetchall()
             out[label] = [str(row[-1]) for row in rows]
+        if sql.page is None:
+            seen: list[ranking.Ranker] = []
+            top = ranking.Ranker.top
+
+            def spy(self: ranking.Ranker, *args: Any, **kwargs: Any) -> Any:
+                seen.append(self)
+                return top(self, *args, **kwargs)
+
+            ranking.Ranker.top = spy
+            try:
+                store.search(query, limit=LIMIT)
+            finally:
+                ranking.Ranker.top = top
+            ranker = seen[-1]
+            out["rank"] = [
+                f"impact index: {ranker.checked} versions checked for {LIMIT},"
+                f" {ranker.opened} of {ranker.sources} streams opened;"
+                f" {ranker.direct} scored from their text (not indexed yet, or a query"
+                " of several phrases with few matches)"
+            ]
         return out
     except Exception as exc:  # the private API moved: the plan is optional
         return {"error": [f"{type(exc).__name__}: {exc}"]}
