@@ -72,6 +72,19 @@ def ranked(store: SQLiteStore, query: str, **kwargs: Any) -> list[tuple[str, int
     return [(h.card.name, h.card.version or 0, h.score or 0.0) for h in page.items]
 
 
+def by_cursors(
+    store: SQLiteStore, query: str, limit: int, **kwargs: Any
+) -> list[tuple[str, int, float]]:
+    """Every hit of a search, page after page by cursor."""
+    hits: list[tuple[str, int, float]] = []
+    cursor = None
+    while True:
+        page = store.search(query, limit=limit, cursor=cursor, **kwargs)
+        hits += [(h.card.name, h.card.version or 0, h.score or 0.0) for h in page.items]
+        if (cursor := page.next_cursor) is None:
+            return hits
+
+
 def fts5_bm25(store: SQLiteStore, word: str) -> list[tuple[int, float]]:
     """SQLite's own ranking of a one-word query (the table's bm25 weights)."""
     return (
@@ -363,13 +376,7 @@ def test_half_indexed_ranks_as_all_indexed(tmp_path: Path) -> None:
 def test_every_page_of_a_ranked_search(corpus: SQLiteStore, query: str, descending: bool) -> None:
     full = ranked(corpus, query, descending=descending)
     assert len(full) > 40
-    by_cursor: list[tuple[str, int, float]] = []
-    cursor = None
-    while True:
-        page = corpus.search(query, limit=7, cursor=cursor, descending=descending)
-        by_cursor += [(h.card.name, h.card.version or 0, h.score or 0.0) for h in page.items]
-        if (cursor := page.next_cursor) is None:
-            break
+    by_cursor = by_cursors(corpus, query, 7, descending=descending)
     by_offset: list[tuple[str, int, float]] = []
     offset: int | None = 0
     while offset is not None:
@@ -387,14 +394,7 @@ def test_text_under_or_pages_through_the_zero_scores(corpus: SQLiteStore, descen
     assert 10 < len(zeros) < len(full) - 10
     # Descending, every match with the word comes first; ascending, last.
     assert (full[-len(zeros) :] if descending else full[: len(zeros)]) == zeros
-    pages: list[tuple[str, int, float]] = []
-    cursor = None
-    while True:
-        page = corpus.search(query, limit=6, cursor=cursor, descending=descending)
-        pages += [(h.card.name, h.card.version or 0, h.score or 0.0) for h in page.items]
-        if (cursor := page.next_cursor) is None:
-            break
-    assert pages == full
+    assert by_cursors(corpus, query, 6, descending=descending) == full
 
 
 def test_ties_break_by_newest_first(store: SQLiteStore) -> None:

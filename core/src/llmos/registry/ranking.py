@@ -365,6 +365,12 @@ _SUFFIX = [f"_{min(w, MAX_WEIGHT)}" for w in range(MAX_WEIGHT + 1)]
 _BIT = [1 << min(w, MAX_WEIGHT) for w in range(MAX_WEIGHT + 1)]
 
 
+def _entry(tokenizer: Tokenizer, row_id: int, columns: Sequence[str]) -> tuple[int, list[str]]:
+    """A version's rowid and tokens in the index."""
+    size, weights = doc_weights(tokenizer, columns)
+    return _key(row_id, size), _tokens_of(weights)
+
+
 def _tokens_of(weights: dict[str, int]) -> list[str]:
     """The index tokens of a version: ``<term>_<weight>``."""
     suffix, top = _SUFFIX, MAX_WEIGHT
@@ -418,9 +424,8 @@ def fold(conn: sqlite3.Connection, tokenizer: Tokenizer, limit: int | None = Non
     counts = _TermCounts()
     entries = []
     for row_id, *columns in rows:
-        size, weights = doc_weights(tokenizer, columns)
-        tokens = _tokens_of(weights)
-        entries.append((_key(row_id, size), " ".join(tokens)))
+        key, tokens = _entry(tokenizer, row_id, columns)
+        entries.append((key, " ".join(tokens)))
         counts.add(tokens)
     # In rowid order: FTS5 writes out what it holds whenever a rowid comes
     # lower than the last, so unsorted, a batch costs a segment per row.
@@ -460,22 +465,16 @@ def _change(
     if row_id > indexed_through(conn):
         return  # pending: indexed later from what FTS5 holds then
     counts = _TermCounts()
-    if old is not None:
-        size, weights = doc_weights(tokenizer, old)
-        tokens = _tokens_of(weights)
-        conn.execute(
-            f"INSERT INTO {IMPACTS_TABLE} ({IMPACTS_TABLE}, rowid, t) VALUES ('delete', ?, ?)",
-            (_key(row_id, size), " ".join(tokens)),
-        )
-        counts.add(tokens, -1)
-    if new is not None:
-        size, weights = doc_weights(tokenizer, new)
-        tokens = _tokens_of(weights)
-        conn.execute(
-            f"INSERT INTO {IMPACTS_TABLE} (rowid, t) VALUES (?, ?)",
-            (_key(row_id, size), " ".join(tokens)),
-        )
-        counts.add(tokens)
+    # A contentless FTS5 table forgets a row given the very tokens it holds.
+    for columns, command, sign in ((old, "'delete', ", -1), (new, "", 1)):
+        if columns is not None:
+            key, tokens = _entry(tokenizer, row_id, columns)
+            target = f"{IMPACTS_TABLE}, " if command else ""
+            conn.execute(
+                f"INSERT INTO {IMPACTS_TABLE} ({target}rowid, t) VALUES ({command}?, ?)",
+                (key, " ".join(tokens)),
+            )
+            counts.add(tokens, sign)
     counts.write(conn)
 
 
