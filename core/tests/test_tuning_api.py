@@ -203,6 +203,58 @@ def test_bad_requests_say_what_is_wrong(url: str, kernel: Kernel, tmp_path: Path
     assert accepted.json()["job"]["data"]["sources"]["train"] == str(inside.resolve())
 
 
+def test_bad_values_are_400s_that_name_their_place(url: str) -> None:
+    def post(body: dict[str, Any]) -> httpx.Response:
+        return httpx.post(f"{url}/api/tuning/jobs", json=body)
+
+    typo = post(job_body(stepz=2))
+    assert typo.status_code == 400 and error_of(typo)["param"] == "params.stepz"
+    seed = post({**job_body(), "seed": 2**63})  # was a 500: SQLite holds 64-bit integers
+    assert seed.status_code == 400 and error_of(seed)["param"] == "seed"
+    assert "between 0 and 9223372036854775807" in error_of(seed)["message"]
+    for path in (
+        "~no-such-user-x/train.jsonl",
+        "~/train.jsonl",
+        "train.jsonl",
+        "https://x/t.jsonl",
+    ):
+        refused = post({**job_body(), "data": {"train": path}})
+        assert refused.status_code == 400, (path, refused.text)
+        assert error_of(refused)["param"] == "data.train"
+        assert "not an absolute path" in error_of(refused)["message"]
+    seed_route = httpx.post(
+        f"{url}/microtune",
+        json={"model_name": "base", "method": "count", "data": DATA, "params": {"stepz": 1}},
+    )
+    assert seed_route.status_code == 400 and error_of(seed_route)["param"] == "params.stepz"
+    assert httpx.get(f"{url}/api/tuning/jobs").json()["jobs"] == []
+
+
+def test_a_full_queue_answers_429_until_a_job_ends(tmp_path: Path, site: Path) -> None:
+    kernel = kernel_for(tmp_path / "capped", "tuning.max_queued_jobs=2")
+    add_base(kernel.registry, kernel.home)
+    with serve_in_thread(kernel) as url:
+        jobs = f"{url}/api/tuning/jobs"
+        accepted = [httpx.post(jobs, json=job_body(steps=500, sleep=0.02)) for _ in range(2)]
+        assert [r.status_code for r in accepted] == [202, 202]
+        refused = httpx.post(jobs, json=job_body(steps=1))
+        assert refused.status_code == 429
+        assert refused.headers["retry-after"] == "60"
+        error = error_of(refused)
+        assert error["type"] == "tuning_queue_full" and error["code"] == 429
+        assert "[tuning] max_queued_jobs is 2" in error["message"]
+        seed = {"model_name": "base", "method": "count", "data": DATA, "wait": False}
+        assert httpx.post(f"{url}/microtune", json=seed).status_code == 429
+        assert len(httpx.get(jobs).json()["jobs"]) == 2
+
+        first = accepted[0].json()["job"]["id"]
+        assert httpx.delete(f"{jobs}/{first}").status_code == 200
+        assert events(url, first)[-1][1]["state"] == "cancelled"
+        again = httpx.post(jobs, json=job_body(steps=1))
+        assert again.status_code == 202, again.text
+        assert len(httpx.get(jobs).json()["jobs"]) == 3
+
+
 # ---------------------------------------------------------------------- CLI
 
 

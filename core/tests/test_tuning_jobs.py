@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from llmos.config import load_config
-from llmos.errors import ConfigError, NotFoundError, PluginError, UsageError
+from llmos.errors import ConfigError, NotFoundError, PayloadTooLarge, PluginError, UsageError
 from llmos.registry.service import Registry
 from llmos.runtime.kernel import Kernel
 from llmos.testing import EventRecorder, write_distribution, write_safetensors
@@ -32,6 +33,7 @@ from llmos.tuning.jobs import (
     BaseModelUnavailable,
     Job,
     JobConflict,
+    JobQueueFull,
     JobState,
     JobStore,
 )
@@ -410,9 +412,122 @@ def test_a_submission_is_checked_before_it_is_queued(make_kernel) -> None:
     assert [j.state for j in kernel.jobs.list()] == [JobState.CANCELLED]
 
 
+def test_a_seed_sqlite_cannot_hold_is_refused_not_a_crash(make_kernel) -> None:
+    kernel = make_kernel()
+    for seed in (2**63, -1):
+        with pytest.raises(UsageError, match=r"seed must be an integer between 0 and") as caught:
+            kernel.jobs.submit(model="base", method="count", inline=DATA, seed=seed, run=False)
+        assert caught.value.param == "seed"
+    big = kernel.jobs.submit(model="base", method="count", inline=DATA, seed=2**63 - 1, run=False)
+    assert kernel.jobs.get(big.id).seed == 2**63 - 1
+
+
+def test_a_bad_hyper_parameter_names_its_place_in_the_request(make_kernel) -> None:
+    kernel = make_kernel()
+    with pytest.raises(UsageError, match="count: unknown hyper-parameter stepz") as caught:
+        kernel.jobs.submit(model="base", method="count", inline=DATA, params={"count.stepz": 2})
+    assert caught.value.param == "params.stepz"
+    assert kernel.jobs.list() == []
+
+
+def test_the_queue_cap_refuses_a_job_until_one_ends(make_kernel) -> None:
+    kernel = make_kernel("tuning.max_queued_jobs=2")
+
+    def queue() -> Job:
+        return kernel.jobs.submit(model="base", method="count", inline=DATA, run=False)
+
+    first, second = queue(), queue()
+    with pytest.raises(JobQueueFull, match=r"2 jobs are queued or running") as caught:
+        queue()
+    assert "[tuning] max_queued_jobs is 2" in caught.value.message
+    assert (caught.value.status, caught.value.retry_after) == (429, 60)
+    assert len(kernel.jobs.list()) == 2
+    assert {p.name for p in kernel.jobs.root.iterdir()} == {first.id, second.id}
+    kernel.jobs.cancel(first.id)  # a cancelled job frees its place
+    third = queue()
+    assert {j.id for j in kernel.jobs.list(["queued"])} == {second.id, third.id}
+
+
+def test_submissions_racing_for_the_last_places_never_pass_the_cap(make_kernel) -> None:
+    kernel = make_kernel("tuning.max_queued_jobs=3")
+    start = threading.Barrier(8)
+    outcomes: list[object] = []
+
+    def race() -> None:
+        start.wait()
+        try:
+            outcomes.append(
+                kernel.jobs.submit(model="base", method="count", inline=DATA, run=False)
+            )
+        except JobQueueFull as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=race) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sum(isinstance(o, Job) for o in outcomes) == 3
+    assert sum(isinstance(o, JobQueueFull) for o in outcomes) == 5
+    assert len(kernel.jobs.list()) == 3
+    assert len(list(kernel.jobs.root.iterdir())) == 3, "a refused job leaves no folder"
+
+
+def test_the_store_counts_and_inserts_in_one_transaction(tmp_path: Path) -> None:
+    """Two processes' stores on one file: the second sees the first's jobs."""
+    one, two = JobStore(tmp_path / DATABASE), JobStore(tmp_path / DATABASE)
+    try:
+
+        def job(job_id: str) -> Job:
+            return Job(
+                id=job_id,
+                state=JobState.QUEUED,
+                method="m",
+                task="t",
+                base="b@1",
+                name="n",
+                created_at=time.time(),
+            )
+
+        one.insert(job("a"), max_unfinished=2)
+        two.insert(job("b"), max_unfinished=2)
+        with pytest.raises(JobQueueFull):
+            one.insert(job("c"), max_unfinished=2)
+        assert two.unfinished() == 2
+        two.finish("a", JobState.SUCCEEDED)
+        one.insert(job("c"), max_unfinished=2)
+        assert [j.id for j in two.list(["queued"])] == ["c", "b"]
+    finally:
+        one.close()
+        two.close()
+
+
+def test_data_files_over_the_byte_cap_are_refused_before_they_are_read(
+    make_kernel, tmp_path: Path
+) -> None:
+    kernel = make_kernel("tuning.max_data_bytes=300")
+    small, big = tmp_path / "small.jsonl", tmp_path / "big.jsonl"
+    small.write_text("".join(json.dumps(r) + "\n" for r in DATA["train"]))
+    big.write_text("".join(json.dumps(r) + "\n" for r in DATA["train"] * 3))
+    assert small.stat().st_size < 300 < big.stat().st_size
+    with pytest.raises(PayloadTooLarge, match=r"more than 300 bytes.*\[tuning\] max_data_bytes"):
+        kernel.jobs.submit(model="base", method="count", files={"train": big}, run=False)
+    with pytest.raises(PayloadTooLarge):  # the files together
+        kernel.jobs.submit(
+            model="base", method="count", files={"train": small, "dev": small}, run=False
+        )
+    kernel.jobs.submit(model="base", method="count", files={"train": small}, run=False)
+    with pytest.raises(UsageError, match="no such user"):
+        kernel.jobs.submit(
+            model="base", method="count", files={"train": "~no-such-user-x/t.jsonl"}, run=False
+        )
+
+
 def test_the_tuning_section_is_validated(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"tuning\.max_concurrent_jobs: expected an integer >= 1"):
         kernel_for(tmp_path, "tuning.max_concurrent_jobs=0")
+    with pytest.raises(ConfigError, match=r"tuning\.max_queued_jobs: expected an integer >= 1"):
+        kernel_for(tmp_path, "tuning.max_queued_jobs=0")
 
 
 def test_a_stopped_kernel_requeues_its_job_and_the_next_one_resumes_it(make_kernel) -> None:

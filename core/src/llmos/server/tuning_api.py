@@ -15,8 +15,11 @@
   error, never a success.
 
 Data comes inline (``{"train": [{"text": ..., "label": ...}], "dev": ...}``)
-or as paths of files on the daemon's machine, which must lie under the data
-folder or a folder of ``[registry] allowed_roots``, like model sources.
+or as absolute paths of files on the daemon's machine, which must lie under
+the data folder or a folder of ``[registry] allowed_roots``, like model
+sources. Hyper-parameters are checked by the method when the job is
+submitted: a bad one is a 400 whose ``param`` is ``params.<name>``; a full
+queue (``[tuning] max_queued_jobs``) is a 429 with ``Retry-After``.
 Handlers that touch SQLite or files run in the thread pool; the waiting ones
 (``/microtune``, the event stream) poll the job store, so they follow a job
 whichever process runs it.
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -118,6 +122,15 @@ def tuning_router(kernel: Kernel) -> APIRouter:
         for split in SPLITS:
             value = getattr(data, split)
             if isinstance(value, str):
+                if not (value.startswith("pkg://") or os.path.isabs(value)):
+                    # No "~" (whose home? a "~user" made a 500), no path relative to
+                    # wherever the daemon runs, no URL (looked up in DNS for nothing).
+                    raise UsageError(
+                        f"data.{split}: {value[:200]!r} is not an absolute path; give rows,"
+                        " or the absolute path of a file under the data folder or"
+                        " [registry] allowed_roots",
+                        param=f"data.{split}",
+                    )
                 try:
                     parsed = check_source(value, kernel.registry.policy)
                 except LlmosError as exc:

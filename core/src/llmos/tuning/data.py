@@ -30,6 +30,7 @@ import attrs
 from llmos.errors import PayloadTooLarge, UsageError
 
 __all__ = [
+    "DEFAULT_MAX_DATA_BYTES",
     "DEFAULT_MAX_INLINE_BYTES",
     "DEFAULT_MAX_ROWS",
     "SPLITS",
@@ -48,6 +49,9 @@ TASKS = ("text-classification", "sft")
 DEFAULT_MAX_INLINE_BYTES = 10 * 1024 * 1024
 #: the most rows of all splits together, from files or inline
 DEFAULT_MAX_ROWS = 1_000_000
+#: the most bytes of all split files together (``[tuning] max_data_bytes``):
+#: every row is held in memory while a job is submitted, and again in its worker
+DEFAULT_MAX_DATA_BYTES = 256 * 1024 * 1024
 
 #: column names recognised when none is named, in order of preference
 TEXT_COLUMNS = ("text", "sentence", "content", "review", "document", "input")
@@ -133,11 +137,13 @@ def load_splits(
     response_column: str | None = None,
     max_inline_bytes: int = DEFAULT_MAX_INLINE_BYTES,
     max_rows: int = DEFAULT_MAX_ROWS,
+    max_file_bytes: int = DEFAULT_MAX_DATA_BYTES,
 ) -> Dataset:
     """Read and check the splits; ``train`` is required, ``dev`` and ``test``
     optional. A split comes from its file argument or from ``inline`` (never
     both). The labels of text classification are the train split's; a dev or
-    test label the train split lacks is an error."""
+    test label the train split lacks is an error. The files together may
+    hold ``max_file_bytes`` (checked before any is read)."""
     reader = _Normaliser(
         task,
         text_column=text_column,
@@ -158,13 +164,14 @@ def load_splits(
     if paths["train"] is None and "train" not in bodies:
         raise UsageError("no train split: give a train file or an inline 'train' list")
 
+    where_of = {name: _local(path) for name, path in paths.items() if path is not None}
+    _check_file_sizes(where_of, max_file_bytes)
     splits: dict[str, list[dict[str, str]]] = {}
     sources: dict[str, str] = {}
     budget = max_rows
     for name in SPLITS:  # train first: dev and test are checked against its labels
-        path = paths[name]
-        if path is not None:
-            where = Path(path).expanduser()
+        if name in where_of:
+            where = where_of[name]
             rows = reader.read(_file_records(where), str(where), budget)
             sources[name] = str(where.resolve())
         elif name in bodies:
@@ -205,7 +212,7 @@ def load_file(
 ) -> list[dict[str, str]]:
     """The normalised rows of one file (what ``llmos eval`` reads); no split
     rules, no label checks beyond each row's own."""
-    where = Path(path).expanduser()
+    where = _local(path)
     reader = _Normaliser(
         task,
         text_column=text_column,
@@ -246,6 +253,35 @@ def rows_hash(rows: Iterable[Mapping[str, Any]]) -> str:
 #: one raw record: its place ("line 4"), its fields, and the file's columns
 #: (None for JSON Lines, whose objects each carry their own keys)
 _Record = tuple[str, Mapping[str, Any], Sequence[str] | None]
+
+
+def _local(path: str | Path) -> Path:
+    """A data file's path, ``~`` expanded; an unknown ``~user`` or a NUL byte
+    is a :class:`UsageError`, not an OSError from deep inside."""
+    text = str(path)
+    if "\x00" in text:
+        raise UsageError(f"{text!r}: a path cannot hold a NUL byte")
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:  # pathlib: "Could not determine home directory"
+        raise UsageError(
+            f"{text}: cannot expand {text.split('/')[0]!r} (no such user); give the path in full"
+        ) from None
+
+
+def _check_file_sizes(paths: Mapping[str, Path], cap: int) -> None:
+    """Refuse files over ``cap`` bytes together before any is read."""
+    total = 0
+    for path in paths.values():
+        try:
+            total += path.stat().st_size if path.is_file() else 0
+        except OSError:
+            continue  # reading it says what is wrong
+        if total > cap:
+            raise PayloadTooLarge(
+                f"the data files hold more than {cap:,} bytes ({path} among them);"
+                " use fewer rows, or raise [tuning] max_data_bytes"
+            )
 
 
 def _file_records(path: Path) -> Iterator[_Record]:

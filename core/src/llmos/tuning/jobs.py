@@ -56,10 +56,17 @@ import attrs
 import structlog
 
 from llmos.config import Field, register_section
-from llmos.errors import LlmosError, NotFoundError, PluginError, Unavailable, UsageError
+from llmos.errors import (
+    LlmosError,
+    NotFoundError,
+    Overloaded,
+    PluginError,
+    Unavailable,
+    UsageError,
+)
 from llmos.registry.sources import check_source
 from llmos.registry.weights import pickle_reason, read_safetensors_header
-from llmos.tuning.data import SPLITS, load_splits
+from llmos.tuning.data import DEFAULT_MAX_DATA_BYTES, SPLITS, load_splits
 from llmos.tuning.worker import (
     WorkerHandle,
     WorkerPayload,
@@ -81,6 +88,7 @@ __all__ = [
     "JobConflict",
     "JobFollower",
     "JobManager",
+    "JobQueueFull",
     "JobState",
     "JobStore",
     "TuningFailed",
@@ -112,12 +120,34 @@ register_section(
         "default_method": Field(
             "str", "lora", "The method `llmos tune` and POST /microtune use when none is named."
         ),
+        "max_queued_jobs": Field(
+            "int",
+            16,
+            "Tuning jobs that may be unfinished (queued or running) at once, every process"
+            " on the data folder together; a submission beyond it is refused (HTTP 429) until"
+            " one ends or is cancelled.",
+            check=lambda n: n >= 1,
+            expect="an integer >= 1",
+        ),
+        "max_data_bytes": Field(
+            "int",
+            DEFAULT_MAX_DATA_BYTES,
+            "The most bytes a job's data files may hold together (they are read when the job"
+            " is submitted, and again by its worker).",
+            check=lambda n: n >= 1,
+            expect="an integer >= 1",
+        ),
     },
-    doc="Tuning jobs: how many run at once, how they stop.",
+    doc="Tuning jobs: how many run at once and may wait, how big their data may be, how they stop.",
 )
+
+#: ``Retry-After`` when the queue is full: a tuning job takes minutes, not seconds
+QUEUE_FULL_RETRY_S = 60
 
 #: the job database inside the data folder
 DATABASE = "jobs.db"
+#: the largest seed: SQLite's largest integer
+MAX_SEED = 2**63 - 1
 #: the scheduler's tick: how soon a free slot, a cancel from another
 #: process or a new job from another process is noticed
 TICK_S = 0.25
@@ -156,6 +186,13 @@ class JobConflict(LlmosError):
     type = "conflict"
     status = 409
     exit_code = 1
+
+
+class JobQueueFull(Overloaded):
+    """``[tuning] max_queued_jobs`` jobs are unfinished already; retry when
+    one has ended (or cancel one)."""
+
+    type = "tuning_queue_full"
 
 
 class BaseModelUnavailable(UsageError):
@@ -369,7 +406,21 @@ class JobStore:
 
     # -- writing ------------------------------------------------------------
 
-    def insert(self, job: Job) -> None:
+    def unfinished(self) -> int:
+        """How many jobs are queued or running."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT count(*) FROM jobs WHERE state IN ('queued', 'running')"
+            ).fetchone()
+        return int(row[0])
+
+    def insert(self, job: Job, *, max_unfinished: int | None = None) -> None:
+        """Store a new job; with ``max_unfinished``, only while fewer jobs than
+        that are queued or running (counted and inserted in one transaction,
+        so submissions racing from several processes cannot pass it).
+
+        :raises JobQueueFull: the cap is reached.
+        """
         values = [
             _json(getattr(job, key)) if key in _JSON_COLUMNS else getattr(job, key)
             for key in _COLUMNS
@@ -377,6 +428,12 @@ class JobStore:
         values[_COLUMNS.index("state")] = str(job.state)
         marks = ", ".join("?" * len(_COLUMNS))
         with self._write() as c:
+            if max_unfinished is not None:
+                count = c.execute(
+                    "SELECT count(*) FROM jobs WHERE state IN ('queued', 'running')"
+                ).fetchone()[0]
+                if count >= max_unfinished:
+                    raise _queue_full(count, max_unfinished)
             c.execute(f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES ({marks})", values)
 
     def claim(self, job_id: str, owner: str) -> Job | None:
@@ -501,13 +558,35 @@ def _check_params(
         return
     try:
         check(task, dict(hyper))
-    except LlmosError:
+    except LlmosError as exc:
+        if exc.param is not None and exc.param.partition("[")[0] in hyper:
+            # where it is in the request body: {"params": {"r": -1}}
+            exc.param = f"params.{exc.param}"
         raise
     except Exception as exc:  # a plugin's bug must not pass for a bad request
         raise PluginError(
             f"tuning method {registered.spec.name!r} (plugin {registered.plugin}) failed"
             f" while checking the hyper-parameters: {type(exc).__name__}: {exc}"
         ) from exc
+
+
+def _queue_full(count: int, cap: int) -> JobQueueFull:
+    return JobQueueFull(
+        f"the tuning queue is full: {count} jobs are queued or running and"
+        f" [tuning] max_queued_jobs is {cap}; retry when one has ended, cancel one"
+        " (`llmos jobs cancel JOB`, DELETE /api/tuning/jobs/{id}), or raise the setting",
+        retry_after=QUEUE_FULL_RETRY_S,
+    )
+
+
+def check_seed(seed: Any) -> int:
+    """A job's seed: an integer SQLite can store and every generator takes."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise UsageError(
+            f"seed must be an integer between 0 and {MAX_SEED} (2^63 - 1), got {seed!r}",
+            param="seed",
+        )
+    return seed
 
 
 def check_artifact(folder: Path, allow_pickle: bool) -> None:
@@ -578,6 +657,8 @@ class JobManager:
         self.max_concurrent = int(section.get("max_concurrent_jobs", 1))
         self.grace = float(section.get("cancel_grace_s", 10.0))
         self.default_method = str(section.get("default_method", "lora"))
+        self.max_queued = int(section.get("max_queued_jobs", 16))
+        self.max_data_bytes = int(section.get("max_data_bytes", DEFAULT_MAX_DATA_BYTES))
         self.root = kernel.home / "jobs"
         self._store: JobStore | None = None
         self._store_lock = threading.Lock()
@@ -675,22 +756,23 @@ class JobManager:
                 f"tuning method {method!r} does not do {task!r}; it does {', '.join(spec.tasks)}",
                 param="task",
             )
-        base, _ = self._base(model)
-        files = dict(files or {})
-        unknown = sorted(set(files) - set(SPLITS))
-        if unknown:
-            raise UsageError(f"unknown split(s) {', '.join(unknown)}; use {', '.join(SPLITS)}")
-        dataset = load_splits(**files, inline=inline, task=task)
-        new_name = validate_model_name(name or f"{base.name}-{method}")
+        # The cheap checks first, so a bad value is refused before any data is read.
         hyper = {**spec.defaults, **_params(params, method)}
         # The seed travels as TuningRequest.seed, not as a hyper-parameter
         # (methods check their hyper-parameters' names); a "seed" param is
         # taken for it when no seed is given.
         param_seed = hyper.pop("seed", 0)
-        seed = param_seed if seed is None else seed
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise UsageError(f"seed must be an integer, got {seed!r}", param="seed")
+        seed = check_seed(param_seed if seed is None else seed)
         _check_params(registered, task, hyper)
+        if (count := self.store.unfinished()) >= self.max_queued:
+            raise _queue_full(count, self.max_queued)
+        base, _ = self._base(model)
+        new_name = validate_model_name(name or f"{base.name}-{method}")
+        files = dict(files or {})
+        unknown = sorted(set(files) - set(SPLITS))
+        if unknown:
+            raise UsageError(f"unknown split(s) {', '.join(unknown)}; use {', '.join(SPLITS)}")
+        dataset = load_splits(**files, inline=inline, task=task, max_file_bytes=self.max_data_bytes)
 
         job_id = uuid.uuid4().hex[:12]
         folder = self.folder(job_id)
@@ -712,7 +794,12 @@ class JobManager:
             created_at=time.time(),
             created_by=created_by,
         )
-        self.store.insert(job)
+        try:
+            # counted again with the insert: the check above let the data be read
+            self.store.insert(job, max_unfinished=self.max_queued)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
         log.info("tuning.submitted", job=job_id, method=method, base=base.ref, name=new_name)
         self._emit_state(job)
         if run:

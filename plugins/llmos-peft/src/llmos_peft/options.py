@@ -10,7 +10,9 @@ are of two kinds:
   :mod:`llmos_peft.peft_config` reads from peft itself when the job runs.
 
 :func:`resolve` splits a job's hyper-parameters into the two, fills in the
-defaults and refuses an unknown key with the list of valid ones.
+defaults, refuses an unknown key with the list of valid ones and a training
+option outside its :class:`Range`; :func:`check_peft_ranges` does the same for
+the numeric PEFT options (:data:`PEFT_RANGES`). Every number has both bounds.
 """
 
 from __future__ import annotations
@@ -30,12 +32,16 @@ __all__ = [
     "DEV_SCORES",
     "METHODS",
     "PEFT_DEFAULTS",
+    "PEFT_RANGES",
     "SFT",
     "TASKS",
     "TRAINING",
     "Option",
+    "Range",
     "Resolved",
+    "check_peft_ranges",
     "defaults",
+    "ranges",
     "resolve",
 ]
 
@@ -80,40 +86,75 @@ LEARNING_RATES: dict[str, float] = {
 # --------------------------------------------------------------------------
 
 
-def _int(low: int, none: bool = False) -> Callable[[str, Any], Any]:
-    def check(name: str, value: Any) -> Any:
-        if value is None and none:
+def _shown(number: float) -> str:
+    """``256``, ``0.5``, ``1e-06``: a bound as a user would type it."""
+    return str(int(number)) if float(number).is_integer() else repr(number)
+
+
+def _given(value: Any) -> str:
+    """A value as a message shows it: its repr, cut short (a 400-digit number)."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
+
+
+@attrs.frozen
+class Range:
+    """The values a numeric hyper-parameter may take.
+
+    Every number has both bounds: the lower one refuses what makes no sense
+    (a rank of -1, no epochs), the upper one what would hurt the machine
+    before it taught the model anything (a rank of a million, a batch of a
+    million rows). ``open_low`` / ``open_high`` leave the bound itself out.
+    """
+
+    low: float
+    high: float
+    integer: bool = False
+    open_low: bool = False
+    open_high: bool = False
+    #: ``None`` is a value too (the option is off or decided later)
+    none: bool = False
+
+    def describe(self) -> str:
+        """``between 1 and 256``, ``> 0 and <= 1``: what the messages and docs say."""
+        if not self.open_low and not self.open_high:
+            text = f"between {_shown(self.low)} and {_shown(self.high)}"
+        else:
+            low = f"{'>' if self.open_low else '>='} {_shown(self.low)}"
+            high = f"{'<' if self.open_high else '<='} {_shown(self.high)}"
+            text = f"{low} and {high}"
+        return text + (" (or null)" if self.none else "")
+
+    def contains(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        if self.integer and not isinstance(value, int):
+            return False
+        if isinstance(value, float) and not math.isfinite(value):
+            return False  # (an int is finite, and too large for a float past 1e308)
+        above = value > self.low if self.open_low else value >= self.low
+        below = value < self.high if self.open_high else value <= self.high
+        return above and below
+
+    def __call__(self, name: str, value: Any) -> Any:
+        """Check ``value``; return it (a float for a number range)."""
+        if value is None and self.none:
             return None
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        if not self.contains(value):
+            kind = "an integer" if self.integer else "a number"
             raise UsageError(
-                f"hyper-parameter {name} must be an integer >= {low}"
-                f"{' or null' if none else ''}, got {value!r}",
+                f"hyper-parameter {name} must be {kind} {self.describe()}, got {_given(value)}",
                 param=name,
             )
-        return value
-
-    return check
+        return value if self.integer else float(value)
 
 
-def _float(low: float, high: float = math.inf, *, open_low: bool = False) -> Callable[..., Any]:
-    def check(name: str, value: Any) -> Any:
-        ok = (
-            not isinstance(value, bool)
-            and isinstance(value, int | float)
-            and math.isfinite(value)
-            and (value > low if open_low else value >= low)
-            and value < high
-        )
-        if not ok:
-            bounds = f"{'>' if open_low else '>='} {low}" + (
-                f" and < {high}" if high != math.inf else ""
-            )
-            raise UsageError(
-                f"hyper-parameter {name} must be a number {bounds}, got {value!r}", param=name
-            )
-        return float(value)
+def _int(low: int, high: int, none: bool = False) -> Range:
+    return Range(low, high, integer=True, none=none)
 
-    return check
+
+def _float(low: float, high: float, *, open_low: bool = False, open_high: bool = False) -> Range:
+    return Range(low, high, open_low=open_low, open_high=open_high)
 
 
 def _bool(none: bool = False) -> Callable[[str, Any], Any]:
@@ -160,32 +201,122 @@ class Option:
     help: str
 
 
-#: training options, shared by every method (``learning_rate``'s default is per method)
+#: the most steps a schedule option (``save_steps``, AdaLoRA's ``tinit`` …) names
+MAX_STEPS = 10_000_000
+
+#: training options, shared by every method (``learning_rate``'s default is per
+#: method). The upper bounds stop what would hurt the machine before it taught
+#: the model anything: a batch of more than 1,024 rows, rows of more than 8,192
+#: tokens (the loop trains in float32 without gradient checkpointing; a model's
+#: own context cuts shorter when it is shorter), more than 100 epochs, more than
+#: 20 step checkpoints on disk (``full`` keeps the whole model in each).
 TRAINING: dict[str, Option] = {
     "name": Option(None, _name, "the tuned model's name; default <base>-<method>"),
-    "epochs": Option(3, _int(0), "passes over the train split (0: evaluate the base only)"),
-    "batch_size": Option(16, _int(1), "train rows per optimizer step"),
-    "eval_batch_size": Option(32, _int(1), "rows per forward pass when evaluating"),
-    "learning_rate": Option(None, _float(0, open_low=True), "AdamW's peak learning rate"),
-    "weight_decay": Option(0.0, _float(0), "AdamW's decoupled weight decay"),
-    "warmup_ratio": Option(0.06, _float(0, 1), "share of the steps the rate rises linearly"),
-    "max_grad_norm": Option(1.0, _float(0), "gradient norm clipping; 0 turns it off"),
-    "max_length": Option(128, _int(8), "tokens per row (longer rows are cut)"),
-    "save_steps": Option(200, _int(0), "checkpoint every N steps (and at each epoch's end)"),
-    "save_total_limit": Option(2, _int(1), "step checkpoints kept (the best weights always are)"),
-    "report_steps": Option(10, _int(1), "report progress every N steps"),
+    "epochs": Option(3, _int(1, 100), "passes over the train split"),
+    "batch_size": Option(16, _int(1, 1024), "train rows per optimizer step"),
+    "eval_batch_size": Option(32, _int(1, 1024), "rows per forward pass when evaluating"),
+    "learning_rate": Option(None, _float(0, 1, open_low=True), "AdamW's peak learning rate"),
+    "weight_decay": Option(0.0, _float(0, 1), "AdamW's decoupled weight decay"),
+    "warmup_ratio": Option(
+        0.06, _float(0, 1, open_high=True), "share of the steps the rate rises linearly"
+    ),
+    "max_grad_norm": Option(1.0, _float(0, 1000), "gradient norm clipping; 0 turns it off"),
+    "max_length": Option(128, _int(8, 8192), "tokens per row (longer rows are cut)"),
+    "save_steps": Option(
+        200, _int(0, MAX_STEPS), "checkpoint every N steps (and at each epoch's end)"
+    ),
+    "save_total_limit": Option(
+        2, _int(1, 20), "step checkpoints kept (the best weights always are)"
+    ),
+    "report_steps": Option(10, _int(1, MAX_STEPS), "report progress every N steps"),
     "early_stopping_patience": Option(
-        None, _int(1, none=True), "stop after N epochs without a better dev metric"
+        None, _int(1, 100, none=True), "stop after N epochs without a better dev metric"
     ),
     "metric": Option(None, _metric, "the dev score early stopping and best weights follow"),
-    "min_delta": Option(0.0, _float(0), "how much better the metric must get to count"),
+    "min_delta": Option(0.0, _float(0, 1000), "how much better the metric must get to count"),
     "load_best": Option(True, _bool(), "end with the weights of the best dev epoch"),
     "device": Option("auto", _device, "cpu, cuda, cuda:N or auto (cuda when there is one)"),
-    "threads": Option(None, _int(1, none=True), "torch threads in the worker (torch's default)"),
+    "threads": Option(
+        None, _int(1, 256, none=True), "torch threads in the worker (torch's default)"
+    ),
     "chat_template": Option(
         None, _bool(none=True), "sft: format rows with the chat template (default: if any)"
     ),
 }
+
+#: a LoRA rank: past 256 an adapter costs what full tuning does and learns no more
+RANK = _int(1, 256)
+#: LoRA's scale is alpha / r (alpha / sqrt(r) with rsLoRA): 0 or less undoes the update
+ALPHA = _int(1, 1024)
+DROPOUT = _float(0, 1, open_high=True)
+#: virtual tokens take the model's positions before the input's
+VIRTUAL_TOKENS = _int(1, 512)
+
+#: the ranges of the methods' numeric PEFT options; the other PEFT options are
+#: checked for their type, and by peft itself when the config is built
+PEFT_RANGES: dict[str, dict[str, Range]] = {
+    "lora": {
+        "r": RANK,
+        "lora_alpha": ALPHA,
+        "lora_dropout": DROPOUT,
+        "qalora_group_size": _int(1, 4096),
+    },
+    "adalora": {
+        "init_r": RANK,
+        "target_r": RANK,
+        "r": RANK,
+        "lora_alpha": ALPHA,
+        "lora_dropout": DROPOUT,
+        "qalora_group_size": _int(1, 4096),
+        "tinit": _int(0, MAX_STEPS),
+        "tfinal": _int(0, MAX_STEPS),
+        "deltaT": _int(1, MAX_STEPS),
+        "beta1": _float(0, 1, open_high=True),
+        "beta2": _float(0, 1, open_high=True),
+        "orth_reg_weight": _float(0, 100),
+    },
+    "ia3": {},
+    "prefix": {"num_virtual_tokens": VIRTUAL_TOKENS, "encoder_hidden_size": _int(1, 16384)},
+    "prompt": {"num_virtual_tokens": VIRTUAL_TOKENS},
+    "full": {},
+}
+
+#: PEFT options that map module names to ranks or alphas: each value has the range
+_PATTERNS = {"rank_pattern": RANK, "alpha_pattern": ALPHA}
+
+
+def check_peft_ranges(method: str, options: Mapping[str, Any]) -> None:
+    """Refuse a numeric PEFT option outside its range (see :data:`PEFT_RANGES`).
+
+    Types are checked first (:mod:`llmos_peft.peft_config`), so a value
+    here is of the right kind, or ``None`` where peft allows it.
+    """
+    ranges = PEFT_RANGES.get(method, {})
+    for key, value in options.items():
+        if key in ranges and value is not None:
+            ranges[key](key, value)
+        elif key in _PATTERNS and isinstance(value, Mapping):
+            for module, number in value.items():
+                _PATTERNS[key](f"{key}[{module!r}]", number)
+    if method == "adalora":
+        init_r, target_r = options.get("init_r"), options.get("target_r")
+        if isinstance(init_r, int) and isinstance(target_r, int) and target_r > init_r:
+            raise UsageError(
+                f"hyper-parameter target_r ({target_r}) must be at most init_r ({init_r}):"
+                " AdaLoRA prunes ranks from init_r down to target_r",
+                param="target_r",
+            )
+
+
+def ranges(method: str) -> dict[str, str]:
+    """Every numeric hyper-parameter of ``method`` and its range, described."""
+    out = {
+        key: option.check.describe()
+        for key, option in TRAINING.items()
+        if isinstance(option.check, Range)
+    }
+    out.update({key: r.describe() for key, r in PEFT_RANGES[method].items()})
+    return out
 
 
 #: the dev scores each task is evaluated with (the first: the default metric)

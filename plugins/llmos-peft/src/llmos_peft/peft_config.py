@@ -18,7 +18,7 @@ from peft.utils.constants import (
 )
 
 from llmos.errors import UsageError
-from llmos_peft.options import CLASSIFICATION, resolve
+from llmos_peft.options import CLASSIFICATION, check_peft_ranges, resolve
 
 __all__ = ["CONFIG_CLASSES", "check", "classifier_heads", "make_config", "settable_keys"]
 
@@ -123,15 +123,17 @@ def check(method: str, task: str, given: Mapping[str, Any]) -> None:
     """Check a job's hyper-parameters when it is submitted.
 
     Names are checked against the training options and the method's PEFT
-    config, values against the training options' ranges and the PEFT fields'
-    types, and then peft's own checks run on a config built from them —
-    everything that can be known before the model is loaded.
+    config, values against the training options' ranges, the PEFT fields'
+    types and the numeric PEFT options' ranges, and then peft's own checks
+    run on a config built from them — everything that can be known before
+    the model is loaded. The worker runs it again before it loads anything.
     """
     resolved = resolve(method, task, given, settable_keys(method))
     if method not in CONFIG_CLASSES:
         return
     options = dict(resolved.peft)
     _check_types(method, options)
+    check_peft_ranges(method, options)
     if method == "adalora":
         # the job's step count, known when it runs: checked against it then
         options.setdefault("total_step", 2**31)

@@ -25,13 +25,13 @@ import numpy as np
 import structlog
 import torch
 
-from llmos.errors import UsageError
+from llmos.errors import LlmosError, UsageError
 from llmos.types import TuningRequest, TuningResult, validate_model_name
 from llmos_peft import artifact
 from llmos_peft.data import Collator, encode_classification, encode_sft
 from llmos_peft.model import PROMPT_LEARNING, build, max_tokens
 from llmos_peft.options import CLASSIFICATION, Resolved, resolve
-from llmos_peft.peft_config import settable_keys
+from llmos_peft.peft_config import check, settable_keys
 from llmos_peft.train import Loop
 from llmos_transformers import runtime
 
@@ -113,6 +113,8 @@ def _version(distribution: str) -> str | None:
 def run(method: str, request: TuningRequest) -> TuningResult:
     """Tune ``request.base`` with ``method`` (see the module docstring)."""
     started = time.perf_counter()
+    # the submission's checks again: a request may come from elsewhere than a job
+    check(method, request.task, request.hyperparameters)
     hp = resolve(method, request.task, request.hyperparameters, settable_keys(method))
     name = validate_model_name(artifact.card_name(request, method, hp["name"]))
     sft = request.task != CLASSIFICATION
@@ -174,6 +176,12 @@ def run(method: str, request: TuningRequest) -> TuningResult:
         should_stop=request.should_stop,
     )
     progress = loop.run()
+    if progress.step == 0:
+        # an untrained adapter must never be registered as a tuned model
+        raise LlmosError(
+            f"{method}: the job trained 0 steps ({len(splits['train'])} train rows,"
+            f" {hp['epochs']} epochs); nothing was tuned, so nothing is registered"
+        )
     restored = loop.restore_best()
     final_epoch = progress.best_epoch if restored else progress.epochs_done
     scores: dict[str, float] = {}
