@@ -8,6 +8,7 @@ daemon on loopback, middleware, kernel resolution, batching and events.
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
@@ -20,6 +21,7 @@ import pytest
 from llmos.config import load_config
 from llmos.plugin import hookimpl
 from llmos.runtime.kernel import Kernel
+from llmos.runtime.limits import queued_cap
 from llmos.testing import serve_in_thread
 from llmos.types import (
     Capability,
@@ -102,6 +104,8 @@ class Parrot(ModelBase):
         yield StreamChunk(index=0, text="", finish_reason=finish, usage=usage)
 
     def embed(self, requests: Sequence[EmbedRequest]) -> list[EmbedResult]:
+        for r in requests:
+            r.text.encode()  # what every tokenizer does first (a lone surrogate fails here)
         return [
             EmbedResult(vector=vector_of(r.text), usage=Usage(prompt_tokens=1)) for r in requests
         ]
@@ -109,6 +113,8 @@ class Parrot(ModelBase):
     def classify(self, requests: Sequence[ClassifyRequest]) -> list[ClassifyResult]:
         out = []
         for r in requests:
+            for text in (r.text, *r.labels):
+                text.encode()  # as a tokenizer would
             good = 0.9 if "good" in r.text else 0.2
             out.append(ClassifyResult(scores={"positive": good, "negative": 1 - good}))
         return out
@@ -287,3 +293,276 @@ def test_a_client_that_disconnects_while_queued_costs_the_model_nothing(daemon) 
     time.sleep(0.6)  # long enough for the abandoned one to have run, had it stayed queued
     assert "kept" in Parrot.seen
     assert "abandoned" not in Parrot.seen
+
+
+# --------------------------------------------------------------------------
+# What a request may say: strict types, no field llmos would ignore, text
+# that is Unicode, limits that hold (issue 14, items 4, 6 and 7)
+# --------------------------------------------------------------------------
+
+
+def post(url: str, path: str, body: dict) -> httpx.Response:
+    """``body`` as JSON the way a client may write it: with ``\\ud800``
+    escapes and NaN left as they are (httpx would refuse to encode them)."""
+    raw = json.dumps(body, ensure_ascii=True).encode()
+    return httpx.post(url + path, content=raw, headers={"Content-Type": "application/json"})
+
+
+def refused(response: httpx.Response, param: str) -> str:
+    """The message of a 400 in the daemon's error shape that names ``param``."""
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param, error
+    return error["message"]
+
+
+CHAT = {"model": "parrot", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize(
+    ("path", "extra"),
+    [
+        ("/v1/chat/completions", {"logit_bias": {"50256": -100}}),
+        ("/v1/chat/completions", {"logprobs": True}),
+        ("/v1/chat/completions", {"top_logprobs": 3}),
+        ("/v1/chat/completions", {"response_format": {"type": "json_object"}}),
+        ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}),
+        ("/v1/chat/completions", {"tool_choice": "required"}),
+        ("/v1/chat/completions", {"presence_penalty": 0.5}),
+        ("/v1/chat/completions", {"frequency_penalty": -1}),
+        ("/v1/chat/completions", {"parallel_tool_calls": False}),
+        ("/v1/chat/completions", {"reasoning_effort": "low"}),
+        ("/v1/chat/completions", {"modalities": ["text", "audio"]}),
+        ("/v1/completions", {"echo": True}),
+        ("/v1/completions", {"best_of": 3}),
+        ("/v1/completions", {"suffix": "end"}),
+        ("/v1/completions", {"logprobs": 0}),
+    ],
+)
+def test_a_field_llmos_does_not_implement_is_refused_naming_it(daemon, path, extra) -> None:
+    body = {**CHAT} if "chat" in path else {"model": "parrot", "prompt": "a b"}
+    (field,) = extra
+    message = refused(post(daemon[1], path, {**body, **extra}), field)
+    assert message.startswith(f"{field} is not supported by llmos (yet)")
+
+
+def test_the_openai_client_refused_and_its_defaults_accepted(client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "hi there"}]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="parrot", messages=messages, logit_bias={"1": 5})
+    assert caught.value.param == "logit_bias"
+    assert "logit_bias is not supported by llmos (yet)" in caught.value.message
+    with pytest.raises(openai.BadRequestError, match="temprature: unknown field"):
+        client.chat.completions.create(
+            model="parrot", messages=messages, extra_body={"temprature": 0.2}
+        )
+    # every OpenAI default given explicitly, as clients and frameworks do, and
+    # the fields they send that cannot change the answer
+    reply = client.chat.completions.create(
+        model="parrot",
+        messages=messages,
+        n=None,  # sent as null
+        temperature=0,  # an integer is a number
+        logit_bias={},
+        logprobs=False,
+        presence_penalty=0,
+        frequency_penalty=0.0,
+        response_format={"type": "text"},
+        parallel_tool_calls=True,
+        user="someone",
+        metadata={"run": "1"},
+        store=False,
+        service_tier="auto",
+        prompt_cache_key="k",
+        stream=False,
+    )
+    assert reply.choices[0].message.content == "you said hi there"
+    # an answer's message object, sent back as the next turn (all its nulls)
+    turn = reply.choices[0].message.model_dump()
+    again = client.chat.completions.create(
+        model="parrot", messages=[*messages, turn, {"role": "user", "content": "ok"}]
+    )
+    assert again.choices[0].message.content == "you said ok"
+    completion = client.completions.create(
+        model="parrot", prompt="a b", echo=False, best_of=1, presence_penalty=0, user="u"
+    )
+    assert completion.choices[0].text == "b a"
+    assert client.completions.create(model="parrot", prompt="a b", n=2, best_of=2).choices
+    embedded = client.embeddings.create(model="parrot", input="tea", user="u")
+    assert embedded.data[0].embedding == pytest.approx(vector_of("tea"), rel=1e-6)
+
+
+def test_stream_options_include_usage_counts_the_usage_once(client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "one two three"}]
+    chunks = list(
+        client.chat.completions.create(
+            model="parrot", messages=messages, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    *choices, last = chunks
+    assert last.choices == [] and last.usage is not None
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (5, 5)
+    assert all(c.usage is None for c in choices)
+    assert "".join(c.choices[0].delta.content or "" for c in choices) == "you said one two three"
+    streamed = list(
+        client.completions.create(
+            model="parrot", prompt="x y", stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert streamed[-1].choices == [] and streamed[-1].usage.completion_tokens == 2
+    with pytest.raises(openai.BadRequestError, match="only allowed with stream"):
+        client.chat.completions.create(
+            model="parrot", messages=messages, stream_options={"include_usage": True}
+        )
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/chat/completions", {**CHAT, "max_tokens": "5"}, "max_tokens"),
+        ("/v1/chat/completions", {**CHAT, "stream": "yes"}, "stream"),
+        ("/v1/chat/completions", {**CHAT, "n": True}, "n"),
+        ("/v1/chat/completions", {**CHAT, "temperature": "0.5"}, "temperature"),
+        ("/v1/chat/completions", {**CHAT, "temperature": float("nan")}, "temperature"),
+        ("/v1/chat/completions", {**CHAT, "top_p": float("inf")}, "top_p"),
+        ("/v1/chat/completions", {**CHAT, "seed": 2**63}, "seed"),
+        ("/v1/chat/completions", {**CHAT, "seed": -(2**63) - 1}, "seed"),
+        (
+            "/v1/chat/completions",
+            {**CHAT, "llmos": {"max_latency_ms": float("inf")}},
+            "llmos.max_latency_ms",
+        ),
+        ("/v1/chat/completions", {**CHAT, "llmos": {"max_members": "2"}}, "llmos.max_members"),
+        ("/v1/chat/completions", {**CHAT, "temprature": 0.2}, "temprature"),
+        (
+            "/v1/chat/completions",
+            {
+                "model": "parrot",
+                "messages": [{"role": "user", "content": "x", "tool_calls": [{"id": "1"}]}],
+            },
+            "messages.0.tool_calls",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": "parrot", "messages": [{"role": "user", "content": "x", "nmae": "y"}]},
+            "messages.0.nmae",
+        ),
+        ("/v1/completions", {"model": "parrot", "prompt": 5}, "prompt"),
+        ("/v1/embeddings", {"model": "parrot", "input": "x", "dimensions": 0}, "dimensions"),
+        (
+            "/v1/embeddings",
+            {"model": "parrot", "input": "x", "encoding_format": "FLOAT"},
+            "encoding_format",
+        ),
+        ("/api/classify", {"model": "parrot", "texts": ["x"], "labels": ["a", ""]}, "labels.1"),
+        ("/api/classify", {"model": "parrot", "texts": ["x"], "user": "u"}, "user"),
+    ],
+)
+def test_odd_values_are_a_400_naming_the_field(daemon, path, body, param) -> None:
+    refused(post(daemon[1], path, body), param)
+
+
+def test_the_largest_int64_seed_is_accepted(daemon) -> None:
+    response = post(daemon[1], "/v1/chat/completions", {**CHAT, "seed": 2**63 - 1})
+    assert response.status_code == 200, response.text
+
+
+def test_duplicate_classify_labels_are_refused(daemon) -> None:
+    body = {"model": "parrot", "texts": ["good"], "labels": ["positive", "negative", "positive"]}
+    message = refused(post(daemon[1], "/api/classify", body), "labels")
+    assert "'positive' is given twice" in message
+
+
+LONE = "a\ud800b"  # JSON for a lone high surrogate between two letters
+SURROGATE = json.loads(f'"{LONE}"')
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        (
+            "/v1/chat/completions",
+            {"model": "parrot", "messages": [{"role": "user", "content": SURROGATE}]},
+            "messages.0.content",
+        ),
+        (
+            "/v1/chat/completions",
+            {
+                "model": "parrot",
+                "messages": [{"role": "user", "content": [{"type": "text", "text": SURROGATE}]}],
+            },
+            "messages.0.content.0.text",
+        ),
+        ("/v1/chat/completions", {**CHAT, "stop": ["x", SURROGATE]}, "stop.1"),
+        ("/v1/chat/completions", {**CHAT, "model": SURROGATE}, "model"),
+        ("/v1/completions", {"model": "parrot", "prompt": SURROGATE}, "prompt"),
+        ("/v1/completions", {"model": "parrot", "prompt": ["fine", SURROGATE]}, "prompt.1"),
+        ("/v1/embeddings", {"model": "parrot", "input": SURROGATE}, "input"),
+        ("/v1/embeddings", {"model": "parrot", "input": ["fine", SURROGATE]}, "input.1"),
+        ("/api/classify", {"model": "parrot", "texts": [SURROGATE]}, "texts.0"),
+        (
+            "/api/classify",
+            {"model": "parrot", "texts": ["x"], "labels": ["a", SURROGATE]},
+            "labels.1",
+        ),
+    ],
+)
+def test_a_lone_surrogate_is_a_400_naming_the_field(daemon, path, body, param) -> None:
+    message = refused(post(daemon[1], path, body), param)
+    # pydantic refuses it itself in a field with a length bound (model)
+    assert "lone surrogate" in message or "as a unicode string" in message
+
+
+def test_a_long_conversation_is_not_capped_by_max_inputs(daemon) -> None:
+    # api.max_inputs is 4 here; a conversation is one input, whatever its length
+    messages = [{"role": "user", "content": f"m{i}"} for i in range(7)]
+    response = post(daemon[1], "/v1/chat/completions", {"model": "parrot", "messages": messages})
+    assert response.status_code == 200, response.text
+
+
+@pytest.fixture(scope="module")
+def default_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The daemon with every [api] and [runtime] limit at its default."""
+    home = tmp_path_factory.mktemp("defaults")
+    kernel = Kernel(
+        load_config(
+            env={"LLMOS_HOME": str(home), "LLMOS_LOAD_PLUGINS": ""},
+            overrides=['models.parrot.provider="parrot"'],
+        )
+    )
+    kernel.load_plugins()
+    kernel.plugins.register(ParrotPlugin(), "parrot-plugin")
+    with serve_in_thread(kernel) as url:
+        yield url
+
+
+def test_one_request_of_max_inputs_works_on_a_default_daemon(default_daemon: str) -> None:
+    limit = load_config(env={"LLMOS_LOAD_PLUGINS": ""}).get("api.max_inputs")
+    for path, body in [
+        ("/v1/embeddings", {"model": "parrot", "input": ["tea"] * limit}),
+        ("/v1/completions", {"model": "parrot", "prompt": ["a b"] * limit}),
+        ("/api/classify", {"model": "parrot", "texts": ["good"] * limit}),
+    ]:
+        response = post(default_daemon, path, body)
+        assert response.status_code == 200, response.text
+        (field,) = set(body) - {"model"}
+        over = post(default_daemon, path, {**body, field: body[field] * 2})
+        assert "(api.max_inputs)" in refused(over, field)
+    over = post(default_daemon, "/v1/embeddings", {"model": "parrot", "input": ["t"] * (limit + 1)})
+    assert f"{limit + 1} inputs in one request; the limit is {limit}" in refused(over, "input")
+
+
+def test_max_inputs_and_max_n_are_capped_by_the_model_queue() -> None:
+    config = load_config(env={"LLMOS_LOAD_PLUGINS": ""}, overrides=["runtime.max_queue=8"])
+    assert queued_cap(config, "max_inputs", 64) == (
+        8,
+        "[runtime] max_queue, below api.max_inputs = 64",
+    )
+    assert queued_cap(config, "max_n", 8) == (8, "api.max_n")
+    defaults = load_config(env={"LLMOS_LOAD_PLUGINS": ""})
+    queue = defaults.get("runtime.max_queue")
+    assert queued_cap(defaults, "max_inputs", 64) == (
+        defaults.get("api.max_inputs"),
+        "api.max_inputs",
+    )
+    assert defaults.get("api.max_inputs") <= queue and defaults.get("api.max_n") <= queue

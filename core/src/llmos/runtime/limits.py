@@ -4,11 +4,16 @@ The daemon's OpenAI-compatible routes enforce them
 (:mod:`llmos.server.openai_api`). The section is registered here, where the
 kernel imports it before any config is loaded, so that registering it does
 not import FastAPI.
+
+One request's inputs (embeddings, completions times ``n``, classify texts, chat
+choices) all wait together in the queue of the model that serves it, so
+``max_inputs`` and ``max_n`` are capped by ``[runtime] max_queue``
+(:func:`queued_cap`); their defaults fit its default.
 """
 
 from __future__ import annotations
 
-from llmos.config import Field, register_section
+from llmos.config import Config, Field, register_section
 
 register_section(
     "api",
@@ -16,16 +21,41 @@ register_section(
         "max_tokens": Field(
             "int", 4096, "Largest max_tokens a request may ask for.", check=lambda n: n >= 1
         ),
-        "max_n": Field("int", 8, "Most choices (n) per request.", check=lambda n: n >= 1),
+        "max_n": Field(
+            "int",
+            8,
+            "Most choices (n) per request; [runtime] max_queue if that is smaller.",
+            check=lambda n: n >= 1,
+        ),
         "max_prompt_chars": Field(
-            "int", 200_000, "Longest prompt or message text, in characters.", check=lambda n: n > 0
+            "int",
+            200_000,
+            "Longest prompt, message, input, label or stop text, in characters.",
+            check=lambda n: n > 0,
         ),
         "max_inputs": Field(
             "int",
-            256,
-            "Most inputs in one embeddings, completions or classify request.",
+            64,
+            "Most inputs in one embeddings, completions (prompts times n) or classify request;"
+            " [runtime] max_queue if that is smaller: they all wait in a model's queue.",
             check=lambda n: n >= 1,
         ),
     },
     doc="Caps on the OpenAI-compatible API's requests.",
 )
+
+
+def queued_cap(config: Config, key: str, default: int) -> tuple[int, str]:
+    """``[api] key`` as the daemon enforces it, and the setting that decides it.
+
+    A request's inputs all wait together in one model's queue, so a request
+    larger than ``[runtime] max_queue`` (every model's default queue) could
+    never be queued: there the queue is the cap, and the 400 names it. A
+    deployment that sets a smaller ``max_queue`` of its own refuses larger
+    requests with a 400 naming that ``max_queue``.
+    """
+    value = int(config.section("api").get(key, default))
+    queue = int(config.section("runtime").get("max_queue", 64))
+    if queue < value:
+        return queue, f"[runtime] max_queue, below api.{key} = {value}"
+    return value, f"api.{key}"

@@ -69,7 +69,8 @@ register_section(
         "max_queue": Field(
             "int",
             64,
-            "Requests queued per model before new ones get 429.",
+            "Requests queued per model before new ones get 429. The inputs of one API"
+            " request queue together, so this also caps [api] max_inputs and max_n.",
             check=lambda n: n >= 1,
         ),
         "preload": Field(

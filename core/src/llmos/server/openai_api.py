@@ -12,19 +12,32 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import struct
 import time
+import typing
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, Literal, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from typing import Annotated, Any, Literal, Self, TypeVar, cast
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from llmos.errors import UsageError
 from llmos.runtime.kernel import Kernel
+from llmos.runtime.limits import queued_cap
 from llmos.runtime.worker import StreamHandle
 from llmos.types import (
     Budget,
@@ -45,12 +58,180 @@ from llmos.types import (
 
 T = TypeVar("T")
 
+#: JSON integers as OpenAI reads them: 64-bit signed. A seed past them would
+#: overflow in the backend (torch takes at most 2^64 - 1) as a 500.
+_INT64 = 2**63
 
-class LlmosIn(BaseModel):
+
+def _same(value: Any, default: Any) -> bool:
+    """``value == default`` without Python's ``False == 0``: ``"logprobs": 0``
+    is not ``false``, ``"presence_penalty": false`` is not ``0``."""
+    if isinstance(value, bool) or isinstance(default, bool):
+        return value is default
+    return bool(value == default)
+
+
+def _unicode(text: str, param: str) -> None:
+    """Refuse text that is not Unicode: JSON's ``"\\ud800"`` decodes to a lone
+    surrogate, which every tokenizer (and the JSON answer echoing it) fails
+    to encode — a 500 deep in a model instead of a 400 here."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UsageError(
+            f"{param} holds a lone surrogate ({text[exc.start]!a} at character {exc.start}), "
+            "which is not text: a \\ud800-\\udbff escape must be followed by a "
+            "\\udc00-\\udfff one; send the text as UTF-8",
+            param=param,
+        ) from None
+
+
+def _texts(value: str | Sequence[str], param: str) -> None:
+    """:func:`_unicode` for a field holding a string or a list of them."""
+    if isinstance(value, str):
+        _unicode(value, param)
+    else:
+        for i, text in enumerate(value):
+            _unicode(text, f"{param}.{i}")
+
+
+def _string_or_strings(value: Any) -> Any:
+    """The type check of a ``str | list[str]`` field, as one error at the field
+    (pydantic reports a failed union once per member, at ``prompt.str`` and
+    ``prompt.list[str]``). OpenAI also takes token ids there; llmos does not."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                raise PydanticCustomError(
+                    "string_type",
+                    "item {i} is not a string: llmos takes text, not token ids (LangChain's "
+                    "OpenAIEmbeddings sends ids unless check_embedding_ctx_length=False)",
+                    {"i": i},
+                )
+        return value
+    raise PydanticCustomError("string_type", "must be a string or a list of strings")
+
+
+#: a string or a list of them (prompt, input, stop), checked as one type
+_Strings = Annotated[str | list[str], BeforeValidator(_string_or_strings)]
+
+
+def _off(*values: Any) -> Any:
+    """An OpenAI field that changes the answer and that llmos does not
+    implement. It is declared, so that the schema lists it and a typo next to
+    it is still caught, and accepted only with a value that means "off"
+    (OpenAI's default): anything else is a 400 naming it, never an answer that
+    silently ignored it."""
+    shown = " or ".join(json.dumps(v) for v in values)
+    return Field(
+        default=None,
+        description=f"Not supported by llmos (yet): only {shown} (OpenAI's default) is accepted.",
+        json_schema_extra={"enum": list(values), "x-llmos-unsupported": True},
+    )
+
+
+def _ignored(why: str) -> Any:
+    """A field clients send routinely that cannot change llmos's answer:
+    accepted and ignored, for the reason given."""
+    return Field(
+        default=None,
+        description=f"Accepted and ignored: {why}.",
+        json_schema_extra={"x-llmos-ignored": True},
+    )
+
+
+class _Strict(BaseModel):
+    """A request object: types are strict (``"5"`` is not 5, ``"yes"`` is not
+    true; a JSON integer is still a number), NaN and infinity are refused
+    (Python's JSON reader accepts them), and a field llmos does not know is a
+    400 naming it — that is how a typo such as ``temprature`` gets caught."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        names = _fields_of(cls)
+        unknown = [key for key in data if key not in names]
+        if not unknown:
+            return data
+        known = ", ".join(
+            name
+            for name, field in cls.model_fields.items()
+            if not isinstance(field.json_schema_extra, dict)  # neither _off nor _ignored
+        )
+        message = f"unknown field (a typo?); the fields llmos implements here are: {known}"
+        raise ValidationError.from_exception_data(
+            cls.__name__,
+            [
+                {
+                    "type": PydanticCustomError("extra_forbidden", message),
+                    "loc": (key,),
+                    "input": data[key],
+                }
+                for key in unknown
+            ],
+        )
+
+
+# Both per class, once: a request's validation is on every call's path.
+
+
+@functools.cache
+def _fields_of(cls: type[_Strict]) -> frozenset[str]:
+    return frozenset(cls.model_fields)
+
+
+@functools.cache
+def _offs_of(cls: type[_Strict]) -> dict[str, list[Any]]:
+    """The fields of ``cls`` declared with :func:`_off`, and their "off" values."""
+    offs = {}
+    for name, field in cls.model_fields.items():
+        extra = field.json_schema_extra
+        if isinstance(extra, dict) and extra.get("x-llmos-unsupported"):
+            offs[name] = cast(list[Any], extra["enum"])
+    return offs
+
+
+def _is_strict(kind: Any) -> bool:
+    return isinstance(kind, type) and issubclass(kind, _Strict)
+
+
+@functools.cache
+def _nested_of(cls: type[_Strict]) -> frozenset[str]:
+    """The fields of ``cls`` that hold a list of request objects (messages)."""
+    nested = set()
+    for name, field in cls.model_fields.items():
+        args = typing.get_args(field.annotation)
+        if typing.get_origin(field.annotation) is list and _is_strict(args[0]):
+            nested.add(name)
+    return frozenset(nested)
+
+
+def _refusals(model: _Strict, prefix: str = "") -> Iterator[tuple[str, list[Any]]]:
+    """``(param, accepted values)`` of each unsupported field of ``model`` (and
+    of the request objects in its lists: chat messages) that is not off."""
+    cls = type(model)
+    given = model.model_fields_set  # a field left out is off
+    offs = _offs_of(cls)
+    for name in sorted(given.intersection(offs)):
+        off = offs[name]
+        if not any(_same(getattr(model, name), o) for o in off):
+            yield prefix + name, off
+    for name in sorted(given.intersection(_nested_of(cls))):
+        for i, item in enumerate(getattr(model, name)):
+            yield from _refusals(item, f"{prefix}{name}.{i}.")
+
+
+class LlmosIn(_Strict):
     """llmos's own request fields, under ``"llmos"`` (OpenAI clients send
     them as ``extra_body``): a fusion's budget."""
-
-    model_config = ConfigDict(extra="forbid")
 
     max_members: int | None = Field(
         default=None, ge=1, description="A fusion asks at most this many members"
@@ -65,13 +246,20 @@ class LlmosIn(BaseModel):
         return Budget(max_members=self.max_members, max_latency_ms=self.max_latency_ms)
 
 
-class _Body(BaseModel):
-    # OpenAI clients send fields llmos does not use (user, metadata …):
-    # accept and ignore them rather than break the client.
-    model_config = ConfigDict(extra="ignore")
-
+class _Body(_Strict):
     model: str = Field(min_length=1, max_length=300)
     llmos: LlmosIn | None = None
+
+    @model_validator(mode="after")
+    def _implemented(self) -> Self:
+        for param, off in _refusals(self):
+            shown = " or ".join(json.dumps(v) for v in off)
+            raise UsageError(
+                f"{param} is not supported by llmos (yet): leave it out, or send {shown}",
+                param=param,
+            )
+        _unicode(self.model, "model")
+        return self
 
     def budget(self) -> Budget | None:
         return None if self.llmos is None else self.llmos.budget()
@@ -84,15 +272,40 @@ def _meta(result: Any) -> dict[str, Any]:
     return {"llmos": {"meta": dict(meta)}} if meta else {}
 
 
+class StreamOptions(_Strict):
+    include_usage: bool | None = Field(
+        default=None,
+        description="One more event before [DONE]: no choices, the usage of the whole request.",
+    )
+    include_obfuscation: bool | None = _ignored(
+        "llmos pads no stream events; the text streamed is the same"
+    )
+
+
 class _Sampled(_Body):
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: _Strings | None = None
+    seed: int | None = Field(default=None, ge=-_INT64, lt=_INT64)
     n: int = Field(default=1, ge=1)
     stream: bool = False
+    stream_options: StreamOptions | None = None
+    # OpenAI's, for both routes
+    logit_bias: Any = _off(None, {})
+    presence_penalty: Any = _off(None, 0)
+    frequency_penalty: Any = _off(None, 0)
+    # the end user, for the vendor's abuse monitoring: llmos does none
+    user: str | None = _ignored("names the end user for abuse monitoring, which llmos does not do")
+
+    @field_validator("n", "stream", mode="before")
+    @classmethod
+    def _null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
+        # the openai client sends an explicit None as null; OpenAI reads it as the default
+        if value is None:
+            return cls.model_fields[str(info.field_name)].default
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -101,12 +314,35 @@ class _Sampled(_Body):
             raise ValueError("at most 4 stop sequences")
         return value
 
+    @model_validator(mode="after")
+    def _sampled(self) -> Self:
+        if self.stream_options is not None and not self.stream:
+            raise UsageError(
+                "stream_options is only allowed with stream: true", param="stream_options"
+            )
+        if self.stop is not None:
+            _texts(self.stop, "stop")
+        return self
 
-class ChatMessageIn(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
 
+
+class ChatMessageIn(_Strict):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]]
+    # what the message is a part of, not what it says: chat templates have no
+    # place for either, and the content is passed on in full
+    name: str | None = _ignored("a participant's name; chat templates have no place for it")
+    tool_call_id: str | None = _ignored("links a tool's answer to its call; the content is used")
+    # what an assistant message from an earlier answer carries, null when it
+    # has nothing (the openai client's message objects do)
+    tool_calls: Any = _off(None, [])
+    function_call: Any = _off(None)
+    refusal: Any = _off(None)
+    audio: Any = _off(None)
+    annotations: Any = _off(None, [])
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -121,40 +357,118 @@ class ChatMessageIn(BaseModel):
 
 class ChatCompletionBody(_Sampled):
     messages: list[ChatMessageIn] = Field(min_length=1)
+    # answer-changing OpenAI fields llmos does not implement
+    logprobs: Any = _off(None, False)
+    top_logprobs: Any = _off(None, 0)
+    response_format: Any = _off(None, {"type": "text"})
+    tools: Any = _off(None, [])
+    tool_choice: Any = _off(None, "none")
+    functions: Any = _off(None, [])
+    function_call: Any = _off(None, "none")
+    parallel_tool_calls: Any = _off(None, True)
+    modalities: Any = _off(None, ["text"])
+    audio: Any = _off(None)
+    prediction: Any = _off(None)
+    reasoning_effort: Any = _off(None)
+    verbosity: Any = _off(None)
+    web_search_options: Any = _off(None)
+    moderation: Any = _off(None)
+    # fields clients send routinely that cannot change the answer
+    safety_identifier: str | None = _ignored(
+        "names the end user for abuse monitoring (the successor of user)"
+    )
+    metadata: dict[str, str] | None = _ignored("tags for stored completions; llmos stores none")
+    store: bool | None = _ignored("asks the vendor to keep the answer; llmos keeps none")
+    service_tier: str | None = _ignored("a vendor's price and latency tier; llmos has one")
+    prompt_cache_key: str | None = _ignored("a prompt-cache hint; the answer is the same")
+    prompt_cache_retention: str | None = _ignored("a prompt-cache hint; the answer is the same")
+    prompt_cache_options: dict[str, Any] | None = _ignored(
+        "a prompt-cache hint; the answer is the same"
+    )
+
+    @model_validator(mode="after")
+    def _chat_texts(self) -> Self:
+        for i, message in enumerate(self.messages):
+            if isinstance(message.content, str):
+                _unicode(message.content, f"messages.{i}.content")
+            else:
+                for j, part in enumerate(message.content):
+                    if isinstance(part.get("text"), str):
+                        _unicode(part["text"], f"messages.{i}.content.{j}.text")
+        return self
 
 
 class CompletionBody(_Sampled):
-    prompt: str | list[str]
+    prompt: _Strings
+    # answer-changing OpenAI fields llmos does not implement
+    logprobs: Any = _off(None)
+    echo: Any = _off(None, False)
+    suffix: Any = _off(None, "")
+    best_of: Any = _off(None, 1)
+
+    @model_validator(mode="after")
+    def _prompts(self) -> Self:
+        _texts(self.prompt, "prompt")
+        return self
+
+    @field_validator("best_of", mode="before")
+    @classmethod
+    def _best_of(cls, value: Any, info: ValidationInfo) -> Any:
+        # best_of = n is "generate n, return n": the default when n is given
+        n = info.data.get("n", 1)
+        return 1 if _same(value, n) else value
 
 
 class EmbeddingBody(_Body):
-    input: str | list[str]
-    encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = None
+    input: _Strings
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = _ignored("names the end user for abuse monitoring, which llmos does not do")
+
+    @model_validator(mode="after")
+    def _inputs(self) -> Self:
+        _texts(self.input, "input")
+        return self
 
 
 class ClassifyBody(_Body):
     texts: list[str] = Field(min_length=1)
-    labels: list[str] = Field(default_factory=list, max_length=100)
+    labels: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list, max_length=100)
+
+    @model_validator(mode="after")
+    def _classify(self) -> Self:
+        _texts(self.texts, "texts")
+        _texts(self.labels, "labels")
+        seen: set[str] = set()
+        for label in self.labels:
+            if label in seen:
+                raise UsageError(
+                    f"label {label!r} is given twice: labels must be distinct, or its scores "
+                    "would count twice and not sum to 1",
+                    param="labels",
+                )
+            seen.add(label)
+        return self
 
 
 class _Caps:
     def __init__(self, kernel: Kernel) -> None:
         api = kernel.config.section("api")
         self.max_tokens = int(api.get("max_tokens", 4096))
-        self.max_n = int(api.get("max_n", 8))
         self.max_chars = int(api.get("max_prompt_chars", 200_000))
-        self.max_inputs = int(api.get("max_inputs", 256))
+        # a request's inputs and choices all wait in one model's queue
+        self.max_n, self.n_key = queued_cap(kernel.config, "max_n", 8)
+        self.max_inputs, self.inputs_key = queued_cap(kernel.config, "max_inputs", 64)
 
     def count(self, count: int, param: str) -> None:
         if count > self.max_inputs:
             raise UsageError(
-                f"{count} inputs in one request; the limit is {self.max_inputs} (api.max_inputs)",
+                f"{count} inputs in one request; the limit is {self.max_inputs} "
+                f"({self.inputs_key}): send them in smaller batches",
                 param=param,
             )
 
-    def texts(self, texts: Sequence[str], param: str) -> None:
-        self.count(len(texts), param)
+    def lengths(self, texts: Sequence[str], param: str) -> None:
         for text in texts:
             if len(text) > self.max_chars:
                 raise UsageError(
@@ -163,9 +477,15 @@ class _Caps:
                     param=param,
                 )
 
+    def texts(self, texts: Sequence[str], param: str) -> None:
+        self.count(len(texts), param)
+        self.lengths(texts, param)
+
     def sampling(self, body: _Sampled) -> Sampling:
         if body.n > self.max_n:
-            raise UsageError(f"n={body.n} is over the limit of {self.max_n} (api.max_n)", param="n")
+            raise UsageError(
+                f"n={body.n} is over the limit of {self.max_n} ({self.n_key})", param="n"
+            )
         max_tokens = body.max_completion_tokens or body.max_tokens
         if max_tokens is not None and max_tokens > self.max_tokens:
             raise UsageError(
@@ -173,6 +493,7 @@ class _Caps:
                 param="max_tokens",
             )
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        self.lengths(stop, "stop")
         return Sampling(
             max_tokens=max_tokens,
             temperature=body.temperature,
@@ -212,20 +533,29 @@ async def _stream_response(
     request: CompletionRequest | ChatRequest,
     envelope: dict[str, Any],
     chat: bool,
+    usage: bool,
 ) -> StreamingResponse:
     # Resolve, load and queue before the response starts, so that an unknown
     # model or a full queue is an ordinary JSON error, not a broken stream.
     handle = await asyncio.to_thread(kernel.stream, model, request)
     return StreamingResponse(
-        _stream_events(kernel, handle, envelope, chat),
+        _stream_events(kernel, handle, envelope, chat, usage),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
 async def _stream_events(
-    kernel: Kernel, handle: StreamHandle, envelope: dict[str, Any], chat: bool
+    kernel: Kernel, handle: StreamHandle, envelope: dict[str, Any], chat: bool, usage: bool
 ) -> AsyncIterator[bytes]:
+    """The stream's events. Without ``usage`` (``stream_options.include_usage``)
+    the last choice's event carries the usage, as llmos always did; with it,
+    as OpenAI does: ``"usage": null`` on every choice's event and one more
+    event, with no choices, carrying it — never both, so that a client adding
+    up the usage it sees (LangChain does) counts it once."""
+    if usage:
+        envelope = {**envelope, "usage": None}
+    total: Usage | None = None
     try:
         if chat:
             first = {**envelope, "choices": [{"index": 0, "delta": {"role": "assistant"}}]}
@@ -244,8 +574,12 @@ async def _stream_events(
             choice["finish_reason"] = chunk.finish_reason
             event = {**envelope, "choices": [choice]}
             if chunk.usage is not None:
-                event["usage"] = _usage([chunk.usage])
+                total = chunk.usage
+                if not usage:
+                    event["usage"] = _usage([chunk.usage])
             yield _sse(event)
+        if usage:
+            yield _sse({**envelope, "choices": [], "usage": _usage([total] if total else [])})
         yield b"data: [DONE]\n\n"
     finally:
         # Also reached when the client disconnects: stop generating for it.
@@ -334,7 +668,8 @@ def openai_router(kernel: Kernel) -> APIRouter:
     async def chat_completions(body: ChatCompletionBody, http: Request) -> Response:
         started = time.perf_counter()
         messages = tuple(ChatMessage(m.role, m.text()) for m in body.messages)
-        caps.texts([m.content for m in messages], "messages")
+        # a conversation's messages are one input: their number is not capped
+        caps.lengths([m.content for m in messages], "messages")
         request = ChatRequest(messages=messages, sampling=caps.sampling(body), budget=body.budget())
         envelope = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
@@ -346,7 +681,9 @@ def openai_router(kernel: Kernel) -> APIRouter:
             if body.n != 1:
                 raise UsageError("stream with n > 1 is not supported", param="n")
             chunk_envelope = {**envelope, "object": "chat.completion.chunk"}
-            return await _stream_response(kernel, body.model, request, chunk_envelope, chat=True)
+            return await _stream_response(
+                kernel, body.model, request, chunk_envelope, chat=True, usage=body.include_usage
+            )
 
         def payload(results: list[ChatResult]) -> dict[str, Any]:
             choices = [
@@ -389,7 +726,9 @@ def openai_router(kernel: Kernel) -> APIRouter:
         if body.stream:
             if len(requests) != 1:
                 raise UsageError("stream takes one prompt and n = 1", param="stream")
-            return await _stream_response(kernel, body.model, requests[0], envelope, chat=False)
+            return await _stream_response(
+                kernel, body.model, requests[0], envelope, chat=False, usage=body.include_usage
+            )
 
         def payload(results: list[CompletionResult]) -> dict[str, Any]:
             choices = [
@@ -412,6 +751,7 @@ def openai_router(kernel: Kernel) -> APIRouter:
     async def embeddings(body: EmbeddingBody, http: Request) -> Response:
         started = time.perf_counter()
         texts = [body.input] if isinstance(body.input, str) else body.input
+        base64_floats = body.encoding_format == "base64"
         if not texts:
             raise UsageError("input is empty", param="input")
         caps.texts(texts, "input")
@@ -428,7 +768,7 @@ def openai_router(kernel: Kernel) -> APIRouter:
                     vector = vector[: body.dimensions]
                 embedding: Any = (
                     base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
-                    if body.encoding_format == "base64"
+                    if base64_floats
                     else vector
                 )
                 data.append(
