@@ -251,7 +251,9 @@ def test_body_over_the_cap_is_refused_with_413(daemon: Callable[..., Daemon]) ->
     # Refused on the header alone: this client declares a big body and sends
     # none of it, so a server that waited for the body would never answer.
     with socket.create_connection(("127.0.0.1", d.server.port), timeout=5) as raw:
-        raw.sendall(b"POST /t/echo HTTP/1.1\r\nHost: test\r\nContent-Length: 100000000\r\n\r\n")
+        raw.sendall(
+            b"POST /t/echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000000\r\n\r\n"
+        )
         assert raw.recv(65536).startswith(b"HTTP/1.1 413 ")
 
     # No Content-Length: counted while received, cut off past the cap.

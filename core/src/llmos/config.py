@@ -223,6 +223,8 @@ def _fields() -> Iterator[tuple[tuple[str, ...], Field]]:
 
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
+#: a ``server.allowed_hosts`` entry: "*", or a host name with an optional "*." in front
+_ALLOWED_HOST = re.compile(r"\*|(\*\.)?[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")
 
 register_section(
     "server",
@@ -270,6 +272,38 @@ register_section(
             check=lambda level: level in _LOG_LEVELS,
             expect="one of " + ", ".join(f'"{level}"' for level in _LOG_LEVELS),
         ),
+        "allowed_hosts": Field(
+            "list[str]",
+            (),
+            "Host names (besides localhost, IP addresses and server.host) the daemon answers"
+            ' to and takes browser writes from; "*.example.com" matches subdomains,'
+            ' "*" turns the Host check off.',
+            check=lambda hosts: all(_ALLOWED_HOST.fullmatch(h) for h in hosts),
+            expect='a list of host names without scheme or port ("llm.example.com",'
+            ' "*.example.com" or "*")',
+            env="LLMOS_ALLOWED_HOSTS",
+        ),
+        "header_timeout_s": Field(
+            "float",
+            10.0,
+            "Seconds a connection has to send a request's headers before it is closed.",
+            check=lambda seconds: seconds > 0,
+            expect="a number of seconds > 0",
+        ),
+        "body_timeout_s": Field(
+            "float",
+            30.0,
+            "Seconds a request body may stall between two chunks before the request gets 408.",
+            check=lambda seconds: seconds > 0,
+            expect="a number of seconds > 0",
+        ),
+        "keep_alive_timeout_s": Field(
+            "float",
+            5.0,
+            "Seconds an idle keep-alive connection is kept open.",
+            check=lambda seconds: seconds > 0,
+            expect="a number of seconds > 0",
+        ),
     },
     doc="The daemon.",
 )
@@ -307,6 +341,11 @@ class ServerSettings:
     max_body_bytes: int
     drain_timeout: float
     log_level: str
+    #: extra Host names the daemon answers to (``*.`` prefix, ``*`` for any)
+    allowed_hosts: tuple[str, ...] = ()
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    keep_alive_timeout_s: float = 5.0
 
 
 @attrs.frozen
@@ -450,6 +489,10 @@ def load_config(
             max_body_bytes=server["max_body_bytes"],
             drain_timeout=server["drain_timeout"],
             log_level=server["log_level"],
+            allowed_hosts=tuple(h.lower().rstrip(".") for h in server["allowed_hosts"]),
+            header_timeout_s=server["header_timeout_s"],
+            body_timeout_s=server["body_timeout_s"],
+            keep_alive_timeout_s=server["keep_alive_timeout_s"],
         ),
         plugins=PluginSettings(
             load=None if plugins["load"] is None else tuple(plugins["load"]),

@@ -5,11 +5,20 @@ that has not started yet. The app's lifespan starts the kernel in a worker
 thread and does not wait for it, so the daemon listens and answers
 ``/healthz`` while plugins run ``llmos_startup``; ``/readyz`` turns 200 when
 the kernel is ready, and every other route answers 503 until then.
+
+The OpenAPI schema is FastAPI's, corrected here once for every route (the
+kernel's and the plugins') by :func:`document_errors` so that it says what the
+daemon really answers: errors in one ``Error`` shape, 400 (never 422) for
+invalid input, the middleware's 401/403/408/413/503, server-sent events where
+a route streams, model-name patterns, and the bearer key. A 405 names in
+``Allow`` every method the path takes, whichever routes (or plugins) they
+come from (:func:`allowed_methods`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import http
 import json
 import math
@@ -25,7 +34,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import BaseRoute, WebSocketRoute
+from starlette.routing import BaseRoute, WebSocketRoute, compile_path
 
 from llmos import __version__
 from llmos.errors import DuplicateNameError, LlmosError, PluginError
@@ -34,8 +43,12 @@ from llmos.server.dashboard import PUBLIC_PATHS, dashboard_router
 from llmos.server.fusions_api import fusions_router
 from llmos.server.groups_api import groups_router
 from llmos.server.middleware import (
+    PROBE_PATHS,
+    RETRY_AFTER_SECONDS,
+    SAFE_METHODS,
     AccessMiddleware,
     BodyLimitMiddleware,
+    HostCheckMiddleware,
     RequestContextMiddleware,
     error_body,
     error_headers,
@@ -44,11 +57,11 @@ from llmos.server.models_api import models_router, push_body_limit
 from llmos.server.monitor_api import monitor_router
 from llmos.server.openai_api import openai_router
 from llmos.server.tuning_api import tuning_router
-from llmos.types import RouteSpec
+from llmos.types import NAME_MAX_LENGTH, NAME_PATTERN, RouteSpec
 
 log = structlog.get_logger("llmos.server")
 
-__all__ = ["DaemonState", "create_app"]
+__all__ = ["DaemonState", "allowed_methods", "create_app", "document_errors"]
 
 #: how the kernel is named when a plugin's route collides with one of its own
 KERNEL_OWNER = "llmos"
@@ -79,6 +92,9 @@ class DaemonState:
     #: what ``kernel.start()`` raised, if it did
     start_error: BaseException | None = None
     start_thread: threading.Thread | None = None
+    #: the address the server listens on, set by
+    #: :class:`~llmos.server.run.DaemonServer` (``server.host`` may be overridden)
+    bound_host: str | None = None
 
     @property
     def status(self) -> str:
@@ -206,11 +222,27 @@ def create_app(kernel: Kernel) -> FastAPI:
         BodyLimitMiddleware,
         max_body_bytes=settings.max_body_bytes,
         limit_for=push_body_limit(kernel),
+        body_timeout=settings.body_timeout_s,
     )
     app.add_middleware(
         AccessMiddleware, state=daemon, api_keys=settings.api_keys, open_paths=PUBLIC_PATHS
     )
+    app.add_middleware(
+        HostCheckMiddleware,
+        state=daemon,
+        configured_host=settings.host,
+        allowed_hosts=settings.allowed_hosts,
+    )
     app.add_middleware(RequestContextMiddleware, state=daemon)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = document_errors(
+                FastAPI.openapi(app), keys_required=bool(settings.api_keys)
+            )
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 
@@ -332,6 +364,249 @@ def _mount_one(
 
 
 # --------------------------------------------------------------------------
+# The OpenAPI schema: what the daemon really answers
+# --------------------------------------------------------------------------
+
+#: the body of every error, as :func:`~llmos.server.middleware.error_body` makes it
+ERROR_SCHEMA: dict[str, Any] = {
+    "title": "Error",
+    "description": "Every error the daemon sends, whatever made it (OpenAI's shape).",
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string", "description": "What is wrong and what to do."},
+                "type": {
+                    "type": "string",
+                    "description": "A stable name for the kind of error: invalid_request_error, "
+                    "authentication_error, permission_error, not_found, payload_too_large, "
+                    "rate_limit_error, unavailable …",
+                },
+                "param": {
+                    "type": ["string", "null"],
+                    "description": "The request field at fault (dotted path), if one is.",
+                },
+                "code": {"type": "integer", "description": "The HTTP status."},
+            },
+        }
+    },
+}
+
+_RETRY_AFTER = {"description": "Seconds to wait before retrying", "schema": {"type": "integer"}}
+#: status -> (component name, description, headers)
+_ERRORS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "400": (
+        "BadRequest",
+        "Invalid request: a field's type or value, malformed JSON, an invalid Content-Length, "
+        "or a Host the daemon does not answer to (server.allowed_hosts). Validation errors are "
+        "400, never 422.",
+        {},
+    ),
+    "401": (
+        "Unauthorized",
+        "Missing or invalid API key (only where server.api_keys is set).",
+        {"WWW-Authenticate": {"schema": {"type": "string", "const": "Bearer"}}},
+    ),
+    "403": (
+        "Forbidden",
+        "A browser write from another origin (Origin or Sec-Fetch-Site), or an action the "
+        "daemon's config does not permit.",
+        {},
+    ),
+    "404": ("NotFound", "Nothing by that name (model, version, job …), or no such route.", {}),
+    "408": (
+        "RequestTimeout",
+        "The request body stalled longer than server.body_timeout_s; the connection is closed.",
+        {},
+    ),
+    "413": (
+        "PayloadTooLarge",
+        "The body is over server.max_body_bytes (or the route's own cap); the connection is "
+        "closed.",
+        {},
+    ),
+    "429": (
+        "TooManyRequests",
+        "A queue is full; retry after Retry-After seconds.",
+        {"Retry-After": _RETRY_AFTER},
+    ),
+    "503": (
+        "Unavailable",
+        f"The daemon is starting, draining or failed to start (Retry-After: "
+        f"{RETRY_AFTER_SECONDS}).",
+        {"Retry-After": _RETRY_AFTER},
+    ),
+    "default": ("Error", "Any other error (409, 500, 502, 504 …), in the same shape.", {}),
+}
+#: what every operation but the probes may answer, besides its own responses
+_EVERYWHERE = ("400", "401", "404", "413", "429", "503", "default")
+
+#: a model reference: a name, ``name@<version>`` or ``name@<alias>``
+REF_PATTERN = NAME_PATTERN.pattern.removesuffix("$") + "(@[a-z0-9_-]{1,64})?$"
+#: path parameters that name models, by the path they are under. A reference
+#: is bounded as a name is: a schema cannot bound the name's part alone, and a
+#: longer bound would make fuzzers send names the registry refuses
+_NAME_PARAMETERS: dict[tuple[str, str], dict[str, Any]] = {
+    ("/api/models/", "name"): {"pattern": NAME_PATTERN.pattern, "maxLength": NAME_MAX_LENGTH},
+    ("/api/models/", "ref"): {"pattern": REF_PATTERN, "maxLength": NAME_MAX_LENGTH},
+    ("/api/models/", "alias"): {"pattern": "^[a-z0-9_-]{1,64}$", "maxLength": 64},
+    ("/api/fusions/", "name"): {"pattern": REF_PATTERN, "maxLength": NAME_MAX_LENGTH},
+}
+
+_OPENAI_STREAM = (
+    'With "stream": true, server-sent events: one "data: <chunk JSON>" event per chunk, '
+    'then "data: [DONE]".'
+)
+#: routes that answer server-sent events: (method, path) -> (only SSE?, description)
+_EVENT_STREAMS: dict[tuple[str, str], tuple[bool, str]] = {
+    ("post", "/v1/chat/completions"): (False, _OPENAI_STREAM),
+    ("post", "/v1/completions"): (False, _OPENAI_STREAM),
+    ("get", "/api/tuning/jobs/{job_id}/events"): (
+        True,
+        'Server-sent events: "progress" (a progress record), "state" (the job, after each '
+        'change; the stream ends when the job does) and "end" (the daemon is stopping), with '
+        '": keep-alive" comments while the job is quiet.',
+    ),
+}
+_VALIDATION_SCHEMAS = ("HTTPValidationError", "ValidationError")
+
+
+def document_errors(schema: dict[str, Any], *, keys_required: bool) -> dict[str, Any]:
+    """Correct FastAPI's ``schema`` (in place) to what the daemon answers.
+
+    * every operation but the probes lists 400, 401, 404, 413, 429 and 503
+      (writes 403 too, operations with a body 408) and a ``default``, all with
+      the ``Error`` schema; FastAPI's 422 goes, since validation errors are
+      400 here;
+    * the bearer ``securitySchemes``, required on every operation but the
+      probes when ``keys_required``;
+    * ``text/event-stream`` on the routes that stream (those in
+      ``_EVENT_STREAMS`` and any whose body has a ``stream`` flag, which
+      covers a plugin's OpenAI-style route);
+    * ``pattern`` and ``maxLength`` on path parameters that name models.
+    """
+    components = schema.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
+    schemas["Error"] = copy.deepcopy(ERROR_SCHEMA)
+    error_content = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    responses = components.setdefault("responses", {})
+    for name, description, headers in _ERRORS.values():
+        response: dict[str, Any] = {"description": description, "content": error_content}
+        if headers:
+            response["headers"] = headers
+        responses[name] = response
+    components["securitySchemes"] = {
+        "bearer": {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "A key from server.api_keys, as 'Authorization: Bearer <key>'. "
+            + (
+                "Required on every route but the probes."
+                if keys_required
+                else "This daemon has no keys set, so no route asks for one."
+            ),
+        }
+    }
+    if keys_required:
+        schema["security"] = [{"bearer": []}]
+
+    for path, item in schema.get("paths", {}).items():
+        for method, operation in item.items():
+            if method not in ("get", "put", "post", "delete", "options", "head", "patch"):
+                continue
+            _document_operation(schema, path, method, operation, keys_required=keys_required)
+
+    text = json.dumps(schema)
+    for name in _VALIDATION_SCHEMAS:
+        if f'"#/components/schemas/{name}"' not in text:
+            schemas.pop(name, None)
+    return schema
+
+
+def _document_operation(
+    schema: dict[str, Any],
+    path: str,
+    method: str,
+    operation: dict[str, Any],
+    *,
+    keys_required: bool,
+) -> None:
+    responses = operation.setdefault("responses", {})
+    responses.pop("422", None)
+    if path in PROBE_PATHS:
+        # Open, never refused, never validated: only the readiness 503.
+        if keys_required:
+            operation["security"] = []
+        if path == "/readyz":
+            responses["503"] = {
+                "description": "Not ready: starting, draining or failed. The body has the "
+                "state in status, and the error.",
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "allOf": [
+                                {"$ref": "#/components/schemas/Error"},
+                                {
+                                    "type": "object",
+                                    "required": ["status"],
+                                    "properties": {"status": {"type": "string"}},
+                                },
+                            ]
+                        }
+                    }
+                },
+            }
+        responses.setdefault("default", _ref("default"))
+        return
+    statuses = list(_EVERYWHERE)
+    if method.upper() not in SAFE_METHODS:  # a write: the Origin check's 403
+        statuses.append("403")
+    if "requestBody" in operation:
+        statuses.append("408")
+    for status in statuses:
+        responses.setdefault(status, _ref(status))
+
+    stream = _EVENT_STREAMS.get((method, path))
+    if stream is None and _has_stream_flag(schema, operation):
+        stream = (False, _OPENAI_STREAM)
+    if stream is not None:
+        only, description = stream
+        ok = next((responses[s] for s in ("200", "201", "202") if s in responses), None)
+        if ok is not None:
+            content = {} if only else ok.setdefault("content", {})
+            content.setdefault(
+                "text/event-stream", {"schema": {"type": "string", "description": description}}
+            )
+            ok["content"] = content
+
+    for parameter in operation.get("parameters", ()):
+        if parameter.get("in") != "path":
+            continue
+        for (prefix, name), rules in _NAME_PARAMETERS.items():
+            if parameter.get("name") == name and path.startswith(prefix):
+                parameter.setdefault("schema", {}).update(rules)
+
+
+def _ref(status: str) -> dict[str, str]:
+    return {"$ref": f"#/components/responses/{_ERRORS[status][0]}"}
+
+
+def _has_stream_flag(schema: dict[str, Any], operation: dict[str, Any]) -> bool:
+    """Whether the operation's JSON body has a boolean ``stream`` property."""
+    content = operation.get("requestBody", {}).get("content", {})
+    body = content.get("application/json", {}).get("schema", {})
+    ref = body.get("$ref", "")
+    if ref.startswith("#/components/schemas/"):
+        body = schema["components"]["schemas"].get(ref.rsplit("/", 1)[1], {})
+    stream = body.get("properties", {}).get("stream", {})
+    kinds = [stream.get("type")] + [option.get("type") for option in stream.get("anyOf", ())]
+    return "boolean" in kinds
+
+
+# --------------------------------------------------------------------------
 # Exception handlers: everything in the one error shape
 # --------------------------------------------------------------------------
 
@@ -410,6 +685,7 @@ _HTTP_TYPES = {
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     status = exc.status_code
+    headers = dict(exc.headers or {})
     type_ = _HTTP_TYPES.get(status, "invalid_request_error" if status < 500 else "internal_error")
     detail = exc.detail
     try:
@@ -419,10 +695,28 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     if status == 404 and detail == default_detail:
         message = f"no route for {request.method} {request.url.path}"
     elif status == 405 and detail == default_detail:
-        allowed = (exc.headers or {}).get("Allow", "")
+        # Starlette's Allow names the methods of the first route whose path
+        # matched; other routes (or plugins) may take others on the same path.
+        allowed = ", ".join(allowed_methods(request.app, request.url.path))
+        headers["Allow"] = allowed
         message = f"method {request.method} is not allowed on {request.url.path}" + (
             f"; allowed: {allowed}" if allowed else ""
         )
     else:
         message = detail if isinstance(detail, str) else json.dumps(detail, default=str)
-    return _error(status, type_, message, headers=dict(exc.headers or {}))
+    return _error(status, type_, message, headers=headers)
+
+
+def allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """Every method some route of ``app`` takes on ``path``, sorted: what a
+    405's ``Allow`` must say."""
+    methods: set[str] = set()
+    for prefix, route in _flatten(app.router.routes):
+        route_methods = getattr(route, "methods", None)
+        route_path = getattr(route, "path", None)
+        if not route_methods or route_path is None:
+            continue
+        regex, _, _ = compile_path(prefix + route_path)
+        if regex.match(path):
+            methods |= set(route_methods)
+    return sorted(methods)

@@ -11,6 +11,14 @@
    ``server.drain_timeout`` seconds, uvicorn closes the socket and the
    lifespan runs ``kernel.stop()``;
 4. a second signal exits at once.
+
+Connections are bounded in time (``[server]`` keys), so that slow or idle
+clients cannot hold the daemon's sockets (slowloris): a connection must send
+its request headers within ``header_timeout_s`` of opening or of the request's
+first byte (:func:`with_header_timeout`; uvicorn has no such setting), a body
+may stall at most ``body_timeout_s`` between chunks (408, in
+:class:`~llmos.server.middleware.BodyLimitMiddleware`), and an idle
+keep-alive connection is closed after ``keep_alive_timeout_s``.
 """
 
 from __future__ import annotations
@@ -23,17 +31,21 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from types import FrameType
+from typing import Any
 
 import structlog
 import uvicorn
+from uvicorn.config import HTTP_PROTOCOLS
+from uvicorn.importer import import_from_string
 
+from llmos.config import ServerSettings
 from llmos.errors import ConfigError, LlmosError
 from llmos.runtime.kernel import Kernel
 from llmos.server.app import DaemonState, create_app
 
 log = structlog.get_logger("llmos.server")
 
-__all__ = ["DaemonServer", "check_bind", "is_loopback", "serve"]
+__all__ = ["DaemonServer", "check_bind", "is_loopback", "serve", "with_header_timeout"]
 
 #: how long uvicorn waits for connections after a drain ends by itself or
 #: times out, before it cancels what is left
@@ -75,18 +87,131 @@ def check_bind(host: str, api_keys: Sequence[str]) -> None:
         )
 
 
+class _HeaderTimeout:
+    """Mixin for uvicorn's HTTP/1.1 protocols (h11, httptools): close a
+    connection whose request headers are not complete ``header_timeout``
+    seconds after it opened, or after the first byte of a later request.
+
+    uvicorn arms no timer on a new connection, and the keep-alive timer stops
+    at the first byte of the next request, so without this a client that
+    sends half a request line and then nothing holds its connection forever.
+    The timer runs while the protocol waits for a request's headers; a new
+    request cycle (``self.cycle``, which both protocols replace once the
+    headers are parsed) or a websocket upgrade stops it. Nothing is answered:
+    there is no request to answer.
+    """
+
+    header_timeout: float = 10.0
+    _header_timer: asyncio.TimerHandle | None = None
+    #: the request cycle that was current when the timer started
+    _header_cycle: Any = None
+    # the protocol's own attributes, for the type checker
+    cycle: Any
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
+    client: tuple[str, int] | None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        self._start_header_timer()
+
+    def data_received(self, data: bytes) -> None:
+        if self._header_timer is None and (self.cycle is None or self.cycle.response_complete):
+            self._start_header_timer()  # the first byte of a new request
+        super().data_received(data)  # type: ignore[misc]
+        self._stop_header_timer_if_parsed()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # type: ignore[misc]
+        self._stop_header_timer_if_parsed()  # a pipelined request may have started
+
+    def handle_websocket_upgrade(self, *args: Any) -> None:
+        self._stop_header_timer()
+        super().handle_websocket_upgrade(*args)  # type: ignore[misc]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_header_timer()
+        super().connection_lost(exc)  # type: ignore[misc]
+
+    def _start_header_timer(self) -> None:
+        self._header_cycle = self.cycle
+        self._header_timer = self.loop.call_later(self.header_timeout, self._headers_timed_out)
+
+    def _stop_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _stop_header_timer_if_parsed(self) -> None:
+        if self._header_timer is not None and self.cycle is not self._header_cycle:
+            self._stop_header_timer()
+
+    def _headers_timed_out(self) -> None:
+        self._header_timer = None
+        if self.cycle is self._header_cycle and not self.transport.is_closing():
+            log.debug("http.header_timeout", client=self.client, seconds=self.header_timeout)
+            self.transport.close()
+
+
+#: what a protocol class needs for :class:`_HeaderTimeout` to work on it
+_PROTOCOL_HOOKS = (
+    "connection_made",
+    "data_received",
+    "connection_lost",
+    "on_response_complete",
+    "handle_websocket_upgrade",
+)
+
+
+def with_header_timeout(http: str | type[asyncio.Protocol], seconds: float) -> Any:
+    """uvicorn's ``http`` setting (``"auto"``, ``"h11"``, ``"httptools"`` or a
+    protocol class) with the header timeout of :class:`_HeaderTimeout` added.
+
+    A protocol this cannot wrap (HTTP/2's, or an unknown class) is returned
+    unchanged, with a warning: the daemon still runs, without the timeout.
+    """
+    base: Any = http
+    if isinstance(http, str):
+        if http not in ("auto", "h11", "httptools"):
+            log.warning("server.header_timeout_unsupported", http=http)
+            return http
+        base = import_from_string(HTTP_PROTOCOLS[http])
+    if not isinstance(base, type) or not all(hasattr(base, hook) for hook in _PROTOCOL_HOOKS):
+        log.warning("server.header_timeout_unsupported", http=repr(http))
+        return http
+    base = getattr(base, "_unwrapped", base)  # already wrapped: wrap its base anew
+    return type(
+        f"HeaderTimeout{base.__name__}",
+        (_HeaderTimeout, base),
+        {"header_timeout": seconds, "_unwrapped": base},
+    )
+
+
+def apply_timeouts(config: uvicorn.Config, settings: ServerSettings) -> None:
+    """Put ``[server]``'s connection timeouts on a uvicorn config not yet loaded."""
+    config.timeout_keep_alive = settings.keep_alive_timeout_s  # type: ignore[assignment]
+    config.http = with_header_timeout(config.http, settings.header_timeout_s)
+
+
 class DaemonServer(uvicorn.Server):
-    """uvicorn's server with llmos's shutdown: drain first, then exit.
+    """uvicorn's server with llmos's shutdown (drain first, then exit) and
+    connection timeouts.
 
     uvicorn exits on the first signal and closes its socket at once; here the
     first signal only starts the drain (see the module docstring) and
     :meth:`on_tick` ends the main loop when the drain is over. It also ends
     it when the kernel failed to start.
+
+    Whoever made ``config``, the daemon's ``[server]`` timeouts are put on it
+    (:func:`apply_timeouts`), and the address it binds is told to the Host
+    check (``daemon.bound_host``).
     """
 
     def __init__(
         self, config: uvicorn.Config, daemon: DaemonState, *, drain_timeout: float
     ) -> None:
+        apply_timeouts(config, daemon.kernel.config.server)
+        daemon.bound_host = config.host
         super().__init__(config)
         self.daemon = daemon
         self.drain_timeout = drain_timeout
