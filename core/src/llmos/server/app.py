@@ -8,8 +8,8 @@ the kernel is ready, and every other route answers 503 until then.
 
 The OpenAPI schema is FastAPI's, corrected here once for every route (the
 kernel's and the plugins') by :func:`document_errors` so that it says what the
-daemon really answers: errors in one ``Error`` shape, 400 (never 422) for
-invalid input, the middleware's 401/403/408/413/503, server-sent events where
+daemon really answers: errors in one ``Error`` shape, 400 (not FastAPI's 422)
+for invalid input, the middleware's 401/403/408/413/503, server-sent events where
 a route streams, model-name patterns, and the bearer key. A 405 names in
 ``Allow`` every method the path takes, whichever routes (or plugins) they
 come from (:func:`allowed_methods`).
@@ -401,8 +401,8 @@ _ERRORS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "400": (
         "BadRequest",
         "Invalid request: a field's type or value, malformed JSON, an invalid Content-Length, "
-        "or a Host the daemon does not answer to (server.allowed_hosts). Validation errors are "
-        "400, never 422.",
+        "or a Host the daemon does not answer to (server.allowed_hosts). Request validation "
+        "errors are 400, not FastAPI's 422.",
         {},
     ),
     "401": (
@@ -439,7 +439,12 @@ _ERRORS: dict[str, tuple[str, str, dict[str, Any]]] = {
         f"{RETRY_AFTER_SECONDS}).",
         {"Retry-After": _RETRY_AFTER},
     ),
-    "default": ("Error", "Any other error (409, 500, 502, 504 …), in the same shape.", {}),
+    "default": (
+        "Error",
+        "Any other error, in the same shape: 409 (a conflict), 422 (a base model that cannot "
+        "be tuned here), 500, 504 (a model took too long) …",
+        {},
+    ),
 }
 #: what every operation but the probes may answer, besides its own responses
 _EVERYWHERE = ("400", "401", "404", "413", "429", "503", "default")
