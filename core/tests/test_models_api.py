@@ -21,12 +21,20 @@ import pytest
 import structlog
 
 from llmos.config import load_config
+from llmos.errors import UsageError
 from llmos.logs import configure_logging
 from llmos.plugin import hookimpl
 from llmos.runtime.kernel import Kernel
 from llmos.server import DaemonServer, create_app
 from llmos.testing import safetensors_bytes, serve_app
-from llmos.types import ModelCard
+from llmos.types import (
+    Capability,
+    CheckRequest,
+    CompletionResult,
+    ModelBase,
+    ModelCard,
+    ProviderSpec,
+)
 
 SERVER_CAP = 4096
 PUSH_CAP = 64 * 1024
@@ -66,10 +74,43 @@ class Daemon:
         return self.server.port
 
 
+class Echo(ModelBase):
+    """Completes a prompt with itself."""
+
+    capabilities = frozenset({Capability.COMPLETE})
+
+    def complete(self, requests: Any) -> list[CompletionResult]:
+        return [CompletionResult(text=r.prompt) for r in requests]
+
+
+def _check_echo(request: CheckRequest) -> dict[str, Any]:
+    """The ``echo-checked`` provider's check: it serves no ``temperature``
+    below 0, and fills in a ``greeting`` the card leaves out from the
+    operator's ``[plugins.echo]``."""
+    options = dict(request.card.options)
+    if options.get("temperature", 0) < 0:
+        raise UsageError("echo: temperature must be >= 0", param="options.temperature")
+    options.setdefault("greeting", request.options.get("greeting", "hello"))
+    return options
+
+
+class EchoProvider:
+    """The provider the tests' cards name: a card's provider must be installed."""
+
+    @hookimpl
+    def llmos_register_providers(self, register: Callable[[ProviderSpec], None]) -> None:
+        register(ProviderSpec(name="echo", load=lambda request: Echo(request.card)))
+        register(
+            ProviderSpec(
+                name="echo-checked", load=lambda request: Echo(request.card), check=_check_echo
+            )
+        )
+
+
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     """``daemon(*overrides, plugins=[(name, plugin)])``: a ready daemon whose
-    home is ``tmp_path / "home"``."""
+    home is ``tmp_path / "home"``, with the ``echo`` provider installed."""
     with ExitStack() as stack:
 
         def start(*overrides: str, plugins: tuple[tuple[str, object], ...] = ()) -> Daemon:
@@ -84,7 +125,7 @@ def daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
             )
             kernel = Kernel(config)
             kernel.load_plugins()
-            for name, plugin in plugins:
+            for name, plugin in (("echo", EchoProvider()), *plugins):
                 kernel.plugins.register(plugin, name)
             running = stack.enter_context(serve_app(create_app(kernel)))
             client = stack.enter_context(httpx.Client(base_url=running.url, timeout=10))
@@ -252,6 +293,71 @@ def test_register_refuses_bad_cards_and_writes_nothing(daemon: Callable[..., Dae
     )
     assert _total(d) == 0
     _error(d.client.get("/api/models/m"), 404, "not_found")
+
+
+def test_a_card_names_an_installed_provider_and_is_no_fusion(
+    daemon: Callable[..., Daemon],
+) -> None:
+    """A version no provider can serve would become the name's ``latest``
+    and shadow a working one: it is refused, by every door that takes a
+    provider from a client, saying what to do."""
+    d = daemon()
+    _register(d, "acme/m", description="works")
+    installed = "installed providers: echo (echo), echo-checked (echo)"
+    for body, param, words in [
+        ({"provider": "nope"}, "provider", ["provider 'nope' is not installed", installed]),
+        ({"provider": "vllm"}, "provider", ["pip install llmos-vllm", installed]),
+        ({"provider": "fusion"}, "provider", ["`llmos fuse create` or POST /api/fusions"]),
+        ({"provider": "echo", "format": "fusion"}, "format", ["`llmos fuse create`"]),
+    ]:
+        response = d.client.post("/api/models", json={"name": "acme/m", **body})
+        error = _error(response, 400, "invalid_request_error")
+        assert error["param"] == param, error
+        assert all(word in error["message"] for word in words), error["message"]
+        again = d.client.post("/api/models", json={"name": "acme/m", "if_changed": True, **body})
+        assert again.status_code == 400
+    seed = d.client.post(
+        "/register",
+        json={"model_name": "acme/m", "model_url": "https://example.com/m", "provider": "nope"},
+    )
+    assert (
+        "provider 'nope' is not installed" in _error(seed, 400, "invalid_request_error")["message"]
+    )
+    # A push naming a provider is refused before its body is read.
+    pushed = _push(d, "acme/m", b"x" * 64, filename="m.safetensors", provider="fusion")
+    assert "llmos fuse create" in _error(pushed, 400, "invalid_request_error")["message"]
+    assert _artifacts(d) == [] and _tmp_left(d) == []
+
+    assert _total(d) == 1
+    assert d.client.get("/api/models/acme/m").json()["card"]["version"] == 1
+    # Any other format is a card like the others (JSON's string for the enum).
+    assert _register(d, "acme/remote", format="remote-api")["format"] == "remote-api"
+    assert _total(d) == 2
+    answer = d.client.post("/v1/completions", json={"model": "acme/m", "prompt": "still here"})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["text"] == "still here"
+
+
+def test_the_provider_checks_a_card_when_registered_and_when_loaded(
+    daemon: Callable[..., Daemon],
+) -> None:
+    d = daemon('plugins.echo.greeting="hi"')
+    bad = {"name": "m", "provider": "echo-checked", "options": {"temperature": -1}}
+    error = _error(d.client.post("/api/models", json=bad), 400, "invalid_request_error")
+    assert (error["param"], error["message"]) == (
+        "options.temperature",
+        "echo: temperature must be >= 0",
+    )
+    assert _total(d) == 0
+    # What the check returns is what is stored: here completed from [plugins.echo].
+    card = _register(d, "m", provider="echo-checked", options={"temperature": 1})
+    assert card["options"] == {"temperature": 1, "greeting": "hi"}
+    # A card stored without the check (registered before it existed) meets it at load.
+    d.kernel.registry.store.register(
+        ModelCard(name="old", provider="echo-checked", options={"temperature": -1})
+    )
+    refused = d.client.post("/v1/completions", json={"model": "old", "prompt": "x"})
+    assert _error(refused, 400, "invalid_request_error")["param"] == "options.temperature"
 
 
 def test_search_parameters_paging_and_errors(daemon: Callable[..., Daemon]) -> None:
@@ -451,14 +557,19 @@ def test_discover_reruns_the_model_sources(daemon: Callable[..., Daemon]) -> Non
     catalogue.cards += [
         ModelCard(name="vendor/b", provider="echo", description="new"),
         ModelCard(name="vendor/c", provider="echo", source="file:///etc/passwd"),
+        ModelCard(name="vendor/d", provider="elsewhere"),
     ]
     report = d.client.post("/api/models/discover")
     assert report.status_code == 200
     body = report.json()
     assert body["registered"] == ["vendor/b@1"]
     assert body["unchanged"] == ["vendor/a@1"]
-    assert [(r["plugin"], r["name"]) for r in body["refused"]] == [("catalogue", "vendor/c")]
+    assert [(r["plugin"], r["name"]) for r in body["refused"]] == [
+        ("catalogue", "vendor/c"),
+        ("catalogue", "vendor/d"),
+    ]
     assert "file://" in body["refused"][0]["reason"]
+    assert "provider 'elsewhere' is not installed" in body["refused"][1]["reason"]
     assert d.client.get("/api/models/vendor/b").json()["card"]["created_by"] == (
         "discovery:catalogue"
     )

@@ -10,7 +10,7 @@ import pytest
 
 from llmos.registry import SQLiteStore
 from llmos.registry.store import COUNT_LIMIT
-from llmos.testing import write_safetensors
+from llmos.testing import write_distribution, write_safetensors
 from llmos.types import ModelCard
 
 from .conftest import llmos
@@ -48,14 +48,33 @@ def populated(env: dict[str, str]) -> dict[str, str]:
     return env
 
 
+#: a plugin distribution with a second provider for the same models
+ENGINE = """
+from llmos.plugin import hookimpl
+from llmos.types import ProviderSpec
+
+
+@hookimpl
+def llmos_register_providers(register):
+    register(ProviderSpec(name="acme-engine", load=lambda request: None))
+"""
+
+
 def names(page: dict) -> list[str]:
     return sorted(hit["card"]["name"] for hit in page["items"])
 
 
 def test_register_assigns_versions_and_show_resolves_refs(populated: dict[str, str]) -> None:
     env = populated
-    card = as_json("models", "register", "acme/llama-chat", "--provider", "vllm", env=env)["card"]
-    assert (card["name"], card["version"], card["provider"]) == ("acme/llama-chat", 2, "vllm")
+    write_distribution(Path(env["PYTHONPATH"]), "llmos-acme-engine", ENGINE)
+    card = as_json("models", "register", "acme/llama-chat", "--provider", "acme-engine", env=env)[
+        "card"
+    ]
+    assert (card["name"], card["version"], card["provider"]) == (
+        "acme/llama-chat",
+        2,
+        "acme-engine",
+    )
     shown = as_json("models", "show", "acme/llama-chat@1", env=env)
     assert shown["card"]["options"] == {"dtype": "float16", "max_batch": 8}
     assert shown["card"]["source"] == "hf://meta-llama/Llama-2-7b-chat-hf"
@@ -137,6 +156,27 @@ def test_bad_input_is_refused_with_one_line_and_nothing_written(
     run = llmos("models", "search", "family:", env=env)
     assert run.returncode == 2 and run.stderr.startswith("error: ")
     assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM versions").fetchone()[0] == count
+
+
+def test_a_version_nothing_can_serve_does_not_shadow_the_latest(
+    populated: dict[str, str],
+) -> None:
+    """``acme/llama-chat@1`` is served by transformers; a second version for
+    a provider that is not installed, or posing as a fusion, would become
+    ``latest`` and take its place."""
+    env = populated
+    for args, words in (
+        (("--provider", "vllm"), ("provider 'vllm' is not installed", "pip install llmos-vllm")),
+        (("--provider", "nope"), ("provider 'nope' is not installed", "transformers (")),
+        (("--provider", "fusion"), ("`llmos fuse create` or POST /api/fusions",)),
+        (("--provider", "transformers", "--format", "fusion"), ("`llmos fuse create`",)),
+    ):
+        run = llmos("models", "register", "acme/llama-chat", *args, env=env)
+        assert run.returncode == 2, run.stderr
+        (line,) = run.stderr.strip().splitlines()
+        assert line.startswith("error: ") and all(word in line for word in words), line
+    latest = as_json("models", "show", "acme/llama-chat", env=env)["card"]
+    assert (latest["version"], latest["provider"]) == (1, "transformers")
 
 
 def test_scan_registers_a_local_folder(env: dict[str, str], tmp_path: Path) -> None:

@@ -43,6 +43,7 @@ __all__ = [
     "ChatMessage",
     "ChatRequest",
     "ChatResult",
+    "CheckRequest",
     "ClassifyRequest",
     "ClassifyResult",
     "CommandSpec",
@@ -598,6 +599,22 @@ class LoadRequest:
 
 
 @attrs.frozen(kw_only=True)
+class CheckRequest:
+    """What a provider's ``check`` receives: one object, like
+    :class:`LoadRequest`, so that the kernel can hand providers more over time.
+
+    ``options`` is the provider plugin's ``[plugins.<plugin>]`` config table:
+    the operator's rules a card is checked against (which hosts a key may be
+    sent to, say). The card is the one being registered or about to be
+    loaded; its ``version`` is ``None`` at registration.
+    """
+
+    card: ModelCard
+    #: the ``[plugins.<plugin>]`` config table
+    options: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_mapping)
+
+
+@attrs.frozen(kw_only=True)
 class ProviderSpec:
     """A model provider: turns a :class:`ModelCard` into a :class:`LoadedModel`.
 
@@ -605,6 +622,17 @@ class ProviderSpec:
     (weights); the kernel calls it once per model and caches the result.
     ``batching=False`` tells the kernel's batcher to step aside because the
     backend batches continuously on its own.
+
+    ``check(request)`` (optional) receives a :class:`CheckRequest` and
+    returns the card's options, completed or normalised, or raises
+    :class:`~llmos.errors.UsageError` (with ``param``) for a card its
+    provider must not serve. It runs when a card is registered, on every
+    path (the HTTP API, the CLI, a scan, a push, a plugin's discovered
+    cards), so a bad card is refused before it is stored; and again before
+    a model is loaded, for cards registered before the check existed,
+    ``[models.NAME]`` deployments and config that changed since. It must be
+    quick and must not need the model's weights or secrets: the CLI may run
+    it in a process without the daemon's environment.
     """
 
     name: str = attrs.field(validator=_check_spec_name)
@@ -613,6 +641,7 @@ class ProviderSpec:
     capabilities: frozenset[Capability] = attrs.field(factory=frozenset, converter=frozenset)
     formats: tuple[str, ...] = attrs.field(default=(), converter=_tuple_of_str)
     batching: bool = True
+    check: Callable[[CheckRequest], Mapping[str, Any]] | None = None
 
 
 class FusionCall(Protocol):

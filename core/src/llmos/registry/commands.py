@@ -147,7 +147,7 @@ def models_group(get_registry: RegistryGetter) -> click.Group:
         for required in ("name", "provider"):
             if not fields.get(required):
                 raise UsageError(f"a model needs a {required}: give --{required} or a card file")
-        card = registry().register(ModelCard.from_dict(fields), created_by=_user())
+        card = registry().submit(ModelCard.from_dict(fields), created_by=_user())
         if as_json:
             emit_json({"card": card.to_dict()})
         else:

@@ -4,24 +4,33 @@
 checked (:func:`~llmos.registry.sources.check_source`) before anything is
 written, scans and pushes go through the same door, and cards offered by
 plugins (``llmos_discover_models``) are registered only when they changed.
+
+Built by the kernel, it also knows the installed providers
+(:class:`Providers`): every card is shown to its provider's ``check``
+(:attr:`~llmos.types.ProviderSpec.check`) with the operator's
+``[plugins.<plugin>]`` table before it is stored, and a card someone wrote
+(:meth:`Registry.submit`: the HTTP API, the CLI, a push naming a provider,
+a plugin's discovered cards) must name an installed provider and may not
+pose as a fusion — a version that nothing can serve would otherwise shadow
+a working one as the name's ``latest``.
 """
 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
 import structlog
 
-from llmos.errors import LlmosError
+from llmos.errors import LlmosError, PluginError, UsageError
 from llmos.registry.artifacts import artifact_dir, store_upload
 from llmos.registry.scan import ScanResult, scan
 from llmos.registry.sources import SourcePolicy, check_source, policy_from_config
 from llmos.registry.store import RegistryStore, SQLiteStore
-from llmos.types import ModelCard, ModelFormat
+from llmos.types import CheckRequest, ModelCard, ModelFormat, ProviderSpec
 
 if TYPE_CHECKING:
     from llmos.config import Config
@@ -31,6 +40,76 @@ log = structlog.get_logger("llmos.registry")
 
 #: the registry database inside the data folder
 DATABASE = "registry.db"
+#: the provider of fusion cards (the kernel's own, :mod:`llmos.fusion.service`)
+FUSION_PROVIDER = "fusion"
+#: providers of first-party plugins, and the distribution that brings each
+FIRST_PARTY_PROVIDERS = {
+    "transformers": "llmos-transformers",
+    "vllm": "llmos-vllm",
+    "openai-compatible": "llmos-openai",
+    "llm": "llmos-llm-bridge",
+    "example-keyword": "llmos-example",
+}
+
+
+@attrs.frozen
+class Providers:
+    """What the registry checks cards against: the installed providers by
+    name, and a plugin's ``[plugins.<plugin>]`` table. Functions, so that
+    plugins loaded after the registry was opened count."""
+
+    installed: Callable[[], Mapping[str, Registered[ProviderSpec]]]
+    options: Callable[[str], Mapping[str, Any]]
+
+
+def provider_checked(
+    spec: ProviderSpec, plugin: str, card: ModelCard, options: Mapping[str, Any]
+) -> ModelCard:
+    """``card`` with the options its provider's ``check`` returns (``card``
+    itself when the provider has no check).
+
+    :raises LlmosError: what the check raised (a card it refuses).
+    :raises PluginError: the check failed in another way, or returned no mapping.
+    """
+    check = spec.check
+    if check is None:
+        return card
+    where = f"provider {spec.name!r} (plugin {plugin})"
+    try:
+        checked = check(CheckRequest(card=card, options=options))
+    except LlmosError:
+        raise
+    except Exception as exc:
+        raise PluginError(
+            f"{where} failed checking model {card.ref!r}: {type(exc).__name__}: {exc}"
+        ) from exc
+    if not isinstance(checked, Mapping):
+        raise PluginError(
+            f"{where}: its check returned {type(checked).__name__}, not the card's options"
+        )
+    return card if checked == card.options else attrs.evolve(card, options=dict(checked))
+
+
+def _is_fusion(card: ModelCard) -> bool:
+    return card.provider == FUSION_PROVIDER or card.format == ModelFormat.FUSION
+
+
+def unknown_provider(
+    provider: str, installed: Mapping[str, Registered[ProviderSpec]]
+) -> UsageError:
+    """The error for a card naming a provider that is not installed."""
+    have = ", ".join(f"{name} ({r.plugin})" for name, r in sorted(installed.items())) or "none"
+    dist = FIRST_PARTY_PROVIDERS.get(provider)
+    how = (
+        f"install it with `pip install {dist}`"
+        if dist is not None
+        else "install the plugin that provides it, or pick one of those"
+    )
+    return UsageError(
+        f"provider {provider!r} is not installed (installed providers: {have}); {how}"
+        " — `llmos plugins` lists what is loaded",
+        param="provider",
+    )
 
 
 @attrs.frozen
@@ -56,16 +135,27 @@ class DiscoverReport:
 class Registry:
     """Model cards with their versions, aliases and search, behind the safety checks."""
 
-    def __init__(self, store: RegistryStore, policy: SourcePolicy, home: Path) -> None:
+    def __init__(
+        self,
+        store: RegistryStore,
+        policy: SourcePolicy,
+        home: Path,
+        providers: Providers | None = None,
+    ) -> None:
         self.store = store
         self.policy = policy
         self.home = Path(home)
+        #: the installed providers; ``None`` (a bare registry in a tool or a
+        #: test) checks sources only
+        self.providers = providers
 
     @classmethod
-    def from_config(cls, config: Config) -> Registry:
+    def from_config(cls, config: Config, providers: Providers | None = None) -> Registry:
         """The SQLite registry in the data folder, with the ``[registry]`` policy."""
         config.home.mkdir(parents=True, exist_ok=True, mode=0o700)
-        return cls(SQLiteStore(config.home / DATABASE), policy_from_config(config), config.home)
+        return cls(
+            SQLiteStore(config.home / DATABASE), policy_from_config(config), config.home, providers
+        )
 
     def close(self) -> None:
         self.store.close()
@@ -80,19 +170,89 @@ class Registry:
         parsed = check_source(card.source, self.policy)
         return attrs.evolve(card, source=parsed.value)
 
+    def admitted(self, card: ModelCard, *, named: bool = False) -> ModelCard:
+        """``card`` as its provider's check returns it.
+
+        ``named``: someone chose the provider (a card written by hand, a
+        push's ``provider``, a plugin's card), so it must be installed, and a
+        fusion card is refused — fusions are made by the fusion service,
+        which checks members and strategy. Otherwise (a kernel service, or
+        the provider llmos itself guessed for scanned weights) a provider
+        that is not installed yet is let through: loading the model says
+        what to install.
+        """
+        if _is_fusion(card):
+            if named:
+                raise UsageError(
+                    f"model {card.name!r}: a fusion is not registered as a card; make it with"
+                    " `llmos fuse create` or POST /api/fusions, which check its members and"
+                    " strategy",
+                    param="provider" if card.provider == FUSION_PROVIDER else "format",
+                )
+            return card
+        if self.providers is None:
+            return card
+        installed = self.providers.installed()
+        registered = installed.get(card.provider)
+        if registered is None:
+            if named:
+                raise unknown_provider(card.provider, installed)
+            return card
+        return provider_checked(
+            registered.spec, registered.plugin, card, self.providers.options(registered.plugin)
+        )
+
+    def require_provider(self, provider: str) -> None:
+        """Refuse a provider someone names that no card could be served by:
+        one that is not installed, or the fusion service's own (checked before
+        a push's body is read)."""
+        if provider == FUSION_PROVIDER:
+            raise UsageError(
+                "provider 'fusion' is the fusion service's own; make a fusion with"
+                " `llmos fuse create` or POST /api/fusions",
+                param="provider",
+            )
+        if self.providers is not None:
+            installed = self.providers.installed()
+            if provider not in installed:
+                raise unknown_provider(provider, installed)
+
     def register(
         self, card: ModelCard, created_by: str | None = None, *, if_changed: bool = False
     ) -> ModelCard:
-        """Check the card's source, then register it as the name's next version."""
-        return self.store.register(self.checked(card), created_by, if_changed=if_changed)
+        """Check the card's source and options (its provider's check, when the
+        provider is installed), then register it as the name's next version.
+
+        The door of the kernel's own services (fusions, tuning); a card
+        someone wrote goes through :meth:`submit`.
+        """
+        card = self.admitted(self.checked(card))
+        return self.store.register(card, created_by, if_changed=if_changed)
+
+    def submit(
+        self, card: ModelCard, created_by: str | None = None, *, if_changed: bool = False
+    ) -> ModelCard:
+        """:meth:`register` for a card someone wrote: its provider must be
+        installed, and it may not be a fusion."""
+        card = self.admitted(self.checked(card), named=True)
+        return self.store.register(card, created_by, if_changed=if_changed)
 
     def scan(self, path: Path, created_by: str | None = None) -> tuple[list[ModelCard], ScanResult]:
         """Register the Hugging Face folders and GGUF files under ``path``
-        (unchanged ones are not registered again)."""
+        (unchanged ones are not registered again); a card its provider's
+        check refuses is skipped with the reason."""
         result = scan(Path(path), self.policy)
-        registered = [
-            self.store.register(card, created_by, if_changed=True) for card in result.cards
-        ]
+        registered: list[ModelCard] = []
+        refused: list[tuple[Path, str]] = []
+        for card in result.cards:
+            try:
+                admitted = self.admitted(card)
+            except LlmosError as exc:
+                refused.append((Path(card.source), exc.message))
+                continue
+            registered.append(self.store.register(admitted, created_by, if_changed=True))
+        if refused:
+            result = attrs.evolve(result, skipped=[*result.skipped, *refused])
         return registered, result
 
     def discover(
@@ -105,7 +265,7 @@ class Registry:
             card = item.spec
             try:
                 before = self._latest_version(card.name)
-                stored = self.register(card, f"{created_by}:{item.plugin}", if_changed=True)
+                stored = self.submit(card, f"{created_by}:{item.plugin}", if_changed=True)
             except LlmosError as exc:
                 report.refused.append((item.plugin, card.name, exc.message))
                 log.warning(
@@ -126,8 +286,12 @@ class Registry:
 
         The card is what a scan of the stored files says (family, size, tasks,
         format), with ``name`` and any ``fields`` given (description, tags …)
-        taking precedence. Nothing is stored when a check fails.
+        taking precedence. A ``provider`` given must be installed (see
+        :meth:`admitted`). Nothing is stored when a check fails.
         """
+        named = fields.get("provider") not in (None, "")
+        if named:
+            self.require_provider(fields["provider"])
         dest = artifact_dir(self.home, name)
         store_upload(Path(upload), dest, self.policy)
         try:
@@ -141,7 +305,8 @@ class Registry:
             base.pop("version", None)
             base.update({k: v for k, v in fields.items() if v not in (None, (), [])})
             base.update(name=name, source=str(dest))
-            return self.store.register(ModelCard.from_dict(base), created_by)
+            card = self.admitted(ModelCard.from_dict(base), named=named)
+            return self.store.register(card, created_by)
         except BaseException:
             shutil.rmtree(dest, ignore_errors=True)
             raise

@@ -27,6 +27,7 @@ from llmos.monitor.service import Monitor  # also registers the [monitor] and [a
 from llmos.plugin.manager import PluginManager
 from llmos.registry.service import (  # also registers the [registry] config section
     DiscoverReport,
+    Providers,
     Registry,
 )
 from llmos.runtime import limits as _limits  # noqa: F401  (registers [api])
@@ -92,7 +93,9 @@ class Kernel:
         """The model registry in the data folder (opened on first use)."""
         with self._lock:
             if self._registry is None:
-                self._registry = Registry.from_config(self.config)
+                # Cards are checked by their providers as they are registered.
+                providers = Providers(lambda: self.load_plugins().providers, self.plugin_options)
+                self._registry = Registry.from_config(self.config, providers)
             return self._registry
 
     @property

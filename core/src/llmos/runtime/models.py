@@ -22,6 +22,7 @@ import structlog
 
 from llmos.config import Field, check_table, register_section
 from llmos.errors import ConfigError, LlmosError, NotFoundError
+from llmos.registry.service import provider_checked
 from llmos.registry.sources import check_source
 from llmos.runtime.worker import BatchSettings, ModelWorker
 from llmos.types import (
@@ -261,6 +262,15 @@ class ModelManager:
         if card.source:
             parsed = check_source(card.source, self.kernel.registry.policy)
             path = parsed.path
+        # The provider's check again, before anything is loaded: a card
+        # registered before it existed, a [models.NAME] deployment, or a card
+        # the operator's config no longer allows is refused here.
+        card = provider_checked(
+            deployment.spec,
+            deployment.provider,
+            card,
+            self.kernel.plugin_options(deployment.provider),
+        )
         base, base_path = self._base_of(card)
         cache_dir = self.kernel.home / "cache" / deployment.spec.name
         cache_dir.mkdir(parents=True, exist_ok=True)

@@ -74,14 +74,18 @@ class CardIn(_Body):
     """A model card to register as the next version of its name."""
 
     name: str = Field(description="'model' or 'vendor/model'")
-    provider: str = Field(description="The plugin that loads it: transformers, vllm ...")
+    provider: str = Field(
+        description="An installed provider that loads it: transformers, vllm ... (fusions are"
+        " made with POST /api/fusions)"
+    )
     source: str = Field(
         "", description="A path under an allowed root, pkg://dist/path, hf://org/name or https://"
     )
     tasks: list[str] = []
     family: str | None = None
     parameters: int | None = Field(None, ge=0)
-    format: ModelFormat = ModelFormat.OTHER
+    # Not strict: JSON has no enums, and a strict enum takes only ModelFormat itself.
+    format: ModelFormat = Field(ModelFormat.OTHER, strict=False)
     license: str | None = None
     description: str = ""
     tags: list[str] = []
@@ -121,7 +125,9 @@ class SeedRegisterIn(_Body):
         min_length=1, description="Where the weights are: https://, hf://, pkg:// or a path"
     )
     model_description: str = ""
-    provider: str = "transformers"
+    provider: str = Field(
+        "transformers", description="Must be installed when given; the default need not be"
+    )
     tasks: list[str] | None = Field(
         None, description="Default: text-classification when the description mentions it"
     )
@@ -170,7 +176,7 @@ def models_router(kernel: Kernel) -> APIRouter:
     @router.post(PREFIX, status_code=201, tags=_TAGS, summary="Register a model card")
     def register(body: CardIn) -> dict[str, Any]:
         card = ModelCard.from_dict(body.model_dump(exclude={"if_changed"}))
-        stored = kernel.registry.register(card, CREATED_BY, if_changed=body.if_changed)
+        stored = kernel.registry.submit(card, CREATED_BY, if_changed=body.if_changed)
         return {"card": stored.to_dict()}
 
     @router.post(PREFIX + "/scan", tags=_TAGS, summary="Register the models found under a path")
@@ -250,6 +256,8 @@ def models_router(kernel: Kernel) -> APIRouter:
         validate_model_name(name)
         _check_filename(filename)
         registry = kernel.registry
+        if provider:
+            await run_in_threadpool(registry.require_provider, provider)
         folder = await run_in_threadpool(_upload_folder, kernel.home)
         try:
             upload = folder / filename
@@ -309,7 +317,12 @@ def models_router(kernel: Kernel) -> APIRouter:
             tags=tuple(body.tags),
             license=body.license,
         )
-        stored = kernel.registry.register(card, CREATED_BY, if_changed=True)
+        # A provider the client names must be installed; the default is a
+        # guess made for clients that know none, like a scan's.
+        if "provider" in body.model_fields_set:
+            stored = kernel.registry.submit(card, CREATED_BY, if_changed=True)
+        else:
+            stored = kernel.registry.register(card, CREATED_BY, if_changed=True)
         return {
             "message": "Model registered successfully",
             "model": stored.to_dict(),
