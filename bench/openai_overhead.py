@@ -156,6 +156,7 @@ def main() -> None:
             overrides=[
                 "registry.allow_http=true",
                 "registry.allow_private_urls=true",
+                f'plugins.openai.key_hosts={{{KEY_ENV}=["127.0.0.1"]}}',  # the key's only host
                 'models.remote.provider="openai-compatible"',
                 'models.remote.format="remote-api"',
                 f'models.remote.source="{up_url}/v1"',

@@ -126,6 +126,10 @@ def llmos_register_providers(register):
 #: the key the upstream daemon accepts; tests hand it to cards via UPSTREAM_KEY_ENV
 UPSTREAM_KEY = "sk-test-upstream-0123456789abcdef"
 UPSTREAM_KEY_ENV = "LLMOS_TEST_UPSTREAM_API_KEY"
+#: the operator's pairing of that key with the hosts the upstream is reached
+#: at (loopback, and the DNS-rebinding tests' name), which downstreams get
+#: unless a test asks for ``paired=False``
+PAIRING = f'plugins.openai.key_hosts={{{UPSTREAM_KEY_ENV}=["127.0.0.1", "rebind.test"]}}'
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -234,12 +238,15 @@ Downstream = Callable[..., Kernel]
 
 @pytest.fixture
 def downstream(tmp_path: Path) -> Iterator[Downstream]:
-    """``downstream(*overrides, plugins={name: obj})``: a started kernel that loads only the
-    ``openai`` plugin (through its entry point) and accepts loopback http
-    sources, as a test of a local upstream must."""
+    """``downstream(*overrides, plugins={name: obj}, paired=True)``: a started
+    kernel that loads only the ``openai`` plugin (through its entry point) and
+    accepts loopback http sources, as a test of a local upstream must; with
+    :data:`PAIRING` unless ``paired=False``."""
     kernels: list[Kernel] = []
 
-    def make(*overrides: str, plugins: dict[str, object] | None = None) -> Kernel:
+    def make(
+        *overrides: str, plugins: dict[str, object] | None = None, paired: bool = True
+    ) -> Kernel:
         kernel = Kernel(
             load_config(
                 env={
@@ -249,6 +256,7 @@ def downstream(tmp_path: Path) -> Iterator[Downstream]:
                 overrides=[
                     "registry.allow_http=true",
                     "registry.allow_private_urls=true",
+                    *([PAIRING] if paired else []),
                     *overrides,
                 ],
             )

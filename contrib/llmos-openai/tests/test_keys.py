@@ -1,9 +1,11 @@
 """API keys: read at load from an environment variable or a file the
-operator allows, kept in memory, sent only to the card's base URL, and never
-in the registry, a log line, an error message or a monitor event.
+operator allows, kept in memory, sent only to the card's base URL — and only
+to a host the operator pairs the key with — and never in the registry, a log
+line, an error message or a monitor event.
 
 The upstream daemon requires :data:`conftest.UPSTREAM_KEY`; the cards name
-``LLMOS_TEST_UPSTREAM_API_KEY``, which the autouse fixture sets to it.
+``LLMOS_TEST_UPSTREAM_API_KEY``, which the autouse fixture sets to it and
+the downstreams pair with loopback (:data:`conftest.PAIRING`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from llmos_openai.plugin import load
 
 KEY = "sk-test-upstream-0123456789abcdef"  # conftest.UPSTREAM_KEY
 HI = ChatRequest(messages=[ChatMessage("user", "hi")])
+#: ``[plugins.openai]`` pairing the test key with loopback
+OPERATOR = {"key_hosts": {"LLMOS_TEST_UPSTREAM_API_KEY": ["127.0.0.1"]}}
 
 
 def test_the_right_key_from_the_environment_works(upstream, downstream, register) -> None:
@@ -44,7 +48,7 @@ def test_a_wrong_key_is_an_authentication_error(
     upstream, downstream, register, monkeypatch
 ) -> None:
     monkeypatch.setenv("WRONG_API_KEY", "sk-not-the-right-one-42")
-    kernel = downstream()
+    kernel = downstream('plugins.openai.key_hosts.WRONG_API_KEY=["127.0.0.1"]')
     register(kernel, "remote", upstream.url, api_key_env="WRONG_API_KEY")
     with pytest.raises(AuthenticationError) as caught:
         kernel.call("remote", Capability.CHAT, [HI])
@@ -70,25 +74,29 @@ def test_no_key_for_a_server_that_wants_one(upstream, downstream) -> None:
 
 def test_a_missing_variable_is_named(upstream, downstream, register, monkeypatch) -> None:
     monkeypatch.delenv("ABSENT_API_KEY", raising=False)
-    kernel = downstream()
+    kernel = downstream('plugins.openai.key_hosts.ABSENT_API_KEY=["127.0.0.1"]')
+    # Registration does not need the key (the CLI may register without it) ...
     register(kernel, "remote", upstream.url, api_key_env="ABSENT_API_KEY")
+    # ... loading does.
     with pytest.raises(ConfigError, match=r"environment variable ABSENT_API_KEY .* not set"):
         kernel.call("remote", Capability.CHAT, [HI])
 
 
 @pytest.mark.parametrize("option", ["api_key", "token", "Authorization"])
-def test_a_key_in_the_card_is_refused(upstream, downstream, register, option) -> None:
+def test_a_key_in_the_card_is_refused(upstream, downstream, register, card, option) -> None:
     kernel = downstream()
-    register(kernel, "remote", upstream.url, **{option: KEY})
+    with pytest.raises(UsageError, match=r"never be stored in the registry.*api_key_env"):
+        register(kernel, "remote", upstream.url, **{option: KEY})
+    # One stored before cards were checked at registration is refused when loaded.
+    kernel.registry.store.register(card("remote", upstream.url, **{option: KEY}))
     with pytest.raises(UsageError, match=r"never be stored in the registry.*api_key_env"):
         kernel.call("remote", Capability.CHAT, [HI])
 
 
 def test_a_key_in_the_card_headers_is_refused(upstream, downstream, register) -> None:
     kernel = downstream()
-    register(kernel, "remote", upstream.url, headers={"Authorization": f"Bearer {KEY}"})
     with pytest.raises(UsageError, match="header 'Authorization' cannot be set in a card"):
-        kernel.call("remote", Capability.CHAT, [HI])
+        register(kernel, "remote", upstream.url, headers={"Authorization": f"Bearer {KEY}"})
 
 
 def test_extra_headers_are_sent(upstream, downstream, register) -> None:
@@ -99,17 +107,23 @@ def test_extra_headers_are_sent(upstream, downstream, register) -> None:
     assert upstream.seen[-1]["openai-organization"] == "org-1"
 
 
-def test_only_variables_the_operator_allows(upstream, downstream, register, monkeypatch) -> None:
+def test_only_variables_the_operator_pairs(upstream, downstream, register, monkeypatch) -> None:
     """A card chooses where it points, so naming any variable would let it
     send any secret of the daemon's environment anywhere."""
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-secret")
-    kernel = downstream()
-    register(kernel, "remote", upstream.url, api_key_env="AWS_SECRET_ACCESS_KEY")
-    with pytest.raises(UsageError, match=r"not one the operator allows \(patterns: \*_API_KEY"):
-        kernel.call("remote", Capability.CHAT, [HI])
-    # The operator may widen (or narrow) the list.
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", KEY)
-    kernel = downstream('plugins.openai.key_envs=["AWS_SECRET_ACCESS_KEY"]')
+    kernel = downstream()
+    with pytest.raises(
+        UsageError,
+        match=r"api_key_env AWS_SECRET_ACCESS_KEY is not paired with host 127\.0\.0\.1:\d+: .*"
+        r"key_hosts \(AWS_SECRET_ACCESS_KEY is paired with no host\)",
+    ):
+        register(kernel, "remote", upstream.url, api_key_env="AWS_SECRET_ACCESS_KEY")
+    # Paired by the operator, it may be named; key_envs, when set, narrows further.
+    pair = 'plugins.openai.key_hosts.AWS_SECRET_ACCESS_KEY=["127.0.0.1"]'
+    kernel = downstream(pair, 'plugins.openai.key_envs=["*_API_KEY"]')
+    with pytest.raises(UsageError, match=r"not one the operator allows \(patterns: \*_API_KEY"):
+        register(kernel, "remote", upstream.url, api_key_env="AWS_SECRET_ACCESS_KEY")
+    kernel = downstream(pair)
     register(kernel, "remote", upstream.url, api_key_env="AWS_SECRET_ACCESS_KEY")
     assert kernel.call("remote", Capability.CHAT, [HI])
 
@@ -118,13 +132,24 @@ def test_a_key_file_under_the_secrets_dir(upstream, downstream, register, tmp_pa
     secrets = tmp_path / "secrets"
     (secrets / "vendor").mkdir(parents=True)
     (secrets / "vendor" / "key").write_text(KEY + "\n")
-    kernel = downstream(f'plugins.openai.secrets_dir="{secrets}"')
+    (secrets / "other").write_text(KEY + "\n")
+    kernel = downstream(
+        f'plugins.openai.secrets_dir="{secrets}"',
+        'plugins.openai.key_hosts."file:vendor/key"=["127.0.0.1"]',
+    )
     register(kernel, "remote", upstream.url, api_key_file="vendor/key")
     [reply] = kernel.call("remote", Capability.CHAT, [HI])
     assert reply.message.content == "reply to hi"
-    # An absolute path inside the folder is fine too.
+    # An absolute path inside the folder is fine too: pairings name files, not spellings.
     register(kernel, "remote2", upstream.url, api_key_file=str(secrets / "vendor" / "key"))
     assert kernel.call("remote2", Capability.CHAT, [HI])
+    # A file the operator did not pair is refused at registration.
+    with pytest.raises(
+        UsageError,
+        match=r"api_key_file other is not paired with host .*\(other is paired with no host\)"
+        r'.*"file:other" = \["127\.0\.0\.1:\d+"\]',
+    ):
+        register(kernel, "remote3", upstream.url, api_key_file="other")
 
 
 @pytest.mark.parametrize(
@@ -134,11 +159,9 @@ def test_a_key_file_under_the_secrets_dir(upstream, downstream, register, tmp_pa
         ("vendor/../../outside", UnsafeSourceError, "'..' segment"),
         ("{outside}", UnsafeSourceError, "outside \\[plugins.openai\\] secrets_dir"),
         ("link", UnsafeSourceError, "outside \\[plugins.openai\\] secrets_dir"),
-        ("missing", ConfigError, "does not exist"),
-        ("empty", ConfigError, "is empty"),
     ],
 )
-def test_key_files_that_are_refused(
+def test_key_files_outside_the_secrets_dir_are_refused_at_registration(
     upstream, downstream, register, tmp_path, name, error, match
 ) -> None:
     secrets = tmp_path / "secrets"
@@ -146,19 +169,32 @@ def test_key_files_that_are_refused(
     outside = tmp_path / "outside"
     outside.write_text("sk-outside-secret")
     (secrets / "link").symlink_to(outside)
-    (secrets / "empty").write_text("\n")
     kernel = downstream(f'plugins.openai.secrets_dir="{secrets}"')
-    register(kernel, "remote", upstream.url, api_key_file=name.format(outside=outside))
     with pytest.raises(error, match=match):
+        register(kernel, "remote", upstream.url, api_key_file=name.format(outside=outside))
+
+
+@pytest.mark.parametrize(("name", "match"), [("missing", "does not exist"), ("empty", "is empty")])
+def test_key_files_that_cannot_be_read_fail_the_load(
+    upstream, downstream, register, tmp_path, name, match
+) -> None:
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "empty").write_text("\n")
+    kernel = downstream(
+        f'plugins.openai.secrets_dir="{secrets}"',
+        f'plugins.openai.key_hosts."file:{name}"=["127.0.0.1"]',
+    )
+    register(kernel, "remote", upstream.url, api_key_file=name)
+    with pytest.raises(ConfigError, match=match):
         kernel.call("remote", Capability.CHAT, [HI])
 
 
 def test_a_key_file_needs_a_secrets_dir(upstream, downstream, register, tmp_path) -> None:
     (tmp_path / "key").write_text(KEY)
     kernel = downstream()
-    register(kernel, "remote", upstream.url, api_key_file=str(tmp_path / "key"))
     with pytest.raises(UsageError, match=r"needs \[plugins.openai\] secrets_dir"):
-        kernel.call("remote", Capability.CHAT, [HI])
+        register(kernel, "remote", upstream.url, api_key_file=str(tmp_path / "key"))
 
 
 def test_card_options_are_checked(upstream, card) -> None:
@@ -174,7 +210,7 @@ def test_card_options_are_checked(upstream, card) -> None:
     ]:
         bad = attrs.evolve(good, options={**good.options, **options})
         with pytest.raises(UsageError, match=match):
-            load(LoadRequest(card=bad))
+            load(LoadRequest(card=bad, options=OPERATOR))
     with pytest.raises(ConfigError, match=r"unknown option.*typo"):
         load(LoadRequest(card=good, options={"typo": 1}))
 
@@ -190,7 +226,10 @@ def test_the_key_is_in_no_log_line_registry_error_or_event(
     logging.getLogger().setLevel(logging.DEBUG)  # httpx/httpcore debug lines too
     try:
         recorder = EventRecorder("test-events")
-        kernel = downstream(plugins={"test-events": recorder})
+        kernel = downstream(
+            'plugins.openai.key_hosts.WRONG_API_KEY=["127.0.0.1"]',
+            plugins={"test-events": recorder},
+        )
         register(kernel, "remote", upstream.url)
         register(kernel, "wrong", upstream.url, api_key_env="WRONG_API_KEY")
         register(kernel, "missing", upstream.url, model="no-such-model")

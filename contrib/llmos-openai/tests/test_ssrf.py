@@ -159,38 +159,35 @@ def test_a_config_deployment_is_checked_when_loaded(downstream) -> None:
 def test_a_source_that_is_not_a_url_is_refused(downstream, card, source) -> None:
     kernel = downstream()
     good = card("remote", "http://127.0.0.1:1")
-    kernel.registry.register(
-        ModelCard(
-            name="remote",
-            provider=good.provider,
-            source=source.format(home=kernel.home),
-            options=good.options,
-        )
-    )
     with pytest.raises(UsageError, match=r"is not an http\(s\) URL"):
-        kernel.call("remote", Capability.CHAT, [HI])
+        kernel.registry.register(
+            ModelCard(
+                name="remote",
+                provider=good.provider,
+                source=source.format(home=kernel.home),
+                options=good.options,
+            )
+        )
 
 
 def test_a_base_url_with_a_query_is_refused(upstream, downstream, card) -> None:
     kernel = downstream()
     good = card("remote", upstream.url)
-    kernel.registry.register(
-        ModelCard(
-            name="remote",
-            provider=good.provider,
-            source=f"{upstream.url}/v1?api-version=1",
-            options=good.options,
-        )
-    )
     with pytest.raises(UsageError, match="must have no query"):
-        kernel.call("remote", Capability.CHAT, [HI])
+        kernel.registry.register(
+            ModelCard(
+                name="remote",
+                provider=good.provider,
+                source=f"{upstream.url}/v1?api-version=1",
+                options=good.options,
+            )
+        )
 
 
 def test_allowed_hosts(upstream, downstream, register) -> None:
     kernel = downstream('plugins.openai.allowed_hosts=["api.openai.com", "*.example.com"]')
-    register(kernel, "remote", upstream.url)
     with pytest.raises(UnsafeSourceError, match=r"not in \[plugins.openai\] allowed_hosts"):
-        kernel.call("remote", Capability.CHAT, [HI])
+        register(kernel, "remote", upstream.url)
     kernel = downstream('plugins.openai.allowed_hosts=["127.0.0.1"]')
     register(kernel, "remote", upstream.url)
     assert kernel.call("remote", Capability.CHAT, [HI])

@@ -8,12 +8,17 @@ Two sources, kept apart on purpose:
   capabilities, extra non-secret headers;
 * the **operator** (``[plugins.openai]``, ``LoadRequest.options``): default
   timeouts and pool size, and the rules a card cannot get around — which
-  environment variables a card may name (``key_envs``), the folder key files
-  must lie in (``secrets_dir``), and, optionally, the only hosts models may
-  point at (``allowed_hosts``).
+  key may be sent to which host (``key_hosts``: a card naming a key for a
+  host the operator did not pair it with is refused), the folder key files
+  must lie in (``secrets_dir``), optionally which environment variables a
+  card may name at all (``key_envs``) and the only hosts models may point at
+  (``allowed_hosts``).
 
 The base URL is the card's ``source``, which the kernel checked against the
-registry's source policy before ``load`` was called.
+registry's source policy before ``load`` was called. :func:`check_settings`
+is everything but reading the key: the provider's ``check`` runs it when a
+card is registered (in a process that may not have the key), and
+:func:`load_settings` runs it again before it reads the key.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ __all__ = [
     "OPERATOR_OPTIONS",
     "Secret",
     "Settings",
+    "check_settings",
     "load_settings",
 ]
 
@@ -65,6 +71,7 @@ OPERATOR_OPTIONS = frozenset(
         "connect_timeout_s",
         "max_connections",
         "secrets_dir",
+        "key_hosts",
         "key_envs",
         "allowed_hosts",
     }
@@ -90,7 +97,11 @@ SUPPORTED = frozenset({Capability.COMPLETE, Capability.CHAT, Capability.STREAM, 
 DEFAULT_TIMEOUT_S = 120.0
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
 DEFAULT_MAX_CONNECTIONS = 8
-DEFAULT_KEY_ENVS = ("*_API_KEY",)
+#: a ``key_hosts`` entry for a key file rather than an environment variable
+FILE_PREFIX = "file:"
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+#: what a host in ``key_hosts`` may be made of (a name or an IPv4 or IPv6 address)
+_HOST_CHARS = re.compile(r"^[a-z0-9_.:-]+$")
 
 
 class Secret:
@@ -147,10 +158,21 @@ class Settings:
 def load_settings(
     source: str, card_options: Mapping[str, Any], operator: Mapping[str, Any], ref: str
 ) -> Settings:
-    """Check a card's source and options against the operator's rules and read
-    its key. Raises :class:`UsageError` for a card that is wrong,
+    """Check a card's source and options against the operator's rules
+    (:func:`check_settings`) and read its key. Raises :class:`UsageError` for
+    a card that is wrong (a key not paired with its host among them),
     :class:`ConfigError` for a key that cannot be read and
     :class:`UnsafeSourceError` for a host the operator does not allow."""
+    settings = check_settings(source, card_options, operator, ref)
+    key = _read_key(card_options, operator, f"model {ref!r}")
+    return attrs.evolve(settings, key=key)
+
+
+def check_settings(
+    source: str, card_options: Mapping[str, Any], operator: Mapping[str, Any], ref: str
+) -> Settings:
+    """:func:`load_settings` without reading the key (``key`` is ``None``;
+    ``key_source`` says where it will come from): what registration checks."""
     where = f"model {ref!r}"
     _check_operator(operator)
     unknown_secret = sorted(k for k in card_options if k.lower() in _SECRET_OPTIONS)
@@ -176,13 +198,13 @@ def load_settings(
             f"{where}: options.model must name the upstream model (e.g. 'gpt-4o-mini')",
             param="options.model",
         )
-    key, key_source = _read_key(card_options, operator, where)
+    key_source = _check_key(card_options, operator, where, base_url, netloc)
     return Settings(
         base_url=base_url,
         host=host,
         netloc=netloc,
         upstream_model=model,
-        key=key,
+        key=None,
         key_source=key_source,
         timeout_s=_number(card_options, operator, "timeout_s", DEFAULT_TIMEOUT_S, where),
         connect_timeout_s=_number(
@@ -216,6 +238,12 @@ def _check_operator(operator: Mapping[str, Any]) -> None:
             not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value)
         ):
             raise ConfigError(f"[plugins.openai] {name} must be a list of strings")
+    pairs = _key_hosts(operator)
+    if any(k.startswith(FILE_PREFIX) for k in pairs) and not operator.get("secrets_dir"):
+        raise ConfigError(
+            f"[plugins.openai] key_hosts pairs key files ({FILE_PREFIX}NAME) but secrets_dir,"
+            " the folder they lie in, is not set"
+        )
 
 
 def _base_url(source: str, where: str, operator: Mapping[str, Any]) -> tuple[str, str, str]:
@@ -254,36 +282,171 @@ def _base_url(source: str, where: str, operator: Mapping[str, Any]) -> tuple[str
     return urllib.parse.urlunsplit(parts).rstrip("/"), host, parts.netloc.lower()
 
 
-def _read_key(
-    options: Mapping[str, Any], operator: Mapping[str, Any], where: str
-) -> tuple[Secret | None, str]:
+def _check_key(
+    options: Mapping[str, Any],
+    operator: Mapping[str, Any],
+    where: str,
+    base_url: str,
+    netloc: str,
+) -> str:
+    """Where the card's key comes from (``env:NAME``, ``file:PATH`` or
+    ``none``), once it is known to be paired with the base URL's host."""
     env, file = options.get("api_key_env"), options.get("api_key_file")
     if env is not None and file is not None:
         raise UsageError(f"{where}: give api_key_env or api_key_file, not both", param="options")
     if env is not None:
-        return _key_from_env(env, operator, where), f"env:{env}"
+        _check_env_name(env, operator, where)
+        _check_paired(("api_key_env", env, env), operator, where, base_url, netloc)
+        return f"env:{env}"
     if file is not None:
         path = _key_path(file, operator, where)
-        return _key_from_file(path, where), f"file:{path}"
-    return None, "none"
+        entry = f'"{FILE_PREFIX}{file}"'
+        _check_paired(("api_key_file", file, entry), operator, where, base_url, netloc, path)
+        return f"file:{path}"
+    return "none"
 
 
-def _key_from_env(name: Any, operator: Mapping[str, Any], where: str) -> Secret:
+def _read_key(options: Mapping[str, Any], operator: Mapping[str, Any], where: str) -> Secret | None:
+    """The key :func:`_check_key` passed, read now (at load, in the daemon)."""
+    env, file = options.get("api_key_env"), options.get("api_key_file")
+    if env is not None:
+        return _key_from_env(env, where)
+    if file is not None:
+        return _key_from_file(_key_path(file, operator, where), where)
+    return None
+
+
+def _check_env_name(name: Any, operator: Mapping[str, Any], where: str) -> None:
     if not isinstance(name, str) or not _ENV_NAME.match(name):
         raise UsageError(
             f"{where}: api_key_env must be an environment variable's name, got {name!r}",
             param="options.api_key_env",
         )
-    patterns = tuple(operator.get("key_envs") or DEFAULT_KEY_ENVS)
-    if not any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
-        # Whoever registers a card chooses where it points: naming any
-        # variable would let a card send, say, AWS_SECRET_ACCESS_KEY to a
-        # host of its choosing.
+    patterns = tuple(operator.get("key_envs") or ())
+    if patterns and not any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
         raise UsageError(
             f"{where}: api_key_env {name!r} is not one the operator allows (patterns:"
             f" {', '.join(patterns)}; set [plugins.openai] key_envs to change them)",
             param="options.api_key_env",
         )
+
+
+def _key_hosts(operator: Mapping[str, Any]) -> dict[str, tuple[tuple[str, int | None], ...]]:
+    """``[plugins.openai] key_hosts``, checked: key (an environment variable's
+    name, or ``file:NAME`` for a key file) -> the hosts it may be sent to, as
+    ``(host, port or None)``."""
+    table = operator.get("key_hosts")
+    if table is None:
+        return {}
+    if not isinstance(table, Mapping):
+        raise ConfigError(
+            "[plugins.openai] key_hosts must be a table: key -> hosts, e.g."
+            ' { OPENAI_API_KEY = ["api.openai.com"] }'
+        )
+    out = {}
+    for key, hosts in table.items():
+        is_file = isinstance(key, str) and key.startswith(FILE_PREFIX)
+        if not isinstance(key, str) or not (
+            _ENV_NAME.match(key) or (is_file and key[len(FILE_PREFIX) :].strip())
+        ):
+            raise ConfigError(
+                f"[plugins.openai] key_hosts: {key!r} is neither an environment variable's name"
+                f" nor {FILE_PREFIX}NAME (a key file in secrets_dir)"
+            )
+        if isinstance(hosts, str) or not isinstance(hosts, list | tuple):
+            raise ConfigError(
+                f'[plugins.openai] key_hosts.{key} must be a list of hosts, e.g. ["api.openai.com"]'
+            )
+        out[key] = tuple(_host_pattern(host, key) for host in hosts)
+    return out
+
+
+def _host_pattern(value: Any, key: str) -> tuple[str, int | None]:
+    """``host``, ``host:port``, ``[v6]:port`` or ``*.domain`` as ``(host, port)``."""
+    bad = ConfigError(
+        f"[plugins.openai] key_hosts.{key}: {value!r} is not a host (api.openai.com,"
+        " 10.0.0.5:8000, [::1]:8000, or *.example.com for its subdomains)"
+    )
+    if not isinstance(value, str):
+        raise bad
+    text = value.strip().lower()
+    port: str | None = None
+    if text.startswith("["):
+        host, closed, rest = text[1:].partition("]")
+        if not closed or (rest and not rest.startswith(":")):
+            raise bad
+        port = rest[1:] if rest else None
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:
+        host = text  # a name, an IPv4 or a bare IPv6 address
+    host = host.rstrip(".")
+    bare = host[2:] if host.startswith("*.") else host
+    if not bare or not _HOST_CHARS.match(bare) or bare.startswith("."):
+        raise bad
+    if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
+        raise bad
+    return host, int(port) if port is not None else None
+
+
+def _host_matches(pattern: tuple[str, int | None], host: str, port: int | None) -> bool:
+    """Exact host (and port when the pattern has one); ``*.domain`` matches
+    names under ``domain``, not ``domain`` itself. No other wildcards."""
+    name, want = pattern
+    if want is not None and want != port:
+        return False
+    if name.startswith("*."):
+        return host.endswith(name[1:])
+    return host == name
+
+
+def _check_paired(
+    key: tuple[str, str, str],
+    operator: Mapping[str, Any],
+    where: str,
+    base_url: str,
+    netloc: str,
+    path: Path | None = None,
+) -> None:
+    """Refuse a key the operator did not pair with the base URL's host.
+
+    ``key`` is ``(option, its value, its key_hosts entry)``; ``path`` is a
+    key file's resolved path (entries are compared by the file they name).
+    Whoever registers a card chooses its source: without the pairing, a card
+    could send the operator's key to a host of its choosing.
+    """
+    option, value, entry = key
+    parts = urllib.parse.urlsplit(base_url)
+    host = (parts.hostname or "").rstrip(".").lower()
+    try:
+        port = parts.port or _DEFAULT_PORTS.get(parts.scheme.lower())
+    except ValueError:
+        raise UsageError(f"{where}: the base URL {base_url!r} has an invalid port") from None
+    pairs = _key_hosts(operator)
+    if path is None:
+        hosts = pairs.get(value, ())
+    else:
+        root = Path(str(operator.get("secrets_dir"))).expanduser().resolve()
+        hosts = tuple(
+            pattern
+            for name, patterns in pairs.items()
+            if name.startswith(FILE_PREFIX)
+            and (root / Path(name[len(FILE_PREFIX) :]).expanduser()).resolve() == path
+            for pattern in patterns
+        )
+    if any(_host_matches(pattern, host, port) for pattern in hosts):
+        return
+    shown = ", ".join(f"{h}:{p}" if p is not None else h for h, p in hosts) or "no host"
+    raise UsageError(
+        f"{where}: {option} {value} is not paired with host {netloc}: the operator pairs keys"
+        f" with hosts in [plugins.openai] key_hosts ({value} is paired with {shown}); point the"
+        f" card at a paired host, or, if that host is meant to get the key, the operator adds"
+        f' {entry} = ["{netloc}"] there',
+        param=f"options.{option}",
+    )
+
+
+def _key_from_env(name: str, where: str) -> Secret:
     value = os.environ.get(name, "").strip()
     if not value:
         raise ConfigError(
