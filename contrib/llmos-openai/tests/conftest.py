@@ -195,6 +195,8 @@ def run_upstream(
             env={"LLMOS_HOME": str(home), "LLMOS_LOAD_PLUGINS": "llmos-upstream-echo"},
             overrides=[
                 f'server.api_keys=["{UPSTREAM_KEY}"]',
+                # the DNS-rebinding tests reach it by this name (its own, as far as they go)
+                'server.allowed_hosts=["rebind.test"]',
                 'models.echo.provider="echo"',
                 'models.slow.provider="echo"',
                 "models.slow.options={delay_s=0.6}",

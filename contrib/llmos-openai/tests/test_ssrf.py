@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-from openai import OpenAI
+from openai import BadRequestError, OpenAI
 
 from llmos.errors import UnsafeSourceError, UsageError
 from llmos.testing import serve_in_thread
@@ -27,6 +27,9 @@ HI = ChatRequest(messages=[ChatMessage("user", "hi")])
 def test_request_bodies_and_headers_cannot_redirect_a_model(
     upstream, downstream, register, scripted, upstream_key
 ) -> None:
+    """Fields that would redirect a call (``api_base`` and the like) are
+    refused by name — an OpenAI request has no such fields — and headers that
+    try it are ignored; none of it reaches the attacker."""
     attacker = scripted
     evil = f"{attacker.url}/v1"
     kernel = downstream()
@@ -42,7 +45,6 @@ def test_request_bodies_and_headers_cannot_redirect_a_model(
         "extra_body": {"api_base": evil},
         "azure_endpoint": evil,
         "custom_llm_provider": "openai",
-        "metadata": {"api_base": evil},
     }
     header_tricks = {
         "X-Forwarded-Host": attacker.url,
@@ -50,19 +52,32 @@ def test_request_bodies_and_headers_cannot_redirect_a_model(
         "X-Api-Base": evil,
         "Authorization": "Bearer sk-attacker",
     }
+    bodies = {
+        "/v1/chat/completions": {"model": "remote", "messages": messages},
+        "/v1/completions": {"model": "remote", "prompt": "hi"},
+        "/v1/embeddings": {"model": "remote", "input": "hi"},
+    }
     with serve_in_thread(kernel) as url, httpx.Client(base_url=url, timeout=30) as http:
+        for path, body in bodies.items():
+            for field, value in smuggled.items():
+                refused = http.post(path, json={**body, field: value}, headers=header_tricks)
+                assert refused.status_code == 400, (path, field, refused.text)
+                assert refused.json()["error"]["param"] == field
+        assert upstream.seen == [], "a refused request is not sent anywhere"
+
         answers = [
             http.post(
                 "/v1/chat/completions",
-                json={"model": "remote", "messages": messages, **smuggled},
+                json={**bodies["/v1/chat/completions"], "metadata": {"api_base": evil}},
                 headers=header_tricks,
             ),
             http.post(
                 "/v1/chat/completions",
-                json={"model": "remote", "messages": messages, "stream": True, **smuggled},
+                json={**bodies["/v1/chat/completions"], "stream": True},
+                headers=header_tricks,
             ),
-            http.post("/v1/completions", json={"model": "remote", "prompt": "hi", **smuggled}),
-            http.post("/v1/embeddings", json={"model": "remote", "input": "hi", **smuggled}),
+            http.post("/v1/completions", json=bodies["/v1/completions"], headers=header_tricks),
+            http.post("/v1/embeddings", json=bodies["/v1/embeddings"], headers=header_tricks),
         ]
         assert [a.status_code for a in answers] == [200] * 4
         assert answers[0].json()["choices"][0]["message"]["content"] == "reply to hi"
@@ -81,12 +96,13 @@ def test_request_bodies_and_headers_cannot_redirect_a_model(
 
         client = OpenAI(base_url=f"{url}/v1", api_key="sk-attacker", max_retries=0)
         reply = client.chat.completions.create(
-            model="remote",
-            messages=messages,
-            extra_headers={"X-Api-Base": evil},
-            extra_body={"api_base": evil, "base_url": evil},
+            model="remote", messages=messages, extra_headers={"X-Api-Base": evil}
         )
         assert reply.choices[0].message.content == "reply to hi"
+        with pytest.raises(BadRequestError, match="api_base"):
+            client.chat.completions.create(
+                model="remote", messages=messages, extra_body={"api_base": evil, "base_url": evil}
+            )
 
     assert attacker.requests == [], "nothing reached the attacker's server"
     assert len(upstream.seen) == 5
