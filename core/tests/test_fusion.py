@@ -667,3 +667,17 @@ def test_eval_on_a_fusion_reports_members_marginals_and_savings(
     # the strongest member was asked for half the rows
     assert cas["best_member"]["model"] == "strong@1" and cas["best_member"]["asked_share"] == 0.5
     assert cas["members"][0]["how"] == "the other member alone"
+
+
+def test_a_config_dev_file_under_an_unknown_user_is_a_clean_error(
+    make_kernel: Callable[..., Kernel],
+) -> None:
+    # pathlib raises RuntimeError for "~nosuchuser": that was a 500 on first use.
+    kernel = make_kernel()
+    kernel.fusions.create(
+        "st", strategy="stack", members=["m1", "m2"], dev_file="~nosuchuser-llmos/dev.jsonl"
+    )
+    with pytest.raises(LlmosError, match=r"cannot expand '~nosuchuser-llmos' \(no such user\)"):
+        classify(kernel, "st", ["x"])
+    with pytest.raises(UsageError, match="no such user"):
+        kernel.fusions.analyse("st", [{"text": "x", "label": "pos"}])

@@ -12,6 +12,8 @@ import pytest
 from llmos.errors import UsageError
 from llmos.registry import SQLiteStore
 from llmos.registry.query import (
+    MAX_DEPTH,
+    MAX_TERMS,
     And,
     Compare,
     Filter,
@@ -306,3 +308,103 @@ def test_plan_ranks_text_under_or_by_its_positive_phrases() -> None:
     plan = plan_search(parse_query('bert OR (tag:nlp NOT tiny) OR "a b"'))
     assert plan.phrases == ("bert", "a b") and plan.excluded == ()
     assert plan.checks.sql.count("rowid = v.id") == 3
+
+
+# ------------------------------------------- bounds: size, depth, characters
+# Each of these once reached SQLite or Python's recursion limit and left the
+# daemon as a 500 (issue 14): they must be QueryErrors (400) naming the place.
+
+
+def test_terms_are_bounded_with_a_clear_error() -> None:
+    assert isinstance(parse_query(" OR ".join(f"w{i}" for i in range(MAX_TERMS))), Or)
+    with pytest.raises(QueryError, match=f"more than {MAX_TERMS} search terms") as caught:
+        parse_query(" OR ".join(f"w{i}" for i in range(1000)))
+    # The first term past the bound: w200, after 200 terms and 199 " OR ".
+    assert caught.value.position == len(" OR ".join(f"w{i}" for i in range(MAX_TERMS))) + 5
+    with pytest.raises(QueryError, match="search terms"):
+        parse_query(" ".join(["tag:x"] * (MAX_TERMS + 1)))
+
+
+@pytest.mark.parametrize(
+    "deep",
+    [
+        "(" * 400 + "a" + ")" * 400,
+        "NOT " * 1000 + "a",
+        "(NOT " * 300 + "a" + ")" * 300,
+        "(" * 100_000,
+    ],
+)
+def test_nesting_is_bounded_before_recursing(deep: str) -> None:
+    # Python's recursion limit is 1,000 frames; a RecursionError would be a 500.
+    with pytest.raises(QueryError, match=f"nested more than {MAX_DEPTH} deep"):
+        parse_query(deep)
+
+
+def test_nesting_up_to_the_bound_parses() -> None:
+    assert parse_query("(" * MAX_DEPTH + "a" + ")" * MAX_DEPTH) == Text("a")
+    assert parse_query("NOT " * MAX_DEPTH + "a") is not None
+    with pytest.raises(QueryError, match="nested"):
+        parse_query("(" * (MAX_DEPTH + 1) + "a" + ")" * (MAX_DEPTH + 1))
+    # Depth is nesting, not count: many groups side by side are fine.
+    assert isinstance(parse_query(" ".join(["(a OR b)"] * 50)), And)
+
+
+@pytest.mark.parametrize(
+    ("query", "position", "words"),
+    [
+        ("a\x00b", 2, "a NUL byte"),
+        ('"a\x00b"', 3, "a NUL byte"),
+        ("tag:\x00", 5, "a NUL byte"),
+        ("x\x1b[31m", 2, r"control character '\\x1b'"),
+        ("a\x7f", 2, "control character"),
+        ("caf\ud800", 4, "lone surrogate"),
+    ],
+)
+def test_nul_control_characters_and_surrogates_are_refused(
+    query: str, position: int, words: str
+) -> None:
+    with pytest.raises(QueryError, match=words) as caught:
+        parse_query(query)
+    assert caught.value.position == position
+
+
+def test_tabs_and_newlines_are_spaces() -> None:
+    assert parse_query("bert\tbase\r\nlarge") == And((Text("bert"), Text("base"), Text("large")))
+
+
+def test_numbers_too_long_for_python_are_refused() -> None:
+    # int() refuses strings of more than 4,300 digits with a ValueError.
+    with pytest.raises(QueryError, match="too long"):
+        parse_query("params:<" + "9" * 5000)
+    with pytest.raises(QueryError, match="too long"):
+        parse_query("params:1." + "0" * 5000 + "..2")
+
+
+def test_the_largest_queries_run_in_sqlite(store: SQLiteStore) -> None:
+    # The bounds keep the compiled SQL under SQLite's expression depth (1,000),
+    # for every plan: ranked, sorted by an index, sorted after finding.
+    widest = " OR ".join(f"w{i}" for i in range(MAX_TERMS - 1)) + " OR dropper"
+    mixed = " OR ".join(f"(w{i} NOT tag:t{i})" for i in range(MAX_TERMS // 2 - 1)) + " OR end"
+    deepest = "(NOT " * (MAX_DEPTH // 2) + "dropper" + ")" * (MAX_DEPTH // 2)  # NOT NOT: dropper
+    for query in (widest, mixed, deepest):
+        for sort in ("relevance", "name", "parameters"):
+            for all_versions in (False, True):
+                page = store.search(query, sort=sort, all_versions=all_versions)
+                assert [h.card.name for h in page.items] == ["acme/dropper"], (query, sort)
+    odd = "NOT " * (MAX_DEPTH - 1) + "dropper"
+    assert [h.card.name for h in store.search(odd).items] == ["acme/bert-base"]
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "a\x00b",
+        " OR ".join(["w"] * 1000),
+        "(" * 400 + "a" + ")" * 400,
+        "NOT " * 1000 + "a",
+        "params:<" + "9" * 5000,
+    ],
+)
+def test_the_store_answers_bad_queries_with_a_usage_error(store: SQLiteStore, query: str) -> None:
+    with pytest.raises(UsageError, match="bad search query"):
+        store.search(query)

@@ -20,6 +20,7 @@ import pytest
 from llmos.errors import UnsafeSourceError, UsageError
 from llmos.registry.scan import ScanResult, estimate_parameters, scan
 from llmos.registry.sources import SourcePolicy
+from llmos.registry.store import SQLiteStore
 from llmos.registry.weights import GGUFValueType, Omitted, read_gguf_header
 from llmos.testing import write_safetensors
 from llmos.types import ModelFormat
@@ -438,6 +439,44 @@ def test_gguf_card(root: Path, policy: SourcePolicy) -> None:
 def test_gguf_parameter_count_from_metadata_wins(root: Path, policy: SourcePolicy) -> None:
     (root / "m.gguf").write_bytes(llama_gguf(parameter_count=135_000_000))
     assert only(scan(root, policy)).parameters == 135_000_000
+
+
+def test_what_files_say_is_made_storable(root: Path, policy: SourcePolicy, tmp_path: Path) -> None:
+    # GGUF metadata, config.json and READMEs come from whoever made the files:
+    # an ESC, a NUL, a megabyte or a count past 64 bits must neither fail the
+    # registration of the whole scan nor reach a terminal.
+    (root / "evil.gguf").write_bytes(
+        gguf_bytes(
+            [
+                ("general.architecture", T.STRING, "llama"),
+                ("general.name", T.STRING, "\x1b]0;pwned\x07Tiny\x00" + "x" * 5000),
+                ("general.license", T.STRING, "mit\x1b[2J" + "y" * 1000),
+                ("general.parameter_count", T.UINT64, 2**64 - 1),
+            ],
+            [("w", [2**62, 4])],  # tensor infos that add up past 64 bits too
+        )
+    )
+    hf_folder(
+        root / "hf",
+        {"architectures": ["Evil\x1b[31mForCausalLM" + "z" * 2000], "model_type": "llama"},
+        README__md="---\nlicense: apache\x1b[5m-2.0\n---\n",
+    )
+    result = scan(root, policy)
+    assert len(result.cards) == 2, result.skipped
+    by_name = {card.name: card for card in result.cards}
+    gguf, hf = by_name["evil"], by_name["hf"]
+    assert gguf.parameters is None
+    assert gguf.description.startswith("]0;pwned Tiny x") and len(gguf.description) == 1000
+    assert gguf.license is not None and gguf.license.startswith("mit [2Jy")
+    assert len(gguf.license) == 256
+    assert hf.license == "apache [5m-2.0"
+    assert hf.description.startswith("Hugging Face folder (Evil [31mForCausalLM")
+    for card in result.cards:
+        for text in (card.description, card.license or "", card.family or ""):
+            assert not any(ord(char) < 0x20 or ord(char) == 0x7F for char in text)
+    with SQLiteStore(tmp_path / "registry.db") as store:
+        store.register_many(result.cards)
+        assert store.search("").total == 2
 
 
 def test_gguf_without_chat_template_or_with_pooling(root: Path, policy: SourcePolicy) -> None:

@@ -14,6 +14,7 @@ from llmos.config import load_config
 from llmos.errors import ConfigError, NotFoundError, UnsafeSourceError
 from llmos.registry.sources import (
     DEFAULT_MAX_PUSH_BYTES,
+    DEFAULT_MAX_PUSH_RATIO,
     ParsedSource,
     SourcePolicy,
     check_source,
@@ -115,6 +116,37 @@ def test_traversal_and_nul_are_refused(
     tmp_path: Path, policy: SourcePolicy, suffix: str, reason: str
 ) -> None:
     assert reason in refused(f"{tmp_path}/models/{suffix}", policy)
+
+
+@pytest.mark.parametrize(
+    ("source", "shown"),
+    [
+        ("~nosuchuser-llmos/models/m", "~nosuchuser-llmos"),  # expanduser raised: a 500
+        ("~root/models/m", "~root"),
+        ("~/models/m", "~"),
+        ("~", "~"),
+    ],
+)
+def test_tilde_paths_are_refused_with_what_to_do(
+    home: Path, policy: SourcePolicy, monkeypatch: pytest.MonkeyPatch, source: str, shown: str
+) -> None:
+    # Even where "~" would land under a root: over HTTP it is the daemon's
+    # home, not the client's, so it is never expanded.
+    monkeypatch.setenv("HOME", str(home))
+    (home / "models" / "m").mkdir(parents=True)
+    message = refused(source, policy)
+    assert f"'{shown}' is not expanded (the daemon's home is not yours)" in message
+    assert "absolute path under the data folder or a folder in [registry] allowed_roots" in message
+    assert str(home) in message
+    assert check_source(str(home / "models" / "m"), policy).kind == "path"
+
+
+def test_an_unknown_user_in_allowed_roots_is_a_config_error(tmp_path: Path) -> None:
+    config_file = tmp_path / "llmos.toml"
+    config_file.write_text('[registry]\nallowed_roots = ["~nosuchuser-llmos/models"]\n')
+    config = load_config([config_file], env={"LLMOS_HOME": str(tmp_path / "data")})
+    with pytest.raises(ConfigError, match=r"cannot expand '~nosuchuser-llmos' \(no such user\)"):
+        policy_from_config(config)
 
 
 def test_backslash_traversal_alone_is_refused(policy: SourcePolicy) -> None:
@@ -352,8 +384,10 @@ def test_registry_section_defaults_and_validation(tmp_path: Path) -> None:
         "allow_http": False,
         "allow_pickle": False,
         "max_push_bytes": DEFAULT_MAX_PUSH_BYTES,
+        "max_push_ratio": DEFAULT_MAX_PUSH_RATIO,
     }
     assert DEFAULT_MAX_PUSH_BYTES == 20 * 2**30
+    assert DEFAULT_MAX_PUSH_RATIO == 100
     policy = policy_from_config(config)
     assert policy.allowed_roots == (tmp_path.resolve(),)
     assert not (policy.allow_private_urls or policy.allow_http or policy.allow_pickle)
@@ -361,4 +395,7 @@ def test_registry_section_defaults_and_validation(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[registry]\nmax_push_bytes = 0\n")
     with pytest.raises(ConfigError, match=r"registry\.max_push_bytes: expected a positive integer"):
+        load_config([bad], env={})
+    bad.write_text("[registry]\nmax_push_ratio = 0\n")
+    with pytest.raises(ConfigError, match=r"registry\.max_push_ratio: expected a whole number"):
         load_config([bad], env={})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import sqlite3
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -136,6 +138,136 @@ def test_register_refuses_mistyped_fields(
     with pytest.raises(UsageError, match=words):
         store.register(card("m", **fields))
     assert store.search("").total == 0
+
+
+# ------------------------------------------- what SQLite can store, bounded
+# Each of these reached SQLite as it came and left the daemon as a 500
+# (issue 14): an int past 64 bits (OverflowError), a lone surrogate (no UTF-8
+# form); the rest were stored and printed as they came (an ESC in a tag drives
+# the terminal of whoever lists it).
+
+MAX = store_module.MAX_INT
+
+
+def test_parameter_counts_fit_sqlite(store: SQLiteStore) -> None:
+    for too_big in (MAX + 1, 10**30):
+        with pytest.raises(UsageError, match=f"parameters must be a whole number from 0 to {MAX}"):
+            store.register(card("m", parameters=too_big))
+    assert store.search("").total == 0
+    store.register(card("m", parameters=MAX))
+    assert store.get("m").parameters == MAX
+    assert names(store.search(f"params:>={MAX}")) == ["m"]
+    assert names(store.search("", sort="parameters")) == ["m"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        ({"tags": ["a\x00b"]}, r"tags\[0\] holds a NUL byte at position 2"),
+        ({"tags": ["ok", "\x1b[2J"]}, r"tags\[1\] holds the control character"),
+        ({"tags": ["two\nlines"]}, "control character"),
+        ({"tasks": ["chat\x00"]}, r"tasks\[0\] holds a NUL byte"),
+        ({"parents": ["m@1\x07"]}, r"parents\[0\] holds the control character"),
+        ({"family": "bert\x00"}, "family holds a NUL byte"),
+        ({"license": "mit\x1b"}, "license holds the control character"),
+        ({"provider": "trans\x00formers"}, "provider holds a NUL byte"),
+        ({"description": "a\x00b"}, "description holds a NUL byte"),
+        ({"description": "caf\ud800"}, "description holds a lone surrogate"),
+        ({"tags": ["x\udfff"]}, r"tags\[0\] holds a lone surrogate"),
+        ({"options": {"key": "x\ud800"}}, "holds a lone surrogate"),
+        ({"options": {"x\ud800": 1}}, "holds a lone surrogate"),
+        ({"scores": {"acc": float("inf")}}, "not JSON-serialisable"),
+        ({"tags": ["t"] * 1001}, "1001 tags, more than the 1000 allowed"),
+        ({"tasks": [f"t{i}" for i in range(1001)]}, "1001 tasks"),
+        ({"parents": [f"p{i}" for i in range(1001)]}, "1001 parents"),
+        ({"tags": ["x" * 257]}, r"tags\[0\] is 257 characters long; the limit is 256"),
+        ({"family": "f" * 257}, "family is 257 characters long"),
+        ({"description": "d" * 65_537}, "description is 65537 characters long; the limit is 65536"),
+    ],
+)
+def test_card_text_is_bounded_and_printable(
+    store: SQLiteStore, fields: dict[str, Any], words: str
+) -> None:
+    with pytest.raises(UsageError, match=words):
+        store.register(card("m", **fields))
+    assert store.search("", all_versions=True).total == 0
+    db = sqlite3.connect(store.path)
+    assert db.execute("SELECT count(*) FROM versions").fetchone() == (0,)
+    db.close()
+
+
+def test_what_is_at_the_bounds_is_stored(store: SQLiteStore) -> None:
+    stored = store.register(
+        card(
+            "m",
+            description="line one\n\tline two\r\n" + "d" * 65_000,
+            tags=[f"t{i}" for i in range(1000)],
+            family="f" * 256,
+            license="Apache-2.0 \u00e9\u4e2d\U0001f600",  # any printable Unicode
+        )
+    )
+    assert store.get("m") == stored
+    assert names(store.search("tag:t999")) == ["m"]
+
+
+def test_edits_are_held_to_the_same_bounds(store: SQLiteStore) -> None:
+    store.register(card("m", tags=[f"t{i}" for i in range(999)]))
+    with pytest.raises(UsageError, match="holds the control character"):
+        store.tag("m", "\x1b[31mred")
+    with pytest.raises(UsageError, match="lone surrogate"):
+        store.tag("m", "x\ud800")
+    with pytest.raises(UsageError, match="would carry 1001 tags"):
+        store.tag("m", "a", "b")
+    with pytest.raises(UsageError, match="2000 tags, more than the 1000"):
+        store.untag("m", *[f"x{i}" for i in range(2000)])
+    with pytest.raises(UsageError, match="description holds a NUL byte"):
+        store.set_description("m", "a\x00")
+    with pytest.raises(UsageError, match="description holds a lone surrogate"):
+        store.set_description("m", "\udc80")
+    with pytest.raises(UsageError, match="65537 characters"):
+        store.set_description("m", "d" * 65_537)
+    assert len(store.get("m").tags) == 999 and store.get("m").description == ""
+    store.tag("m", "last")
+    store.set_description("m", "two\nlines")
+    assert len(store.get("m").tags) == 1000 and store.get("m").description == "two\nlines"
+
+
+@pytest.mark.parametrize("selector", [str(MAX + 1), str(2**64), "9" * 5000, "0" * 30 + "1" * 20])
+def test_versions_past_64_bits_are_usage_errors(store: SQLiteStore, selector: str) -> None:
+    store.register(card("m"))
+    for action in (store.get, store.deprecate, store.delete, lambda ref: store.tag(ref, "x")):
+        with pytest.raises(UsageError, match=f"no version is above {MAX}"):
+            action(f"m@{selector}")
+    with pytest.raises(UsageError, match="positive integer up to"):
+        store.set_alias("m", "prod", MAX + 1)
+    # The largest version is a version like any other: missing, not an error.
+    with pytest.raises(NotFoundError, match=f"has no version {MAX}"):
+        store.get(f"m@{MAX}")
+    assert store.get("m@" + "0" * 30 + "1").version == 1  # leading zeros are still 1
+
+
+def test_offsets_past_the_bound_are_usage_errors(store: SQLiteStore) -> None:
+    store.register(card("m", description="words"))
+    bound = store_module.MAX_OFFSET
+    for query in ("", "words", "tag:x OR words"):
+        for offset in (bound + 1, 2**63 - 1, 2**63, 2**64):
+            with pytest.raises(UsageError, match=f"offset must be between 0 and {bound}"):
+                store.search(query, offset=offset)
+        for sort in ("relevance", "name", "parameters"):
+            page = store.search(query, sort=sort, offset=bound, limit=store_module.MAX_LIMIT)
+            assert page.items == [] and page.next_offset is None
+
+
+def test_cursors_with_numbers_sqlite_cannot_hold_are_refused(store: SQLiteStore) -> None:
+    store.register(card("a"))
+    store.register(card("b"))
+    cursor = store.search("", sort="name", limit=1).next_cursor
+    assert cursor is not None
+    mark = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))[0]
+    for key, row_id in (("a", 2**63), ("a", -(2**63) - 1), (2**70, 1), (float("nan"), 1)):
+        forged = base64.urlsafe_b64encode(json.dumps([mark, key, row_id]).encode()).decode()
+        with pytest.raises(UsageError, match="invalid search cursor"):
+            store.search("", sort="name", limit=1, cursor=forged)
 
 
 # -------------------------------------------------------------- resolution

@@ -485,9 +485,15 @@ class Fusions:
         from llmos.tuning.data import load_file
 
         where = (conf.get("fit") or {}).get("data") or conf.get("dev_file")
-        if not where or not Path(where).expanduser().is_file():
+        if not where or not isinstance(where, str):
             return None
-        return _dev_rows(load_file(Path(where).expanduser()))
+        try:
+            path = _config_path(where)
+        except UsageError:
+            return None
+        if not path.is_file():
+            return None
+        return _dev_rows(load_file(path))
 
     # -- analysis ----------------------------------------------------------------
 
@@ -819,7 +825,7 @@ class Fusions:
         """A config fusion's fit, cached by data and options under LLMOS_HOME."""
         from llmos.tuning.data import load_file
 
-        rows = load_file(Path(dev_file).expanduser())
+        rows = load_file(_config_path(dev_file))
         key = hashlib.sha256(
             json.dumps(
                 [card.ref, spec.name, options, [m.ref for m in members], _rows_hash(rows)],
@@ -836,6 +842,22 @@ class Fusions:
             fitted, record, scores = self.fit(spec, members, options, rows)
             cache.write_text(json.dumps({"options": fitted, "fit": record, "scores": scores}))
         return fitted
+
+
+def _config_path(text: str) -> Path:
+    """A dev file named in ``[fusions.NAME] dev``: the operator's own config, so
+    ``~`` is the daemon's home as they mean it; an unknown ``~user`` or a NUL
+    is a :class:`UsageError` saying so, not a RuntimeError from pathlib."""
+    if not isinstance(text, str) or not text or "\x00" in text:
+        raise UsageError(f"dev file {text!r} is not a path", param="dev")
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:  # "Could not determine home directory."
+        raise UsageError(
+            f"dev file {text!r}: cannot expand {text.split('/')[0]!r} (no such user);"
+            " give the full path",
+            param="dev",
+        ) from None
 
 
 def _dev_rows(dev: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:

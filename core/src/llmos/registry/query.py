@@ -21,6 +21,13 @@ Keywords and field names are case-insensitive. ``(`` opens a group only at the
 start of a term, so text such as ``NEAR(`` stays text; a word that looks like
 ``field:value`` with an unknown field is an error (quote it to search for it).
 
+A query holds at most :data:`MAX_TERMS` terms (words, phrases and filters)
+and nests parentheses and ``NOT`` at most :data:`MAX_DEPTH` deep: the compiled
+SQL grows with both, and SQLite refuses expressions over 1,000 levels deep.
+NUL, other control characters (tabs and newlines are spaces) and lone
+surrogates are refused: FTS5 ends a string at NUL and SQLite cannot store a
+surrogate.
+
 User text never reaches SQL or FTS5 syntax: every value is a bound parameter,
 and every free-text term is handed to FTS5 as one quoted string.
 """
@@ -38,6 +45,8 @@ from llmos.errors import UsageError
 from llmos.types import ModelFormat
 
 __all__ = [
+    "MAX_DEPTH",
+    "MAX_TERMS",
     "And",
     "Compare",
     "Filter",
@@ -155,6 +164,15 @@ _FIELD_PREFIX = re.compile(r"([A-Za-z_]+):")
 _KEYWORDS = frozenset({"AND", "OR", "NOT"})
 #: SQLite's largest integer
 _MAX_COUNT = 2**63 - 1
+#: most words, phrases and filters in one query
+MAX_TERMS = 200
+#: deepest nesting of parentheses and ``NOT`` in one query
+MAX_DEPTH = 32
+#: longest number a ``params:`` filter may hold (2**63 has 19 digits)
+_MAX_NUMBER_CHARS = 40
+#: characters a query may not hold: C0 controls other than tab, newline and
+#: carriage return, DEL, and lone surrogates (no UTF-8 encoding)
+_FORBIDDEN = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
 
 
 def _did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
@@ -222,10 +240,36 @@ def _tokens(text: str) -> Iterator[_Token]:
 _TERM_STARTS = frozenset({"(", "NOT", "WORD", "PHRASE", "FIELD"})
 
 
+_TERM_KINDS = frozenset({"WORD", "PHRASE", "FIELD"})
+
+
 class _Parser:
+    """Recursive descent, each level of parentheses or ``NOT`` one level of
+    recursion: :meth:`enter` refuses a level past :data:`MAX_DEPTH` before it
+    is taken, so no query reaches Python's recursion limit."""
+
     def __init__(self, text: str) -> None:
-        self.tokens = list(_tokens(text))
+        self.tokens: list[_Token] = []
+        terms = 0
+        for token in _tokens(text):
+            if token.kind in _TERM_KINDS:
+                terms += 1
+                if terms > MAX_TERMS:
+                    raise QueryError(
+                        f"more than {MAX_TERMS} search terms; use fewer words and filters",
+                        token.position,
+                    )
+            self.tokens.append(token)
         self.at = 0
+        self.depth = 0
+
+    def enter(self, token: _Token) -> None:
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise QueryError(
+                f"parentheses and NOT nested more than {MAX_DEPTH} deep; simplify the query",
+                token.position,
+            )
 
     def peek(self) -> _Token:
         return self.tokens[self.at]
@@ -264,14 +308,19 @@ class _Parser:
     def unary(self, after: _Token | None) -> Node:
         token = self.take()
         if token.kind == "NOT":
-            return Not(self.unary(token))
+            self.enter(token)
+            node: Node = Not(self.unary(token))
+            self.depth -= 1
+            return node
         if token.kind == "(":
             if self.peek().kind == ")":
                 raise QueryError("empty parentheses", token.position)
+            self.enter(token)
             node = self.or_expr()
             if self.peek().kind != ")":
                 raise QueryError("'(' is never closed", token.position)
             self.take()
+            self.depth -= 1
             return node
         if token.kind == "WORD":
             return Text(token.value, False, token.position)
@@ -317,6 +366,10 @@ def _filter(token: _Token) -> Node:
 
 
 def _count(text: str, token: _Token) -> int:
+    if len(text) > _MAX_NUMBER_CHARS:
+        raise QueryError(
+            f"number {text[:20]!r}... in '{token.field}:' is too long", token.value_position
+        )
     match = _NUMBER.fullmatch(text)
     if match is None:
         raise QueryError(
@@ -368,6 +421,17 @@ def parse_query(text: str) -> Node | None:
     """
     if not isinstance(text, str):
         raise UsageError(f"a search query must be a string, got {type(text).__name__}")
+    bad = _FORBIDDEN.search(text)
+    if bad is not None:
+        char = bad.group()
+        what = (
+            "a NUL byte"
+            if char == "\x00"
+            else "a lone surrogate (text that is not valid Unicode)"
+            if "\ud800" <= char <= "\udfff"
+            else f"the control character {char!r}"
+        )
+        raise QueryError(f"the query holds {what}; search for printable text", bad.start() + 1)
     return _Parser(text).parse()
 
 

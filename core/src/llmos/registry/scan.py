@@ -31,6 +31,7 @@ import structlog
 
 from llmos.errors import LlmosError, UsageError
 from llmos.registry.sources import SourcePolicy, check_source
+from llmos.registry.store import MAX_FIELD_CHARS, MAX_INT
 from llmos.registry.weights import (
     PICKLE_SUFFIXES,
     read_gguf_header,
@@ -96,7 +97,7 @@ class _Scanner:
         self.result.skipped.append((path, reason))
 
     def add(self, card: ModelCard) -> None:
-        self.result.cards.append(card)
+        self.result.cards.append(_tidy(card))
 
     def unique(self, stem: str) -> str:
         name = _model_name(stem)
@@ -430,6 +431,37 @@ def _model_name(stem: str) -> str:
 
 def _text(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
+
+
+#: what a scanned card's one-line texts lose: control characters and lone surrogates
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]+")
+#: longest description a scan writes
+_MAX_DESCRIPTION = 1000
+
+
+def _line(text: str | None, limit: int) -> str | None:
+    """``text`` on one printable line of at most ``limit`` characters."""
+    if text is None:
+        return None
+    text = _UNPRINTABLE.sub(" ", text).strip()
+    return (text if len(text) <= limit else text[: limit - 3] + "...") or None
+
+
+def _tidy(card: ModelCard) -> ModelCard:
+    """``card`` as the store accepts it. What a scan reads (GGUF metadata,
+    config.json, a README) comes from whoever made the files: an ESC or a
+    megabyte in a licence, or a parameter count past SQLite's integers, must
+    not fail the scan or reach a terminal, so it is cleaned, cut or dropped."""
+    parameters = card.parameters
+    if parameters is not None and not 0 < parameters <= MAX_INT:
+        parameters = None
+    return attrs.evolve(
+        card,
+        family=_line(card.family, MAX_FIELD_CHARS),
+        license=_line(card.license, MAX_FIELD_CHARS),
+        description=_line(card.description, _MAX_DESCRIPTION) or "",
+        parameters=parameters,
+    )
 
 
 # --------------------------------------------------------------------------

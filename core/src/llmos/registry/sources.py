@@ -11,7 +11,8 @@ A model card's ``source`` is one of:
 * ``https://...``: a vendor's API or a download.
 
 Anything else is refused with :class:`~llmos.errors.UnsafeSourceError`, whose
-message says why and what to do: ``file://`` and plain ``http://`` URLs,
+message says why and what to do: paths that start with ``~`` (see
+:func:`check_source`), ``file://`` and plain ``http://`` URLs,
 ``..`` segments (also percent-encoded, once or twice), NUL bytes, paths
 outside the allowed roots (after following symlinks), credentials in URLs, and
 URLs whose host is, or resolves to, a loopback, private, link-local,
@@ -39,10 +40,11 @@ import attrs
 import structlog
 
 from llmos.config import Config, Field, register_section
-from llmos.errors import NotFoundError, UnsafeSourceError
+from llmos.errors import ConfigError, NotFoundError, UnsafeSourceError
 
 __all__ = [
     "DEFAULT_MAX_PUSH_BYTES",
+    "DEFAULT_MAX_PUSH_RATIO",
     "ParsedSource",
     "Resolver",
     "SourcePolicy",
@@ -52,6 +54,9 @@ __all__ = [
 ]
 
 DEFAULT_MAX_PUSH_BYTES = 20 * 1024**3
+#: an archive may unpack to this many times its own size (weights compress
+#: about 1.1x, tokenizers about 4x; a gzip of zeros about 1000x)
+DEFAULT_MAX_PUSH_RATIO = 100
 
 register_section(
     "registry",
@@ -79,8 +84,14 @@ register_section(
             "int",
             DEFAULT_MAX_PUSH_BYTES,
             "Largest upload `llmos models push` accepts (unpacked size).",
-            check=lambda size: size > 0,
-            expect="a positive integer",
+            min=1,
+        ),
+        "max_push_ratio": Field(
+            "int",
+            DEFAULT_MAX_PUSH_RATIO,
+            "An archive `llmos models push` sends may unpack to at most this many times its"
+            " own size (archives that unpack to under 16 MiB excepted).",
+            min=1,
         ),
     },
     doc="Model sources: where weights may come from, and what uploads may hold.",
@@ -90,8 +101,22 @@ register_section(
 log = structlog.get_logger("llmos.registry")
 
 
+def _expand(value: Path | str) -> Path:
+    """An operator's configured path with ``~`` expanded (the daemon's own
+    account, which is what the operator means in its config file); an
+    unknown ``~user`` is a :class:`~llmos.errors.ConfigError`, not a
+    RuntimeError from deep inside pathlib."""
+    try:
+        return Path(value).expanduser()
+    except RuntimeError:  # "Could not determine home directory."
+        raise ConfigError(
+            f"[registry] allowed_roots: cannot expand {str(value).split('/')[0]!r} (no such"
+            " user); give the folder's full path"
+        ) from None
+
+
 def _roots(values: Iterable[Path | str]) -> tuple[Path, ...]:
-    return tuple(Path(value).expanduser().resolve() for value in values)
+    return tuple(_expand(value).resolve() for value in values)
 
 
 @attrs.frozen
@@ -107,6 +132,7 @@ class SourcePolicy:
     allow_http: bool = False
     allow_pickle: bool = False
     max_push_bytes: int = DEFAULT_MAX_PUSH_BYTES
+    max_push_ratio: int = DEFAULT_MAX_PUSH_RATIO
 
 
 @attrs.frozen
@@ -133,13 +159,14 @@ def policy_from_config(config: Config) -> SourcePolicy:
     section = config.section("registry")
     origin = config.origins.get("registry.allowed_roots")
     base = origin.file.parent if origin is not None and origin.file is not None else Path.cwd()
-    roots = [base / Path(root).expanduser() for root in section.get("allowed_roots", ())]
+    roots = [base / _expand(root) for root in section.get("allowed_roots", ())]
     return SourcePolicy(
         allowed_roots=(config.home, *roots),
         allow_private_urls=bool(section.get("allow_private_urls", False)),
         allow_http=bool(section.get("allow_http", False)),
         allow_pickle=bool(section.get("allow_pickle", False)),
         max_push_bytes=int(section.get("max_push_bytes", DEFAULT_MAX_PUSH_BYTES)),
+        max_push_ratio=int(section.get("max_push_ratio", DEFAULT_MAX_PUSH_RATIO)),
     )
 
 
@@ -169,6 +196,13 @@ def check_source(
     to do instead; :class:`~llmos.errors.NotFoundError` for a ``pkg://``
     source whose distribution is not installed. ``resolve`` looks up a
     hostname's addresses (``socket.getaddrinfo`` by default).
+
+    A path that starts with ``~`` is refused, ``~/`` included: the check runs
+    in the daemon for sources sent over HTTP, where ``~`` would be the
+    daemon's account's home and not the client's, and ``~user`` would name
+    (and, by whether it expands, reveal) another account. A shell expands an
+    unquoted ``~/models`` before the CLI sees it; anything else gives the
+    full path.
     """
     if not isinstance(source, str) or not source.strip():
         raise UnsafeSourceError("source must be a non-empty string", param="source")
@@ -240,7 +274,15 @@ def _check_text(source: str) -> None:
 def _check_path(source: str, policy: SourcePolicy) -> Path:
     if "\\" in source:
         raise _refuse(source, "backslashes are not path separators here; use '/'")
-    path = Path(source).expanduser()
+    if source.startswith("~"):
+        roots = ", ".join(str(root) for root in policy.allowed_roots) or "none"
+        raise _refuse(
+            source,
+            f"'{source.split('/')[0]}' is not expanded (the daemon's home is not yours); a"
+            " local source is an absolute path under the data folder or a folder in"
+            f" [registry] allowed_roots ({roots}): give the full path",
+        )
+    path = Path(source)
     try:
         resolved = path.resolve()
     except (OSError, RuntimeError) as exc:  # a symlink loop

@@ -30,6 +30,7 @@ import binascii
 import enum
 import hashlib
 import json
+import math
 import os
 import re
 import sqlite3
@@ -77,6 +78,16 @@ MMAP_SIZE = 0x7FFF0000
 CACHE_KIB = 32 * 1024
 #: most hits one search page may carry
 MAX_LIMIT = 1000
+#: SQLite's largest integer: parameter counts and version numbers above it cannot be stored
+MAX_INT = 2**63 - 1
+#: largest search offset: ``offset + limit`` must still be a SQLite integer
+MAX_OFFSET = 2**62
+#: longest provider, family, licence, tag, task, parent and created_by
+MAX_FIELD_CHARS = 256
+#: longest description
+MAX_DESCRIPTION_CHARS = 65_536
+#: most tags, tasks or parents on one version
+MAX_ITEMS = 1000
 #: matches a search counts before it reports ``total`` as "at least this many":
 #: counting visits every match it counts (1-3 µs each at a million cards), so
 #: 1,000 costs a few ms where 10,000 costs tens of ms on broad queries
@@ -84,6 +95,10 @@ COUNT_LIMIT = 1000
 
 _ALIAS = re.compile(r"[a-z0-9_-]{1,64}")
 _VERSION = re.compile(r"[0-9]+")
+#: C0 controls but tab, newline and carriage return; DEL; lone surrogates (no UTF-8 form)
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
+#: the same, with tab, newline and carriage return: one-line fields
+_CONTROL_LINE = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
 
 
 class VersionStatus(enum.StrEnum):
@@ -125,6 +140,10 @@ def parse_ref(ref: str) -> tuple[str, int | str]:
     if not at:
         return name, LATEST
     if _VERSION.fullmatch(selector):
+        # Length first: int() refuses over 4,300 digits, SQLite over 2**63 - 1.
+        if len(selector.lstrip("0")) > len(str(MAX_INT)) or int(selector) > MAX_INT:
+            shown = selector if len(selector) <= 24 else selector[:20] + "..."
+            raise UsageError(f"{name}@{shown}: no version is above {MAX_INT}")
         version = int(selector)
         if version < 1:
             raise UsageError(f"{ref!r}: versions start at 1")
@@ -409,9 +428,34 @@ def _lower(value: str | None) -> str | None:
 
 def _card_json(card: ModelCard) -> str:
     try:
-        return json.dumps(card.to_dict(), ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError) as exc:
+        text = json.dumps(card.to_dict(), ensure_ascii=False, allow_nan=False)
+        # SQLite stores UTF-8: a lone surrogate anywhere (an option's value) has none.
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(
+            f"model card {card.name!r} holds a lone surrogate (text that is not valid"
+            " Unicode); send valid UTF-8"
+        ) from None
+    except (TypeError, ValueError, RecursionError) as exc:
         raise UsageError(f"model card {card.name!r} is not JSON-serialisable: {exc}") from exc
+    return text
+
+
+def _text_problem(field: str, value: str, *, lines: bool = False) -> str | None:
+    """Why ``value`` cannot be stored in ``field``, or None. One-line fields
+    refuse every control character (an ESC in a tag would drive the terminal
+    of whoever lists it); ``lines`` allows tab, newline and carriage return."""
+    limit = MAX_DESCRIPTION_CHARS if lines else MAX_FIELD_CHARS
+    if len(value) > limit:
+        return f"{field} is {len(value)} characters long; the limit is {limit}"
+    bad = (_CONTROL if lines else _CONTROL_LINE).search(value)
+    if bad is None:
+        return None
+    char = bad.group()
+    if "\ud800" <= char <= "\udfff":
+        return f"{field} holds a lone surrogate (text that is not valid Unicode)"
+    what = "a NUL byte" if char == "\x00" else f"the control character {char!r}"
+    return f"{field} holds {what} at position {bad.start() + 1}"
 
 
 def _load_card(text: str) -> ModelCard:
@@ -425,8 +469,8 @@ def _check_card(card: object) -> ModelCard:
         raise UsageError(f"expected a ModelCard, got {type(card).__name__}")
     problem = None
     count = card.parameters
-    if count is not None and (type(count) is not int or count < 0):
-        problem = f"parameters must be a whole number of at least 0, got {count!r}"
+    if count is not None and (type(count) is not int or not 0 <= count <= MAX_INT):
+        problem = f"parameters must be a whole number from 0 to {MAX_INT}, got {count!r}"
     elif not isinstance(card.provider, str) or not card.provider:
         problem = f"provider must be a non-empty string, got {card.provider!r}"
     for field in ("source", "description", "family", "license", "created_by"):
@@ -436,8 +480,30 @@ def _check_card(card: object) -> ModelCard:
     for field in ("tasks", "tags", "parents"):
         if problem is None and not all(isinstance(v, str) for v in getattr(card, field)):
             problem = f"{field} must be strings, got {getattr(card, field)!r}"
+        elif problem is None and len(getattr(card, field)) > MAX_ITEMS:
+            problem = f"{len(getattr(card, field))} {field}, more than the {MAX_ITEMS} allowed"
+    if problem is None:
+        problem = next(
+            (
+                found
+                for field, value, lines in (
+                    ("provider", card.provider, False),
+                    ("family", card.family, False),
+                    ("license", card.license, False),
+                    ("created_by", card.created_by, False),
+                    ("description", card.description, True),
+                    *((f"tasks[{i}]", v, False) for i, v in enumerate(card.tasks)),
+                    *((f"tags[{i}]", v, False) for i, v in enumerate(card.tags)),
+                    *((f"parents[{i}]", v, False) for i, v in enumerate(card.parents)),
+                )
+                if value is not None
+                and (found := _text_problem(field, value, lines=lines)) is not None
+            ),
+            None,
+        )
     if problem is not None:
         raise UsageError(f"model card {card.name!r}: {problem}")
+    _card_json(card)  # options and scores: JSON that SQLite can store
     return card
 
 
@@ -448,10 +514,15 @@ def _same_content(a: ModelCard, b: ModelCard) -> bool:
 
 
 def _clean_tags(tags: Sequence[str]) -> list[str]:
+    if len(tags) > MAX_ITEMS:
+        raise UsageError(f"{len(tags)} tags, more than the {MAX_ITEMS} a version may carry")
     cleaned = []
     for tag in tags:
         if not isinstance(tag, str) or not tag.strip():
             raise UsageError(f"tag {tag!r} is invalid: tags are non-empty strings")
+        problem = _text_problem("a tag", tag.strip())
+        if problem is not None:
+            raise UsageError(f"tag {tag[:40]!r}... is invalid: {problem}")
         cleaned.append(tag.strip())
     return cleaned
 
@@ -485,6 +556,13 @@ def _decode_cursor(cursor: str, fingerprint: str) -> tuple[Any, int]:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         mark, key, row_id = json.loads(raw)
         if not isinstance(row_id, int) or not isinstance(key, str | int | float):
+            raise ValueError
+        # What SQLite can compare: 64-bit integers, finite floats.
+        if not all(
+            -MAX_INT - 1 <= v <= MAX_INT if isinstance(v, int) else math.isfinite(v)
+            for v in (key, row_id)
+            if not isinstance(v, str)
+        ):
             raise ValueError
     except (ValueError, TypeError, binascii.Error) as exc:
         raise UsageError("invalid search cursor", param="cursor") from exc
@@ -941,8 +1019,8 @@ class SQLiteStore:
 
     def set_alias(self, name: str, alias: str, version: int) -> None:
         self._check_manual_alias(alias)
-        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-            raise UsageError(f"version must be a positive integer, got {version!r}")
+        if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= MAX_INT:
+            raise UsageError(f"version must be a positive integer up to {MAX_INT}, got {version!r}")
         with self._write() as c:
             row = self._resolve(c, f"{validate_model_name(name)}@{version}")
             self._point(c, row.name, alias, row.version)
@@ -989,6 +1067,10 @@ class SQLiteStore:
                 if tag.lower() not in have:
                     new.append(tag)
                     have.append(tag.lower())
+            if len(new) > MAX_ITEMS:
+                raise UsageError(
+                    f"{card.ref} would carry {len(new)} tags, more than the {MAX_ITEMS} allowed"
+                )
             return attrs.evolve(card, tags=tuple(new))
 
         return self._edit(ref, add)
@@ -1005,6 +1087,9 @@ class SQLiteStore:
     def set_description(self, ref: str, text: str) -> ModelCard:
         if not isinstance(text, str):
             raise UsageError(f"a description must be a string, got {type(text).__name__}")
+        problem = _text_problem("the description", text, lines=True)
+        if problem is not None:
+            raise UsageError(problem, param="description")
         return self._edit(ref, lambda card: attrs.evolve(card, description=text))
 
     def deprecate(self, ref: str) -> ModelCard:
@@ -1183,8 +1268,10 @@ class SQLiteStore:
             raise UsageError(
                 f"limit must be between 1 and {MAX_LIMIT}, got {limit!r}", param="limit"
             )
-        if not isinstance(offset, int) or offset < 0:
-            raise UsageError(f"offset must be 0 or more, got {offset!r}", param="offset")
+        if not isinstance(offset, int) or not 0 <= offset <= MAX_OFFSET:
+            raise UsageError(
+                f"offset must be between 0 and {MAX_OFFSET}, got {offset!r}", param="offset"
+            )
         if cursor is not None and offset:
             raise UsageError("give a cursor or an offset, not both", param="cursor")
         plan = plan_search(parse_query(query))
