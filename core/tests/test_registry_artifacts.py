@@ -6,22 +6,27 @@ exist afterwards, and neither do the folders made for it.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import json
+import os
 import pickle
+import random
 import stat
 import struct
+import sys
 import tarfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from llmos.errors import PayloadTooLarge, UnsafeSourceError, UsageError
-from llmos.registry.artifacts import artifact_dir, store_upload
+from llmos.registry import artifacts
+from llmos.registry.artifacts import RATIO_FLOOR, artifact_dir, store_upload
 from llmos.registry.sources import SourcePolicy
 from llmos.registry.weights import read_safetensors_header, safetensors_parameter_count
 
@@ -522,3 +527,195 @@ def test_a_pushed_folder_leaves_out_git_history(
     src = write_folder(tmp_path / "clone", {**model_files(), ".git/lfs/objects/ab": b"blob"})
     store_upload(src, dest, policy)
     assert stored(dest) == model_files()
+
+
+# ------------------------------------------- decompression bombs, every format
+# A gzip tar that unpacked to 200 MB was written to disk before it was
+# refused (issue 14): the size and ratio bounds hold for every archive format,
+# from the headers before a byte is written and while unpacking.
+
+#: every archive format a push may be, as (file name, how to write it)
+FORMATS = {
+    "tar": "m.tar",
+    "tar.gz": "m.tar.gz",
+    "tgz": "m.tgz",
+    "tar.bz2": "m.tar.bz2",
+    "tar.xz": "m.tar.xz",
+    "zip": "m.zip",
+}
+
+
+def archive_of(path: Path, files: dict[str, bytes]) -> Path:
+    """A real archive of ``files`` in the format ``path``'s name says, compressed."""
+    name = path.name
+    if name.endswith(".zip"):
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+            for member, data in files.items():
+                zf.writestr(member, data)
+        return path
+    mode = {".tar": "w", ".gz": "w:gz", ".tgz": "w:gz", ".bz2": "w:bz2", ".xz": "w:xz"}
+    with tarfile.open(path, mode[path.suffix]) as tar:  # type: ignore[call-overload]
+        for member, data in files.items():
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+class WriteWatch:
+    """Every file opened for writing and every folder made under ``under``
+    while it is on, from Python's audit events (``os.open``, ``open``,
+    ``os.mkdir``): how a test sees that a refusal came before any write."""
+
+    def __init__(self) -> None:
+        self.under: Path | None = None
+        self.seen: list[tuple[str, str]] = []
+        sys.addaudithook(self._event)
+
+    def _event(self, event: str, args: tuple[Any, ...]) -> None:
+        if self.under is None or event not in ("open", "os.mkdir"):
+            return
+        path = args[0]
+        if not isinstance(path, str | bytes | os.PathLike):
+            return
+        if event == "open":
+            mode, flags = args[1], args[2]
+            writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+                isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR)
+            )
+            if not writing:
+                return
+        if Path(os.fsdecode(path)).is_relative_to(self.under):
+            self.seen.append((event, os.fsdecode(path)))
+
+    @contextlib.contextmanager
+    def watching(self, under: Path) -> Iterator[list[tuple[str, str]]]:
+        self.seen, self.under = [], under
+        try:
+            yield self.seen
+        finally:
+            self.under = None
+
+
+#: one hook for the whole run: audit hooks cannot be removed
+_WATCH: list[WriteWatch] = []
+
+
+@pytest.fixture
+def writes() -> WriteWatch:
+    if not _WATCH:
+        _WATCH.append(WriteWatch())
+    return _WATCH[0]
+
+
+def test_the_write_watch_sees_an_upload_being_written(
+    tmp_path: Path, home: Path, dest: Path, policy: SourcePolicy, writes: WriteWatch
+) -> None:
+    # The check the bomb tests rely on: a push that is stored is seen writing.
+    archive = archive_of(tmp_path / "m.tar.gz", model_files())
+    with writes.watching(home) as seen:
+        store_upload(archive, dest, policy)
+    assert {event for event, _ in seen} == {"open", "os.mkdir"}
+    assert sum(event == "open" for event, _ in seen) == len(model_files())
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_bomb_20_times_the_cap_is_refused_before_a_byte_is_written(
+    tmp_path: Path, home: Path, dest: Path, writes: WriteWatch, fmt: str
+) -> None:
+    cap = 256 << 10
+    small = SourcePolicy(allowed_roots=(home,), max_push_bytes=cap)
+    files = {"config.json": b"{}", "model.safetensors": bytes(20 * cap)}
+    archive = archive_of(tmp_path / FORMATS[fmt], files)
+    with writes.watching(home) as seen, pytest.raises(PayloadTooLarge, match="max_push_bytes"):
+        store_upload(archive, dest, small)
+    assert seen == []  # no file opened for writing, no folder made
+    assert_nothing_written(home, dest)
+
+
+@pytest.mark.parametrize("fmt", [f for f in FORMATS if f != "tar"])
+def test_a_bomb_under_the_cap_is_refused_for_its_ratio_before_a_byte_is_written(
+    tmp_path: Path, home: Path, dest: Path, policy: SourcePolicy, writes: WriteWatch, fmt: str
+) -> None:
+    # 17 MiB of zeros packs into kilobytes: under the 20 GiB default cap, a
+    # thousandfold over the ratio. Named .bin, it used to be written whole
+    # before the pickle check refused it; named .safetensors, it was stored.
+    size = 17 << 20
+    for weights in ("model.safetensors", "pytorch_model.bin"):
+        archive = archive_of(tmp_path / FORMATS[fmt], {"config.json": b"{}", weights: bytes(size)})
+        assert archive.stat().st_size * 100 < size
+        with writes.watching(home) as seen, pytest.raises(UnsafeSourceError) as caught:
+            store_upload(archive, dest, policy)
+        assert seen == []
+        assert_nothing_written(home, dest)
+        message = str(caught.value)
+        assert f"unpacks to {size + 2} bytes from {archive.stat().st_size}, more than" in message
+        assert "[registry] max_push_ratio = 100 times its size" in message
+        assert "nothing was stored" in message
+
+
+def test_the_ratio_bound_holds_for_a_zip_of_many_small_members(
+    tmp_path: Path, home: Path, dest: Path, policy: SourcePolicy, writes: WriteWatch
+) -> None:
+    # Members under the per-member floor, 17 MiB of zeros together.
+    files = {f"shard-{i:02}.safetensors": bytes(1 << 20) for i in range(17)}
+    archive = archive_of(tmp_path / "m.zip", files)
+    with writes.watching(home) as seen, pytest.raises(UnsafeSourceError, match="max_push_ratio"):
+        store_upload(archive, dest, policy)
+    assert seen == []
+    assert_nothing_written(home, dest)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_archives_within_the_ratio_or_under_its_floor_are_stored(
+    tmp_path: Path, dest: Path, policy: SourcePolicy, fmt: str
+) -> None:
+    # 17 MiB (over the 16 MiB floor) that packs about 50:1, and small files
+    # that pack far better than 100:1 but unpack to under the floor.
+    rng = random.Random(14)  # seeded: never pickle magic by chance
+    blob = b"".join(rng.randbytes(1 << 10) + bytes(49 << 10) for _ in range(350))[: 17 << 20]
+    files = {**model_files(), "big.dat": blob, "pad.json": bytes(1 << 20)}
+    archive = archive_of(tmp_path / FORMATS[fmt], files)
+    store_upload(archive, dest, policy)
+    assert stored(dest) == files
+    # (15 MiB of zeros; a zip's members of at most 1 MiB each are spared one by one)
+    small = {"config.json": b"{}", **{f"zeros-{i}.dat": bytes(1 << 20) for i in range(15)}}
+    assert sum(map(len, small.values())) < RATIO_FLOOR
+    other = artifact_dir(dest.parents[3], "vendor/small")
+    store_upload(archive_of(tmp_path / ("s" + FORMATS[fmt]), small), other, policy)
+    assert stored(other) == small
+
+
+def test_max_push_ratio_is_the_operators_to_raise(tmp_path: Path, home: Path, dest: Path) -> None:
+    files = {"config.json": b"{}", "zeros.dat": bytes(17 << 20)}
+    archive = archive_of(tmp_path / "m.tar.gz", files)
+    with pytest.raises(UnsafeSourceError, match="max_push_ratio = 100"):
+        store_upload(archive, dest, SourcePolicy(allowed_roots=(home,)))
+    lenient = SourcePolicy(allowed_roots=(home,), max_push_ratio=10_000)
+    store_upload(archive, dest, lenient)
+    assert stored(dest) == files
+
+
+def test_unpacking_counts_what_it_writes_and_stops_at_the_bound(tmp_path: Path, home: Path) -> None:
+    # The headers are checked first, so no real archive reaches this bound;
+    # it holds anyway, chunk by chunk, before each chunk is written: here a
+    # budget of 3 MiB against an 8 MiB member.
+    archive = archive_of(tmp_path / "m.tar.gz", {"w.safetensors": bytes(8 << 20)})
+    cap = 3 << 20
+    budget = artifacts._Budget(archive, cap, None, SourcePolicy(allowed_roots=(home,)))
+    with tarfile.open(archive) as tar:
+        info = tar.getmember("w.safetensors")
+        member = artifacts._Member("w.safetensors", info.size, info)
+        with pytest.raises(PayloadTooLarge, match=f"max_push_bytes = {cap}"):
+            artifacts._write(home, member, artifacts._tar_reader(tar), archive, budget)
+    assert (home / "w.safetensors").stat().st_size == cap  # never a byte past it
+
+
+def test_pickles_are_refused_by_name_before_anything_is_unpacked(
+    tmp_path: Path, home: Path, dest: Path, policy: SourcePolicy, writes: WriteWatch
+) -> None:
+    archive = archive_of(tmp_path / "m.tar.gz", {"config.json": b"{}", "model.pt": b"x" * 100})
+    with writes.watching(home) as seen, pytest.raises(UnsafeSourceError, match=r"\.pt files"):
+        store_upload(archive, dest, policy)
+    assert seen == []
+    assert_nothing_written(home, dest)

@@ -7,12 +7,19 @@ is kept:
 
 * every archive member is checked: no absolute paths, drive letters,
   backslashes or ``..``; no symlinks, hard links, devices or FIFOs; no
-  duplicate names; the unpacked size under ``[registry] max_push_bytes``
-  (checked from the headers before anything is unpacked, and again while
-  unpacking), with a compression-ratio check for zip members;
+  duplicate names;
+* the unpacked size, for every archive format: at most ``[registry]
+  max_push_bytes``, and at most ``[registry] max_push_ratio`` times the
+  archive's own size (a gzip of zeros unpacks a thousandfold; archives that
+  unpack to under 16 MiB are spared the ratio). Both are checked from the
+  headers before a byte is written, and again while unpacking: every byte
+  written is counted, and unpacking stops at the first chunk that would pass
+  either bound, so the disk never holds more than the bounds allow;
+  zip members are held to the ratio one by one too;
 * pickle-based weights (``.bin``, ``.pt``, ``.ckpt`` ... or any file that
   starts with pickle magic or is a PyTorch zip checkpoint) are refused unless
-  ``[registry] allow_pickle``;
+  ``[registry] allow_pickle``: by name before anything is unpacked, by
+  content after;
 * ``.safetensors`` and ``.gguf`` headers must be valid
   (:mod:`llmos.registry.weights`).
 
@@ -45,12 +52,18 @@ import structlog
 
 from llmos.errors import PayloadTooLarge, UnsafeSourceError, UsageError
 from llmos.registry.sources import SourcePolicy
-from llmos.registry.weights import pickle_reason, read_gguf_header, read_safetensors_header
+from llmos.registry.weights import (
+    PICKLE_SUFFIXES,
+    pickle_reason,
+    read_gguf_header,
+    read_safetensors_header,
+)
 from llmos.types import validate_model_name
 
 __all__ = [
     "ARCHIVE_SUFFIXES",
     "MAX_MEMBERS",
+    "RATIO_FLOOR",
     "artifact_dir",
     "store_upload",
 ]
@@ -62,10 +75,12 @@ ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", "
 MAX_MEMBERS = 100_000
 #: tar metadata records (pax headers, GNU long names) larger than this are refused
 _MAX_TAR_META = 1 << 20
-#: zip members that unpack to more than this many times their packed size are refused ...
-_MAX_ZIP_RATIO = 100
-#: ... when they unpack to more than this
+#: zip members that unpack to more than ``max_push_ratio`` times their packed
+#: size are refused when they unpack to more than this
 _ZIP_RATIO_FLOOR = 1 << 20
+#: archives that unpack to less than this are not held to ``max_push_ratio``
+#: (a few small JSON files compress well)
+RATIO_FLOOR = 16 << 20
 _CHUNK = 1 << 20
 
 
@@ -84,6 +99,8 @@ class _Member:
     name: str
     size: int
     ref: Any  # a TarInfo, a ZipInfo or a Path
+    #: its compressed size, where the archive records one per member (zip)
+    packed: int | None = None
 
 
 def store_upload(src: Path, dest: Path, policy: SourcePolicy) -> list[Path]:
@@ -108,12 +125,16 @@ def store_upload(src: Path, dest: Path, policy: SourcePolicy) -> list[Path]:
     with _source(src, policy) as (members, read):
         total = sum(member.size for member in members)
         _check_size(src, total, policy)
+        budget = _Budget(src, policy.max_push_bytes, _ratio_limit(src, policy), policy)
+        budget.check(total)
+        _check_member_ratios(src, members, policy.max_push_ratio)
+        _check_pickle_names(src, members, policy)
         _check_disk(dest, total)
         created = _make_parents(dest.parent)
         temp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
         try:
             for member in members:
-                _write(temp, member, read, src)
+                _write(temp, member, read, src, budget)
             _check_contents(temp, members, policy, src)
             if dest.exists() or dest.is_symlink():
                 raise UsageError(f"{dest} appeared while the push was unpacked; not overwritten")
@@ -140,6 +161,90 @@ def _check_size(src: Path, total: int, policy: SourcePolicy) -> None:
             f" {policy.max_push_bytes}; nothing was stored",
             param="source",
         )
+
+
+def _ratio_limit(src: Path, policy: SourcePolicy) -> int | None:
+    """The most an archive at ``src`` may unpack to for its size; ``None`` for
+    a folder or a single file, which are their own size."""
+    if src.is_dir() or not src.name.lower().endswith(ARCHIVE_SUFFIXES):
+        return None
+    return max(RATIO_FLOOR, policy.max_push_ratio * src.stat().st_size)
+
+
+@attrs.define
+class _Budget:
+    """The bytes an upload may unpack to, counted as they are written.
+
+    The headers' sizes are checked against both bounds before anything is
+    unpacked (:meth:`check`); :meth:`charge` holds what is really written to
+    them too, chunk by chunk and before each chunk is written, so no archive
+    whose headers understate its contents (or a reader that returns more)
+    puts more than the bounds on disk."""
+
+    src: Path
+    max_bytes: int
+    ratio_limit: int | None
+    policy: SourcePolicy
+    written: int = 0
+
+    def check(self, total: int) -> None:
+        """Refuse ``total`` bytes over either bound."""
+        if total > self.max_bytes:
+            raise PayloadTooLarge(
+                f"{self.src.name}: unpacks to {'more than ' if self.written else ''}{total}"
+                f" bytes, over [registry] max_push_bytes = {self.max_bytes}; nothing was stored",
+                param="source",
+            )
+        if self.ratio_limit is not None and total > self.ratio_limit:
+            packed = self.src.stat().st_size
+            raise _refuse(
+                self.src,
+                None,
+                f"unpacks to {'more than ' if self.written else ''}{total} bytes from"
+                f" {packed}, more than [registry] max_push_ratio = {self.policy.max_push_ratio}"
+                " times its size (a decompression bomb?)",
+            )
+
+    def charge(self, size: int) -> None:
+        """Count ``size`` more bytes about to be written; refuse past a bound."""
+        self.written += size
+        self.check(self.written)
+
+
+def _check_member_ratios(src: Path, members: list[_Member], max_ratio: int) -> None:
+    """Hold each member that records its packed size (a zip's) to the ratio."""
+    for member in members:
+        if (
+            member.packed is not None
+            and member.size > _ZIP_RATIO_FLOOR
+            and (member.packed == 0 or member.size / member.packed > max_ratio)
+        ):
+            raise _refuse(
+                src,
+                member.name,
+                f"unpacks {member.packed} bytes to {member.size}, more than"
+                f" [registry] max_push_ratio = {max_ratio} times (a zip bomb?)",
+            )
+
+
+def _check_pickle_names(src: Path, members: list[_Member], policy: SourcePolicy) -> None:
+    """Refuse pickles by name before anything is unpacked (their contents are
+    checked once written, for pickles under another name)."""
+    if policy.allow_pickle:
+        return
+    for member in members:
+        suffix = PurePosixPath(member.name).suffix.lower()
+        if suffix in PICKLE_SUFFIXES:
+            raise _pickle_refusal(src, member.name, f"{suffix} files are pickles")
+
+
+def _pickle_refusal(src: Path, member: str, reason: str) -> UnsafeSourceError:
+    return _refuse(
+        src,
+        member,
+        f"pickle weights are refused ({reason}): loading them runs the code they"
+        " carry; convert them to safetensors, or set [registry] allow_pickle = true",
+    )
 
 
 def _check_disk(dest: Path, total: int) -> None:
@@ -204,7 +309,8 @@ def _source(src: Path, policy: SourcePolicy) -> Iterator[tuple[list[_Member], _R
                 archive: Any = stack.enter_context(zipfile.ZipFile(src))
                 members, read = _zip_members(src, archive), archive.open
             else:
-                _tar_prepass(src, policy.max_push_bytes)
+                ratio_limit = _ratio_limit(src, policy)
+                _tar_prepass(src, min(policy.max_push_bytes, ratio_limit or policy.max_push_bytes))
                 archive = stack.enter_context(tarfile.open(src, "r:*"))
                 members, read = _tar_members(src, archive), _tar_reader(archive)
         except (*_DAMAGED, OSError) as exc:
@@ -427,23 +533,14 @@ def _zip_members(src: Path, archive: zipfile.ZipFile) -> list[_Member]:
             zipfile.ZIP_LZMA,
         ):
             raise _refuse(src, raw, f"unsupported compression method {info.compress_type}")
-        if info.file_size > _ZIP_RATIO_FLOOR and (
-            info.compress_size == 0 or info.file_size / info.compress_size > _MAX_ZIP_RATIO
-        ):
-            raise _refuse(
-                src,
-                raw,
-                f"unpacks {info.compress_size} bytes to {info.file_size}, more than"
-                f" {_MAX_ZIP_RATIO} times (a zip bomb?)",
-            )
-        members.append(_Member(name, info.file_size, info))
+        members.append(_Member(name, info.file_size, info, info.compress_size))
     return members
 
 
 # ------------------------------------------------------------------ writing
 
 
-def _write(temp: Path, member: _Member, read: _Reader, src: Path) -> None:
+def _write(temp: Path, member: _Member, read: _Reader, src: Path, budget: _Budget) -> None:
     target = temp.joinpath(*member.name.split("/"))
     # Names are checked and nothing in temp is a link; this is the last guard.
     if not target.resolve().is_relative_to(temp.resolve()):
@@ -459,6 +556,7 @@ def _write(temp: Path, member: _Member, read: _Reader, src: Path) -> None:
                     raise _refuse(
                         src, member.name, f"holds more than the {member.size} bytes declared"
                     )
+                budget.charge(len(chunk))  # before the write: the disk never holds more
                 out.write(chunk)
     except _DAMAGED as exc:
         raise _damaged(src, exc) from None
@@ -472,12 +570,7 @@ def _check_contents(temp: Path, members: list[_Member], policy: SourcePolicy, sr
         if not policy.allow_pickle:
             reason = pickle_reason(path)
             if reason is not None:
-                raise _refuse(
-                    src,
-                    member.name,
-                    f"pickle weights are refused ({reason}): loading them runs the code they"
-                    " carry; convert them to safetensors, or set [registry] allow_pickle = true",
-                )
+                raise _pickle_refusal(src, member.name, reason)
         suffix = path.suffix.lower()
         label = f"{src.name}: member {member.name!r}"
         try:
