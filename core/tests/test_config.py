@@ -14,6 +14,7 @@ import pytest
 from llmos.config import (
     DEFAULT_PORT,
     Config,
+    ConfigErrors,
     Field,
     Origin,
     load_config,
@@ -345,7 +346,7 @@ def test_explain_lists_every_leaf_sorted_with_its_origin(write: WriteToml) -> No
 def test_wrong_type_names_file_line_key_and_problem(write: WriteToml) -> None:
     path = write("llmos.toml", '# x\n\n[server]\nhost = "h"\n\n\nport = "abc"\n')
     assert error(path) == (
-        f'{path}:7: server.port: expected an integer between 1 and 65535, got "abc"'
+        f'{path}:7: server.port: expected an integer between 1 and 65535, got the string "abc"'
     )
 
 
@@ -355,7 +356,7 @@ def test_wrong_type_names_file_line_key_and_problem(write: WriteToml) -> None:
         ("port = 70000", "server.port: expected an integer between 1 and 65535, got 70000"),
         ("port = true", "server.port: expected an integer between 1 and 65535, got true"),
         ("port = 80.5", "server.port: expected an integer between 1 and 65535, got 80.5"),
-        ("max_body_bytes = 0", "server.max_body_bytes: expected a positive integer, got 0"),
+        ("max_body_bytes = 0", "server.max_body_bytes: expected an integer >= 1, got 0"),
         ("drain_timeout = -1", "server.drain_timeout: expected a number of seconds >= 0, got -1"),
         ('log_level = "loud"', 'server.log_level: expected one of "debug", "info"'),
         ("host = 1", "server.host: expected a string, got 1"),
@@ -598,3 +599,182 @@ def test_register_section_refuses_a_taken_name() -> None:
         register_section("server", {})
     with pytest.raises(ValueError, match="top-level"):
         register_section("home", {})
+
+
+# ------------------------------------------------------------------ every error at once
+
+
+def errors(*paths: Path, overrides: tuple[str, ...] = (), **env: str) -> list[str]:
+    """The message of each error a load reports, in order."""
+    with pytest.raises(ConfigError) as caught:
+        load(*paths, overrides=overrides, **env)
+    if isinstance(caught.value, ConfigErrors):
+        lines = str(caught.value).splitlines()
+        assert lines[0] == f"{len(caught.value.errors)} errors in the config:"
+        assert [line.strip() for line in lines[1:]] == [e.message for e in caught.value.errors]
+        return [e.message for e in caught.value.errors]
+    return [str(caught.value)]
+
+
+def test_every_error_of_a_file_is_reported_at_once(write: WriteToml) -> None:
+    import llmos.runtime.models  # noqa: F401 — registers [runtime]
+
+    path = write(
+        "llmos.toml",
+        """
+        hom = "data"
+
+        [server]
+        prot = 8000
+        port = 70000
+        host = "${NOPE}"
+
+        [runtime]
+        max_batch_size = -3
+        max_queue = "8"
+
+        [servr]
+        x = 1
+        """,
+    )
+    assert errors(path, overrides=("plugins.trace=maybe",), LLMOS_STRICT_PLUGINS="nah") == [
+        f"{path}:1: hom: unknown key (did you mean home?)",
+        f"{path}:4: server.prot: unknown key (did you mean server.port?)",
+        f"{path}:5: server.port: expected an integer between 1 and 65535, got 70000",
+        f"{path}:6: server.host: environment variable NOPE is not set"
+        " (write ${NOPE:-default} to give a default)",
+        f"{path}:9: runtime.max_batch_size: expected an integer >= 1, got -3",
+        f'{path}:10: runtime.max_queue: expected an integer >= 1, got the string "8"'
+        " (write 8 without quotes)",
+        f"{path}:12: servr: unknown section (did you mean server?)",
+        "env LLMOS_STRICT_PLUGINS: plugins.strict: expected a boolean (true/false, yes/no,"
+        ' on/off, 1/0), got "nah"',
+        "--set plugins.trace=maybe: plugins.trace: expected a boolean (true/false, yes/no,"
+        ' on/off, 1/0), got "maybe"',
+    ]
+
+
+def test_errors_of_included_files_come_with_their_own_file(write: WriteToml) -> None:
+    base = write("base.toml", "[server]\nport = 0\n")
+    top = write("top.toml", 'include = ["base.toml"]\n[server]\ndrain_timeout = -1\n')
+    assert errors(top) == [
+        f"{base}:2: server.port: expected an integer between 1 and 65535, got 0",
+        f"{top}:3: server.drain_timeout: expected a number of seconds >= 0, got -1",
+    ]
+
+
+def test_one_error_is_raised_alone_with_its_param(write: WriteToml) -> None:
+    import llmos.runtime.models  # noqa: F401 — registers [runtime]
+
+    path = write("llmos.toml", "[runtime]\nmax_batch_size = -3\n")
+    with pytest.raises(ConfigError) as caught:
+        load(path)
+    assert not isinstance(caught.value, ConfigErrors)
+    assert caught.value.param == "runtime.max_batch_size"
+    assert str(caught.value) == (
+        f"{path}:2: runtime.max_batch_size: expected an integer >= 1, got -3"
+    )
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        (
+            'port = "8080"',
+            "server.port: expected an integer between 1 and 65535, got the string"
+            ' "8080" (write 8080 without quotes)',
+        ),
+        (
+            'drain_timeout = "2.5"',
+            "server.drain_timeout: expected a number of seconds >= 0, got"
+            ' the string "2.5" (write 2.5 without quotes)',
+        ),
+        (
+            'api_keys = "one, two"',
+            "server.api_keys: expected a list of strings, got a secret value",
+        ),
+    ],
+)
+def test_a_quoted_value_for_a_number_key_is_refused(
+    write: WriteToml, line: str, problem: str
+) -> None:
+    path = write("llmos.toml", f"[server]\n{line}\n")
+    assert error(path) == f"{path}:2: {problem}"
+
+
+def test_a_quoted_boolean_or_list_is_refused_too(write: WriteToml) -> None:
+    path = write("llmos.toml", '[plugins]\nstrict = "true"\ndisable = "a, b"\n')
+    assert errors(path) == [
+        f"{path}:2: plugins.strict: expected a boolean (true/false, yes/no, on/off, 1/0), got"
+        ' the string "true" (write true without quotes)',
+        f'{path}:3: plugins.disable: expected a list of strings, got the string "a, b"',
+    ]
+
+
+def test_text_from_variables_and_set_is_still_converted(write: WriteToml) -> None:
+    # Environment variables, ${VAR} references and --set text are strings by
+    # nature: they convert to numbers, booleans and lists as before.
+    path = write("llmos.toml", '[server]\nport = "${PORT}"\n[plugins]\nstrict = "${STRICT}"\n')
+    config = load(
+        path,
+        overrides=('server.drain_timeout="2.5"', "plugins.disable=a,b"),
+        PORT="9000",
+        STRICT="yes",
+        LLMOS_LOAD_PLUGINS="x, y",
+        LLMOS_TRACE_PLUGINS="on",
+    )
+    assert config.server.port == 9000
+    assert config.plugins.strict is True
+    assert config.server.drain_timeout == 2.5
+    assert config.plugins.disable == ("a", "b")
+    assert config.plugins.load == ("x", "y")
+    assert config.plugins.trace is True
+    assert type(config.server.host) is str
+
+
+# ------------------------------------------------------------------ ranges
+
+
+@pytest.mark.parametrize(
+    ("field", "expected"),
+    [
+        (Field("int", 8, min=1), "an integer >= 1"),
+        (Field("int", 8, min=1, max=65535), "an integer between 1 and 65535"),
+        (Field("float", 1.0, expect="a number of seconds", above=0), "a number of seconds > 0"),
+        (Field("float", 1.0, above=0, max=10), "a number > 0 and <= 10"),
+        (Field("float", 1.0, max=0.5), "a number <= 0.5"),
+        (Field("float", 1.0, min=0.05, max=3600), "a number between 0.05 and 3600"),
+        (Field("str", "a", check=lambda s: s in "ab", expect='"a" or "b"'), '"a" or "b"'),
+    ],
+)
+def test_a_field_describes_its_range(field: Field, expected: str) -> None:
+    assert field.expected == expected
+
+
+def test_a_field_with_a_check_must_say_what_it_accepts() -> None:
+    with pytest.raises(ValueError, match="expect="):
+        Field("int", 8, check=lambda n: n >= 1)
+    with pytest.raises(ValueError, match="min, max or above"):
+        Field("str", "x", min=1)
+    with pytest.raises(ValueError, match="not both"):
+        Field("int", 1, min=1, above=0)
+
+
+def test_a_custom_check_and_a_range_both_apply(write: WriteToml) -> None:
+    register_section(
+        "acme",
+        {
+            "even": Field(
+                "int", 2, check=lambda n: n % 2 == 0, expect="an even integer", min=0, max=10
+            )
+        },
+    )
+    try:
+        assert load(write("ok.toml", "[acme]\neven = 4\n")).get("acme.even") == 4
+        for value in ("3", "12", "-2"):
+            path = write(f"{value}.toml", f"[acme]\neven = {value}\n")
+            assert error(path) == (
+                f"{path}:2: acme.even: expected an even integer between 0 and 10, got {value}"
+            )
+    finally:
+        unregister_section("acme")

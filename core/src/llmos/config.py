@@ -35,6 +35,7 @@ __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
     "DEFAULT_PORT",
     "Config",
+    "ConfigErrors",
     "Field",
     "Origin",
     "PluginSettings",
@@ -120,17 +121,28 @@ _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off", ""})
 
 
+def _number(value: float) -> str:
+    """A bound as an error message shows it: ``1``, ``0.05``, ``3600``."""
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
 @attrs.frozen
 class Field:
     """One key of a config section: its kind, default and rules.
 
-    ``check`` receives the value already converted to ``kind`` and returns
-    whether it is acceptable; ``expect`` is what an error says was expected
-    (it defaults to the kind's description, e.g. "an integer"). ``optional``
-    fields may be ``None``; ``secret`` values are masked by
-    :meth:`Config.explain` and :meth:`Config.to_dict`; ``env`` names an
-    environment variable that sets the field; ``factory`` computes a default
-    at load time instead of ``default``.
+    A number field's range is declared with ``min`` and ``max`` (inclusive)
+    or ``above`` (exclusive lower bound), so that its error states the range
+    ("expected an integer >= 1, got -3"). ``expect`` names what is expected
+    (default: the kind's words, "an integer"); the range, if any, is added to
+    it ("a number of seconds" -> "a number of seconds > 0"). A rule a range
+    cannot say goes in ``check``, which receives the value already converted
+    to ``kind`` and returns whether it is acceptable; such a field must say
+    what it accepts in ``expect``, since an error that only says "expected a
+    string" would not tell the user what to write. ``optional`` fields may
+    be ``None``; ``secret`` values are masked by :meth:`Config.explain` and
+    :meth:`Config.to_dict`; ``env`` names an environment variable that sets
+    the field; ``factory`` computes a default at load time instead of
+    ``default``.
     """
 
     kind: str = attrs.field(validator=attrs.validators.in_(_KINDS))
@@ -142,11 +154,47 @@ class Field:
     secret: bool = False
     env: str | None = None
     factory: Callable[[], Any] | None = None
+    min: float | None = attrs.field(default=None, kw_only=True)
+    max: float | None = attrs.field(default=None, kw_only=True)
+    above: float | None = attrs.field(default=None, kw_only=True)
+
+    def __attrs_post_init__(self) -> None:
+        bounded = (self.min, self.max, self.above) != (None, None, None)
+        if bounded and self.kind not in ("int", "float"):
+            raise ValueError(f"a {self.kind} field cannot have min, max or above")
+        if self.min is not None and self.above is not None:
+            raise ValueError("give a field min or above, not both")
+        if self.check is not None and self.expect is None:
+            raise ValueError(
+                "a field with a check must say what it accepts (expect=...), or use min/max"
+            )
 
     @property
     def expected(self) -> str:
-        """The words an error uses for what this field accepts."""
-        return self.expect or _KINDS[self.kind]
+        """The words an error uses for what this field accepts, range included."""
+        words = self.expect or _KINDS[self.kind]
+        low = self.min if self.min is not None else self.above
+        if low is not None and self.max is not None and self.above is None:
+            return f"{words} between {_number(low)} and {_number(self.max)}"
+        parts = [words]
+        if self.min is not None:
+            parts.append(f">= {_number(self.min)}")
+        if self.above is not None:
+            parts.append(f"> {_number(self.above)}")
+        if self.max is not None:
+            parts.append(("and " if len(parts) > 1 else "") + f"<= {_number(self.max)}")
+        return " ".join(parts)
+
+    def accepts(self, value: Any) -> bool:
+        """Whether ``value`` (already of ``kind``) is in range and passes ``check``."""
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if self.min is not None and value < self.min:
+                return False
+            if self.above is not None and value <= self.above:
+                return False
+            if self.max is not None and value > self.max:
+                return False
+        return self.check is None or bool(self.check(value))
 
     def default_value(self) -> Any:
         """The default, computed by ``factory`` when there is one."""
@@ -234,8 +282,8 @@ register_section(
             "int",
             DEFAULT_PORT,
             "TCP port the daemon listens on.",
-            check=lambda port: 1 <= port <= 65535,
-            expect="an integer between 1 and 65535",
+            min=1,
+            max=65535,
         ),
         "api_keys": Field(
             "list[str]",
@@ -255,15 +303,14 @@ register_section(
             "int",
             DEFAULT_MAX_BODY_BYTES,
             "Largest request body accepted.",
-            check=lambda size: size > 0,
-            expect="a positive integer",
+            min=1,
         ),
         "drain_timeout": Field(
             "float",
             30.0,
             "Seconds a stopping daemon waits for requests in flight.",
-            check=lambda seconds: seconds >= 0,
-            expect="a number of seconds >= 0",
+            expect="a number of seconds",
+            min=0,
         ),
         "log_level": Field(
             "str",
@@ -287,22 +334,22 @@ register_section(
             "float",
             10.0,
             "Seconds a connection has to send a request's headers before it is closed.",
-            check=lambda seconds: seconds > 0,
-            expect="a number of seconds > 0",
+            expect="a number of seconds",
+            above=0,
         ),
         "body_timeout_s": Field(
             "float",
             30.0,
             "Seconds a request body may stall between two chunks before the request gets 408.",
-            check=lambda seconds: seconds > 0,
-            expect="a number of seconds > 0",
+            expect="a number of seconds",
+            above=0,
         ),
         "keep_alive_timeout_s": Field(
             "float",
             5.0,
             "Seconds an idle keep-alive connection is kept open.",
-            check=lambda seconds: seconds > 0,
-            expect="a number of seconds > 0",
+            expect="a number of seconds",
+            above=0,
         ),
     },
     doc="The daemon.",
@@ -460,22 +507,32 @@ def load_config(
     Raises :class:`~llmos.errors.ConfigError` for anything wrong.
     """
     env = os.environ if env is None else env
-    tree = _check_layer(_default_tree(), _everywhere(_DEFAULT))
-    loader = _Loader(env)
+    # Every wrong value, unknown key and bad reference of every layer is
+    # collected, and all are reported together: fixing a config one error per
+    # run is slow. (A file that cannot be read or parsed still stops at once.)
+    problems = _Problems()
+    tree = _check_layer(_default_tree(), _everywhere(_DEFAULT), problems)
+    loader = _Loader(env, problems)
     for path, via in _config_files(paths, env):
         tree = _merge(tree, loader.load(path, via=via))
     for path, field in _fields():
         if field.env is not None and field.env in env:
             origin = Origin("env", detail=field.env)
-            tree = _merge(tree, _check_layer(_nest(path, env[field.env]), _everywhere(origin)))
+            layer = _check_layer(_nest(path, env[field.env]), _everywhere(origin), problems)
+            tree = _merge(tree, layer)
     for text in overrides:
         key, value = parse_override(text)
         origin = Origin("set", detail=text)
-        tree = _merge(tree, _check_layer(_nest(_split_key(key), value), _everywhere(origin)))
+        layer = _check_layer(_nest(_split_key(key), value), _everywhere(origin), problems)
+        tree = _merge(tree, layer)
 
     origins: dict[str, Origin] = {}
     data = _unwrap(tree, (), origins)
-    _add_file_keys(data["server"], origins)
+    try:
+        _add_file_keys(data["server"], origins)
+    except ConfigError as exc:
+        problems.add(origins.get("server.api_keys_file"), exc)
+    problems.raise_any()
     server, plugins = data["server"], data["plugins"]
     return Config(
         data=data,
@@ -547,6 +604,7 @@ class _Loader:
     """Reads config files and their includes into layers, recording each file."""
 
     env: Mapping[str, str]
+    problems: _Problems
     files: list[Path] = attrs.Factory(list)
 
     def load(
@@ -566,19 +624,24 @@ class _Loader:
         def origin_at(key_path: tuple[str, ...]) -> Origin:
             return Origin("file", file=path, line=_line_of(lines, key_path))
 
-        raw = _interpolate(raw, (), origin_at, self.env)
+        raw = _interpolate(raw, (), origin_at, self.env, self.problems)
         includes = raw.pop("include", [])
         if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
-            raise ConfigError(
-                f"{origin_at(('include',))}: include: expected a list of paths,"
-                f" got {_show(includes)}",
-                param="include",
-            )
+            if not _broken(includes):
+                self.problems.add(
+                    origin_at(("include",)),
+                    ConfigError(
+                        f"{origin_at(('include',))}: include: expected a list of paths,"
+                        f" got {_show(includes)}",
+                        param="include",
+                    ),
+                )
+            includes = []
         layer: dict[str, Any] = {}
         for include in includes:
             target = _absolute(include, path.parent)
             layer = _merge(layer, self.load(target, (*chain, path), origin_at(("include",))))
-        return _merge(layer, _check_layer(raw, origin_at))
+        return _merge(layer, _check_layer(raw, origin_at, self.problems))
 
     def _read(self, path: Path, chain: tuple[Path, ...], via: Origin | None) -> str:
         if path not in self.files:
@@ -626,16 +689,43 @@ def _absolute(text: str, base: Path) -> Path:
 _REFERENCE = re.compile(r"\$\$\{|\$\{(?:([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\})?")
 
 
+class _Substituted(str):
+    """A string that ``${VAR}`` references made: environment text, which a
+    number, boolean or list key may take like a variable's value, where a
+    quoted ``"8"`` written in the file itself is refused."""
+
+    __slots__ = ()
+
+
+#: a value whose interpolation failed (already reported): skipped by validation
+_BROKEN: Any = object()
+
+
+def _broken(value: Any) -> bool:
+    """Whether ``value`` is, or holds, a reference that failed to interpolate."""
+    if isinstance(value, dict):
+        return any(_broken(item) for item in value.values())
+    if isinstance(value, list):
+        return any(_broken(item) for item in value)
+    return value is _BROKEN
+
+
 def _interpolate(
-    value: Any, path: tuple[str, ...], origin_at: _OriginAt, env: Mapping[str, str]
+    value: Any,
+    path: tuple[str, ...],
+    origin_at: _OriginAt,
+    env: Mapping[str, str],
+    problems: _Problems,
 ) -> Any:
-    """``value`` with ``${VAR}`` references in every string replaced from ``env``."""
+    """``value`` with ``${VAR}`` references in every string replaced from
+    ``env``; a bad reference is reported to ``problems`` and leaves ``_BROKEN``."""
     if isinstance(value, dict):
         return {
-            key: _interpolate(item, (*path, key), origin_at, env) for key, item in value.items()
+            key: _interpolate(item, (*path, key), origin_at, env, problems)
+            for key, item in value.items()
         }
     if isinstance(value, list):
-        return [_interpolate(item, path, origin_at, env) for item in value]
+        return [_interpolate(item, path, origin_at, env, problems) for item in value]
     if not isinstance(value, str) or "${" not in value:
         return value
 
@@ -659,7 +749,11 @@ def _interpolate(
             )
         return env[name]
 
-    return _REFERENCE.sub(replace, value)
+    try:
+        return _Substituted(_REFERENCE.sub(replace, value))
+    except ConfigError as exc:
+        problems.add(origin_at(path), exc)
+        return _BROKEN
 
 
 # ---------------------------------------------------------------- layers
@@ -715,61 +809,176 @@ def _unwrap(
 # ---------------------------------------------------------------- validation
 
 
-def _check_layer(tree: Mapping[str, Any], origin_at: _OriginAt) -> dict[str, Any]:
-    """One layer validated against the schema and converted, as a tree of ``_Leaf``."""
+@attrs.define
+class _Problems:
+    """The errors found while composing a config, reported together at the end."""
+
+    found: list[tuple[Origin | None, ConfigError]] = attrs.Factory(list)
+
+    def add(self, origin: Origin | None, error: ConfigError) -> None:
+        self.found.append((origin, error))
+
+    def raise_any(self) -> None:
+        """Raise the one error, or a :class:`ConfigErrors` listing all of them:
+        layer by layer as they were read, each file's errors in line order."""
+        if len(self.found) == 1:
+            raise self.found[0][1]
+        if self.found:
+            places: dict[Any, int] = {}
+            for origin, _ in self.found:
+                places.setdefault(_place(origin), len(places))
+
+            def order(item: tuple[Origin | None, ConfigError]) -> tuple[int, int]:
+                origin = item[0]
+                line = origin.line if origin is not None and origin.line is not None else 0
+                return places[_place(origin)], line
+
+            raise ConfigErrors([error for _, error in sorted(self.found, key=order)])
+
+
+def _place(origin: Origin | None) -> Any:
+    """What errors are grouped by: one file, one variable, one ``--set``."""
+    return None if origin is None else (origin.kind, origin.file, origin.detail)
+
+
+class ConfigErrors(ConfigError):
+    """Several config errors at once, one per line under a count; ``errors``
+    holds each (with its own ``param``)."""
+
+    def __init__(self, errors: Sequence[ConfigError]) -> None:
+        self.errors = tuple(errors)
+        lines = "".join(f"\n  {error.message}" for error in self.errors)
+        super().__init__(
+            f"{len(self.errors)} errors in the config:{lines}", param=self.errors[0].param
+        )
+
+
+def _check_layer(
+    tree: Mapping[str, Any], origin_at: _OriginAt, problems: _Problems
+) -> dict[str, Any]:
+    """One layer validated against the schema and converted, as a tree of
+    ``_Leaf``; what is wrong goes to ``problems`` and is left out."""
     layer: dict[str, Any] = {}
     for key, value in tree.items():
         path = (key,)
+        if _broken(value) and not isinstance(value, dict):
+            continue  # reported already; a table's other keys are still checked
         if key in _ROOT_FIELDS:
-            layer[key] = _leaf(_ROOT_FIELDS[key], path, value, origin_at)
+            leaf = _leaf(_ROOT_FIELDS[key], path, value, origin_at, problems)
+            if leaf is not None:
+                layer[key] = leaf
         elif key in _SECTIONS:
-            layer[key] = _check_section(_SECTIONS[key], value, origin_at)
+            section = _check_section(_SECTIONS[key], value, origin_at, problems)
+            if section is not None:
+                layer[key] = section
         elif key == "include":
-            raise ConfigError(
-                f"{origin_at(path)}: include: only a config file can include others", param=key
+            problems.add(
+                origin_at(path),
+                ConfigError(
+                    f"{origin_at(path)}: include: only a config file can include others",
+                    param=key,
+                ),
             )
         else:
             what = "section" if isinstance(value, dict) else "key"
-            raise _unknown(path, origin_at(path), [*_ROOT_FIELDS, *_SECTIONS, "include"], what)
+            origin = origin_at(path)
+            problems.add(
+                origin, _unknown(path, origin, [*_ROOT_FIELDS, *_SECTIONS, "include"], what)
+            )
     return layer
 
 
-def _check_section(section: Section, value: Any, origin_at: _OriginAt) -> dict[str, Any]:
+def _check_section(
+    section: Section, value: Any, origin_at: _OriginAt, problems: _Problems
+) -> dict[str, Any] | None:
     if not isinstance(value, dict):
-        raise ConfigError(
-            f"{origin_at((section.name,))}: {section.name}: expected a table"
-            f" ([{section.name}]), got {_show(value)}",
-            param=section.name,
+        problems.add(
+            origin_at((section.name,)),
+            ConfigError(
+                f"{origin_at((section.name,))}: {section.name}: expected a table"
+                f" ([{section.name}]), got {_show(value)}",
+                param=section.name,
+            ),
         )
+        return None
     layer: dict[str, Any] = {}
     for key, item in value.items():
         path = (section.name, key)
         field = section.fields.get(key)
+        if _broken(item) and not isinstance(item, dict):
+            continue
         if field is not None:
-            layer[key] = _leaf(field, path, item, origin_at)
+            leaf = _leaf(field, path, item, origin_at, problems)
+            if leaf is not None:
+                layer[key] = leaf
         elif section.free_form and isinstance(item, dict):
             layer[key] = _free_form(item, path, origin_at)
         else:
-            raise _unknown(path, origin_at(path), list(section.fields), "key")
+            origin = origin_at(path)
+            problems.add(origin, _unknown(path, origin, list(section.fields), "key"))
     return layer
 
 
 def _free_form(value: Any, path: tuple[str, ...], origin_at: _OriginAt) -> Any:
     if isinstance(value, dict):
-        return {key: _free_form(item, (*path, key), origin_at) for key, item in value.items()}
-    return _Leaf(value, origin_at(path))
+        return {
+            key: _free_form(item, (*path, key), origin_at)
+            for key, item in value.items()
+            if isinstance(item, dict) or not _broken(item)
+        }
+    if isinstance(value, list):
+        return _Leaf([_plain(item) for item in value], origin_at(path))
+    return _Leaf(_plain(value), origin_at(path))
 
 
-def _leaf(field: Field, path: tuple[str, ...], value: Any, origin_at: _OriginAt) -> _Leaf:
+def _plain(value: Any) -> Any:
+    """A substituted string as a plain ``str`` (it is data from here on)."""
+    return str(value) if isinstance(value, _Substituted) else value
+
+
+def _leaf(
+    field: Field, path: tuple[str, ...], value: Any, origin_at: _OriginAt, problems: _Problems
+) -> _Leaf | None:
     origin = origin_at(path)
+    key = _join(path)
+    if _quoted(field.kind, value, origin):
+        # In a file, "8" is a string the author quoted: TOML has numbers,
+        # booleans and arrays, and a string there is a mistake to point out.
+        shown = "a secret value" if field.secret else f"the string {_show(value)}"
+        unquote = _convert(field.kind, value, origin)
+        hint = (
+            f" (write {str(value).strip()} without quotes)"
+            if unquote is not _MISSING and field.kind in ("int", "float", "bool")
+            else ""
+        )
+        problems.add(
+            origin,
+            ConfigError(
+                f"{origin}: {key}: expected {field.expected}, got {shown}{hint}", param=key
+            ),
+        )
+        return None
     converted = None if value is None and field.optional else _convert(field.kind, value, origin)
-    if converted is _MISSING or (
-        converted is not None and field.check is not None and not field.check(converted)
-    ):
-        key = _join(path)
+    if converted is _MISSING or (converted is not None and not field.accepts(converted)):
         shown = "a secret value" if field.secret else _show(value)
-        raise ConfigError(f"{origin}: {key}: expected {field.expected}, got {shown}", param=key)
+        problems.add(
+            origin,
+            ConfigError(f"{origin}: {key}: expected {field.expected}, got {shown}", param=key),
+        )
+        return None
     return _Leaf(converted, origin)
+
+
+def _quoted(kind: str, value: Any, origin: Origin) -> bool:
+    """Whether ``value`` is a string written in a file for a key that is not
+    one: a number, boolean or list key. Strings from the environment,
+    ``--set`` and ``${VAR}`` references are text by nature and converted."""
+    return (
+        origin.kind == "file"
+        and kind in ("int", "float", "bool", "list[str]")
+        and isinstance(value, str)
+        and not isinstance(value, _Substituted)
+    )
 
 
 def _convert(kind: str, value: Any, origin: Origin) -> Any:
@@ -782,7 +991,7 @@ def _convert(kind: str, value: Any, origin: Origin) -> Any:
     text = value.strip() if isinstance(value, str) else None
     match kind:
         case "str":
-            return value if isinstance(value, str) else _MISSING
+            return str(value) if isinstance(value, str) else _MISSING
         case "bool":
             if isinstance(value, bool):
                 return value
@@ -808,7 +1017,7 @@ def _convert(kind: str, value: Any, origin: Origin) -> Any:
             if text is not None:  # "a, b" from the environment or --set
                 return [item.strip() for item in text.split(",") if item.strip()]
             if isinstance(value, list | tuple) and all(isinstance(i, str) for i in value):
-                return list(value)
+                return [str(item) for item in value]
     return _MISSING
 
 

@@ -84,14 +84,16 @@ register_section(
             "int",
             DEFAULT_MAX_PUSH_BYTES,
             "Largest upload `llmos models push` accepts (unpacked size).",
-            min=1,
+            check=lambda size: size > 0,
+            expect="a positive integer",
         ),
         "max_push_ratio": Field(
             "int",
             DEFAULT_MAX_PUSH_RATIO,
             "An archive `llmos models push` sends may unpack to at most this many times its"
             " own size (archives that unpack to under 16 MiB excepted).",
-            min=1,
+            check=lambda ratio: ratio >= 1,
+            expect="a whole number of at least 1",
         ),
     },
     doc="Model sources: where weights may come from, and what uploads may hold.",

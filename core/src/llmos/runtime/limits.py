@@ -18,27 +18,25 @@ from llmos.config import Config, Field, register_section
 register_section(
     "api",
     {
-        "max_tokens": Field(
-            "int", 4096, "Largest max_tokens a request may ask for.", check=lambda n: n >= 1
-        ),
+        "max_tokens": Field("int", 4096, "Largest max_tokens a request may ask for.", min=1),
         "max_n": Field(
             "int",
             8,
             "Most choices (n) per request; [runtime] max_queue if that is smaller.",
-            check=lambda n: n >= 1,
+            min=1,
         ),
         "max_prompt_chars": Field(
             "int",
             200_000,
             "Longest prompt, message, input, label or stop text, in characters.",
-            check=lambda n: n > 0,
+            min=1,
         ),
         "max_inputs": Field(
             "int",
             64,
             "Most inputs in one embeddings, completions (prompts times n) or classify request;"
             " [runtime] max_queue if that is smaller: they all wait in a model's queue.",
-            check=lambda n: n >= 1,
+            min=1,
         ),
     },
     doc="Caps on the OpenAI-compatible API's requests.",

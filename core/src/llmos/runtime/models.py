@@ -47,32 +47,31 @@ register_section(
             0,
             "Memory that loaded models may take; past it, idle models are unloaded"
             " (least recently used first). 0: half of the machine's memory.",
-            check=lambda mb: mb >= 0,
-            expect="a number of MiB >= 0",
+            expect="a number of MiB",
+            min=0,
         ),
         "idle_unload_s": Field(
             "float",
             0.0,
             "Unload a model idle for this many seconds; 0 keeps it.",
-            check=lambda s: s >= 0,
-            expect="a number of seconds >= 0",
+            expect="a number of seconds",
+            min=0,
         ),
-        "max_batch_size": Field(
-            "int", 8, "Requests grouped into one model call.", check=lambda n: n >= 1
-        ),
+        "max_batch_size": Field("int", 8, "Requests grouped into one model call.", min=1),
         "max_wait_ms": Field(
             "float",
             0.0,
             "How long the first request of a batch waits for others. 0: no wait;"
             " requests that queue while the model is busy still share its next call.",
-            check=lambda ms: ms >= 0,
+            expect="a number of milliseconds",
+            min=0,
         ),
         "max_queue": Field(
             "int",
             64,
             "Requests queued per model before new ones get 429. The inputs of one API"
             " request queue together, so this also caps [api] max_inputs and max_n.",
-            check=lambda n: n >= 1,
+            min=1,
         ),
         "preload": Field(
             "list[str]",
@@ -81,7 +80,11 @@ register_section(
             " first request does not wait for weights (or a GGUF conversion).",
         ),
         "request_timeout_s": Field(
-            "float", 300.0, "Longest a request may take, queue included.", check=lambda s: s > 0
+            "float",
+            300.0,
+            "Longest a request may take, queue included.",
+            expect="a number of seconds",
+            above=0,
         ),
     },
     doc="Loading models and batching requests.",

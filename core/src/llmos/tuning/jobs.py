@@ -106,16 +106,15 @@ register_section(
             "int",
             1,
             "Tuning jobs one kernel runs at once; the others wait, queued.",
-            check=lambda n: n >= 1,
-            expect="an integer >= 1",
+            min=1,
         ),
         "cancel_grace_s": Field(
             "float",
             10.0,
             "How long a cancelled (or interrupted) job's worker may take to stop"
             " before it is terminated.",
-            check=lambda s: s >= 0,
-            expect="a number of seconds >= 0",
+            expect="a number of seconds",
+            min=0,
         ),
         "default_method": Field(
             "str", "lora", "The method `llmos tune` and POST /microtune use when none is named."
@@ -126,16 +125,14 @@ register_section(
             "Tuning jobs that may be unfinished (queued or running) at once, every process"
             " on the data folder together; a submission beyond it is refused (HTTP 429) until"
             " one ends or is cancelled.",
-            check=lambda n: n >= 1,
-            expect="an integer >= 1",
+            min=1,
         ),
         "max_data_bytes": Field(
             "int",
             DEFAULT_MAX_DATA_BYTES,
             "The most bytes a job's data files may hold together (they are read when the job"
             " is submitted, and again by its worker).",
-            check=lambda n: n >= 1,
-            expect="an integer >= 1",
+            min=1,
         ),
     },
     doc="Tuning jobs: how many run at once and may wait, how big their data may be, how they stop.",
