@@ -152,11 +152,22 @@ def test_cards_that_made_500s_or_junk_are_400s(
         b'{"name": "acme/new", "provider": "plain", "description": "x\\ud800"}',
         b'{"name": "acme/new", "provider": "plain", "tags": ["\\udfff"]}',
         b'{"name": "acme/new", "provider": "plain", "options": {"k": "\\ud800"}}',
+        b'{"name": "acme/new", "provider": "plain", "source": "/models/\\ud800"}',
     ],
 )
 def test_lone_surrogates_in_a_card_are_400s(client: httpx.Client, raw: bytes) -> None:
-    # JSON may escape a surrogate that UTF-8 cannot carry; SQLite then failed.
+    # JSON may escape a surrogate that UTF-8 cannot carry; SQLite (or, in a
+    # source, os.fsencode) then failed.
     response = client.post("/api/models", content=raw, headers={"content-type": "application/json"})
+    assert "lone surrogate" in _error(response)
+    _unchanged(client)
+
+
+def test_a_lone_surrogate_in_a_fusions_dev_path_is_a_400(client: httpx.Client) -> None:
+    raw = b'{"name": "f", "strategy": "vote", "members": ["acme/bert"], "dev": "/d\\ud800"}'
+    response = client.post(
+        "/api/fusions", content=raw, headers={"content-type": "application/json"}
+    )
     assert "lone surrogate" in _error(response)
     _unchanged(client)
 

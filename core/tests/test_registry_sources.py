@@ -110,6 +110,8 @@ def test_symlink_out_of_a_root_is_refused_after_resolving(
         ("model\x00.gguf", "NUL byte"),
         ("model%00.gguf", "NUL byte (percent-encoded)"),
         ("model\n.gguf", "control character"),
+        ("model\ud800.gguf", "not valid Unicode (a lone surrogate)"),  # os.fsencode failed
+        ("model\udc80.gguf", "not valid Unicode (a lone surrogate)"),  # a surrogateescape byte
     ],
 )
 def test_traversal_and_nul_are_refused(

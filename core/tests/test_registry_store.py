@@ -268,6 +268,16 @@ def test_cursors_with_numbers_sqlite_cannot_hold_are_refused(store: SQLiteStore)
         forged = base64.urlsafe_b64encode(json.dumps([mark, key, row_id]).encode()).decode()
         with pytest.raises(UsageError, match="invalid search cursor"):
             store.search("", sort="name", limit=1, cursor=forged)
+    # A ranked page's key is its score: text there failed float() (a 500).
+    store.set_description("a", "words")
+    store.set_description("b", "words")
+    cursor = store.search("words", limit=1).next_cursor
+    assert cursor is not None
+    mark, _, row_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    for key in ("abc", ""):
+        forged = base64.urlsafe_b64encode(json.dumps([mark, key, row_id]).encode()).decode()
+        with pytest.raises(UsageError, match="invalid search cursor"):
+            store.search("words", limit=1, cursor=forged)
 
 
 # -------------------------------------------------------------- resolution

@@ -256,7 +256,11 @@ def _unquote_fully(source: str) -> str:
 
 
 def _check_text(source: str) -> None:
-    """Refuse NUL and control characters and ``..`` segments, raw or percent-encoded."""
+    """Refuse NUL and control characters and ``..`` segments, raw or percent-encoded,
+    and lone surrogates (a JSON ``"\\ud800"``: no file name or URL has one, and
+    the OS's path functions fail on it)."""
+    if any("\ud800" <= char <= "\udfff" for char in source):
+        raise _refuse(source, "it is not valid Unicode (a lone surrogate)")
     try:
         decoded = _unquote_fully(source)
     except UnicodeDecodeError:

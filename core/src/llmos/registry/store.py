@@ -1282,6 +1282,9 @@ class SQLiteStore:
         after: tuple[Any, ...] = ()
         if cursor is not None:
             after = _decode_cursor(cursor, fingerprint)
+            if sql.page is None and not isinstance(after[0], int | float):
+                # A ranked page's key is a score; a forged text one failed float().
+                raise UsageError("invalid search cursor", param="cursor")
         with self._read() as c:
             total = c.execute(sql.count, (*sql.count_params, self.count_limit + 1)).fetchone()[0]
             exact = total <= self.count_limit
