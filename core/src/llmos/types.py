@@ -21,9 +21,12 @@ rest) are at the end of this module.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import enum
 import math
 import re
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import attrs
 
-from llmos.errors import CapabilityNotSupported, UsageError
+from llmos.errors import CapabilityNotSupported, LlmosError, UsageError
 
 if TYPE_CHECKING:
     import click
@@ -39,6 +42,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Budget",
+    "CallAbandoned",
     "Capability",
     "ChatMessage",
     "ChatRequest",
@@ -71,6 +75,8 @@ __all__ = [
     "TuningRequest",
     "TuningResult",
     "Usage",
+    "cancel_event",
+    "cancel_scope",
 ]
 
 
@@ -468,6 +474,45 @@ class ModelBase:
 
     def close(self) -> None:
         """Release what the model holds (weights, threads, connections)."""
+
+
+# --------------------------------------------------------------------------
+# Abandoned calls
+# --------------------------------------------------------------------------
+
+#: the cancel event of the model call running in this thread (set by the worker)
+_CANCEL: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar(
+    "llmos_cancel", default=None
+)
+
+
+class CallAbandoned(LlmosError):
+    """A provider stopped a call early because every caller of it had gone
+    away (:func:`cancel_event` was set): nobody reads its results."""
+
+    type = "cancelled"
+    status = 499
+
+
+def cancel_event() -> threading.Event | None:
+    """The event the kernel's worker sets once every caller of the running
+    model call has gone away (a client that hung up, a caller that timed
+    out); ``None`` outside a worker call. A provider's long loops (scoring
+    chunks, generation steps) check ``is_set()`` between steps and stop by
+    raising :class:`CallAbandoned`, so that the model is free for the next
+    request instead of finishing work nobody waits for. Read it in the
+    calling thread: a thread the provider starts does not see it."""
+    return _CANCEL.get()
+
+
+@contextlib.contextmanager
+def cancel_scope(event: threading.Event) -> Iterator[None]:
+    """Make ``event`` what :func:`cancel_event` returns in this block (the worker's side)."""
+    token = _CANCEL.set(event)
+    try:
+        yield
+    finally:
+        _CANCEL.reset(token)
 
 
 # --------------------------------------------------------------------------

@@ -179,6 +179,20 @@ def test_a_prefix_tuned_lm_generates_as_its_training_forward_computes(
     for prompt, result in zip(prompts, results, strict=True):
         expected = _greedy(reference, hf_tokenizer(prompt)["input_ids"], 8)
         assert result.text == hf_tokenizer.decode(expected, skip_special_tokens=True)
+    # scoring runs whole rows on it (it takes no cache of ours): the same numbers
+    continuations = (" mat", " on the rug")
+    [scored] = model.complete(
+        [CompletionRequest(prompt=prompts[0], score_continuations=continuations)]
+    )
+    prompt = hf_tokenizer(prompts[0])["input_ids"]
+    for continuation, logprob in zip(continuations, scored.continuation_logprobs, strict=True):
+        cont = hf_tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        current = torch.tensor([prompt + cont])
+        with torch.no_grad():
+            logits = reference(input_ids=current, attention_mask=torch.ones_like(current)).logits
+        logprobs = torch.log_softmax(logits[0].float(), dim=-1)
+        expected = sum(float(logprobs[len(prompt) - 1 + j, t]) for j, t in enumerate(cont))
+        assert logprob == pytest.approx(expected, abs=1e-4)
     # the prefix matters: the base alone says something else
     base_model = pm.providers["transformers"].spec.load(
         LoadRequest(card=ModelCard(name="b", provider="transformers"), path=llama_dir)

@@ -19,7 +19,11 @@ queued and in flight alike.
 
 Callers get a :class:`concurrent.futures.Future` (sync code waits on it, the
 daemon wraps it for asyncio) or, for streaming, a :class:`StreamHandle` that
-can be cancelled when the client goes away.
+can be cancelled when the client goes away. Cancelling a future whose call is
+already running cannot take it back, but once every caller of that call has
+cancelled, the worker sets the call's cancel event
+(:func:`llmos.types.cancel_event`): a provider that checks it between steps
+stops, and the model is free for the next request.
 """
 
 from __future__ import annotations
@@ -36,7 +40,16 @@ import attrs
 import structlog
 
 from llmos.errors import CapabilityNotSupported, LlmosError, Overloaded, UsageError
-from llmos.types import Capability, LoadedModel, ModelCard, MonitorEvent, StreamChunk, Usage
+from llmos.types import (
+    CallAbandoned,
+    Capability,
+    LoadedModel,
+    ModelCard,
+    MonitorEvent,
+    StreamChunk,
+    Usage,
+    cancel_scope,
+)
 
 log = structlog.get_logger("llmos.runtime")
 
@@ -55,11 +68,35 @@ class BatchSettings:
     batching: bool = True
 
 
+class _CallFuture(concurrent.futures.Future[list[Any]]):
+    """A caller's future that remembers a cancel which came too late.
+
+    ``cancel()`` on a running future does nothing and answers ``False``
+    (asyncio's ``wrap_future`` calls it when the awaiting task is cancelled,
+    ``Kernel.call`` on a timeout); here it also marks the future abandoned and
+    tells the worker, which stops the call once all its callers are gone.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.abandoned = False
+        self.on_abandon: Callable[[], None] | None = None
+
+    def cancel(self) -> bool:
+        if super().cancel():
+            return True
+        if self.running():
+            self.abandoned = True
+            if (hook := self.on_abandon) is not None:
+                hook()
+        return False
+
+
 @attrs.define(eq=False)
 class _Job:
     capability: Capability
     requests: Sequence[Any]
-    future: concurrent.futures.Future[list[Any]]
+    future: _CallFuture
     enqueued: float
     stream: StreamHandle | None = None
 
@@ -164,7 +201,7 @@ class ModelWorker:
     ) -> concurrent.futures.Future[list[Any]]:
         """Queue ``requests`` (one caller's batch); the future gets their results."""
         self.check(capability)
-        job = _Job(capability, list(requests), concurrent.futures.Future(), time.perf_counter())
+        job = _Job(capability, list(requests), _CallFuture(), time.perf_counter())
         self._enqueue(job, len(job.requests))
         return job.future
 
@@ -172,9 +209,7 @@ class ModelWorker:
         """Queue one streamed request; read its chunks from the handle."""
         self.check(Capability.STREAM)
         handle = StreamHandle()
-        job = _Job(
-            Capability.STREAM, [request], concurrent.futures.Future(), time.perf_counter(), handle
-        )
+        job = _Job(Capability.STREAM, [request], _CallFuture(), time.perf_counter(), handle)
         self._enqueue(job, 1)
         return handle
 
@@ -291,16 +326,49 @@ class ModelWorker:
         capability = jobs[0].capability
         started = time.perf_counter()
         requests = [r for job in jobs for r in job.requests]
+        cancel = threading.Event()
+
+        def abandoned() -> None:  # on a canceller's thread
+            if all(job.future.abandoned for job in jobs):
+                cancel.set()
+
+        for job in jobs:
+            job.future.on_abandon = abandoned
+        abandoned()  # a caller may have cancelled before the hook was there
         try:
-            results = self._call(capability, requests)
+            with cancel_scope(cancel):
+                results = self._call(capability, requests)
         except Exception as exc:
+            if cancel.is_set():  # stopped for no one: nothing to retry
+                for job in jobs:
+                    self._fail(
+                        job,
+                        CallAbandoned(f"{capability} on {self.name!r}: every caller went away"),
+                        started,
+                        len(requests),
+                        "cancelled",
+                    )
+                return
             if len(jobs) == 1:
                 self._fail(jobs[0], exc, started, len(requests))
                 return
-            # One bad request must not fail its neighbours: run each alone.
+            # One bad request must not fail its neighbours: run each alone
+            # (but not those whose caller has gone meanwhile).
             for job in jobs:
-                self._run_batch([job])
+                if job.future.abandoned:
+                    self._fail(
+                        job,
+                        CallAbandoned(f"{capability} on {self.name!r}: the caller went away"),
+                        started,
+                        len(job.requests),
+                        "cancelled",
+                    )
+                else:
+                    self._run_batch([job])
             return
+        finally:
+            for job in jobs:
+                job.future.on_abandon = None
         finished = time.perf_counter()
         offset = 0
         for job in jobs:
@@ -329,17 +397,19 @@ class ModelWorker:
             # inside the try: a provider whose stream() raises at once (not a
             # generator) must end the caller's stream, not leave it waiting
             stream = self.model.stream(job.requests)
-            for chunk in stream:
-                if handle.cancelled.is_set():
-                    status = "cancelled"
-                    break
-                handle.put(chunk)
-                chunks += 1
-                usage = chunk.usage or usage
+            with cancel_scope(handle.cancelled):  # the provider's cancel_event()
+                for chunk in stream:
+                    if handle.cancelled.is_set():
+                        status = "cancelled"
+                        break
+                    handle.put(chunk)
+                    chunks += 1
+                    usage = chunk.usage or usage
         except Exception as exc:
             handle.finish(exc)
             job.future.set_result([])
-            self._emit(self._event(job, "error", _error_fields(exc, started, job)))
+            status = "cancelled" if handle.cancelled.is_set() else "error"
+            self._emit(self._event(job, status, _error_fields(exc, started, job)))
             return
         finally:
             close = getattr(stream, "close", None) if stream is not None else None
@@ -361,11 +431,13 @@ class ModelWorker:
             fields.update(tokens_in=usage.prompt_tokens, tokens_out=usage.completion_tokens)
         self._emit(self._event(job, status, fields))
 
-    def _fail(self, job: _Job, exc: Exception, started: float, size: int) -> None:
+    def _fail(
+        self, job: _Job, exc: Exception, started: float, size: int, status: str = "error"
+    ) -> None:
         job.future.set_exception(exc)
         fields = _error_fields(exc, started, job)
         fields["batch_size"] = size
-        self._emit(self._event(job, "error", fields))
+        self._emit(self._event(job, status, fields))
 
     def _event(self, job: _Job, status: str, fields: dict[str, Any]) -> MonitorEvent:
         return MonitorEvent(

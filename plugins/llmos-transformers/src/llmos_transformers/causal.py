@@ -14,10 +14,24 @@ Each row stops on its own: at an end-of-sequence token, at its ``max_tokens``
 strings, where the text is cut. Streaming runs the same ``generate`` in a
 thread and hands out the text as tokens come, so a stream concatenates to what
 :meth:`CausalLM.complete` returns.
+
+Memory and time are bounded per call. Every input must fit the model's
+context (a longer one is refused, never cut). Prompts are run through the
+model in steps (a chunked prefill into a key/value cache) before
+``generate`` continues from that cache, so no step holds attention scores for
+a whole long prompt, and a call whose callers all went away
+(:func:`llmos.types.cancel_event`) stops between steps. Rows share a
+``generate`` call only while their caches fit ``max_work_memory_mb``.
+Scoring (``score_continuations``, zero-shot ``classify``) runs each distinct
+prompt once and scores its continuations as rows that continue from copies of
+the prompt's cache, in chunks under the same budget, taking the log-softmax
+only at the continuation's positions.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -28,7 +42,9 @@ import structlog
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
+from llmos.errors import UsageError
 from llmos.types import (
+    CallAbandoned,
     Capability,
     ChatMessage,
     ChatRequest,
@@ -42,6 +58,7 @@ from llmos.types import (
     Sampling,
     StreamChunk,
     Usage,
+    cancel_event,
 )
 from llmos_transformers import tokens
 from llmos_transformers.options import Settings
@@ -51,6 +68,37 @@ from llmos_transformers.tokens import stop_at
 __all__ = ["CausalLM"]
 
 log = structlog.get_logger("llmos.transformers")
+
+MIB = 1 << 20
+#: the work-memory budget when the options name none (MiB)
+DEFAULT_WORK_MEMORY_MB = 1024
+#: tokens one prefill step runs at most, and at least (fewer when the
+#: attention scores of a step over a long cache would take too much)
+_STEP_MAX = 512
+_STEP_MIN = 16
+#: continuation positions a scoring step takes logits for at most
+_PIECE = 256
+
+
+class _Cancels:
+    """The events that stop a call: the worker's (every caller went away)
+    and a stream's own (its consumer stopped)."""
+
+    def __init__(self, *events: threading.Event | None) -> None:
+        self.events = [e for e in events if e is not None]
+
+    def is_set(self) -> bool:
+        return any(e.is_set() for e in self.events)
+
+
+def _cache_of(output: Any) -> Any:
+    """The key/value cache a forward returned (``cache`` in transformers 5,
+    ``past_key_values`` before)."""
+    for name in ("cache", "past_key_values"):
+        value = output.get(name) if hasattr(output, "get") else getattr(output, name, None)
+        if value is not None:
+            return value
+    return None
 
 
 @attrs.frozen
@@ -79,7 +127,7 @@ class _RowStop(StoppingCriteria):
         prompts: Sequence[_Prompt],
         eos: frozenset[int],
         decode: Callable[[list[int]], str],
-        cancel: threading.Event | None,
+        cancel: _Cancels | None,
     ) -> None:
         self.start = start
         self.limits = [p.limit for p in prompts]
@@ -170,6 +218,100 @@ class CausalLM(ModelBase):
         )
         # One call at a time: generate is not re-entrant, and seeding forks the RNG.
         self._lock = threading.RLock()
+        self._shape(model)
+
+    def _shape(self, model: Any) -> None:
+        """What the memory estimates need: bytes of key/value cache per token,
+        attention heads, vocabulary, element size; and how the forward takes
+        a cache (a prompt- or prefix-tuned wrapper takes none: it is run the
+        way it was before, without reused caches)."""
+        config = model.config
+        heads = int(getattr(config, "num_attention_heads", 0) or 1)
+        hidden = int(getattr(config, "hidden_size", 0) or 0)
+        kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(config, "head_dim", None) or (hidden // heads if hidden else 64))
+        layers = int(getattr(config, "num_hidden_layers", 0) or 1)
+        self.elem = next(iter(model.parameters())).element_size()
+        self.heads = heads
+        self.vocab = int(getattr(config, "vocab_size", 0) or len(self.tokenizer))
+        self.kv_token_bytes = 2 * layers * kv_heads * head_dim * self.elem
+        try:
+            parameters = inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):  # pragma: no cover - a forward without a signature
+            parameters = {}  # type: ignore[assignment]
+        self.cache_kw = next((n for n in ("cache", "past_key_values") if n in parameters), None)
+        self.keeps_logits = "logits_to_keep" in parameters
+        self.takes_positions = "position_ids" in parameters
+        own = self.settings.max_work_memory_mb
+        self.budget = DEFAULT_WORK_MEMORY_MB * MIB
+        if own is not None:
+            self.budget = own * MIB
+        elif self.context is not None:  # by default one row at the full context always fits
+            self.budget = max(self.budget, self._row_cost(self.context - 1, 1))
+
+    # ------------------------------------------------------------- memory
+
+    def _kv(self, tokens: int) -> int:
+        return tokens * self.kv_token_bytes
+
+    def _logits(self, positions: int) -> int:
+        """Logits in the model's dtype, a float32 copy and the log-softmax's."""
+        return positions * self.vocab * (self.elem + 8)
+
+    def _attention(self, rows: int, queries: int, keys: int) -> int:
+        """Attention scores and their softmax, should the kernel materialise them."""
+        return rows * self.heads * queries * keys * 8
+
+    def _step(self, rows: int, width: int) -> int:
+        """Tokens per prefill step: its attention scores and logits take at
+        most a quarter of the budget."""
+        per_token = self._attention(rows, 1, width)
+        if not self.keeps_logits:
+            per_token += self._logits(rows)
+        return max(_STEP_MIN, min(_STEP_MAX, self.budget // 4 // max(per_token, 1)))
+
+    def _prefill_cost(self, rows: int, width: int) -> int:
+        """What the prefill of ``rows`` prompts ``width`` tokens wide holds at
+        its peak, besides their cache: one step, or (a model run without a
+        reused cache) the whole prompt at once."""
+        if self.cache_kw is None:
+            return self._attention(rows, width, width) + self._logits(rows * width)
+        step = min(self._step(rows, width), width)
+        return self._attention(rows, step, width) + (
+            self._logits(rows) if self.keeps_logits else self._logits(rows * step)
+        )
+
+    def _row_cost(self, prompt: int, continuation: int) -> int:
+        """Peak memory of scoring one continuation of ``prompt`` tokens: the
+        prompt's prefill, then its cache and one row continuing from a copy
+        (or, run without a reused cache, the whole row's attention and logits)."""
+        if self.cache_kw is None:
+            return self._kv(prompt + continuation) + self._prefill_cost(1, prompt + continuation)
+        prefill = self._kv(prompt) + self._prefill_cost(1, prompt)
+        return max(prefill, self._kv(prompt) + self._rows_cost(prompt, [continuation]))
+
+    def _rows_cost(self, prompt: int, continuations: Sequence[int]) -> int:
+        """What rows continuing a prompt's cache hold: their copies of it,
+        and a piece of logits and attention scores each."""
+        width = max(continuations)
+        piece = min(width, _PIECE)
+        rows = len(continuations)
+        return rows * (self._kv(prompt + width) + self._logits(piece)) + self._attention(
+            rows, piece, prompt + width
+        )
+
+    def _too_big(self, what: str, needed: int) -> UsageError:
+        return UsageError(
+            f"{what} needs about {needed // MIB + 1} MiB of working memory (key/value caches,"
+            f" attention, logits); model {self.card.ref!r} allows {self.budget // MIB} MiB per"
+            " call (max_work_memory_mb): shorten the input, or raise max_work_memory_mb in"
+            " the model card's options or [plugins.transformers]",
+            param="max_work_memory_mb",
+        )
+
+    def _stop_if_cancelled(self, cancel: _Cancels | threading.Event | None) -> None:
+        if cancel is not None and cancel.is_set():
+            raise CallAbandoned(f"model {self.card.ref!r}: every caller went away; stopped")
 
     # ------------------------------------------------------------ prompts
 
@@ -206,14 +348,53 @@ class CausalLM(ModelBase):
             mask[i, width - len(row) :] = 1
         return ids.to(self.device), mask.to(self.device)
 
+    def _prefill(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor | None,
+        upto: int,
+        cancel: _Cancels | None,
+    ) -> tuple[Any, torch.Tensor]:
+        """Run ``ids[:, :upto]`` through the model in steps into a key/value
+        cache; the cache, and the logits at the last position run. A batch
+        with left padding gets the positions ``generate`` gives it (the
+        attention mask's running count), so that it continues the same way."""
+        rows, width = ids.shape
+        positions = None
+        if mask is not None and not bool(mask.all()):
+            positions = mask.long().cumsum(-1) - 1
+            positions.masked_fill_(mask == 0, 1)
+        step = self._step(rows, width)
+        cache: Any = None
+        last: torch.Tensor | None = None
+        for at in range(0, upto, step):
+            end = min(at + step, upto)
+            kwargs: dict[str, Any] = {"input_ids": ids[:, at:end], "use_cache": True}
+            if mask is not None:
+                kwargs["attention_mask"] = mask[:, :end]
+            if positions is not None:
+                kwargs["position_ids"] = positions[:, at:end]
+            if cache is not None:
+                kwargs[str(self.cache_kw)] = cache
+            if self.keeps_logits:
+                kwargs["logits_to_keep"] = 1
+            output = self.model(**kwargs)
+            cache, last = _cache_of(output), output.logits[:, -1]
+            del output
+            self._stop_if_cancelled(cancel)
+        assert last is not None
+        return cache, last
+
     def _generate(
         self,
         prompts: Sequence[_Prompt],
         *,
         streamer: _QueueStreamer | None = None,
-        cancel: threading.Event | None = None,
+        cancel: _Cancels | None = None,
     ) -> list[_Generated]:
-        """One ``generate`` call for prompts that share their sampling mode."""
+        """One ``generate`` call for prompts that share their sampling mode.
+        The prompts but their last token are run first in steps (stopping
+        there if the call is abandoned); ``generate`` goes on from that cache."""
         first = prompts[0].sampling
         sample = bool(first.temperature)
         options: dict[str, Any] = {"do_sample": sample}
@@ -222,11 +403,19 @@ class CausalLM(ModelBase):
         input_ids, attention_mask = self._left_padded([p.ids for p in prompts])
         start = input_ids.shape[1]
         criterion = _RowStop(start, prompts, self.eos, self._decode, cancel)
+        stepped = (
+            self.cache_kw is not None
+            and start > 1
+            and (self.takes_positions or bool(attention_mask.all()))
+        )
         with (
             self._lock,
             torch.inference_mode(),
             seeded(first.seed if sample else None, self.device),
         ):
+            if stepped:
+                cache, _ = self._prefill(input_ids, attention_mask, start - 1, cancel)
+                options[str(self.cache_kw)] = cache
             output = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -235,6 +424,7 @@ class CausalLM(ModelBase):
                 streamer=streamer,
                 **options,
             )
+            options.pop(str(self.cache_kw), None)
         results = []
         for i, prompt in enumerate(prompts):
             ids = output[i, start:].tolist()
@@ -249,6 +439,31 @@ class CausalLM(ModelBase):
         usage = Usage(prompt_tokens=len(prompt.ids), completion_tokens=len(ids))
         return _Generated(text=text, finish_reason=reason, usage=usage)
 
+    def _generation_cost(self, rows: int, width: int, new: int) -> int:
+        return rows * self._kv(width + new) + self._prefill_cost(rows, width)
+
+    def _chunks(self, prompts: Sequence[_Prompt], members: list[int]) -> Iterator[list[int]]:
+        """``members`` (indices of ``prompts`` that share a sampling mode),
+        shortest first, in batches of at most ``max_batch_size`` whose caches
+        fit the work-memory budget; a prompt that alone does not fit is refused."""
+        size = self.max_batch_size or len(members) or 1
+        chunk: list[int] = []
+        for i in sorted(members, key=lambda i: len(prompts[i].ids)):
+            grown = [*chunk, i]
+            width = len(prompts[i].ids)  # the longest so far: sorted
+            cost = self._generation_cost(len(grown), width, max(prompts[j].limit for j in grown))
+            if chunk and (len(grown) > size or cost > self.budget):
+                yield chunk
+                grown = [i]
+                cost = self._generation_cost(1, width, prompts[i].limit)
+            if cost > self.budget:
+                raise self._too_big(
+                    f"a prompt of {width} tokens generating up to {prompts[i].limit}", cost
+                )
+            chunk = grown
+        if chunk:
+            yield chunk
+
     def _run(self, prompts: Sequence[_Prompt]) -> list[_Generated]:
         """Generate for every prompt, batching those that can share a call."""
         groups: dict[tuple[Any, ...], list[int]] = {}
@@ -262,47 +477,161 @@ class CausalLM(ModelBase):
                 key = ("sampled", sampling.temperature, sampling.top_p)
             groups.setdefault(key, []).append(i)
         results: list[_Generated | None] = [None] * len(prompts)
-        size = self.max_batch_size or len(prompts)
-        for members in groups.values():
-            for at in range(0, len(members), size):
-                chunk = members[at : at + size]
-                for i, generated in zip(
-                    chunk, self._generate([prompts[i] for i in chunk]), strict=True
-                ):
-                    results[i] = generated
+        batches = [chunk for members in groups.values() for chunk in self._chunks(prompts, members)]
+        cancel = _Cancels(cancel_event())
+        for chunk in batches:  # all checked before any runs
+            generated = self._generate([prompts[i] for i in chunk], cancel=cancel)
+            self._stop_if_cancelled(cancel)
+            for i, one in zip(chunk, generated, strict=True):
+                results[i] = one
         done = [r for r in results if r is not None]
         assert len(done) == len(prompts)  # every prompt is in exactly one group
         return done
 
     # ------------------------------------------------------------ scoring
 
-    def _score(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[float]:
-        """Sum of the log-probabilities of each continuation's tokens given its prompt."""
-        scores: list[float] = []
-        size = self.max_batch_size or len(pairs) or 1
-        for at in range(0, len(pairs), size):
-            chunk = pairs[at : at + size]
-            rows = [prompt + continuation for prompt, continuation in chunk]
-            width = max(len(r) for r in rows)
-            ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for i, row in enumerate(rows):  # right padding: positions stay 0..n-1
-                ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-                mask[i, : len(row)] = 1
+    def _score(
+        self, pairs: Sequence[tuple[list[int], list[int]]], what: Sequence[str] = ()
+    ) -> list[float]:
+        """Sum of the log-probabilities of each continuation's tokens given its
+        prompt. Each distinct prompt is run once; its continuations continue
+        from its cache. ``what`` names each pair in errors."""
+        self._check_scored(pairs, what)  # all checked before any runs
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (prompt, _) in enumerate(pairs):
+            groups.setdefault(tuple(prompt), []).append(i)
+        scores = [0.0] * len(pairs)
+        cancel = cancel_event()
+        for prompt, members in groups.items():
+            wanted = [(i, pairs[i][1]) for i in members if pairs[i][1]]
+            if not wanted:
+                continue
             with self._lock, torch.inference_mode():
-                logits = self.model(
-                    input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
-                ).logits
-            logprobs = torch.log_softmax(logits.float(), dim=-1)
-            for i, (prompt, continuation) in enumerate(chunk):
-                if not continuation:
-                    scores.append(0.0)
-                    continue
-                positions = torch.arange(len(prompt) - 1, len(prompt) + len(continuation) - 1)
-                targets = torch.tensor(continuation, dtype=torch.long)
-                picked = logprobs[i, positions.to(logprobs.device), targets.to(logprobs.device)]
-                scores.append(float(picked.sum()))
+                if self.cache_kw is None:
+                    self._score_whole(list(prompt), wanted, scores, cancel)
+                else:
+                    self._score_prompt(list(prompt), wanted, scores, cancel)
         return scores
+
+    def _check_scored(
+        self, pairs: Sequence[tuple[list[int], list[int]]], what: Sequence[str]
+    ) -> None:
+        """Refuse a pair over the context, or one that alone needs more than the budget."""
+        for i, (prompt, continuation) in enumerate(pairs):
+            name = what[i] if i < len(what) else f"continuation {i}"
+            if self.context is not None:
+                tokens.check_scored(
+                    self.card.ref, name, len(prompt), len(continuation), self.context
+                )
+            cost = self._row_cost(len(prompt), len(continuation))
+            if cost > self.budget:
+                raise self._too_big(
+                    f"scoring {name} ({len(prompt)} prompt + {len(continuation)} tokens)", cost
+                )
+
+    def _score_prompt(
+        self,
+        prompt: list[int],
+        wanted: list[tuple[int, list[int]]],
+        scores: list[float],
+        cancel: threading.Event | None,
+    ) -> None:
+        """Score continuations of one prompt: the prompt runs once (in steps)
+        into a cache; each continuation's first token is scored from the
+        prompt's last logits, the rest by rows that continue from copies of
+        the cache, as many rows at a time as the budget allows."""
+        ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
+        cache, last = self._prefill(ids, None, len(prompt), _Cancels(cancel))
+        first = torch.log_softmax(last[0].float(), dim=-1)
+        for i, continuation in wanted:
+            scores[i] = float(first[continuation[0]])
+        rest = sorted((m for m in wanted if len(m[1]) > 1), key=lambda m: len(m[1]))
+        at = 0
+        while at < len(rest):
+            rows = self._rows_fitting(len(prompt), [len(c) for _, c in rest[at:]])
+            chunk, at = rest[at : at + rows], at + rows
+            # the last chunk continues from the prompt's own cache, not a copy
+            own = cache if at >= len(rest) else copy.deepcopy(cache)
+            if rows > 1:
+                own.batch_repeat_interleave(rows)
+            width = max(len(c) for _, c in chunk) - 1
+            inputs = torch.full((rows, width), self.pad_id, dtype=torch.long)
+            targets = torch.zeros((rows, width), dtype=torch.long)
+            real = torch.zeros((rows, width), dtype=torch.bool)
+            for row, (_, continuation) in enumerate(chunk):  # right padding: it comes after
+                n = len(continuation) - 1
+                inputs[row, :n] = torch.tensor(continuation[:-1], dtype=torch.long)
+                targets[row, :n] = torch.tensor(continuation[1:], dtype=torch.long)
+                real[row, :n] = True
+            inputs, targets, real = (t.to(self.device) for t in (inputs, targets, real))
+            sums = torch.zeros(rows, dtype=torch.float64, device=self.device)
+            for piece in range(0, width, _PIECE):
+                end = min(piece + _PIECE, width)
+                output = self.model(
+                    input_ids=inputs[:, piece:end], use_cache=True, **{str(self.cache_kw): own}
+                )
+                own = _cache_of(output)
+                logits = output.logits.float()
+                del output
+                picked = logits.gather(-1, targets[:, piece:end, None]).squeeze(-1)
+                logprobs = picked - torch.logsumexp(logits, dim=-1)
+                del logits
+                sums += torch.where(real[:, piece:end], logprobs, 0.0).sum(dim=1).double()
+                self._stop_if_cancelled(cancel)
+            del own
+            for row, (i, _) in enumerate(chunk):
+                scores[i] += float(sums[row])
+        del cache
+
+    def _rows_fitting(self, prompt: int, continuations: list[int]) -> int:
+        """How many of ``continuations`` (lengths, shortest first) one chunk
+        of rows takes: their copies of the prompt's cache, and a piece of
+        logits each, next to the prompt's own cache and under the budget."""
+        rows = 1
+        while (
+            rows < len(continuations)
+            and self._kv(prompt) + self._rows_cost(prompt, continuations[: rows + 1]) <= self.budget
+        ):
+            rows += 1
+        return rows
+
+    def _score_whole(
+        self,
+        prompt: list[int],
+        wanted: list[tuple[int, list[int]]],
+        scores: list[float],
+        cancel: threading.Event | None,
+    ) -> None:
+        """Score continuations of one prompt on a model that takes no cache
+        (a prompt- or prefix-tuned wrapper): each row is the whole prompt and
+        continuation, as many rows at a time as the budget allows, the
+        log-softmax taken only at the continuation's positions."""
+        at = 0
+        while at < len(wanted):
+            rows, cost = 0, 0
+            for _, continuation in wanted[at:]:
+                cost += self._row_cost(len(prompt), len(continuation))
+                if rows and cost > self.budget:
+                    break
+                rows += 1
+            chunk, at = wanted[at : at + rows], at + rows
+            full = [prompt + continuation for _, continuation in chunk]
+            width = max(len(r) for r in full)
+            ids = torch.full((len(full), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(full), width), dtype=torch.long)
+            for row, tokens_ in enumerate(full):  # right padding: positions stay 0..n-1
+                ids[row, : len(tokens_)] = torch.tensor(tokens_, dtype=torch.long)
+                mask[row, : len(tokens_)] = 1
+            logits = self.model(
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
+            ).logits
+            for row, (i, continuation) in enumerate(chunk):
+                positions = torch.arange(len(prompt) - 1, len(prompt) + len(continuation) - 1)
+                picked = torch.log_softmax(logits[row, positions.to(logits.device)].float(), -1)
+                targets = torch.tensor(continuation, dtype=torch.long, device=logits.device)
+                scores[i] = float(picked.gather(-1, targets[:, None]).sum())
+            del logits
+            self._stop_if_cancelled(cancel)
 
     def _continuation_ids(self, text: str) -> list[int]:
         return tokens.continuation_ids(self.tokenizer, text)
@@ -315,16 +644,19 @@ class CausalLM(ModelBase):
         prompts: dict[int, _Prompt] = {}
         pairs: list[tuple[list[int], list[int]]] = []
         owners: list[int] = []
+        names: list[str] = []
         encoded = [self._encode(request.prompt) for request in requests]
         for i, (request, ids) in enumerate(zip(requests, encoded, strict=True)):
             if tokens.generates(request):
                 prompts[i] = self._prompt(ids, request.sampling)
-            for continuation in request.score_continuations:
+            for j, continuation in enumerate(request.score_continuations):
                 pairs.append((ids, self._continuation_ids(continuation)))
                 owners.append(i)
+                names.append(f"continuation {j} of prompt {i}")
+        self._check_scored(pairs, names)  # before any generation runs
         generated = dict(zip(prompts, self._run(list(prompts.values())), strict=True))
         logprobs: dict[int, list[float]] = {}
-        for owner, score in zip(owners, self._score(pairs), strict=True):
+        for owner, score in zip(owners, self._score(pairs, names), strict=True):
             logprobs.setdefault(owner, []).append(score)
         return [
             tokens.completion_result(generated.get(i), len(ids), logprobs.get(i, ()))
@@ -343,12 +675,19 @@ class CausalLM(ModelBase):
 
     def _stream_one(self, index: int, prompt: _Prompt) -> Iterator[StreamChunk]:
         events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        cost = self._generation_cost(1, len(prompt.ids), prompt.limit)
+        if cost > self.budget:
+            raise self._too_big(
+                f"a prompt of {len(prompt.ids)} tokens generating up to {prompt.limit}", cost
+            )
         cancel = threading.Event()
+        # read here, in the caller's thread: the generating thread does not see it
+        cancels = _Cancels(cancel, cancel_event())
 
         def work() -> None:
             try:
                 [generated] = self._generate(
-                    [prompt], streamer=_QueueStreamer(events), cancel=cancel
+                    [prompt], streamer=_QueueStreamer(events), cancel=cancels
                 )
                 events.put(("done", generated))
             except BaseException as exc:
@@ -382,7 +721,12 @@ class CausalLM(ModelBase):
         ``zero_shot_template`` prompt, turned into probabilities by a softmax."""
         template = self.settings.zero_shot_template
         prompts, pairs = tokens.zero_shot(self.tokenizer, self.card.ref, template, requests)
-        return tokens.zero_shot_results(requests, prompts, self._score(pairs))
+        names = [
+            f"label {label!r} of text {i}"
+            for i, request in enumerate(requests)
+            for label in request.labels
+        ]
+        return tokens.zero_shot_results(requests, prompts, self._score(pairs, names))
 
     def close(self) -> None:
         with self._lock:

@@ -5,6 +5,12 @@ sentence-transformers config says (mean over the attention mask unless told
 otherwise) and normalises them to unit length when the folder's
 ``modules.json`` ends in ``Normalize``. :class:`Classifier` answers with the
 softmax of a sequence-classification head over its ``id2label`` names.
+
+An input longer than the model takes (its position embeddings, its
+tokenizer's ``model_max_length``) is refused, not cut, with one exception
+that is the model's own choice: a sentence-transformers folder's
+``max_seq_length`` (256 for MiniLM), at which sentence-transformers itself
+truncates, and so does :class:`Encoder`.
 """
 
 from __future__ import annotations
@@ -67,6 +73,8 @@ class _EncoderBase(ModelBase):
         if tokenizer.pad_token is None:  # GPT-2-style heads batch with eos as padding
             ensure_padding(model, tokenizer)
         self.max_length = self._max_length(None)
+        #: cut inputs at ``max_length`` (the folder says so) rather than refuse them
+        self.truncates = False
         self._lock = threading.Lock()
 
     def _max_length(self, own: int | None) -> int | None:
@@ -76,6 +84,19 @@ class _EncoderBase(ModelBase):
             limits.append(model_max)
         known = [limit for limit in limits if isinstance(limit, int) and limit > 0]
         return min(known) if known else None
+
+    def _check_lengths(self, texts: Sequence[str], param: str) -> None:
+        """Refuse any text longer than the model takes (unless it truncates)."""
+        if self.truncates or self.max_length is None:
+            return
+        counts = [len(ids) for ids in self.tokenizer(list(texts))["input_ids"]]
+        for i, count in enumerate(counts):
+            if count > self.max_length:
+                raise UsageError(
+                    f"input {i} is {count} tokens; model {self.card.ref!r} takes at most"
+                    f" {self.max_length} tokens: shorten it or split it",
+                    param=param,
+                )
 
     def _batches(self, texts: Sequence[str]) -> Iterator[tuple[range, dict[str, torch.Tensor]]]:
         size = self.max_batch_size or len(texts) or 1
@@ -116,8 +137,10 @@ class Encoder(_EncoderBase):
         self.normalize = layout.normalize
         # sentence-transformers truncates at its own max_seq_length (256 for MiniLM)
         self.max_length = self._max_length(layout.max_seq_length)
+        self.truncates = layout.max_seq_length is not None
 
     def embed(self, requests: Sequence[EmbedRequest]) -> list[EmbedResult]:
+        self._check_lengths([r.text for r in requests], "input")
         results: list[EmbedResult] = []
         for _, encoded in self._batches([r.text for r in requests]):
             with self._lock, torch.inference_mode():
@@ -155,6 +178,7 @@ class Classifier(_EncoderBase):
                     " model for zero-shot labels",
                     param="labels",
                 )
+        self._check_lengths([r.text for r in requests], "text")
         results: list[ClassifyResult] = []
         for span, encoded in self._batches([r.text for r in requests]):
             with self._lock, torch.inference_mode():

@@ -50,6 +50,7 @@ _SHARED_KEYS = frozenset(
         "zero_shot_template",
         "gguf_file",
         "labels",
+        "max_work_memory_mb",
     }
 )
 #: keys only the operator's table may hold
@@ -80,6 +81,11 @@ class Settings:
     gguf_file: str | None = None
     #: an adapter on a classification head: its label names, in the head's order
     labels: tuple[str, ...] = ()
+    #: memory (MiB, estimated) one call of a causal LM may take beyond its weights —
+    #: key/value caches, attention scores, logits: generation and scoring are split
+    #: into chunks under it, and a row that alone needs more is refused. ``None``:
+    #: 1024, or what one row at the model's full context needs when that is more
+    max_work_memory_mb: int | None = None
 
 
 def _positive_int(name: str, value: Any, where: str) -> int:
@@ -113,7 +119,7 @@ def _device(value: Any, where: str) -> str:
 def _check(key: str, value: Any, where: str) -> Any:
     if key == "dtype":
         return _choice(key, value, DTYPES, where)
-    if key in ("max_batch_size", "max_new_tokens", "threads"):
+    if key in ("max_batch_size", "max_new_tokens", "threads", "max_work_memory_mb"):
         return _positive_int(key, value, where)
     if key == "device":
         return _device(value, where)

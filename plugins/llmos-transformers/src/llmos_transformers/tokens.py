@@ -28,6 +28,7 @@ __all__ = [
     "answer",
     "chat_ids",
     "chat_result",
+    "check_scored",
     "completion_result",
     "continuation_ids",
     "decode",
@@ -93,6 +94,20 @@ def room(model: str, ids: Sequence[int], context: int) -> int:
             param="prompt",
         )
     return left
+
+
+def check_scored(model: str, what: str, prompt: int, continuation: int, context: int) -> None:
+    """Refuse scoring a continuation of ``continuation`` tokens after a prompt
+    of ``prompt`` that together do not fit a ``context`` of that many tokens
+    (the model would read positions it was never trained on); ``what`` names
+    the continuation."""
+    if prompt + continuation > context:
+        raise UsageError(
+            f"{what}: the prompt ({prompt} tokens) and the continuation ({continuation}"
+            f" tokens) are {prompt + continuation} tokens; model {model!r} takes at most"
+            f" {context} tokens in all: shorten the text",
+            param="prompt",
+        )
 
 
 def decode(tokenizer: Any, ids: list[int]) -> str:
