@@ -719,3 +719,19 @@ def test_pickles_are_refused_by_name_before_anything_is_unpacked(
         store_upload(archive, dest, policy)
     assert seen == []
     assert_nothing_written(home, dest)
+
+
+def test_the_issues_gzip_tar_is_refused_from_its_first_header(
+    tmp_path: Path, home: Path, dest: Path, policy: SourcePolicy, writes: WriteWatch
+) -> None:
+    # The issue's case: ~100 KB of gzip that unpacks to 96 MiB. The header
+    # pass refuses it on the member's header, before tarfile reads the stream,
+    # saying which bound it passed (the ratio, not max_push_bytes).
+    size = 96 << 20
+    archive = archive_of(tmp_path / "bomb.tar.gz", {"model.safetensors": bytes(size)})
+    with writes.watching(home) as seen, pytest.raises(UnsafeSourceError) as caught:
+        store_upload(archive, dest, policy)
+    assert seen == []
+    assert_nothing_written(home, dest)
+    assert f"unpacks to more than {size} bytes from {archive.stat().st_size}" in str(caught.value)
+    assert "[registry] max_push_ratio = 100 times its size" in str(caught.value)

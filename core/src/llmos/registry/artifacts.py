@@ -187,11 +187,17 @@ class _Budget:
     policy: SourcePolicy
     written: int = 0
 
-    def check(self, total: int) -> None:
-        """Refuse ``total`` bytes over either bound."""
+    @property
+    def limit(self) -> int:
+        """The fewest bytes over which one of the bounds refuses."""
+        return min(self.max_bytes, self.ratio_limit or self.max_bytes)
+
+    def check(self, total: int, *, partial: bool = False) -> None:
+        """Refuse ``total`` bytes over either bound (``partial``: at least ``total``)."""
+        more = "more than " if partial or self.written else ""
         if total > self.max_bytes:
             raise PayloadTooLarge(
-                f"{self.src.name}: unpacks to {'more than ' if self.written else ''}{total}"
+                f"{self.src.name}: unpacks to {more}{total}"
                 f" bytes, over [registry] max_push_bytes = {self.max_bytes}; nothing was stored",
                 param="source",
             )
@@ -200,7 +206,7 @@ class _Budget:
             raise _refuse(
                 self.src,
                 None,
-                f"unpacks to {'more than ' if self.written else ''}{total} bytes from"
+                f"unpacks to {more}{total} bytes from"
                 f" {packed}, more than [registry] max_push_ratio = {self.policy.max_push_ratio}"
                 " times its size (a decompression bomb?)",
             )
@@ -309,8 +315,8 @@ def _source(src: Path, policy: SourcePolicy) -> Iterator[tuple[list[_Member], _R
                 archive: Any = stack.enter_context(zipfile.ZipFile(src))
                 members, read = _zip_members(src, archive), archive.open
             else:
-                ratio_limit = _ratio_limit(src, policy)
-                _tar_prepass(src, min(policy.max_push_bytes, ratio_limit or policy.max_push_bytes))
+                budget = _Budget(src, policy.max_push_bytes, _ratio_limit(src, policy), policy)
+                _tar_prepass(src, budget)
                 archive = stack.enter_context(tarfile.open(src, "r:*"))
                 members, read = _tar_members(src, archive), _tar_reader(archive)
         except (*_DAMAGED, OSError) as exc:
@@ -463,14 +469,14 @@ def _tar_number(field: bytes) -> int | None:
         return None
 
 
-def _tar_prepass(src: Path, limit: int) -> None:
+def _tar_prepass(src: Path, budget: _Budget) -> None:
     """Walk the tar's headers in the decompressed stream without keeping any data.
 
     :mod:`tarfile` reads a pax header or GNU long name into memory whole, and
     a gzip bomb can make one gigabytes long; this pass refuses those, and an
-    archive whose headers declare more than ``limit`` bytes, before
-    :mod:`tarfile` reads anything. It decompresses at most ``limit`` bytes
-    plus headers.
+    archive whose headers declare more than the ``budget`` allows (its size
+    or its ratio bound), before :mod:`tarfile` reads anything. It decompresses
+    at most that many bytes plus headers.
     """
     declared = count = 0
     slack = 64 << 20  # headers and padding on top of the files themselves
@@ -489,12 +495,8 @@ def _tar_prepass(src: Path, limit: int) -> None:
                 name = block[:100].split(b"\x00", 1)[0].decode("utf-8", "replace")
                 raise _refuse(src, name, f"a tar metadata record of {size} bytes")
             declared += size
-            if declared > limit + slack:
-                raise PayloadTooLarge(
-                    f"{src.name}: unpacks to more than [registry] max_push_bytes = {limit};"
-                    " nothing was stored",
-                    param="source",
-                )
+            if declared > budget.limit + slack:
+                budget.check(declared, partial=True)
             remaining = -(-size // 512) * 512
             while remaining:
                 chunk = stream.read(min(remaining, _CHUNK))
