@@ -63,6 +63,20 @@ def test_unset_temperature_is_greedy(llama: LoadedModel) -> None:
     assert a.text == b.text
 
 
+@pytest.mark.parametrize("temperature", [1e-300, 5e-324, 1e-6])
+def test_a_temperature_too_small_for_float32_is_greedy(
+    llama: LoadedModel, temperature: float
+) -> None:
+    """1e-300 is 0 in float32: dividing the logits by it gave NaN probabilities
+    and a RuntimeError in torch.multinomial (a 500, found by the fuzz suite)."""
+    [greedy] = llama.complete([CompletionRequest(prompt="the cat", sampling=GREEDY)])
+    tiny = Sampling(temperature=temperature, top_p=5e-324, max_tokens=12, seed=3)
+    [a] = llama.complete([CompletionRequest(prompt="the cat", sampling=tiny)])
+    [b] = llama.chat([ChatRequest(messages=(ChatMessage("user", "the cat"),), sampling=tiny)])
+    assert a.text == greedy.text
+    assert b.finish_reason in ("stop", "length")
+
+
 def test_batch_with_left_padding_equals_one_at_a_time(llama: LoadedModel) -> None:
     requests = [CompletionRequest(prompt=p, sampling=GREEDY) for p in PROMPTS]
     alone = [llama.complete([r])[0] for r in requests]

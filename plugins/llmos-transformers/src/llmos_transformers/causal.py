@@ -396,7 +396,7 @@ class CausalLM(ModelBase):
         The prompts but their last token are run first in steps (stopping
         there if the call is abandoned); ``generate`` goes on from that cache."""
         first = prompts[0].sampling
-        sample = bool(first.temperature)
+        sample = tokens.samples(first)
         options: dict[str, Any] = {"do_sample": sample}
         if sample:
             options.update(temperature=first.temperature, top_p=first.top_p or 1.0, top_k=0)
@@ -469,7 +469,7 @@ class CausalLM(ModelBase):
         groups: dict[tuple[Any, ...], list[int]] = {}
         for i, prompt in enumerate(prompts):
             sampling = prompt.sampling
-            if not sampling.temperature:
+            if not tokens.samples(sampling):
                 key: tuple[Any, ...] = ("greedy",)
             elif sampling.seed is not None:
                 key = ("seeded", i)

@@ -20,6 +20,7 @@ from llmos.types import (
     ClassifyResult,
     CompletionRequest,
     CompletionResult,
+    Sampling,
     Usage,
 )
 
@@ -36,6 +37,7 @@ __all__ = [
     "generates",
     "held_back",
     "room",
+    "samples",
     "stop_at",
     "zero_shot",
     "zero_shot_results",
@@ -174,6 +176,17 @@ class TextStream:
         """What is left to send of ``final``; ``None`` when the text sent is
         not its start (a decoder that rewrote earlier text)."""
         return final[len(self.sent) :] if final.startswith(self.sent) else None
+
+
+#: temperatures below this sample greedily, as vLLM does: in float32 (the
+#: logits' type) 1e-300 is 0, and dividing by it gives inf/NaN probabilities
+GREEDY_BELOW = 1e-5
+
+
+def samples(sampling: Sampling) -> bool:
+    """Whether a request samples (else it is greedy): a temperature is given
+    and is not too small to divide the logits by."""
+    return sampling.temperature is not None and sampling.temperature >= GREEDY_BELOW
 
 
 def generates(request: CompletionRequest) -> bool:
