@@ -25,7 +25,7 @@ export OMP_NUM_THREADS ?= 1
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 PIP_CONSTRAINT := -c constraints.txt
 
-.PHONY: install system-packages run test test-vllm lint clean
+.PHONY: install system-packages run test test-vllm dist lint clean
 
 install: $(STAMP)
 
@@ -77,6 +77,16 @@ $(VLLM_STAMP): $(VLLM_BIN)/python $(VLLM_INPUTS)
 
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_BIN)/python -m pytest plugins/llmos-vllm/tests
+
+# Every distribution's sdist and wheel in dist/, built as `python -m build` builds them
+# for anyone (the wheel from the sdist, each in a fresh isolated environment with its
+# build-system requirements), then checked as the package index checks them.
+DIST_DIRS := core $(patsubst %/pyproject.toml,%,$(wildcard plugins/*/pyproject.toml contrib/*/pyproject.toml))
+
+dist: install
+	rm -rf dist
+	set -e; for d in $(DIST_DIRS); do $(BIN)/python -m build --quiet --outdir dist $$d; done
+	$(BIN)/twine check --strict dist/*
 
 lint: install
 	$(BIN)/ruff check core plugins contrib tests bench
