@@ -35,11 +35,12 @@ import time
 from llmos.errors import Overloaded, Unavailable, UsageError
 from llmos.plugin import hookimpl
 from llmos.types import (
-    Capability, ChatMessage, ChatResult, ClassifyResult, CompletionResult, EmbedResult,
-    ModelBase, ProviderSpec, StreamChunk, Usage,
+    CallAbandoned, Capability, ChatMessage, ChatResult, ClassifyResult, CompletionResult,
+    EmbedResult, ModelBase, ProviderSpec, StreamChunk, Usage, cancel_event,
 )
 
 CALLS = {}
+ABANDONED = []
 LOCK = threading.Lock()
 
 
@@ -59,7 +60,13 @@ class Table(ModelBase):
         with LOCK:
             CALLS.setdefault(self.card.name, []).extend(texts)
         if self.delay:
-            time.sleep(self.delay)
+            # a provider that watches for abandoned calls (llmos.types.cancel_event)
+            cancel = cancel_event()
+            if cancel is None:
+                time.sleep(self.delay)
+            elif cancel.wait(self.delay):
+                ABANDONED.append(self.card.name)
+                raise CallAbandoned(f"{self.card.name}: every caller went away")
         fail_file = self.card.options.get("fail_file")
         if fail_file and os.path.exists(fail_file):
             kind = self.card.options.get("fail_kind", "unavailable")

@@ -299,3 +299,28 @@ def test_a_caller_that_gives_up_leaves_the_router_quiet(
     time.sleep(0.5)  # the retry runs, finds the call cancelled and stops
     assert calls(table_module, "a") == 1, "no attempt after the caller left"
     assert "InvalidStateError" not in caplog.text
+
+
+def test_a_caller_that_gives_up_stops_the_attempt_under_way(make_kernel, table_module) -> None:
+    """Cancelling a group call cancels the deployment call it is waiting on,
+    so the deployment's worker stops work that nobody will read (a client that
+    hung up on a group used to leave the model busy until it finished)."""
+    kernel = make_kernel(*group("g", deployments=["slow"]))
+    add(kernel, "slow", default={"slow": 1.0}, delay_s=120)
+    future = kernel.submit("g", Capability.CLASSIFY, [ClassifyRequest(text="x")])
+    deadline = time.monotonic() + 60
+    while calls(table_module, "slow") == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert calls(table_module, "slow") == 1, "the attempt is under way"
+    assert future.cancel(), "the caller gives up (a timeout, a client gone)"
+    while not table_module().ABANDONED and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert table_module().ABANDONED == ["slow"], "the deployment saw its call abandoned"
+    while kernel.router.status()["g"]["deployments"]["slow"]["in_flight"] and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.01)
+    state = kernel.router.status()["g"]["deployments"]["slow"]
+    assert state["in_flight"] == 0
+    assert state["errors"] == 0, "a caller leaving is not the deployment's failure"
+

@@ -226,6 +226,20 @@ class _Attempts:
     #: groups whose fallbacks are already in ``pending``
     expanded: set[str] = attrs.field(factory=set)
     last_error: BaseException | None = None
+    #: the attempt under way: cancelled when the caller cancels ``outer``, so
+    #: the deployment's worker stops work that nobody waits for any more
+    current: concurrent.futures.Future[list[Any]] | None = None
+
+    def track(self, future: concurrent.futures.Future[list[Any]]) -> None:
+        """Make ``future`` the attempt under way (cancelled at once if the
+        caller has gone already)."""
+        self.current = future
+        if self.outer.cancelled():
+            future.cancel()
+
+    def caller_done(self, outer: concurrent.futures.Future[list[Any]]) -> None:
+        if outer.cancelled() and (current := self.current) is not None:
+            current.cancel()
 
 
 class Router:
@@ -291,6 +305,7 @@ class Router:
             retries_left=group.settings.retries,
             visited=(name,),
         )
+        state.outer.add_done_callback(state.caller_done)
         self._attempt(group, state)
         return state.outer
 
@@ -316,6 +331,7 @@ class Router:
         except Exception as exc:  # refused at once (queue full, cannot load)
             self._done(group, state, deployment, entry, sent, None, exc)
             return
+        state.track(future)
         future.add_done_callback(
             lambda f: self._done(group, state, deployment, entry, sent, f, None)
         )
@@ -332,6 +348,12 @@ class Router:
     ) -> None:
         latency = time.monotonic() - sent
         entry["latency_s"] = round(latency, 6)
+        if future is not None and future.cancelled():
+            # The caller went away and cancelled this attempt with it: not a
+            # failure of the deployment, and nobody to retry for.
+            with group.lock:
+                group.states[deployment].in_flight -= 1
+            return
         if error is None and future is not None:
             error = future.exception()
         settings = group.settings
@@ -460,6 +482,7 @@ class Router:
         except Exception as exc:
             self._fallback_done(target, state, entry, sent, None, exc)
             return
+        state.track(future)
         future.add_done_callback(lambda f: self._fallback_done(target, state, entry, sent, f, None))
 
     def _fallback_done(
@@ -472,6 +495,8 @@ class Router:
         error: BaseException | None,
     ) -> None:
         entry["latency_s"] = round(time.monotonic() - sent, 6)
+        if future is not None and future.cancelled():
+            return  # the caller went away and cancelled this attempt with it
         if error is None and future is not None:
             error = future.exception()
         if error is None:
