@@ -67,6 +67,7 @@ def test_plugins_json_lists_defaults_only_with_all(env: dict[str, str]) -> None:
         "error": None,
         "hooks": ["llmos_register_monitor_sinks"],
         "registered": {"monitor_sinks": ["log"]},
+        "warnings": [],
     }
 
 
@@ -204,3 +205,145 @@ def test_logs_go_to_the_stderr_of_the_moment_not_the_one_at_configure_time(
     structlog.get_logger("llmos.test").info("after.swap", n=1)
     assert '"event": "after.swap"' in second.getvalue()
     configure_logging("warning")
+
+
+ROUTE = """
+from llmos.plugin import hookimpl
+from llmos.types import RouteSpec
+
+@hookimpl
+def llmos_register_routes(register):
+    from fastapi import APIRouter
+
+    router = APIRouter()
+    router.add_api_route({path!r}, lambda: {{}}, methods=["GET"])
+    register(RouteSpec(router=router))
+"""
+
+TWICE = """
+from llmos.plugin import hookimpl
+
+@hookimpl
+def llmos_startup(kernel):
+    pass
+
+@hookimpl
+def llmos_startup(kernel):
+    pass
+"""
+
+
+def test_plugins_shows_route_collisions_and_hooks_defined_twice(env: dict[str, str]) -> None:
+    # Found at load, without `serve`: the routes are checked as the daemon checks them.
+    add_plugin(env, "llmos-metrics", ROUTE.format(path="/acme/metrics"))
+    add_plugin(env, "llmos-other", ROUTE.format(path="/acme/metrics"))
+    add_plugin(env, "llmos-health", ROUTE.format(path="/healthz"))
+    add_plugin(env, "llmos-twice", TWICE)
+    env = {**env, "LLMOS_LOAD_PLUGINS": "llmos-metrics,llmos-other,llmos-health,llmos-twice"}
+    run = llmos("plugins", "--json", env=env)
+    assert run.returncode == 0, run.stderr
+    rows = {p["name"]: p for p in json.loads(run.stdout) if p["status"] != "not-allowed"}
+    assert rows["llmos-metrics"]["status"] == "loaded"
+    assert rows["llmos-metrics"]["registered"] == {"routes": ["/"]}
+    assert rows["llmos-other"]["status"] == "failed"
+    # plugins load by distribution name: llmos-metrics came first and keeps the route
+    assert rows["llmos-other"]["error"] == (
+        "route GET /acme/metrics is registered by both 'llmos-metrics' and 'llmos-other';"
+        " disable one of them (LLMOS_DISABLE_PLUGINS or [plugins] disable)"
+    )
+    assert rows["llmos-health"]["status"] == "failed"
+    assert (
+        "route GET /healthz is registered by both 'llmos' (the kernel)"
+        in (rows["llmos-health"]["error"])
+    )
+    source = Path(env["PYTHONPATH"]) / "llmos_twice.py"
+    assert rows["llmos-twice"]["status"] == "loaded"
+    assert rows["llmos-twice"]["warnings"] == [
+        f"llmos_startup is defined 2 times in {source} (lines 4 and 8); Python keeps only"
+        " the last, so the one at line 4 never runs: merge them into one function"
+    ]
+    # The warning is logged too, on stderr, and the table shows both.
+    assert "plugins.warning" in run.stderr
+    table = llmos("plugins", env=env)
+    assert table.returncode == 0, table.stderr
+    assert "failed: route GET /healthz" in table.stdout
+    assert "warning: llmos_startup is defined 2 times" in table.stdout
+    # Strict mode makes the collision fatal, as at serve.
+    strict = llmos("--strict", "plugins", env=env)
+    assert strict.returncode == 3
+    assert strict.stderr.splitlines()[-1].startswith(
+        "error: plugin 'llmos-health' (llmos-health 1.0) failed: route GET /healthz is"
+        " registered by both 'llmos' (the kernel) and 'llmos-health'"
+    )
+
+
+# --------------------------------------------------------------------------
+# llmos plugin new
+# --------------------------------------------------------------------------
+
+
+def test_plugin_new_writes_a_distribution(env: dict[str, str], tmp_path: Path) -> None:
+    import tomllib
+
+    from llmos.templates import llmos_requirement
+
+    run = llmos("plugin", "new", "acme.tools", "--dir", str(tmp_path / "out"), "--json", env=env)
+    assert run.returncode == 0, run.stderr
+    root = tmp_path / "out" / "llmos-acme.tools"
+    written = json.loads(run.stdout)
+    assert written["root"] == str(root)
+    assert sorted(Path(p).relative_to(root).as_posix() for p in written["files"]) == [
+        "README.md",
+        "pyproject.toml",
+        "src/llmos_acme_tools/__init__.py",
+        "src/llmos_acme_tools/plugin.py",
+        "src/llmos_acme_tools/py.typed",
+        "tests/test_plugin.py",
+    ]
+    for path in written["files"]:
+        text = Path(path).read_text()
+        assert "{{" not in text, path  # every placeholder filled
+        if path.endswith(".py"):
+            compile(text, path, "exec")
+    project = tomllib.loads((root / "pyproject.toml").read_text())
+    assert project["project"]["name"] == "llmos-acme.tools"
+    assert project["project"]["dependencies"] == [llmos_requirement()]
+    assert project["project"]["entry-points"]["llmos"] == {"acme.tools": "llmos_acme_tools.plugin"}
+    plugin = (root / "src" / "llmos_acme_tools" / "plugin.py").read_text()
+    assert 'PROVIDER = "acme.tools-reverse"' in plugin
+    readme = (root / "README.md").read_text()
+    assert "pip install -e '.[test]'" in readme
+    assert '`[plugins."acme.tools"]`' in readme  # a dotted name is a quoted TOML key
+
+
+def test_llmos_requirement_is_the_release_line() -> None:
+    from llmos.templates import llmos_requirement
+
+    assert llmos_requirement("0.1.0") == "llmos>=0.1,<0.2"
+    assert llmos_requirement("0.12.3") == "llmos>=0.12,<0.13"
+    assert llmos_requirement("1.4.0") == "llmos>=1.4,<2"
+
+
+def test_plugin_new_refuses_bad_names_and_overwriting(env: dict[str, str], tmp_path: Path) -> None:
+    out = tmp_path / "out"  # tmp_path also holds the env's site and home
+    for bad in ("Acme", "-acme", "acme/x", "ac me", "a" * 60, ""):
+        run = llmos("plugin", "new", "--dir", str(out), "--", bad, env=env)
+        assert run.returncode == 2, bad
+        assert run.stderr.startswith(f"error: invalid plugin name {bad!r}"), run.stderr
+    assert not out.exists()
+
+    assert llmos("plugin", "new", "acme", "--dir", str(out), env=env).returncode == 0
+    plugin = out / "llmos-acme" / "src" / "llmos_acme" / "plugin.py"
+    plugin.write_text("# my work\n")
+    (out / "llmos-acme" / "NOTES.md").write_text("mine\n")
+    again = llmos("plugin", "new", "acme", "--dir", str(out), env=env)
+    assert again.returncode == 2
+    assert again.stderr == (
+        f"error: {out / 'llmos-acme'} already exists; choose another --dir, or pass"
+        " --force to overwrite its template files\n"
+    )
+    assert plugin.read_text() == "# my work\n"
+    forced = llmos("plugin", "new", "acme", "--dir", str(out), "--force", env=env)
+    assert forced.returncode == 0, forced.stderr
+    assert "def llmos_register_providers" in plugin.read_text()
+    assert (out / "llmos-acme" / "NOTES.md").read_text() == "mine\n"

@@ -288,3 +288,229 @@ def test_a_second_plugin_under_a_taken_name_fails_alone(site, tmp_path: Path) ->
     assert "already taken by 'llmos-a'" in second.error
     assert pm.providers["from-a"].plugin == "same"
     assert "from-b" not in pm.providers
+
+
+# --------------------------------------------------------------------------
+# Hooks defined twice
+# --------------------------------------------------------------------------
+
+
+def line_of(path: Path, text: str, nth: int = 1) -> int:
+    """Where the ``nth`` function of ``path`` whose line starts with ``text``
+    begins: the line of its decorator, like ``co_firstlineno``."""
+    numbers = [
+        n for n, line in enumerate(path.read_text().splitlines(), 1) if line.startswith(text)
+    ]
+    return numbers[nth - 1] - 1
+
+
+def test_a_hook_defined_twice_in_a_module_is_a_warning_with_file_and_lines(
+    site, tmp_path: Path
+) -> None:
+    site(
+        "llmos-twice",
+        """
+        from llmos.plugin import hookimpl
+        from llmos.types import ProviderSpec
+
+        @hookimpl
+        def llmos_register_providers(register):
+            register(ProviderSpec(name="lost", load=lambda request: None))
+
+        @hookimpl
+        def llmos_register_providers(register):
+            register(ProviderSpec(name="kept", load=lambda request: None))
+        """,
+    )
+    with structlog.testing.capture_logs() as logs:
+        pm = load(tmp_path)
+    twice = info(pm, "llmos-twice")
+    source = tmp_path / "llmos_twice.py"
+    first, second = (line_of(source, "def llmos_register_providers", n) for n in (1, 2))
+    assert twice.status == "loaded"
+    assert twice.warnings == [
+        f"llmos_register_providers is defined 2 times in {source} (lines {first} and {second});"
+        f" Python keeps only the last, so the one at line {first} never runs: merge them into"
+        " one function"
+    ]
+    assert "kept" in pm.providers and "lost" not in pm.providers
+    logged = [e for e in logs if e["event"] == "plugins.warning"]
+    assert [(e["plugin"], e["warning"]) for e in logged] == [("llmos-twice", twice.warnings[0])]
+    assert twice.error is None
+
+
+def test_a_version_switch_and_a_plain_plugin_are_not_warned_about(site, tmp_path: Path) -> None:
+    site(
+        "llmos-switch",
+        """
+        import sys
+        from llmos.plugin import hookimpl
+        from llmos.types import ProviderSpec
+
+        if sys.version_info >= (3, 11):
+            @hookimpl
+            def llmos_register_providers(register):
+                register(ProviderSpec(name="new", load=lambda request: None))
+        else:
+            @hookimpl
+            def llmos_register_providers(register):
+                register(ProviderSpec(name="old", load=lambda request: None))
+        """,
+    )
+    site("llmos-good", GOOD.format(provider="good"))
+    pm = load(tmp_path)
+    assert info(pm, "llmos-switch").warnings == []
+    assert info(pm, "llmos-good").warnings == []
+
+
+def test_a_hook_defined_twice_in_a_plugin_class_is_a_warning(site, tmp_path: Path) -> None:
+    site(
+        "llmos-klass",
+        """
+        from llmos.plugin import hookimpl
+        from llmos.types import ProviderSpec
+
+        class Plugin:
+            @hookimpl
+            def llmos_startup(self, kernel):
+                pass
+
+            @hookimpl
+            def llmos_startup(self, kernel):
+                pass
+
+        plugin = Plugin()
+        """,
+        entry="llmos-klass = llmos_klass:plugin\nignored",
+    )
+    pm = load(tmp_path)
+    klass = info(pm, "llmos-klass")
+    source = tmp_path / "llmos_klass.py"
+    first = line_of(source, "    def llmos_startup")
+    assert klass.status == "loaded"
+    assert len(klass.warnings) == 1
+    assert f"llmos_startup is defined 2 times in {source} (lines {first} and" in klass.warnings[0]
+
+
+def test_a_hook_implemented_twice_through_specname_is_a_warning(site, tmp_path: Path) -> None:
+    site(
+        "llmos-alias",
+        """
+        from llmos.plugin import hookimpl
+        from llmos.types import ProviderSpec
+
+        @hookimpl
+        def llmos_register_providers(register):
+            register(ProviderSpec(name="alias-one", load=lambda request: None))
+
+        @hookimpl(specname="llmos_register_providers")
+        def more_providers(register):
+            register(ProviderSpec(name="alias-two", load=lambda request: None))
+        """,
+    )
+    pm = load(tmp_path)
+    alias = info(pm, "llmos-alias")
+    source = tmp_path / "llmos_alias.py"
+    first = line_of(source, "def llmos_register_providers")
+    second = line_of(source, "def more_providers")
+    assert alias.status == "loaded", alias.error
+    assert alias.hooks == ["llmos_register_providers"]
+    # Both run: pluggy calls every implementation.
+    assert alias.registered == {"providers": ["alias-one", "alias-two"]}
+    assert alias.warnings == [
+        f"hook llmos_register_providers is implemented 2 times: by llmos_register_providers"
+        f" ({source}:{first}), more_providers ({source}:{second}); each of them runs: merge"
+        " them into one function if that is not what you meant"
+    ]
+
+
+def test_a_specname_alias_alone_is_a_plain_hook(tmp_path: Path) -> None:
+    pm = load(tmp_path)
+
+    class Plugin:
+        @hookimpl(specname="llmos_register_providers")
+        def providers(self, register):
+            register(ProviderSpec(name="aliased", load=lambda request: None))
+
+    with registered(pm, Plugin(), "aliased") as plugin:
+        assert plugin.status == "loaded", plugin.error
+        assert plugin.hooks == ["llmos_register_providers"]
+        assert plugin.warnings == []
+        assert pm.providers["aliased"].plugin == "aliased"
+
+
+# --------------------------------------------------------------------------
+# Route collisions, found without the daemon
+# --------------------------------------------------------------------------
+
+ROUTES = """
+from llmos.plugin import hookimpl
+from llmos.types import RouteSpec
+
+@hookimpl
+def llmos_register_routes(register):
+    from fastapi import APIRouter
+
+    router = APIRouter()
+    for method, path in {routes!r}:
+        router.add_api_route(path, lambda: {{"ok": True}}, methods=[method])
+    register(RouteSpec(router=router, prefix={prefix!r}))
+"""
+
+
+def test_route_collisions_fail_the_plugin_at_load(site, tmp_path: Path) -> None:
+    from llmos.config import load_config
+    from llmos.runtime.kernel import Kernel
+    from llmos.server.app import create_app, kernel_routes
+
+    site("llmos-first", ROUTES.format(routes=[("GET", "/items/{a}")], prefix="/acme"))
+    site("llmos-second", ROUTES.format(routes=[("GET", "/items/{b}")], prefix="/acme"))
+    site("llmos-shadow", ROUTES.format(routes=[("GET", "/healthz"), ("GET", "/x")], prefix=""))
+    site("llmos-slash", ROUTES.format(routes=[("GET", "/y")], prefix="acme/"))
+    site("llmos-apart", ROUTES.format(routes=[("GET", "/items/{a}")], prefix="/apart"))
+    pm = load(tmp_path)
+    kernel = Kernel(load_config(env={"LLMOS_HOME": str(tmp_path / "home")}), plugins=pm)
+
+    reserved = kernel_routes(kernel)
+    assert {("GET", "/healthz"), ("GET", "/openapi.json"), ("POST", "/v1/chat/completions")} <= (
+        set(reserved)
+    )
+    assert kernel.jobs.adopt is False, "only the daemon's kernel adopts the job queue"
+    passed = pm.check_routes(kernel, reserved)
+
+    assert sorted(passed) == ["llmos-apart", "llmos-first"]
+    assert info(pm, "llmos-first").registered == {"routes": ["/acme"]}
+    second = info(pm, "llmos-second")
+    assert second.status == "failed"
+    assert second.error == (
+        "route GET /acme/items/{} is registered by both 'llmos-first' and 'llmos-second';"
+        " disable one of them (LLMOS_DISABLE_PLUGINS or [plugins] disable)"
+    )
+    shadow = info(pm, "llmos-shadow")
+    assert shadow.status == "failed"
+    assert shadow.error.startswith(
+        "route GET /healthz is registered by both 'llmos' (the kernel) and 'llmos-shadow'"
+    )
+    assert shadow.registered == {}
+    slash = info(pm, "llmos-slash")
+    assert slash.error == "route prefix 'acme/' must start with '/' and not end with '/'"
+
+    # Asking again answers the same, and the daemon mounts exactly that.
+    assert sorted(pm.check_routes(kernel, reserved)) == ["llmos-apart", "llmos-first"]
+    app = create_app(kernel)
+    paths = {getattr(r, "path", "") for r in app.routes}
+    assert "/x" not in paths and "/y" not in paths
+    assert info(pm, "llmos-first").status == "loaded"
+    assert [i.name for i in pm.failed()] == ["llmos-second", "llmos-shadow", "llmos-slash"]
+
+
+def test_strict_mode_makes_a_route_collision_fatal_at_load(site, tmp_path: Path) -> None:
+    from llmos.config import load_config
+    from llmos.runtime.kernel import Kernel
+    from llmos.server.app import kernel_routes
+
+    site("llmos-shadow", ROUTES.format(routes=[("GET", "/readyz")], prefix=""))
+    pm = load(tmp_path, strict=True)
+    kernel = Kernel(load_config(env={"LLMOS_HOME": str(tmp_path / "home")}), plugins=pm)
+    with pytest.raises(DuplicateNameError, match="route GET /readyz is registered by both"):
+        pm.check_routes(kernel, kernel_routes(kernel))

@@ -14,6 +14,7 @@ import platform
 import sys
 import traceback
 from collections.abc import Sequence
+from pathlib import Path
 
 import attrs
 import click
@@ -155,8 +156,17 @@ def version(as_json: bool) -> None:
 @click.option("--all", "show_all", is_flag=True, help="Include the kernel's default plugins.")
 @click.pass_context
 def plugins(ctx: click.Context, as_json: bool, show_all: bool) -> None:
-    """List plugins with their version, hooks, and status (and load errors)."""
-    pm = _state(ctx).kernel().load_plugins()
+    """List plugins with their version, hooks, and status (and load errors).
+
+    Plugin routes are checked against each other and the daemon's own, as
+    ``serve`` checks them, so a collision shows here as a failed plugin.
+    """
+    kernel = _state(ctx).kernel()
+    pm = kernel.load_plugins()
+    if pm.implements("llmos_register_routes"):
+        from llmos.server.app import kernel_routes
+
+        pm.check_routes(kernel, kernel_routes(kernel))
     rows = pm.plugins(include_defaults=show_all)
     if as_json:
         emit_json([info.to_dict() for info in rows])
@@ -169,7 +179,8 @@ def plugins(ctx: click.Context, as_json: bool, show_all: bool) -> None:
         table.add_column(column)
     for info in rows:
         status = info.status if info.error is None else f"{info.status}: {info.error}"
-        style = "red" if info.status == "failed" else None
+        status += "".join(f"\nwarning: {warning}" for warning in info.warnings)
+        style = "red" if info.status == "failed" else "yellow" if info.warnings else None
         registered = "; ".join(f"{k}: {', '.join(v)}" for k, v in info.registered.items())
         table.add_row(
             info.name,
@@ -181,6 +192,46 @@ def plugins(ctx: click.Context, as_json: bool, show_all: bool) -> None:
             style=style,
         )
     Console().print(table)
+
+
+@cli.group()
+def plugin() -> None:
+    """Write a plugin of your own."""
+
+
+@plugin.command("new")
+@click.argument("name")
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("."),
+    show_default=True,
+    help="Where the distribution's folder llmos-NAME/ is written.",
+)
+@click.option("--force", is_flag=True, help="Overwrite the files of an existing llmos-NAME/.")
+@json_option
+def plugin_new(name: str, directory: Path, force: bool, as_json: bool) -> None:
+    """Write llmos-NAME/: a plugin distribution with one provider, ready to install.
+
+    NAME is the plugin's name (lowercase letters, digits, '.', '_', '-'). The
+    folder holds a pyproject.toml with the llmos entry point, the plugin module
+    (a provider NAME-reverse answering completions, chats and streams), a
+    README and a test that loads it through its entry point:
+    `pip install -e 'llmos-NAME[test]' && pytest llmos-NAME`.
+    """
+    from llmos.templates import new_plugin
+
+    written = new_plugin(name, directory, force=force)
+    if as_json:
+        emit_json({"root": str(written.root), "files": [str(p) for p in written.files]})
+        return
+    click.echo(f"wrote {written.root}/")
+    for path in written.files:
+        click.echo(f"  {path.relative_to(written.root)}")
+    click.echo(
+        f"next: pip install -e '{written.root}[test]' && pytest {written.root} && llmos plugins"
+    )
 
 
 @cli.group()

@@ -8,14 +8,24 @@ recorded with its distribution, version and error, logged, rolled back and
 skipped, and every other plugin keeps working. Strict mode
 (``LLMOS_STRICT_PLUGINS=1``, ``--strict``) turns the first such failure into a
 :class:`~llmos.errors.PluginError`.
+
+What loads but is probably a mistake — a hook implemented twice in one plugin,
+or a ``def llmos_*`` that a second ``def`` of the same name silently replaced —
+is kept as a warning on the plugin (``llmos plugins`` shows it) and logged.
+Routes are checked for collisions by :meth:`PluginManager.check_routes`, which
+``llmos plugins`` runs as the daemon does, so a collision shows before ``serve``.
 """
 
 from __future__ import annotations
 
+import ast
 import difflib
 import importlib
+import inspect
+import re
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import types
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import attrs
@@ -37,6 +47,8 @@ from llmos.types import (
 )
 
 if TYPE_CHECKING:
+    from starlette.routing import BaseRoute
+
     from llmos.config import PluginSettings
     from llmos.runtime.kernel import Kernel
 
@@ -73,6 +85,8 @@ class PluginInfo:
     hooks: list[str] = attrs.field(factory=list)
     #: family -> names this plugin registered (``providers``: ``["transformers"]``)
     registered: dict[str, list[str]] = attrs.field(factory=dict)
+    #: what loaded but looks like a mistake (a hook defined twice), with file and lines
+    warnings: list[str] = attrs.field(factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -137,6 +151,8 @@ class PluginManager:
         self._objects: dict[str, object] = {}
         self._registries: dict[str, dict[str, Registered[Any]]] = {f.key: {} for f in _FAMILIES}
         self._routes: list[Registered[RouteSpec]] = []
+        #: plugins whose ``llmos_register_routes`` has been called
+        self._routes_asked: set[str] = set()
         self.loaded = False
 
     # -- registries -------------------------------------------------------
@@ -167,6 +183,10 @@ class PluginManager:
 
     def failed(self) -> list[PluginInfo]:
         return [i for i in self._infos.values() if i.status == "failed"]
+
+    def implements(self, hook: str) -> bool:
+        """Whether some loaded plugin implements ``hook``."""
+        return bool(self._impls_of(hook))
 
     # -- loading ----------------------------------------------------------
 
@@ -199,6 +219,8 @@ class PluginManager:
             )
             if self._admit(info, allow_list_applies=True):
                 self._load_one(info, ep.load)
+                if info.status == "loaded":
+                    self._warn(info, redefined_hooks(self._objects[info.name]))
         # Every implementation left has a spec (misspelled ones were rejected
         # per plugin above); this is the belt to those braces.
         self.pm.check_pending()
@@ -286,8 +308,12 @@ class PluginManager:
             self._fail(info, f"invalid plugin: {exc}", exc)
             return
         self._objects[info.name] = obj
-        info.hooks = sorted(impl_name for impl_name in self._hookimpl_names(obj))
-        unknown = [h for h in info.hooks if h not in HOOK_NAMES and not self._optional(obj, h)]
+        impls = self._impl_by_name(obj)
+        info.hooks = sorted(set(impls.values()))
+        unknown = sorted(
+            {hook for attr, hook in impls.items() if hook not in HOOK_NAMES}
+            - {hook for attr, hook in impls.items() if self._optional(obj, attr)}
+        )
         if unknown:
             hints = []
             for name in unknown:
@@ -295,10 +321,44 @@ class PluginManager:
                 hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
             self._fail(info, f"unknown hook {', '.join(hints)}", None)
             return
+        self._warn(info, self._aliased_hooks(obj))
         self._register_specs(info, obj)
 
-    def _hookimpl_names(self, obj: object) -> list[str]:
-        return [name for name in dir(obj) if self.pm.parse_hookimpl_opts(obj, name) is not None]
+    def _impl_by_name(self, obj: object) -> dict[str, str]:
+        """Attribute name -> the hook it implements, for each hookimpl of ``obj``."""
+        found = {}
+        for name in dir(obj):
+            opts = self.pm.parse_hookimpl_opts(obj, name)
+            if opts is not None:
+                found[name] = opts.get("specname") or name
+        return found
+
+    def _aliased_hooks(self, obj: object) -> list[str]:
+        """Warnings for hooks ``obj`` implements more than once through
+        ``@hookimpl(specname=...)``: pluggy calls every one of them, which is
+        rarely what was meant (two registrations, a provider registered twice)."""
+        by_hook: dict[str, list[str]] = {}
+        for name, hook in sorted(self._impl_by_name(obj).items()):
+            by_hook.setdefault(hook, []).append(name)
+        warnings = []
+        for hook, names in sorted(by_hook.items()):
+            if len(names) > 1:
+                where = ", ".join(f"{name} ({_where(getattr(obj, name))})" for name in names)
+                warnings.append(
+                    f"hook {hook} is implemented {len(names)} times: by {where}; each of them "
+                    "runs: merge them into one function if that is not what you meant"
+                )
+        return warnings
+
+    def _warn(self, info: PluginInfo, warnings: Iterable[str]) -> None:
+        for warning in warnings:
+            info.warnings.append(warning)
+            log.warning(
+                "plugins.warning",
+                plugin=info.name,
+                distribution=info.distribution,
+                warning=warning,
+            )
 
     def _optional(self, obj: object, name: str) -> bool:
         opts = self.pm.parse_hookimpl_opts(obj, name)
@@ -398,6 +458,7 @@ class PluginManager:
             for name in [n for n, r in registry.items() if r.plugin == plugin]:
                 del registry[name]
         self._routes = [r for r in self._routes if r.plugin != plugin]
+        self._routes_asked.discard(plugin)
         if plugin in self._infos:
             self._infos[plugin].registered.clear()
 
@@ -461,14 +522,51 @@ class PluginManager:
         ]
 
     def routes(self, kernel: Kernel) -> Sequence[Registered[RouteSpec]]:
-        """Collect every plugin's routes (once; later calls return the same)."""
-        if not self._routes:
-            gathered = self._gather_all("llmos_register_routes", RouteSpec, {"kernel": kernel})
-            for plugin, specs in gathered:
-                self._routes.extend(Registered(r, plugin) for r in specs)
-                if specs:
-                    self._infos[plugin].registered["routes"] = [r.prefix or "/" for r in specs]
+        """Collect every plugin's routes; each plugin's hook is called once,
+        later calls return what was collected (and what a plugin registered
+        since)."""
+        for impl in list(self._impls_of("llmos_register_routes")):
+            plugin = self._name_of(impl)
+            if plugin in self._routes_asked:
+                continue
+            self._routes_asked.add(plugin)
+            try:
+                specs = self._gather(
+                    impl, plugin, "llmos_register_routes", RouteSpec, {"kernel": kernel}
+                )
+            except _HookFailed as exc:
+                self._fail(self._infos[plugin], str(exc), exc.__cause__)
+                continue
+            self._routes.extend(Registered(r, plugin) for r in specs)
+            if specs:
+                self._infos[plugin].registered["routes"] = [r.prefix or "/" for r in specs]
         return list(self._routes)
+
+    def check_routes(
+        self, kernel: Kernel, reserved: Iterable[tuple[str, str]] = ()
+    ) -> dict[str, list[RouteSpec]]:
+        """Collect every plugin's routes and fail each plugin that has a bad
+        prefix, or a route (method and path, parameter names aside) that
+        ``reserved`` — the kernel's own routes — or an earlier plugin holds;
+        return the routes of the plugins that pass, by plugin, in load order.
+
+        The daemon mounts what this returns; ``llmos plugins`` calls it with
+        the kernel's routes so that a collision shows without a ``serve``.
+        Calling it again gives the same answer: failed plugins stay failed.
+        """
+        owners: dict[tuple[str, str], str] = dict.fromkeys(reserved, KERNEL_OWNER)
+        by_plugin: dict[str, list[RouteSpec]] = {}
+        for registered in self.routes(kernel):
+            by_plugin.setdefault(registered.plugin, []).append(registered.spec)
+        passed: dict[str, list[RouteSpec]] = {}
+        for plugin, specs in by_plugin.items():
+            problem, mine = _route_problem(plugin, specs, owners)
+            if problem is not None:
+                self.reject(plugin, problem[0], problem[1])
+                continue
+            owners.update(mine)
+            passed[plugin] = specs
+        return passed
 
     def reject(
         self, plugin: str, message: str, error_type: type[PluginError] = PluginError
@@ -490,3 +588,143 @@ class PluginManager:
                 self._call(impl, plugin, "llmos_shutdown", {"kernel": kernel})
             except _HookFailed as exc:
                 log.error("plugins.shutdown_failed", plugin=plugin, error=str(exc))
+
+
+# --------------------------------------------------------------------------
+# Routes: collisions found without building the daemon
+# --------------------------------------------------------------------------
+
+#: how the kernel is named when a plugin's route collides with one of its own
+KERNEL_OWNER = "llmos"
+
+_PATH_PARAM = re.compile(r"\{[^}:]*(:[^}]*)?\}")
+
+
+def flatten_routes(
+    routes: Iterable[BaseRoute], prefix: str = ""
+) -> Iterator[tuple[str, BaseRoute]]:
+    """Every route with the full path prefix it is served under.
+
+    FastAPI copies an included router's routes in some versions and keeps the
+    router as one nested entry (``original_router`` plus an include prefix)
+    in others; this walks either.
+    """
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            context = getattr(route, "include_context", None)
+            yield from flatten_routes(inner.routes, prefix + getattr(context, "prefix", ""))
+        else:
+            yield prefix, route
+
+
+def route_keys(routes: Iterable[BaseRoute], prefix: str = "") -> list[tuple[str, str]]:
+    """``(method, path)`` pairs the routes answer, with parameter names erased
+    (``/m/{a}`` and ``/m/{b}`` are the same route to a client)."""
+    from starlette.routing import WebSocketRoute  # the CLI pays for it only when routes exist
+
+    keys = []
+    for full_prefix, route in flatten_routes(routes, prefix):
+        path = _PATH_PARAM.sub(
+            lambda m: "{" + (m.group(1) or "") + "}", full_prefix + getattr(route, "path", "")
+        )
+        methods: Iterable[str] | None = getattr(route, "methods", None)
+        if methods is None:  # FastAPI's websocket routes derive from Starlette's
+            methods = ("WEBSOCKET",) if isinstance(route, WebSocketRoute) else ("*",)
+        keys.extend((method, path) for method in sorted(methods))
+    return keys
+
+
+def _route_problem(
+    plugin: str, specs: Sequence[RouteSpec], owners: Mapping[tuple[str, str], str]
+) -> tuple[tuple[str, type[PluginError]] | None, dict[tuple[str, str], str]]:
+    """``((message, error type), {})`` for the first thing wrong with one
+    plugin's routes, else ``(None, the routes it takes)``."""
+    mine: dict[tuple[str, str], str] = {}
+    for route_spec in specs:
+        prefix = route_spec.prefix
+        if prefix and (not prefix.startswith("/") or prefix.endswith("/")):
+            message = f"route prefix {prefix!r} must start with '/' and not end with '/'"
+            return (message, PluginError), {}
+        for method, path in route_keys(route_spec.router.routes, prefix):
+            other = owners.get((method, path), mine.get((method, path)))
+            if other is None:
+                mine[(method, path)] = plugin
+                continue
+            if other == KERNEL_OWNER:
+                message = (
+                    f"route {method} {path} is registered by both {KERNEL_OWNER!r} (the kernel) "
+                    f"and {plugin!r}; change the plugin's route or disable it "
+                    "(LLMOS_DISABLE_PLUGINS or [plugins] disable)"
+                )
+            elif other == plugin:
+                continue  # one plugin's two routers may share a path; FastAPI takes the first
+            else:
+                message = (
+                    f"route {method} {path} is registered by both {other!r} and {plugin!r}; "
+                    "disable one of them (LLMOS_DISABLE_PLUGINS or [plugins] disable)"
+                )
+            return (message, DuplicateNameError), {}
+    return None, mine
+
+
+# --------------------------------------------------------------------------
+# Hooks defined twice
+# --------------------------------------------------------------------------
+
+
+def _where(function: object) -> str:
+    """``file:line`` of a function, or its name when the source is unknown."""
+    code = getattr(inspect.unwrap(function), "__code__", None)  # type: ignore[arg-type]
+    if code is None:
+        return getattr(function, "__qualname__", repr(function))
+    return f"{code.co_filename}:{code.co_firstlineno}"
+
+
+def redefined_hooks(obj: object) -> list[str]:
+    """Warnings for ``def llmos_*`` names defined twice at the top of the
+    plugin's module (or of its class body, for a class or an instance).
+
+    Python keeps only the last of two ``def``s of one name, so the first
+    implementation silently never runs, and nothing at runtime can tell; the
+    source can, with one parse of one file. Definitions under ``if``/``try``
+    (version switches) are not counted.
+    """
+    cls = None if isinstance(obj, types.ModuleType) else obj if isinstance(obj, type) else type(obj)
+    try:
+        path = inspect.getsourcefile(obj if cls is None else cls)
+        if path is None or not path.endswith(".py"):
+            return []
+        with open(path, encoding="utf-8") as file:
+            tree = ast.parse(file.read(), filename=path)
+    except (OSError, TypeError, SyntaxError, ValueError):
+        return []
+    body: list[ast.stmt] = tree.body
+    if cls is not None:
+        found = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls.__name__]
+        if not found:
+            return []
+        body = found[0].body
+    lines: dict[str, list[int]] = {}
+    for node in body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name.startswith(
+            "llmos_"
+        ):
+            # where the definition starts, decorators included, as co_firstlineno
+            start = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+            lines.setdefault(node.name, []).append(start)
+    warnings = []
+    for name, numbers in sorted(lines.items()):
+        if len(numbers) > 1:
+            first = ", ".join(map(str, numbers[:-1]))
+            lost = (
+                f"the one at line {first} never runs"
+                if len(numbers) == 2
+                else (f"the ones at lines {first} never run")
+            )
+            warnings.append(
+                f"{name} is defined {len(numbers)} times in {path} (lines {first} and "
+                f"{numbers[-1]}); Python keeps only the last, so {lost}: merge them into one"
+                " function"
+            )
+    return warnings

@@ -22,9 +22,8 @@ import copy
 import http
 import json
 import math
-import re
 import threading
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -34,10 +33,11 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import BaseRoute, WebSocketRoute, compile_path
+from starlette.routing import compile_path
 
 from llmos import __version__
-from llmos.errors import DuplicateNameError, LlmosError, PluginError
+from llmos.errors import LlmosError, PluginError
+from llmos.plugin.manager import flatten_routes, route_keys
 from llmos.runtime.kernel import Kernel, KernelState
 from llmos.server.dashboard import PUBLIC_PATHS, dashboard_router
 from llmos.server.fusions_api import fusions_router
@@ -61,10 +61,7 @@ from llmos.types import NAME_MAX_LENGTH, NAME_PATTERN, RouteSpec
 
 log = structlog.get_logger("llmos.server")
 
-__all__ = ["DaemonState", "allowed_methods", "create_app", "document_errors"]
-
-#: how the kernel is named when a plugin's route collides with one of its own
-KERNEL_OWNER = "llmos"
+__all__ = ["DaemonState", "allowed_methods", "create_app", "document_errors", "kernel_routes"]
 
 
 # --------------------------------------------------------------------------
@@ -204,14 +201,8 @@ def create_app(kernel: Kernel) -> FastAPI:
     )
     app.state.kernel = kernel
     app.state.daemon = daemon
-    app.include_router(_probes())
-    app.include_router(models_router(kernel))
-    app.include_router(openai_router(kernel))
-    app.include_router(tuning_router(kernel))
-    app.include_router(fusions_router(kernel))
-    app.include_router(groups_router(kernel))
-    app.include_router(monitor_router(kernel))
-    app.include_router(dashboard_router())
+    for router in _kernel_routers(kernel):
+        app.include_router(router)
     _mount_plugin_routes(app, kernel)
 
     app.add_exception_handler(LlmosError, _llmos_error)
@@ -246,6 +237,36 @@ def create_app(kernel: Kernel) -> FastAPI:
     return app
 
 
+def _kernel_routers(kernel: Kernel) -> list[APIRouter]:
+    """The routers of the daemon's own routes, in the order they are mounted."""
+    return [
+        _probes(),
+        models_router(kernel),
+        openai_router(kernel),
+        tuning_router(kernel),
+        fusions_router(kernel),
+        groups_router(kernel),
+        monitor_router(kernel),
+        dashboard_router(),
+    ]
+
+
+def kernel_routes(kernel: Kernel) -> list[tuple[str, str]]:
+    """``(method, path)`` of every route the daemon serves itself, schema
+    included, without building the daemon: what ``llmos plugins`` checks
+    plugin routes against (:meth:`PluginManager.check_routes`)."""
+    app = FastAPI(docs_url=None, redoc_url=None)  # as create_app: /openapi.json only
+    # tuning_router makes its kernel adopt the job queue, which only the
+    # daemon's kernel may do; this one is only asked for its routes.
+    adopt = kernel.jobs.adopt
+    try:
+        for router in _kernel_routers(kernel):
+            app.include_router(router)
+    finally:
+        kernel.jobs.adopt = adopt
+    return route_keys(app.routes)
+
+
 def _probes() -> APIRouter:
     router = APIRouter(tags=["probes"])
 
@@ -271,84 +292,17 @@ def _probes() -> APIRouter:
 # Plugin routes
 # --------------------------------------------------------------------------
 
-_PATH_PARAM = re.compile(r"\{[^}:]*(:[^}]*)?\}")
-
-
-def _flatten(routes: Iterable[BaseRoute], prefix: str = "") -> Iterator[tuple[str, BaseRoute]]:
-    """Every route with the full path prefix it is served under.
-
-    FastAPI copies an included router's routes in some versions and keeps the
-    router as one nested entry (``original_router`` plus an include prefix)
-    in others; this walks either.
-    """
-    for route in routes:
-        inner = getattr(route, "original_router", None)
-        if inner is not None:
-            context = getattr(route, "include_context", None)
-            yield from _flatten(inner.routes, prefix + getattr(context, "prefix", ""))
-        else:
-            yield prefix, route
-
-
-def _route_keys(routes: Iterable[BaseRoute], prefix: str = "") -> list[tuple[str, str]]:
-    """``(method, path)`` pairs the routes answer, with parameter names erased
-    (``/m/{a}`` and ``/m/{b}`` are the same route to a client)."""
-    keys = []
-    for full_prefix, route in _flatten(routes, prefix):
-        path = _PATH_PARAM.sub(
-            lambda m: "{" + (m.group(1) or "") + "}", full_prefix + getattr(route, "path", "")
-        )
-        methods: Iterable[str] | None = getattr(route, "methods", None)
-        if methods is None:  # FastAPI's websocket routes derive from Starlette's
-            methods = ("WEBSOCKET",) if isinstance(route, WebSocketRoute) else ("*",)
-        keys.extend((method, path) for method in sorted(methods))
-    return keys
-
 
 def _mount_plugin_routes(app: FastAPI, kernel: Kernel) -> None:
-    owners = dict.fromkeys(_route_keys(app.routes), KERNEL_OWNER)
-    by_plugin: dict[str, list[RouteSpec]] = {}
-    for registered in kernel.plugins.routes(kernel):
-        by_plugin.setdefault(registered.plugin, []).append(registered.spec)
-    for plugin, specs in by_plugin.items():
-        _mount_one(app, kernel, plugin, specs, owners)
+    """Mount the routes of every plugin whose routes collide with nothing
+    (:meth:`PluginManager.check_routes` fails the others)."""
+    passed = kernel.plugins.check_routes(kernel, route_keys(app.routes))
+    for plugin, specs in passed.items():
+        _mount_one(app, kernel, plugin, specs)
 
 
-def _mount_one(
-    app: FastAPI,
-    kernel: Kernel,
-    plugin: str,
-    specs: Sequence[RouteSpec],
-    owners: dict[tuple[str, str], str],
-) -> None:
+def _mount_one(app: FastAPI, kernel: Kernel, plugin: str, specs: Sequence[RouteSpec]) -> None:
     """Mount all of one plugin's routes, or none of them."""
-    mine: dict[tuple[str, str], str] = {}
-    for spec in specs:
-        if spec.prefix and (not spec.prefix.startswith("/") or spec.prefix.endswith("/")):
-            kernel.plugins.reject(
-                plugin,
-                f"route prefix {spec.prefix!r} must start with '/' and not end with '/'",
-                PluginError,
-            )
-            return
-        for method, path in _route_keys(spec.router.routes, spec.prefix):
-            other = owners.get((method, path))
-            if other is None:
-                mine[(method, path)] = plugin
-                continue
-            if other == KERNEL_OWNER:
-                message = (
-                    f"route {method} {path} is registered by both {KERNEL_OWNER!r} (the kernel) "
-                    f"and {plugin!r}; change the plugin's route or disable it "
-                    "(LLMOS_DISABLE_PLUGINS or [plugins] disable)"
-                )
-            else:
-                message = (
-                    f"route {method} {path} is registered by both {other!r} and {plugin!r}; "
-                    "disable one of them (LLMOS_DISABLE_PLUGINS or [plugins] disable)"
-                )
-            kernel.plugins.reject(plugin, message, DuplicateNameError)
-            return
     # Gather the plugin's routers in one router first, so that the app gets
     # all of them in one step or, when one cannot be included, none.
     staging = APIRouter()
@@ -359,8 +313,11 @@ def _mount_one(
         kernel.plugins.reject(plugin, f"its routes could not be mounted: {exc!r}", PluginError)
         return
     app.include_router(staging, tags=[f"plugin: {plugin}"])
-    owners.update(mine)
-    log.debug("server.plugin_routes", plugin=plugin, routes=sorted(f"{m} {p}" for m, p in mine))
+    log.debug(
+        "server.plugin_routes",
+        plugin=plugin,
+        routes=sorted(f"{m} {p}" for m, p in route_keys(staging.routes)),
+    )
 
 
 # --------------------------------------------------------------------------
@@ -716,7 +673,7 @@ def allowed_methods(app: FastAPI, path: str) -> list[str]:
     """Every method some route of ``app`` takes on ``path``, sorted: what a
     405's ``Allow`` must say."""
     methods: set[str] = set()
-    for prefix, route in _flatten(app.router.routes):
+    for prefix, route in flatten_routes(app.router.routes):
         route_methods = getattr(route, "methods", None)
         route_path = getattr(route, "path", None)
         if not route_methods or route_path is None:
