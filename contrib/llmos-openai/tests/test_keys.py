@@ -159,6 +159,9 @@ def test_a_key_file_under_the_secrets_dir(upstream, downstream, register, tmp_pa
         ("vendor/../../outside", UnsafeSourceError, "'..' segment"),
         ("{outside}", UnsafeSourceError, "outside \\[plugins.openai\\] secrets_dir"),
         ("link", UnsafeSourceError, "outside \\[plugins.openai\\] secrets_dir"),
+        # expanduser() of an unknown user raised RuntimeError: a 500
+        ("~nosuchuser-llmos/key", UsageError, "starts with '~'"),
+        ("~/key", UsageError, "starts with '~'"),
     ],
 )
 def test_key_files_outside_the_secrets_dir_are_refused_at_registration(

@@ -475,8 +475,16 @@ def _key_path(value: Any, operator: Mapping[str, Any], where: str) -> Path:
             " [plugins.openai] secrets_dir",
             param="options.api_key_file",
         )
+    if value.startswith("~"):
+        # Not expanded: over HTTP it would be the daemon's home, and ``~user``
+        # of an unknown user raises (a 500) or says whether the account exists.
+        raise UsageError(
+            f"{where}: api_key_file {value[:100]!r} starts with '~'; name a file inside"
+            " [plugins.openai] secrets_dir (relative to it, or an absolute path in it)",
+            param="options.api_key_file",
+        )
     root = Path(str(secrets_dir)).expanduser().resolve()
-    path = (root / Path(value).expanduser()).resolve()  # an absolute value replaces root
+    path = (root / Path(value)).resolve()  # an absolute value replaces root
     if not path.is_relative_to(root):
         raise UnsafeSourceError(
             f"{where}: api_key_file {value!r} is outside [plugins.openai] secrets_dir ({root})",
