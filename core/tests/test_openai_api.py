@@ -473,6 +473,20 @@ def test_duplicate_classify_labels_are_refused(daemon) -> None:
     assert "'positive' is given twice" in message
 
 
+def test_classify_work_is_bounded_by_label_length_times_texts(daemon) -> None:
+    """Every label is scored after every text: a few long labels times the
+    texts took a 2,000-character-capped daemon 61 s (found by the fuzz suite)."""
+    limit = 200_000  # api.max_prompt_chars, default; the daemon has api.max_inputs = 4
+    one_long = {"model": "parrot", "texts": ["good"], "labels": ["x" * (limit + 1), "y"]}
+    assert "(api.max_prompt_chars)" in refused(post(daemon[1], "/api/classify", one_long), "labels")
+    labels = ["a" * 60_000, "b" * 60_000, "c" * 60_000, "d" * 60_000]  # each under the limit
+    many = {"model": "parrot", "texts": ["good"] * 4, "labels": labels}
+    message = refused(post(daemon[1], "/api/classify", many), "labels")
+    assert "scores 960016 characters" in message and "limit is 800000" in message
+    fits = {"model": "parrot", "texts": ["good"] * 3, "labels": labels}
+    assert post(daemon[1], "/api/classify", fits).status_code == 200
+
+
 LONE = "a\ud800b"  # JSON for a lone high surrogate between two letters
 SURROGATE = json.loads(f'"{LONE}"')
 

@@ -481,6 +481,24 @@ class _Caps:
         self.count(len(texts), param)
         self.lengths(texts, param)
 
+    def classify(self, texts: Sequence[str], labels: Sequence[str]) -> None:
+        """Zero-shot classify scores every label after every text, so its work
+        grows with texts x label length: each label is held to
+        ``max_prompt_chars`` like a text, and the characters scored in all (each
+        text once, plus its labels) to ``max_inputs`` x ``max_prompt_chars`` —
+        the most a completions request may send."""
+        self.texts(texts, "texts")
+        self.lengths(labels, "labels")
+        scored = sum(len(t) for t in texts) + len(texts) * sum(len(label) for label in labels)
+        budget = self.max_inputs * self.max_chars
+        if scored > budget:
+            raise UsageError(
+                f"this request scores {scored} characters (each text once, plus every label"
+                f" after each text); the limit is {budget} ({self.inputs_key} x"
+                " api.max_prompt_chars): send fewer texts or shorter labels per request",
+                param="labels",
+            )
+
     def sampling(self, body: _Sampled) -> Sampling:
         if body.n > self.max_n:
             raise UsageError(
@@ -793,7 +811,7 @@ def openai_router(kernel: Kernel) -> APIRouter:
     @router.post("/api/classify", summary="Label scores for a batch of texts", response_model=None)
     async def classify(body: ClassifyBody, http: Request) -> Response:
         started = time.perf_counter()
-        caps.texts(body.texts, "texts")
+        caps.classify(body.texts, body.labels)
 
         def payload(results: list[ClassifyResult]) -> dict[str, Any]:
             return {
