@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -277,3 +278,27 @@ def test_a_kernel_hands_every_call_on_in_request_buckets(tmp_path: Path) -> None
     kernel.stop()
     sums = [RequestStats.from_dict(e.fields["stats"]) for e in recorder.of("request.bucket")]
     assert sum(s.requests for s in sums) == 15 and sum(s.calls for s in sums) == 5
+
+
+def test_calls_still_on_the_bus_at_stop_reach_the_last_buckets(tmp_path: Path) -> None:
+    """The bus hands events out on its own thread: calls emitted just before a
+    stop used to be folded after the last buckets were handed on, and lost
+    (seen under load, when the dispatcher lags)."""
+    recorder = EventRecorder()
+    kernel = Kernel(load_config(env={"LLMOS_HOME": str(tmp_path), "LLMOS_LOAD_PLUGINS": ""}))
+    kernel.load_plugins()
+    kernel.plugins.register(recorder, "recorder")
+    kernel.start()
+    held = threading.Event()
+    kernel.bus.observers.insert(0, lambda event: held.wait(30))  # a dispatcher that lags
+    for n in range(5):
+        kernel.emit(request("m@1", datetime.now(UTC).timestamp(), requests=n + 1))
+    stopper = threading.Thread(target=kernel.stop)
+    stopper.start()
+    stopper.join(0.3)  # the stop is under way while the calls wait on the bus
+    held.set()
+    stopper.join(30)
+    assert not stopper.is_alive()
+    sums = [RequestStats.from_dict(e.fields["stats"]) for e in recorder.of("request.bucket")]
+    assert sum(s.requests for s in sums) == 15 and sum(s.calls for s in sums) == 5
+

@@ -51,6 +51,20 @@ class EventBus:
         except queue.Full:
             self.dropped += 1
 
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait (up to ``timeout``) until every event emitted before this call
+        has been handed out; ``False`` when it has not been by then."""
+        with self._lock:
+            running = self._thread is not None
+        if not running:
+            return self._queue.empty()
+        reached = threading.Event()
+        try:
+            self._queue.put(reached, timeout=timeout)
+        except queue.Full:
+            return False
+        return reached.wait(timeout)
+
     def stop(self, timeout: float = 5.0) -> None:
         """Deliver what is queued (up to ``timeout``), then close every sink."""
         with self._lock:
@@ -70,6 +84,9 @@ class EventBus:
             event = self._queue.get()
             if event is _STOP:
                 return
+            if isinstance(event, threading.Event):  # a flush's marker
+                event.set()
+                continue
             assert isinstance(event, MonitorEvent)
             self._dispatch(event)
 

@@ -110,6 +110,9 @@ class Monitor:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
+        # Calls emitted just before the stop may still wait on the bus: fold
+        # them into the windows first, or their buckets are never handed on.
+        self.kernel.bus.flush()
         self.close_buckets(math.inf)
         deadline = time.monotonic() + timeout
         for thread in list(self._checks.values()):
