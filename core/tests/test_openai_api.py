@@ -323,8 +323,6 @@ CHAT = {"model": "parrot", "messages": [{"role": "user", "content": "hi"}]}
     ("path", "extra"),
     [
         ("/v1/chat/completions", {"logit_bias": {"50256": -100}}),
-        ("/v1/chat/completions", {"logprobs": True}),
-        ("/v1/chat/completions", {"top_logprobs": 3}),
         ("/v1/chat/completions", {"response_format": {"type": "json_object"}}),
         ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}),
         ("/v1/chat/completions", {"tool_choice": "required"}),
@@ -333,10 +331,8 @@ CHAT = {"model": "parrot", "messages": [{"role": "user", "content": "hi"}]}
         ("/v1/chat/completions", {"parallel_tool_calls": False}),
         ("/v1/chat/completions", {"reasoning_effort": "low"}),
         ("/v1/chat/completions", {"modalities": ["text", "audio"]}),
-        ("/v1/completions", {"echo": True}),
         ("/v1/completions", {"best_of": 3}),
         ("/v1/completions", {"suffix": "end"}),
-        ("/v1/completions", {"logprobs": 0}),
     ],
 )
 def test_a_field_llmos_does_not_implement_is_refused_naming_it(daemon, path, extra) -> None:
@@ -344,6 +340,27 @@ def test_a_field_llmos_does_not_implement_is_refused_naming_it(daemon, path, ext
     (field,) = extra
     message = refused(post(daemon[1], path, {**body, **extra}), field)
     assert message.startswith(f"{field} is not supported by llmos (yet)")
+
+
+@pytest.mark.parametrize(
+    ("path", "extra", "param"),
+    [
+        ("/v1/chat/completions", {"logprobs": True}, "logprobs"),
+        ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 3}, "logprobs"),
+        ("/v1/completions", {"echo": True}, "echo"),
+        ("/v1/completions", {"logprobs": 0}, "logprobs"),
+        ("/v1/completions", {"prompt": [1, 2, 3]}, "prompt"),
+        ("/v1/completions", {"prompt": [[1, 2], [3]]}, "prompt"),
+    ],
+)
+def test_logprobs_echo_and_token_ids_are_refused_by_a_model_that_cannot(
+    daemon, path, extra, param
+) -> None:
+    """The parrot's provider does not declare ``supports_logprobs``: the
+    kernel refuses, naming the field, rather than let it answer without."""
+    body = {**CHAT} if "chat" in path else {"model": "parrot", "prompt": "a b"}
+    message = refused(post(daemon[1], path, {**body, **extra}), param)
+    assert "does not support" in message and "supports_logprobs" in message
 
 
 def test_the_openai_client_refused_and_its_defaults_accepted(client: openai.OpenAI) -> None:

@@ -60,6 +60,7 @@ __all__ = [
     "FusionStrategySpec",
     "LoadRequest",
     "LoadedModel",
+    "Logprobs",
     "MergeRequest",
     "ModelBase",
     "ModelCard",
@@ -77,6 +78,8 @@ __all__ = [
     "Usage",
     "cancel_event",
     "cancel_scope",
+    "check_logprobs",
+    "logprob_fields",
 ]
 
 
@@ -290,9 +293,36 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
+#: OpenAI's limits on the alternatives reported per token: completions' ``logprobs``
+#: and chat's ``top_logprobs``
+MAX_COMPLETION_LOGPROBS = 5
+MAX_CHAT_TOP_LOGPROBS = 20
+
+
+def _check_top(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is None:
+        return
+    top = MAX_CHAT_TOP_LOGPROBS if attribute.name == "top_logprobs" else MAX_COMPLETION_LOGPROBS
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= top:
+        raise UsageError(
+            f"{attribute.name} must be an integer from 0 to {top}, got {value!r}",
+            param=attribute.name,
+        )
+
+
+def _token_ids(value: Sequence[int] | None) -> tuple[int, ...] | None:
+    return None if value is None else tuple(value)
+
+
 @attrs.frozen(kw_only=True)
 class CompletionRequest:
-    """Continue ``prompt``."""
+    """Continue ``prompt`` (or the token ids ``prompt_ids``).
+
+    ``prompt_ids``, ``echo`` and ``logprobs`` are served only by a model
+    that declares :attr:`ModelBase.supports_logprobs`; the kernel refuses
+    them (a 400 naming the field) for any other, so that no model answers
+    as if they had not been asked.
+    """
 
     prompt: str
     sampling: Sampling = attrs.field(factory=Sampling)
@@ -300,6 +330,46 @@ class CompletionRequest:
     #: of ``prompt`` (zero-shot classification and ranking need it)
     score_continuations: tuple[str, ...] = attrs.field(default=(), converter=_tuple_of_str)
     budget: Budget | None = None
+    #: the prompt as token ids of the model's tokenizer, fed as they are (no
+    #: special token added); ``prompt`` is then ignored
+    prompt_ids: tuple[int, ...] | None = attrs.field(default=None, converter=_token_ids)
+    #: the result's text starts with the prompt, and its ``logprobs`` cover
+    #: the prompt's tokens too (the first one has none)
+    echo: bool = False
+    #: report each token's log-probability and this many most likely
+    #: alternatives per token (0 to 5); ``None``: no logprobs
+    logprobs: int | None = attrs.field(default=None, validator=_check_top)
+
+
+def _tops(
+    value: Sequence[Sequence[tuple[str, float]]],
+) -> tuple[tuple[tuple[str, float], ...], ...]:
+    return tuple(tuple((str(t), float(lp)) for t, lp in row) for row in value)
+
+
+@attrs.frozen(kw_only=True)
+class Logprobs:
+    """Per-token log-probabilities of an answer's text, in four parallel
+    tuples (OpenAI's completions ``logprobs`` object; chat's ``content`` list
+    is made from the same): each token's text, its natural-log probability
+    under the model (``None`` for a prompt's first token, which nothing
+    predicts), the most likely tokens at its position, most likely first,
+    and where its text starts in the result's text."""
+
+    tokens: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    token_logprobs: tuple[float | None, ...] = attrs.field(default=(), converter=tuple)
+    top_logprobs: tuple[tuple[tuple[str, float], ...], ...] = attrs.field(
+        default=(), converter=_tops
+    )
+    text_offset: tuple[int, ...] = attrs.field(default=(), converter=tuple)
+
+    def __attrs_post_init__(self) -> None:
+        n = len(self.tokens)
+        if not len(self.token_logprobs) == len(self.top_logprobs) == len(self.text_offset) == n:
+            raise ValueError(
+                "Logprobs: tokens, token_logprobs, top_logprobs and text_offset must have"
+                " one item per token each"
+            )
 
 
 @attrs.frozen(kw_only=True)
@@ -309,6 +379,9 @@ class CompletionResult:
     usage: Usage = attrs.field(factory=Usage)
     #: log-probabilities of ``CompletionRequest.score_continuations``, same order
     continuation_logprobs: tuple[float, ...] = ()
+    #: per-token log-probabilities, when the request asked for ``logprobs``
+    #: (of the prompt's tokens too with ``echo``)
+    logprobs: Logprobs | None = None
     #: what the model adds about this answer (a fusion: the members asked,
     #: their latencies and agreement, whether a budget cut it short)
     meta: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_mapping)
@@ -331,6 +404,11 @@ class ChatRequest:
     messages: tuple[ChatMessage, ...] = attrs.field(converter=_messages)
     sampling: Sampling = attrs.field(factory=Sampling)
     budget: Budget | None = None
+    #: report the answer's tokens with their log-probabilities (only a model
+    #: that declares :attr:`ModelBase.supports_logprobs`; refused otherwise)
+    logprobs: bool = False
+    #: and this many most likely alternatives per token (0 to 20)
+    top_logprobs: int = attrs.field(default=0, validator=_check_top)
 
 
 @attrs.frozen(kw_only=True)
@@ -338,6 +416,8 @@ class ChatResult:
     message: ChatMessage
     finish_reason: str = "stop"
     usage: Usage = attrs.field(factory=Usage)
+    #: the answer's tokens and their log-probabilities, when asked for
+    logprobs: Logprobs | None = None
     #: what the model adds about this answer (a fusion: the members asked,
     #: their latencies and agreement, whether a budget cut it short)
     meta: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_mapping)
@@ -447,6 +527,10 @@ class ModelBase:
 
     capabilities: frozenset[Capability] = frozenset()
     max_batch_size: int | None = 8
+    #: ``True``: ``complete`` honours ``prompt_ids``, ``echo`` and ``logprobs``
+    #: and ``chat`` honours ``logprobs``/``top_logprobs``. The kernel refuses
+    #: those fields for a model that does not say so (:func:`check_logprobs`).
+    supports_logprobs: bool = False
 
     def __init__(self, card: ModelCard) -> None:
         self.card = card
@@ -474,6 +558,41 @@ class ModelBase:
 
     def close(self) -> None:
         """Release what the model holds (weights, threads, connections)."""
+
+
+def logprob_fields(request: Any) -> list[str]:
+    """The fields of ``request`` that only a model declaring
+    ``supports_logprobs`` serves (``prompt_ids``, ``echo``, ``logprobs``,
+    ``top_logprobs``), as the request sets them."""
+    if isinstance(request, CompletionRequest):
+        asked = [
+            ("prompt", request.prompt_ids is not None),
+            ("echo", request.echo),
+            ("logprobs", request.logprobs is not None),
+        ]
+    elif isinstance(request, ChatRequest):
+        asked = [("logprobs", request.logprobs), ("top_logprobs", request.top_logprobs > 0)]
+    else:
+        return []
+    return [name for name, on in asked if on]
+
+
+def check_logprobs(model: Any, name: str, requests: Sequence[Any]) -> None:
+    """Refuse requests asking for token ids or log-probabilities of a model
+    (named ``name``) that does not declare ``supports_logprobs``: a
+    :class:`~llmos.errors.UsageError` naming the field, never an answer that
+    ignored it."""
+    if getattr(model, "supports_logprobs", False):
+        return
+    for request in requests:
+        for field in logprob_fields(request):
+            what = "token-id prompts" if field == "prompt" else field
+            raise UsageError(
+                f"model {name!r} does not support {what} (its provider does not declare"
+                " supports_logprobs): leave it out, or use a model served by"
+                " llmos-transformers or llmos-vllm",
+                param=field,
+            )
 
 
 # --------------------------------------------------------------------------

@@ -49,6 +49,7 @@ from llmos.types import (
     StreamChunk,
     Usage,
     cancel_scope,
+    check_logprobs,
 )
 
 log = structlog.get_logger("llmos.runtime")
@@ -201,6 +202,7 @@ class ModelWorker:
     ) -> concurrent.futures.Future[list[Any]]:
         """Queue ``requests`` (one caller's batch); the future gets their results."""
         self.check(capability)
+        check_logprobs(self.model, self.name, requests)
         job = _Job(capability, list(requests), _CallFuture(), time.perf_counter())
         self._enqueue(job, len(job.requests))
         return job.future
@@ -208,6 +210,7 @@ class ModelWorker:
     def submit_stream(self, request: Any) -> StreamHandle:
         """Queue one streamed request; read its chunks from the handle."""
         self.check(Capability.STREAM)
+        check_logprobs(self.model, self.name, [request])
         handle = StreamHandle()
         job = _Job(Capability.STREAM, [request], _CallFuture(), time.perf_counter(), handle)
         self._enqueue(job, 1)

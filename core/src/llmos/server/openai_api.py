@@ -40,6 +40,8 @@ from llmos.runtime.kernel import Kernel
 from llmos.runtime.limits import queued_cap
 from llmos.runtime.worker import StreamHandle
 from llmos.types import (
+    MAX_CHAT_TOP_LOGPROBS,
+    MAX_COMPLETION_LOGPROBS,
     Budget,
     Capability,
     ChatMessage,
@@ -51,6 +53,7 @@ from llmos.types import (
     CompletionResult,
     EmbedRequest,
     EmbedResult,
+    Logprobs,
     Sampling,
     StreamChunk,
     Usage,
@@ -118,6 +121,34 @@ def _string_or_strings(value: Any) -> Any:
 
 #: a string or a list of them (prompt, input, stop), checked as one type
 _Strings = Annotated[str | list[str], BeforeValidator(_string_or_strings)]
+
+
+def _token_ids(value: list[Any]) -> bool:
+    """Whether ``value`` is a list of token ids (JSON integers, not booleans)."""
+    return bool(value) and all(type(item) is int for item in value)
+
+
+def _prompt_forms(value: Any) -> Any:
+    """A completion's prompt as OpenAI takes it: a string, a list of strings,
+    a list of token ids, or a list of lists of token ids; checked as one
+    type, so that a mistake is one error at ``prompt``."""
+    if isinstance(value, list) and value and not isinstance(value[0], str):
+        if _token_ids(value):
+            return value
+        for i, item in enumerate(value):
+            if not (isinstance(item, list) and _token_ids(item)):
+                raise PydanticCustomError(
+                    "prompt_type",
+                    "item {i} is not a non-empty list of token ids: a prompt is a string, a "
+                    "list of strings, a list of token ids or a list of lists of them",
+                    {"i": i},
+                )
+        return value
+    return _string_or_strings(value)
+
+
+#: what a completion's prompt may be (text or token ids, one or several)
+_Prompts = Annotated[str | list[str] | list[int] | list[list[int]], BeforeValidator(_prompt_forms)]
 
 
 def _off(*values: Any) -> Any:
@@ -357,9 +388,18 @@ class ChatMessageIn(_Strict):
 
 class ChatCompletionBody(_Sampled):
     messages: list[ChatMessageIn] = Field(min_length=1)
+    logprobs: bool | None = Field(
+        default=None,
+        description="The answer's tokens with their log-probabilities (served by models whose"
+        " provider supports it; others answer 400).",
+    )
+    top_logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_CHAT_TOP_LOGPROBS,
+        description="With logprobs: this many most likely tokens at each position.",
+    )
     # answer-changing OpenAI fields llmos does not implement
-    logprobs: Any = _off(None, False)
-    top_logprobs: Any = _off(None, 0)
     response_format: Any = _off(None, {"type": "text"})
     tools: Any = _off(None, [])
     tool_choice: Any = _off(None, "none")
@@ -387,6 +427,18 @@ class ChatCompletionBody(_Sampled):
     )
 
     @model_validator(mode="after")
+    def _chat_logprobs(self) -> Self:
+        if self.top_logprobs and not self.logprobs:
+            raise UsageError(
+                "top_logprobs needs logprobs: true (it says how many alternatives each of"
+                " the logprobs lists)",
+                param="top_logprobs",
+            )
+        if self.stream and self.logprobs:
+            raise UsageError("logprobs is not supported with stream: true", param="logprobs")
+        return self
+
+    @model_validator(mode="after")
     def _chat_texts(self) -> Self:
         for i, message in enumerate(self.messages):
             if isinstance(message.content, str):
@@ -399,17 +451,38 @@ class ChatCompletionBody(_Sampled):
 
 
 class CompletionBody(_Sampled):
-    prompt: _Strings
+    prompt: _Prompts
+    logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_COMPLETION_LOGPROBS,
+        description="Each token's log-probability and this many most likely tokens at its"
+        " position (served by models whose provider supports it; others answer 400).",
+    )
+    echo: bool | None = Field(
+        default=None, description="The answer's text (and logprobs) start with the prompt's."
+    )
     # answer-changing OpenAI fields llmos does not implement
-    logprobs: Any = _off(None)
-    echo: Any = _off(None, False)
     suffix: Any = _off(None, "")
     best_of: Any = _off(None, 1)
 
     @model_validator(mode="after")
     def _prompts(self) -> Self:
-        _texts(self.prompt, "prompt")
+        if isinstance(self.prompt, str) or all(isinstance(p, str) for p in self.prompt):
+            _texts(cast(str | list[str], self.prompt), "prompt")
+        if self.stream and (self.echo or self.logprobs is not None):
+            param = "echo" if self.echo else "logprobs"
+            raise UsageError(f"{param} is not supported with stream: true", param=param)
         return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, each a string or a list of token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if prompt and isinstance(prompt[0], int):
+            return [cast(list[int], prompt)]
+        return cast(list[str | list[int]], list(prompt))
 
     @field_validator("best_of", mode="before")
     @classmethod
@@ -468,16 +541,16 @@ class _Caps:
                 param=param,
             )
 
-    def lengths(self, texts: Sequence[str], param: str) -> None:
+    def lengths(self, texts: Sequence[str | Sequence[int]], param: str) -> None:
         for text in texts:
             if len(text) > self.max_chars:
                 raise UsageError(
-                    f"an input of {len(text)} characters is longer than the limit of "
-                    f"{self.max_chars} (api.max_prompt_chars)",
+                    f"an input of {len(text)} characters (or token ids) is longer than the limit"
+                    f" of {self.max_chars} (api.max_prompt_chars)",
                     param=param,
                 )
 
-    def texts(self, texts: Sequence[str], param: str) -> None:
+    def texts(self, texts: Sequence[str | Sequence[int]], param: str) -> None:
         self.count(len(texts), param)
         self.lengths(texts, param)
 
@@ -519,6 +592,40 @@ class _Caps:
             stop=tuple(stop),
             seed=body.seed,
         )
+
+
+def _completion_logprobs(logprobs: Logprobs | None) -> dict[str, Any] | None:
+    """OpenAI's completions ``logprobs`` object: four parallel lists; a
+    token with no log-probability (an echoed prompt's first) has no
+    alternatives either (``null``)."""
+    if logprobs is None:
+        return None
+    return {
+        "tokens": list(logprobs.tokens),
+        "token_logprobs": list(logprobs.token_logprobs),
+        "top_logprobs": [
+            None if lp is None else dict(top)
+            for lp, top in zip(logprobs.token_logprobs, logprobs.top_logprobs, strict=True)
+        ],
+        "text_offset": list(logprobs.text_offset),
+    }
+
+
+def _token(token: str, logprob: float | None) -> dict[str, Any]:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+
+def _chat_logprobs(logprobs: Logprobs | None) -> dict[str, Any] | None:
+    """OpenAI's chat ``logprobs`` object: one entry per token of the answer."""
+    if logprobs is None:
+        return None
+    content = [
+        {**_token(token, lp), "top_logprobs": [_token(t, v) for t, v in top]}
+        for token, lp, top in zip(
+            logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs, strict=True
+        )
+    ]
+    return {"content": content, "refusal": None}
 
 
 def _usage(usages: Sequence[Usage]) -> dict[str, int]:
@@ -688,7 +795,13 @@ def openai_router(kernel: Kernel) -> APIRouter:
         messages = tuple(ChatMessage(m.role, m.text()) for m in body.messages)
         # a conversation's messages are one input: their number is not capped
         caps.lengths([m.content for m in messages], "messages")
-        request = ChatRequest(messages=messages, sampling=caps.sampling(body), budget=body.budget())
+        request = ChatRequest(
+            messages=messages,
+            sampling=caps.sampling(body),
+            budget=body.budget(),
+            logprobs=bool(body.logprobs),
+            top_logprobs=body.top_logprobs or 0,
+        )
         envelope = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
@@ -709,6 +822,7 @@ def openai_router(kernel: Kernel) -> APIRouter:
                     "index": i,
                     "message": {"role": "assistant", "content": r.message.content},
                     "finish_reason": r.finish_reason,
+                    **({"logprobs": _chat_logprobs(r.logprobs)} if body.logprobs else {}),
                     **_meta(r),
                 }
                 for i, r in enumerate(results)
@@ -724,13 +838,22 @@ def openai_router(kernel: Kernel) -> APIRouter:
     )
     async def completions(body: CompletionBody, http: Request) -> Response:
         started = time.perf_counter()
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        prompts = body.prompts()
         if not prompts:
             raise UsageError("prompt is empty", param="prompt")
         caps.texts(prompts, "prompt")
         sampling = caps.sampling(body)
         requests = [
-            CompletionRequest(prompt=p, sampling=sampling, budget=body.budget())
+            CompletionRequest(
+                prompt=p if isinstance(p, str) else "",
+                # token ids are fed as they are: only a model that supports them
+                # takes them (the kernel refuses the rest, naming prompt)
+                prompt_ids=None if isinstance(p, str) else p,
+                sampling=sampling,
+                budget=body.budget(),
+                echo=bool(body.echo),
+                logprobs=body.logprobs,
+            )
             for p in prompts
             for _ in range(body.n)
         ]
@@ -754,7 +877,7 @@ def openai_router(kernel: Kernel) -> APIRouter:
                     "index": i,
                     "text": r.text,
                     "finish_reason": r.finish_reason,
-                    "logprobs": None,
+                    "logprobs": _completion_logprobs(r.logprobs),
                     **_meta(r),
                 }
                 for i, r in enumerate(results)

@@ -53,12 +53,14 @@ from llmos.types import (
     ClassifyResult,
     CompletionRequest,
     CompletionResult,
+    Logprobs,
     ModelBase,
     ModelCard,
     Sampling,
     StreamChunk,
     Usage,
     cancel_event,
+    logprob_fields,
 )
 from llmos_transformers import tokens
 from llmos_transformers.options import Settings
@@ -114,6 +116,8 @@ class _Generated:
     text: str
     finish_reason: str
     usage: Usage
+    #: the generated token ids (up to the end-of-sequence token, or the limit)
+    ids: tuple[int, ...] = attrs.field(default=(), converter=tuple)
 
 
 class _RowStop(StoppingCriteria):
@@ -174,6 +178,9 @@ class _QueueStreamer:
 
 class CausalLM(ModelBase):
     """A Hugging Face causal LM (or a GGUF file converted to one)."""
+
+    #: token-id prompts, echo and per-token logprobs (:meth:`_token_logprobs`)
+    supports_logprobs = True
 
     def __init__(
         self,
@@ -335,7 +342,7 @@ class CausalLM(ModelBase):
     def _request_prompt(self, request: CompletionRequest | ChatRequest) -> _Prompt:
         if isinstance(request, ChatRequest):
             return self._prompt(self._chat_ids(request.messages), request.sampling)
-        return self._prompt(self._encode(request.prompt), request.sampling)
+        return self._prompt(tokens.prompt_ids(self.tokenizer, request), request.sampling)
 
     # --------------------------------------------------------- generation
 
@@ -437,7 +444,7 @@ class CausalLM(ModelBase):
         """The text of a row's tokens, cut at its first stop string, and why it ended."""
         text, reason = tokens.answer(self.tokenizer, ids, prompt.sampling.stop, self.eos)
         usage = Usage(prompt_tokens=len(prompt.ids), completion_tokens=len(ids))
-        return _Generated(text=text, finish_reason=reason, usage=usage)
+        return _Generated(text=text, finish_reason=reason, usage=usage, ids=ids)
 
     def _generation_cost(self, rows: int, width: int, new: int) -> int:
         return rows * self._kv(width + new) + self._prefill_cost(rows, width)
@@ -636,6 +643,82 @@ class CausalLM(ModelBase):
     def _continuation_ids(self, text: str) -> list[int]:
         return tokens.continuation_ids(self.tokenizer, text)
 
+    def _token_logprobs(
+        self, ids: list[int], first: int, top: int
+    ) -> tuple[list[float | None], list[list[tuple[int, float]]]]:
+        """The log-probability of each of ``ids[first:]`` given the tokens
+        before it (``None`` for token 0, which nothing predicts), and the
+        ``top`` most likely tokens at its position: the model's own
+        distribution (raw logits, whatever the request's temperature). The
+        sequence runs in steps into a cache, like a prefill, taking logits
+        and their log-softmax only at the positions reported."""
+        n = len(ids)
+        chosen: list[float | None] = [None] * (n - first)
+        tops: list[list[tuple[int, float]]] = [[] for _ in range(n - first)]
+        if self.context is not None and n > self.context:
+            raise UsageError(
+                f"the prompt and the answer are {n} tokens; model {self.card.ref!r} takes at"
+                f" most {self.context} tokens in all",
+                param="prompt",
+            )
+        per_token = self._attention(1, 1, n) + self._logits(1)
+        step = max(_STEP_MIN, min(_STEP_MAX, self.budget // 4 // max(per_token, 1)))
+        if self.cache_kw is None:  # a model that takes no cache runs it whole
+            step = n
+        cost = self._kv(n) + self._attention(1, min(step, n), n) + self._logits(min(step, n))
+        if cost > self.budget:
+            raise self._too_big(f"log-probabilities of {n} tokens", cost)
+        cancel = _Cancels(cancel_event())
+        tensor = torch.tensor([ids], dtype=torch.long, device=self.device)
+        cache: Any = None
+        with self._lock, torch.inference_mode():
+            # position k's logits predict token k + 1: run up to the last but one
+            for at in range(0, n - 1, step):
+                end = min(at + step, n - 1)
+                wanted = max(first - 1, at)  # the first position whose logits are needed
+                kwargs: dict[str, Any] = {"input_ids": tensor[:, at:end]}
+                if self.cache_kw is not None:
+                    kwargs["use_cache"] = True
+                    if cache is not None:
+                        kwargs[str(self.cache_kw)] = cache
+                if self.keeps_logits:
+                    kwargs["logits_to_keep"] = max(end - wanted, 1)
+                output = self.model(**kwargs)
+                cache = _cache_of(output) if self.cache_kw is not None else None
+                if wanted < end:
+                    logits = output.logits[0, -(end - wanted) :].float()
+                    del output
+                    logprobs = torch.log_softmax(logits, dim=-1)
+                    del logits
+                    targets = tensor[0, wanted + 1 : end + 1]
+                    picked = logprobs.gather(-1, targets[:, None]).squeeze(-1).tolist()
+                    if top:
+                        values, indices = logprobs.topk(min(top, logprobs.shape[-1]), dim=-1)
+                        best = [
+                            list(zip(i, v, strict=True))
+                            for i, v in zip(indices.tolist(), values.tolist(), strict=True)
+                        ]
+                    for j, value in enumerate(picked):
+                        chosen[wanted + 1 + j - first] = value
+                        if top:
+                            tops[wanted + 1 + j - first] = best[j]
+                    del logprobs
+                else:
+                    del output
+                self._stop_if_cancelled(cancel)
+            del cache
+        return chosen, tops
+
+    def _logprobs(
+        self, prompt: list[int], answer: _Generated, echo: bool, top: int, text: str
+    ) -> Logprobs:
+        """The :class:`Logprobs` of an answer's tokens (the prompt's too
+        with ``echo``); ``text`` is the result's text the offsets point into."""
+        ids = prompt + tokens.kept(self.tokenizer, answer.ids, answer.text)
+        first = 0 if echo else len(prompt)
+        chosen, tops = self._token_logprobs(ids, first, top)
+        return tokens.logprobs(self.tokenizer, ids, first, chosen, tops, text)
+
     # ------------------------------------------------------- capabilities
 
     def complete(self, requests: Sequence[CompletionRequest]) -> list[CompletionResult]:
@@ -645,7 +728,7 @@ class CausalLM(ModelBase):
         pairs: list[tuple[list[int], list[int]]] = []
         owners: list[int] = []
         names: list[str] = []
-        encoded = [self._encode(request.prompt) for request in requests]
+        encoded = [tokens.prompt_ids(self.tokenizer, request) for request in requests]
         for i, (request, ids) in enumerate(zip(requests, encoded, strict=True)):
             if tokens.generates(request):
                 prompts[i] = self._prompt(ids, request.sampling)
@@ -658,19 +741,45 @@ class CausalLM(ModelBase):
         logprobs: dict[int, list[float]] = {}
         for owner, score in zip(owners, self._score(pairs, names), strict=True):
             logprobs.setdefault(owner, []).append(score)
-        return [
+        results = [
             tokens.completion_result(generated.get(i), len(ids), logprobs.get(i, ()))
             for i, ids in enumerate(encoded)
         ]
+        for i, request in enumerate(requests):
+            answer = generated.get(i)
+            if answer is None or not (request.echo or request.logprobs is not None):
+                continue
+            prompt_text = ""
+            if request.echo:
+                prompt_text = (
+                    request.prompt if request.prompt_ids is None else self._decode(encoded[i])
+                )
+            text = prompt_text + results[i].text
+            reported = None
+            if request.logprobs is not None:
+                reported = self._logprobs(encoded[i], answer, request.echo, request.logprobs, text)
+            results[i] = attrs.evolve(results[i], text=text, logprobs=reported)
+        return results
 
     def chat(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
         prompts = [self._prompt(self._chat_ids(r.messages), r.sampling) for r in requests]
-        return [tokens.chat_result(g) for g in self._run(prompts)]
+        results = []
+        for request, prompt, answer in zip(requests, prompts, self._run(prompts), strict=True):
+            reported = None
+            if request.logprobs:
+                reported = self._logprobs(
+                    prompt.ids, answer, False, request.top_logprobs, answer.text
+                )
+            results.append(tokens.chat_result(answer, reported))
+        return results
 
     def stream(self, requests: Sequence[CompletionRequest | ChatRequest]) -> Iterator[StreamChunk]:
         """Chunks of each request in turn, one per token that adds text; the
         last chunk of a request has its ``finish_reason`` and ``usage``."""
         for index, request in enumerate(requests):
+            for field in logprob_fields(request):
+                if field != "prompt":  # token ids stream; logprobs are not streamed
+                    raise UsageError(f"{field} is not supported with streaming", param=field)
             yield from self._stream_one(index, self._request_prompt(request))
 
     def _stream_one(self, index: int, prompt: _Prompt) -> Iterator[StreamChunk]:

@@ -20,6 +20,7 @@ from llmos.types import (
     ClassifyResult,
     CompletionRequest,
     CompletionResult,
+    Logprobs,
     Sampling,
     Usage,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "answer",
     "chat_ids",
     "chat_result",
+    "check_ids",
     "check_scored",
     "completion_result",
     "continuation_ids",
@@ -36,6 +38,10 @@ __all__ = [
     "encode",
     "generates",
     "held_back",
+    "kept",
+    "logprobs",
+    "piece",
+    "prompt_ids",
     "room",
     "samples",
     "stop_at",
@@ -53,6 +59,28 @@ def encode(tokenizer: Any, text: str) -> list[int]:
             raise UsageError("the prompt is empty", param="prompt")
         ids = [tokenizer.bos_token_id]
     return ids
+
+
+def check_ids(ids: Sequence[int], vocab: int) -> list[int]:
+    """A token-id prompt, checked: not empty, every id in the tokenizer's
+    ``vocab`` (an id past it would fail deep in the model)."""
+    if not ids:
+        raise UsageError("the prompt has no token ids", param="prompt")
+    for i, token in enumerate(ids):
+        if not 0 <= token < vocab:
+            raise UsageError(
+                f"token id {token} (item {i} of the prompt) is not in the model's"
+                f" vocabulary of {vocab} tokens",
+                param="prompt",
+            )
+    return list(ids)
+
+
+def prompt_ids(tokenizer: Any, request: CompletionRequest) -> list[int]:
+    """A completion's prompt ids: its token ids as they are, else its text encoded."""
+    if request.prompt_ids is not None:
+        return check_ids(request.prompt_ids, len(tokenizer))
+    return encode(tokenizer, request.prompt)
 
 
 def continuation_ids(tokenizer: Any, text: str) -> list[int]:
@@ -212,12 +240,79 @@ def completion_result(
     )
 
 
-def chat_result(answer: Any) -> ChatResult:
+def chat_result(answer: Any, logprobs: Logprobs | None = None) -> ChatResult:
     """A chat's result from its generated ``answer``."""
     return ChatResult(
         message=ChatMessage("assistant", answer.text),
         finish_reason=answer.finish_reason,
         usage=answer.usage,
+        logprobs=logprobs,
+    )
+
+
+#: tokens of context a token's text is decoded in (see :func:`piece`)
+_WINDOW = 4
+
+
+def piece(tokenizer: Any, before: Sequence[int], token: int) -> str:
+    """The text ``token`` adds after the tokens ``before``: decoded in a few
+    tokens of context, because a token decoded alone may lose a leading
+    space (SentencePiece) or split a character (byte-level BPE). Special
+    tokens keep their text (``</s>``)."""
+    context = list(before[-_WINDOW:])
+    head = str(tokenizer.decode(context, skip_special_tokens=False))
+    full = str(tokenizer.decode([*context, token], skip_special_tokens=False))
+    if full.startswith(head):
+        return full[len(head) :]
+    same = 0  # a character completed by this token: what changed
+    while same < min(len(head), len(full)) and head[same] == full[same]:
+        same += 1
+    return full[same:]
+
+
+def kept(tokenizer: Any, ids: Sequence[int], text: str) -> list[int]:
+    """The generated ``ids`` an answer's ``text`` is made of: all of them,
+    unless the text was cut at a stop string, then those that start before
+    the cut."""
+    if decode(tokenizer, list(ids)) == text:
+        return list(ids)
+    out: list[int] = []
+    at = 0
+    for i, token in enumerate(ids):
+        if at >= len(text):
+            break
+        out.append(token)
+        at += len(piece(tokenizer, ids[:i], token))
+    return out
+
+
+def logprobs(
+    tokenizer: Any,
+    ids: Sequence[int],
+    first: int,
+    chosen: Sequence[float | None],
+    tops: Sequence[Sequence[tuple[int, float]]],
+    text: str,
+) -> Logprobs:
+    """The :class:`Logprobs` of ``ids[first:]``: ``chosen[i]`` is the
+    log-probability of ``ids[first + i]`` (``None`` for a prompt's first
+    token) and ``tops[i]`` the most likely ``(id, logprob)`` at its position.
+    Offsets are where each token's text starts in ``text`` (the answer, with
+    the prompt first when echoed): a token whose text is not there (a
+    special token the tokenizer added) takes no room."""
+    names: list[str] = []
+    offsets: list[int] = []
+    top_names: list[list[tuple[str, float]]] = []
+    at = 0
+    for i, token in enumerate(ids[first:], start=first):
+        name = piece(tokenizer, ids[:i], token)
+        names.append(name)
+        offsets.append(at)
+        if name and text.startswith(name, at):
+            at += len(name)
+        top_names.append([(piece(tokenizer, ids[:i], t), lp) for t, lp in tops[i - first]])
+    return Logprobs(
+        tokens=names, token_logprobs=chosen, top_logprobs=top_names, text_offset=offsets
     )
 
 
