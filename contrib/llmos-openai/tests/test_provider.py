@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from openai import OpenAI
 
-from llmos.errors import CapabilityNotSupported, Unavailable
+from llmos.errors import CapabilityNotSupported, Unavailable, UsageError
 from llmos.plugin.manager import HOOK_NAMES, PluginManager
 from llmos.testing import serve_in_thread
 from llmos.types import (
@@ -140,6 +140,28 @@ def test_continuation_scores_and_classify_are_refused(upstream, downstream, regi
         )
     with pytest.raises(CapabilityNotSupported, match="does not support classify"):
         kernel.call("remote", Capability.CLASSIFY, [ClassifyRequest(text="x", labels=("a",))])
+
+
+@pytest.mark.parametrize(
+    ("request_", "param"),
+    [
+        (CompletionRequest(prompt="x", echo=True), "echo"),
+        (CompletionRequest(prompt="x", logprobs=1), "logprobs"),
+        (CompletionRequest(prompt="", prompt_ids=(1, 2)), "prompt"),
+        (ChatRequest(messages=[ChatMessage("user", "hi")], logprobs=True), "logprobs"),
+    ],
+)
+def test_logprobs_echo_and_token_ids_are_refused_naming_the_field(
+    upstream, downstream, register, request_, param
+) -> None:
+    """Not passed on (vendors differ): a 400 naming the field, never an
+    answer that left them out."""
+    kernel = downstream()
+    register(kernel, "remote", upstream.url)
+    capability = Capability.CHAT if isinstance(request_, ChatRequest) else Capability.COMPLETE
+    with pytest.raises(UsageError, match="does not support") as caught:
+        kernel.call("remote", capability, [request_])
+    assert caught.value.param == param and caught.value.status == 400
 
 
 def test_capabilities_option_narrows_the_model(upstream, downstream, register) -> None:

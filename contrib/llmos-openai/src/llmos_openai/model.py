@@ -76,6 +76,11 @@ class _Failed:
 class OpenAICompatible(ModelBase):
     """Complete, chat, stream and embed through an OpenAI-compatible server."""
 
+    #: token-id prompts, echo and logprobs are not passed on: vendors differ
+    #: (most chat-only APIs have no completions logprobs, many no token ids),
+    #: so the kernel refuses them with a 400 rather than answer without them
+    supports_logprobs = False
+
     def __init__(
         self, card: ModelCard, settings: Settings, *, resolve: Resolver | None = None
     ) -> None:

@@ -68,6 +68,10 @@ class VllmModel(ModelBase):
 
     #: vLLM batches on its own: the kernel hands requests over as they come
     max_batch_size = None
+    #: token-id prompts, echo and logprobs are not served yet (vLLM's
+    #: prompt_logprobs/logprobs would do it): the kernel refuses them with a
+    #: 400 naming the field rather than answer without them
+    supports_logprobs = False
 
     def __init__(
         self,
