@@ -323,12 +323,8 @@ CHAT = {"model": "parrot", "messages": [{"role": "user", "content": "hi"}]}
     ("path", "extra"),
     [
         ("/v1/chat/completions", {"logit_bias": {"50256": -100}}),
-        ("/v1/chat/completions", {"response_format": {"type": "json_object"}}),
-        ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}),
-        ("/v1/chat/completions", {"tool_choice": "required"}),
         ("/v1/chat/completions", {"presence_penalty": 0.5}),
         ("/v1/chat/completions", {"frequency_penalty": -1}),
-        ("/v1/chat/completions", {"parallel_tool_calls": False}),
         ("/v1/chat/completions", {"reasoning_effort": "low"}),
         ("/v1/chat/completions", {"modalities": ["text", "audio"]}),
         ("/v1/completions", {"best_of": 3}),
@@ -361,6 +357,86 @@ def test_logprobs_echo_and_token_ids_are_refused_by_a_model_that_cannot(
     body = {**CHAT} if "chat" in path else {"model": "parrot", "prompt": "a b"}
     message = refused(post(daemon[1], path, {**body, **extra}), param)
     assert "does not support" in message and "supports_logprobs" in message
+
+
+ARRAY = {"type": "array"}
+NAMED_G = {"type": "function", "function": {"name": "g"}}
+
+
+def schema_format(spec: dict) -> dict:
+    return {"type": "json_schema", "json_schema": spec}
+
+
+TOOL = {
+    "type": "function",
+    "function": {"name": "f", "parameters": {"type": "object", "properties": {}}},
+}
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        (
+            {"response_format": schema_format({"name": "x", "schema": {}})},
+            "response_format",
+        ),
+        ({"tools": [TOOL]}, "tools"),
+        ({"tools": [TOOL], "tool_choice": "required"}, "tools"),
+    ],
+)
+def test_structured_output_and_tools_are_refused_by_a_model_that_cannot(
+    daemon, extra, param
+) -> None:
+    # the table provider declares no chat_features: a 400 naming the field,
+    # never a 200 with free text where JSON or a tool call was asked for
+    message = refused(post(daemon[1], "/v1/chat/completions", {**CHAT, **extra}), param)
+    assert f"model 'parrot' does not support {param}" in message
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": [TOOL], "tool_choice": NAMED_G}, "tool_choice"),
+        ({"tools": [TOOL, TOOL]}, "tools"),
+        ({"tools": [TOOL], "stream": True}, "stream"),
+        ({"response_format": {"type": "json_schema"}}, "response_format"),
+        (
+            {"response_format": schema_format({"schema": {}})},
+            "response_format.json_schema.name",
+        ),
+        (
+            {"response_format": schema_format({"name": "x", "shema": {}})},
+            "response_format.json_schema.shema",
+        ),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": ARRAY}}]},
+            "tools",
+        ),
+    ],
+)
+def test_malformed_tools_and_response_formats_are_refused(daemon, extra, param) -> None:
+    refused(post(daemon[1], "/v1/chat/completions", {**CHAT, **extra}), param)
+
+
+def test_an_assistant_message_with_tool_calls_and_no_content_is_accepted(daemon) -> None:
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "42"},
+        {"role": "user", "content": "ok"},
+    ]
+    reply = post(daemon[1], "/v1/chat/completions", {**CHAT, "messages": messages})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["message"]["content"] == "you said ok"
+    # tool_choice "none" and text are what a model without tools serves
+    plain = {**CHAT, "tool_choice": "none", "response_format": {"type": "text"}}
+    assert post(daemon[1], "/v1/chat/completions", plain).status_code == 200
+    # null content anywhere else is refused
+    user = [{"role": "user", "content": None}]
+    refused(post(daemon[1], "/v1/chat/completions", {**CHAT, "messages": user}), "messages")
 
 
 def test_the_openai_client_refused_and_its_defaults_accepted(client: openai.OpenAI) -> None:
@@ -457,7 +533,7 @@ def test_stream_options_include_usage_counts_the_usage_once(client: openai.OpenA
                 "model": "parrot",
                 "messages": [{"role": "user", "content": "x", "tool_calls": [{"id": "1"}]}],
             },
-            "messages.0.tool_calls",
+            "messages.0.tool_calls.0.function",
         ),
         (
             "/v1/chat/completions",

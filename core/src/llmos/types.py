@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from fastapi import APIRouter
 
 __all__ = [
+    "CHAT_FEATURES",
     "Budget",
     "CallAbandoned",
     "Capability",
@@ -69,15 +70,19 @@ __all__ = [
     "MonitorSink",
     "MonitorSinkSpec",
     "ProviderSpec",
+    "ResponseFormat",
     "RouteSpec",
     "Sampling",
     "StreamChunk",
+    "Tool",
+    "ToolCall",
     "TuningMethodSpec",
     "TuningRequest",
     "TuningResult",
     "Usage",
     "cancel_event",
     "cancel_scope",
+    "check_chat_features",
     "check_logprobs",
     "logprob_fields",
 ]
@@ -387,10 +392,55 @@ class CompletionResult:
     meta: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_mapping)
 
 
+@attrs.frozen(kw_only=True)
+class ToolCall:
+    """A call of one of a request's tools that an answer asks for: the
+    tool's name and its arguments as JSON text (an object), under an id that
+    the ``tool`` message answering it quotes (``ChatMessage.tool_call_id``)."""
+
+    id: str
+    name: str
+    arguments: str = "{}"
+
+
 @attrs.frozen
 class ChatMessage:
     role: str  # "system" | "user" | "assistant" | "tool"
+    #: "" for an assistant message that only calls tools
     content: str
+    #: the tools an assistant message called (an earlier answer's ``tool_calls``)
+    tool_calls: tuple[ToolCall, ...] = attrs.field(default=(), converter=tuple, kw_only=True)
+    #: the call a ``tool`` message answers
+    tool_call_id: str | None = attrs.field(default=None, kw_only=True)
+
+
+@attrs.frozen(kw_only=True)
+class ResponseFormat:
+    """What an answer must be: ``text`` (anything), ``json_object`` (one JSON
+    object) or ``json_schema`` (JSON valid against ``schema``, a JSON Schema;
+    ``name`` names it, ``strict`` is the client's flag, passed on)."""
+
+    type: str = "text"  # "text" | "json_object" | "json_schema"
+    schema: Mapping[str, Any] | None = None
+    name: str | None = None
+    strict: bool | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Tool:
+    """A function the model may call: its name, what it does, and its
+    arguments as a JSON Schema of an object."""
+
+    name: str
+    description: str = ""
+    parameters: Mapping[str, Any] = attrs.field(
+        factory=lambda: {"type": "object", "properties": {}}, converter=_frozen_mapping
+    )
+
+
+#: the fields of a chat request that only a model naming them in
+#: :attr:`ModelBase.chat_features` serves
+CHAT_FEATURES = ("response_format", "tools")
 
 
 def _messages(value: Sequence[ChatMessage | Mapping[str, str]]) -> tuple[ChatMessage, ...]:
@@ -409,6 +459,26 @@ class ChatRequest:
     logprobs: bool = False
     #: and this many most likely alternatives per token (0 to 20)
     top_logprobs: int = attrs.field(default=0, validator=_check_top)
+    #: the form the answer must take (``None``: free text)
+    response_format: ResponseFormat | None = None
+    #: functions the model may call instead of answering in text
+    tools: tuple[Tool, ...] = attrs.field(default=(), converter=tuple)
+    #: "auto" (the model decides), "none" (no call), "required" (at least one
+    #: call: of ``tool_name`` when set, else of any of ``tools``)
+    tool_choice: str = "auto"
+    tool_name: str | None = None
+    #: ``False``: at most one tool call in the answer
+    parallel_tool_calls: bool = True
+
+    def features(self) -> list[str]:
+        """The fields of :data:`CHAT_FEATURES` this request uses: a model
+        must name them in ``chat_features`` to be given it."""
+        used = []
+        if self.response_format is not None and self.response_format.type != "text":
+            used.append("response_format")
+        if self.tools:
+            used.append("tools")
+        return used
 
 
 @attrs.frozen(kw_only=True)
@@ -421,6 +491,10 @@ class ChatResult:
     #: what the model adds about this answer (a fusion: the members asked,
     #: their latencies and agreement, whether a budget cut it short)
     meta: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_mapping)
+
+    @property
+    def tool_calls(self) -> tuple[ToolCall, ...]:
+        return self.message.tool_calls
 
 
 @attrs.frozen(kw_only=True)
@@ -531,6 +605,10 @@ class ModelBase:
     #: and ``chat`` honours ``logprobs``/``top_logprobs``. The kernel refuses
     #: those fields for a model that does not say so (:func:`check_logprobs`).
     supports_logprobs: bool = False
+    #: the :data:`CHAT_FEATURES` (``response_format``, ``tools``) that
+    #: ``chat`` (and ``stream``, for ``response_format``) honours; the API
+    #: refuses the others with a 400 naming the field (:func:`check_chat_features`)
+    chat_features: frozenset[str] = frozenset()
 
     def __init__(self, card: ModelCard) -> None:
         self.card = card
@@ -593,6 +671,25 @@ def check_logprobs(model: Any, name: str, requests: Sequence[Any]) -> None:
                 " llmos-transformers or llmos-vllm",
                 param=field,
             )
+
+
+def check_chat_features(model: Any, name: str, requests: Sequence[Any]) -> None:
+    """Refuse chat requests using a field of :data:`CHAT_FEATURES`
+    (``response_format``, ``tools``) that the model (named ``name``) does not
+    list in ``chat_features``: a :class:`~llmos.errors.UsageError` naming the
+    field, never an answer that ignored it (free text where JSON was asked)."""
+    have = getattr(model, "chat_features", frozenset())
+    for request in requests:
+        if not isinstance(request, ChatRequest):
+            continue
+        for field in request.features():
+            if field not in have:
+                raise UsageError(
+                    f"model {name!r} does not support {field} (its provider does not list it"
+                    " in chat_features): leave it out, or use a model served by"
+                    " llmos-transformers",
+                    param=field,
+                )
 
 
 # --------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import asyncio
 import base64
 import functools
 import json
+import re
 import struct
 import time
 import typing
@@ -54,9 +55,13 @@ from llmos.types import (
     EmbedRequest,
     EmbedResult,
     Logprobs,
+    ResponseFormat,
     Sampling,
     StreamChunk,
+    Tool,
+    ToolCall,
     Usage,
+    check_chat_features,
 )
 
 T = TypeVar("T")
@@ -360,22 +365,58 @@ class _Sampled(_Body):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+#: OpenAI's rule for function and schema names
+_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
+
+
+class FunctionCallIn(_Strict):
+    name: str = Field(min_length=1)
+    arguments: str = Field(description="The arguments, as JSON text of an object.")
+
+
+class ToolCallIn(_Strict):
+    """A tool call of an earlier assistant answer, as the client sends it back."""
+
+    id: str = Field(min_length=1)
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessageIn(_Strict):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict[str, Any]]
+    content: str | list[dict[str, Any]] | None = Field(
+        default=None, description="Null (or left out) only in an assistant message with tool_calls."
+    )
     # what the message is a part of, not what it says: chat templates have no
-    # place for either, and the content is passed on in full
+    # place for it, and the content is passed on in full
     name: str | None = _ignored("a participant's name; chat templates have no place for it")
-    tool_call_id: str | None = _ignored("links a tool's answer to its call; the content is used")
+    tool_call_id: str | None = Field(
+        default=None, description="In a tool message: the id of the tool call it answers."
+    )
     # what an assistant message from an earlier answer carries, null when it
     # has nothing (the openai client's message objects do)
-    tool_calls: Any = _off(None, [])
+    tool_calls: list[ToolCallIn] | None = Field(
+        default=None, description="In an assistant message: the tools it called."
+    )
     function_call: Any = _off(None)
     refusal: Any = _off(None)
     audio: Any = _off(None)
     annotations: Any = _off(None, [])
 
+    @model_validator(mode="after")
+    def _content_or_calls(self) -> Self:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise UsageError(
+                "content is null: only an assistant message with tool_calls may leave it out",
+                param="messages",
+            )
+        if self.tool_calls and self.role != "assistant":
+            raise UsageError("only an assistant message has tool_calls", param="messages")
+        return self
+
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         parts = []
@@ -384,6 +425,99 @@ class ChatMessageIn(_Strict):
                 raise UsageError("only text content parts are supported", param="messages")
             parts.append(part["text"])
         return "".join(parts)
+
+
+class FunctionIn(_Strict):
+    name: str = Field(pattern=_NAME, description="a-z, A-Z, 0-9, _ and -, at most 64")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(
+        default=None, description="A JSON Schema of the arguments object (none: no arguments)."
+    )
+    strict: bool | None = None
+
+    def tool(self) -> Tool:
+        parameters = self.parameters
+        if parameters is None:
+            parameters = {"type": "object", "properties": {}}
+        elif parameters.get("type", "object") != "object":
+            raise UsageError(
+                f"tool {self.name!r}: parameters must be the JSON Schema of an object"
+                ' ("type": "object"): a tool takes named arguments',
+                param="tools",
+            )
+        return Tool(name=self.name, description=self.description or "", parameters=parameters)
+
+
+class ToolIn(_Strict):
+    type: Literal["function"]
+    function: FunctionIn
+
+
+class FunctionNameIn(_Strict):
+    name: str = Field(min_length=1)
+
+
+class ToolChoiceIn(_Strict):
+    """``{"type": "function", "function": {"name": ...}}``: call that tool."""
+
+    type: Literal["function"]
+    function: FunctionNameIn
+
+
+#: the keys of response_format.json_schema (a dict: a field named "schema"
+#: would shadow pydantic's BaseModel.schema)
+_JSON_SCHEMA_KEYS = {"name": str, "description": str, "schema": dict, "strict": bool}
+
+
+class ResponseFormatIn(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = Field(
+        default=None,
+        description='With "type": "json_schema": name, description, schema (a JSON Schema)'
+        " and strict.",
+    )
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> Self:
+        spec = self.json_schema
+        if (self.type == "json_schema") != (spec is not None):
+            raise UsageError(
+                'response_format: json_schema is given with "type": "json_schema", and only then',
+                param="response_format",
+            )
+        if spec is None:
+            return self
+        for key, value in spec.items():
+            kind = _JSON_SCHEMA_KEYS.get(key)
+            if kind is None:
+                raise UsageError(
+                    f"response_format.json_schema.{key} is not a field of json_schema: it"
+                    f" takes {', '.join(_JSON_SCHEMA_KEYS)}",
+                    param=f"response_format.json_schema.{key}",
+                )
+            if value is not None and not isinstance(value, kind):
+                raise UsageError(
+                    f"response_format.json_schema.{key} must be a {kind.__name__}",
+                    param=f"response_format.json_schema.{key}",
+                )
+        if not isinstance(spec.get("name"), str) or not re.match(_NAME, spec["name"]):
+            raise UsageError(
+                "response_format.json_schema.name is required: a-z, A-Z, 0-9, _ and -,"
+                " at most 64 characters",
+                param="response_format.json_schema.name",
+            )
+        return self
+
+    def value(self) -> ResponseFormat | None:
+        if self.type == "text":
+            return None
+        spec = self.json_schema or {}
+        return ResponseFormat(
+            type=self.type,
+            schema=spec.get("schema") or ({} if self.type == "json_schema" else None),
+            name=spec.get("name"),
+            strict=spec.get("strict"),
+        )
 
 
 class ChatCompletionBody(_Sampled):
@@ -399,13 +533,23 @@ class ChatCompletionBody(_Sampled):
         le=MAX_CHAT_TOP_LOGPROBS,
         description="With logprobs: this many most likely tokens at each position.",
     )
+    response_format: ResponseFormatIn | None = Field(
+        default=None,
+        description="json_object or json_schema: the answer is constrained to it (models whose"
+        " provider supports it; others answer 400).",
+    )
+    tools: list[ToolIn] | None = Field(
+        default=None,
+        description="Functions the model may call (models whose provider supports it; others"
+        " answer 400).",
+    )
+    tool_choice: Literal["none", "auto", "required"] | ToolChoiceIn | None = None
+    parallel_tool_calls: bool | None = Field(
+        default=None, description="false: at most one tool call in an answer."
+    )
     # answer-changing OpenAI fields llmos does not implement
-    response_format: Any = _off(None, {"type": "text"})
-    tools: Any = _off(None, [])
-    tool_choice: Any = _off(None, "none")
     functions: Any = _off(None, [])
     function_call: Any = _off(None, "none")
-    parallel_tool_calls: Any = _off(None, True)
     modalities: Any = _off(None, ["text"])
     audio: Any = _off(None)
     prediction: Any = _off(None)
@@ -444,10 +588,52 @@ class ChatCompletionBody(_Sampled):
             if isinstance(message.content, str):
                 _unicode(message.content, f"messages.{i}.content")
             else:
-                for j, part in enumerate(message.content):
+                for j, part in enumerate(message.content or []):
                     if isinstance(part.get("text"), str):
                         _unicode(part["text"], f"messages.{i}.content.{j}.text")
         return self
+
+    @model_validator(mode="after")
+    def _chat_tools(self) -> Self:
+        names = [t.function.name for t in self.tools or []]
+        for name in names:
+            if names.count(name) > 1:
+                raise UsageError(f"tool {name!r} is given twice: names must differ", param="tools")
+        choice = self.tool_choice
+        if isinstance(choice, ToolChoiceIn) and choice.function.name not in names:
+            raise UsageError(
+                f"tool_choice names tool {choice.function.name!r}, which is not one of tools"
+                f" ({', '.join(names) or 'none given'})",
+                param="tool_choice",
+            )
+        if choice is not None and choice not in ("none", "auto") and not names:
+            raise UsageError(
+                "tool_choice asks for a tool call, but no tools are given", param="tool_choice"
+            )
+        if self.stream and names and choice != "none":
+            raise UsageError(
+                "tools are not supported with stream: true (yet): leave stream out, or send"
+                ' tool_choice "none"',
+                param="stream",
+            )
+        return self
+
+    def tool_fields(self) -> dict[str, Any]:
+        """The ChatRequest fields of ``response_format``, ``tools`` and
+        ``tool_choice``. ``tool_choice: "none"`` sends no tools: a model that
+        may not call them has no use for their descriptions."""
+        choice = self.tool_choice
+        fields: dict[str, Any] = {
+            "response_format": self.response_format.value() if self.response_format else None,
+            "parallel_tool_calls": self.parallel_tool_calls is not False,
+        }
+        if self.tools and choice != "none":
+            fields["tools"] = tuple(t.function.tool() for t in self.tools)
+            if isinstance(choice, ToolChoiceIn):
+                fields["tool_choice"], fields["tool_name"] = "required", choice.function.name
+            else:
+                fields["tool_choice"] = choice or "auto"
+        return fields
 
 
 class CompletionBody(_Sampled):
@@ -759,6 +945,53 @@ async def _respond(
     return JSONResponse(payload(results), headers=_overhead(started, timing))
 
 
+def _chat_message(message: ChatMessageIn) -> ChatMessage:
+    calls = tuple(
+        ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments)
+        for c in message.tool_calls or ()
+    )
+    return ChatMessage(
+        message.role, message.text(), tool_calls=calls, tool_call_id=message.tool_call_id
+    )
+
+
+def _message_out(message: ChatMessage) -> dict[str, Any]:
+    """An answer's message as OpenAI shapes it: with tool calls, their list
+    and ``content`` null when the model said nothing besides."""
+    if not message.tool_calls:
+        return {"role": "assistant", "content": message.content}
+    return {
+        "role": "assistant",
+        "content": message.content or None,
+        "tool_calls": [
+            {
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.name, "arguments": call.arguments},
+            }
+            for call in message.tool_calls
+        ],
+    }
+
+
+async def _check_features(kernel: Kernel, model: str, request: ChatRequest) -> None:
+    """Refuse ``response_format`` and ``tools`` (a 400 naming the field)
+    unless the model's provider says it serves them (``chat_features``), so
+    that no model answers free text where JSON or a tool call was asked for.
+    A deployment group is refused: its deployments may differ."""
+    features = request.features()
+    if not features:
+        return
+    if kernel.router.has(model):
+        raise UsageError(
+            f"model {model!r} is a deployment group: {features[0]} is served only by a model"
+            " named directly (its deployments may differ in what they support)",
+            param=features[0],
+        )
+    worker = kernel.models.peek(model) or await asyncio.to_thread(kernel.models.get, model)
+    check_chat_features(worker.model, model, [request])
+
+
 def openai_router(kernel: Kernel) -> APIRouter:
     """The OpenAI-compatible routes and ``/api/classify`` over ``kernel``."""
     router = APIRouter(tags=["openai-compatible"])
@@ -792,7 +1025,7 @@ def openai_router(kernel: Kernel) -> APIRouter:
     @router.post("/v1/chat/completions", summary="Chat (OpenAI-compatible)", response_model=None)
     async def chat_completions(body: ChatCompletionBody, http: Request) -> Response:
         started = time.perf_counter()
-        messages = tuple(ChatMessage(m.role, m.text()) for m in body.messages)
+        messages = tuple(_chat_message(m) for m in body.messages)
         # a conversation's messages are one input: their number is not capped
         caps.lengths([m.content for m in messages], "messages")
         request = ChatRequest(
@@ -801,7 +1034,9 @@ def openai_router(kernel: Kernel) -> APIRouter:
             budget=body.budget(),
             logprobs=bool(body.logprobs),
             top_logprobs=body.top_logprobs or 0,
+            **body.tool_fields(),
         )
+        await _check_features(kernel, body.model, request)
         envelope = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
@@ -820,7 +1055,7 @@ def openai_router(kernel: Kernel) -> APIRouter:
             choices = [
                 {
                     "index": i,
-                    "message": {"role": "assistant", "content": r.message.content},
+                    "message": _message_out(r.message),
                     "finish_reason": r.finish_reason,
                     **({"logprobs": _chat_logprobs(r.logprobs)} if body.logprobs else {}),
                     **_meta(r),

@@ -62,7 +62,7 @@ from llmos.types import (
     cancel_event,
     logprob_fields,
 )
-from llmos_transformers import tokens
+from llmos_transformers import structured, tokens
 from llmos_transformers.options import Settings
 from llmos_transformers.runtime import release, seeded
 from llmos_transformers.tokens import stop_at
@@ -109,6 +109,8 @@ class _Prompt:
     sampling: Sampling
     #: tokens this request may generate: its max_tokens under the cap and the context
     limit: int
+    #: what the generated tokens must be (JSON of a schema), or ``None``
+    constraint: structured.Constraint | None = attrs.field(default=None, eq=False)
 
 
 @attrs.frozen
@@ -158,6 +160,24 @@ class _RowStop(StoppingCriteria):
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
+class _Allowed:
+    """``generate``'s ``prefix_allowed_tokens_fn``: the tokens a constrained
+    row may pick next; any token for a row without a constraint, or one that
+    has stopped (``generate`` pads it while the others go on)."""
+
+    def __init__(self, start: int, prompts: Sequence[_Prompt], stop: _RowStop, vocab: int) -> None:
+        self.start = start
+        self.constraints = [p.constraint for p in prompts]
+        self.stop = stop
+        self.every = torch.arange(vocab)
+
+    def __call__(self, row: int, ids: torch.Tensor) -> Any:
+        constraint = self.constraints[row]
+        if constraint is None or self.stop.lengths[row] is not None:
+            return self.every
+        return constraint.allowed(ids[self.start :].tolist()) or self.every
+
+
 class _QueueStreamer:
     """A ``generate`` streamer that hands each new token id to a queue."""
 
@@ -200,7 +220,10 @@ class CausalLM(ModelBase):
         capabilities = {Capability.COMPLETE, Capability.STREAM, Capability.CLASSIFY}
         if self.has_chat_template:
             capabilities.add(Capability.CHAT)
+            # constrained decoding and tool calls (structured.py)
+            self.chat_features = frozenset({"response_format", "tools"})
         self.capabilities = frozenset(capabilities)
+        self._token_data: Any = None  # lm-format-enforcer's table, built on first use
 
         eos: set[int] = set()
         for value in (model.generation_config.eos_token_id, tokenizer.eos_token_id):
@@ -339,9 +362,36 @@ class CausalLM(ModelBase):
             limit = min(limit, tokens.room(self.card.ref, ids, self.context))
         return _Prompt(ids=ids, sampling=sampling, limit=limit)
 
+    def _chat_prompt(self, request: ChatRequest) -> _Prompt:
+        """A chat's prompt: its tools (unless ``tool_choice`` is none) and
+        what JSON it must answer with rendered, and the constraint its answer
+        is generated under, if any (:mod:`llmos_transformers.structured`)."""
+        tools = request.tools if request.tool_choice != "none" else ()
+        ids = tokens.chat_ids(
+            self.tokenizer,
+            self.card.ref,
+            request.messages,
+            tools=tools,
+            system=structured.json_prompt(request),
+        )
+        prompt = self._prompt(ids, request.sampling)
+        wanted = structured.answer_schema(request)
+        if wanted is None:
+            return prompt
+        if self._token_data is None:
+            self._token_data = structured.token_data(self.tokenizer, self.eos, self.vocab)
+        constraint = structured.Constraint(self._token_data, *wanted)
+        return attrs.evolve(prompt, constraint=constraint)
+
     def _request_prompt(self, request: CompletionRequest | ChatRequest) -> _Prompt:
         if isinstance(request, ChatRequest):
-            return self._prompt(self._chat_ids(request.messages), request.sampling)
+            if request.tools and request.tool_choice != "none":
+                raise UsageError(
+                    "tools are not supported with streaming (yet): leave stream out, or send"
+                    ' tool_choice "none"',
+                    param="stream",
+                )
+            return self._chat_prompt(request)
         return self._prompt(tokens.prompt_ids(self.tokenizer, request), request.sampling)
 
     # --------------------------------------------------------- generation
@@ -410,6 +460,8 @@ class CausalLM(ModelBase):
         input_ids, attention_mask = self._left_padded([p.ids for p in prompts])
         start = input_ids.shape[1]
         criterion = _RowStop(start, prompts, self.eos, self._decode, cancel)
+        if any(p.constraint is not None for p in prompts):
+            options["prefix_allowed_tokens_fn"] = _Allowed(start, prompts, criterion, self.vocab)
         stepped = (
             self.cache_kw is not None
             and start > 1
@@ -762,7 +814,9 @@ class CausalLM(ModelBase):
         return results
 
     def chat(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
-        prompts = [self._prompt(self._chat_ids(r.messages), r.sampling) for r in requests]
+        """Answer each chat; with tools, an answer that is a tool call comes
+        back as ``tool_calls`` (:func:`structured.tool_result`)."""
+        prompts = [self._chat_prompt(r) for r in requests]
         results = []
         for request, prompt, answer in zip(requests, prompts, self._run(prompts), strict=True):
             reported = None
@@ -770,7 +824,7 @@ class CausalLM(ModelBase):
                 reported = self._logprobs(
                     prompt.ids, answer, False, request.top_logprobs, answer.text
                 )
-            results.append(tokens.chat_result(answer, reported))
+            results.append(structured.tool_result(tokens.chat_result(answer, reported), request))
         return results
 
     def stream(self, requests: Sequence[CompletionRequest | ChatRequest]) -> Iterator[StreamChunk]:

@@ -8,6 +8,7 @@ Nothing here imports torch: only the tokenizer is used.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -22,8 +23,10 @@ from llmos.types import (
     CompletionResult,
     Logprobs,
     Sampling,
+    Tool,
     Usage,
 )
+from llmos_transformers.structured import tools_prompt
 
 __all__ = [
     "TextStream",
@@ -45,6 +48,7 @@ __all__ = [
     "room",
     "samples",
     "stop_at",
+    "takes_tools",
     "zero_shot",
     "zero_shot_results",
 ]
@@ -88,9 +92,69 @@ def continuation_ids(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def chat_ids(tokenizer: Any, model: str, messages: Sequence[ChatMessage]) -> list[int]:
+def takes_tools(tokenizer: Any) -> bool:
+    """Whether the tokenizer's chat template renders ``tools`` (and tool
+    calls, and tool messages) itself, as Qwen's, Llama 3's or Hermes' do."""
+    return "tools" in str(getattr(tokenizer, "chat_template", None) or "")
+
+
+def _arguments(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _conversation(
+    messages: Sequence[ChatMessage], native: bool, system: str
+) -> list[dict[str, Any]]:
+    """The messages as a chat template reads them. ``native``: the template
+    renders tool calls and tool messages; else an assistant's calls are its
+    text, as the tools prompt asks for them, and a tool's answer is a user
+    message quoting it. ``system`` is added to the system prompt (the first
+    message, made when there is none)."""
+    conversation: list[dict[str, Any]] = []
+    for m in messages:
+        turn: dict[str, Any] = {"role": m.role, "content": m.content}
+        if m.tool_calls and native:
+            turn["tool_calls"] = [
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.name, "arguments": _arguments(c.arguments)},
+                }
+                for c in m.tool_calls
+            ]
+        elif m.tool_calls:
+            calls = [{"name": c.name, "arguments": _arguments(c.arguments)} for c in m.tool_calls]
+            text = json.dumps(calls[0] if len(calls) == 1 else calls)
+            turn["content"] = f"{m.content}\n{text}" if m.content else text
+        if m.role == "tool" and native:
+            turn["tool_call_id"] = m.tool_call_id
+        elif m.role == "tool":
+            turn = {"role": "user", "content": f"The function returned: {m.content}"}
+        conversation.append(turn)
+    if system:
+        if conversation and conversation[0]["role"] == "system":
+            first = conversation[0]
+            conversation[0] = {**first, "content": f"{first['content']}\n\n{system}"}
+        else:
+            conversation.insert(0, {"role": "system", "content": system})
+    return conversation
+
+
+def chat_ids(
+    tokenizer: Any,
+    model: str,
+    messages: Sequence[ChatMessage],
+    tools: Sequence[Tool] = (),
+    system: str = "",
+) -> list[int]:
     """A chat's ids through the tokenizer's chat template, ending with the
-    assistant's turn; ``model`` names the model in errors."""
+    assistant's turn; ``model`` names the model in errors. ``tools`` go to a
+    template that takes them (:func:`takes_tools`), else into the system
+    prompt (:func:`llmos_transformers.structured.tools_prompt`); ``system``
+    is more to say there (what JSON the answer must be)."""
     if not getattr(tokenizer, "chat_template", None):
         raise UsageError(
             f"model {model!r} has no chat template in its tokenizer, so it cannot"
@@ -99,10 +163,26 @@ def chat_ids(tokenizer: Any, model: str, messages: Sequence[ChatMessage]) -> lis
         )
     if not messages:
         raise UsageError("a chat needs at least one message", param="messages")
-    conversation = [{"role": m.role, "content": m.content} for m in messages]
+    native = takes_tools(tokenizer)
+    options: dict[str, Any] = {}
+    if tools and native:
+        options["tools"] = [
+            {
+                "type": "function",
+                "function": {
+                    "name": t.name,
+                    "description": t.description,
+                    "parameters": dict(t.parameters),
+                },
+            }
+            for t in tools
+        ]
+    elif tools:
+        system = "\n\n".join(s for s in (tools_prompt(tools), system) if s)
+    conversation = _conversation(messages, native, system)
     try:
         encoded = tokenizer.apply_chat_template(
-            conversation, add_generation_prompt=True, tokenize=True, return_dict=True
+            conversation, add_generation_prompt=True, tokenize=True, return_dict=True, **options
         )
     except Exception as exc:  # jinja2 errors: a role the template refuses, say
         raise UsageError(
