@@ -210,7 +210,7 @@ def test_page_and_assets_are_served_offline_with_a_strict_policy_and_no_key(
             assert client.get(missing).status_code == 401, missing
             response = client.get(missing, headers=AUTH)
             assert response.status_code == 404, missing
-            assert response.json()["error"]["code"] == 404
+            assert response.json()["error"]["code"] == "not_found"
 
 
 def test_the_page_loads_while_the_kernel_starts(

@@ -34,13 +34,17 @@ class Parrot(ModelBase):
         return [CompletionResult(text=r.prompt[::-1]) for r in requests]
 
     def chat(self, requests):
-        return [ChatResult(message=ChatMessage("assistant", "you said " + r.messages[-1].content))
-                for r in requests]
+        return [ChatResult(message=ChatMessage("assistant", self._said(r))) for r in requests]
+
+    def _said(self, request):
+        if request.messages[-1].content == "temperature?":
+            return f"t={request.sampling.temperature}"
+        return "you said " + request.messages[-1].content
 
     def stream(self, requests):
         (request,) = requests
-        for word in ("you", " said", " " + request.messages[-1].content):
-            yield StreamChunk(index=0, text=word)
+        for i, word in enumerate(self._said(request).split(" ")):
+            yield StreamChunk(index=0, text=word if i == 0 else " " + word)
         yield StreamChunk(index=0, text="", finish_reason="stop")
 
     def embed(self, requests):
@@ -100,6 +104,9 @@ def test_the_four_commands(parrot_env: dict[str, str], remote: bool, request) ->
         return done.stdout
 
     assert run("chat", "p", "hello") == "you said hello\n"
+    # greedy unless asked, in this process as against the daemon (whose default is 1)
+    assert run("chat", "p", "temperature?") == "t=0.0\n"
+    assert run("chat", "p", "temperature?", "--temperature", "0.5") == "t=0.5\n"
     assert run("complete", "p", "abc", "xy") == "cba\nyx\n"
     assert run("complete", "p", stdin="first\nsecond\n") == "tsrif\ndnoces\n"
     assert [json.loads(line) for line in run("embed", "p", "abc").splitlines()] == [[3.0, 1.0]]

@@ -65,9 +65,15 @@ class Parrot(ModelBase):
     def __init__(self, card: ModelCard) -> None:
         super().__init__(card)
         self.delay = float(card.options.get("delay", 0))
+        # a model that takes a while to load, as a real one does
+        time.sleep(float(card.options.get("load_delay", 0)))
 
     def _answer(self, request: CompletionRequest | ChatRequest) -> tuple[str, str, Usage]:
-        if isinstance(request, ChatRequest):
+        if isinstance(request, ChatRequest) and request.messages[-1].content == "sampling?":
+            # what the model was asked to sample with, to check what the route sends
+            sampling = request.sampling
+            source = f"t={sampling.temperature} p={sampling.top_p} seed={sampling.seed}"
+        elif isinstance(request, ChatRequest):
             source = "you said " + request.messages[-1].content
         else:
             source = " ".join(reversed(request.prompt.split()))
@@ -141,6 +147,9 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Kernel, s
                 'models.slow2.provider="parrot"',
                 "models.slow2.options.delay=0.5",
                 "models.slow2.max_batch_size=1",
+                'models.lazy.provider="parrot"',
+                "models.lazy.options.load_delay=0.5",
+                'groups.flock.deployments=["parrot"]',
                 "api.max_tokens=64",
                 "api.max_inputs=4",
             ],
@@ -226,6 +235,77 @@ def test_unknown_model_is_404_naming_it(client: openai.OpenAI) -> None:
         client.chat.completions.create(model="ghost", messages=[{"role": "user", "content": "x"}])
     assert "'ghost' not found" in caught.value.message
     assert "/v1/models" in caught.value.message
+    # OpenAI's type and code, not the HTTP status as a number
+    assert (caught.value.type, caught.value.code) == ("invalid_request_error", "model_not_found")
+    assert caught.value.param == "model"
+
+
+def test_models_retrieve_finds_what_the_list_names(client: openai.OpenAI) -> None:
+    """``client.models.retrieve`` for every kind of model ``/v1/models``
+    lists — a group, a deployment, a registered name with ``/``, a version and
+    an alias — and a 404 in OpenAI's shape for the rest."""
+    listed = {m.id: m for m in client.models.list()}
+    for model_id in ("flock", "parrot", "acme/parrot"):
+        model = client.models.retrieve(model_id)
+        assert model.model_dump() == listed[model_id].model_dump()
+    assert listed["flock"].owned_by == "group"
+    versioned = client.models.retrieve("acme/parrot@1")
+    assert (versioned.id, versioned.object, versioned.owned_by) == (
+        "acme/parrot@1",
+        "model",
+        "parrot",
+    )
+    assert versioned.created == listed["acme/parrot"].created > 0
+    assert client.models.retrieve("acme/parrot@latest").id == "acme/parrot@latest"
+    for ghost in ("ghost", "acme/parrot@9", "acme/ghost@prod", "Not A Name"):
+        with pytest.raises(openai.NotFoundError) as caught:
+            client.models.retrieve(ghost)
+        error = caught.value
+        assert (error.type, error.code) == ("invalid_request_error", "model_not_found")
+        assert "GET /v1/models" in caught.value.message
+
+
+def test_an_omitted_temperature_samples_as_openai_does(client: openai.OpenAI) -> None:
+    """OpenAI's default temperature (1) reaches the model when a request
+    leaves it out (top_p stays unset: every provider reads that as OpenAI's
+    1); what is given is passed on."""
+    ask = [{"role": "user", "content": "sampling?"}]
+    default = client.chat.completions.create(model="parrot", messages=ask)
+    assert default.choices[0].message.content == "t=1.0 p=None seed=None"
+    given = client.chat.completions.create(
+        model="parrot", messages=ask, temperature=0, top_p=0.5, seed=3
+    )
+    assert given.choices[0].message.content == "t=0.0 p=0.5 seed=3"
+
+
+def test_n_choices_get_their_own_seeds(client: openai.OpenAI) -> None:
+    """Each of n choices samples with a seed of its own (seed + i), so that
+    they differ; the first keeps the request's seed (n=1 answers as before)."""
+    ask = [{"role": "user", "content": "sampling?"}]
+    reply = client.chat.completions.create(model="parrot", messages=ask, n=3, seed=7)
+    seeds = [c.message.content.rsplit("=", 1)[1] for c in reply.choices]
+    assert seeds == ["7", "8", "9"]
+    # the seed wraps within int64 instead of overflowing
+    top = client.chat.completions.create(model="parrot", messages=ask, n=2, seed=2**63 - 1)
+    assert [c.message.content.rsplit("=", 1)[1] for c in top.choices] == [
+        str(2**63 - 1),
+        str(-(2**63)),
+    ]
+    unseeded = client.chat.completions.create(model="parrot", messages=ask, n=2)
+    assert [c.message.content for c in unseeded.choices] == ["t=1.0 p=None seed=None"] * 2
+
+
+def test_a_models_load_is_reported_apart_from_the_overhead(daemon) -> None:
+    """The request that loads a model waits for the load: that time is
+    ``x-llmos-load-ms``, not overhead; the next request waits for none."""
+    body = {"model": "lazy", "prompt": "a b", "max_tokens": 1}
+    first = httpx.post(daemon[1] + "/v1/completions", json=body, timeout=30)
+    assert first.status_code == 200, first.text
+    load = float(first.headers["x-llmos-load-ms"])
+    assert load > 0
+    assert float(first.headers["x-llmos-overhead-ms"]) < load
+    again = httpx.post(daemon[1] + "/v1/completions", json=body, timeout=30)
+    assert float(again.headers["x-llmos-load-ms"]) == 0
 
 
 def test_caps_are_enforced_before_the_model(client: openai.OpenAI) -> None:
@@ -260,7 +340,8 @@ def test_a_full_queue_answers_429_with_retry_after(daemon) -> None:
     assert codes[0] == 200 and 429 in codes
     refused = next(r for r in statuses if r.status_code == 429)
     assert refused.headers["retry-after"] == "1"
-    assert refused.json()["error"]["type"] == "overloaded"
+    error = refused.json()["error"]
+    assert (error["type"], error["code"]) == ("rate_limit_error", "rate_limit_exceeded")
 
 
 def test_overhead_header_is_small_and_excludes_the_model(daemon) -> None:

@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from llmos.config import load_config
+from llmos.errors import error_type
 from llmos.plugin import hookimpl
 from llmos.runtime.kernel import Kernel
 from llmos.server import create_app
@@ -60,7 +61,7 @@ def _error(response: httpx.Response, status: int = 400) -> str:
     body = response.json()
     assert set(body) == {"error"}, body
     assert set(body["error"]) == {"message", "type", "param", "code"}, body
-    assert body["error"]["code"] == status
+    assert body["error"]["type"] == error_type(status), body
     return str(body["error"]["message"])
 
 

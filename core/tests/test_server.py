@@ -28,7 +28,7 @@ from pydantic import BaseModel
 
 from llmos import __version__
 from llmos.config import load_config
-from llmos.errors import ConfigError, NotFoundError
+from llmos.errors import ConfigError, NotFoundError, error_type
 from llmos.logs import configure_logging
 from llmos.plugin import hookimpl
 from llmos.runtime.kernel import Kernel
@@ -185,7 +185,9 @@ def _error(response: httpx.Response) -> dict[str, Any]:
     body = response.json()
     assert set(body) >= {"error"}, body
     assert set(body["error"]) == {"message", "type", "param", "code"}, body
-    assert body["error"]["code"] == response.status_code
+    # OpenAI's: the class of error by status, the kind as a string (or null)
+    assert body["error"]["type"] == error_type(response.status_code), body
+    assert body["error"]["code"] is None or isinstance(body["error"]["code"], str), body
     return body["error"]
 
 
@@ -213,11 +215,11 @@ def test_listens_and_is_live_before_the_kernel_is_ready(daemon: Callable[..., Da
     ready = d.client.get("/readyz")
     assert ready.status_code == 503
     assert ready.json()["status"] == "starting"
-    assert _error(ready)["type"] == "unavailable"
+    assert _error(ready)["code"] == "unavailable"
     # Other routes take no work until the kernel is ready.
     refused = d.client.get("/t/whoami")
     assert refused.status_code == 503
-    assert _error(refused)["type"] == "unavailable"
+    assert _error(refused)["code"] == "unavailable"
     assert refused.headers["retry-after"] == "5"
 
     slow.release.set()
@@ -245,7 +247,7 @@ def test_body_over_the_cap_is_refused_with_413(daemon: Callable[..., Daemon]) ->
     declared = d.client.post("/t/echo", content=b"x" * (CAP + 1))
     assert declared.status_code == 413
     error = _error(declared)
-    assert error["type"] == "payload_too_large"
+    assert error["code"] == "payload_too_large"
     assert str(CAP) in error["message"]
 
     # Refused on the header alone: this client declares a big body and sends
@@ -260,7 +262,7 @@ def test_body_over_the_cap_is_refused_with_413(daemon: Callable[..., Daemon]) ->
     chunked = d.client.post("/t/echo", content=iter([b"x" * 300] * 5))
     assert "content-length" not in chunked.request.headers
     assert chunked.status_code == 413
-    assert _error(chunked)["type"] == "payload_too_large"
+    assert _error(chunked)["code"] == "payload_too_large"
 
     # The route only ever saw the two bodies under the cap.
     assert routes.body_lengths == [1000, 900]
@@ -284,6 +286,7 @@ def test_api_keys_guard_every_route_but_the_probes(daemon: Callable[..., Daemon]
     wrong = d.client.get("/t/whoami", headers={"Authorization": "Bearer second-key-45"})
     assert wrong.status_code == 401
     assert _error(wrong)["type"] == "authentication_error"
+    assert _error(wrong)["code"] == _error(missing)["code"] == "invalid_api_key"
     assert "second-key" not in wrong.text  # keys never echoed
 
     right = d.client.get("/t/whoami", headers={"Authorization": "Bearer second-key-456"})
@@ -321,16 +324,17 @@ def test_errors_have_one_shape(daemon: Callable[..., Daemon]) -> None:
 
     unknown = d.client.get("/no/such/route")
     assert unknown.status_code == 404
-    assert _error(unknown)["type"] == "not_found"
+    assert _error(unknown)["code"] == "not_found"
     assert "/no/such/route" in _error(unknown)["message"]
 
     wrong_method = d.client.delete("/healthz")
     assert wrong_method.status_code == 405
-    assert _error(wrong_method)["type"] == "method_not_allowed"
+    assert _error(wrong_method)["code"] == "method_not_allowed"
 
     invalid = d.client.post("/t/items", json={"name": "a", "count": "many"})
     assert invalid.status_code == 400
     assert _error(invalid)["type"] == "invalid_request_error"
+    assert _error(invalid)["code"] == "invalid_type"
     assert _error(invalid)["param"] == "count"
     assert "count" in _error(invalid)["message"]
     bad_path = d.client.get("/t/items/abc")
@@ -341,18 +345,18 @@ def test_errors_have_one_shape(daemon: Callable[..., Daemon]) -> None:
     assert not_found.status_code == 404
     assert _error(not_found) == {
         "message": "model 'ghost' is not registered",
-        "type": "not_found",
+        "type": "invalid_request_error",
         "param": "model",
-        "code": 404,
+        "code": "not_found",
     }
 
     crash = d.client.get("/t/boom", headers={"X-Request-ID": "trace-me-1"})
     assert crash.status_code == 500
     assert _error(crash) == {
         "message": "internal error (request id trace-me-1)",
-        "type": "internal_error",
+        "type": "server_error",
         "param": None,
-        "code": 500,
+        "code": None,
     }
     assert crash.headers["x-request-id"] == "trace-me-1"
     assert "kaboom" not in crash.text
@@ -589,7 +593,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(served: Callable[..., _S
     assert s.worker is not None and s.worker.is_alive(), "the slow request should be in flight"
     assert refused.status_code == 503
     assert refused.headers["retry-after"] == "5"
-    assert _error(refused)["type"] == "unavailable"
+    assert _error(refused)["code"] == "unavailable"
 
     s.worker.join(timeout=10)
     assert s.slow["response"].status_code == 200
@@ -610,7 +614,7 @@ def test_drain_timeout_cuts_in_flight_requests(served: Callable[..., _Served]) -
     s.worker.join(timeout=10)
     cut = s.slow["response"]
     assert cut.status_code == 503
-    assert _error(cut)["type"] == "unavailable"
+    assert _error(cut)["code"] == "unavailable"
     s.stderr.wait_for("server.drain_timeout")
     assert "Traceback" not in "".join(s.stderr.lines)
 
@@ -630,7 +634,7 @@ def test_second_signal_forces_exit(served: Callable[..., _Served]) -> None:
     # exit, else a dropped connection; never the route's answer.
     if "response" in s.slow:
         assert s.slow["response"].status_code == 503
-        assert _error(s.slow["response"])["type"] == "unavailable"
+        assert _error(s.slow["response"])["code"] == "unavailable"
     else:
         assert isinstance(s.slow["error"], httpx.TransportError)
     s.stderr.wait_for("server.forced_exit")

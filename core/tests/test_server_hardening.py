@@ -22,7 +22,7 @@ import structlog
 from fastapi import APIRouter, Request
 
 from llmos.config import load_config
-from llmos.errors import ConfigError
+from llmos.errors import ConfigError, error_type
 from llmos.logs import configure_logging
 from llmos.plugin import hookimpl
 from llmos.runtime.kernel import Kernel
@@ -119,7 +119,7 @@ def daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
 def _error(response: httpx.Response) -> dict[str, Any]:
     body = response.json()
     assert set(body["error"]) == {"message", "type", "param", "code"}, body
-    assert body["error"]["code"] == response.status_code
+    assert body["error"]["type"] == error_type(response.status_code), body
     return body["error"]
 
 
@@ -348,8 +348,8 @@ def test_a_stalled_body_gets_408_and_the_connection_is_closed(
         assert head.startswith(b"HTTP/1.1 408 "), answer
         assert b"connection: close" in head.lower()
         error = json.loads(body)["error"]
-        assert error["code"] == 408
-        assert error["type"] == "request_timeout"
+        assert error["code"] == "request_timeout"
+        assert error["type"] == "invalid_request_error"
         assert "server.body_timeout_s" in error["message"]
     assert d.routes.bodies == []
 
@@ -493,7 +493,14 @@ def test_the_schema_is_valid_openapi(daemon: Callable[..., Daemon]) -> None:
 
 
 #: a value for each path parameter of the kernel's routes
-_PATH_VALUES = {"name": "m", "ref": "m", "alias": "prod", "tag": "t", "job_id": "0123456789ab"}
+_PATH_VALUES = {
+    "name": "m",
+    "ref": "m",
+    "alias": "prod",
+    "tag": "t",
+    "job_id": "0123456789ab",
+    "model_id": "m",
+}
 _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
@@ -515,7 +522,7 @@ def test_every_405_names_exactly_the_methods_the_path_takes(
                 allow = {m.strip() for m in answer.headers["allow"].split(",") if m.strip()}
                 assert allow == takes, (method, path, allow, takes)
                 if method != "HEAD":  # no body to a HEAD
-                    assert _error(answer)["type"] == "method_not_allowed"
+                    assert _error(answer)["code"] == "method_not_allowed"
                 checked += 1
     assert checked > 100
     allow = d.client.post("/api/groups").headers["allow"]

@@ -152,7 +152,7 @@ def test_microtune_never_reports_a_failed_job_as_a_success(url: str) -> None:
     response = httpx.post(f"{url}/microtune", json=body, timeout=60)
     assert response.status_code == 500
     error = error_of(response)
-    assert error["type"] == "tuning_failed" and "exit code 3" in error["message"]
+    assert error["code"] == "tuning_failed" and "exit code 3" in error["message"]
 
 
 def test_bad_requests_say_what_is_wrong(url: str, kernel: Kernel, tmp_path: Path) -> None:
@@ -180,7 +180,7 @@ def test_bad_requests_say_what_is_wrong(url: str, kernel: Kernel, tmp_path: Path
     assert registered.status_code == 201
     remote = post("/microtune", {**seed, "model_name": "bert-base-cased", "method": "count"})
     assert remote.status_code == 422
-    assert error_of(remote)["type"] == "model_unavailable"
+    assert error_of(remote)["code"] == "model_unavailable"
     assert "'https://example.invalid/bert-base-cased'" in error_of(remote)["message"]
 
     empty = post("/api/tuning/jobs", {**job_body(), "data": {**DATA, "test": []}})
@@ -241,7 +241,7 @@ def test_a_full_queue_answers_429_until_a_job_ends(tmp_path: Path, site: Path) -
         assert refused.status_code == 429
         assert refused.headers["retry-after"] == "60"
         error = error_of(refused)
-        assert error["type"] == "tuning_queue_full" and error["code"] == 429
+        assert error["code"] == "tuning_queue_full" and error["type"] == "rate_limit_error"
         assert "[tuning] max_queued_jobs is 2" in error["message"]
         seed = {"model_name": "base", "method": "count", "data": DATA, "wait": False}
         assert httpx.post(f"{url}/microtune", json=seed).status_code == 429

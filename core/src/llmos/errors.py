@@ -2,17 +2,51 @@
 
 Every error a user can cause or fix derives from :class:`LlmosError`. Each class
 carries what the two front doors need to report it without a traceback: an HTTP
-status and a stable ``type`` string for the daemon's JSON error body, and an
-exit code for the CLI. Messages are one line and say what to do.
+status and a stable kind (``type``, sent as the JSON error body's ``code``) for
+the daemon, and an exit code for the CLI. Messages are one line and say what to
+do.
+
+The daemon's error body is OpenAI's: ``{"error": {"message", "type", "param",
+"code"}}``, where ``type`` is the class of error, fixed by the HTTP status
+(:func:`error_type`), and ``code`` a stable string naming the kind of error
+(OpenAI's own where OpenAI has one: ``model_not_found``, ``invalid_api_key``,
+``rate_limit_exceeded``) or ``null`` for a plain invalid request, as OpenAI
+sends it. Clients branch on the status, then on ``code``.
 """
 
 from __future__ import annotations
 
 
+def error_type(status: int) -> str:
+    """``error.type`` of an HTTP error with ``status``, as OpenAI names the
+    classes: ``invalid_request_error`` for any 4xx but 401 (OpenAI's 404 for an
+    unknown model is one too), 403 and 429, ``server_error`` for 5xx."""
+    if status == 401:
+        return "authentication_error"
+    if status == 403:
+        return "permission_error"
+    if status == 429:
+        return "rate_limit_error"
+    if status >= 500:
+        return "server_error"
+    return "invalid_request_error"
+
+
+#: the kinds whose ``code`` is not their ``type``: OpenAI's codes, and
+#: ``None`` for a plain invalid request (OpenAI sends ``null``)
+_CODES: dict[str, str | None] = {
+    "invalid_request_error": None,
+    "llmos_error": None,
+    "authentication_error": "invalid_api_key",
+    "overloaded": "rate_limit_exceeded",
+}
+
+
 class LlmosError(Exception):
     """Base of every error llmos raises deliberately."""
 
-    #: stable machine-readable kind, used as ``error.type`` in HTTP bodies
+    #: stable machine-readable kind; the HTTP body's ``error.code`` (through
+    #: :attr:`code`, which maps a few kinds to OpenAI's codes)
     type: str = "llmos_error"
     #: HTTP status the daemon answers with
     status: int = 500
@@ -20,14 +54,30 @@ class LlmosError(Exception):
     exit_code: int = 1
 
     def __init__(
-        self, message: str, *, param: str | None = None, retry_after: float | None = None
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        retry_after: float | None = None,
+        code: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        #: a finer kind than the class's, for ``error.code`` (``model_not_found``)
+        self._code = code
         #: seconds after which a retry may succeed, when the error knows
         #: (an upstream's Retry-After); the daemon passes it on to its client
         self.retry_after = retry_after
+
+    @property
+    def code(self) -> str | None:
+        """``error.code`` of the daemon's error body: the kind given when
+        raised, else the class's (OpenAI's code where OpenAI has one)."""
+        given = getattr(self, "_code", None)  # a subclass may skip our __init__
+        if given is not None:
+            return given
+        return _CODES.get(self.type, self.type)
 
     def __str__(self) -> str:
         return self.message

@@ -229,7 +229,11 @@ def inference_commands(get_kernel: KernelGetter) -> list[click.Command]:
             click.option(
                 "--max-tokens", type=click.IntRange(min=1), help="Most tokens to generate."
             ),
-            click.option("--temperature", type=click.FloatRange(0, 2), help="0: greedy."),
+            click.option(
+                "--temperature",
+                type=click.FloatRange(0, 2),
+                help="0 (the default): greedy. The HTTP API's default is OpenAI's, 1.",
+            ),
             click.option("--top-p", type=click.FloatRange(0, 1, min_open=True)),
             click.option("--seed", type=int, help="Same seed, same sample."),
             click.option("--stop", multiple=True, help="Stop at this text (repeat)."),
@@ -238,9 +242,12 @@ def inference_commands(get_kernel: KernelGetter) -> list[click.Command]:
         return f
 
     def sampling_of(kw: dict[str, Any]) -> Sampling:
+        # Greedy unless asked, in this process as against a daemon (whose
+        # HTTP default is OpenAI's temperature 1): the same command, the same answer.
+        temperature = kw.pop("temperature")
         return Sampling(
             max_tokens=kw.pop("max_tokens"),
-            temperature=kw.pop("temperature"),
+            temperature=0.0 if temperature is None else temperature,
             top_p=kw.pop("top_p"),
             seed=kw.pop("seed"),
             stop=tuple(kw.pop("stop")),

@@ -179,11 +179,16 @@ class Kernel:
     ) -> list[Any]:
         """:meth:`call` for asyncio: a cancelled caller (a client that went
         away) takes its requests out of the queue. ``timing``, when given, is
-        filled with the call's queue wait, model time and batch size."""
+        filled with the call's queue wait, model time and batch size, and the
+        time spent loading the model (``load_s``) when this call waited for a
+        load."""
+        loading: dict[str, float] = {}
         if self.router.has(model):
             future = self.router.submit(model, Capability(capability), requests)
         else:
-            worker = self.models.peek(model) or await asyncio.to_thread(self.models.get, model)
+            worker = self.models.peek(model) or await asyncio.to_thread(
+                self.models.get, model, timing=loading
+            )
             future = worker.submit(Capability(capability), requests)
         limit = timeout or self.request_timeout
         try:
@@ -192,6 +197,7 @@ class Kernel:
             raise RequestTimeout(f"{capability} on {model!r} took longer than {limit} s") from None
         if timing is not None:
             timing.update(getattr(future, "timing", {}))
+            timing.update(loading)
         return results
 
     def stream(self, model: str, request: Any) -> StreamHandle:

@@ -235,7 +235,11 @@ class ModelManager:
     def resolve(self, name: str) -> Deployment:
         """The deployment ``name`` refers to: config first, then the registry."""
         if not isinstance(name, str) or not name:
-            raise NotFoundError("no model given; `llmos models search` lists models")
+            raise NotFoundError(
+                "no model given; `llmos models search` lists models",
+                param="model",
+                code="model_not_found",
+            )
         deployments = self.kernel.config.section("models")
         if name in deployments:
             return self._from_config(name, deployments[name])
@@ -245,7 +249,9 @@ class ModelManager:
             raise NotFoundError(
                 f"model {name!r} not found: it is neither a [models.{name}] deployment nor a "
                 "registered model; list them with `llmos models search` or GET /v1/models"
-                + bundled_model_hint(name)
+                + bundled_model_hint(name),
+                param="model",
+                code="model_not_found",
             ) from None
         return self._deployment(card.ref, card, self._settings(card.options))
 
@@ -301,8 +307,13 @@ class ModelManager:
             return None
         return self._workers.get(entry[0])
 
-    def get(self, name: str) -> ModelWorker:
-        """The running worker for ``name``, loading the model on first use."""
+    def get(self, name: str, *, timing: dict[str, float] | None = None) -> ModelWorker:
+        """The running worker for ``name``, loading the model on first use.
+
+        ``timing``, when given, gets ``load_s``: the seconds this call spent
+        loading the model or waiting for another caller's load of it (0 when
+        it was loaded), so that a first request's wait is not taken for
+        llmos's overhead."""
         deployment = self.resolve(name)
         # An alias moved to another version is seen within RESOLVE_TTL_S.
         self._keys[name] = (deployment.key, time.monotonic() + RESOLVE_TTL_S)
@@ -311,6 +322,7 @@ class ModelManager:
             if worker is not None:
                 return worker
             lock = self._locks.setdefault(deployment.key, threading.Lock())
+        started = time.perf_counter()
         with lock:
             with self._lock:
                 worker = self._workers.get(deployment.key)
@@ -318,6 +330,8 @@ class ModelManager:
                 worker = self._load(deployment)
                 with self._lock:
                     self._workers[deployment.key] = worker
+        if timing is not None:
+            timing["load_s"] = time.perf_counter() - started
         return worker
 
     def _load(self, deployment: Deployment) -> ModelWorker:

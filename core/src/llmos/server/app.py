@@ -338,15 +338,28 @@ ERROR_SCHEMA: dict[str, Any] = {
                 "message": {"type": "string", "description": "What is wrong and what to do."},
                 "type": {
                     "type": "string",
-                    "description": "A stable name for the kind of error: invalid_request_error, "
-                    "authentication_error, permission_error, not_found, payload_too_large, "
-                    "rate_limit_error, unavailable …",
+                    "enum": [
+                        "invalid_request_error",
+                        "authentication_error",
+                        "permission_error",
+                        "rate_limit_error",
+                        "server_error",
+                    ],
+                    "description": "The class of error, fixed by the HTTP status (OpenAI's): "
+                    "authentication_error (401), permission_error (403), rate_limit_error (429), "
+                    "server_error (5xx), invalid_request_error (any other 4xx).",
                 },
                 "param": {
                     "type": ["string", "null"],
                     "description": "The request field at fault (dotted path), if one is.",
                 },
-                "code": {"type": "integer", "description": "The HTTP status."},
+                "code": {
+                    "type": ["string", "null"],
+                    "description": "A stable name for the kind of error (OpenAI's where OpenAI "
+                    "has one): model_not_found, invalid_api_key, rate_limit_exceeded, not_found, "
+                    "unknown_parameter, unsupported_parameter, invalid_type, invalid_value, "
+                    "payload_too_large, unavailable …; null for a plain invalid request.",
+                },
             },
         }
     },
@@ -575,13 +588,13 @@ def _has_stream_flag(schema: dict[str, Any], operation: dict[str, Any]) -> bool:
 
 def _error(
     status: int,
-    type_: str,
+    code: str | None,
     message: str,
     param: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     return JSONResponse(
-        error_body(status, type_, message, param),
+        error_body(status, code, message, param),
         status_code=status,
         headers={**error_headers(status), **(headers or {})},
     )
@@ -594,7 +607,7 @@ async def _llmos_error(request: Request, exc: Exception) -> JSONResponse:
     headers = None
     if exc.retry_after is not None and exc.retry_after > 0:
         headers = {"Retry-After": str(math.ceil(exc.retry_after))}  # whole seconds
-    return _error(exc.status, exc.type, exc.message, exc.param, headers)
+    return _error(exc.status, exc.code, exc.message, exc.param, headers)
 
 
 _LOCATIONS = frozenset({"body", "query", "path", "header", "cookie"})
@@ -613,12 +626,12 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = list(exc.errors())
     if not errors:
-        return _error(400, "invalid_request_error", "invalid request")
+        return _error(400, None, "invalid request")
     first = errors[0]
     if first.get("type") == "json_invalid":
         detail = (first.get("ctx") or {}).get("error", "")
         message = f"request body is not valid JSON: {detail}".rstrip(": ")
-        return _error(400, "invalid_request_error", message, "body")
+        return _error(400, "invalid_json", message, "body")
     parts = []
     for error in errors[:5]:
         where = _dotted(error.get("loc", ()))
@@ -626,20 +639,33 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     if len(errors) > 5:
         parts.append(f"and {len(errors) - 5} more")
     return _error(
-        400, "invalid_request_error", "; ".join(parts), _dotted(first.get("loc", ())) or None
+        400,
+        _validation_code(str(first.get("type", ""))),
+        "; ".join(parts),
+        _dotted(first.get("loc", ())) or None,
     )
 
 
-_HTTP_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
+def _validation_code(kind: str) -> str:
+    """``error.code`` of a failed validation, by pydantic's error type, in
+    OpenAI's words: a field llmos does not know, a value of the wrong type,
+    a field missing, or a value out of range."""
+    if kind == "extra_forbidden":
+        return "unknown_parameter"
+    if kind == "missing":
+        return "missing_required_parameter"
+    if kind.endswith(("_type", "_parsing")) or kind in ("model_attributes_type", "is_instance_of"):
+        return "invalid_type"
+    return "invalid_value"
+
+
+#: ``error.code`` of Starlette's HTTP errors (a route's own, or no route)
+_HTTP_CODES: dict[int, str | None] = {
     404: "not_found",
     405: "method_not_allowed",
     409: "conflict",
     413: "payload_too_large",
-    422: "invalid_request_error",
-    429: "rate_limit_error",
+    429: "rate_limit_exceeded",
     503: "unavailable",
 }
 
@@ -648,7 +674,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     status = exc.status_code
     headers = dict(exc.headers or {})
-    type_ = _HTTP_TYPES.get(status, "invalid_request_error" if status < 500 else "internal_error")
+    code = _HTTP_CODES.get(status)
     detail = exc.detail
     try:
         default_detail = http.HTTPStatus(status).phrase
@@ -666,7 +692,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         )
     else:
         message = detail if isinstance(detail, str) else json.dumps(detail, default=str)
-    return _error(status, type_, message, headers=headers)
+    return _error(status, code, message, headers=headers)
 
 
 def allowed_methods(app: FastAPI, path: str) -> list[str]:

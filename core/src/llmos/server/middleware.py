@@ -22,9 +22,11 @@ lives in the HTTP protocol (:mod:`llmos.server.run`).
 
 Errors, wherever they are made, have one shape, OpenAI's::
 
-    {"error": {"message": str, "type": str, "param": str | null, "code": int}}
+    {"error": {"message": str, "type": str, "param": str | null, "code": str | null}}
 
-with ``code`` the HTTP status.
+with ``type`` the class of error, fixed by the HTTP status
+(:func:`llmos.errors.error_type`), and ``code`` a stable string per kind of
+error (``model_not_found``, ``payload_too_large`` …) or null.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ from urllib.parse import urlsplit
 
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from llmos.errors import error_type
 
 if TYPE_CHECKING:
     from llmos.server.app import DaemonState
@@ -79,9 +83,12 @@ _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # --------------------------------------------------------------------------
 
 
-def error_body(status: int, type_: str, message: str, param: str | None = None) -> dict[str, Any]:
-    """The JSON body of every error response the daemon sends."""
-    return {"error": {"message": message, "type": type_, "param": param, "code": status}}
+def error_body(
+    status: int, code: str | None, message: str, param: str | None = None
+) -> dict[str, Any]:
+    """The JSON body of every error response the daemon sends: OpenAI's, with
+    ``type`` from the status and ``code`` the kind of error (or ``None``)."""
+    return {"error": {"message": message, "type": error_type(status), "param": param, "code": code}}
 
 
 def error_headers(status: int) -> dict[str, str]:
@@ -103,14 +110,14 @@ def error_headers(status: int) -> dict[str, str]:
 async def send_error(
     send: Send,
     status: int,
-    type_: str,
+    code: str | None,
     message: str,
     *,
     param: str | None = None,
     headers: Iterable[tuple[str, str]] = (),
 ) -> None:
     """Send a complete JSON error response from ASGI middleware."""
-    body = json.dumps(error_body(status, type_, message, param), separators=(",", ":")).encode()
+    body = json.dumps(error_body(status, code, message, param), separators=(",", ":")).encode()
     raw = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
@@ -177,13 +184,13 @@ class RequestContextMiddleware:
                 message = {**message, "headers": [*headers, header]}
             await send(message)
 
-        async def answer_if_unstarted(status_: int, type_: str, message: str) -> None:
+        async def answer_if_unstarted(status_: int, code: str | None, message: str) -> None:
             # Once a response has started (a stream that broke half-way)
             # nothing more can be said; uvicorn closes the connection because
             # the response never completed.
             if scope["type"] == "http" and status is None:
                 extra = [("Connection", "close")] if status_ == 503 else []
-                await send_error(send_with_id, status_, type_, message, headers=extra)
+                await send_error(send_with_id, status_, code, message, headers=extra)
 
         method = scope.get("method", "WEBSOCKET")
         path = scope.get("path", "")
@@ -204,9 +211,7 @@ class RequestContextMiddleware:
                 )
             except Exception:
                 log.exception("http.unhandled_error", method=method, path=path)
-                await answer_if_unstarted(
-                    500, "internal_error", f"internal error (request id {request_id})"
-                )
+                await answer_if_unstarted(500, None, f"internal error (request id {request_id})")
             finally:
                 self.state.inflight -= 1
                 log.debug(
@@ -350,7 +355,7 @@ class HostCheckMiddleware:
                     receive,
                     send,
                     400,
-                    "invalid_request_error",
+                    "invalid_host",
                     f"this daemon does not answer to Host {shown[:100]!r} (a guard against "
                     "DNS rebinding); if that name is yours, add it to server.allowed_hosts",
                 )
@@ -358,7 +363,7 @@ class HostCheckMiddleware:
         if scope["type"] == "websocket" or scope.get("method", "GET") not in SAFE_METHODS:
             problem = self._write_problem(scope, host)
             if problem is not None:
-                await self._refuse(scope, receive, send, 403, "permission_error", problem)
+                await self._refuse(scope, receive, send, 403, "cross_origin_write", problem)
                 return
         await self.app(scope, receive, send)
 
@@ -383,14 +388,14 @@ class HostCheckMiddleware:
         return None
 
     async def _refuse(
-        self, scope: Scope, receive: Receive, send: Send, status: int, type_: str, message: str
+        self, scope: Scope, receive: Receive, send: Send, status: int, code: str, message: str
     ) -> None:
         if scope["type"] == "websocket":
             await receive()  # websocket.connect
             await send({"type": "websocket.close", "code": 1008, "reason": message[:120]})
             return
         log.info("http.refused_host", status=status, path=scope.get("path"), reason=message)
-        await send_error(send, status, type_, message)
+        await send_error(send, status, code, message)
 
 
 # --------------------------------------------------------------------------
@@ -428,7 +433,8 @@ class AccessMiddleware:
         if self._keys:
             problem = self._key_problem(scope)
             if problem is not None:
-                await self._refuse(scope, receive, send, 401, "authentication_error", problem)
+                # OpenAI's code, for a missing key as for a wrong one
+                await self._refuse(scope, receive, send, 401, "invalid_api_key", problem)
                 return
         busy = self.state.unavailable_reason()
         if busy is not None:
@@ -456,7 +462,7 @@ class AccessMiddleware:
         return None if matched else "invalid API key"
 
     async def _refuse(
-        self, scope: Scope, receive: Receive, send: Send, status: int, type_: str, message: str
+        self, scope: Scope, receive: Receive, send: Send, status: int, code: str, message: str
     ) -> None:
         if scope["type"] == "websocket":
             # Closing before accepting makes the server answer the handshake
@@ -466,7 +472,7 @@ class AccessMiddleware:
             return
         # While draining, tell keep-alive clients to reconnect (elsewhere).
         extra = [("Connection", "close")] if status == 503 else []
-        await send_error(send, status, type_, message, headers=extra)
+        await send_error(send, status, code, message, headers=extra)
 
 
 # --------------------------------------------------------------------------
@@ -529,7 +535,7 @@ class BodyLimitMiddleware:
             try:
                 size = int(declared)
             except ValueError:
-                await send_error(send, 400, "invalid_request_error", "invalid Content-Length")
+                await send_error(send, 400, None, "invalid Content-Length")
                 return
             if size > limit:
                 await send_error(
@@ -540,7 +546,7 @@ class BodyLimitMiddleware:
         received = 0
         body_done = False
         response_started = False
-        #: ``(status, type, message)`` that replaces the app's answer
+        #: ``(status, code, message)`` that replaces the app's answer
         refusal: tuple[int, str, str] | None = None
 
         async def next_message() -> Message:
@@ -588,8 +594,8 @@ class BodyLimitMiddleware:
             if refusal is None:
                 raise
         if refusal is not None:
-            status, type_, message = refusal
+            status, code, message = refusal
             if response_started:
                 log.warning("http.body_refused_after_response", status=status, reason=message)
             else:
-                await send_error(send, status, type_, message)
+                await send_error(send, status, code, message)

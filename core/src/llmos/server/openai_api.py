@@ -22,6 +22,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Annotated, Any, Literal, Self, TypeVar, cast
 
+import attrs
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import (
@@ -36,7 +37,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from llmos.errors import UsageError
+from llmos.errors import LlmosError, NotFoundError, UsageError
 from llmos.runtime.kernel import Kernel
 from llmos.runtime.limits import queued_cap
 from llmos.runtime.worker import StreamHandle
@@ -55,6 +56,7 @@ from llmos.types import (
     EmbedRequest,
     EmbedResult,
     Logprobs,
+    ModelCard,
     ResponseFormat,
     Sampling,
     StreamChunk,
@@ -65,6 +67,10 @@ from llmos.types import (
 )
 
 T = TypeVar("T")
+R = TypeVar("R", CompletionRequest, ChatRequest)
+
+#: what a request that leaves it out samples with: OpenAI's default
+DEFAULT_TEMPERATURE = 1.0
 
 #: JSON integers as OpenAI reads them: 64-bit signed. A seed past them would
 #: overflow in the backend (torch takes at most 2^64 - 1) as a 500.
@@ -293,6 +299,7 @@ class _Body(_Strict):
             raise UsageError(
                 f"{param} is not supported by llmos (yet): leave it out, or send {shown}",
                 param=param,
+                code="unsupported_parameter",
             )
         _unicode(self.model, "model")
         return self
@@ -771,13 +778,38 @@ class _Caps:
             )
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         self.lengths(stop, "stop")
+        # OpenAI's default, not the provider's: a request that leaves it out
+        # samples at temperature 1, as it would against OpenAI (the kernel's
+        # own default, which the CLI uses, is greedy). top_p stays unset: every
+        # provider reads that as 1, OpenAI's default, and a remote one is not
+        # sent a parameter its model may refuse (OpenAI's reasoning models).
         return Sampling(
             max_tokens=max_tokens,
-            temperature=body.temperature,
+            temperature=DEFAULT_TEMPERATURE if body.temperature is None else body.temperature,
             top_p=body.top_p,
             stop=tuple(stop),
             seed=body.seed,
         )
+
+
+def _wrap64(seed: int) -> int:
+    """``seed`` wrapped into a signed 64-bit integer, the range a seed takes."""
+    return (seed + _INT64) % (2 * _INT64) - _INT64
+
+
+def _choices(request: R, n: int) -> list[R]:
+    """One request per choice. With a seed, choice ``i`` samples with seed
+    ``seed + i``: the choices differ from each other (the same seed would
+    give ``n`` copies of one sample) and the whole answer is the same for the
+    same seed. Choice 0 keeps the seed itself, so ``n=1`` answers as before;
+    greedy choices are all the same, as they must be."""
+    sampling = request.sampling
+    if n == 1 or sampling.seed is None:
+        return [request] * n
+    return [
+        attrs.evolve(request, sampling=attrs.evolve(sampling, seed=_wrap64(sampling.seed + i)))
+        for i in range(n)
+    ]
 
 
 def _completion_logprobs(logprobs: Logprobs | None) -> dict[str, Any] | None:
@@ -825,11 +857,17 @@ def _usage(usages: Sequence[Usage]) -> dict[str, int]:
 
 
 def _overhead(started: float, timing: dict[str, float]) -> dict[str, str]:
+    """The timing headers. The overhead is what is left of the request's time
+    outside the model, its queue and loading the model (``x-llmos-load-ms``,
+    0 unless this request waited for a load): a first request that loads a
+    model for 40 s has not spent 40 s in llmos's own code."""
     total = time.perf_counter() - started
-    inside = timing.get("model_s", 0.0) + timing.get("queue_wait_s", 0.0)
+    load = timing.get("load_s", 0.0)
+    inside = timing.get("model_s", 0.0) + timing.get("queue_wait_s", 0.0) + load
     return {
         "x-llmos-overhead-ms": f"{max(total - inside, 0.0) * 1000:.3f}",
         "x-llmos-queue-ms": f"{timing.get('queue_wait_s', 0.0) * 1000:.3f}",
+        "x-llmos-load-ms": f"{load * 1000:.3f}",
         "x-llmos-batch-size": str(int(timing.get("batch_size", 0))),
     }
 
@@ -945,6 +983,23 @@ async def _respond(
     return JSONResponse(payload(results), headers=_overhead(started, timing))
 
 
+def _model_object(model_id: str, card: ModelCard) -> dict[str, Any]:
+    """OpenAI's model object for registered model ``model_id``: its card says
+    when it was made and which provider serves it."""
+    created = int(card.created_at.timestamp())
+    return {"id": model_id, "object": "model", "created": created, "owned_by": card.provider}
+
+
+def _configured_models(kernel: Kernel) -> Iterator[dict[str, Any]]:
+    """The model objects of the config's groups and ``[models.NAME]``
+    deployments, in the order ``/v1/models`` lists them."""
+    for name in kernel.config.section("groups"):
+        yield {"id": name, "object": "model", "created": 0, "owned_by": "group"}
+    for name, table in kernel.config.section("models").items():
+        owner = table.get("provider", "config") if isinstance(table, dict) else "config"
+        yield {"id": name, "object": "model", "created": 0, "owned_by": owner}
+
+
 def _chat_message(message: ChatMessageIn) -> ChatMessage:
     calls = tuple(
         ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments)
@@ -999,28 +1054,35 @@ def openai_router(kernel: Kernel) -> APIRouter:
 
     @router.get("/v1/models", summary="List the models a client can use")
     def list_models() -> dict[str, Any]:
-        data: list[dict[str, Any]] = []
-        for name in kernel.config.section("groups"):
-            data.append({"id": name, "object": "model", "created": 0, "owned_by": "group"})
-        for name, table in kernel.config.section("models").items():
-            owner = table.get("provider", "config") if isinstance(table, dict) else "config"
-            data.append({"id": name, "object": "model", "created": 0, "owned_by": owner})
+        data = [*_configured_models(kernel)]
         cursor = None
         while True:
             page = kernel.registry.store.search("", sort="name", limit=1000, cursor=cursor)
-            for hit in page.items:
-                card = hit.card
-                data.append(
-                    {
-                        "id": card.name,
-                        "object": "model",
-                        "created": int(card.created_at.timestamp()),
-                        "owned_by": card.provider,
-                    }
-                )
+            data.extend(_model_object(hit.card.name, hit.card) for hit in page.items)
             if not (cursor := page.next_cursor):
                 break
         return {"object": "list", "data": data}
+
+    @router.get("/v1/models/{model_id:path}", summary="One model a client can use")
+    def retrieve_model(model_id: str) -> dict[str, Any]:
+        """What ``client.models.retrieve`` reads: a group, a ``[models.NAME]``
+        deployment or a registered model (``name``, ``name@2``, ``name@alias``;
+        names may hold ``/``), as ``/v1/models`` lists it; 404 otherwise."""
+        for model in _configured_models(kernel):
+            if model["id"] == model_id:
+                return model
+        try:
+            card = kernel.registry.store.get(model_id)
+        except LlmosError as exc:
+            if exc.status >= 500:
+                raise
+            # a malformed name (a 400 from the registry) is no model either
+            raise NotFoundError(
+                f"model {model_id!r} not found; GET /v1/models lists the models",
+                param="model",
+                code="model_not_found",
+            ) from None
+        return _model_object(model_id, card)
 
     @router.post("/v1/chat/completions", summary="Chat (OpenAI-compatible)", response_model=None)
     async def chat_completions(body: ChatCompletionBody, http: Request) -> Response:
@@ -1065,7 +1127,7 @@ def openai_router(kernel: Kernel) -> APIRouter:
             return {**envelope, "choices": choices, "usage": _usage([r.usage for r in results])}
 
         return await _respond(
-            kernel, http, body.model, Capability.CHAT, [request] * body.n, started, payload
+            kernel, http, body.model, Capability.CHAT, _choices(request, body.n), started, payload
         )
 
     @router.post(
@@ -1079,18 +1141,21 @@ def openai_router(kernel: Kernel) -> APIRouter:
         caps.texts(prompts, "prompt")
         sampling = caps.sampling(body)
         requests = [
-            CompletionRequest(
-                prompt=p if isinstance(p, str) else "",
-                # token ids are fed as they are: only a model that supports them
-                # takes them (the kernel refuses the rest, naming prompt)
-                prompt_ids=None if isinstance(p, str) else p,
-                sampling=sampling,
-                budget=body.budget(),
-                echo=bool(body.echo),
-                logprobs=body.logprobs,
-            )
+            choice
             for p in prompts
-            for _ in range(body.n)
+            for choice in _choices(
+                CompletionRequest(
+                    prompt=p if isinstance(p, str) else "",
+                    # token ids are fed as they are: only a model that supports them
+                    # takes them (the kernel refuses the rest, naming prompt)
+                    prompt_ids=None if isinstance(p, str) else p,
+                    sampling=sampling,
+                    budget=body.budget(),
+                    echo=bool(body.echo),
+                    logprobs=body.logprobs,
+                ),
+                body.n,
+            )
         ]
         caps.count(len(requests), "n")  # n times the prompts is capped too
         envelope = {
