@@ -4,8 +4,10 @@
 true`` as server-sent events), ``/v1/embeddings``, and llmos's own
 ``/api/classify``. Requests are validated with caps before they reach a
 model; every call goes through the kernel (resolution, batching, events).
+``GET /v1/models/{id}`` answers for one model. Sampling defaults are
+OpenAI's (temperature 1), and ``n`` choices sample with seeds of their own.
 Responses carry ``x-llmos-overhead-ms``: the time the request spent in llmos
-outside the model and its queue.
+outside the model, its queue and the model's load (``x-llmos-load-ms``).
 """
 
 from __future__ import annotations
@@ -1078,7 +1080,7 @@ def openai_router(kernel: Kernel) -> APIRouter:
                 raise
             # a malformed name (a 400 from the registry) is no model either
             raise NotFoundError(
-                f"model {model_id!r} not found; GET /v1/models lists the models",
+                f"model {model_id[:200]!r} not found; GET /v1/models lists the models",
                 param="model",
                 code="model_not_found",
             ) from None
