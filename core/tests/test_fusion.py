@@ -681,3 +681,184 @@ def test_a_config_dev_file_under_an_unknown_user_is_a_clean_error(
         classify(kernel, "st", ["x"])
     with pytest.raises(UsageError, match="no such user"):
         kernel.fusions.analyse("st", [{"text": "x", "label": "pos"}])
+
+
+# --------------------------------------------------------------------------
+# never worse than the best member on dev data (issue 18)
+# --------------------------------------------------------------------------
+
+
+def _dev(texts: list[str], gold: list[str]) -> list[dict[str, str]]:
+    return [{"text": t, "label": g} for t, g in zip(texts, gold, strict=True)]
+
+
+def _right(p: float, gold: str) -> dict[str, float]:
+    """Scores that give the gold label probability ``p``."""
+    other = "neg" if gold == "pos" else "pos"
+    return {gold: p, other: 1 - p}
+
+
+def test_a_fusion_that_loses_on_dev_serves_its_best_member_and_says_why(
+    make_kernel, table_module, tmp_path: Path
+) -> None:
+    kernel = make_kernel()
+    texts = [f"r{i}" for i in range(10)]
+    gold = ["pos" if i % 2 else "neg" for i in range(10)]
+    # strong: right on r0..r7, but only just (0.55); wrong on r8, r9 -> 0.8.
+    # weak: right on r0..r5, confidently wrong on r6..r9 -> 0.6. On r6, r7 the
+    # weak member's 0.99 outvotes the strong one under every weighting tried
+    # (equal, accuracy 0.57, log-odds 0.77): the fusion is right on r0..r5 only.
+    pairs = list(enumerate(zip(texts, gold, strict=True)))
+    strong = {t: _right(0.55 if i < 8 else 0.45, g) for i, (t, g) in pairs}
+    weak = {t: _right(0.99 if i < 6 else 0.01, g) for i, (t, g) in pairs}
+    add(kernel, "strong", scores=strong)
+    add(kernel, "weak", scores=weak)
+    dev = _dev(texts, gold)
+
+    # a vote weighted by dev accuracy is the strong member's vote: it ties it and is kept
+    voted = kernel.fusions.create("voted", strategy="vote", members=["weak", "strong"], dev=dev)
+    assert voted.options["fusion"]["options"]["weighting"]["chosen"] == "accuracy"
+    assert voted.options["fusion"]["options"]["weighting"]["dev/accuracy"]["equal"] == 0.6
+    assert voted.options["fusion"]["fit"]["fallback"] is None
+    assert voted.scores["dev/accuracy"] == pytest.approx(0.8)
+
+    for strategy in ("mean",):
+        card = kernel.fusions.create(
+            f"lost-{strategy}", strategy=strategy, members=["weak", "strong"], dev=dev
+        )
+        fit = card.options["fusion"]["fit"]
+        assert fit["members"]["strong@1"]["dev/accuracy"] == pytest.approx(0.8)
+        assert fit["members"]["weak@1"]["dev/accuracy"] == pytest.approx(0.6)
+        assert fit["fused"]["dev/accuracy"] == pytest.approx(0.6)
+        reason = (
+            "on dev data (10 rows) the fusion scored 0.6000 < strong@1 0.8000:"
+            " strong@1 answers alone"
+        )
+        assert fit["fallback"] == {"member": 1, "model": "strong@1", "reason": reason}
+        assert card.scores["dev/accuracy"] == pytest.approx(0.8), "what it serves scores"
+        table_module().CALLS.clear()
+        results = classify(kernel, card.ref, texts)
+        assert [r.label for r in results] == [max(strong[t], key=strong[t].get) for t in texts]
+        meta = results[0].meta["fusion"]
+        assert meta["fallback"] == "strong@1" and meta["reason"] == reason
+        assert [m["model"] for m in meta["members"]] == ["strong@1"]
+        assert meta["skipped"] == ["weak@1"]
+        assert calls(table_module, "weak") == [], "the weaker member is not asked at all"
+        # llmos eval measures what is served
+        assert kernel.fusions.analyse(card.ref, dev)["accuracy"] == pytest.approx(0.8)
+
+    # a card from before the guard (no fallback in its options) still loads and fuses
+    old = kernel.registry.store.get("lost-mean")
+    conf = dict(old.options["fusion"])
+    conf["options"] = {k: v for k, v in conf["options"].items() if k != "fallback"}
+    conf["fit"] = {k: v for k, v in conf["fit"].items() if k not in ("fused", "fallback")}
+    kernel.registry.register(
+        ModelCard(
+            name="old-mean",
+            provider=old.provider,
+            format=old.format,
+            tasks=old.tasks,
+            parents=old.parents,
+            options={"fusion": conf},
+        ),
+        "test",
+    )
+    (r6,) = classify(kernel, "old-mean", ["r6"])
+    assert r6.label == "pos" and "fallback" not in r6.meta["fusion"]  # weak's 0.99 wins
+
+    # a config fusion with a dev file is guarded on its first load too
+    path = tmp_path / "lost.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in dev))
+    kernel.fusions._from_table(
+        "cfg-lost", {"strategy": "mean", "members": ["weak", "strong"], "dev": str(path)}
+    )
+    (answer,) = classify(kernel, "cfg-lost", ["r6"])
+    assert answer.label == "neg" and answer.meta["fusion"]["fallback"] == "strong@1"
+
+
+def test_a_fusion_that_wins_on_dev_keeps_fusing_with_weights_fitted_there(
+    make_kernel, table_module
+) -> None:
+    kernel = make_kernel()
+    texts = [f"w{i}" for i in range(12)]
+    gold = ["pos" if i % 2 else "neg" for i in range(12)]
+    # a: right on all but w8, w9 (where it is unsure) -> 10/12; b: right on w0..w5
+    # and w8, w9 (sure) -> 8/12. Equal weights lose w6, w7 (b's 0.8 against a's
+    # 0.78) -> 10/12, no better than a; weights by dev accuracy (a 0.5556) get all 12.
+    a_right = [0.9] * 6 + [0.78, 0.78, 0.45, 0.45, 0.9, 0.9]
+    b_right = [0.9] * 6 + [0.2, 0.2, 0.95, 0.95, 0.45, 0.45]
+    for name, right in (("a", a_right), ("b", b_right)):
+        rows = zip(texts, gold, right, strict=True)
+        add(kernel, name, scores={t: _right(p, g) for t, g, p in rows})
+    dev = _dev(texts, gold)
+    card = kernel.fusions.create("won", strategy="mean", members=["a", "b"], dev=dev)
+    options = card.options["fusion"]["options"]
+    assert options["weighting"]["chosen"] == "accuracy"
+    assert options["weighting"]["dev/accuracy"] == {
+        "equal": pytest.approx(10 / 12),
+        "accuracy": 1.0,
+        "log_odds": 1.0,
+    }
+    assert options["weights"] == pytest.approx([10 / 18, 8 / 18], abs=1e-6)
+    fit = card.options["fusion"]["fit"]
+    assert fit["fallback"] is None and fit["fused"]["dev/accuracy"] == 1.0
+    assert card.scores["dev/accuracy"] == 1.0
+    results = classify(kernel, "won", texts)
+    assert [r.label for r in results] == gold
+    assert "fallback" not in results[6].meta["fusion"]
+    assert [m["model"] for m in results[6].meta["fusion"]["members"]] == ["a@1", "b@1"]
+    # weights given by hand are kept: the fit only checks them
+    given = kernel.fusions.create(
+        "won-given",
+        strategy="mean",
+        members=["a", "b"],
+        options={"weights": [1, 1]},
+        dev=_dev(texts, gold),
+    )
+    assert given.options["fusion"]["options"] == {"weights": [1.0, 1.0]}
+    assert given.options["fusion"]["fit"]["fused"]["dev/accuracy"] == pytest.approx(10 / 12)
+    assert given.options["fusion"]["fit"]["fallback"] is None  # equal to a: kept
+
+
+def test_a_fusion_created_without_dev_data_warns_of_the_risk(
+    make_kernel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    kernel = make_kernel()
+    with serve_in_thread(kernel) as url:
+        body = httpx.post(
+            f"{url}/api/fusions",
+            json={"name": "web-risk", "strategy": "vote", "members": ["m1", "m2"]},
+        ).json()
+        (warning,) = body["warnings"]
+        assert "created without dev data" in warning and "best member" in warning
+        assert warning.endswith(
+            "llmos fuse create web-risk --strategy vote --member m1@1 --member m2@1 --dev DEV_FILE"
+        )
+        rank = httpx.post(
+            f"{url}/api/fusions",
+            json={"name": "one", "strategy": "mean", "members": ["m1"]},
+        ).json()
+        assert "warnings" not in rank, "one member: nothing to lose against"
+    kernel.stop()
+    monkeypatch.setenv("LLMOS_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("LLMOS_LOAD_PLUGINS", "llmos-table")
+    code = main(
+        ["fuse", "create", "risky", "--strategy", "mean", "--member", "m1", "--member", "m2",
+         "--option", "weights=[1,2]", "--json"]
+    )  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 0 and json.loads(out)["name"] == "risky", "--json output stays JSON"
+    assert "warning: risky@1 was created without dev data" in err
+    assert "--option 'weights=[1, 2]' --dev DEV_FILE" in err
+    dev = tmp_path / "dev.csv"
+    dev.write_text("text,label\nx,pos\ny,neg\nz,pos\n")
+    code = main(
+        ["fuse", "create", "checked", "--strategy", "mean", "--member", "m1", "--member", "m2",
+         "--dev", str(dev)]
+    )  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 0 and "warning" not in err
+    # m1 is right on all three rows, m2 on y only: equal weights lose z (0.4), weights
+    # by dev accuracy (0.75, 0.25) get all three
+    assert "fused on dev: 1.0000" in out and "weights: accuracy (dev accuracy equal 0.6667" in out
+    assert "fallback" not in out

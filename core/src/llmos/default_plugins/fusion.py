@@ -6,7 +6,13 @@ zero-shot over the labels its member table names):
 
 * ``vote`` — each member's label is a vote (``weights`` optional); the
   scores are the vote shares, a tie goes to the higher mean probability;
-* ``mean`` — the (weighted) average of the members' probabilities;
+* ``mean`` — the (weighted) average of the members' probabilities.
+  With dev data and no ``weights`` given, both weigh their members: equal
+  weights, weights proportional to each member's dev accuracy, or to its
+  log-odds ``log(a / (1 - a))`` (the optimal weights of a vote between
+  independent members; members at chance or below get 0) — whichever is the
+  most accurate on dev (the first of equals: equal weights are kept unless
+  another does better);
 * ``stack`` — learned on dev data: ``method = "weights"`` (the mean's
   weights that maximise the dev likelihood) or ``"logistic"`` (a small
   logistic regression over the members' probabilities);
@@ -186,6 +192,53 @@ def check_weighted(name: str) -> Callable[[Mapping[str, Any], Sequence[ModelCard
         return {} if weights is None else {"weights": weights}
 
     return check
+
+
+def _predict_weighted(
+    name: str, rows: Sequence[Sequence[Mapping[str, float]]], weights: Any
+) -> list[str]:
+    if name == "vote":
+        return [arith.vote_winner(list(r), weights) for r in rows]
+    return [_argmax(arith.mean(list(r), weights)) for r in rows]
+
+
+def fit_weighted(name: str) -> Callable[[FitData], dict[str, Any]]:
+    """Weights for ``vote``/``mean`` chosen on dev data (see the module docstring)."""
+
+    def fit(data: FitData) -> dict[str, Any]:
+        if data.options.get("weights") is not None:
+            return {}  # given by hand: kept
+        rows = _fit_rows(data)
+        gold = list(data.gold)
+        n = len(gold)
+        accuracy = [
+            sum(_argmax(o) == g for o, g in zip(outputs, gold, strict=True)) / n
+            for outputs in data.outputs
+        ]
+        # a member right on every dev row is not infinitely sure: clip by half a row
+        clipped = [min(max(a, 0.5 / n), 1 - 0.5 / n) for a in accuracy]
+        log_odds = [max(0.0, math.log(a / (1 - a))) for a in clipped]
+        candidates: dict[str, list[float] | None] = {"equal": None}
+        for key, raw in (("accuracy", accuracy), ("log_odds", log_odds)):
+            if sum(raw) > 0:
+                candidates[key] = [round(w / sum(raw), 6) for w in raw]
+        scored = {
+            key: arith.accuracy(_predict_weighted(name, rows, weights), gold)
+            for key, weights in candidates.items()
+        }
+        chosen = max(scored, key=lambda key: (scored[key], -list(scored).index(key)))
+        out: dict[str, Any] = {
+            "weighting": {
+                "chosen": chosen,
+                "dev/accuracy": scored,
+                "member_dev_accuracy": accuracy,
+            }
+        }
+        if candidates[chosen] is not None:
+            out["weights"] = candidates[chosen]
+        return out
+
+    return fit
 
 
 def combine_vote(call: FusionCall) -> list[ClassifyResult | None]:
@@ -565,6 +618,7 @@ STRATEGIES = (
         capabilities=CLASSIFY,
         combine=combine_vote,
         check=check_weighted("vote"),
+        fit=fit_weighted("vote"),
     ),
     FusionStrategySpec(
         name="mean",
@@ -572,6 +626,7 @@ STRATEGIES = (
         capabilities=CLASSIFY,
         combine=combine_mean,
         check=check_weighted("mean"),
+        fit=fit_weighted("mean"),
     ),
     FusionStrategySpec(
         name="stack",

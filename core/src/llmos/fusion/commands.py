@@ -67,11 +67,27 @@ def _show(card: ModelCard) -> None:
             "" if seconds is None else f"{seconds:.4f}",
         )
     console.print(table)
+    fit = info["fit"] or {}
+    fused = (fit.get("fused") or {}).get("dev/accuracy")
+    if fused is not None:
+        console.print(f"fused on dev: {fused:.4f}", markup=False)
+    weighting = info["options"].get("weighting")
+    if isinstance(weighting, dict) and weighting.get("chosen"):
+        tried = weighting.get("dev/accuracy") or {}
+        console.print(
+            f"weights: {weighting['chosen']} (dev accuracy "
+            + ", ".join(f"{k} {v:.4f}" for k, v in tried.items())
+            + ")",
+            markup=False,
+        )
+    if fit.get("fallback"):
+        console.print(f"fallback: {fit['fallback']['reason']}", markup=False)
     if info["scores"]:
         console.print(
             "scores: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(info["scores"].items()))
         )
-    shown = {k: v for k, v in info["options"].items() if k not in ("centroids", "model")}
+    hidden = ("centroids", "model", "weighting", "fallback")
+    shown = {k: v for k, v in info["options"].items() if k not in hidden}
     if shown:
         console.print("options: " + json.dumps(shown, default=str))
 
@@ -142,8 +158,11 @@ def fuse_group(get_kernel: KernelGetter) -> click.Group:
                 tags=tags,
                 created_by="cli",
             )
+            risk = kernel.fusions.risk(card)
         finally:
             kernel.stop()
+        if risk is not None:
+            click.echo(f"warning: {risk}", err=True)  # stderr: --json output stays JSON
         if as_json:
             emit_json(card.to_dict())
             return

@@ -21,12 +21,24 @@ label words); ``map`` renames the labels it answers with to the fusion's.
 A ``merge`` strategy (weight space) makes no fusion card: it writes a new
 model from its members' weights, which is registered with the merge as its
 lineage.
+
+Never worse than its best member on dev data: a fusion fitted on dev rows
+(``--dev``, ``dev`` in config or the API) that scores below its best member
+there serves that member alone (``options["fallback"]``, recorded in the
+fit; every answer's ``meta["fusion"]`` carries ``fallback`` and ``reason``).
+A strategy that trades accuracy for cost on purpose (a cascade's
+``target_ratio``/``target_accuracy``, recorded by its fit as
+``calibration.target_accuracy``) is held to the accuracy it was asked to
+keep instead. A classification fusion created without dev data is checked
+against nothing: :meth:`Fusions.risk` says so, with the command that adds dev
+data (``llmos fuse create`` prints it, ``POST /api/fusions`` returns it).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 import shutil
 import tempfile
 import threading
@@ -61,7 +73,14 @@ if TYPE_CHECKING:
     from llmos.plugin.manager import PluginManager, Registered
     from llmos.runtime.kernel import Kernel
 
-__all__ = ["PROVIDER", "Fusions", "OfflineCall", "offline_results", "strategy_rows"]
+__all__ = [
+    "PROVIDER",
+    "Fusions",
+    "OfflineCall",
+    "offline_results",
+    "served_strategy",
+    "strategy_rows",
+]
 
 log = structlog.get_logger("llmos.fusion")
 
@@ -202,11 +221,37 @@ def offline_results(
 ) -> tuple[list[Any], list[list[int]]]:
     """The strategy's answers over member answers in hand, and which members
     each row asked."""
+    strategy = served_strategy(strategy, options)
     assert strategy.combine is not None
     requests = [ClassifyRequest(text=t) for t in texts]
     call = OfflineCall(kernel, members, requests, options, outputs, seconds)
     results = strategy.combine(call)
     return list(results), [sorted(call.asked[row]) for row in range(len(texts))]
+
+
+def served_strategy(spec: FusionStrategySpec, options: Mapping[str, Any]) -> FusionStrategySpec:
+    """``spec`` as a fusion with these (fitted) options serves it: the
+    strategy itself, or — when its fit fell back (``options["fallback"]``) —
+    its best member alone, every answer saying so in its meta."""
+    fallback = options.get("fallback")
+    if not isinstance(fallback, Mapping) or spec.combine is None:
+        return spec
+    index, model = int(fallback["member"]), str(fallback["model"])
+    reason = str(fallback.get("reason", ""))
+
+    def combine(call: Any) -> list[Any]:
+        rows = list(range(len(call.requests)))
+        answers = call.ask(index, rows)
+        for row in rows:
+            call.note(row, fallback=model, reason=reason)
+        return [answers.get(row) for row in rows]
+
+    return attrs.evolve(spec, combine=combine)
+
+
+def _best_member(accuracy: Sequence[float], seconds: Sequence[float]) -> int:
+    """The most accurate member (the cheaper one of equals)."""
+    return max(range(len(accuracy)), key=lambda i: (accuracy[i], -seconds[i]))
 
 
 # --------------------------------------------------------------------------
@@ -358,7 +403,42 @@ class Fusions:
         )
         stored = self.kernel.registry.register(card, created_by, if_changed=if_changed)
         log.info("fusion.created", model=stored.ref, strategy=strategy, members=card.parents)
+        risk = self.risk(stored)
+        if risk is not None:
+            # the CLI and the API hand it to their caller; a config fusion has only the log
+            (log.warning if created_by == "config" else log.info)(
+                "fusion.unchecked", model=stored.ref, warning=risk
+            )
         return stored
+
+    def risk(self, card: ModelCard) -> str | None:
+        """What can go wrong with ``card``, a fusion never checked against its
+        members (no dev data, no dev file), and the command that checks it;
+        ``None`` when it was (or cannot be: one member, no classification)."""
+        conf = card.options.get("fusion")
+        if not isinstance(conf, Mapping) or "fit" in conf or conf.get("dev_file"):
+            return None
+        members = conf.get("members") or []
+        strategies = self.kernel.load_plugins().fusion_strategies
+        registered = strategies.get(str(conf.get("strategy")))
+        if len(members) < 2 or registered is None:
+            return None
+        if Capability.CLASSIFY not in registered.spec.capabilities:
+            return None
+        command = ["llmos", "fuse", "create", card.name, "--strategy", str(conf["strategy"])]
+        for table in members:
+            plain = isinstance(table, Mapping) and not table.get("labels") and not table.get("map")
+            member = table["model"] if plain else json.dumps(dict(table), ensure_ascii=False)
+            command += ["--member", member]
+        for key, value in (conf.get("given") or {}).items():
+            command += ["--option", f"{key}={json.dumps(value)}"]
+        return (
+            f"{card.ref} was created without dev data: nothing checks that it does better"
+            " than its best member (a mean of a strong and a weaker member can lose to the"
+            " strong one). With labelled dev rows the members are weighed on them and the"
+            " fusion serves its best member alone when it loses there: "
+            + shlex.join([*command, "--dev", "DEV_FILE"])
+        )
 
     def _check_options(
         self,
@@ -447,23 +527,45 @@ class Fusions:
         results, asked = offline_results(
             self.kernel, spec, members, fitted, texts, outputs, seconds
         )
-        right = sum(r.label == g for r, g in zip(results, gold, strict=True))
-        member_accuracy = {
-            m.ref: sum(o.label == g for o, g in zip(outputs[i], gold, strict=True)) / len(rows)
-            for i, m in enumerate(members)
-        }
+        fused = sum(r.label == g for r, g in zip(results, gold, strict=True)) / len(rows)
+        accuracy = [
+            sum(o.label == g for o, g in zip(outputs[i], gold, strict=True)) / len(rows)
+            for i in range(len(members))
+        ]
         calls = sum(len(a) for a in asked) / len(rows)
+        best = _best_member(accuracy, seconds)
+        # the accuracy the fusion must keep on dev: its best member's, or the
+        # target a strategy that trades accuracy for cost was given (cascade)
+        bar, against = accuracy[best], f"{members[best].ref} {accuracy[best]:.4f}"
+        target = (fitted.get("calibration") or {}).get("target_accuracy")
+        if isinstance(target, int | float) and target < bar:
+            bar, against = float(target), f"its target {target:.4f} (best member {against})"
+        fallback = None
+        if len(members) > 1 and fused < bar - 1e-12:
+            fallback = {
+                "member": best,
+                "model": members[best].ref,
+                "reason": f"on dev data ({len(rows)} rows) the fusion scored {fused:.4f}"
+                f" < {against}: {members[best].ref} answers alone",
+            }
+            fitted["fallback"] = fallback
+            calls = 1.0
         record = {
             "rows": len(rows),
             "hash": _rows_hash(rows),
             "members": {
-                m.ref: {"dev/accuracy": member_accuracy[m.ref], "seconds_per_row": seconds[i]}
+                m.ref: {"dev/accuracy": accuracy[i], "seconds_per_row": seconds[i]}
                 for i, m in enumerate(members)
             },
             "member_calls_per_row": calls,
+            "fused": {"dev/accuracy": fused},
+            "best_member": {"model": members[best].ref, "dev/accuracy": accuracy[best]},
+            "fallback": fallback,
         }
-        scores = {"dev/accuracy": right / len(rows)}
-        log.info("fusion.fitted", strategy=spec.name, rows=len(rows), **scores)
+        scores = {"dev/accuracy": accuracy[best] if fallback else fused}
+        if fallback:
+            log.warning("fusion.fallback", strategy=spec.name, **fallback)
+        log.info("fusion.fitted", strategy=spec.name, rows=len(rows), fused=fused, **scores)
         return fitted, record, scores
 
     def _keep_rows(self, name: str, rows: Sequence[Mapping[str, Any]]) -> Path:
@@ -807,7 +909,7 @@ class Fusions:
         return FusedModel(
             self.kernel,
             card,
-            spec,
+            served_strategy(spec, options),
             members,
             options,
             frozenset(capabilities),

@@ -2,7 +2,9 @@
 
 * ``POST /api/fusions`` — create (and, with ``dev``, fit) a fusion; 201 with
   its card. ``dev`` is rows (``[{"text": ..., "label": ...}]``) or the path of
-  a file under the data folder or ``[registry] allowed_roots``;
+  a file under the data folder or ``[registry] allowed_roots``. Without
+  ``dev`` a classification fusion is checked against nothing: the card comes
+  with ``"warnings": [...]`` saying so;
 * ``GET /api/fusions`` — the registered fusions;
 * ``GET /api/fusions/strategies`` — the installed strategies;
 * ``GET /api/fusions/{name}`` — one fusion's card.
@@ -86,7 +88,8 @@ def fusions_router(kernel: Kernel) -> APIRouter:
                 tags=body.tags,
                 created_by=CREATED_BY,
             )
-            return card.to_dict()
+            risk = kernel.fusions.risk(card)
+            return {**card.to_dict(), **({"warnings": [risk]} if risk else {})}
 
         return JSONResponse(await run_in_threadpool(work), status_code=201)
 
