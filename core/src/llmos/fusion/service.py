@@ -105,6 +105,9 @@ _TASKS = {
 #: rows of dev data a fusion is fitted on, at most
 MAX_FIT_ROWS = 20_000
 FIT_BATCH = 32
+#: what a config fusion's cached fit was made by (2: weights chosen on dev and
+#: the fallback to the best member)
+FIT_VERSION = 2
 
 
 def strategy_rows(plugins: PluginManager) -> list[dict[str, Any]]:
@@ -930,7 +933,15 @@ class Fusions:
         rows = load_file(_config_path(dev_file))
         key = hashlib.sha256(
             json.dumps(
-                [card.ref, spec.name, options, [m.ref for m in members], _rows_hash(rows)],
+                # FIT_VERSION: a fit cached before the dev guard is made again
+                [
+                    card.ref,
+                    spec.name,
+                    options,
+                    [m.ref for m in members],
+                    _rows_hash(rows),
+                    FIT_VERSION,
+                ],
                 sort_keys=True,
                 default=str,
             ).encode()
