@@ -73,6 +73,61 @@ def test_echo_logprobs_equal_a_plain_forward(
         assert lp.token_logprobs[k] == lp.top_logprobs[k][0][1]
 
 
+def test_one_greedy_token_comes_from_the_scoring_run(llama: LoadedModel) -> None:
+    """What lm-eval sends (echo, logprobs=1, max_tokens=1, greedy) is answered
+    from one run of the prompt, without generate: the same token, and the
+    same figures as a longer answer's first token."""
+    one = Sampling(max_tokens=1, temperature=0)
+    prompt = "what is the capital of"
+    [fast] = llama.complete([CompletionRequest(prompt=prompt, sampling=one, echo=True, logprobs=1)])
+    [plain] = llama.complete([CompletionRequest(prompt=prompt, sampling=one)])
+    [longer] = llama.complete(
+        [CompletionRequest(prompt=prompt, sampling=GREEDY, echo=True, logprobs=1)]
+    )
+    assert fast.text == prompt + plain.text and fast.usage == plain.usage
+    assert fast.logprobs is not None and longer.logprobs is not None
+    n = len(fast.logprobs.tokens)
+    assert fast.logprobs.tokens == longer.logprobs.tokens[:n]
+    assert fast.logprobs.token_logprobs[1:] == pytest.approx(
+        longer.logprobs.token_logprobs[1:n], abs=1e-5
+    )
+
+
+def test_characters_split_over_tokens_are_given_whole() -> None:
+    """A byte-level tokenizer that knows every byte but few merges splits
+    é, 日 and 🎉 into several tokens: the token that completes a character
+    carries it (the others ""), so the tokens join into the text and each
+    sits at its offset."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from llmos_transformers import tokens
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["</s>"],
+        show_progress=False,
+    )
+    backend.train_from_iterator(["a cat sat on the mat"] * 3, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>")
+    text = "un café 日本 🎉 ok"
+    ids = tokenizer(text)["input_ids"]
+    assert len(ids) > len(text.split())  # characters split over tokens
+    names = tokens.pieces(tokenizer, ids)
+    assert "".join(names) == text and "" in names
+    for name, offset in zip(names, tokens.offsets(names, text), strict=True):
+        assert text[offset : offset + len(name)] == name
+    # the answer's part alone (after a prompt): the same pieces
+    assert tokens.pieces(tokenizer, ids, 5) == names[5:]
+    # a text cut inside a character: the last token holds what decodes
+    cut = tokens.pieces(tokenizer, ids[:-4])
+    assert "".join(cut) == tokenizer.decode(ids[:-4])
+
+
 def test_logprobs_without_echo_cover_the_answer_only(llama: LoadedModel) -> None:
     [result] = llama.complete([CompletionRequest(prompt="a dog ran", sampling=GREEDY, logprobs=0)])
     lp = result.logprobs

@@ -696,27 +696,33 @@ class CausalLM(ModelBase):
         return tokens.continuation_ids(self.tokenizer, text)
 
     def _token_logprobs(
-        self, ids: list[int], first: int, top: int
-    ) -> tuple[list[float | None], list[list[tuple[int, float]]]]:
+        self, ids: list[int], first: int, top: int, following: bool = False
+    ) -> tuple[list[float | None], list[list[tuple[int, float]]], int | None]:
         """The log-probability of each of ``ids[first:]`` given the tokens
         before it (``None`` for token 0, which nothing predicts), and the
         ``top`` most likely tokens at its position: the model's own
-        distribution (raw logits, whatever the request's temperature). The
-        sequence runs in steps into a cache, like a prefill, taking logits
-        and their log-softmax only at the positions reported."""
+        distribution (raw logits, whatever the request's temperature).
+        ``following``: one more entry, for the most likely token after
+        ``ids`` (a greedy continuation of one token, without ``generate``),
+        which comes back third (else ``None``).
+        The sequence runs in steps into a cache, like a prefill, taking
+        logits and their log-softmax only at the positions reported."""
         n = len(ids)
-        chosen: list[float | None] = [None] * (n - first)
-        tops: list[list[tuple[int, float]]] = [[] for _ in range(n - first)]
-        if self.context is not None and n > self.context:
+        last = n if following else n - 1  # positions whose logits are needed: < last
+        size = last + 1 - first
+        chosen: list[float | None] = [None] * size
+        tops: list[list[tuple[int, float]]] = [[] for _ in range(size)]
+        following_id: int | None = None
+        if self.context is not None and last >= self.context:
             raise UsageError(
-                f"the prompt and the answer are {n} tokens; model {self.card.ref!r} takes at"
-                f" most {self.context} tokens in all",
+                f"the prompt and the answer are {last + 1} tokens; model {self.card.ref!r} takes"
+                f" at most {self.context} tokens in all",
                 param="prompt",
             )
         per_token = self._attention(1, 1, n) + self._logits(1)
         step = max(_STEP_MIN, min(_STEP_MAX, self.budget // 4 // max(per_token, 1)))
         if self.cache_kw is None:  # a model that takes no cache runs it whole
-            step = n
+            step = max(last, 1)
         cost = self._kv(n) + self._attention(1, min(step, n), n) + self._logits(min(step, n))
         if cost > self.budget:
             raise self._too_big(f"log-probabilities of {n} tokens", cost)
@@ -724,9 +730,9 @@ class CausalLM(ModelBase):
         tensor = torch.tensor([ids], dtype=torch.long, device=self.device)
         cache: Any = None
         with self._lock, torch.inference_mode():
-            # position k's logits predict token k + 1: run up to the last but one
-            for at in range(0, n - 1, step):
-                end = min(at + step, n - 1)
+            # position k's logits predict token k + 1
+            for at in range(0, last, step):
+                end = min(at + step, last)
                 wanted = max(first - 1, at)  # the first position whose logits are needed
                 kwargs: dict[str, Any] = {"input_ids": tensor[:, at:end]}
                 if self.cache_kw is not None:
@@ -743,6 +749,9 @@ class CausalLM(ModelBase):
                     logprobs = torch.log_softmax(logits, dim=-1)
                     del logits
                     targets = tensor[0, wanted + 1 : end + 1]
+                    if end == n:  # past the sequence: its most likely next token
+                        following_id = int(logprobs[-1].argmax())
+                        targets = torch.cat([targets, targets.new_tensor([following_id])])
                     picked = logprobs.gather(-1, targets[:, None]).squeeze(-1).tolist()
                     if top:
                         values, indices = logprobs.topk(min(top, logprobs.shape[-1]), dim=-1)
@@ -759,7 +768,7 @@ class CausalLM(ModelBase):
                     del output
                 self._stop_if_cancelled(cancel)
             del cache
-        return chosen, tops
+        return chosen, tops, following_id
 
     def _logprobs(
         self, prompt: list[int], answer: _Generated, echo: bool, top: int, text: str
@@ -768,8 +777,22 @@ class CausalLM(ModelBase):
         with ``echo``); ``text`` is the result's text the offsets point into."""
         ids = prompt + tokens.kept(self.tokenizer, answer.ids, answer.text)
         first = 0 if echo else len(prompt)
-        chosen, tops = self._token_logprobs(ids, first, top)
+        chosen, tops, _ = self._token_logprobs(ids, first, top)
         return tokens.logprobs(self.tokenizer, ids, first, chosen, tops, text)
+
+    def _one_greedy(self, prompt: _Prompt, echo: bool, top: int) -> tuple[_Generated, Any]:
+        """A greedy answer of one token and the log-probabilities of the
+        prompt's tokens (``echo``) and its own, from one run of the
+        sequence: what an evaluation harness asks for each scored choice
+        (``echo``, ``logprobs``, ``max_tokens: 1``), at the cost of one
+        forward instead of a ``generate`` and a scoring run."""
+        first = 0 if echo else len(prompt.ids)
+        chosen, tops, token = self._token_logprobs(prompt.ids, first, top, following=True)
+        assert token is not None
+        answer = self._finish(prompt, [token])
+        if not tokens.kept(self.tokenizer, [token], answer.text):  # cut by a stop string
+            chosen, tops = chosen[:-1], tops[:-1]
+        return answer, (first, chosen, tops)
 
     # ------------------------------------------------------- capabilities
 
@@ -789,7 +812,21 @@ class CausalLM(ModelBase):
                 owners.append(i)
                 names.append(f"continuation {j} of prompt {i}")
         self._check_scored(pairs, names)  # before any generation runs
+        # a greedy token with logprobs comes from the scoring run itself
+        single = {
+            i: prompt
+            for i, prompt in prompts.items()
+            if prompt.limit == 1
+            and requests[i].logprobs is not None
+            and not tokens.samples(prompt.sampling)
+        }
+        for i in single:
+            del prompts[i]
         generated = dict(zip(prompts, self._run(list(prompts.values())), strict=True))
+        scored: dict[int, Any] = {}
+        for i, prompt in single.items():
+            request = requests[i]
+            generated[i], scored[i] = self._one_greedy(prompt, request.echo, request.logprobs or 0)
         logprobs: dict[int, list[float]] = {}
         for owner, score in zip(owners, self._score(pairs, names), strict=True):
             logprobs.setdefault(owner, []).append(score)
@@ -808,7 +845,11 @@ class CausalLM(ModelBase):
                 )
             text = prompt_text + results[i].text
             reported = None
-            if request.logprobs is not None:
+            if i in scored:
+                first, chosen, tops = scored[i]
+                ids = encoded[i] + tokens.kept(self.tokenizer, answer.ids, answer.text)
+                reported = tokens.logprobs(self.tokenizer, ids, first, chosen, tops, text)
+            elif request.logprobs is not None:
                 reported = self._logprobs(encoded[i], answer, request.echo, request.logprobs, text)
             results[i] = attrs.evolve(results[i], text=text, logprobs=reported)
         return results

@@ -43,7 +43,9 @@ __all__ = [
     "held_back",
     "kept",
     "logprobs",
+    "offsets",
     "piece",
+    "pieces",
     "prompt_ids",
     "room",
     "samples",
@@ -334,20 +336,52 @@ def chat_result(answer: Any, logprobs: Logprobs | None = None) -> ChatResult:
 _WINDOW = 4
 
 
+def _text(tokenizer: Any, ids: Sequence[int]) -> str:
+    return str(tokenizer.decode(list(ids), skip_special_tokens=False))
+
+
 def piece(tokenizer: Any, before: Sequence[int], token: int) -> str:
-    """The text ``token`` adds after the tokens ``before``: decoded in a few
-    tokens of context, because a token decoded alone may lose a leading
-    space (SentencePiece) or split a character (byte-level BPE). Special
-    tokens keep their text (``</s>``)."""
+    """The text ``token`` adds after the tokens ``before``, decoded in a few
+    tokens of context (a token decoded alone may lose a leading space, as
+    SentencePiece's do): how an alternative at a position is named."""
     context = list(before[-_WINDOW:])
-    head = str(tokenizer.decode(context, skip_special_tokens=False))
-    full = str(tokenizer.decode([*context, token], skip_special_tokens=False))
+    head = _text(tokenizer, context)
+    full = _text(tokenizer, [*context, token])
     if full.startswith(head):
         return full[len(head) :]
     same = 0  # a character completed by this token: what changed
     while same < min(len(head), len(full)) and head[same] == full[same]:
         same += 1
     return full[same:]
+
+
+def pieces(tokenizer: Any, ids: Sequence[int], start: int = 0) -> list[str]:
+    """The text each of ``ids[start:]`` adds, in context, such that they
+    join into the text of those ids. A token that ends inside a character
+    (byte-level tokenizers split UTF-8 sequences) adds ``""``, and the token
+    that completes the character adds all of it. Special tokens keep their
+    text (``</s>``). Decoded incrementally, a few tokens of context at a
+    time, as streaming detokenizers do."""
+    out: list[str] = []
+    prefix, read = max(start - _WINDOW, 0), start
+    for k in range(start, len(ids)):
+        head = _text(tokenizer, ids[prefix:read])
+        full = _text(tokenizer, ids[prefix : k + 1])
+        if len(full) > len(head) and not full.endswith("\ufffd"):
+            same = len(head)
+            if not full.startswith(head):  # a decoder that rewrote the context: what changed
+                same = 0
+                while same < len(head) and head[same] == full[same]:
+                    same += 1
+            out.append(full[same:])
+            prefix, read = read, k + 1
+        else:
+            out.append("")
+    if read < len(ids):  # a text that ends inside a character: the last token has the rest
+        head = _text(tokenizer, ids[prefix:read])
+        full = _text(tokenizer, ids[prefix:])
+        out[-1] = full[len(head) :] if full.startswith(head) else full
+    return out
 
 
 def kept(tokenizer: Any, ids: Sequence[int], text: str) -> list[int]:
@@ -358,11 +392,27 @@ def kept(tokenizer: Any, ids: Sequence[int], text: str) -> list[int]:
         return list(ids)
     out: list[int] = []
     at = 0
-    for i, token in enumerate(ids):
+    for token, name in zip(ids, pieces(tokenizer, ids), strict=True):
         if at >= len(text):
             break
         out.append(token)
-        at += len(piece(tokenizer, ids[:i], token))
+        at += len(name)
+    return out
+
+
+def offsets(names: Sequence[str], text: str) -> list[int]:
+    """Where each token's text starts in ``text``: one after the other; a
+    token whose text is not there (a special token the tokenizer added, a
+    leading space the decoder dropped) takes what of it is there, or no
+    room."""
+    out = []
+    at = 0
+    for name in names:
+        out.append(at)
+        if text.startswith(name, at):
+            at += len(name)
+        elif name.strip() and text.startswith(name.lstrip(), at):
+            at += len(name.lstrip())
     return out
 
 
@@ -376,23 +426,19 @@ def logprobs(
 ) -> Logprobs:
     """The :class:`Logprobs` of ``ids[first:]``: ``chosen[i]`` is the
     log-probability of ``ids[first + i]`` (``None`` for a prompt's first
-    token) and ``tops[i]`` the most likely ``(id, logprob)`` at its position.
-    Offsets are where each token's text starts in ``text`` (the answer, with
-    the prompt first when echoed): a token whose text is not there (a
-    special token the tokenizer added) takes no room."""
-    names: list[str] = []
-    offsets: list[int] = []
-    top_names: list[list[tuple[str, float]]] = []
-    at = 0
-    for i, token in enumerate(ids[first:], start=first):
-        name = piece(tokenizer, ids[:i], token)
-        names.append(name)
-        offsets.append(at)
-        if name and text.startswith(name, at):
-            at += len(name)
-        top_names.append([(piece(tokenizer, ids[:i], t), lp) for t, lp in tops[i - first]])
+    token) and ``tops[i]`` the most likely ``(id, logprob)`` at its position;
+    offsets point into ``text`` (the answer, with the prompt first when
+    echoed)."""
+    names = pieces(tokenizer, ids, first)
+    top_names = [
+        [(piece(tokenizer, ids[:i], t), lp) for t, lp in tops[i - first]]
+        for i in range(first, len(ids))
+    ]
     return Logprobs(
-        tokens=names, token_logprobs=chosen, top_logprobs=top_names, text_offset=offsets
+        tokens=names,
+        token_logprobs=chosen,
+        top_logprobs=top_names,
+        text_offset=offsets(names, text),
     )
 
 
