@@ -862,3 +862,19 @@ def test_a_fusion_created_without_dev_data_warns_of_the_risk(
     # by dev accuracy (0.75, 0.25) get all three
     assert "fused on dev: 1.0000" in out and "weights: accuracy (dev accuracy equal 0.6667" in out
     assert "fallback" not in out
+
+
+def test_a_stack_l2_that_would_diverge_is_refused(make_kernel) -> None:
+    # l2 = 1e6 made every logistic weight NaN, and the fit a 400 about NaN weights
+    kernel = make_kernel()
+    dev = [{"text": "x", "label": "pos"}, {"text": "y", "label": "neg"}]
+    with pytest.raises(UsageError, match=r"l2 must be a number in \[0, 2\], got 1000000.0"):
+        kernel.fusions.create(
+            "st", strategy="stack", members=["m1", "m2"], dev=dev,
+            options={"method": "logistic", "l2": 1e6},
+        )  # fmt: skip
+    card = kernel.fusions.create(
+        "st", strategy="stack", members=["m1", "m2"], dev=dev,
+        options={"method": "logistic", "l2": 2},
+    )  # fmt: skip
+    assert card.options["fusion"]["options"]["l2"] == 2.0

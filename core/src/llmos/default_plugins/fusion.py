@@ -265,8 +265,12 @@ def check_stack(options: Mapping[str, Any], members: Sequence[ModelCard]) -> dic
         raise UsageError("stack: give two or more members")
     out: dict[str, Any] = {"method": method}
     if "l2" in options:
-        if not _number(options["l2"]) or options["l2"] < 0:
-            raise UsageError("stack: l2 must be a number >= 0")
+        # each of the fit's gradient steps (size 0.5) scales the weights by
+        # 1 - 0.5 * l2: past 2 they grow without bound and end as NaN
+        if not _number(options["l2"]) or not 0 <= options["l2"] <= 2:
+            raise UsageError(
+                f"stack: l2 must be a number in [0, 2], got {options['l2']!r}", param="l2"
+            )
         out["l2"] = float(options["l2"])
     return out
 
