@@ -473,6 +473,13 @@ def test_structured_output_and_tools_are_refused_by_a_model_that_cannot(
     # never a 200 with free text where JSON or a tool call was asked for
     message = refused(post(daemon[1], "/v1/chat/completions", {**CHAT, **extra}), param)
     assert f"model 'parrot' does not support {param}" in message
+    # a deployment group too (its deployments may differ), streamed or not
+    flock = {**CHAT, "model": "flock", **extra}
+    message = refused(post(daemon[1], "/v1/chat/completions", flock), param)
+    assert "model 'flock' is a deployment group" in message
+    if param == "response_format":
+        streamed = {**CHAT, "stream": True, **extra}
+        refused(post(daemon[1], "/v1/chat/completions", streamed), param)
 
 
 @pytest.mark.parametrize(

@@ -72,6 +72,10 @@ class VllmModel(ModelBase):
     #: prompt_logprobs/logprobs would do it): the kernel refuses them with a
     #: 400 naming the field rather than answer without them
     supports_logprobs = False
+    #: response_format and tools are not served yet (vLLM's structured outputs
+    #: would do it): the API refuses them with a 400 naming the field rather
+    #: than answer free text where JSON or a tool call was asked for
+    chat_features: frozenset[str] = frozenset()
 
     def __init__(
         self,
