@@ -385,3 +385,16 @@ def test_lm_eval_loglikelihood_task_scores_what_the_provider_scores(
         theirs = [resp[0][0] for resp in sample["resps"]]
         assert theirs == pytest.approx(list(result.continuation_logprobs), abs=1e-3)
     assert not math.isnan(accuracy)
+
+
+def test_a_token_the_model_rules_out_is_reported_finite(hf_tokenizer: Any) -> None:
+    """-inf (a masked logit) is not JSON: it is reported as -9999, as vLLM does."""
+    from llmos_transformers import tokens
+
+    ids = hf_tokenizer("the cat")["input_ids"]
+    reported = tokens.logprobs(
+        hf_tokenizer, ids, 0, [None, -math.inf], [[], [(ids[1], -math.inf)]], "the cat"
+    )
+    assert reported.token_logprobs == (None, -9999.0)
+    assert reported.top_logprobs[1][0][1] == -9999.0
+    json.dumps(reported.token_logprobs, allow_nan=False)

@@ -334,6 +334,9 @@ def chat_result(answer: Any, logprobs: Logprobs | None = None) -> ChatResult:
 
 #: tokens of context a token's text is decoded in (see :func:`piece`)
 _WINDOW = 4
+#: the log-probability reported for a token the model rules out (-inf, which
+#: JSON cannot carry), as vLLM and OpenAI report it
+LOWEST_LOGPROB = -9999.0
 
 
 def _text(tokenizer: Any, ids: Sequence[int]) -> str:
@@ -431,12 +434,12 @@ def logprobs(
     echoed)."""
     names = pieces(tokenizer, ids, first)
     top_names = [
-        [(piece(tokenizer, ids[:i], t), lp) for t, lp in tops[i - first]]
+        [(piece(tokenizer, ids[:i], t), max(lp, LOWEST_LOGPROB)) for t, lp in tops[i - first]]
         for i in range(first, len(ids))
     ]
     return Logprobs(
         tokens=names,
-        token_logprobs=chosen,
+        token_logprobs=[None if lp is None else max(lp, LOWEST_LOGPROB) for lp in chosen],
         top_logprobs=top_names,
         text_offset=offsets(names, text),
     )
