@@ -223,11 +223,41 @@ def test_a_streamed_json_answer_is_the_same(model: LoadedModel) -> None:
     assert caught.value.param == "stream"
 
 
-def test_a_schema_the_enforcer_cannot_read_is_a_usage_error(model: LoadedModel) -> None:
-    fmt = ResponseFormat(type="json_schema", schema={"type": "no-such-type"}, name="x")
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "no-such-type"},  # refused as it is read
+        {"allOf": [{"type": "object"}, {"required": ["a"]}]},  # a keyword it cannot enforce
+        {"enum": [1, "a", None]},  # nor mixed enums
+        # it gives up half-way, at a reference to nothing: the answer is not JSON
+        {"type": "array", "items": {"$ref": "#/$defs/missing"}, "minItems": 1},
+    ],
+)
+def test_a_schema_the_enforcer_cannot_hold_is_a_usage_error(
+    model: LoadedModel, schema: dict
+) -> None:
+    fmt = ResponseFormat(type="json_schema", schema=schema, name="x")
     with pytest.raises(UsageError) as caught:
         chat(model, response_format=fmt)
     assert caught.value.param == "response_format"
+
+
+def test_one_of_and_const_are_enforced(model: LoadedModel) -> None:
+    # pydantic writes const for a Literal; oneOf is read as anyOf
+    schema = {
+        "type": "object",
+        "properties": {
+            "kind": {"const": "point", "type": "string"},
+            "version": {"const": 2},
+            "value": {"oneOf": [{"type": "boolean"}, {"type": "null"}]},
+        },
+        "required": ["kind", "version", "value"],
+        "additionalProperties": False,
+    }
+    result = chat(model, response_format=ResponseFormat(type="json_schema", schema=schema))
+    value = json.loads(result.message.content)
+    jsonschema_rs.validate(schema, value)
+    assert value["kind"] == "point" and value["version"] == 2
 
 
 def test_tools_and_calls_are_in_the_prompt(model: LoadedModel) -> None:

@@ -859,7 +859,11 @@ class CausalLM(ModelBase):
         back as ``tool_calls`` (:func:`structured.tool_result`)."""
         prompts = [self._chat_prompt(r) for r in requests]
         results = []
-        for request, prompt, answer in zip(requests, prompts, self._run(prompts), strict=True):
+        answers = self._run(prompts)
+        for prompt, answer in zip(prompts, answers, strict=True):
+            if prompt.constraint is not None and answer.finish_reason == "stop":
+                structured.check_json(answer.text, prompt.constraint.param)
+        for request, prompt, answer in zip(requests, prompts, answers, strict=True):
             reported = None
             if request.logprobs:
                 reported = self._logprobs(

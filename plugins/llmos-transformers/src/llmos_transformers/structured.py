@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import attrs
+import structlog
 
 from llmos.errors import UsageError
 from llmos.types import ChatMessage, ChatRequest, ChatResult, Tool, ToolCall
@@ -37,6 +38,7 @@ from llmos.types import ChatMessage, ChatRequest, ChatResult, Tool, ToolCall
 __all__ = [
     "Constraint",
     "answer_schema",
+    "check_json",
     "json_prompt",
     "parse_tool_calls",
     "token_data",
@@ -44,6 +46,8 @@ __all__ = [
     "tool_result",
     "tools_prompt",
 ]
+
+log = structlog.get_logger("llmos.transformers")
 
 #: whitespace a constrained answer may put in a row: enough for indented JSON,
 #: few enough that a model drawn to whitespace cannot spend its tokens on it
@@ -86,30 +90,84 @@ def token_data(tokenizer: Any, eos: frozenset[int], vocab: int) -> Any:
     return TokenEnforcerTokenizerData(regular, decode, sorted(eos), False, vocab)
 
 
+#: JSON Schema keywords lm-format-enforcer does not enforce: refused (a 400
+#: naming the field) rather than answered with JSON that ignores them
+_UNENFORCED = ("allOf", "not", "if", "then", "else", "patternProperties", "dependentSchemas")
+
+
+def _enforceable(schema: Any, param: str) -> Any:
+    """``schema`` as lm-format-enforcer reads it: ``oneOf`` as ``anyOf`` (a
+    generated value matches one of them either way, as good as), a ``const``
+    that is not a string as a one-value ``enum`` (pydantic writes ``const``
+    for a ``Literal``); a keyword it cannot enforce is a :class:`UsageError`."""
+    if isinstance(schema, list):
+        return [_enforceable(item, param) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in _UNENFORCED:
+            raise UsageError(
+                f"{param}: the JSON Schema uses {key!r}, which llmos cannot enforce while"
+                " generating: express it with properties, required, enum, anyOf and $ref",
+                param=param,
+            )
+        if key == "oneOf":
+            key = "anyOf"
+        if key == "const" and not isinstance(value, str):
+            key, value = "enum", [value]
+        if key in ("properties", "$defs", "definitions") and isinstance(value, dict):
+            out[key] = {name: _enforceable(sub, param) for name, sub in value.items()}
+        else:
+            out[key] = _enforceable(value, param)
+    return out
+
+
 class Constraint:
     """The tokens a row may pick next, given what it generated so far: one
-    per request (the parser keeps the request's state)."""
+    per request (the parser keeps the request's state). A schema the
+    enforcer cannot read, or cannot start an answer for, is a
+    :class:`UsageError` naming ``param``, before anything is generated."""
 
     def __init__(self, data: Any, schema: dict[str, Any], param: str) -> None:
         from lmformatenforcer import JsonSchemaParser
         from lmformatenforcer.tokenenforcer import TokenEnforcer
 
+        self.param = param
+        schema = _enforceable(schema, param)
         try:
             parser = JsonSchemaParser(schema)
-        except Exception as exc:  # pydantic's errors for a schema it cannot read
+            self.enforcer = TokenEnforcer(data, parser)  # gives the parser its config
+            config = parser.config
+            config.max_consecutive_whitespaces = MAX_WHITESPACE
+            self.enforcer.get_allowed_tokens([])  # the schema's root, checked now
+        except Exception as exc:  # pydantic's or the parser's errors
             raise UsageError(
                 f"{param}: this JSON Schema cannot be enforced: {type(exc).__name__}:"
-                f" {str(exc).splitlines()[0]}",
+                f" {(str(exc).splitlines() or [''])[0]}",
                 param=param,
             ) from exc
-        self.enforcer = TokenEnforcer(data, parser)  # gives the parser its config
-        config = parser.config
-        config.max_consecutive_whitespaces = MAX_WHITESPACE
-        # keys in the schema's order, as OpenAI's structured outputs write them
-        config.force_json_field_order = False
 
     def allowed(self, generated: list[int]) -> list[int]:
-        return list(self.enforcer.get_allowed_tokens(generated).allowed_tokens)
+        try:
+            return list(self.enforcer.get_allowed_tokens(generated).allowed_tokens)
+        except Exception:  # a part of the schema it cannot enforce: the row ends here
+            log.warning("structured.enforcer_failed", param=self.param, exc_info=True)
+            return list(self.enforcer.eos_token_id)
+
+
+def check_json(text: str, param: str) -> None:
+    """Refuse an answer generated under a JSON constraint that is not JSON:
+    the enforcer gave up on a part of the schema it could not enforce (it
+    ends the answer there), and the client must not get it as if it fit."""
+    try:
+        json.loads(text, strict=False)
+    except ValueError:
+        raise UsageError(
+            f"{param}: llmos could not hold the answer to this JSON Schema (lm-format-enforcer"
+            " gave up on a part of it): simplify the schema",
+            param=param,
+        ) from None
 
 
 def tool_call_schema(tools: Sequence[Tool]) -> dict[str, Any]:
