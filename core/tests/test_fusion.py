@@ -567,6 +567,29 @@ def test_fusions_over_http_with_budget_and_meta(make_kernel) -> None:
         assert outside.status_code == 400 and "dev:" in outside.json()["error"]["message"]
 
 
+def test_a_fusion_refuses_response_format_and_tools_naming_the_field(make_kernel) -> None:
+    # a fusion passes neither on to its members: a 400 naming the field, not
+    # a fused free-text answer where JSON or a tool call was asked for
+    kernel = make_kernel()
+    add(kernel, "g1", capabilities=["complete", "chat"], answers={"hi": "hello"})
+    add(kernel, "g2", capabilities=["complete", "chat"], answers={"hi": "hey"})
+    rules = {"rules": [{"member": "g2", "regex": "^h"}]}
+    kernel.fusions.create("pair", strategy="router", members=["g1", "g2"], options=rules)
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    asks = {
+        "response_format": {"response_format": {"type": "json_object"}},
+        "tools": {"tools": [tool], "tool_choice": "required"},
+    }
+    with serve_in_thread(kernel) as url:
+        body = {"model": "pair", "messages": [{"role": "user", "content": "hi"}]}
+        assert httpx.post(f"{url}/v1/chat/completions", json=body).status_code == 200
+        for field, extra in asks.items():
+            refused = httpx.post(f"{url}/v1/chat/completions", json={**body, **extra})
+            assert refused.status_code == 400, refused.text
+            error = refused.json()["error"]
+            assert error["param"] == field and "does not support" in error["message"]
+
+
 def test_the_fuse_commands(
     make_kernel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
