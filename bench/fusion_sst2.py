@@ -31,7 +31,16 @@ on the same rows: real wall time, escalations and latency saved.
 
 Goals from the issue: the best fusion beats the best single member; the
 cascade keeps >= 99% of the strongest member's accuracy with <= 60% of its
-calls (the rows that still reach the strongest member).
+calls (the rows that still reach the strongest member); and (issue 18) every
+served strategy is >= the best member on TEST, or it fell back on FIT to its
+best member, the reason in each answer's meta. ``cascade`` (target_ratio
+0.99) is held to its own target; ``cascade-1.0`` (target_ratio 1.0) to the
+best member like the rest.
+
+``--defaults`` tunes both MiniLM members with the methods' default
+hyper-parameters (only ``threads`` given), as a new user would;
+``--no-smollm2`` leaves the zero-shot member out (the issue's two-member case:
+``llmos fuse create F --strategy mean --member lora --member ia3``).
 
 JSON goes to ``bench/results/fusion_sst2.json`` (``--quick``: a small smoke
 run, to ``fusion_sst2-quick.json``).
@@ -76,6 +85,7 @@ STRATEGIES: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("stack-weights", "stack", {"method": "weights"}),
     ("stack-logistic", "stack", {"method": "logistic"}),
     ("cascade", "cascade", {"target_ratio": 0.99}),
+    ("cascade-1.0", "cascade", {"target_ratio": 1.0}),
     ("router", "router", {"embedder": EMBEDDER}),
 )
 
@@ -185,6 +195,7 @@ def tune(
         "seed": seed,
         "train_rows": len(train),
         "hyperparameters": {**hp, "threads": args.threads},
+        "resolved_hyperparameters": record.get("hyperparameters"),
         "job_dev_accuracy": current.result["scores"].get("dev/accuracy"),
         "tuning_wall_s": round(wall, 3),
         "trainable_parameters": record.get("trainable_parameters"),
@@ -401,6 +412,44 @@ def fusion_figures(
     return out
 
 
+def served_meta(kernel: Any, name: str, text: str) -> dict[str, Any]:
+    """One served answer's ``meta["fusion"]``: the fallback and its reason, if any."""
+    from llmos.types import Capability, ClassifyRequest
+
+    (result,) = kernel.call(name, Capability.CLASSIFY, [ClassifyRequest(text=text)])
+    meta = result.meta.get("fusion", {})
+    return {
+        "fallback": meta.get("fallback"),
+        "reason": meta.get("reason"),
+        "members_asked": [m["model"] for m in meta.get("members", ())],
+    }
+
+
+def guard_figures(card: Any) -> dict[str, Any]:
+    """What the fit recorded: the fused dev accuracy, the best member, the fallback."""
+    fit = card.options["fusion"].get("fit") or {}
+    fallback = fit.get("fallback")
+    return {
+        "fused_fit_accuracy": (fit.get("fused") or {}).get("dev/accuracy"),
+        "best_fit_member": (fit.get("best_member") or {}).get("model"),
+        "best_fit_member_accuracy": (fit.get("best_member") or {}).get("dev/accuracy"),
+        "fell_back": fallback is not None,
+        "fallback_reason": None if fallback is None else fallback["reason"],
+        "weighting": (card.options["fusion"]["options"].get("weighting") or {}).get("chosen"),
+    }
+
+
+def guard_figures_keys() -> tuple[str, ...]:
+    return (
+        "fused_fit_accuracy",
+        "best_fit_member",
+        "best_fit_member_accuracy",
+        "fell_back",
+        "fallback_reason",
+        "weighting",
+    )
+
+
 def served_cascade(
     kernel: Any,
     name: str,
@@ -515,13 +564,17 @@ def load() -> list[float]:
 
 
 def table(results: Mapping[str, Any]) -> str:
-    lines = [f"{'':18} {'accuracy':>9} {'calls/row':>10} {'s/row':>9} {'saved vs strongest':>19}"]
+    lines = [
+        f"{'':18} {'accuracy':>9} {'calls/row':>10} {'s/row':>9} {'saved vs strongest':>19}"
+        f" {'vs best':>8}  fell back"
+    ]
     for name, m in results["members"].items():
         lines.append(f"{name:18} {m['accuracy']:>9.4f} {1:>10} {m['seconds_per_row']:>9.4f}")
     for name, f in results["fusions"].items():
         lines.append(
             f"{name:18} {f['accuracy']:>9.4f} {f['member_calls_per_row']:>10.3f}"
             f" {f['member_seconds_per_row']:>9.4f} {f['time_saved_vs_strongest']:>19.1%}"
+            f" {f['ratio_to_best_member']:>8.4f}  {f['fallback_reason'] or ''}"
         )
     served = results.get("served_cascade")
     if served:
@@ -559,6 +612,12 @@ def main() -> None:
     )
     parser.add_argument("--no-prompt-check", action="store_true")
     parser.add_argument("--no-served", action="store_true", help="skip the served cascade")
+    parser.add_argument(
+        "--defaults",
+        action="store_true",
+        help="tune with the methods' default hyper-parameters (only threads given)",
+    )
+    parser.add_argument("--no-smollm2", action="store_true", help="two tuned members only")
     parser.add_argument("--quick", action="store_true", help="a small smoke run")
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
@@ -611,6 +670,10 @@ def main() -> None:
         "max_length": args.max_length,
         "warmup_ratio": 0.06,
     }
+    lrs = {"lora": {"learning_rate": args.lora_lr}, "ia3": {"learning_rate": args.ia3_lr}}
+    if args.defaults:
+        hp, lrs = {}, {"lora": {}, "ia3": {}}
+    results["tuned_with_defaults"] = args.defaults
     with tempfile.TemporaryDirectory(prefix="llmos-bench-fusion-") as home:
         kernel = make_kernel(Path(home), args.threads)
         try:
@@ -619,24 +682,24 @@ def main() -> None:
             tuned = {
                 "minilm-lora": tune(
                     kernel, "sst2-minilm-lora", "lora", data["train"][0], data["job_dev"],
-                    {**hp, "learning_rate": args.lora_lr}, args.seed, args,
+                    {**hp, **lrs["lora"]}, args.seed, args,
                 ),
                 "minilm-ia3": tune(
                     kernel, "sst2-minilm-ia3", "ia3", data["train"][1], data["job_dev"],
-                    {**hp, "learning_rate": args.ia3_lr}, args.seed + 1, args,
+                    {**hp, **lrs["ia3"]}, args.seed + 1, args,
                 ),
             }  # fmt: skip
             at = mark("tuning", at)
-            smollm2 = register_smollm2(kernel, args.smollm2_template)
-            tables = {
+            tables: dict[str, Any] = {
                 "minilm-lora": {"model": tuned["minilm-lora"]["model"]},
                 "minilm-ia3": {"model": tuned["minilm-ia3"]["model"]},
-                "smollm2": {
-                    "model": smollm2,
+            }
+            if not args.no_smollm2:
+                tables["smollm2"] = {
+                    "model": register_smollm2(kernel, args.smollm2_template),
                     "labels": list(WORDS),
                     "map": {WORDS[0]: "0", WORDS[1]: "1"},
-                },
-            }
+                }
             fusions = kernel.fusions
             resolved = {short: member_of(kernel, table) for short, table in tables.items()}
             short_of = {m.ref: short for short, m in resolved.items()}
@@ -672,7 +735,7 @@ def main() -> None:
             ordered = [tables[s] for s in order]
             results["members"] = members
             results["member_order"] = order
-            if not args.no_prompt_check:
+            if not args.no_prompt_check and not args.no_smollm2:
                 say("SmolLM2 with the plugin's default prompt, on FIT ...")
                 results["prompt_check"] = prompt_check(kernel, fit, args.batch)
                 at = mark("prompt_check", at)
@@ -693,6 +756,8 @@ def main() -> None:
                         for k, v in card.options["fusion"]["options"].items()
                         if k not in ("centroids",)
                     },
+                    **guard_figures(card),
+                    "served": served_meta(kernel, card.ref, test[0]["text"]),
                 }
             at = mark("fitting", at)
 
@@ -711,6 +776,21 @@ def main() -> None:
                 figures["fitted"] = created[name]["fitted"]
                 figures["fit_s"] = created[name]["fit_s"]
                 figures["analyse_s"] = round(time.perf_counter() - started, 3)
+                for key in (*guard_figures_keys(), "served"):
+                    figures[key] = created[name][key]
+                best_test = members[best_member]["accuracy"]
+                figures["best_member_accuracy"] = best_test
+                figures["ratio_to_best_member"] = (
+                    round(figures["accuracy"] / best_test, 4) if best_test else None
+                )
+                # cascade (target_ratio 0.99) trades accuracy for calls on purpose:
+                # held to its target; every other strategy to the best member
+                ratio = float(options.get("target_ratio", 1.0)) if strategy == "cascade" else 1.0
+                figures["bar"] = round(ratio * best_test, 4)
+                figures["at_least_bar"] = figures["accuracy"] >= figures["bar"] - 1e-9
+                figures["goal_met"] = figures["at_least_bar"] or (
+                    figures["fell_back"] and figures["served"]["reason"] is not None
+                )
                 if strategy == "router":
                     # the embedder runs on every request before the member
                     per_row = report["seconds"] / report["rows"] + embed_seconds
@@ -765,6 +845,13 @@ def main() -> None:
         "cascade_strongest_calls_share": cascade["strongest_member_calls_share"],
         "cascade_calls_at_most_60_percent": cascade["strongest_member_calls_share"] <= 0.60,
         "cascade_member_calls_per_row": cascade["member_calls_per_row"],
+        "fell_back": [f for f, v in results["fusions"].items() if v["fell_back"]],
+        "every_strategy_at_least_best_member_or_fell_back": all(
+            v["goal_met"] for v in results["fusions"].values()
+        ),
+        "below_bar_without_fallback": [
+            f for f, v in results["fusions"].items() if not v["goal_met"]
+        ],
         **(
             {
                 "served_latency_saved": served["latency_saved"],
