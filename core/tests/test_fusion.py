@@ -847,6 +847,18 @@ def test_a_fusion_created_without_dev_data_warns_of_the_risk(
     make_kernel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     kernel = make_kernel()
+    for name in ("g1", "g2"):
+        kernel.registry.register(
+            ModelCard(name=name, provider="table", tasks=("chat",), options={}), "test"
+        )
+    rules = {"rules": [{"member": "g1", "contains": "x"}]}
+    route = kernel.fusions.create(
+        "chat-route",
+        strategy="router",
+        members=["g1", "g2"],
+        options=rules,
+    )
+    assert route.tasks == ("chat",) and kernel.fusions.risk(route) is None, "dev rows classify"
     with serve_in_thread(kernel) as url:
         body = httpx.post(
             f"{url}/api/fusions",
@@ -857,11 +869,11 @@ def test_a_fusion_created_without_dev_data_warns_of_the_risk(
         assert warning.endswith(
             "llmos fuse create web-risk --strategy vote --member m1@1 --member m2@1 --dev DEV_FILE"
         )
-        rank = httpx.post(
+        single = httpx.post(
             f"{url}/api/fusions",
             json={"name": "one", "strategy": "mean", "members": ["m1"]},
         ).json()
-        assert "warnings" not in rank, "one member: nothing to lose against"
+        assert "warnings" not in single, "one member: nothing to lose against"
     kernel.stop()
     monkeypatch.setenv("LLMOS_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("LLMOS_LOAD_PLUGINS", "llmos-table")

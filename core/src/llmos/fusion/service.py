@@ -428,6 +428,8 @@ class Fusions:
             return None
         if Capability.CLASSIFY not in registered.spec.capabilities:
             return None
+        if card.tasks and _TASKS[Capability.CLASSIFY] not in card.tasks:
+            return None  # members that do not classify: dev rows could not score them
         command = ["llmos", "fuse", "create", card.name, "--strategy", str(conf["strategy"])]
         for table in members:
             plain = isinstance(table, Mapping) and not table.get("labels") and not table.get("map")
