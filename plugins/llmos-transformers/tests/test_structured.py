@@ -331,3 +331,22 @@ def test_auto_parses_a_call_and_honours_parallel_tool_calls(model: LoadedModel) 
     assert json.loads(parsed.tool_calls[0].arguments) == {"zone": "utc"}
     none = ChatRequest(messages=ASK, tools=(WEATHER, TIME), tool_choice="none")
     assert structured.tool_result(result, none) is result
+
+
+def test_only_schemas_are_rewritten_not_the_data_in_them() -> None:
+    schema = {
+        "type": "object",
+        "default": {"allOf": 1},  # data: neither refused nor rewritten
+        "properties": {
+            "not": {"const": 3, "examples": [{"oneOf": 1}]},  # a property named "not"
+            "b": {"oneOf": [{"type": "null"}], "enum": [{"const": 1}]},
+        },
+    }
+    assert structured._enforceable(schema, "response_format") == {
+        "type": "object",
+        "default": {"allOf": 1},
+        "properties": {
+            "not": {"enum": [3], "examples": [{"oneOf": 1}]},
+            "b": {"anyOf": [{"type": "null"}], "enum": [{"const": 1}]},
+        },
+    }

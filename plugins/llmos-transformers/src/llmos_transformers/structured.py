@@ -93,6 +93,8 @@ def token_data(tokenizer: Any, eos: frozenset[int], vocab: int) -> Any:
 #: JSON Schema keywords lm-format-enforcer does not enforce: refused (a 400
 #: naming the field) rather than answered with JSON that ignores them
 _UNENFORCED = ("allOf", "not", "if", "then", "else", "patternProperties", "dependentSchemas")
+#: keywords whose values are JSON data, not schemas
+_DATA = ("enum", "default", "examples", "title", "description", "required")
 
 
 def _enforceable(schema: Any, param: str) -> Any:
@@ -106,6 +108,9 @@ def _enforceable(schema: Any, param: str) -> Any:
         return schema
     out: dict[str, Any] = {}
     for key, value in schema.items():
+        if key in _DATA:  # values, not schemas: kept as they are
+            out[key] = value
+            continue
         if key in _UNENFORCED:
             raise UsageError(
                 f"{param}: the JSON Schema uses {key!r}, which llmos cannot enforce while"
