@@ -11,6 +11,7 @@ enough for a schema in its prompt.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -350,3 +351,86 @@ def test_only_schemas_are_rewritten_not_the_data_in_them() -> None:
             "b": {"anyOf": [{"type": "null"}], "enum": [{"const": 1}]},
         },
     }
+
+
+# --------------------------------------------------------------------------
+# Over HTTP, with the openai client
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory, json_llama_dir: Path) -> Iterator[Any]:
+    import openai
+
+    from llmos.config import load_config
+    from llmos.runtime.kernel import Kernel
+    from llmos.testing import serve_in_thread
+
+    kernel = Kernel(
+        load_config(
+            env={
+                "LLMOS_HOME": str(tmp_path_factory.mktemp("home")),
+                "LLMOS_LOAD_PLUGINS": "transformers",
+            },
+            overrides=[
+                "plugins.transformers.threads=1",
+                f'registry.allowed_roots=["{json_llama_dir.parent}"]',
+                'models.tiny.provider="transformers"',
+                f'models.tiny.source="{json_llama_dir}"',
+                "models.tiny.options.max_new_tokens=200",
+            ],
+        )
+    )
+    with serve_in_thread(kernel, timeout=300) as url:
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+
+def test_the_openai_client_reads_tool_calls_and_json(client: Any) -> None:
+    tool = {
+        "type": "function",
+        "function": {
+            "name": WEATHER.name,
+            "description": WEATHER.description,
+            "parameters": dict(WEATHER.parameters),
+        },
+    }
+    messages = [{"role": "user", "content": "what is the weather in paris?"}]
+    reply = client.chat.completions.create(
+        model="tiny",
+        messages=messages,
+        tools=[tool],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        temperature=0,
+    )
+    [choice] = reply.choices
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None and choice.message.role == "assistant"
+    [call] = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather"
+    jsonschema_rs.validate(dict(WEATHER.parameters), json.loads(call.function.arguments))
+    # the answer's message goes back as it came, with the tool's answer after it
+    turn = choice.message.model_dump(exclude_none=True)
+    answer = {"role": "tool", "tool_call_id": call.id, "content": "sunny"}
+    again = client.chat.completions.create(
+        model="tiny", messages=[*messages, turn, answer], temperature=0, max_tokens=5
+    )
+    assert again.choices[0].message.content and again.choices[0].message.tool_calls is None
+    formatted = client.chat.completions.create(
+        model="tiny",
+        messages=messages,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "answer", "schema": SCHEMA, "strict": True},
+        },
+        temperature=0,
+    )
+    jsonschema_rs.validate(SCHEMA, json.loads(formatted.choices[0].message.content))
+    streamed = client.chat.completions.create(
+        model="tiny",
+        messages=messages,
+        response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA}},
+        temperature=0,
+        stream=True,
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert text == formatted.choices[0].message.content
