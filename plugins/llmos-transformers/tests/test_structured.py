@@ -395,13 +395,16 @@ def test_the_openai_client_reads_tool_calls_and_json(client: Any) -> None:
         },
     }
     messages = [{"role": "user", "content": "what is the weather in paris?"}]
-    reply = client.chat.completions.create(
+    raw = client.chat.completions.with_raw_response.create(
         model="tiny",
         messages=messages,
         tools=[tool],
         tool_choice={"type": "function", "function": {"name": "get_weather"}},
         temperature=0,
     )
+    # the first request loaded the model to ask what it serves: a load, not overhead
+    assert float(raw.headers["x-llmos-load-ms"]) > 0
+    reply = raw.parse()
     [choice] = reply.choices
     assert choice.finish_reason == "tool_calls"
     assert choice.message.content is None and choice.message.role == "assistant"

@@ -973,10 +973,12 @@ async def _respond(
     requests: Sequence[Any],
     started: float,
     payload: Callable[[list[Any]], dict[str, Any]],
+    loaded: float = 0.0,
 ) -> Response:
     """Run the requests through the kernel (cancelled if the client hangs up)
-    and answer ``payload(results)`` with the overhead headers."""
-    timing: dict[str, float] = {}
+    and answer ``payload(results)`` with the overhead headers; ``loaded``:
+    seconds this request already spent loading the model (not overhead)."""
+    timing: dict[str, float] = {"load_s": loaded} if loaded else {}
     results = await _unless_disconnected(
         http, kernel.acall(model, capability, requests, timing=timing)
     )
@@ -1031,22 +1033,27 @@ def _message_out(message: ChatMessage) -> dict[str, Any]:
     }
 
 
-async def _check_features(kernel: Kernel, model: str, request: ChatRequest) -> None:
+async def _check_features(kernel: Kernel, model: str, request: ChatRequest) -> float:
     """Refuse ``response_format`` and ``tools`` (a 400 naming the field)
     unless the model's provider says it serves them (``chat_features``), so
     that no model answers free text where JSON or a tool call was asked for.
-    A deployment group is refused: its deployments may differ."""
+    A deployment group is refused: its deployments may differ. Returns the
+    seconds spent loading the model to ask it (0 when it was loaded)."""
     features = request.features()
     if not features:
-        return
+        return 0.0
     if kernel.router.has(model):
         raise UsageError(
             f"model {model!r} is a deployment group: {features[0]} is served only by a model"
             " named directly (its deployments may differ in what they support)",
             param=features[0],
         )
-    worker = kernel.models.peek(model) or await asyncio.to_thread(kernel.models.get, model)
+    loading: dict[str, float] = {}
+    worker = kernel.models.peek(model) or await asyncio.to_thread(
+        kernel.models.get, model, timing=loading
+    )
     check_chat_features(worker.model, model, [request])
+    return loading.get("load_s", 0.0)
 
 
 def openai_router(kernel: Kernel) -> APIRouter:
@@ -1100,7 +1107,7 @@ def openai_router(kernel: Kernel) -> APIRouter:
             top_logprobs=body.top_logprobs or 0,
             **body.tool_fields(),
         )
-        await _check_features(kernel, body.model, request)
+        loaded = await _check_features(kernel, body.model, request)
         envelope = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
@@ -1129,7 +1136,14 @@ def openai_router(kernel: Kernel) -> APIRouter:
             return {**envelope, "choices": choices, "usage": _usage([r.usage for r in results])}
 
         return await _respond(
-            kernel, http, body.model, Capability.CHAT, _choices(request, body.n), started, payload
+            kernel,
+            http,
+            body.model,
+            Capability.CHAT,
+            _choices(request, body.n),
+            started,
+            payload,
+            loaded=loaded,
         )
 
     @router.post(
