@@ -20,7 +20,13 @@ requests and every adapter's together (an adapter's carry its
 * ``classify``: zero-shot, the softmax of the labels' scores after the
   ``zero_shot_template`` prompt;
 * ``stream``: text as the tokens come; the last chunk of a request has its
-  ``finish_reason`` and ``usage``.
+  ``finish_reason`` and ``usage``;
+* token-id prompts, ``echo`` and ``logprobs`` (chat's ``logprobs`` and
+  ``top_logprobs``), with at most 1 most likely token per position (more is
+  a 400): vLLM's log-probabilities of each token of the answer (and of the
+  prompt with ``echo``), the model's raw distribution, asked one position at
+  a time as continuations are scored, and named and placed by
+  :func:`llmos_transformers.tokens.logprobs` as the transformers provider does.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from typing import Any
 
 import attrs
 
+from llmos.errors import UsageError
 from llmos.types import (
     Capability,
     ChatRequest,
@@ -39,11 +46,13 @@ from llmos.types import (
     ClassifyResult,
     CompletionRequest,
     CompletionResult,
+    Logprobs,
     ModelBase,
     ModelCard,
     Sampling,
     StreamChunk,
     Usage,
+    logprob_fields,
 )
 from llmos_transformers import tokens
 from llmos_vllm import engine as engines
@@ -68,10 +77,8 @@ class VllmModel(ModelBase):
 
     #: vLLM batches on its own: the kernel hands requests over as they come
     max_batch_size = None
-    #: token-id prompts, echo and logprobs are not served yet (vLLM's
-    #: prompt_logprobs/logprobs would do it): the kernel refuses them with a
-    #: 400 naming the field rather than answer without them
-    supports_logprobs = False
+    #: token-id prompts, echo and logprobs (vLLM's logprobs, a position at a time)
+    supports_logprobs = True
     #: response_format and tools are not served yet (vLLM's structured outputs
     #: would do it): the API refuses them with a 400 naming the field rather
     #: than answer free text where JSON or a tool call was asked for
@@ -105,13 +112,19 @@ class VllmModel(ModelBase):
     def _ids(self, request: CompletionRequest | ChatRequest) -> list[int]:
         if isinstance(request, ChatRequest):
             return tokens.chat_ids(self.tokenizer, self.card.ref, request.messages)
-        return tokens.encode(self.tokenizer, request.prompt)
+        return tokens.prompt_ids(self.tokenizer, request)
 
     def _room(self, ids: Sequence[int]) -> int:
         """Tokens the context (``max_model_len``) leaves after ``ids``."""
         return tokens.room(self.card.ref, ids, self.engine.max_model_len)
 
-    def _params(self, ids: Sequence[int], sampling: Sampling, *, delta: bool = False) -> Any:
+    def _params(
+        self,
+        ids: Sequence[int],
+        sampling: Sampling,
+        *,
+        delta: bool = False,
+    ) -> Any:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -142,6 +155,76 @@ class VllmModel(ModelBase):
             finish_reason=reason,
             usage=Usage(prompt_tokens=len(ids), completion_tokens=len(done)),
         )
+
+    def _check_top(self, top: int, param: str) -> None:
+        if top > 1:
+            raise UsageError(
+                f"model {self.card.ref!r} (vLLM) reports at most 1 most likely token per"
+                f" position; {param} = {top} asked for more: send 0 or 1, or serve the model"
+                " with the transformers provider",
+                param=param,
+            )
+
+    async def _positions(self, ids: list[int], first: int) -> list[dict[int, Any]]:
+        """vLLM's log-probabilities at positions ``first`` (at least 1) to the
+        end of ``ids``: each token's given those before it, and the most
+        likely token there; one request per position, a greedy token with
+        ``logprob_token_ids`` (the requests share their cached prefix, and a
+        request of this kind is what continuations are scored with).
+        Neither ``prompt_logprobs`` (with LoRA slots on, vLLM 0.32 fails on it
+        in any batch of two or more requests, and the engine dies) nor
+        ``logprobs`` (mixed in a batch with requests of this kind, vLLM 0.32
+        returns -inf garbage for them)."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        def params(token: int) -> Any:
+            return SamplingParams(
+                max_tokens=1,
+                temperature=0.0,
+                logprob_token_ids=[token],
+                detokenize=False,
+                output_kind=RequestOutputKind.FINAL_ONLY,
+            )
+
+        outputs = await asyncio.gather(
+            *(
+                self.engine.generate(ids[:k], params(ids[k]), self.lora)
+                for k in range(max(first, 1), len(ids))
+            )
+        )
+        return [dict(out.outputs[0].logprobs[0]) for out in outputs]
+
+    def _logprobs(
+        self, rows: Sequence[tuple[list[int], Generated, bool, int, str]]
+    ) -> list[Logprobs]:
+        """The :class:`Logprobs` of each ``(prompt, answer, echo, top, text)``:
+        of the answer's tokens (the prompt's too with ``echo``), with ``top``
+        (0 or 1) most likely tokens each; ``text`` is what the offsets point
+        into."""
+        sequences = []
+        for prompt, answer, echo, _, _ in rows:
+            ids = prompt + tokens.kept(self.tokenizer, answer.token_ids, answer.text)
+            sequences.append((ids, 0 if echo else len(prompt)))
+
+        async def all_of() -> list[list[dict[int, Any]]]:
+            return list(
+                await asyncio.gather(*(self._positions(ids, first) for ids, first in sequences))
+            )
+
+        reported = []
+        for (ids, first), entries, row in zip(
+            sequences, self.engine.run(all_of()), rows, strict=True
+        ):
+            top = row[3]
+            chosen: list[float | None] = [None] if first == 0 else []
+            tops: list[list[tuple[int, float]]] = [[]] if first == 0 else []
+            for k, entry in enumerate(entries, start=max(first, 1)):
+                chosen.append(float(entry[ids[k]].logprob))
+                ranked = sorted(entry.items(), key=lambda item: -item[1].logprob)
+                tops.append([(int(t), float(lp.logprob)) for t, lp in ranked[:top]])
+            reported.append(tokens.logprobs(self.tokenizer, ids, first, chosen, tops, row[4]))
+        return reported
 
     async def _score(self, ids: list[int], continuation: list[int]) -> float:
         """Summed log-probability of ``continuation`` after ``ids``: one
@@ -200,7 +283,9 @@ class VllmModel(ModelBase):
     def complete(self, requests: Sequence[CompletionRequest]) -> list[CompletionResult]:
         """Continue each prompt. A request with ``score_continuations`` is
         scored, and generates text only when it sets ``sampling.max_tokens``."""
-        prompts = [tokens.encode(self.tokenizer, r.prompt) for r in requests]
+        prompts = [tokens.prompt_ids(self.tokenizer, r) for r in requests]
+        for request in requests:
+            self._check_top(request.logprobs or 0, "logprobs")
         pairs = [
             (ids, tokens.continuation_ids(self.tokenizer, c))
             for ids, r in zip(prompts, requests, strict=True)
@@ -216,14 +301,40 @@ class VllmModel(ModelBase):
         scores, answers = self.engine.run(all_of())
         generated = dict(zip((i for i, _ in wanted), answers, strict=True))
         results = []
+        rows: dict[int, tuple[list[int], Generated, bool, int, str]] = {}
         for i, (ids, request) in enumerate(zip(prompts, requests, strict=True)):
             count = len(request.score_continuations)
             mine, scores = scores[:count], scores[count:]
-            results.append(tokens.completion_result(generated.get(i), len(ids), mine))
+            result = tokens.completion_result(generated.get(i), len(ids), mine)
+            answer = generated.get(i)
+            if answer is not None and (request.echo or request.logprobs is not None):
+                prompt_text = ""
+                if request.echo:
+                    prompt_text = (
+                        request.prompt
+                        if request.prompt_ids is None
+                        else tokens.decode(self.tokenizer, ids)
+                    )
+                result = attrs.evolve(result, text=prompt_text + result.text)
+                if request.logprobs is not None:
+                    rows[i] = (ids, answer, request.echo, request.logprobs, result.text)
+            results.append(result)
+        for i, reported in zip(rows, self._logprobs(list(rows.values())), strict=True):
+            results[i] = attrs.evolve(results[i], logprobs=reported)
         return results
 
     def chat(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
-        return [tokens.chat_result(g) for g in self.generate(requests)]
+        for request in requests:
+            self._check_top(request.top_logprobs, "top_logprobs")
+        prompts = [self._ids(r) for r in requests]  # bad input fails before any is sent
+        answers = self.generate(requests)
+        rows = {
+            i: (ids, answer, False, request.top_logprobs, answer.text)
+            for i, (ids, request, answer) in enumerate(zip(prompts, requests, answers, strict=True))
+            if request.logprobs
+        }
+        reported = dict(zip(rows, self._logprobs(list(rows.values())), strict=True))
+        return [tokens.chat_result(answer, reported.get(i)) for i, answer in enumerate(answers)]
 
     def stream(self, requests: Sequence[CompletionRequest | ChatRequest]) -> Iterator[StreamChunk]:
         """Chunks of every request as its tokens come (requests run together;
@@ -234,6 +345,9 @@ class VllmModel(ModelBase):
 
         jobs, texts = [], []
         for request in requests:
+            for field in logprob_fields(request):
+                if field != "prompt":  # token ids stream; logprobs are not streamed
+                    raise UsageError(f"{field} is not supported with streaming", param=field)
             ids = self._ids(request)
             jobs.append((ids, self._params(ids, request.sampling, delta=True), self.lora))
             texts.append(tokens.TextStream(decode, request.sampling.stop))
