@@ -28,6 +28,8 @@ from llmos.plugin import hookimpl
 from llmos.runtime.kernel import Kernel
 from llmos.types import (
     Capability,
+    ChatMessage,
+    ChatRequest,
     CompletionRequest,
     CompletionResult,
     LoadRequest,
@@ -36,7 +38,9 @@ from llmos.types import (
     MonitorEvent,
     MonitorSinkSpec,
     ProviderSpec,
+    ResponseFormat,
     StreamChunk,
+    Tool,
     Usage,
 )
 
@@ -320,6 +324,24 @@ def test_capability_not_declared_is_refused_before_queueing(make_kernel) -> None
     kernel = make_kernel('models.up.provider="upper"')
     with pytest.raises(CapabilityNotSupported, match="supports: complete, stream"):
         kernel.call("up", "embed", [])
+
+
+def test_chat_features_a_model_does_not_list_are_refused_by_the_kernel_too(
+    make_kernel, recorder
+) -> None:
+    """Not only the HTTP layer: a plugin or CLI calling the kernel with
+    response_format or tools on a model without them gets a 400 naming the
+    field, never free text where JSON or a tool call was asked for."""
+    kernel = make_kernel('models.up.provider="upper"')
+    ask = (ChatMessage("user", "x"),)
+    json_only = ChatRequest(messages=ask, response_format=ResponseFormat(type="json_object"))
+    with pytest.raises(UsageError, match="does not support response_format") as refused:
+        kernel.stream("up", json_only)
+    assert refused.value.param == "response_format"
+    tools = (Tool(name="f", parameters={"type": "object"}),)
+    with pytest.raises(UsageError, match="does not support tools"):
+        kernel.stream("up", ChatRequest(messages=ask, tools=tools))
+    assert recorder.tokens == 0, "the model never ran"
 
 
 def test_idle_models_are_unloaded_lru_under_the_memory_budget(make_kernel, recorder) -> None:

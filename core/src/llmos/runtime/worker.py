@@ -49,6 +49,7 @@ from llmos.types import (
     StreamChunk,
     Usage,
     cancel_scope,
+    check_chat_features,
     check_logprobs,
 )
 
@@ -203,6 +204,7 @@ class ModelWorker:
         """Queue ``requests`` (one caller's batch); the future gets their results."""
         self.check(capability)
         check_logprobs(self.model, self.name, requests)
+        check_chat_features(self.model, self.name, requests)
         job = _Job(capability, list(requests), _CallFuture(), time.perf_counter())
         self._enqueue(job, len(job.requests))
         return job.future
@@ -211,6 +213,7 @@ class ModelWorker:
         """Queue one streamed request; read its chunks from the handle."""
         self.check(Capability.STREAM)
         check_logprobs(self.model, self.name, [request])
+        check_chat_features(self.model, self.name, [request])
         handle = StreamHandle()
         job = _Job(Capability.STREAM, [request], _CallFuture(), time.perf_counter(), handle)
         self._enqueue(job, 1)
