@@ -93,7 +93,9 @@ def test_sampling_reaches_the_upstream(upstream, downstream, register) -> None:
     upstream.clear()
     kernel.call("remote", Capability.COMPLETE, [CompletionRequest(prompt="x")])
     [call] = upstream.calls
-    assert call["sampling"] == Sampling()  # nothing given: the upstream's defaults
+    # nothing given, nothing sent: the upstream's defaults (an llmos daemon's
+    # OpenAI routes sample at temperature 1 when a request names none, as OpenAI does)
+    assert call["sampling"] == Sampling(temperature=1.0)
 
 
 def test_max_completion_tokens_for_newer_vendors(scripted, downstream, register) -> None:
