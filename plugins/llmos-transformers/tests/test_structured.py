@@ -17,7 +17,6 @@ from typing import Any
 
 import jsonschema_rs
 import pytest
-import torch
 
 from llmos.errors import UsageError
 from llmos.types import (
@@ -30,11 +29,8 @@ from llmos.types import (
     ToolCall,
 )
 from llmos_transformers import structured, tokens
+from llmos_transformers.testing import CHAT_TEMPLATE, write_json_llama
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>\n{% endfor %}"
-    "{% if add_generation_prompt %}<s>assistant: {% endif %}"
-)
 #: a template that renders tools itself (as Qwen's and Llama 3's do)
 TOOLS_TEMPLATE = (
     "{% if tools %}<s>tools: {{ tools | tojson }}</s>\n{% endif %}"
@@ -89,49 +85,7 @@ ASK = (ChatMessage("user", "what is the weather in paris?"),)
 @pytest.fixture(scope="module")
 def json_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer Llama with a byte-level tokenizer that has all 256 bytes."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE(unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<unk>", "<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(TEXTS * 3, trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        unk_token="<unk>",
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    folder = tmp_path_factory.mktemp("json-llama")
-    tokenizer.save_pretrained(folder)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        initializer_range=0.2,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        model.lm_head.weight[:4] = 0  # never a special token unless forced
-        model.lm_head.weight *= 4
-    model.save_pretrained(folder)
-    return folder
+    return write_json_llama(tmp_path_factory.mktemp("json-llama"), texts=TEXTS)
 
 
 @pytest.fixture(scope="module")
