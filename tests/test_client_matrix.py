@@ -20,6 +20,7 @@ module's result.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 from collections.abc import Callable, Iterator
@@ -353,10 +354,16 @@ def test_openai_python(feature: str, client: openai.OpenAI, request: pytest.Fixt
 
 
 @pytest.fixture(scope="module")
-def litellm(base_url: str) -> Any:
+def litellm(base_url: str) -> Iterator[Any]:
+    # litellm's import quiets the "httpx" logger process-wide: put it back for
+    # the tests that run after this module (they read httpx's request lines)
+    httpx_logger = logging.getLogger("httpx")
+    level = httpx_logger.level
     import litellm as module  # in the dev group: make install brings it
+
     module.telemetry = False
-    return module
+    yield module
+    httpx_logger.setLevel(level)
 
 
 def _litellm_chat(lm: Any, url: str) -> None:

@@ -227,6 +227,9 @@ def test_the_key_is_in_no_log_line_registry_error_or_event(
     monkeypatch.setenv("WRONG_API_KEY", wrong)
     configure_logging("debug", fmt="json")
     logging.getLogger().setLevel(logging.DEBUG)  # httpx/httpcore debug lines too
+    quieted = {name: logging.getLogger(name).level for name in ("httpx", "httpcore")}
+    for name in quieted:  # another library may have quieted them (litellm does)
+        logging.getLogger(name).setLevel(logging.NOTSET)
     try:
         recorder = EventRecorder("test-events")
         kernel = downstream(
@@ -249,6 +252,8 @@ def test_the_key_is_in_no_log_line_registry_error_or_event(
         kernel.stop()
     finally:
         configure_logging("warning", fmt="console")
+        for name, level in quieted.items():
+            logging.getLogger(name).setLevel(level)
     out, err = capfd.readouterr()
     assert "openai.loaded" in err and "env:LLMOS_TEST_UPSTREAM_API_KEY" in err
     assert "HTTP Request: POST" in err, "the httpx lines were captured too"
