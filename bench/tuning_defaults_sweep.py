@@ -62,6 +62,7 @@ GRID: list[tuple[str, dict[str, Any]]] = [
     ("adalora", {"learning_rate": 5e-3}),
     ("lora", {"learning_rate": 1e-3, "r": 16, "lora_alpha": 32}),
     ("adalora", {"learning_rate": 2e-4}),  # the old default
+    ("adalora", {"learning_rate": 5e-4}),
 ]
 
 
