@@ -128,6 +128,26 @@ async def send_error(
     await send({"type": "http.response.body", "body": body})
 
 
+async def refuse(
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    status: int,
+    code: str,
+    message: str,
+    *,
+    headers: Iterable[tuple[str, str]] = (),
+) -> None:
+    """Refuse a request before the app sees it: the error shape over HTTP; a
+    websocket is closed before it is accepted, so the server answers its
+    handshake with 403 (there is no body to carry the error shape)."""
+    if scope["type"] == "websocket":
+        await receive()  # websocket.connect
+        await send({"type": "websocket.close", "code": 1008, "reason": message[:120]})
+        return
+    await send_error(send, status, code, message, headers=headers)
+
+
 def _header(scope: Scope, name: bytes) -> bytes | None:
     """The first value of request header ``name`` (lower-case), if any."""
     for key, value in scope.get("headers", ()):
@@ -390,12 +410,8 @@ class HostCheckMiddleware:
     async def _refuse(
         self, scope: Scope, receive: Receive, send: Send, status: int, code: str, message: str
     ) -> None:
-        if scope["type"] == "websocket":
-            await receive()  # websocket.connect
-            await send({"type": "websocket.close", "code": 1008, "reason": message[:120]})
-            return
         log.info("http.refused_host", status=status, path=scope.get("path"), reason=message)
-        await send_error(send, status, code, message)
+        await refuse(scope, receive, send, status, code, message)
 
 
 # --------------------------------------------------------------------------
@@ -464,15 +480,9 @@ class AccessMiddleware:
     async def _refuse(
         self, scope: Scope, receive: Receive, send: Send, status: int, code: str, message: str
     ) -> None:
-        if scope["type"] == "websocket":
-            # Closing before accepting makes the server answer the handshake
-            # with 403; there is no body to carry the error shape.
-            await receive()  # websocket.connect
-            await send({"type": "websocket.close", "code": 1008, "reason": message[:120]})
-            return
         # While draining, tell keep-alive clients to reconnect (elsewhere).
         extra = [("Connection", "close")] if status == 503 else []
-        await send_error(send, status, code, message, headers=extra)
+        await refuse(scope, receive, send, status, code, message, headers=extra)
 
 
 # --------------------------------------------------------------------------
