@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from llmos_transformers.testing import CHAT_TEMPLATE, write_llama
+
 __all__ = ["CHAT_TEMPLATE", "SENTENCES", "write_tiny_llama"]
 
 SENTENCES = [
@@ -24,56 +26,20 @@ SENTENCES = [
     "greet anna hello anna, nice to see you",
     "user: assistant: system:",
 ]
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>\n{% endfor %}"
-    "{% if add_generation_prompt %}<s>assistant: {% endif %}"
-)
 
 
 def write_tiny_llama(folder: Path, *, seed: int = 0, context: int = 256) -> Path:
     """Write the tiny Llama and its tokenizer into ``folder`` (safetensors,
     ``save_pretrained``); ``context`` is its ``max_position_embeddings``."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE(unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
+    return write_llama(
+        folder,
+        texts=SENTENCES,
+        chat_template=CHAT_TEMPLATE,
         vocab_size=320,
-        special_tokens=["<unk>", "<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(SENTENCES * 3, trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        unk_token="<unk>",
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
         hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=context,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        initializer_range=0.2,
+        heads=2,
+        kv_heads=1,
+        context=context,
+        head_scale=3.0,
+        seed=seed,
     )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        model.lm_head.weight[:4] = 0  # <unk> <pad> <s> </s>: logit 0, never the best
-        model.lm_head.weight[4:] *= 3
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
