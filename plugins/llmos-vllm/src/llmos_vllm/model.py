@@ -165,16 +165,14 @@ class VllmModel(ModelBase):
                 param=param,
             )
 
-    async def _positions(self, ids: list[int], first: int) -> list[dict[int, Any]]:
-        """vLLM's log-probabilities at positions ``first`` (at least 1) to the
-        end of ``ids``: each token's given those before it, and the most
-        likely token there; one request per position, a greedy token with
-        ``logprob_token_ids`` (the requests share their cached prefix, and a
-        request of this kind is what continuations are scored with).
-        Neither ``prompt_logprobs`` (with LoRA slots on, vLLM 0.32 fails on it
-        in any batch of two or more requests, and the engine dies) nor
-        ``logprobs`` (mixed in a batch with requests of this kind, vLLM 0.32
-        returns -inf garbage for them)."""
+    async def _asked(self, asks: Sequence[tuple[list[int], int]]) -> list[dict[int, Any]]:
+        """For each ``(prefix, token)``: vLLM's log-probabilities at the
+        position after ``prefix``, ``token``'s among them. One request per
+        position, a greedy token with ``logprob_token_ids`` (the requests share
+        their cached prefix). Neither ``prompt_logprobs`` (with LoRA slots on,
+        vLLM 0.32 fails on it in any batch of two or more requests, and the
+        engine dies) nor ``logprobs`` (mixed in a batch with requests of this
+        kind, vLLM 0.32 returns -inf garbage for them)."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -188,12 +186,15 @@ class VllmModel(ModelBase):
             )
 
         outputs = await asyncio.gather(
-            *(
-                self.engine.generate(ids[:k], params(ids[k]), self.lora)
-                for k in range(max(first, 1), len(ids))
-            )
+            *(self.engine.generate(prefix, params(token), self.lora) for prefix, token in asks)
         )
         return [dict(out.outputs[0].logprobs[0]) for out in outputs]
+
+    async def _positions(self, ids: list[int], first: int) -> list[dict[int, Any]]:
+        """vLLM's log-probabilities at positions ``first`` (at least 1) to the
+        end of ``ids``: each token's given those before it, and the most
+        likely token there."""
+        return await self._asked([(ids[:k], ids[k]) for k in range(max(first, 1), len(ids))])
 
     def _logprobs(
         self, rows: Sequence[tuple[list[int], Generated, bool, int, str]]
@@ -228,37 +229,15 @@ class VllmModel(ModelBase):
 
     async def _score(self, ids: list[int], continuation: list[int]) -> float:
         """Summed log-probability of ``continuation`` after ``ids``: one
-        request per token, each asking for that token's log-probability at the
-        one position it generates. (vLLM's ``prompt_logprobs`` would take one
-        request, but with LoRA on, vLLM 0.32 fails on it in any batch of two
-        or more requests, and the engine dies.)"""
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
-
+        request per token (see :meth:`_asked`)."""
         if not continuation:
             return 0.0
         self._room(ids + continuation[:-1])
-
-        def params(token: int) -> Any:
-            return SamplingParams(
-                max_tokens=1,
-                temperature=0.0,
-                logprob_token_ids=[token],
-                detokenize=False,
-                output_kind=RequestOutputKind.FINAL_ONLY,
-            )
-
-        outputs = await asyncio.gather(
-            *(
-                self.engine.generate(ids + continuation[:i], params(token), self.lora)
-                for i, token in enumerate(continuation)
-            )
+        entries = await self._asked(
+            [(ids + continuation[:i], token) for i, token in enumerate(continuation)]
         )
         return float(
-            sum(
-                out.outputs[0].logprobs[0][token].logprob
-                for out, token in zip(outputs, continuation, strict=True)
-            )
+            sum(entry[token].logprob for entry, token in zip(entries, continuation, strict=True))
         )
 
     def _scores(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[float]:
