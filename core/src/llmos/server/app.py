@@ -201,6 +201,9 @@ def create_app(kernel: Kernel) -> FastAPI:
     )
     app.state.kernel = kernel
     app.state.daemon = daemon
+    # The daemon's kernel runs the data folder's job queue: jobs any process
+    # queued there, and jobs whose kernel died (see JobManager), from its start.
+    kernel.jobs.adopt = True
     for router in _kernel_routers(kernel):
         app.include_router(router)
     _mount_plugin_routes(app, kernel)
@@ -256,14 +259,8 @@ def kernel_routes(kernel: Kernel) -> list[tuple[str, str]]:
     included, without building the daemon: what ``llmos plugins`` checks
     plugin routes against (:meth:`PluginManager.check_routes`)."""
     app = FastAPI(docs_url=None, redoc_url=None)  # as create_app: /openapi.json only
-    # tuning_router makes its kernel adopt the job queue, which only the
-    # daemon's kernel may do; this one is only asked for its routes.
-    adopt = kernel.jobs.adopt
-    try:
-        for router in _kernel_routers(kernel):
-            app.include_router(router)
-    finally:
-        kernel.jobs.adopt = adopt
+    for router in _kernel_routers(kernel):
+        app.include_router(router)
     return route_keys(app.routes)
 
 

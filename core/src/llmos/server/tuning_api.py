@@ -106,14 +106,9 @@ class MicrotuneIn(_Body):
 
 
 def tuning_router(kernel: Kernel) -> APIRouter:
-    """The tuning routes over ``kernel.jobs``.
-
-    The daemon's kernel runs the data folder's job queue: jobs any process
-    queued there, and jobs whose kernel died (see
-    :class:`~llmos.tuning.jobs.JobManager`), from the moment it starts.
-    """
+    """The tuning routes over ``kernel.jobs`` (the daemon's app makes its
+    kernel adopt the data folder's job queue: see ``create_app``)."""
     router = APIRouter()
-    kernel.jobs.adopt = True
 
     def split_data(data: DataIn) -> tuple[dict[str, Any], dict[str, Any]]:
         """``(files, inline)``: paths checked against the source policy."""
