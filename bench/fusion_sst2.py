@@ -426,11 +426,16 @@ def served_meta(kernel: Any, name: str, text: str) -> dict[str, Any]:
 
 
 def guard_figures(card: Any) -> dict[str, Any]:
-    """What the fit recorded: the fused dev accuracy, the best member, the fallback."""
+    """What the fit recorded: the fused dev accuracy (in sample and out of
+    fold), the best member, the fallback."""
     fit = card.options["fusion"].get("fit") or {}
     fallback = fit.get("fallback")
+    check = fit.get("out_of_fold") or {}
     return {
         "fused_fit_accuracy": (fit.get("fused") or {}).get("dev/accuracy"),
+        "fused_fit_accuracy_out_of_fold": check.get("accuracy"),
+        "folds": check.get("folds"),
+        "out_of_fold_s": check.get("seconds"),
         "best_fit_member": (fit.get("best_member") or {}).get("model"),
         "best_fit_member_accuracy": (fit.get("best_member") or {}).get("dev/accuracy"),
         "fell_back": fallback is not None,
@@ -442,6 +447,9 @@ def guard_figures(card: Any) -> dict[str, Any]:
 def guard_figures_keys() -> tuple[str, ...]:
     return (
         "fused_fit_accuracy",
+        "fused_fit_accuracy_out_of_fold",
+        "folds",
+        "out_of_fold_s",
         "best_fit_member",
         "best_fit_member_accuracy",
         "fell_back",

@@ -38,12 +38,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import shlex
 import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -76,6 +77,7 @@ if TYPE_CHECKING:
 __all__ = [
     "PROVIDER",
     "Fusions",
+    "HelperMemo",
     "OfflineCall",
     "offline_results",
     "served_strategy",
@@ -106,8 +108,15 @@ _TASKS = {
 MAX_FIT_ROWS = 20_000
 FIT_BATCH = 32
 #: what a config fusion's cached fit was made by (2: weights chosen on dev and
-#: the fallback to the best member)
-FIT_VERSION = 2
+#: the fallback to the best member; 3: a fitted strategy judged out of fold)
+FIT_VERSION = 3
+#: the out-of-fold check of a fitted strategy: at most this many folds ...
+CHECK_FOLDS = 5
+#: ... of at least this many dev rows each (fewer rows than two folds: the
+#: strategy is judged on the rows it was fitted on, and the fit says so)
+MIN_FOLD_ROWS = 10
+#: how a strategy calls a model that is not a member (``FitData.helper``)
+Helper = Callable[[str, Capability, Sequence[Any]], list[Any]]
 
 
 def strategy_rows(plugins: PluginManager) -> list[dict[str, Any]]:
@@ -188,10 +197,17 @@ class OfflineCall(Call):
         options: Mapping[str, Any],
         outputs: Sequence[Sequence[Any]],
         seconds: Sequence[float],
+        helper: Helper | None = None,
     ) -> None:
         super().__init__(kernel, members, Capability.CLASSIFY, requests, options, None)
         self._outputs = outputs
         self._seconds = seconds
+        self._helper = helper
+
+    def helper(self, model: str, capability: Capability, requests: Sequence[Any]) -> list[Any]:
+        if self._helper is not None:
+            return self._helper(model, capability, requests)
+        return super().helper(model, capability, requests)
 
     def _ask_many(
         self,
@@ -221,15 +237,56 @@ def offline_results(
     texts: Sequence[str],
     outputs: Sequence[Sequence[Any]],
     seconds: Sequence[float],
+    helper: Helper | None = None,
 ) -> tuple[list[Any], list[list[int]]]:
     """The strategy's answers over member answers in hand, and which members
-    each row asked."""
+    each row asked (``helper``: how it calls models that are not members, a
+    :class:`HelperMemo` to reuse their answers)."""
     strategy = served_strategy(strategy, options)
     assert strategy.combine is not None
     requests = [ClassifyRequest(text=t) for t in texts]
-    call = OfflineCall(kernel, members, requests, options, outputs, seconds)
+    call = OfflineCall(kernel, members, requests, options, outputs, seconds, helper)
     results = strategy.combine(call)
     return list(results), [sorted(call.asked[row]) for row in range(len(texts))]
+
+
+class HelperMemo:
+    """A strategy's calls to models that are not members (a router's
+    embedder), each request answered once: a fit, its out-of-fold check and
+    an analysis ask the same rows again and again. Only what is the same
+    every time is kept (embeddings, classifications); generation is asked
+    anew."""
+
+    KEPT = frozenset({Capability.EMBED, Capability.CLASSIFY})
+
+    def __init__(self, kernel: Kernel) -> None:
+        self.kernel = kernel
+        self.answers: dict[tuple[str, str, Any], Any] = {}
+        self.asked = 0  # requests the kernel answered
+        self.reused = 0  # requests answered from the memo
+
+    def __call__(self, model: str, capability: Capability, requests: Sequence[Any]) -> list[Any]:
+        if Capability(capability) not in self.KEPT:
+            return self.kernel.call(model, capability, requests)
+        keys = [(model, str(capability), _request_key(r)) for r in requests]
+        missing: dict[Any, Any] = {}
+        for key, request in zip(keys, requests, strict=True):
+            if key not in self.answers and key not in missing:
+                missing[key] = request
+        if missing:
+            got = self.kernel.call(model, capability, list(missing.values()))
+            self.answers.update(zip(missing, got, strict=True))
+            self.asked += len(missing)
+        self.reused += len(keys) - len(missing)
+        return [self.answers[key] for key in keys]
+
+
+def _request_key(request: Any) -> Any:
+    try:
+        hash(request)
+    except TypeError:
+        return repr(request)
+    return request
 
 
 def served_strategy(spec: FusionStrategySpec, options: Mapping[str, Any]) -> FusionStrategySpec:
@@ -501,44 +558,46 @@ class Fusions:
         dev: Sequence[Mapping[str, Any]],
     ) -> tuple[dict[str, Any], dict[str, Any], dict[str, float]]:
         """Learn the strategy's options on ``dev``; the options, a record of
-        the fit (rows, hash, each member's dev accuracy and cost) and the
-        fusion's dev scores."""
+        the fit (rows, hash, each member's dev accuracy and cost, the fused
+        accuracy in sample and out of fold, the fallback) and the fusion's
+        dev scores.
+
+        The guard (the module docstring) judges a strategy that learned
+        something from the dev rows on rows it was not fitted on: the dev
+        rows are split into folds (:meth:`_out_of_fold`), each fold answered
+        by the strategy fitted on the others — on the members' answers in
+        hand, no member asked again. A fit on the very rows it is scored on
+        flatters it (a router's centroids remember their rows). What is
+        served is still the fit on every dev row.
+        """
         rows = _dev_rows(dev)
         texts = [r["text"] for r in rows]
         gold = [r["label"] for r in rows]
         outputs, seconds = self.member_outputs(members, texts)
+        # the embedder of a router is asked each row once, for the fit and every fold
+        helper = HelperMemo(self.kernel)
         fitted = dict(options)
+        learned: dict[str, Any] = {}
         if spec.fit is not None:
-            data = FitData(
-                texts=texts,
-                gold=gold,
-                outputs=[[dict(r.scores) for r in answers] for answers in outputs],
-                seconds=seconds,
-                members=[m.card for m in members],
-                options=options,
-                helper=lambda model, capability, requests: self.kernel.call(
-                    model, capability, requests
-                ),
-            )
-            try:
-                learned = spec.fit(data)
-            except LlmosError:
-                raise
-            except Exception as exc:
-                raise PluginError(
-                    f"fusion strategy {spec.name!r} failed fitting: {type(exc).__name__}: {exc}"
-                ) from exc
+            learned = self._fit_on(spec, members, options, texts, gold, outputs, seconds, helper)
             fitted.update(learned)
         results, asked = offline_results(
-            self.kernel, spec, members, fitted, texts, outputs, seconds
+            self.kernel, spec, members, fitted, texts, outputs, seconds, helper
         )
-        fused = sum(r.label == g for r, g in zip(results, gold, strict=True)) / len(rows)
+        fused = combine.accuracy([r.label for r in results], gold)
         accuracy = [
-            sum(o.label == g for o, g in zip(outputs[i], gold, strict=True)) / len(rows)
-            for i in range(len(members))
+            combine.accuracy([o.label for o in outputs[i]], gold) for i in range(len(members))
         ]
         calls = sum(len(a) for a in asked) / len(rows)
         best = _best_member(accuracy, seconds)
+        if len(members) < 2:
+            check: dict[str, Any] = {"folds": 0, "why": "one member: nothing to fall back to"}
+        elif not learned:
+            check = {"folds": 0, "why": "nothing was learned from the dev rows"}
+        else:
+            check = self._out_of_fold(spec, members, options, texts, gold, outputs, seconds, helper)
+        out_of_fold = check.get("accuracy")
+        judged = fused if out_of_fold is None else out_of_fold
         # the accuracy the fusion must keep on dev: its best member's, or the
         # target a strategy that trades accuracy for cost was given (cascade)
         bar, against = accuracy[best], f"{members[best].ref} {accuracy[best]:.4f}"
@@ -546,11 +605,17 @@ class Fusions:
         if isinstance(target, int | float) and target < bar:
             bar, against = float(target), f"its target {target:.4f} (best member {against})"
         fallback = None
-        if len(members) > 1 and fused < bar - 1e-12:
+        if len(members) > 1 and judged < bar - 1e-12:
+            scored = (
+                f"{fused:.4f}"
+                if out_of_fold is None
+                else f"{out_of_fold:.4f} out of fold ({check['folds']} folds; {fused:.4f} on"
+                " the rows it was fitted on)"
+            )
             fallback = {
                 "member": best,
                 "model": members[best].ref,
-                "reason": f"on dev data ({len(rows)} rows) the fusion scored {fused:.4f}"
+                "reason": f"on dev data ({len(rows)} rows) the fusion scored {scored}"
                 f" < {against}: {members[best].ref} answers alone",
             }
             fitted["fallback"] = fallback
@@ -563,15 +628,117 @@ class Fusions:
                 for i, m in enumerate(members)
             },
             "member_calls_per_row": calls,
-            "fused": {"dev/accuracy": fused},
+            "fused": {"dev/accuracy": fused, "out_of_fold/accuracy": out_of_fold},
+            "out_of_fold": check,
             "best_member": {"model": members[best].ref, "dev/accuracy": accuracy[best]},
             "fallback": fallback,
         }
         scores = {"dev/accuracy": accuracy[best] if fallback else fused}
+        if out_of_fold is not None:
+            scores["dev/accuracy_out_of_fold"] = accuracy[best] if fallback else out_of_fold
         if fallback:
             log.warning("fusion.fallback", strategy=spec.name, **fallback)
-        log.info("fusion.fitted", strategy=spec.name, rows=len(rows), fused=fused, **scores)
+        log.info(
+            "fusion.fitted",
+            strategy=spec.name,
+            rows=len(rows),
+            fused=fused,
+            out_of_fold=out_of_fold,
+            folds=check["folds"],
+            **scores,
+        )
         return fitted, record, scores
+
+    def _fit_on(
+        self,
+        spec: FusionStrategySpec,
+        members: Sequence[Member],
+        options: Mapping[str, Any],
+        texts: Sequence[str],
+        gold: Sequence[str],
+        outputs: Sequence[Sequence[Any]],
+        seconds: Sequence[float],
+        helper: Helper,
+    ) -> dict[str, Any]:
+        """What ``spec.fit`` learns from these rows and the members' answers on them."""
+        assert spec.fit is not None
+        data = FitData(
+            texts=texts,
+            gold=gold,
+            outputs=[[dict(r.scores) for r in answers] for answers in outputs],
+            seconds=seconds,
+            members=[m.card for m in members],
+            options=options,
+            helper=helper,
+        )
+        try:
+            return dict(spec.fit(data))
+        except LlmosError:
+            raise
+        except Exception as exc:
+            raise PluginError(
+                f"fusion strategy {spec.name!r} failed fitting: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    def _out_of_fold(
+        self,
+        spec: FusionStrategySpec,
+        members: Sequence[Member],
+        options: Mapping[str, Any],
+        texts: Sequence[str],
+        gold: Sequence[str],
+        outputs: Sequence[Sequence[Any]],
+        seconds: Sequence[float],
+        helper: Helper,
+    ) -> dict[str, Any]:
+        """The strategy's accuracy on rows it was not fitted on: ``folds``
+        (at most :data:`CHECK_FOLDS`, of :data:`MIN_FOLD_ROWS` rows or more;
+        stratified by label, the same split every time), each answered by
+        the strategy fitted on the others. Too few rows, or a fold it cannot
+        be fitted on: ``folds`` 0 and why (it is judged in sample)."""
+        n = len(gold)
+        count = min(CHECK_FOLDS, n // MIN_FOLD_ROWS)
+        if count < 2:
+            return {
+                "folds": 0,
+                "why": f"{n} dev rows, fewer than two folds of {MIN_FOLD_ROWS}: judged on the"
+                " rows it was fitted on",
+            }
+        started = time.perf_counter()
+        fold = _folds(gold, count)
+        right = 0
+
+        def pick(rows: Sequence[int]) -> list[list[Any]]:
+            return [[answers[i] for i in rows] for answers in outputs]
+
+        for k in range(count):
+            train = [i for i in range(n) if fold[i] != k]
+            held = [i for i in range(n) if fold[i] == k]
+            try:
+                learned = self._fit_on(
+                    spec, members, options,
+                    [texts[i] for i in train], [gold[i] for i in train], pick(train),
+                    seconds, helper,
+                )  # fmt: skip
+            except LlmosError as exc:
+                log.warning("fusion.fold_unfitted", strategy=spec.name, fold=k, error=exc.message)
+                return {
+                    "folds": 0,
+                    "why": f"fold {k + 1} of {count} could not be fitted ({exc.message}):"
+                    " judged on the rows it was fitted on",
+                }
+            results, _ = offline_results(
+                self.kernel, spec, members, {**options, **learned},
+                [texts[i] for i in held], pick(held), seconds, helper,
+            )  # fmt: skip
+            right += sum(r.label == gold[i] for r, i in zip(results, held, strict=True))
+        return {
+            "folds": count,
+            "rows": n,
+            "accuracy": right / n,
+            "stratified": "by label",
+            "seconds": round(time.perf_counter() - started, 3),
+        }
 
     def _keep_rows(self, name: str, rows: Sequence[Mapping[str, Any]]) -> Path:
         """Dev rows a fusion was fitted on, kept for ablations (``llmos eval``)."""
@@ -627,7 +794,11 @@ class Fusions:
         texts = [r["text"] for r in checked]
         gold = [r["label"] for r in checked]
         outputs, seconds = self.member_outputs(members, texts)
-        fused, asked = offline_results(self.kernel, spec, members, options, texts, outputs, seconds)
+        # a router's embedder answers each row once for the fusion and every ablation
+        helper = HelperMemo(self.kernel)
+        fused, asked = offline_results(
+            self.kernel, spec, members, options, texts, outputs, seconds, helper
+        )
 
         def accuracy(results: Sequence[Any]) -> float:
             return combine.accuracy([r.label for r in results], gold)
@@ -647,7 +818,7 @@ class Fusions:
                 try:
                     without, how = self._ablated(
                         registered, conf, members, rest, texts, outputs, seconds,
-                        refit_rows, refit_outputs, accuracy,
+                        refit_rows, refit_outputs, accuracy, helper,
                     )  # fmt: skip
                 except LlmosError as exc:
                     contributions[member.ref] = {"marginal": None, "why": exc.message}
@@ -708,6 +879,7 @@ class Fusions:
         refit_rows: Sequence[Mapping[str, Any]] | None,
         refit_outputs: Sequence[Sequence[Any]] | None,
         accuracy: Any,
+        helper: Helper,
     ) -> tuple[float, str]:
         """The fusion's accuracy without the members not in ``rest``."""
         spec = registered.spec
@@ -729,9 +901,7 @@ class Fusions:
                 seconds=[seconds[j] for j in rest],
                 members=[m.card for m in kept],
                 options=options,
-                helper=lambda model, capability, requests: self.kernel.call(
-                    model, capability, requests
-                ),
+                helper=helper,
             )
             options = {**options, **spec.fit(data)}
             how = "re-fitted on its dev rows without it"
@@ -745,6 +915,7 @@ class Fusions:
             texts,
             [outputs[j] for j in rest],
             [seconds[j] for j in rest],
+            helper,
         )
         return accuracy(results), how
 
@@ -957,6 +1128,26 @@ class Fusions:
             fitted, record, scores = self.fit(spec, members, options, rows)
             cache.write_text(json.dumps({"options": fitted, "fit": record, "scores": scores}))
         return fitted
+
+
+def _folds(gold: Sequence[str], count: int) -> list[int]:
+    """Each row's fold of ``count``: every label's rows shuffled (a fixed
+    seed: the same split for the same rows) and dealt round the folds in
+    turn, so that each fold holds every label in its share and the folds
+    differ in size by a row at most."""
+    by_label: dict[str, list[int]] = {}
+    for row, label in enumerate(gold):
+        by_label.setdefault(label, []).append(row)
+    shuffle = random.Random(0).shuffle
+    fold = [0] * len(gold)
+    dealt = 0
+    for label in sorted(by_label):
+        rows = by_label[label]
+        shuffle(rows)
+        for row in rows:
+            fold[row] = dealt % count
+            dealt += 1
+    return fold
 
 
 def _config_path(text: str) -> Path:
