@@ -21,6 +21,8 @@ import pytest
 
 from llmos.cli import main
 from llmos.errors import ConfigError, LlmosError, NotFoundError, UsageError
+from llmos.fusion.service import _folds
+from llmos.plugin import hookimpl
 from llmos.runtime.kernel import Kernel
 from llmos.testing import EventRecorder, serve_in_thread
 from llmos.types import (
@@ -29,8 +31,11 @@ from llmos.types import (
     ChatMessage,
     ChatRequest,
     ClassifyRequest,
+    ClassifyResult,
     CompletionRequest,
     EmbedRequest,
+    FitData,
+    FusionStrategySpec,
     ModelCard,
     ModelFormat,
 )
@@ -758,6 +763,11 @@ def test_a_fusion_that_loses_on_dev_serves_its_best_member_and_says_why(
             " strong@1 answers alone"
         )
         assert fit["fallback"] == {"member": 1, "model": "strong@1", "reason": reason}
+        assert fit["out_of_fold"] == {
+            "folds": 0,
+            "why": "10 dev rows, fewer than two folds of 10: judged on the rows it was fitted on",
+        }
+        assert fit["fused"]["out_of_fold/accuracy"] is None
         assert card.scores["dev/accuracy"] == pytest.approx(0.8), "what it serves scores"
         table_module().CALLS.clear()
         results = classify(kernel, card.ref, texts)
@@ -797,6 +807,129 @@ def test_a_fusion_that_loses_on_dev_serves_its_best_member_and_says_why(
     )
     (answer,) = classify(kernel, "cfg-lost", ["r6"])
     assert answer.label == "neg" and answer.meta["fusion"]["fallback"] == "strong@1"
+
+
+class Memorise:
+    """A test plugin strategy, registered through the real hook: its fit learns
+    the dev rows by heart (right on every one of them); on any other text it
+    answers with its first member."""
+
+    @hookimpl
+    def llmos_register_fusion_strategies(self, register: Callable[..., None]) -> None:
+        def fit(data: FitData) -> dict[str, Any]:
+            return {"memory": dict(zip(data.texts, data.gold, strict=True))}
+
+        def combine(call: Any) -> list[Any]:
+            first = call.ask(0)
+            memory = call.options.get("memory") or {}
+            return [
+                ClassifyResult(scores={memory[r.text]: 1.0}) if r.text in memory else first.get(row)
+                for row, r in enumerate(call.requests)
+            ]
+
+        register(
+            FusionStrategySpec(
+                name="memorise",
+                description="the dev rows by heart",
+                capabilities=frozenset({Capability.CLASSIFY}),
+                combine=combine,
+                fit=fit,
+                needs_fit=True,
+            )
+        )
+
+
+def _weak_and_strong(kernel: Kernel, n: int) -> list[dict[str, str]]:
+    """Dev rows ``s0..`` and two members: ``weak`` right on 60% of them,
+    ``strong`` on 80%."""
+    texts = [f"s{i}" for i in range(n)]
+    gold = ["pos" if i % 2 else "neg" for i in range(n)]
+    rows = list(enumerate(zip(texts, gold, strict=True)))
+    add(kernel, "weak", scores={t: _right(0.9 if i % 10 < 6 else 0.1, g) for i, (t, g) in rows})
+    add(kernel, "strong", scores={t: _right(0.9 if i % 10 < 8 else 0.1, g) for i, (t, g) in rows})
+    return _dev(texts, gold)
+
+
+def test_a_fit_that_memorises_dev_is_judged_out_of_fold_and_falls_back(
+    make_kernel, table_module
+) -> None:
+    kernel = make_kernel(recorder=Memorise())
+    dev = _weak_and_strong(kernel, 30)
+    card = kernel.fusions.create("memo", strategy="memorise", members=["weak", "strong"], dev=dev)
+    fit = card.options["fusion"]["fit"]
+    # in sample it knows every row; on a fold it was not fitted on it is the weak member
+    assert fit["fused"] == {"dev/accuracy": 1.0, "out_of_fold/accuracy": pytest.approx(0.6)}
+    check = fit["out_of_fold"]
+    assert (check["folds"], check["rows"], check["stratified"]) == (3, 30, "by label")
+    assert check["accuracy"] == pytest.approx(0.6) and check["seconds"] >= 0
+    reason = (
+        "on dev data (30 rows) the fusion scored 0.6000 out of fold (3 folds; 1.0000 on the"
+        " rows it was fitted on) < strong@1 0.8000: strong@1 answers alone"
+    )
+    assert fit["fallback"] == {"member": 1, "model": "strong@1", "reason": reason}
+    assert card.scores == {"dev/accuracy": 0.8, "dev/accuracy_out_of_fold": 0.8}
+    table_module().CALLS.clear()
+    results = classify(kernel, card.ref, ["s8", "s9"])
+    assert [r.label for r in results] == ["pos", "neg"], "strong's (wrong) answers, not memory"
+    assert results[0].meta["fusion"]["fallback"] == "strong@1"
+    assert results[0].meta["fusion"]["reason"] == reason
+    assert calls(table_module, "weak") == []
+
+
+def test_a_fusion_better_out_of_fold_is_kept_and_a_router_embeds_each_row_once(
+    make_kernel, table_module
+) -> None:
+    kernel = make_kernel()
+    texts = [f"v{i}" for i in range(30)]
+    gold = ["pos" if i % 3 else "neg" for i in range(30)]
+    # each member is wrong on its own third of the rows: the majority is always right
+    for member in range(3):
+        scores = {
+            t: _right(0.1 if i % 3 == member else 0.9, g)
+            for i, (t, g) in enumerate(zip(texts, gold, strict=True))
+        }
+        add(kernel, f"third{member}", scores=scores)
+    card = kernel.fusions.create(
+        "thirds", strategy="vote", members=["third0", "third1", "third2"], dev=_dev(texts, gold)
+    )
+    fit = card.options["fusion"]["fit"]
+    assert fit["fused"] == {"dev/accuracy": 1.0, "out_of_fold/accuracy": 1.0}
+    assert fit["out_of_fold"]["folds"] == 3 and fit["fallback"] is None
+    assert fit["best_member"]["dev/accuracy"] == pytest.approx(2 / 3)
+    assert card.scores == {"dev/accuracy": 1.0, "dev/accuracy_out_of_fold": 1.0}
+    assert [r.label for r in classify(kernel, "thirds", texts)] == gold
+
+    # a router learned on 20 rows: near (1, 0) only "left" is right, near (0, 1) only
+    # "right"; the embedder answers each dev row once for the fit and all of its folds
+    near = [f"p{i}" for i in range(10)] + [f"q{i}" for i in range(10)]
+    vectors = {t: [1.0, i / 20] if t[0] == "p" else [i / 20, 1.0] for i, t in enumerate(near)}
+    add(kernel, "emb", capabilities=["embed"], vectors=vectors)
+    labels = {t: "pos" if i % 2 else "neg" for i, t in enumerate(near)}
+    add(kernel, "left", scores={t: _right(0.9 if t[0] == "p" else 0.1, labels[t]) for t in near})
+    add(kernel, "right", scores={t: _right(0.9 if t[0] == "q" else 0.1, labels[t]) for t in near})
+    table_module().CALLS.clear()
+    router = kernel.fusions.create(
+        "routed",
+        strategy="router",
+        members=["left", "right"],
+        options={"embedder": "emb"},
+        dev=[{"text": t, "label": labels[t]} for t in near],
+    )
+    fit = router.options["fusion"]["fit"]
+    assert fit["out_of_fold"]["folds"] == 2 and fit["fused"]["out_of_fold/accuracy"] == 1.0
+    assert fit["fallback"] is None
+    assert sorted(calls(table_module, "emb")) == sorted(near), "each row embedded once"
+
+
+def test_dev_folds_are_stratified_and_the_same_every_time() -> None:
+    gold = ["a"] * 20 + ["b"] * 10 + ["c"] * 3
+    fold = _folds(gold, 3)
+    assert fold == _folds(list(gold), 3)
+    assert fold != _folds(gold, 3)[::-1], "shuffled within each label"
+    for k in range(3):
+        mine = [g for g, f in zip(gold, fold, strict=True) if f == k]
+        assert len(mine) == 11
+        assert mine.count("c") == 1 and mine.count("b") in (3, 4)
 
 
 def test_a_fusion_that_wins_on_dev_keeps_fusing_with_weights_fitted_there(

@@ -70,7 +70,13 @@ def _show(card: ModelCard) -> None:
     fit = info["fit"] or {}
     fused = (fit.get("fused") or {}).get("dev/accuracy")
     if fused is not None:
-        console.print(f"fused on dev: {fused:.4f}", markup=False)
+        check = fit.get("out_of_fold") or {}
+        judged = (
+            f" (out of fold: {check['accuracy']:.4f}, {check['folds']} folds)"
+            if check.get("accuracy") is not None
+            else ""
+        )
+        console.print(f"fused on dev: {fused:.4f}{judged}", markup=False)
     weighting = info["options"].get("weighting")
     if isinstance(weighting, dict) and weighting.get("chosen"):
         tried = weighting.get("dev/accuracy") or {}

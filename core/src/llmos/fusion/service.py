@@ -26,6 +26,17 @@ Never worse than its best member on dev data: a fusion fitted on dev rows
 (``--dev``, ``dev`` in config or the API) that scores below its best member
 there serves that member alone (``options["fallback"]``, recorded in the
 fit; every answer's ``meta["fusion"]`` carries ``fallback`` and ``reason``).
+A strategy that learned something from the dev rows (weights, a stack, a
+cascade's thresholds, a router's centroids) is judged on rows it was not
+fitted on: :data:`CHECK_FOLDS` folds of the dev rows (stratified by label, of
+at least :data:`MIN_FOLD_ROWS` rows; fewer rows than two folds are judged in
+sample, and the fit says so), each answered by the strategy fitted on the
+other folds — over the members' dev answers in hand, no member asked again,
+a router's embedder asked each row once (:class:`HelperMemo`). Scored on the
+rows it learned, a fit flatters itself (a router's centroids remember their
+rows). The fit records both figures (``fused``: ``dev/accuracy`` in sample,
+``out_of_fold/accuracy``; ``out_of_fold``: folds, rows, seconds, or why not);
+what is served is the fit on every dev row.
 A strategy that trades accuracy for cost on purpose (a cascade's
 ``target_ratio``/``target_accuracy``, recorded by its fit as
 ``calibration.target_accuracy``) is held to the accuracy it was asked to
