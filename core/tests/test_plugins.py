@@ -415,8 +415,9 @@ def test_a_hook_implemented_twice_through_specname_is_a_warning(site, tmp_path: 
     second = line_of(source, "def more_providers")
     assert alias.status == "loaded", alias.error
     assert alias.hooks == ["llmos_register_providers"]
-    # Both run: pluggy calls every implementation.
-    assert alias.registered == {"providers": ["alias-one", "alias-two"]}
+    # Both run: pluggy calls every implementation (in its order: the one it
+    # registered last, more_providers, first).
+    assert alias.registered == {"providers": ["alias-two", "alias-one"]}
     assert alias.warnings == [
         f"hook llmos_register_providers is implemented 2 times: by llmos_register_providers"
         f" ({source}:{first}), more_providers ({source}:{second}); each of them runs: merge"
@@ -514,3 +515,88 @@ def test_strict_mode_makes_a_route_collision_fatal_at_load(site, tmp_path: Path)
     kernel = Kernel(load_config(env={"LLMOS_HOME": str(tmp_path / "home")}), plugins=pm)
     with pytest.raises(DuplicateNameError, match="route GET /readyz is registered by both"):
         pm.check_routes(kernel, kernel_routes(kernel))
+
+
+# --------------------------------------------------------------------------
+# Dispatch: pluggy's order, no wrappers
+# --------------------------------------------------------------------------
+
+
+def test_hooks_run_in_pluggys_order_one_plugin_at_a_time(tmp_path: Path) -> None:
+    pm = load(tmp_path, disable=DEFAULT_PLUGINS)
+    calls: list[str] = []
+
+    def plugin(name: str, **marks: bool) -> object:
+        class Plugin:
+            @hookimpl(**marks)
+            def llmos_startup(self, kernel: object) -> None:
+                calls.append(name)
+
+        return Plugin()
+
+    for name, marks in [
+        ("last", {"trylast": True}),
+        ("plain-1", {}),
+        ("first", {"tryfirst": True}),
+        ("plain-2", {}),
+    ]:
+        pm.register(plugin(name, **marks), name)
+
+    class Broken:
+        @hookimpl
+        def llmos_startup(self, kernel: object) -> None:
+            calls.append("broken")
+            raise RuntimeError("boom")
+
+    pm.register(Broken(), "broken")
+    # the order pluggy itself calls them in
+    expected = [i.plugin_name for i in reversed(pm.pm.hook.llmos_startup.get_hookimpls())]
+    assert expected == ["first", "broken", "plain-2", "plain-1", "last"]
+
+    pm.startup(kernel=object())  # type: ignore[arg-type]
+    # tryfirst first, trylast last, otherwise the last registered first; the
+    # broken plugin fails alone and the ones after it still run
+    assert calls == expected
+    assert info(pm, "broken").status == "failed" and "boom" in info(pm, "broken").error
+    calls.clear()
+    pm.shutdown(kernel=object())  # type: ignore[arg-type]
+    assert calls == []  # nobody implements shutdown; the failed plugin is unregistered
+    calls.clear()
+    pm.startup(kernel=object())  # type: ignore[arg-type]
+    assert calls == ["first", "plain-2", "plain-1", "last"]
+
+
+WRAPPER = """
+from llmos.plugin import hookimpl
+from llmos.types import ProviderSpec
+
+@hookimpl
+def llmos_register_providers(register):
+    register(ProviderSpec(name="wrapped", load=lambda card, options: None))
+
+@hookimpl({marks})
+def llmos_startup(kernel):
+    yield
+"""
+
+
+@pytest.mark.parametrize("marks", ["wrapper=True", "hookwrapper=True"])
+def test_a_hook_wrapper_is_refused_with_what_to_do_instead(
+    site, tmp_path: Path, marks: str
+) -> None:
+    site("llmos-wrapper", WRAPPER.format(marks=marks))
+    pm = load(tmp_path)
+    wrapper = info(pm, "llmos-wrapper")
+    assert wrapper.status == "failed"
+    assert wrapper.error == (
+        f"hook wrappers are not supported: llmos_startup ({marks}); llmos calls every"
+        " plugin's implementation on its own, so there is no call to wrap. Implement the hook"
+        " plainly, and order it with @hookimpl(tryfirst=True) or @hookimpl(trylast=True)"
+    )
+    # nothing of it stays: not its provider, not its hooks
+    assert "wrapped" not in pm.providers
+    assert not any(
+        i.plugin_name == "llmos-wrapper" for i in pm.pm.hook.llmos_startup.get_hookimpls()
+    )
+    with pytest.raises(PluginError, match="hook wrappers are not supported"):
+        load(tmp_path, strict=True)

@@ -321,8 +321,35 @@ class PluginManager:
                 hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
             self._fail(info, f"unknown hook {', '.join(hints)}", None)
             return
+        wrappers = self._wrappers(obj)
+        if wrappers:
+            self._fail(info, wrappers, None)
+            return
         self._warn(info, self._aliased_hooks(obj))
         self._register_specs(info, obj)
+
+    def _wrappers(self, obj: object) -> str | None:
+        """Why ``obj`` cannot load when it declares hook wrappers, else None.
+
+        llmos calls each plugin's implementation on its own (so that one
+        plugin's failure is its alone), never as one pluggy hook call, so a
+        wrapper would have nothing to wrap: pluggy would call it as a plain
+        function and its code after ``yield`` would never run. Refused rather
+        than run wrongly.
+        """
+        found = [
+            f"{name} ({'wrapper=True' if opts.get('wrapper') else 'hookwrapper=True'})"
+            for name in sorted(dir(obj))
+            if (opts := self.pm.parse_hookimpl_opts(obj, name)) is not None
+            and (opts.get("wrapper") or opts.get("hookwrapper"))
+        ]
+        if not found:
+            return None
+        return (
+            f"hook wrappers are not supported: {', '.join(found)}; llmos calls every plugin's"
+            " implementation on its own, so there is no call to wrap. Implement the hook"
+            " plainly, and order it with @hookimpl(tryfirst=True) or @hookimpl(trylast=True)"
+        )
 
     def _impl_by_name(self, obj: object) -> dict[str, str]:
         """Attribute name -> the hook it implements, for each hookimpl of ``obj``."""
@@ -395,7 +422,10 @@ class PluginManager:
             info.registered.setdefault(family.key, []).append(family.name_of(item))
 
     def _impls_of(self, hook_name: str, obj: object | None = None) -> list[pluggy.HookImpl]:
-        impls = getattr(self.pm.hook, hook_name).get_hookimpls()
+        """``hook_name``'s implementations in the order pluggy calls them:
+        ``tryfirst`` ones first, ``trylast`` ones last, and otherwise the
+        plugin registered last first (``reversed(get_hookimpls())``)."""
+        impls = reversed(getattr(self.pm.hook, hook_name).get_hookimpls())
         return [i for i in impls if obj is None or i.plugin is obj]
 
     def _call(
@@ -549,6 +579,8 @@ class PluginManager:
         prefix, or a route (method and path, parameter names aside) that
         ``reserved`` — the kernel's own routes — or an earlier plugin holds;
         return the routes of the plugins that pass, by plugin, in load order.
+        (Load order, not hook order: which plugin keeps a contested route
+        does not depend on a ``tryfirst`` marker.)
 
         The daemon mounts what this returns; ``llmos plugins`` calls it with
         the kernel's routes so that a collision shows without a ``serve``.
@@ -559,7 +591,7 @@ class PluginManager:
         for registered in self.routes(kernel):
             by_plugin.setdefault(registered.plugin, []).append(registered.spec)
         passed: dict[str, list[RouteSpec]] = {}
-        for plugin, specs in by_plugin.items():
+        for plugin, specs in sorted(by_plugin.items(), key=lambda item: self._order(item[0])):
             problem, mine = _route_problem(plugin, specs, owners)
             if problem is not None:
                 self.reject(plugin, problem[0], problem[1])
@@ -567,6 +599,10 @@ class PluginManager:
             owners.update(mine)
             passed[plugin] = specs
         return passed
+
+    def _order(self, plugin: str) -> int:
+        """``plugin``'s place in load order."""
+        return list(self._infos).index(plugin)
 
     def reject(
         self, plugin: str, message: str, error_type: type[PluginError] = PluginError
