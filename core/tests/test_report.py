@@ -19,7 +19,8 @@ import pytest
 from click.testing import CliRunner, Result
 
 from llmos.cli import cli, main
-from llmos.default_plugins.sqlite_sink import SqliteSink, db_path
+from llmos.default_plugins.sqlite_sink import SqliteSink
+from llmos.monitor.store import db_path
 from llmos.monitor.metrics import Sketch
 from llmos.monitor.report import auto_step
 from llmos.types import Capability, ClassifyRequest, MonitorEvent

@@ -26,13 +26,8 @@ from typing import Any
 import pytest
 
 from llmos.config import check_table
-from llmos.default_plugins.sqlite_sink import (
-    PLUGIN,
-    SCHEMA_VERSION,
-    MetricsStore,
-    SqliteSink,
-    db_path,
-)
+from llmos.default_plugins.sqlite_sink import PLUGIN, SqliteSink
+from llmos.monitor.store import SCHEMA_VERSION, MetricsStore, db_path
 from llmos.errors import ConfigError
 from llmos.monitor.history import History
 from llmos.monitor.metrics import RequestStats, Sketch
@@ -555,7 +550,7 @@ def test_a_newer_schema_is_refused(home: Path) -> None:
     MetricsStore(db_path(home)).close()
     with sqlite3.connect(db_path(home)) as con:
         con.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-    with pytest.raises(ConfigError, match="newer than this llmos knows"):
+    with pytest.raises(ConfigError, match="newer than this llmos understands"):
         MetricsStore(db_path(home))
     with pytest.raises(ConfigError, match="upgrade llmos"):
         History.of_home(home)

@@ -29,14 +29,11 @@ Options, in ``[plugins."llmos.default_plugins.sqlite_sink"]``: ``bucket``,
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +43,14 @@ import structlog
 from llmos.config import check_table
 from llmos.errors import ConfigError
 from llmos.monitor.metrics import RequestStats, parse_duration
+from llmos.monitor.store import (
+    SCHEMA_VERSION,
+    BucketKey,
+    EventRow,
+    MetricsStore,
+    db_path,
+    event_row,
+)
 from llmos.plugin import hookimpl
 from llmos.types import MonitorEvent, MonitorSinkSpec
 
@@ -67,63 +72,7 @@ log = structlog.get_logger("llmos.monitor")
 #: the plugin's name: its options are the ``[plugins."<PLUGIN>"]`` table
 PLUGIN = "llmos.default_plugins.sqlite_sink"
 WHERE = f'[plugins."{PLUGIN}"]'
-#: ``PRAGMA user_version`` of the schema below; a newer file is refused
-SCHEMA_VERSION = 1
 DAY_S = 86_400.0
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS requests (
-    start REAL NOT NULL,          -- bucket start, seconds since the epoch
-    width REAL NOT NULL,          -- bucket width, seconds (fine or coarse)
-    model TEXT NOT NULL,
-    capability TEXT NOT NULL,
-    requests INTEGER NOT NULL,    -- rows asked for (also inside stats)
-    errors INTEGER NOT NULL,      -- rows failed or refused (also inside stats)
-    stats TEXT NOT NULL,          -- RequestStats.to_dict() as JSON
-    PRIMARY KEY (model, capability, width, start)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS requests_width_start ON requests (width, start);
-CREATE INDEX IF NOT EXISTS requests_start ON requests (start);
-CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY,
-    time REAL NOT NULL,           -- seconds since the epoch
-    kind TEXT NOT NULL,
-    model TEXT,
-    capability TEXT,
-    fields TEXT NOT NULL          -- the event's fields as JSON
-);
-CREATE INDEX IF NOT EXISTS events_kind_time ON events (kind, time);
-CREATE INDEX IF NOT EXISTS events_time ON events (time);
-"""
-
-#: the only raw events thinned by downsampling: one every few seconds, forever
-_SAMPLED_KIND = "process.sample"
-
-
-def db_path(home: Path) -> Path:
-    """Where the sink of a kernel whose data folder is ``home`` writes."""
-    return Path(home) / "monitor" / "metrics.db"
-
-
-def connect(path: Path, *, busy_timeout_s: float, read_only: bool = False) -> sqlite3.Connection:
-    """A connection to the metrics database: autocommit (transactions are
-    explicit), the busy timeout set, WAL for writers."""
-    if read_only:
-        con = sqlite3.connect(
-            f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=busy_timeout_s
-        )
-    else:
-        con = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None)
-    try:
-        con.isolation_level = None
-        con.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-        if not read_only:
-            con.execute("PRAGMA journal_mode = WAL")
-            con.execute("PRAGMA synchronous = NORMAL")
-    except BaseException:
-        con.close()
-        raise
-    return con
 
 
 # --------------------------------------------------------------------------
@@ -226,138 +175,7 @@ def settings(options: Mapping[str, Any]) -> SqliteSettings:
 
 
 # --------------------------------------------------------------------------
-# The database
-# --------------------------------------------------------------------------
-
-#: a bucket to write: (start, width, model, capability)
-BucketKey = tuple[float, float, str, str]
-#: a raw event row: (time, kind, model, capability, fields as JSON)
-EventRow = tuple[float, str, str | None, str | None, str]
-
-
-def event_row(event: MonitorEvent) -> EventRow:
-    fields = json.dumps(dict(event.fields), ensure_ascii=False, default=str)
-    return (event.time.timestamp(), event.kind, event.model, event.capability, fields)
-
-
-class MetricsStore:
-    """The metrics database, for one writer thread: schema, writes that merge,
-    downsampling, retention. Every method is one ``BEGIN IMMEDIATE``
-    transaction, so writers in several processes take turns."""
-
-    def __init__(self, path: Path, *, busy_timeout_s: float = 5.0) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._con = connect(self.path, busy_timeout_s=busy_timeout_s)
-        try:
-            self._migrate()
-        except BaseException:
-            self._con.close()
-            raise
-
-    @contextlib.contextmanager
-    def _transaction(self) -> Any:
-        self._con.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._con
-            self._con.execute("COMMIT")
-        except BaseException:
-            if self._con.in_transaction:  # SQLite may have rolled it back itself
-                self._con.execute("ROLLBACK")
-            raise
-
-    def _migrate(self) -> None:
-        with self._transaction() as con:
-            version = con.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise ConfigError(
-                    f"{self.path} has schema version {version}, newer than this llmos"
-                    f" knows ({SCHEMA_VERSION}); upgrade llmos or move the file away"
-                )
-            if version < SCHEMA_VERSION:
-                # statement by statement: executescript would commit the transaction
-                for statement in _statements():
-                    con.execute(statement)
-                con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-
-    def write(
-        self, buckets: Mapping[BucketKey, RequestStats], events: Sequence[EventRow] = ()
-    ) -> None:
-        """Store ``buckets`` (merged into a stored bucket of the same key) and
-        ``events``, in one transaction."""
-        with self._transaction() as con:
-            for key, stats in buckets.items():
-                _upsert(con, key, stats)
-            con.executemany(
-                "INSERT INTO events (time, kind, model, capability, fields) VALUES (?, ?, ?, ?, ?)",
-                events,
-            )
-
-    def downsample(self, before: float, fine: float, coarse: float) -> int:
-        """Merge the ``fine``-wide buckets that start before ``before`` into
-        ``coarse``-wide ones, and keep one process sample per coarse bucket
-        before it; returns the fine buckets merged."""
-        with self._transaction() as con:
-            rows = con.execute(
-                "SELECT start, model, capability, stats FROM requests"
-                " WHERE width = ? AND start < ? ORDER BY start",
-                (fine, before),
-            ).fetchall()
-            merged: dict[BucketKey, RequestStats] = {}
-            for start, model, capability, stats in rows:
-                key = (math.floor(start / coarse) * coarse, coarse, model, capability)
-                total = merged.get(key)
-                if total is None:
-                    total = merged[key] = RequestStats()
-                total.merge(RequestStats.from_dict(json.loads(stats)))
-            con.execute("DELETE FROM requests WHERE width = ? AND start < ?", (fine, before))
-            for key, stats in merged.items():
-                _upsert(con, key, stats)
-            con.execute(
-                "DELETE FROM events WHERE kind = ? AND time < ? AND id NOT IN"
-                " (SELECT min(id) FROM events WHERE kind = ? AND time < ?"
-                "  GROUP BY CAST(time / ? AS INTEGER))",
-                (_SAMPLED_KIND, before, _SAMPLED_KIND, before, coarse),
-            )
-        return len(rows)
-
-    def prune(self, before: float) -> int:
-        """Delete every bucket and event older than ``before``; returns the rows deleted."""
-        with self._transaction() as con:
-            deleted = con.execute("DELETE FROM requests WHERE start < ?", (before,)).rowcount
-            deleted += con.execute("DELETE FROM events WHERE time < ?", (before,)).rowcount
-        return deleted
-
-    def close(self) -> None:
-        self._con.close()
-
-
-def _statements() -> list[str]:
-    return [s.strip() for s in _SCHEMA.split(";") if s.strip()]
-
-
-def _upsert(con: sqlite3.Connection, key: BucketKey, stats: RequestStats) -> None:
-    start, width, model, capability = key
-    row = con.execute(
-        "SELECT stats FROM requests WHERE model = ? AND capability = ? AND width = ? AND start = ?",
-        (model, capability, width, start),
-    ).fetchone()
-    if row is not None:
-        # Another process (or this one, before a restart) wrote this bucket.
-        stored = RequestStats.from_dict(json.loads(row[0]))
-        stored.merge(stats)
-        stats = stored
-    failed = stats.errors + stats.rejected
-    con.execute(
-        "INSERT OR REPLACE INTO requests"
-        " (start, width, model, capability, requests, errors, stats)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (start, width, model, capability, stats.requests, failed, json.dumps(stats.to_dict())),
-    )
-
-
-# --------------------------------------------------------------------------
-# The sink
+# The sink (the database itself: llmos.monitor.store)
 # --------------------------------------------------------------------------
 
 #: seconds after a bucket's end before it counts as closed (events reach the

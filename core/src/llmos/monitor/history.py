@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import json
 import math
-import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from llmos.default_plugins.sqlite_sink import SCHEMA_VERSION, connect, db_path
-from llmos.errors import ConfigError, NotFoundError
+from llmos import db
+from llmos.errors import LlmosError, NotFoundError
 from llmos.monitor.metrics import RequestStats
+from llmos.monitor.store import SCHEMA_VERSION, db_path
 
 __all__ = ["History", "model_matches"]
 
@@ -47,17 +47,19 @@ class History:
                 f"no monitor history at {self.path}: the sqlite sink (a default plugin) writes it"
                 " while the daemon or a CLI kernel runs"
             )
+        what = f"monitor history {self.path}"
         try:
-            self._con = connect(self.path, busy_timeout_s=5.0, read_only=True)
-            version = self._con.execute("PRAGMA user_version").fetchone()[0]
-        except sqlite3.Error as exc:
-            raise NotFoundError(f"cannot read the monitor history at {self.path}: {exc}") from None
+            self._con = db.connect(self.path, what=what, busy_timeout=5.0, read_only=True)
+        except LlmosError as exc:
+            raise NotFoundError(str(exc)) from None
+        try:
+            version = db.schema_version(self._con, what=what)
+        except LlmosError as exc:  # not a database at all
+            self._con.close()
+            raise NotFoundError(str(exc)) from None
         if version > SCHEMA_VERSION:
             self._con.close()
-            raise ConfigError(
-                f"{self.path} has schema version {version}, newer than this llmos knows"
-                f" ({SCHEMA_VERSION}); upgrade llmos"
-            )
+            db.check_not_newer(version, SCHEMA_VERSION, what=what)
         self._empty = version == 0  # created, never written: no tables yet
 
     @classmethod

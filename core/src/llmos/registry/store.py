@@ -35,9 +35,8 @@ import os
 import re
 import sqlite3
 import threading
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -45,7 +44,8 @@ from typing import Any, Protocol, runtime_checkable
 import attrs
 import structlog
 
-from llmos.errors import LlmosError, NotFoundError, Unavailable, UsageError
+from llmos import db
+from llmos.errors import LlmosError, NotFoundError, UsageError
 from llmos.registry import ranking
 from llmos.registry.query import FTS_TABLE, TRUE, SearchPlan, Sql, parse_query, plan_search
 from llmos.types import ModelCard, validate_model_name
@@ -690,6 +690,7 @@ class SQLiteStore:
         self.path = Path(path)
         self.busy_timeout = busy_timeout
         self.count_limit = count_limit
+        self._what = f"registry database {self.path}"
         self._local = threading.local()
         self._lock = threading.Lock()
         self._connections: list[tuple[int, sqlite3.Connection]] = []
@@ -728,48 +729,25 @@ class SQLiteStore:
         return conn
 
     def _open(self) -> sqlite3.Connection:
-        try:
-            conn = sqlite3.connect(
-                self.path,
-                timeout=self.busy_timeout,
-                isolation_level=None,  # transactions are explicit
-                check_same_thread=False,  # so close() may close every thread's
-            )
-            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-            mode = self._retry_busy(lambda: conn.execute("PRAGMA journal_mode = WAL").fetchone())
-            if str(mode[0]).lower() != "wal":
-                raise LlmosError(
-                    f"registry database {self.path} cannot use WAL (journal mode {mode[0]}); "
-                    "put LLMOS_HOME on a local file system"
-                )
-            conn.execute("PRAGMA synchronous = NORMAL")
-            conn.execute("PRAGMA foreign_keys = ON")
-            # Searches at a million cards read a few hundred MB; map them
-            # rather than copy them into each connection's page cache. 2 GiB
-            # (SQLite's usual ceiling) maps a million-card file whole, which
-            # halves a selective search's time against 256 MiB; it is address
-            # space, not memory, and the pages are the OS's shared file cache.
-            conn.execute(f"PRAGMA mmap_size = {MMAP_SIZE:d}")
-            # SQLite's default 2 MiB of cache spills a bulk registration's
-            # changed pages to the WAL before it commits, and writes some of
-            # them again after: register_many of 2,000 cards ran 1.3-1.5x
-            # slower with it. The cache grows only as far as it is used.
-            conn.execute(f"PRAGMA cache_size = -{CACHE_KIB:d}")
-        except sqlite3.DatabaseError as exc:
-            raise LlmosError(f"cannot open registry database {self.path}: {exc}") from exc
-        return conn
-
-    def _retry_busy(self, step: Callable[[], Any]) -> Any:
-        # Switching a new file to WAL needs an exclusive lock, and SQLite may
-        # report "locked" at once instead of waiting when processes race.
-        deadline = time.monotonic() + self.busy_timeout
-        while True:
-            try:
-                return step()
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
+        return db.connect(
+            self.path,
+            what=self._what,
+            busy_timeout=self.busy_timeout,
+            pragmas=(
+                "foreign_keys = ON",
+                # Searches at a million cards read a few hundred MB; map them
+                # rather than copy them into each connection's page cache. 2 GiB
+                # (SQLite's usual ceiling) maps a million-card file whole, which
+                # halves a selective search's time against 256 MiB; it is address
+                # space, not memory, and the pages are the OS's shared file cache.
+                f"mmap_size = {MMAP_SIZE:d}",
+                # SQLite's default 2 MiB of cache spills a bulk registration's
+                # changed pages to the WAL before it commits, and writes some of
+                # them again after: register_many of 2,000 cards ran 1.3-1.5x
+                # slower with it. The cache grows only as far as it is used.
+                f"cache_size = -{CACHE_KIB:d}",
+            ),
+        )
 
     def close(self) -> None:
         with self._lock:
@@ -781,70 +759,26 @@ class SQLiteStore:
             self._connections.clear()
         self._tokenizer.close()
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def _write(self) -> AbstractContextManager[sqlite3.Connection]:
         """A write transaction that holds the write lock from its first statement."""
-        conn = self._conn()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            raise Unavailable(
-                f"registry database {self.path} stayed locked for {self.busy_timeout:g} s: {exc}"
-            ) from exc
-        try:
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException:
-            # SQLite may already have rolled back (a full disk, an I/O error).
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+        return db.write(self._conn(), what=self._what, timeout=self.busy_timeout)
 
-    @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
+    def _read(self) -> AbstractContextManager[sqlite3.Connection]:
         """A read transaction: its statements see one snapshot."""
-        conn = self._conn()
-        conn.execute("BEGIN")
-        try:
-            yield conn
-        finally:
-            conn.execute("COMMIT")
+        return db.read(self._conn())
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
-        target = len(MIGRATIONS)
         try:
-            current = conn.execute("PRAGMA user_version").fetchone()[0]
-        except sqlite3.DatabaseError as exc:
-            raise LlmosError(f"{self.path} is not a registry database: {exc}") from exc
-        self._check_not_newer(current, target)
-        if current == target:
-            return
-        with self._write() as c:
-            # Another process may have migrated while this one waited for the lock.
-            current = c.execute("PRAGMA user_version").fetchone()[0]
-            self._check_not_newer(current, target)
-            for step in range(current, target):
-                try:
-                    MIGRATIONS[step](c)
-                except sqlite3.OperationalError as exc:
-                    if "fts5" in str(exc):
-                        raise LlmosError(
-                            f"this Python's SQLite ({sqlite3.sqlite_version}) lacks FTS5, "
-                            "which the registry needs"
-                        ) from exc
-                    raise
-            c.execute(f"PRAGMA user_version = {target:d}")
-        if current != target:
-            log.info(
-                "registry migrated", path=str(self.path), schema_from=current, schema_to=target
-            )
-
-    def _check_not_newer(self, current: int, target: int) -> None:
-        if current > target:
-            raise LlmosError(
-                f"registry database {self.path} has schema version {current}, newer than "
-                f"this llmos understands ({target}); upgrade llmos or use another LLMOS_HOME"
-            )
+            before, after = db.migrate(conn, MIGRATIONS, what=self._what, timeout=self.busy_timeout)
+        except sqlite3.OperationalError as exc:
+            if "fts5" in str(exc):
+                raise LlmosError(
+                    f"this Python's SQLite ({sqlite3.sqlite_version}) lacks FTS5, "
+                    "which the registry needs"
+                ) from exc
+            raise
+        if before != after:
+            log.info("registry migrated", path=str(self.path), schema_from=before, schema_to=after)
 
     def _catch_up(self) -> None:
         """Index what is pending in chunks, one transaction each (after an

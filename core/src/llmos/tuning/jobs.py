@@ -55,6 +55,7 @@ from typing import IO, TYPE_CHECKING, Any
 import attrs
 import structlog
 
+from llmos import db
 from llmos.config import Field, register_section
 from llmos.errors import (
     LlmosError,
@@ -316,27 +317,16 @@ class JobStore:
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 30.0) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.busy_timeout = busy_timeout
+        self._what = f"job database {self.path}"
         self._lock = threading.Lock()
+        self._conn = db.connect(self.path, what=self._what, busy_timeout=busy_timeout)
         try:
-            self._conn = sqlite3.connect(
-                self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
-            )
-            self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
-            for attempt in range(200):
-                # Turning a new file to WAL needs an exclusive lock, and SQLite
-                # says "locked" at once, not after busy_timeout, when two
-                # processes race to do it.
-                try:
-                    self._conn.execute("PRAGMA journal_mode = WAL")
-                    break
-                except sqlite3.OperationalError as exc:
-                    if "locked" not in str(exc) or attempt == 199:
-                        raise
-                    time.sleep(0.05)
-            self._conn.execute("PRAGMA synchronous = NORMAL")
-            self._migrate()
-        except sqlite3.DatabaseError as exc:
-            raise LlmosError(f"cannot open the job database {self.path}: {exc}") from exc
+            with self._lock:
+                db.migrate(self._conn, MIGRATIONS, what=self._what, timeout=busy_timeout)
+        except BaseException:
+            self._conn.close()
+            raise
 
     def close(self) -> None:
         with self._lock:
@@ -344,35 +334,13 @@ class JobStore:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            try:
-                self._conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                raise Unavailable(f"job database {self.path} stayed locked: {exc}") from exc
-            try:
-                yield self._conn
-                self._conn.execute("COMMIT")
-            except BaseException:
-                if self._conn.in_transaction:
-                    self._conn.execute("ROLLBACK")
-                raise
+        with self._lock, db.write(self._conn, what=self._what, timeout=self.busy_timeout) as c:
+            yield c
 
     def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[Job]:
         with self._lock:
             rows = self._conn.execute(sql, params).fetchall()
         return [_job(row) for row in rows]
-
-    def _migrate(self) -> None:
-        with self._write() as c:
-            current = c.execute("PRAGMA user_version").fetchone()[0]
-            if current > len(MIGRATIONS):
-                raise LlmosError(
-                    f"job database {self.path} has schema version {current}, newer than this"
-                    f" llmos understands ({len(MIGRATIONS)}); upgrade llmos"
-                )
-            for step in MIGRATIONS[current:]:
-                step(c)
-            c.execute(f"PRAGMA user_version = {len(MIGRATIONS):d}")
 
     # -- reading ------------------------------------------------------------
 
