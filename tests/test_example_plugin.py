@@ -95,6 +95,7 @@ def test_the_installed_example_plugin_is_discovered_with_every_hook(env: dict[st
         "tuning_methods",
         "monitor_sinks",
         "commands",
+        "config_sections",
         "routes",  # `llmos plugins` checks every plugin's routes for collisions
     }
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import platformdirs
@@ -17,12 +17,12 @@ from llmos.config import (
     ConfigErrors,
     Field,
     Origin,
+    Section,
     load_config,
     parse_override,
-    register_section,
-    unregister_section,
 )
 from llmos.errors import ConfigError
+from llmos.runtime.kernel import KERNEL_SECTIONS
 
 WriteToml = Callable[[str, str], Path]
 
@@ -40,14 +40,21 @@ def write(tmp_path: Path) -> WriteToml:
     return write
 
 
-def load(*paths: Path, overrides: tuple[str, ...] = (), **env: str) -> Config:
-    """Load with an explicit environment, so the test's own shell never leaks in."""
-    return load_config(paths, overrides, env=env)
+def load(
+    *paths: Path, overrides: tuple[str, ...] = (), sections: tuple[Section, ...] = (), **env: str
+) -> Config:
+    """Load as a kernel checks its config (its sections and ``sections``), with
+    an explicit environment, so the test's own shell never leaks in."""
+    return load_config(
+        paths, overrides, env=env, sections=(*KERNEL_SECTIONS, *sections), final=True
+    )
 
 
-def error(*paths: Path, overrides: tuple[str, ...] = (), **env: str) -> str:
+def error(
+    *paths: Path, overrides: tuple[str, ...] = (), sections: tuple[Section, ...] = (), **env: str
+) -> str:
     with pytest.raises(ConfigError) as caught:
-        load(*paths, overrides=overrides, **env)
+        load(*paths, overrides=overrides, sections=sections, **env)
     return str(caught.value)
 
 
@@ -554,21 +561,15 @@ def test_get_section_and_to_dict(write: WriteToml) -> None:
 # ------------------------------------------------------------------ extending
 
 
-@pytest.fixture
-def acme_section() -> Iterator[None]:
-    register_section(
-        "acme",
-        {
-            "interval": Field("float", 10.0, "Seconds between checks.", env="LLMOS_ALERT_EVERY"),
-            "token": Field("str", "", "Webhook token.", secret=True),
-        },
-        doc="Alert rules.",
-        free_form=True,
-    )
-    try:
-        yield
-    finally:
-        unregister_section("acme")
+ACME = Section(
+    "acme",
+    {
+        "interval": Field("float", 10.0, "Seconds between checks.", env="LLMOS_ALERT_EVERY"),
+        "token": Field("str", "", "Webhook token.", secret=True),
+    },
+    doc="Alert rules.",
+    free_form=True,
+)
 
 
 def test_unregistered_section_is_unknown(write: WriteToml) -> None:
@@ -576,29 +577,34 @@ def test_unregistered_section_is_unknown(write: WriteToml) -> None:
     assert error(path).startswith(f"{path}:1: acme: unknown section")
 
 
-@pytest.mark.usefixtures("acme_section")
 def test_registered_section_is_valid_with_defaults_env_and_secrets(write: WriteToml) -> None:
     path = write(
         "llmos.toml",
         '[acme]\ntoken = "tok-abcdefgh1234"\n[acme.high_latency]\nabove_ms = 500\n',
     )
-    config = load(path)
+    config = load(path, sections=(ACME,))
     assert config.section("acme") == {
         "interval": 10.0,
         "token": "tok-abcdefgh1234",
         "high_latency": {"above_ms": 500},
     }
     assert config.to_dict()["acme"]["token"] == "****1234"
-    assert load(path, LLMOS_ALERT_EVERY="2.5").get("acme.interval") == 2.5
+    assert load(path, sections=(ACME,), LLMOS_ALERT_EVERY="2.5").get("acme.interval") == 2.5
     bad = write("bad.toml", "[acme]\nintervl = 1\n")
-    assert error(bad).endswith("acme.intervl: unknown key (did you mean acme.interval?)")
+    assert error(bad, sections=(ACME,)).endswith(
+        "acme.intervl: unknown key (did you mean acme.interval?)"
+    )
 
 
-def test_register_section_refuses_a_taken_name() -> None:
-    with pytest.raises(ValueError, match="already registered"):
-        register_section("server", {})
+def test_a_section_name_is_checked_and_cannot_be_declared_twice_differently() -> None:
     with pytest.raises(ValueError, match="top-level"):
-        register_section("home", {})
+        Section("home", {})
+    with pytest.raises(ValueError, match="1-32 lowercase letters"):
+        Section("Acme-Corp", {})
+    with pytest.raises(ConfigError, match=r"config section \[server\] is declared twice"):
+        load_config(env={}, sections=[Section("server", {})])
+    # the same section twice is one section
+    assert load_config(env={}, sections=[ACME, ACME]).get("acme.interval") == 10.0
 
 
 # ------------------------------------------------------------------ every error at once
@@ -761,7 +767,7 @@ def test_a_field_with_a_check_must_say_what_it_accepts() -> None:
 
 
 def test_a_custom_check_and_a_range_both_apply(write: WriteToml) -> None:
-    register_section(
+    even = Section(
         "acme",
         {
             "even": Field(
@@ -769,12 +775,101 @@ def test_a_custom_check_and_a_range_both_apply(write: WriteToml) -> None:
             )
         },
     )
-    try:
-        assert load(write("ok.toml", "[acme]\neven = 4\n")).get("acme.even") == 4
-        for value in ("3", "12", "-2"):
-            path = write(f"{value}.toml", f"[acme]\neven = {value}\n")
-            assert error(path) == (
-                f"{path}:2: acme.even: expected an even integer between 0 and 10, got {value}"
-            )
-    finally:
-        unregister_section("acme")
+    assert load(write("ok.toml", "[acme]\neven = 4\n"), sections=(even,)).get("acme.even") == 4
+    for value in ("3", "12", "-2"):
+        path = write(f"{value}.toml", f"[acme]\neven = {value}\n")
+        assert error(path, sections=(even,)) == (
+            f"{path}:2: acme.even: expected an even integer between 0 and 10, got {value}"
+        )
+
+
+# ------------------------------------------------------------------ sections known later
+
+
+def test_a_section_no_one_declared_yet_is_set_aside_then_checked(write: WriteToml) -> None:
+    path = write("llmos.toml", "[server]\nport = 9000\n\n[acme]\ninterval = -1\ntokn = 2\n")
+    config = load_config([path], env={})  # the kernel's and plugins' sections unknown yet
+    assert config.deferred == ("acme",) and not config.final
+    assert config.server.port == 9000  # what plugin loading needs is checked at once
+    with pytest.raises(ConfigError, match=r"\[acme\] has not been checked yet"):
+        config.section("acme")
+    assert "acme" not in config.to_dict()
+    # once the sections are known, every error of the table, with file and line
+    strict = Section("acme", {**ACME.fields, "interval": Field("float", 10.0, min=0)})
+    with pytest.raises(ConfigErrors) as caught:
+        config.complete([strict])
+    assert [e.message for e in caught.value.errors] == [
+        f"{path}:5: acme.interval: expected a number >= 0, got -1",
+        f"{path}:6: acme.tokn: unknown key (did you mean acme.token?)",
+    ]
+    # no one claims it: unknown, with the known sections to choose from
+    with pytest.raises(ConfigError) as unknown:
+        config.complete([])
+    assert str(unknown.value).startswith(f"{path}:4: acme: unknown section (known: ")
+    ok = write("ok.toml", "[acme]\ninterval = 2\n")
+    done = load_config([ok], env={}).complete([ACME])
+    assert done.final and done.section("acme")["interval"] == 2.0
+    assert done.origins["acme.interval"] == Origin("file", file=ok, line=2)
+
+
+def test_load_config_alone_accepts_the_kernels_sections_whatever_was_imported(
+    write: WriteToml,
+) -> None:
+    """A [tuning] table failed with "unknown section" unless the kernel had
+    been imported first (sections registered as an import side effect)."""
+    import subprocess
+    import sys
+
+    path = write("llmos.toml", "[tuning]\nmax_concurrent_jobs = 2\n[runtime]\nmax_queue = 0\n")
+    code = (
+        "import sys; from llmos.config import load_config; "
+        "c = load_config([sys.argv[1]], env={}); print(','.join(c.deferred)); "
+        "assert 'llmos.runtime.kernel' not in sys.modules"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "runtime,tuning"
+    # the kernel checks them: max_queue = 0 is out of range
+    assert error(path) == f"{path}:4: runtime.max_queue: expected an integer >= 1, got 0"
+
+
+def test_keyed_sections_check_each_entry_like_any_field(write: WriteToml) -> None:
+    path = write(
+        "llmos.toml",
+        """
+        [models.chat]
+        provider = "transformers"
+        max_queue = 0
+        sorce = "/models/chat"
+
+        [models.nameless]
+        source = "/models/x"
+
+        [groups.g]
+        deployments = "chat"
+        strategy = "fastest"
+
+        [fusions.f]
+        strategy = "mean"
+        options = 3
+        """,
+    )
+    with pytest.raises(ConfigErrors) as caught:
+        load(path)
+    assert [e.message for e in caught.value.errors] == [
+        f"{path}:3: models.chat.max_queue: expected an integer >= 1, got 0",
+        f"{path}:4: models.chat.sorce: unknown key (did you mean models.chat.source?)",
+        f"{path}:7: [models.nameless]: provider is required (The provider that serves it"
+        " (`llmos plugins` lists them).)",
+        f'{path}:10: groups.g.deployments: expected a list of strings, got the string "chat"',
+        f'{path}:11: groups.g.strategy: expected one of "round-robin", "least-busy",'
+        ' "latency-based", got "fastest"',
+        f"{path}:14: [fusions.f]: members is required"
+        ' (Models: names ("a", "b@2") or tables {model, labels, map}.)',
+        f"{path}:15: fusions.f.options: expected a table, got 3",
+    ]
+    # the required key may come from another layer
+    fixed = write("fixed.toml", '[models.nameless]\nsource = "/m"\n')
+    config = load(fixed, overrides=("models.nameless.provider=transformers",))
+    assert config.section("models")["nameless"] == {"source": "/m", "provider": "transformers"}

@@ -108,7 +108,7 @@ def test_racing_migrations_run_each_step_once(tmp_path: Path) -> None:
             barrier.wait()
             results.append(db.migrate(conn, [step_1, step_2], what="test database", timeout=10))
             conn.close()
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=migrate) for _ in range(4)]

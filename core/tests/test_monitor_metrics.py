@@ -301,4 +301,3 @@ def test_calls_still_on_the_bus_at_stop_reach_the_last_buckets(tmp_path: Path) -
     assert not stopper.is_alive()
     sums = [RequestStats.from_dict(e.fields["stats"]) for e in recorder.of("request.bucket")]
     assert sum(s.requests for s in sums) == 15 and sum(s.calls for s in sums) == 5
-

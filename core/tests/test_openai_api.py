@@ -20,7 +20,7 @@ import pytest
 
 from llmos.config import load_config
 from llmos.plugin import hookimpl
-from llmos.runtime.kernel import Kernel
+from llmos.runtime.kernel import KERNEL_SECTIONS, Kernel
 from llmos.runtime.limits import queued_cap
 from llmos.testing import serve_in_thread
 from llmos.types import (
@@ -732,7 +732,9 @@ def default_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def test_one_request_of_max_inputs_works_on_a_default_daemon(default_daemon: str) -> None:
-    limit = load_config(env={"LLMOS_LOAD_PLUGINS": ""}).get("api.max_inputs")
+    limit = load_config(env={"LLMOS_LOAD_PLUGINS": ""}, sections=KERNEL_SECTIONS).get(
+        "api.max_inputs"
+    )
     for path, body in [
         ("/v1/embeddings", {"model": "parrot", "input": ["tea"] * limit}),
         ("/v1/completions", {"model": "parrot", "prompt": ["a b"] * limit}),
@@ -748,13 +750,15 @@ def test_one_request_of_max_inputs_works_on_a_default_daemon(default_daemon: str
 
 
 def test_max_inputs_and_max_n_are_capped_by_the_model_queue() -> None:
-    config = load_config(env={"LLMOS_LOAD_PLUGINS": ""}, overrides=["runtime.max_queue=8"])
+    config = load_config(
+        env={"LLMOS_LOAD_PLUGINS": ""}, overrides=["runtime.max_queue=8"], sections=KERNEL_SECTIONS
+    )
     assert queued_cap(config, "max_inputs", 64) == (
         8,
         "[runtime] max_queue, below api.max_inputs = 64",
     )
     assert queued_cap(config, "max_n", 8) == (8, "api.max_n")
-    defaults = load_config(env={"LLMOS_LOAD_PLUGINS": ""})
+    defaults = load_config(env={"LLMOS_LOAD_PLUGINS": ""}, sections=KERNEL_SECTIONS)
     queue = defaults.get("runtime.max_queue")
     assert queued_cap(defaults, "max_inputs", 64) == (
         defaults.get("api.max_inputs"),

@@ -15,7 +15,7 @@ import pytest
 import structlog
 
 from llmos.config import PluginSettings
-from llmos.errors import DuplicateNameError, PluginError
+from llmos.errors import ConfigError, DuplicateNameError, PluginError
 from llmos.logs import configure_logging
 from llmos.plugin import hookimpl
 from llmos.plugin.manager import DEFAULT_PLUGINS, HOOK_NAMES, PluginManager
@@ -600,3 +600,80 @@ def test_a_hook_wrapper_is_refused_with_what_to_do_instead(
     )
     with pytest.raises(PluginError, match="hook wrappers are not supported"):
         load(tmp_path, strict=True)
+
+
+# --------------------------------------------------------------------------
+# Config sections by hook
+# --------------------------------------------------------------------------
+
+CONFIG_PLUGIN = """
+from llmos.config import Field, Section
+from llmos.plugin import hookimpl
+
+@hookimpl
+def llmos_register_config(register):
+    register(Section(
+        "{name}",
+        {{
+            "address": Field("str", "auto", "Where the cluster is."),
+            "replicas": Field("int", 1, "Copies of each model.", min=1, max=64),
+            "token": Field("str", "", "Cluster token.", secret=True, env="ACME_TOKEN"),
+        }},
+        doc="The acme cluster.",
+    ))
+"""
+
+
+def test_a_plugin_declares_a_config_section_checked_like_the_kernels(site, tmp_path: Path) -> None:
+    from llmos.config import ConfigErrors, load_config
+    from llmos.runtime.kernel import Kernel
+
+    site("llmos-acme", CONFIG_PLUGIN.format(name="acme"))
+    good = tmp_path / "good.toml"
+    good.write_text('[acme]\nreplicas = 3\ntoken = "secret-token-1234"\n')
+    env = {"LLMOS_HOME": str(tmp_path / "home")}
+    pm = load(tmp_path)
+    assert info(pm, "llmos-acme").registered == {"config_sections": ["acme"]}
+    config = Kernel(load_config([good], env=env), plugins=pm).config
+    assert config.section("acme") == {
+        "address": "auto",
+        "replicas": 3,
+        "token": "secret-token-1234",
+    }
+    assert config.to_dict()["acme"]["token"] == "****1234"
+    assert config.origins["acme.replicas"].line == 2
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[acme]\nreplicas = 0\nadress = 'x'\n[acmee]\nx = 1\n")
+    with pytest.raises(ConfigErrors) as caught:
+        _ = Kernel(load_config([bad], env=env), plugins=load(tmp_path)).config
+    assert [e.message for e in caught.value.errors] == [
+        f"{bad}:2: acme.replicas: expected an integer between 1 and 64, got 0",
+        f"{bad}:3: acme.adress: unknown key (did you mean acme.address?)",
+        f"{bad}:4: acmee: unknown section (did you mean acme?)",
+    ]
+
+
+def test_a_plugin_cannot_take_a_kernel_section_and_a_disabled_ones_section_is_unknown(
+    site, tmp_path: Path
+) -> None:
+    from llmos.config import load_config
+    from llmos.runtime.kernel import Kernel
+
+    site("llmos-acme", CONFIG_PLUGIN.format(name="runtime"))
+    pm = load(tmp_path)
+    kernel = Kernel(load_config(env={"LLMOS_HOME": str(tmp_path / "home")}), plugins=pm)
+    assert kernel.config.section("runtime")["max_queue"] == 64  # the kernel's section stands
+    acme = info(pm, "llmos-acme")
+    assert acme.status == "failed"
+    assert acme.error == (
+        "config section 'runtime' is registered by both 'llmos' and 'llmos-acme';"
+        " disable one of them (LLMOS_DISABLE_PLUGINS or [plugins] disable)"
+    )
+
+    path = tmp_path / "llmos.toml"
+    path.write_text("[acme]\nreplicas = 2\n")
+    site("llmos-acme2", CONFIG_PLUGIN.format(name="acme"), entry="acme2")
+    off = load(tmp_path, disable=("acme2",))
+    with pytest.raises(ConfigError, match=rf"{path}:1: acme: unknown section"):
+        _ = Kernel(load_config([path], env={"LLMOS_HOME": str(tmp_path)}), plugins=off).config

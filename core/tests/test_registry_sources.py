@@ -21,6 +21,7 @@ from llmos.registry.sources import (
     policy_from_config,
     resolve_local,
 )
+from llmos.runtime.kernel import KERNEL_SECTIONS
 
 Resolver = Callable[..., Sequence[tuple[Any, ...]]]
 
@@ -146,7 +147,9 @@ def test_tilde_paths_are_refused_with_what_to_do(
 def test_an_unknown_user_in_allowed_roots_is_a_config_error(tmp_path: Path) -> None:
     config_file = tmp_path / "llmos.toml"
     config_file.write_text('[registry]\nallowed_roots = ["~nosuchuser-llmos/models"]\n')
-    config = load_config([config_file], env={"LLMOS_HOME": str(tmp_path / "data")})
+    config = load_config(
+        [config_file], env={"LLMOS_HOME": str(tmp_path / "data")}, sections=KERNEL_SECTIONS
+    )
     with pytest.raises(ConfigError, match=r"cannot expand '~nosuchuser-llmos' \(no such user\)"):
         policy_from_config(config)
 
@@ -368,7 +371,7 @@ def test_policy_from_config(tmp_path: Path) -> None:
             """
         )
     )
-    policy = policy_from_config(load_config([config_file], env={}))
+    policy = policy_from_config(load_config([config_file], env={}, sections=KERNEL_SECTIONS))
     assert policy.allowed_roots == (
         (tmp_path / "data").resolve(),
         (tmp_path / "conf" / "models").resolve(),  # relative to the config file
@@ -379,7 +382,7 @@ def test_policy_from_config(tmp_path: Path) -> None:
 
 
 def test_registry_section_defaults_and_validation(tmp_path: Path) -> None:
-    config = load_config([], env={"LLMOS_HOME": str(tmp_path)})
+    config = load_config([], env={"LLMOS_HOME": str(tmp_path)}, sections=KERNEL_SECTIONS)
     assert config.section("registry") == {
         "allowed_roots": [],
         "allow_private_urls": False,
@@ -397,7 +400,7 @@ def test_registry_section_defaults_and_validation(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[registry]\nmax_push_bytes = 0\n")
     with pytest.raises(ConfigError, match=r"registry\.max_push_bytes: expected a positive integer"):
-        load_config([bad], env={})
+        load_config([bad], env={}, sections=KERNEL_SECTIONS)
     bad.write_text("[registry]\nmax_push_ratio = 0\n")
     with pytest.raises(ConfigError, match=r"registry\.max_push_ratio: expected a whole number"):
-        load_config([bad], env={})
+        load_config([bad], env={}, sections=KERNEL_SECTIONS)

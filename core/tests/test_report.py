@@ -20,9 +20,9 @@ from click.testing import CliRunner, Result
 
 from llmos.cli import cli, main
 from llmos.default_plugins.sqlite_sink import SqliteSink
-from llmos.monitor.store import db_path
 from llmos.monitor.metrics import Sketch
 from llmos.monitor.report import auto_step
+from llmos.monitor.store import db_path
 from llmos.types import Capability, ClassifyRequest, MonitorEvent
 
 from .tables import add, install, table_kernel

@@ -323,4 +323,3 @@ def test_a_caller_that_gives_up_stops_the_attempt_under_way(make_kernel, table_m
     state = kernel.router.status()["g"]["deployments"]["slow"]
     assert state["in_flight"] == 0
     assert state["errors"] == 0, "a caller leaving is not the deployment's failure"
-

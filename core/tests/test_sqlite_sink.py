@@ -27,10 +27,10 @@ import pytest
 
 from llmos.config import check_table
 from llmos.default_plugins.sqlite_sink import PLUGIN, SqliteSink
-from llmos.monitor.store import SCHEMA_VERSION, MetricsStore, db_path
 from llmos.errors import ConfigError
 from llmos.monitor.history import History
 from llmos.monitor.metrics import RequestStats, Sketch
+from llmos.monitor.store import SCHEMA_VERSION, MetricsStore, db_path
 from llmos.plugin.manager import DEFAULT_PLUGINS
 from llmos.types import Capability, ClassifyRequest, MonitorEvent
 

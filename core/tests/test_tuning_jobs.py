@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 
-from llmos.config import load_config
 from llmos.errors import ConfigError, NotFoundError, PayloadTooLarge, PluginError, UsageError
 from llmos.registry.service import Registry
 from llmos.runtime.kernel import Kernel
@@ -153,11 +152,9 @@ def add_count_plugin(site: Path) -> None:
 
 
 def kernel_for(home: Path, *overrides: str) -> Kernel:
-    return Kernel(
-        load_config(
-            env={"LLMOS_HOME": str(home), "LLMOS_LOAD_PLUGINS": "llmos-count"},
-            overrides=list(overrides),
-        )
+    return Kernel.from_config(
+        env={"LLMOS_HOME": str(home), "LLMOS_LOAD_PLUGINS": "llmos-count"},
+        overrides=list(overrides),
     )
 
 

@@ -94,6 +94,7 @@ def test_the_entry_point_is_loaded_with_every_hook(pm: PluginManager) -> None:
         "tuning_methods": ["example-keywords"],
         "monitor_sinks": ["example-counter"],
         "commands": ["example"],
+        "config_sections": ["example"],
     }
     assert pm.providers["example-keyword"].plugin == PLUGIN
     assert pm.fusion_strategies["example-first-confident"].plugin == PLUGIN
@@ -486,8 +487,13 @@ def test_the_keywords_command(pm: PluginManager) -> None:
     assert data["scores"] == pytest.approx({"positive": 1 / 3, "negative": 2 / 3})
 
 
-def test_the_info_route(pm: PluginManager) -> None:
-    routes = [r.spec for r in pm.routes(SimpleNamespace()) if r.plugin == PLUGIN]  # type: ignore[arg-type]
+def test_the_info_route_answers_with_the_plugins_config_section(
+    pm: PluginManager, tmp_path: Path
+) -> None:
+    config = tmp_path / "llmos.toml"
+    config.write_text('[example]\nmotd = "run by the acme team"\n')
+    kernel = Kernel(load_config([config], env={"LLMOS_HOME": str(tmp_path)}), plugins=pm)
+    routes = [r.spec for r in pm.routes(kernel) if r.plugin == PLUGIN]
     assert [r.prefix for r in routes] == ["/example"]
     app = FastAPI()
     app.include_router(routes[0].router, prefix=routes[0].prefix)
@@ -503,4 +509,5 @@ def test_the_info_route(pm: PluginManager) -> None:
         "plugin": "example",
         "version": llmos_example.__version__,
         "providers": ["example-keyword"],
+        "motd": "run by the acme team",
     }

@@ -2,7 +2,9 @@
 
 The effective config is built from layers, each later one winning:
 
-1. the defaults the schema declares (:func:`register_section`);
+1. the defaults the schema declares: the kernel's sections (``[server]`` and
+   ``[plugins]`` here, the rest passed in as :class:`Section` values by the
+   kernel) and the sections plugins declare (``llmos_register_config``);
 2. config files in the order given (``--config A --config B``), or the file
    ``LLMOS_CONFIG`` names when none is given; the files a file pulls in with
    ``include = [...]`` are layers below that file's own keys;
@@ -12,6 +14,14 @@ The effective config is built from layers, each later one winning:
 Tables merge recursively; scalars and lists are replaced. Every leaf value
 remembers its :class:`Origin`, which ``llmos config show`` prints, and every
 error names the file, the line where it can, the key and what is wrong.
+
+The schema is passed in, never registered globally: :func:`load_config`
+validates the sections it is given (and ``[server]``/``[plugins]``, which
+plugin loading needs first) and sets the tables it does not know yet aside;
+:meth:`Config.complete` validates them once every section is known (the
+kernel calls it when its plugins have loaded), and a table no section claims
+is an error then. A section whose keys are names (``[models.NAME]``) declares
+the fields of each entry (``Section.entries``), checked like any other field.
 """
 
 from __future__ import annotations
@@ -44,8 +54,6 @@ __all__ = [
     "check_table",
     "load_config",
     "parse_override",
-    "register_section",
-    "unregister_section",
 ]
 
 DEFAULT_PORT = 8470
@@ -116,6 +124,10 @@ _KINDS: dict[str, str] = {
     "bool": "a boolean (true/false, yes/no, on/off, 1/0)",
     "path": "a path",
     "list[str]": "a list of strings",
+    # for the entries of a section such as [models.NAME]: kept as plain data,
+    # checked further by what reads them
+    "list": "a list",
+    "table": "a table",
 }
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off", ""})
@@ -151,6 +163,8 @@ class Field:
     check: Callable[[Any], bool] | None = None
     expect: str | None = None
     optional: bool = False
+    #: an entry of a keyed section (``[models.NAME]``) must have it
+    required: bool = False
     secret: bool = False
     env: str | None = None
     factory: Callable[[], Any] | None = None
@@ -201,18 +215,36 @@ class Field:
         return self.factory() if self.factory is not None else self.default
 
 
+_SECTION_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+
+
 @attrs.frozen
 class Section:
-    """A registered ``[name]`` table.
+    """A ``[name]`` table of the config: its fields and what it is for.
 
-    With ``free_form`` a key whose value is a table (``[name.<anything>]``)
-    is accepted as is, unvalidated: per-plugin options, named fusions.
+    ``entries``: the section is keyed by names (``[models.NAME]``,
+    ``[groups.NAME]``): every ``[name.<entry>]`` table is checked against
+    these fields (types, ranges, unknown keys, ``required`` ones), its values
+    kept as plain data. With ``free_form`` a key whose value is a table is
+    accepted as is, unvalidated (``[plugins.<name>]``: each plugin checks its
+    own options).
     """
 
-    name: str
-    fields: Mapping[str, Field]
+    name: str = attrs.field()
+    fields: Mapping[str, Field] = attrs.field(converter=dict)
     doc: str = ""
     free_form: bool = False
+    entries: Mapping[str, Field] | None = None
+
+    @name.validator
+    def _check_name(self, _attribute: Any, value: str) -> None:
+        if not isinstance(value, str) or not _SECTION_NAME.fullmatch(value):
+            raise ValueError(
+                f"config section name must be 1-32 lowercase letters, digits and _,"
+                f" starting with a letter; got {value!r}"
+            )
+        if value in _ROOT_FIELDS or value == "include":
+            raise ValueError(f"{value!r} is a top-level config key, not a section name")
 
 
 def _default_home() -> Path:
@@ -227,54 +259,54 @@ _ROOT_FIELDS: dict[str, Field] = {
         factory=_default_home,
     ),
 }
-_SECTIONS: dict[str, Section] = {}
 
 
-def register_section(
-    name: str, fields: Mapping[str, Field], *, doc: str = "", free_form: bool = False
-) -> Section:
-    """Declare the ``[name]`` section so config files may use it.
+@attrs.frozen
+class _Schema:
+    """The sections a config is checked against. ``final``: a table no
+    section claims is an error (else it is set aside for :meth:`Config.complete`)."""
 
-    Registering the same section twice is harmless; registering a different
-    one under a taken name raises :class:`ValueError`, since two owners of
-    one section would silently disagree about its keys.
-    """
-    if name in _ROOT_FIELDS or name == "include":
-        raise ValueError(f"{name!r} is a top-level config key, not a section name")
-    section = Section(name, dict(fields), doc=doc, free_form=free_form)
-    if _SECTIONS.get(name, section) != section:
-        raise ValueError(f"config section [{name}] is already registered")
-    _SECTIONS[name] = section
-    return section
+    sections: Mapping[str, Section]
+    final: bool = False
 
+    @classmethod
+    def of(cls, sections: Iterable[Section], *, final: bool) -> _Schema:
+        known: dict[str, Section] = {s.name: s for s in _BOOTSTRAP}
+        for section in sections:
+            if not isinstance(section, Section):
+                raise TypeError(f"a config section is a Section, got {type(section).__name__}")
+            if known.get(section.name, section) != section:
+                raise ConfigError(f"config section [{section.name}] is declared twice, differently")
+            known[section.name] = section
+        return cls(known, final)
 
-def unregister_section(name: str) -> None:
-    """Forget the ``[name]`` section (for tests and plugins that unload)."""
-    _SECTIONS.pop(name, None)
+    def field_at(self, path: tuple[str, ...]) -> Field | None:
+        """The declared field at ``path``, if any (an entry's too)."""
+        if len(path) == 1:
+            return _ROOT_FIELDS.get(path[0])
+        section = self.sections.get(path[0])
+        if section is None:
+            return None
+        if len(path) == 2:
+            return section.fields.get(path[1])
+        if len(path) == 3 and section.entries is not None:
+            return section.entries.get(path[2])
+        return None
 
-
-def _field_at(path: tuple[str, ...]) -> Field | None:
-    """The declared field at ``path``, if any."""
-    if len(path) == 1:
-        return _ROOT_FIELDS.get(path[0])
-    section = _SECTIONS.get(path[0]) if len(path) == 2 else None
-    return section.fields.get(path[1]) if section is not None else None
-
-
-def _fields() -> Iterator[tuple[tuple[str, ...], Field]]:
-    """Every declared field with its key path."""
-    for key, field in _ROOT_FIELDS.items():
-        yield (key,), field
-    for name, section in _SECTIONS.items():
-        for key, field in section.fields.items():
-            yield (name, key), field
+    def fields(self) -> Iterator[tuple[tuple[str, ...], Field]]:
+        """Every declared field of a section's own keys, with its key path."""
+        for key, field in _ROOT_FIELDS.items():
+            yield (key,), field
+        for name, section in self.sections.items():
+            for key, field in section.fields.items():
+                yield (name, key), field
 
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 #: a ``server.allowed_hosts`` entry: "*", or a host name with an optional "*." in front
 _ALLOWED_HOST = re.compile(r"\*|(\*\.)?[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")
 
-register_section(
+_SERVER = Section(
     "server",
     {
         "host": Field("str", "127.0.0.1", "Address the daemon listens on."),
@@ -354,7 +386,7 @@ register_section(
     },
     doc="The daemon.",
 )
-register_section(
+_PLUGINS = Section(
     "plugins",
     {
         "load": Field(
@@ -373,6 +405,8 @@ register_section(
     doc="Plugin loading; [plugins.<name>] tables are that plugin's options.",
     free_form=True,
 )
+#: the sections every config has: plugin loading needs them before any other
+_BOOTSTRAP = (_SERVER, _PLUGINS)
 
 
 # ------------------------------------------------------------------ the result
@@ -418,6 +452,29 @@ class Config:
     home: Path
     server: ServerSettings
     plugins: PluginSettings
+    #: what it was composed from, to compose it again with more sections
+    inputs: _Inputs = attrs.field(repr=False)
+    #: the sections it was checked against, [server] and [plugins] included
+    schema: _Schema = attrs.field(repr=False)
+    #: tables no section claimed yet (``final`` is false), left out of ``data``
+    deferred: tuple[str, ...] = ()
+
+    @property
+    def final(self) -> bool:
+        """Whether every table has been checked (no section may be added)."""
+        return self.schema.final
+
+    def complete(self, sections: Iterable[Section]) -> Config:
+        """This config composed again from the same files, variables and
+        ``--set`` texts, checked against ``sections`` as well as the ones it
+        was loaded with; a table no section claims is an error now.
+
+        :raises ConfigError: anything wrong (all of it, as for :func:`load_config`).
+        """
+        return _compose(
+            self.inputs,
+            _Schema.of([*self.schema.sections.values(), *sections], final=True),
+        )
 
     def get(self, dotted: str, default: Any = _MISSING) -> Any:
         """The value at ``dotted`` (``"server.port"``); ``KeyError`` if absent and no default."""
@@ -431,7 +488,16 @@ class Config:
         return node
 
     def section(self, name: str) -> Mapping[str, Any]:
-        """The ``[name]`` table, or ``{}``."""
+        """The ``[name]`` table, or ``{}``.
+
+        :raises ConfigError: the table is in the config but no section has
+            claimed it yet (see :meth:`complete`): its values are unchecked.
+        """
+        if name in self.deferred:
+            raise ConfigError(
+                f"config section [{name}] has not been checked yet: a kernel checks it once"
+                " its plugins have loaded (Config.complete)"
+            )
         table = self.data.get(name)
         return table if isinstance(table, Mapping) else {}
 
@@ -443,24 +509,33 @@ class Config:
     def explain(self, *, redact: bool = True) -> list[tuple[str, Any, Origin]]:
         """``(key, value, origin)`` for every leaf, sorted by key, values as in :meth:`to_dict`."""
         return [
-            (key, _export(self.get(key), _split_key(key), redact), origin)
+            (key, _export(self.schema, self.get(key), _split_key(key), redact), origin)
             for key, origin in sorted(self.origins.items())
         ]
 
     def to_dict(self, *, redact: bool = True) -> dict[str, Any]:
         """The effective config as JSON-serialisable data; secrets masked if ``redact``."""
-        return _export(self.data, (), redact)
+        return _export(self.schema, self.data, (), redact)
 
 
-def _export(value: Any, path: tuple[str, ...], redact: bool) -> Any:
+@attrs.frozen
+class _Inputs:
+    """What a config is composed from."""
+
+    paths: tuple[str | os.PathLike[str], ...]
+    overrides: tuple[str, ...]
+    env: Mapping[str, str]
+
+
+def _export(schema: _Schema, value: Any, path: tuple[str, ...], redact: bool) -> Any:
     """``value`` made JSON-serialisable, masked if ``path`` names a secret field."""
     if isinstance(value, Mapping):
-        return {key: _export(item, (*path, key), redact) for key, item in value.items()}
-    field = _field_at(path)
+        return {key: _export(schema, item, (*path, key), redact) for key, item in value.items()}
+    field = schema.field_at(path)
     if redact and value is not None and field is not None and field.secret:
         return [_mask(item) for item in value] if isinstance(value, list | tuple) else _mask(value)
     if isinstance(value, list | tuple):
-        return [_export(item, path, redact) for item in value]
+        return [_export(schema, item, path, redact) for item in value]
     if isinstance(value, date | time):  # TOML dates and times, datetime included
         return value.isoformat()
     return str(value) if isinstance(value, Path) else value
@@ -499,23 +574,34 @@ def load_config(
     paths: Sequence[str | os.PathLike[str]] = (),
     overrides: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
+    *,
+    sections: Iterable[Section] = (),
+    final: bool = False,
 ) -> Config:
     """Compose the effective config from defaults, files, environment and overrides.
 
     ``paths`` are the ``--config`` files in order (they replace ``LLMOS_CONFIG``);
     ``overrides`` the ``--set`` texts in order; ``env`` defaults to ``os.environ``.
+    ``sections``: the schema besides ``[server]`` and ``[plugins]``; a table
+    none of them claims is set aside (``Config.deferred``) for
+    :meth:`Config.complete`, or with ``final`` an error.
     Raises :class:`~llmos.errors.ConfigError` for anything wrong.
     """
-    env = os.environ if env is None else env
+    inputs = _Inputs(tuple(paths), tuple(overrides), dict(os.environ if env is None else env))
+    return _compose(inputs, _Schema.of(sections, final=final))
+
+
+def _compose(inputs: _Inputs, schema: _Schema) -> Config:
+    paths, overrides, env = inputs.paths, inputs.overrides, inputs.env
     # Every wrong value, unknown key and bad reference of every layer is
     # collected, and all are reported together: fixing a config one error per
     # run is slow. (A file that cannot be read or parsed still stops at once.)
-    problems = _Problems()
-    tree = _check_layer(_default_tree(), _everywhere(_DEFAULT), problems)
+    problems = _Problems(schema)
+    tree = _check_layer(_default_tree(schema), _everywhere(_DEFAULT), problems)
     loader = _Loader(env, problems)
     for path, via in _config_files(paths, env):
         tree = _merge(tree, loader.load(path, via=via))
-    for path, field in _fields():
+    for path, field in schema.fields():
         if field.env is not None and field.env in env:
             origin = Origin("env", detail=field.env)
             layer = _check_layer(_nest(path, env[field.env]), _everywhere(origin), problems)
@@ -528,6 +614,7 @@ def load_config(
 
     origins: dict[str, Origin] = {}
     data = _unwrap(tree, (), origins)
+    _check_required(schema, data, origins, problems)
     try:
         _add_file_keys(data["server"], origins)
     except ConfigError as exc:
@@ -535,6 +622,9 @@ def load_config(
     problems.raise_any()
     server, plugins = data["server"], data["plugins"]
     return Config(
+        inputs=inputs,
+        schema=schema,
+        deferred=tuple(sorted(problems.deferred)),
         data=data,
         origins=origins,
         files=tuple(loader.files),
@@ -767,9 +857,9 @@ class _Leaf:
     origin: Origin
 
 
-def _default_tree() -> dict[str, Any]:
-    tree: dict[str, Any] = {name: {} for name in _SECTIONS}
-    for path, field in _fields():
+def _default_tree(schema: _Schema) -> dict[str, Any]:
+    tree: dict[str, Any] = {name: {} for name in schema.sections}
+    for path, field in schema.fields():
         tree = _merge(tree, _nest(path, field.default_value()))
     return tree
 
@@ -811,9 +901,12 @@ def _unwrap(
 
 @attrs.define
 class _Problems:
-    """The errors found while composing a config, reported together at the end."""
+    """The errors found while composing a config, reported together at the end,
+    and the schema the layers are checked against (with the tables it set aside)."""
 
+    schema: _Schema
     found: list[tuple[Origin | None, ConfigError]] = attrs.Factory(list)
+    deferred: set[str] = attrs.Factory(set)
 
     def add(self, origin: Origin | None, error: ConfigError) -> None:
         self.found.append((origin, error))
@@ -867,10 +960,12 @@ def _check_layer(
             leaf = _leaf(_ROOT_FIELDS[key], path, value, origin_at, problems)
             if leaf is not None:
                 layer[key] = leaf
-        elif key in _SECTIONS:
-            section = _check_section(_SECTIONS[key], value, origin_at, problems)
+        elif key in problems.schema.sections:
+            section = _check_section(problems.schema.sections[key], value, origin_at, problems)
             if section is not None:
                 layer[key] = section
+        elif isinstance(value, dict) and not problems.schema.final:
+            problems.deferred.add(key)  # a plugin's section, checked once plugins load
         elif key == "include":
             problems.add(
                 origin_at(path),
@@ -882,9 +977,8 @@ def _check_layer(
         else:
             what = "section" if isinstance(value, dict) else "key"
             origin = origin_at(path)
-            problems.add(
-                origin, _unknown(path, origin, [*_ROOT_FIELDS, *_SECTIONS, "include"], what)
-            )
+            known = [*_ROOT_FIELDS, *problems.schema.sections, "include"]
+            problems.add(origin, _unknown(path, origin, known, what))
     return layer
 
 
@@ -911,12 +1005,89 @@ def _check_section(
             leaf = _leaf(field, path, item, origin_at, problems)
             if leaf is not None:
                 layer[key] = leaf
+        elif section.entries is not None and isinstance(item, dict):
+            layer[key] = _check_entry(section.entries, path, item, origin_at, problems)
         elif section.free_form and isinstance(item, dict):
             layer[key] = _free_form(item, path, origin_at)
         else:
             origin = origin_at(path)
+            if section.entries is not None:
+                problems.add(
+                    origin,
+                    ConfigError(
+                        f"{origin}: {_join(path)}: expected a table ([{_join(path)}]),"
+                        f" got {_show(item)}",
+                        param=_join(path),
+                    ),
+                )
+                continue
             problems.add(origin, _unknown(path, origin, list(section.fields), "key"))
     return layer
+
+
+def _check_entry(
+    fields: Mapping[str, Field],
+    path: tuple[str, ...],
+    table: dict[str, Any],
+    origin_at: _OriginAt,
+    problems: _Problems,
+) -> dict[str, Any]:
+    """One ``[section.NAME]`` table checked against the section's entry fields."""
+    layer: dict[str, Any] = {}
+    for key, item in table.items():
+        at = (*path, key)
+        field = fields.get(key)
+        if _broken(item) and not isinstance(item, dict):
+            continue
+        if field is None:
+            origin = origin_at(at)
+            problems.add(origin, _unknown(at, origin, list(fields), "key"))
+        elif field.kind == "table":
+            if isinstance(item, dict):
+                layer[key] = _free_form(item, at, origin_at)
+            else:
+                origin = origin_at(at)
+                problems.add(
+                    origin,
+                    ConfigError(
+                        f"{origin}: {_join(at)}: expected {field.expected}, got {_show(item)}",
+                        param=_join(at),
+                    ),
+                )
+        elif (leaf := _leaf(field, at, item, origin_at, problems)) is not None:
+            layer[key] = leaf
+    return layer
+
+
+def _check_required(
+    schema: _Schema, data: Mapping[str, Any], origins: Mapping[str, Origin], problems: _Problems
+) -> None:
+    """Every entry of a keyed section has its ``required`` keys, once all
+    layers are merged (one file may give what another one's table lacks)."""
+    for name, section in schema.sections.items():
+        if section.entries is None:
+            continue
+        required = [key for key, field in section.entries.items() if field.required]
+        reported = {error.param for _, error in problems.found}
+        for entry, table in data.get(name, {}).items():
+            if not isinstance(table, Mapping):
+                continue
+            for key in required:
+                # a value given but wrong is reported as such, not as missing too
+                if key not in table and _join((name, entry, key)) not in reported:
+                    where = _join((name, entry))
+                    origin = next(
+                        (o for k, o in origins.items() if k.startswith(where + ".")), None
+                    )
+                    at = f"{origin}: " if origin is not None else ""
+                    problems.add(
+                        origin,
+                        ConfigError(
+                            f"{at}[{where}]: {key} is required"
+                            f" ({section.entries[key].doc or section.entries[key].expected})",
+                            param=f"{where}.{key}",
+                        ),
+                    )
 
 
 def _free_form(value: Any, path: tuple[str, ...], origin_at: _OriginAt) -> Any:
@@ -932,7 +1103,12 @@ def _free_form(value: Any, path: tuple[str, ...], origin_at: _OriginAt) -> Any:
 
 
 def _plain(value: Any) -> Any:
-    """A substituted string as a plain ``str`` (it is data from here on)."""
+    """A substituted string as a plain ``str`` (it is data from here on), in
+    lists and tables too."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
     return str(value) if isinstance(value, _Substituted) else value
 
 
@@ -1013,6 +1189,12 @@ def _convert(kind: str, value: Any, origin: Origin) -> Any:
             if text:
                 base = origin.file.parent if origin.file is not None else Path.cwd()
                 return _absolute(text, base)
+        case "list":
+            if isinstance(value, list):
+                return _plain(value)
+        case "table":
+            if isinstance(value, dict):
+                return _plain(value)
         case "list[str]":
             if text is not None:  # "a, b" from the environment or --set
                 return [item.strip() for item in text.split(",") if item.strip()]

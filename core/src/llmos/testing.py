@@ -218,4 +218,3 @@ def system_tool(name: str, *, install: str = "bash .ci/system-packages") -> str:
     if os.environ.get("LLMOS_REQUIRE_SYSTEM_TOOLS") == "1":
         pytest.fail(why + "; LLMOS_REQUIRE_SYSTEM_TOOLS=1 says it must be", pytrace=False)
     pytest.skip(why)
-

@@ -31,6 +31,7 @@ import attrs
 import click
 import structlog
 
+from llmos.config import Field, Section
 from llmos.errors import UsageError
 from llmos.plugin import hookimpl
 from llmos.types import (
@@ -356,6 +357,25 @@ def llmos_register_monitor_sinks(register: Callable[[MonitorSinkSpec], None]) ->
 
 
 # --------------------------------------------------------------------------
+# Config: an [example] section, checked by the kernel like its own
+# --------------------------------------------------------------------------
+
+#: ``[example]`` in llmos.toml; read as ``kernel.config.section("example")``
+CONFIG = Section(
+    "example",
+    {
+        "motd": Field("str", "", "A line GET /example/info returns (who runs this daemon, say)."),
+    },
+    doc="The llmos-example plugin.",
+)
+
+
+@hookimpl
+def llmos_register_config(register: Callable[[Section], None]) -> None:
+    register(CONFIG)
+
+
+# --------------------------------------------------------------------------
 # Lifecycle
 # --------------------------------------------------------------------------
 
@@ -404,16 +424,16 @@ def llmos_register_commands(register: Callable[[CommandSpec], None]) -> None:
 
 
 @hookimpl
-def llmos_register_routes(register: Callable[[RouteSpec], None]) -> None:
-    # An implementation may take any subset of the spec's parameters; this one
-    # needs no kernel. FastAPI is imported here, not at the top, so that CLI
-    # commands (which load every plugin) do not pay for it.
+def llmos_register_routes(register: Callable[[RouteSpec], None], kernel: Kernel) -> None:
+    # FastAPI is imported here, not at the top, so that CLI commands (which
+    # load every plugin) do not pay for it.
     from fastapi import APIRouter
 
     router = APIRouter(tags=["example"])
+    motd = kernel.config.section(CONFIG.name)["motd"]
 
     @router.get("/info")
     def info() -> dict[str, Any]:
-        return {"plugin": PLUGIN, "version": __version__, "providers": [PROVIDER]}
+        return {"plugin": PLUGIN, "version": __version__, "providers": [PROVIDER], "motd": motd}
 
     register(RouteSpec(router=router, prefix="/example"))

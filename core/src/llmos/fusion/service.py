@@ -62,7 +62,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import structlog
 
-from llmos.config import check_table, register_section
+from llmos.config import Field, Section, check_table
 from llmos.errors import ConfigError, LlmosError, PluginError, UsageError
 from llmos.fusion import combine
 from llmos.fusion.call import Asked, Call, Member
@@ -97,10 +97,25 @@ __all__ = [
 
 log = structlog.get_logger("llmos.fusion")
 
-register_section(
+#: the [fusions] config section (the kernel passes it to load_config)
+SECTION = Section(
     "fusions",
     {},
-    free_form=True,
+    entries={
+        "strategy": Field(
+            "str", None, "How members are combined (`llmos fuse strategies`).", required=True
+        ),
+        "members": Field(
+            "list",
+            None,
+            'Models: names ("a", "b@2") or tables {model, labels, map}.',
+            required=True,
+        ),
+        "options": Field("table", None, "The strategy's options."),
+        "dev": Field("str", None, "Labelled rows (JSONL/CSV) it is fitted and checked on."),
+        "description": Field("str", None, "What it is, for search."),
+        "tags": Field("list[str]", None, "Search tags."),
+    },
     doc="Fusions: [fusions.NAME] with strategy, members, options, dev, description, tags.",
 )
 

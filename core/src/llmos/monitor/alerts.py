@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import structlog
 
-from llmos.config import Field, check_table, register_section
+from llmos.config import Field, Section, check_table
 from llmos.errors import ConfigError, LlmosError
 from llmos.monitor.metrics import METRICS, PROCESS_METRICS, MetricWindows, parse_duration
 from llmos.types import MonitorEvent
@@ -56,7 +56,8 @@ log = structlog.get_logger("llmos.monitor")
 
 __all__ = ["AlertManager", "AlertRule", "Webhook"]
 
-register_section(
+#: the [monitor] config section (the kernel passes it to load_config)
+MONITOR_SECTION = Section(
     "monitor",
     {
         "bucket_s": Field(
@@ -115,7 +116,8 @@ register_section(
     },
     doc="Metric windows, alert evaluation and the alert webhook.",
 )
-register_section(
+#: the [alerts] config section (the kernel passes it to load_config)
+ALERTS_SECTION = Section(
     "alerts",
     {},
     free_form=True,

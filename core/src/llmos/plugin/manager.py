@@ -34,6 +34,7 @@ import pluggy
 import structlog
 
 from llmos import __version__
+from llmos.config import Section
 from llmos.errors import DuplicateNameError, PluginError
 from llmos.plugin import spec
 from llmos.types import (
@@ -122,6 +123,7 @@ _FAMILIES: tuple[_Family, ...] = (
     _Family("tuning_methods", "llmos_register_tuning_methods", TuningMethodSpec, lambda s: s.name),
     _Family("monitor_sinks", "llmos_register_monitor_sinks", MonitorSinkSpec, lambda s: s.name),
     _Family("commands", "llmos_register_commands", CommandSpec, lambda s: s.command.name),
+    _Family("config_sections", "llmos_register_config", Section, lambda s: s.name),
 )
 
 
@@ -176,6 +178,12 @@ class PluginManager:
     @property
     def commands(self) -> Mapping[str, Registered[CommandSpec]]:
         return self._registries["commands"]
+
+    @property
+    def config_sections(self) -> Mapping[str, Registered[Section]]:
+        """Config sections plugins declared (``llmos_register_config``), and
+        the kernel's own, reserved under the owner ``llmos``."""
+        return self._registries["config_sections"]
 
     def plugins(self, *, include_defaults: bool = True) -> list[PluginInfo]:
         """Every plugin seen, in load order, with its status and error."""
@@ -258,8 +266,18 @@ class PluginManager:
         """Record specs the kernel provides itself (the CLI's built-in commands)
         before loading, so a plugin taking one of their names is a duplicate
         like any other."""
+        kind = family[:-1].replace("_", " ")
         for item in specs:
             name = next(f for f in _FAMILIES if f.key == family).name_of(item)
+            holder = self._registries[family].get(name)
+            if holder is not None and holder.plugin != owner and holder.plugin in self._infos:
+                # loaded before the reservation (a manager handed to a kernel)
+                self.reject(
+                    holder.plugin,
+                    f"{kind} {name!r} is registered by both {owner!r} and {holder.plugin!r};"
+                    " disable one of them (LLMOS_DISABLE_PLUGINS or [plugins] disable)",
+                    DuplicateNameError,
+                )
             self._registries[family][name] = Registered(item, owner)
 
     def _name_taken(self, info: PluginInfo) -> bool:

@@ -18,6 +18,7 @@ Families, in the order the kernel uses them:
 * fusion strategies — :func:`llmos_register_fusion_strategies`
 * tuning methods — :func:`llmos_register_tuning_methods`
 * monitor sinks — :func:`llmos_register_monitor_sinks`
+* config sections — :func:`llmos_register_config`
 * lifecycle — :func:`llmos_startup`, :func:`llmos_shutdown`
 * extension — :func:`llmos_register_commands`, :func:`llmos_register_routes`
 """
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING
 
 import pluggy
 
+from llmos.config import Section
 from llmos.types import (
     CommandSpec,
     FusionStrategySpec,
@@ -141,6 +143,30 @@ def llmos_register_monitor_sinks(register: Callable[[MonitorSinkSpec], None]) ->
 
     :param register: call ``register(MonitorSinkSpec(name=..., create=...))``
         once per sink.
+    """
+
+
+# --------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------
+
+
+@hookspec
+def llmos_register_config(register: Callable[[Section], None]) -> None:
+    """Declare config sections: ``[name]`` tables of llmos's config files.
+
+    Called once when plugins are loaded, before the kernel reads its config:
+    a declared section is checked like the kernel's own (types, ranges,
+    unknown keys with a suggestion, every error with its file and line, all
+    of them at once), its defaults filled in, its ``secret`` fields masked by
+    ``llmos config show``, its ``env`` variables read. Read the values with
+    ``kernel.config.section(name)``. A table that no section (the kernel's or
+    a plugin's) claims is an error once plugins have loaded.
+
+    :param register: call ``register(Section(name, {key: Field(...)}, doc=...))``
+        (``llmos.config``) once per section; ``entries={...}`` instead
+        declares a section of named tables (``[name.ENTRY]``). A name the
+        kernel or another plugin holds is an error naming both.
     """
 
 

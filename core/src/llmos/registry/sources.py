@@ -39,7 +39,7 @@ from typing import Any, Literal
 import attrs
 import structlog
 
-from llmos.config import Config, Field, register_section
+from llmos.config import Config, Field, Section
 from llmos.errors import ConfigError, NotFoundError, UnsafeSourceError
 
 __all__ = [
@@ -58,7 +58,8 @@ DEFAULT_MAX_PUSH_BYTES = 20 * 1024**3
 #: about 1.1x, tokenizers about 4x; a gzip of zeros about 1000x)
 DEFAULT_MAX_PUSH_RATIO = 100
 
-register_section(
+#: the [registry] config section (the kernel passes it to load_config)
+SECTION = Section(
     "registry",
     {
         "allowed_roots": Field(

@@ -19,25 +19,39 @@ from typing import Any
 
 import structlog
 
-from llmos.config import Config, load_config
+from llmos.config import Config, Section, load_config
 from llmos.errors import LlmosError, RequestTimeout
-from llmos.fusion.service import Fusions  # also registers the [fusions] config section
+from llmos.fusion import service as fusion_service
+from llmos.fusion.service import Fusions
+from llmos.monitor import alerts
 from llmos.monitor.bus import EventBus
-from llmos.monitor.service import Monitor  # also registers the [monitor] and [alerts] sections
+from llmos.monitor.service import Monitor
 from llmos.plugin.manager import PluginManager
-from llmos.registry.service import (  # also registers the [registry] config section
-    DiscoverReport,
-    Providers,
-    Registry,
-)
-from llmos.runtime import limits as _limits  # noqa: F401  (registers [api])
+from llmos.registry import sources
+from llmos.registry.service import DiscoverReport, Providers, Registry
+from llmos.runtime import limits, models, router
 from llmos.runtime.models import ModelManager
-from llmos.runtime.router import Router  # also registers the [groups] config section
+from llmos.runtime.router import Router
 from llmos.runtime.worker import ModelWorker, StreamHandle
-from llmos.tuning.jobs import JobManager  # also registers the [tuning] config section
+from llmos.tuning import jobs
+from llmos.tuning.jobs import JobManager
 from llmos.types import Capability, MonitorEvent, MonitorSink
 
 log = structlog.get_logger("llmos.kernel")
+
+#: the config sections the kernel's own subsystems read; plugins add theirs
+#: (``llmos_register_config``), and [server] and [plugins] are always there
+KERNEL_SECTIONS: tuple[Section, ...] = (
+    models.RUNTIME_SECTION,
+    models.MODELS_SECTION,
+    limits.SECTION,
+    router.SECTION,
+    sources.SECTION,
+    jobs.SECTION,
+    fusion_service.SECTION,
+    alerts.MONITOR_SECTION,
+    alerts.ALERTS_SECTION,
+)
 
 
 class KernelState(enum.StrEnum):
@@ -52,8 +66,10 @@ class Kernel:
     """One llmos kernel: its config, its plugins, its monitor bus."""
 
     def __init__(self, config: Config, plugins: PluginManager | None = None) -> None:
-        self.config = config
+        self._config = config
+        self._config_lock = threading.RLock()
         self.plugins = plugins if plugins is not None else PluginManager(config.plugins)
+        self.plugins.reserve("config_sections", KERNEL_SECTIONS)
         self.bus = EventBus()
         self._state = KernelState.CREATED
         self._lock = threading.Lock()
@@ -72,8 +88,29 @@ class Kernel:
         overrides: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
     ) -> Kernel:
-        """Compose the config (files, environment, ``--set``) and build a kernel."""
-        return cls(load_config(paths, overrides, env))
+        """Compose the config (files, environment, ``--set``) and build a
+        kernel; its plugins are loaded and the whole config checked here, so
+        that a bad config fails at once, every error listed."""
+        kernel = cls(load_config(paths, overrides, env, sections=KERNEL_SECTIONS))
+        kernel.config  # noqa: B018 — loads plugins, checks their sections
+        return kernel
+
+    @property
+    def config(self) -> Config:
+        """The effective config, every section checked: the kernel's and
+        those of its plugins, which are loaded for it on first use.
+
+        :raises ConfigError: a value is wrong, or a table no section claims.
+        """
+        config = self._config
+        if config.final:
+            return config
+        with self._config_lock:
+            if not self._config.final:
+                self.plugins.load()
+                sections = [r.spec for r in self.plugins.config_sections.values()]
+                self._config = self._config.complete([*KERNEL_SECTIONS, *sections])
+            return self._config
 
     @property
     def state(self) -> KernelState:

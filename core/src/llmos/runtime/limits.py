@@ -13,9 +13,10 @@ choices) all wait together in the queue of the model that serves it, so
 
 from __future__ import annotations
 
-from llmos.config import Config, Field, register_section
+from llmos.config import Config, Field, Section
 
-register_section(
+#: the [api] config section (the kernel passes it to load_config)
+SECTION = Section(
     "api",
     {
         "max_tokens": Field("int", 4096, "Largest max_tokens a request may ask for.", min=1),

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import structlog
 
-from llmos.config import Field, check_table, register_section
+from llmos.config import Field, Section, check_table
 from llmos.errors import ConfigError, LlmosError, NotFoundError
 from llmos.registry.service import provider_checked
 from llmos.registry.sources import check_source
@@ -40,7 +40,8 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("llmos.runtime")
 
-register_section(
+#: the [runtime] config section (the kernel passes it to load_config)
+RUNTIME_SECTION = Section(
     "runtime",
     {
         "memory_budget_mb": Field(
@@ -90,10 +91,29 @@ register_section(
     },
     doc="Loading models and batching requests.",
 )
-register_section(
+#: the [models] config section (the kernel passes it to load_config)
+MODELS_SECTION = Section(
     "models",
     {},
-    free_form=True,
+    entries={
+        "provider": Field(
+            "str", None, "The provider that serves it (`llmos plugins` lists them).", required=True
+        ),
+        "source": Field("str", None, "Where its weights are: a path, an https URL, hf:ORG/NAME."),
+        "tasks": Field("list[str]", None, "Tasks it serves: text-generation, chat, embedding ..."),
+        "family": Field("str", None, "Model family: llama, bert ..."),
+        "format": Field("str", None, "Weights format: safetensors, gguf ..."),
+        "license": Field("str", None, "License identifier."),
+        "description": Field("str", None, "What it is, for search."),
+        "tags": Field("list[str]", None, "Search tags."),
+        "parameters": Field("int", None, "Parameter count.", min=0),
+        "options": Field("table", None, "Provider options (see the provider's documentation)."),
+        "max_batch_size": Field("int", None, "[runtime] max_batch_size for this model.", min=1),
+        "max_wait_ms": Field(
+            "float", None, "[runtime] max_wait_ms for this model.", expect="a number of ms", min=0
+        ),
+        "max_queue": Field("int", None, "[runtime] max_queue for this model.", min=1),
+    },
     doc="Deployments: [models.NAME] with provider, source, options and batching overrides.",
 )
 

@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import structlog
 
-from llmos.config import check_table, register_section
+from llmos.config import Field, Section, check_table
 from llmos.errors import ConfigError, LlmosError, Unavailable
 from llmos.types import Capability, MonitorEvent, validate_model_name
 
@@ -62,16 +62,39 @@ __all__ = ["STRATEGIES", "GroupSettings", "Router", "retryable"]
 
 log = structlog.get_logger("llmos.router")
 
-register_section(
+STRATEGIES = ("round-robin", "least-busy", "latency-based")
+
+#: the [groups] config section (the kernel passes it to load_config)
+SECTION = Section(
     "groups",
     {},
-    free_form=True,
+    entries={
+        "deployments": Field(
+            "list[str]", None, "The models (or groups) it spreads requests over.", required=True
+        ),
+        "strategy": Field(
+            "str",
+            None,
+            "How a deployment is picked.",
+            check=lambda strategy: strategy in STRATEGIES,
+            expect="one of " + ", ".join(f'"{s}"' for s in STRATEGIES),
+        ),
+        "retries": Field("int", None, "Other deployments tried after a failure.", min=0),
+        "backoff_ms": Field("float", None, "Wait before a retry.", expect="milliseconds", min=0),
+        "fallbacks": Field("list[str]", None, "Models or groups asked when every one failed."),
+        "cooldown_failures": Field(
+            "int", None, "Failures within cooldown_window_s that cool a deployment.", min=1
+        ),
+        "cooldown_window_s": Field("float", None, "Window failures count in.", min=0),
+        "cooldown_s": Field("float", None, "How long a deployment cools down.", min=0),
+        "wait_for_cooldown": Field("bool", None, "Wait for a cooled deployment, not 503."),
+        "max_wait_s": Field("float", None, "Longest wait for a cooled deployment.", min=0),
+    },
     doc="Deployment groups: [groups.NAME] with deployments, strategy, retries, backoff_ms,"
     " fallbacks, cooldown_failures, cooldown_window_s, cooldown_s, wait_for_cooldown,"
     " max_wait_s.",
 )
 
-STRATEGIES = ("round-robin", "least-busy", "latency-based")
 #: the weight of the newest latency in a deployment's moving average
 EWMA_ALPHA = 0.3
 

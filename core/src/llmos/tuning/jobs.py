@@ -56,7 +56,7 @@ import attrs
 import structlog
 
 from llmos import db
-from llmos.config import Field, register_section
+from llmos.config import Field, Section
 from llmos.errors import (
     LlmosError,
     NotFoundError,
@@ -100,7 +100,8 @@ __all__ = [
 
 log = structlog.get_logger("llmos.tuning")
 
-register_section(
+#: the [tuning] config section (the kernel passes it to load_config)
+SECTION = Section(
     "tuning",
     {
         "max_concurrent_jobs": Field(
