@@ -11,6 +11,7 @@ delay. So every expected output below is computed by hand from the tables.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -895,6 +896,13 @@ def test_a_fusion_better_out_of_fold_is_kept_and_a_router_embeds_each_row_once(
     fit = card.options["fusion"]["fit"]
     assert fit["fused"] == {"dev/accuracy": 1.0, "out_of_fold/accuracy": 1.0}
     assert fit["out_of_fold"]["folds"] == 3 and fit["fallback"] is None
+    guard = fit["guard"]
+    assert (guard["judged"], guard["only_fusion_right"], guard["only_member_right"]) == (
+        "out_of_fold",
+        10,
+        0,
+    )
+    assert guard["margin"] == pytest.approx(math.sqrt((1 / 3 - 1 / 9) / 30))
     assert fit["best_member"]["dev/accuracy"] == pytest.approx(2 / 3)
     assert card.scores == {"dev/accuracy": 1.0, "dev/accuracy_out_of_fold": 1.0}
     assert [r.label for r in classify(kernel, "thirds", texts)] == gold
@@ -963,7 +971,7 @@ def test_a_fusion_that_wins_on_dev_keeps_fusing_with_weights_fitted_there(
     assert [r.label for r in results] == gold
     assert "fallback" not in results[6].meta["fusion"]
     assert [m["model"] for m in results[6].meta["fusion"]["members"]] == ["a@1", "b@1"]
-    # weights given by hand are kept: the fit only checks them
+    # weights given by hand are kept: the fit only checks them (and guards them)
     given = kernel.fusions.create(
         "won-given",
         strategy="mean",
@@ -971,9 +979,26 @@ def test_a_fusion_that_wins_on_dev_keeps_fusing_with_weights_fitted_there(
         options={"weights": [1, 1]},
         dev=_dev(texts, gold),
     )
-    assert given.options["fusion"]["options"] == {"weights": [1.0, 1.0]}
+    assert given.options["fusion"]["options"]["weights"] == [1.0, 1.0]
     assert given.options["fusion"]["fit"]["fused"]["dev/accuracy"] == pytest.approx(10 / 12)
-    assert given.options["fusion"]["fit"]["fallback"] is None  # equal to a: kept
+    # equal to a on dev, but each right where the other is wrong (2 rows each):
+    # not better beyond noise, and twice the calls -> a answers alone
+    fit = given.options["fusion"]["fit"]
+    assert fit["guard"] == {
+        "judged": "dev",
+        "accuracy": pytest.approx(10 / 12),
+        "bar": pytest.approx(10 / 12),
+        "margin": pytest.approx(math.sqrt(4 / 12 / 12)),
+        "only_fusion_right": 2,
+        "only_member_right": 2,
+    }
+    assert fit["fallback"]["reason"] == (
+        "on dev data (12 rows) the fusion scored 0.8333 within one standard error (0.1667)"
+        " of a@1 0.8333 (it alone was right on 2 rows, a@1 alone on 2): a@1 answers alone"
+    )
+    assert card.options["fusion"]["fit"]["guard"]["margin"] == pytest.approx(
+        math.sqrt((2 / 12 - (2 / 12) ** 2) / 12)
+    ), "won by 2 rows, margin under that: kept"
 
 
 def test_a_fusion_created_without_dev_data_warns_of_the_risk(

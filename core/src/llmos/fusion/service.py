@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import shlex
 import shutil
@@ -141,6 +142,10 @@ CHECK_FOLDS = 5
 #: ... of at least this many dev rows each (fewer rows than two folds: the
 #: strategy is judged on the rows it was fitted on, and the fit says so)
 MIN_FOLD_ROWS = 10
+#: a fusion judged against its best member is kept only this many standard
+#: errors of their paired difference above it: one that wins by a hair on dev
+#: rows loses about half the time on new ones, at more calls
+GUARD_MARGIN_SD = 1.0
 #: how a strategy calls a model that is not a member (``FitData.helper``)
 Helper = Callable[[str, Capability, Sequence[Any]], list[Any]]
 
@@ -622,27 +627,45 @@ class Fusions:
             check = {"folds": 0, "why": "nothing was learned from the dev rows"}
         else:
             check = self._out_of_fold(spec, members, options, texts, gold, outputs, seconds, helper)
+        out_of_fold_right = check.pop("right", None)
         out_of_fold = check.get("accuracy")
         judged = fused if out_of_fold is None else out_of_fold
+        # each row: the fusion right (out of fold when judged so), the best member right
+        fused_right = out_of_fold_right or [
+            r.label == g for r, g in zip(results, gold, strict=True)
+        ]
+        member_right = [o.label == g for o, g in zip(outputs[best], gold, strict=True)]
         # the accuracy the fusion must keep on dev: its best member's, or the
         # target a strategy that trades accuracy for cost was given (cascade)
         bar, against = accuracy[best], f"{members[best].ref} {accuracy[best]:.4f}"
+        margin = 0.0
         target = (fitted.get("calibration") or {}).get("target_accuracy")
         if isinstance(target, int | float) and target < bar:
+            # the cascade's calibration aimed margin_sd standard errors above it
             bar, against = float(target), f"its target {target:.4f} (best member {against})"
+        else:
+            margin = GUARD_MARGIN_SD * _paired_se(fused_right, member_right)
+        only_fused = sum(f and not m for f, m in zip(fused_right, member_right, strict=True))
+        only_member = sum(m and not f for f, m in zip(fused_right, member_right, strict=True))
         fallback = None
-        if len(members) > 1 and judged < bar - 1e-12:
+        if len(members) > 1 and judged < bar + margin - 1e-12:
             scored = (
                 f"{fused:.4f}"
                 if out_of_fold is None
                 else f"{out_of_fold:.4f} out of fold ({check['folds']} folds; {fused:.4f} on"
                 " the rows it was fitted on)"
             )
+            short = (
+                f"< {against}"
+                if judged < bar - 1e-12
+                else f"within one standard error ({margin:.4f}) of {against} (it alone"
+                f" was right on {only_fused} rows, {members[best].ref} alone on {only_member})"
+            )
             fallback = {
                 "member": best,
                 "model": members[best].ref,
                 "reason": f"on dev data ({len(rows)} rows) the fusion scored {scored}"
-                f" < {against}: {members[best].ref} answers alone",
+                f" {short}: {members[best].ref} answers alone",
             }
             fitted["fallback"] = fallback
             calls = 1.0
@@ -657,6 +680,15 @@ class Fusions:
             "fused": {"dev/accuracy": fused, "out_of_fold/accuracy": out_of_fold},
             "out_of_fold": check,
             "best_member": {"model": members[best].ref, "dev/accuracy": accuracy[best]},
+            # what decided: the fused accuracy judged, the bar, the margin over it
+            "guard": {
+                "judged": "out_of_fold" if out_of_fold is not None else "dev",
+                "accuracy": judged,
+                "bar": bar,
+                "margin": margin,
+                "only_fusion_right": only_fused,
+                "only_member_right": only_member,
+            },
             "fallback": fallback,
         }
         scores = {"dev/accuracy": accuracy[best] if fallback else fused}
@@ -732,7 +764,7 @@ class Fusions:
             }
         started = time.perf_counter()
         fold = _folds(gold, count)
-        right = 0
+        right = [False] * n
 
         def pick(rows: Sequence[int]) -> list[list[Any]]:
             return [[answers[i] for i in rows] for answers in outputs]
@@ -757,11 +789,13 @@ class Fusions:
                 self.kernel, spec, members, {**options, **learned},
                 [texts[i] for i in held], pick(held), seconds, helper,
             )  # fmt: skip
-            right += sum(r.label == gold[i] for r, i in zip(results, held, strict=True))
+            for result, i in zip(results, held, strict=True):
+                right[i] = result.label == gold[i]
         return {
             "folds": count,
             "rows": n,
-            "accuracy": right / n,
+            "accuracy": sum(right) / n,
+            "right": right,  # each row's, for the guard's paired comparison (not recorded)
             "stratified": "by label",
             "seconds": round(time.perf_counter() - started, 3),
         }
@@ -1154,6 +1188,16 @@ class Fusions:
             fitted, record, scores = self.fit(spec, members, options, rows)
             cache.write_text(json.dumps({"options": fitted, "fit": record, "scores": scores}))
         return fitted
+
+
+def _paired_se(a_right: Sequence[bool], b_right: Sequence[bool]) -> float:
+    """The standard error of accuracy(a) - accuracy(b) on the same rows: from
+    the rows only one of them got right (0 when they agree everywhere)."""
+    n = len(a_right)
+    diff = [int(a) - int(b) for a, b in zip(a_right, b_right, strict=True)]
+    mean = sum(diff) / n
+    variance = max(0.0, sum(d * d for d in diff) / n - mean * mean)
+    return math.sqrt(variance / n)
 
 
 def _folds(gold: Sequence[str], count: int) -> list[int]:
