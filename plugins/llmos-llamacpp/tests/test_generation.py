@@ -179,3 +179,34 @@ def test_a_call_whose_callers_left_stops(kernel: Kernel) -> None:
         ).usage.completion_tokens
         == 3
     )
+
+
+def test_concurrent_calls_share_the_context_safely(kernel: Kernel) -> None:
+    """Calls from several threads straight into the model (no kernel queue
+    in between) take turns on the one llama.cpp context: each gets the
+    answer it gets alone."""
+    model = kernel.models.get(MODEL).model
+    prompts = ["Once upon a time", "The best way to learn", "My favourite food is"]
+    alone = {
+        p: model.complete([CompletionRequest(prompt=p, sampling=GREEDY)])[0].text for p in prompts
+    }
+    got: dict[str, str] = {}
+
+    def call(prompt: str) -> None:
+        got[prompt] = model.complete([CompletionRequest(prompt=prompt, sampling=GREEDY)])[0].text
+
+    threads = [threading.Thread(target=call, args=(p,)) for p in prompts * 2]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == alone
+
+
+def test_a_model_without_embeddings_says_so(kernel: Kernel) -> None:
+    from llmos.errors import CapabilityNotSupported
+
+    from .conftest import SMALL
+
+    with pytest.raises(CapabilityNotSupported, match="does not support embed"):
+        kernel.call(SMALL, Capability.EMBED, [EmbedRequest(text="a cat")])
