@@ -106,6 +106,13 @@ def test_sampling_follows_the_seed(kernel: Kernel) -> None:
 
     assert sampled(7) == sampled(7)
     assert len({sampled(7), sampled(8), sampled(9)}) > 1
+    # top_p keeps the most likely tokens: at 1e-6 only the first, the greedy one
+    narrow = Sampling(temperature=1.5, top_p=1e-6, max_tokens=24, seed=3)
+    prompt = "My favourite food is"
+    assert (
+        complete(kernel, CompletionRequest(prompt=prompt, sampling=narrow)).text
+        == complete(kernel, CompletionRequest(prompt=prompt, sampling=GREEDY)).text
+    )
 
 
 def test_json_schema_answers_hold_to_it(kernel: Kernel) -> None:
