@@ -96,6 +96,7 @@ def test_the_installed_example_plugin_is_discovered_with_every_hook(env: dict[st
         "monitor_sinks",
         "commands",
         "config_sections",
+        "registry_stores",
         "routes",  # `llmos plugins` checks every plugin's routes for collisions
     }
 

@@ -159,8 +159,9 @@ def test_sinks_receive_events_with_the_plugin_options(tmp_path: Path) -> None:
     class SinkPlugin:
         @hookimpl
         def llmos_register_monitor_sinks(self, register):
-            def create(options):
-                seen_options.append(dict(options))
+            def create(context):
+                seen_options.append(dict(context.options))
+                assert context.home == tmp_path
                 return recorder
 
             register(MonitorSinkSpec(name="recorder", create=create))

@@ -384,6 +384,7 @@ def test_policy_from_config(tmp_path: Path) -> None:
 def test_registry_section_defaults_and_validation(tmp_path: Path) -> None:
     config = load_config([], env={"LLMOS_HOME": str(tmp_path)}, sections=KERNEL_SECTIONS)
     assert config.section("registry") == {
+        "store": "sqlite",
         "allowed_roots": [],
         "allow_private_urls": False,
         "allow_http": False,

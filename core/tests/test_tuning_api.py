@@ -19,7 +19,6 @@ from typing import Any
 import httpx
 import pytest
 
-from llmos.registry.service import Registry
 from llmos.runtime.kernel import Kernel
 from llmos.testing import serve_in_thread
 
@@ -265,7 +264,7 @@ def cli_env(env: dict[str, str], tmp_path: Path) -> dict[str, str]:
     add_count_plugin(Path(env["PYTHONPATH"]))
     env["LLMOS_LOAD_PLUGINS"] = "llmos-count"
     home = Path(env["LLMOS_HOME"])
-    registry = Registry.from_config(kernel_for(home).config)
+    registry = kernel_for(home).registry
     add_base(registry, home)
     registry.close()
     for split, rows in DATA.items():

@@ -569,7 +569,7 @@ def test_a_job_survives_a_sigkilled_kernel_and_resumes_from_its_checkpoint(
     tmp_path: Path, site: Path
 ) -> None:
     home = tmp_path / "home"
-    registry = Registry.from_config(kernel_for(home).config)
+    registry = kernel_for(home).registry
     add_base(registry, home)
     registry.close()
     script = tmp_path / "kernel.py"

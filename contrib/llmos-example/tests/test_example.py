@@ -41,6 +41,7 @@ from llmos.types import (
     MonitorEvent,
     MonitorSink,
     MonitorSinkSpec,
+    PluginContext,
     TuningRequest,
 )
 
@@ -95,6 +96,7 @@ def test_the_entry_point_is_loaded_with_every_hook(pm: PluginManager) -> None:
         "monitor_sinks": ["example-counter"],
         "commands": ["example"],
         "config_sections": ["example"],
+        "registry_stores": ["example-audited"],
     }
     assert pm.providers["example-keyword"].plugin == PLUGIN
     assert pm.fusion_strategies["example-first-confident"].plugin == PLUGIN
@@ -208,6 +210,33 @@ def kernel(tmp_path: Path, recorder: Recorder) -> Iterator[Kernel]:
         yield kernel
     finally:
         kernel.stop()
+
+
+def test_the_audited_registry_store_sends_every_write_to_the_monitor(
+    tmp_path: Path, recorder: Recorder
+) -> None:
+    kernel = Kernel(
+        load_config(
+            overrides=['registry.store="example-audited"'],
+            env={"LLMOS_HOME": str(tmp_path), "LLMOS_LOAD_PLUGINS": PLUGIN},
+        )
+    )
+    kernel.load_plugins()
+    kernel.plugins.register(recorder, "test-recorder")
+    kernel.start()
+    try:
+        kernel.registry.register(keyword_card("audited", ["good"], ["bad"]))
+        kernel.registry.store.set_alias("audited", "prod", 1)
+        assert kernel.registry.store.get("audited@prod").version == 1  # reads pass through
+        kernel.bus.flush()
+    finally:
+        kernel.stop()
+    writes = [
+        (e.model, e.fields["operation"]) for e in recorder.events if e.kind == "registry.write"
+    ]
+    assert ("audited", "set_alias") in writes
+    assert any(operation == "register" for _, operation in writes)
+    assert (tmp_path / "registry.db").is_file()  # the kernel's own file, behind the audit
 
 
 def classify(kernel: Kernel, model: str, requests: list[ClassifyRequest]) -> list[ClassifyResult]:
@@ -423,7 +452,8 @@ def test_tuning_needs_train_rows(pm: PluginManager, card: ModelCard) -> None:
 
 def test_the_sink_counts_events_from_many_threads(pm: PluginManager, tmp_path: Path) -> None:
     path = tmp_path / "out" / "counts.json"
-    sink = pm.monitor_sinks["example-counter"].spec.create({"path": str(path)})
+    context = PluginContext(options={"path": "out/counts.json"}, home=tmp_path)
+    sink = pm.monitor_sinks["example-counter"].spec.create(context)
     assert isinstance(sink, MonitorSink)
 
     def emit_many() -> None:
@@ -442,7 +472,7 @@ def test_the_sink_counts_events_from_many_threads(pm: PluginManager, tmp_path: P
 
 
 def test_the_sink_without_a_path_writes_nothing(pm: PluginManager, tmp_path: Path) -> None:
-    sink = pm.monitor_sinks["example-counter"].spec.create({})
+    sink = pm.monitor_sinks["example-counter"].spec.create(PluginContext(home=tmp_path))
     sink.emit(MonitorEvent(kind="request"))
     sink.close()
     assert sink.counts() == {"request": 1}

@@ -1047,12 +1047,58 @@ class TuningMethodSpec:
 
 
 @attrs.frozen(kw_only=True)
+class BusHealth:
+    """The monitor bus's own figures, as :attr:`PluginContext.bus_health` reads them."""
+
+    #: events dropped because the bus's queue was full (a slow sink)
+    dropped: int
+    #: per sink (and ``(kernel)``, the kernel's own consumers), events it raised on
+    sink_errors: Mapping[str, int]
+    #: the sinks events go to
+    sinks: tuple[str, ...]
+
+
+@attrs.frozen(kw_only=True)
+class PluginContext:
+    """What the kernel hands the factory of a service a plugin registers (a
+    monitor sink's ``create``, a registry store's): one object, like
+    :class:`LoadRequest`, so that the kernel can hand more over time.
+    """
+
+    #: the plugin's ``[plugins.<plugin>]`` config table (the operator's settings)
+    options: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_mapping)
+    #: the kernel's data folder (``LLMOS_HOME``), created already
+    home: Path
+    #: sends a monitor event to the kernel's sinks (never from a sink's own
+    #: ``emit``: the event would come back to it)
+    emit: Callable[[MonitorEvent], None] = attrs.field(default=lambda event: None)
+    #: the monitor bus's figures now (events dropped, sink errors)
+    bus_health: Callable[[], BusHealth] = attrs.field(
+        default=lambda: BusHealth(dropped=0, sink_errors={}, sinks=())
+    )
+
+
+@attrs.frozen(kw_only=True)
 class MonitorSinkSpec:
-    """A place monitor events go: ``create(options)`` returns a
-    :class:`MonitorSink`; ``options`` is the ``[plugins.<plugin>]`` table."""
+    """A place monitor events go: ``create(context)`` (a
+    :class:`PluginContext`: the ``[plugins.<plugin>]`` options, the data
+    folder) returns a :class:`MonitorSink`."""
 
     name: str = attrs.field(validator=_check_spec_name)
-    create: Callable[[Mapping[str, Any]], MonitorSink]
+    create: Callable[[PluginContext], MonitorSink]
+    description: str = ""
+
+
+@attrs.frozen(kw_only=True)
+class RegistryStoreSpec:
+    """Where the registry keeps model cards: ``create(context)`` (a
+    :class:`PluginContext`) returns a
+    :class:`~llmos.registry.store.RegistryStore` (versions without gaps,
+    aliases, the search language and its ranking); ``[registry] store`` names
+    the one a kernel uses (``sqlite``, the kernel's own, by default)."""
+
+    name: str = attrs.field(validator=_check_spec_name)
+    create: Callable[[PluginContext], Any]
     description: str = ""
 
 

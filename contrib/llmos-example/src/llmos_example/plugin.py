@@ -34,6 +34,7 @@ import structlog
 from llmos.config import Field, Section
 from llmos.errors import UsageError
 from llmos.plugin import hookimpl
+from llmos.registry.store import SQLiteStore
 from llmos.types import (
     Capability,
     ClassifyRequest,
@@ -47,7 +48,9 @@ from llmos.types import (
     ModelCard,
     MonitorEvent,
     MonitorSinkSpec,
+    PluginContext,
     ProviderSpec,
+    RegistryStoreSpec,
     RouteSpec,
     TuningMethodSpec,
     TuningRequest,
@@ -322,11 +325,12 @@ def llmos_register_tuning_methods(register: Callable[[TuningMethodSpec], None]) 
 
 
 class CounterSink:
-    """Counts events by kind in memory; with option ``path``, ``close()``
-    writes the counts there as JSON."""
+    """Counts events by kind in memory; with option ``path`` (relative to the
+    data folder), ``close()`` writes the counts there as JSON."""
 
-    def __init__(self, options: Mapping[str, Any]) -> None:
-        self.path = Path(options["path"]).expanduser() if options.get("path") else None
+    def __init__(self, context: PluginContext) -> None:
+        path = context.options.get("path")
+        self.path = context.home / Path(path).expanduser() if path else None
         self._counts: Counter[str] = Counter()
         # emit() runs on the bus's dispatcher thread, counts() on any other.
         self._lock = threading.Lock()
@@ -352,6 +356,61 @@ def llmos_register_monitor_sinks(register: Callable[[MonitorSinkSpec], None]) ->
             name="example-counter",
             create=CounterSink,
             description="counts events by kind (option path: write them as JSON on close)",
+        )
+    )
+
+
+# --------------------------------------------------------------------------
+# Registry store: the kernel's SQLite store, every write audited
+# --------------------------------------------------------------------------
+
+#: the RegistryStore methods that change the registry
+_WRITES = frozenset(
+    {
+        "register",
+        "register_many",
+        "set_alias",
+        "remove_alias",
+        "tag",
+        "untag",
+        "set_description",
+        "deprecate",
+        "delete",
+    }
+)
+
+
+class AuditedStore:
+    """A registry store that is the kernel's SQLite store, but sends every
+    write to the monitor as a ``registry.write`` event (which operation, on
+    what): an audit trail in every sink. ``[registry] store =
+    "example-audited"`` selects it."""
+
+    def __init__(self, context: PluginContext) -> None:
+        self._inner = SQLiteStore(context.home / "registry.db")
+        self._emit = context.emit
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._inner, name)
+        if name not in _WRITES:
+            return method
+
+        def write(*args: Any, **kwargs: Any) -> Any:
+            result = method(*args, **kwargs)
+            what = args[0] if args and isinstance(args[0], str) else None
+            self._emit(MonitorEvent(kind="registry.write", model=what, fields={"operation": name}))
+            return result
+
+        return write
+
+
+@hookimpl
+def llmos_register_registry_stores(register: Callable[[RegistryStoreSpec], None]) -> None:
+    register(
+        RegistryStoreSpec(
+            name="example-audited",
+            create=AuditedStore,
+            description="the SQLite registry, every write sent to the monitor (registry.write)",
         )
     )
 

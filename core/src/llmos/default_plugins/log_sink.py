@@ -145,7 +145,7 @@ def llmos_register_monitor_sinks(register: Callable[[MonitorSinkSpec], None]) ->
     register(
         MonitorSinkSpec(
             name="log",
-            create=LogSink,
+            create=lambda context: LogSink(context.options),
             description="monitor events as structured log lines (requests summed per model)",
         )
     )

@@ -35,7 +35,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 import structlog
@@ -52,10 +52,7 @@ from llmos.monitor.store import (
     event_row,
 )
 from llmos.plugin import hookimpl
-from llmos.types import MonitorEvent, MonitorSinkSpec
-
-if TYPE_CHECKING:
-    from llmos.runtime.kernel import Kernel
+from llmos.types import MonitorEvent, MonitorSinkSpec, PluginContext
 
 __all__ = [
     "PLUGIN",
@@ -411,15 +408,14 @@ def llmos_register_monitor_sinks(register: Callable[[MonitorSinkSpec], None]) ->
     register(
         MonitorSinkSpec(
             name="sqlite",
-            create=SqliteSink,
+            create=create,
             description="the monitor's history in LLMOS_HOME/monitor/metrics.db (llmos report)",
         )
     )
 
 
-@hookimpl
-def llmos_startup(kernel: Kernel) -> None:
-    # A sink is created from its options alone; the data folder is the kernel's.
-    sink = kernel.bus.sinks.get("sqlite")
-    if isinstance(sink, SqliteSink):
-        sink.open(db_path(kernel.home))
+def create(context: PluginContext) -> SqliteSink:
+    """The sink, writing to the data folder's metrics database (``MonitorSinkSpec.create``)."""
+    sink = SqliteSink(context.options)
+    sink.open(db_path(context.home))
+    return sink

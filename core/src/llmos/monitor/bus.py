@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 
 import structlog
 
-from llmos.types import MonitorEvent, MonitorSink
+from llmos.types import BusHealth, MonitorEvent, MonitorSink
 
 log = structlog.get_logger("llmos.monitor")
 
@@ -37,6 +37,13 @@ class EventBus:
         self.sink_errors: Counter[str] = Counter()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+
+    def health(self) -> BusHealth:
+        """Events dropped, each sink's errors (a copy taken in one step: the
+        bus may be counting) and the sinks."""
+        return BusHealth(
+            dropped=self.dropped, sink_errors=dict(self.sink_errors), sinks=tuple(self.sinks)
+        )
 
     def start(self) -> None:
         with self._lock:

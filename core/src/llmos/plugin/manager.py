@@ -43,6 +43,7 @@ from llmos.types import (
     ModelCard,
     MonitorSinkSpec,
     ProviderSpec,
+    RegistryStoreSpec,
     RouteSpec,
     TuningMethodSpec,
 )
@@ -62,6 +63,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "llmos.default_plugins.log_sink",
     "llmos.default_plugins.sqlite_sink",
     "llmos.default_plugins.fusion",
+    "llmos.default_plugins.sqlite_registry",
 )
 
 HOOK_NAMES: frozenset[str] = frozenset(
@@ -122,6 +124,9 @@ _FAMILIES: tuple[_Family, ...] = (
     ),
     _Family("tuning_methods", "llmos_register_tuning_methods", TuningMethodSpec, lambda s: s.name),
     _Family("monitor_sinks", "llmos_register_monitor_sinks", MonitorSinkSpec, lambda s: s.name),
+    _Family(
+        "registry_stores", "llmos_register_registry_stores", RegistryStoreSpec, lambda s: s.name
+    ),
     _Family("commands", "llmos_register_commands", CommandSpec, lambda s: s.command.name),
     _Family("config_sections", "llmos_register_config", Section, lambda s: s.name),
 )
@@ -174,6 +179,10 @@ class PluginManager:
     @property
     def monitor_sinks(self) -> Mapping[str, Registered[MonitorSinkSpec]]:
         return self._registries["monitor_sinks"]
+
+    @property
+    def registry_stores(self) -> Mapping[str, Registered[RegistryStoreSpec]]:
+        return self._registries["registry_stores"]
 
     @property
     def commands(self) -> Mapping[str, Registered[CommandSpec]]:

@@ -18,6 +18,7 @@ Families, in the order the kernel uses them:
 * fusion strategies — :func:`llmos_register_fusion_strategies`
 * tuning methods — :func:`llmos_register_tuning_methods`
 * monitor sinks — :func:`llmos_register_monitor_sinks`
+* registry stores — :func:`llmos_register_registry_stores`
 * config sections — :func:`llmos_register_config`
 * lifecycle — :func:`llmos_startup`, :func:`llmos_shutdown`
 * extension — :func:`llmos_register_commands`, :func:`llmos_register_routes`
@@ -37,6 +38,7 @@ from llmos.types import (
     ModelCard,
     MonitorSinkSpec,
     ProviderSpec,
+    RegistryStoreSpec,
     RouteSpec,
     TuningMethodSpec,
 )
@@ -142,7 +144,27 @@ def llmos_register_monitor_sinks(register: Callable[[MonitorSinkSpec], None]) ->
     raises or is slow never fails or slows the call that produced the event.
 
     :param register: call ``register(MonitorSinkSpec(name=..., create=...))``
-        once per sink.
+        once per sink; ``create(context)`` gets a
+        :class:`~llmos.types.PluginContext` (the plugin's options, the data
+        folder, the bus's health).
+    """
+
+
+@hookspec
+def llmos_register_registry_stores(register: Callable[[RegistryStoreSpec], None]) -> None:
+    """Register places the model registry can keep its cards (a server
+    database shared by several daemons, say).
+
+    Called once when plugins are loaded. ``[registry] store`` names the store
+    a kernel opens, when it first needs the registry; ``sqlite`` (a file in
+    the data folder, registered by the kernel's default plugin) is the
+    default. A store keeps the :class:`~llmos.registry.store.RegistryStore`
+    contract: gapless versions per name under concurrent writers, aliases,
+    ``latest``, the search language and its ranking.
+
+    :param register: call ``register(RegistryStoreSpec(name=..., create=...))``
+        once per store; ``create(context)`` gets a
+        :class:`~llmos.types.PluginContext` and returns the open store.
     """
 
 

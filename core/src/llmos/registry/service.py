@@ -28,12 +28,11 @@ import structlog
 from llmos.errors import LlmosError, PluginError, UsageError
 from llmos.registry.artifacts import artifact_dir, store_upload
 from llmos.registry.scan import ScanResult, scan
-from llmos.registry.sources import SourcePolicy, check_source, policy_from_config
-from llmos.registry.store import RegistryStore, SQLiteStore
+from llmos.registry.sources import SourcePolicy, check_source
+from llmos.registry.store import RegistryStore
 from llmos.types import CheckRequest, ModelCard, ModelFormat, ProviderSpec
 
 if TYPE_CHECKING:
-    from llmos.config import Config
     from llmos.plugin.manager import Registered
 
 log = structlog.get_logger("llmos.registry")
@@ -148,14 +147,6 @@ class Registry:
         #: the installed providers; ``None`` (a bare registry in a tool or a
         #: test) checks sources only
         self.providers = providers
-
-    @classmethod
-    def from_config(cls, config: Config, providers: Providers | None = None) -> Registry:
-        """The SQLite registry in the data folder, with the ``[registry]`` policy."""
-        config.home.mkdir(parents=True, exist_ok=True, mode=0o700)
-        return cls(
-            SQLiteStore(config.home / DATABASE), policy_from_config(config), config.home, providers
-        )
 
     def close(self) -> None:
         self.store.close()

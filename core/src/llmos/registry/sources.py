@@ -62,6 +62,12 @@ DEFAULT_MAX_PUSH_RATIO = 100
 SECTION = Section(
     "registry",
     {
+        "store": Field(
+            "str",
+            "sqlite",
+            "Where model cards are kept: a registry store a plugin registers"
+            " (`llmos plugins` lists them); sqlite is a file in the data folder.",
+        ),
         "allowed_roots": Field(
             "list[str]",
             (),

@@ -20,7 +20,7 @@ from typing import Any
 import structlog
 
 from llmos.config import Config, Section, load_config
-from llmos.errors import LlmosError, RequestTimeout
+from llmos.errors import ConfigError, LlmosError, PluginError, RequestTimeout
 from llmos.fusion import service as fusion_service
 from llmos.fusion.service import Fusions
 from llmos.monitor import alerts
@@ -29,13 +29,14 @@ from llmos.monitor.service import Monitor
 from llmos.plugin.manager import PluginManager
 from llmos.registry import sources
 from llmos.registry.service import DiscoverReport, Providers, Registry
+from llmos.registry.sources import policy_from_config
 from llmos.runtime import limits, models, router
 from llmos.runtime.models import ModelManager
 from llmos.runtime.router import Router
 from llmos.runtime.worker import ModelWorker, StreamHandle
 from llmos.tuning import jobs
 from llmos.tuning.jobs import JobManager
-from llmos.types import Capability, MonitorEvent, MonitorSink
+from llmos.types import Capability, MonitorEvent, MonitorSink, PluginContext
 
 log = structlog.get_logger("llmos.kernel")
 
@@ -132,7 +133,12 @@ class Kernel:
             if self._registry is None:
                 # Cards are checked by their providers as they are registered.
                 providers = Providers(lambda: self.load_plugins().providers, self.plugin_options)
-                self._registry = Registry.from_config(self.config, providers)
+                self._registry = Registry(
+                    self._open_registry_store(),
+                    policy_from_config(self.config),
+                    self.home,
+                    providers,
+                )
             return self._registry
 
     @property
@@ -381,12 +387,44 @@ class Kernel:
         """Send a monitor event to every sink; never blocks, never raises."""
         self.bus.emit(event)
 
+    def context(self, plugin: str) -> PluginContext:
+        """What the factory of a service ``plugin`` registered is handed."""
+        self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return PluginContext(
+            options=self.plugin_options(plugin),
+            home=self.home,
+            emit=self.emit,
+            bus_health=self.bus.health,
+        )
+
+    def _open_registry_store(self) -> Any:
+        """The store ``[registry] store`` names, opened by the plugin that registers it."""
+        name = self.config.section("registry")["store"]
+        registered = self.load_plugins().registry_stores.get(name)
+        if registered is None:
+            known = ", ".join(sorted(self.plugins.registry_stores)) or "none"
+            raise ConfigError(
+                f"[registry] store = {name!r}: no loaded plugin registers a registry store of"
+                f" that name (registered: {known}); install or enable the plugin that"
+                ' provides it, or set store = "sqlite"',
+                param="registry.store",
+            )
+        try:
+            return registered.spec.create(self.context(registered.plugin))
+        except LlmosError:
+            raise
+        except Exception as exc:
+            raise PluginError(
+                f"registry store {name!r} of plugin {registered.plugin!r} failed to open:"
+                f" {type(exc).__name__}: {exc}"
+            ) from exc
+
     def _create_sinks(self) -> dict[str, MonitorSink]:
         sinks: dict[str, MonitorSink] = {}
         # a copy: rejecting a plugin takes its sinks out of the dict being walked
         for name, registered in list(self.plugins.monitor_sinks.items()):
             try:
-                sinks[name] = registered.spec.create(self.plugin_options(registered.plugin))
+                sinks[name] = registered.spec.create(self.context(registered.plugin))
             except Exception as exc:
                 self.plugins.reject(
                     registered.plugin, f"monitor sink {name!r} failed to start: {exc!r}"

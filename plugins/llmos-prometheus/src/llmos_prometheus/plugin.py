@@ -7,12 +7,12 @@ that CLI commands do not import FastAPI) and so cannot be resolved later
 from strings.
 """
 
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from llmos.errors import Unavailable
 from llmos.plugin import hookimpl
-from llmos.types import MonitorSinkSpec, RouteSpec
+from llmos.types import MonitorSinkSpec, PluginContext, RouteSpec
 from llmos_prometheus import SINK
 
 if TYPE_CHECKING:
@@ -25,11 +25,12 @@ if TYPE_CHECKING:
 __all__ = ["create", "running_sink"]
 
 
-def create(options: Mapping[str, Any]) -> "PrometheusSink":
-    """The sink, its options checked (``MonitorSinkSpec.create``)."""
+def create(context: PluginContext) -> "PrometheusSink":
+    """The sink, its options checked (``MonitorSinkSpec.create``); it exports
+    the bus's own drop and sink-error counters too."""
     from llmos_prometheus.sink import PrometheusSink
 
-    return PrometheusSink(options)
+    return PrometheusSink(context.options, bus_health=context.bus_health)
 
 
 def running_sink(kernel: "Kernel") -> "PrometheusSink":
@@ -54,12 +55,6 @@ def llmos_register_monitor_sinks(register: Callable[[MonitorSinkSpec], None]) ->
             description="monitor events as Prometheus metrics, served at GET /metrics",
         )
     )
-
-
-@hookimpl
-def llmos_startup(kernel: "Kernel") -> None:
-    if SINK in kernel.bus.sinks:  # not when it failed to start
-        running_sink(kernel).watch(kernel.bus)
 
 
 @hookimpl

@@ -24,7 +24,7 @@ import math
 import re
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, Metric
@@ -34,13 +34,10 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-from llmos.types import MonitorEvent
+from llmos.types import BusHealth, MonitorEvent
 from llmos_prometheus import SINK
 from llmos_prometheus.options import Settings, settings
 from llmos_prometheus.requests import RequestMetrics
-
-if TYPE_CHECKING:
-    from llmos.monitor.bus import EventBus
 
 __all__ = ["OTHER", "SINK", "Bounded", "PrometheusSink"]
 
@@ -106,14 +103,15 @@ _FIGURES = ("latency_s", "queue_wait_s", "ttft_s", "model_s", "batch_size")
 class _BusCollector(Collector):
     """The event bus's own health, read when Prometheus scrapes."""
 
-    def __init__(self, bus: EventBus) -> None:
-        self.bus = bus
+    def __init__(self, health: Callable[[], BusHealth]) -> None:
+        self.health = health
 
     def collect(self) -> Iterator[Metric]:
+        health = self.health()
         dropped = CounterMetricFamily(
             "llmos_monitor_events_dropped",
             "monitor events dropped because the bus's queue was full (a slow sink)",
-            value=self.bus.dropped,
+            value=health.dropped,
         )
         errors = CounterMetricFamily(
             "llmos_monitor_sink_errors",
@@ -121,8 +119,8 @@ class _BusCollector(Collector):
             " sink=(kernel) is the kernel's own consumers",
             labels=["sink"],
         )
-        failures = dict(self.bus.sink_errors)  # a copy in one step: the bus may be counting
-        for name in sorted(set(self.bus.sinks) | set(failures)):
+        failures = health.sink_errors
+        for name in sorted(set(health.sinks) | set(failures)):
             errors.add_metric([name], failures.get(name, 0))
         yield dropped
         yield errors
@@ -131,10 +129,13 @@ class _BusCollector(Collector):
 class PrometheusSink:
     """Keeps the metrics; :meth:`exposition` answers a scrape."""
 
-    def __init__(self, options: Mapping[str, Any]) -> None:
+    def __init__(
+        self, options: Mapping[str, Any], *, bus_health: Callable[[], BusHealth] | None = None
+    ) -> None:
         self.settings: Settings = settings(options)
         self.registry = CollectorRegistry(auto_describe=True)
-        self._bus: EventBus | None = None
+        if bus_health is not None:
+            self.registry.register(_BusCollector(bus_health))
         self._error_kinds = Bounded()
         self._event_kinds = Bounded()
         self._words = Bounded()  # unload reasons, router kinds, strategies, tuning metrics
@@ -254,12 +255,6 @@ class PrometheusSink:
         )
 
     # -- the sink -----------------------------------------------------------------
-
-    def watch(self, bus: EventBus) -> None:
-        """Export ``bus``'s drop and sink-error counters too (read at scrape time)."""
-        if self._bus is None:
-            self._bus = bus
-            self.registry.register(_BusCollector(bus))
 
     def emit(self, event: MonitorEvent) -> None:
         self._child(self.events, self._event_kinds(event.kind)).inc()
