@@ -23,9 +23,12 @@ model from its members' weights, which is registered with the merge as its
 lineage.
 
 Never worse than its best member on dev data: a fusion fitted on dev rows
-(``--dev``, ``dev`` in config or the API) that scores below its best member
-there serves that member alone (``options["fallback"]``, recorded in the
-fit; every answer's ``meta["fusion"]`` carries ``fallback`` and ``reason``).
+(``--dev``, ``dev`` in config or the API) that does not beat its best member
+there by :data:`GUARD_MARGIN_SD` standard errors of their paired difference
+(from the rows only one of them got right; a fusion that wins by a hair on
+dev loses about half the time on new rows, asking more members) serves that
+member alone (``options["fallback"]``, recorded in the fit with ``guard``;
+every answer's ``meta["fusion"]`` carries ``fallback`` and ``reason``).
 A strategy that learned something from the dev rows (weights, a stack, a
 cascade's thresholds, a router's centroids) is judged on rows it was not
 fitted on: :data:`CHECK_FOLDS` folds of the dev rows (stratified by label, of
@@ -40,9 +43,10 @@ what is served is the fit on every dev row.
 A strategy that trades accuracy for cost on purpose (a cascade's
 ``target_ratio``/``target_accuracy``, recorded by its fit as
 ``calibration.target_accuracy``) is held to the accuracy it was asked to
-keep instead. A classification fusion created without dev data is checked
-against nothing: :meth:`Fusions.risk` says so, with the command that adds dev
-data (``llmos fuse create`` prints it, ``POST /api/fusions`` returns it).
+keep instead, without the margin (its calibration aims ``margin_sd`` above
+the target already). A classification fusion created without dev data is
+checked against nothing: :meth:`Fusions.risk` says so, with the command that
+adds dev data (``llmos fuse create`` prints it, ``POST /api/fusions`` returns it).
 """
 
 from __future__ import annotations
