@@ -18,7 +18,8 @@ from llmos.errors import UsageError
 from llmos.runtime.kernel import Kernel
 from llmos.testing import serve_in_thread, write_distribution
 from llmos.tuning.data import load_file, rows_hash
-from llmos.tuning.evaluate import classification_report, evaluate, parse_mapping
+from llmos.tuning.evaluate import parse_mapping
+from llmos.tuning.evaluation import classification_report, evaluate
 
 from .conftest import LLMOS
 

@@ -16,12 +16,12 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-import attrs
 import click
 from rich.console import Console
 from rich.table import Table
 
 from llmos import __version__
+from llmos.cli_context import cli_state, current_kernel
 from llmos.errors import LlmosError
 from llmos.fusion.commands import fuse_group
 from llmos.logs import configure_logging
@@ -30,59 +30,19 @@ from llmos.monitor.report import report_command
 from llmos.output import emit_json, json_option
 from llmos.registry.commands import models_group
 from llmos.runtime.commands import inference_commands
-from llmos.runtime.kernel import Kernel
 from llmos.tuning.commands import tuning_commands
 from llmos.tuning.evaluate import eval_command
-from llmos.types import CommandSpec
 
 #: exit codes, documented in the README; LlmosError subclasses carry their own
 EXIT_OK = 0
 EXIT_ERROR = 1
 
 
-@attrs.define
-class _State:
-    """What the top-level options set, and the kernel built from them lazily."""
-
-    config_paths: tuple[str, ...] = ()
-    overrides: tuple[str, ...] = ()
-    debug: bool = False
-    _kernel: Kernel | None = None
-
-    def kernel(self) -> Kernel:
-        if self._kernel is None:
-            self._kernel = Kernel.from_config(self.config_paths, self.overrides)
-            self._kernel.plugins.reserve(
-                "commands", (CommandSpec(command=c) for c in cli.commands.values())
-            )
-        return self._kernel
-
-
-def _state(ctx: click.Context) -> _State:
-    root = ctx.find_root()
-    if not isinstance(root.obj, _State):
-        params = root.params
-        overrides = tuple(params.get("overrides") or ())
-        if params.get("strict"):
-            overrides += ("plugins.strict=true",)
-        root.obj = _State(
-            config_paths=tuple(params.get("config_paths") or ()),
-            overrides=overrides,
-            debug=bool(params.get("debug")),
-        )
-    return root.obj
-
-
-def current_kernel(ctx: click.Context) -> Kernel:
-    """The kernel the top-level options describe (built once per command)."""
-    return _state(ctx).kernel()
-
-
 class LlmosGroup(click.Group):
     """A click group that adds the sub-commands plugins register."""
 
     def _plugin_commands(self, ctx: click.Context) -> dict[str, click.Command]:
-        pm = _state(ctx).kernel().load_plugins()
+        pm = cli_state(ctx).kernel().load_plugins()
         return {
             name: registered.spec.command
             for name, registered in pm.commands.items()
@@ -130,7 +90,7 @@ def cli(
     debug: bool,
 ) -> None:
     """llmos: an operating system for language models."""
-    _state(ctx)
+    cli_state(ctx)
 
 
 @cli.command()
@@ -161,7 +121,7 @@ def plugins(ctx: click.Context, as_json: bool, show_all: bool) -> None:
     Plugin routes are checked against each other and the daemon's own, as
     ``serve`` checks them, so a collision shows here as a failed plugin.
     """
-    kernel = _state(ctx).kernel()
+    kernel = cli_state(ctx).kernel()
     pm = kernel.load_plugins()
     if pm.implements("llmos_register_routes"):
         from llmos.server.app import kernel_routes
@@ -244,7 +204,7 @@ def config() -> None:
 @click.pass_context
 def config_show(ctx: click.Context, as_json: bool) -> None:
     """Print every effective value and where it came from (file:line, env, --set)."""
-    cfg = _state(ctx).kernel().config
+    cfg = cli_state(ctx).kernel().config
     rows = cfg.explain()
     if as_json:
         emit_json(
@@ -270,7 +230,7 @@ def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
     """Run the llmos daemon."""
     from llmos.server import serve as run_server
 
-    state = _state(ctx)
+    state = cli_state(ctx)
     kernel = state.kernel()
     configure_logging("debug" if state.debug else kernel.config.server.log_level)
     ctx.exit(run_server(kernel, host=host, port=port))

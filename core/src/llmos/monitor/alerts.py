@@ -47,7 +47,9 @@ import structlog
 from llmos.config import Field, Section, check_table
 from llmos.errors import ConfigError, LlmosError
 from llmos.monitor.metrics import METRICS, PROCESS_METRICS, MetricWindows, parse_duration
-from llmos.types import MonitorEvent
+from llmos.tuning.data import load_file
+from llmos.tuning.evaluation import evaluate
+from llmos.types import Capability, ClassifyRequest, MonitorEvent
 
 if TYPE_CHECKING:
     from llmos.runtime.kernel import Kernel
@@ -528,10 +530,6 @@ def run_accuracy_check(kernel: Kernel, rule: AlertRule) -> MonitorEvent:
     """Score ``rule.model`` on its labelled data through the kernel and
     return the ``eval.result`` event (also when the check itself fails: the
     event then carries ``error`` and no score)."""
-    from llmos.tuning.data import load_file
-    from llmos.tuning.evaluate import evaluate
-    from llmos.types import Capability, ClassifyRequest
-
     started = time.perf_counter()
     fields: dict[str, Any] = {"alert": rule.name}
     try:

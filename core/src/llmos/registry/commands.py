@@ -21,6 +21,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from llmos.cli_context import current_kernel
 from llmos.errors import LlmosError, UsageError
 from llmos.output import emit_json, json_option
 from llmos.registry.cardfile import card_to_markdown, read_card_file
@@ -315,8 +316,6 @@ def models_group(get_registry: RegistryGetter) -> click.Group:
     @click.pass_context
     def discover(ctx: click.Context, as_json: bool) -> None:
         """Register the models installed plugins offer (packaged weights …)."""
-        from llmos.cli import current_kernel
-
         report = current_kernel(ctx).discover_models()
         if as_json:
             emit_json(report.to_dict())
@@ -355,8 +354,6 @@ def models_group(get_registry: RegistryGetter) -> click.Group:
     ) -> None:
         """Upload a model FOLDER, ARCHIVE (.tar.gz, .zip) or weights file
         through the daemon into its artifact store, as a new version of --name."""
-        from llmos.cli import current_kernel
-
         server = current_kernel(ctx).config.server
         base = url or f"http://{server.host}:{server.port}"
         with _upload_file(src) as (upload, filename):

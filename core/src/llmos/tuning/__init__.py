@@ -7,7 +7,8 @@
   registering the result as a model whose parent is the base;
 * :mod:`llmos.tuning.worker` is the process each job runs in, and the
   parent's handle on it;
-* :mod:`llmos.tuning.commands` is ``llmos tune`` and ``llmos jobs``;
+* :mod:`llmos.tuning.evaluation` scores a classifier on labelled rows;
+* :mod:`llmos.tuning.commands` is ``llmos tune`` and ``llmos jobs``,
   :mod:`llmos.tuning.evaluate` is ``llmos eval``.
 
 The methods themselves (LoRA and the other PEFT methods) are plugins:

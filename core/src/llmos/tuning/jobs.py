@@ -72,13 +72,14 @@ from llmos.tuning.worker import (
     WorkerHandle,
     WorkerPayload,
     describe_exit,
+    methods_hint,
     start_worker,
     try_lock,
 )
 from llmos.types import ModelCard, MonitorEvent, TuningMethodSpec, validate_model_name
 
 if TYPE_CHECKING:
-    from llmos.plugin.manager import PluginManager, Registered
+    from llmos.plugin.manager import Registered
     from llmos.runtime.kernel import Kernel
 
 __all__ = [
@@ -94,7 +95,6 @@ __all__ = [
     "JobStore",
     "TuningFailed",
     "check_artifact",
-    "methods_hint",
     "normalise_task",
 ]
 
@@ -487,18 +487,6 @@ def normalise_task(task: str) -> str:
     if not isinstance(task, str) or not task.strip():
         raise UsageError("no task given; e.g. text-classification", param="task")
     return "-".join(task.strip().lower().replace("_", " ").replace("-", " ").split())
-
-
-def methods_hint(plugins: PluginManager) -> str:
-    """The installed tuning methods, for an error message."""
-    methods = plugins.tuning_methods
-    if not methods:
-        return (
-            "no tuning method is installed; install one (pip install llmos-peft for LoRA and"
-            " the other PEFT methods) and see `llmos plugins`"
-        )
-    listed = ", ".join(f"{name} ({r.plugin})" for name, r in sorted(methods.items()))
-    return f"installed tuning methods: {listed}"
 
 
 def _params(params: Mapping[str, Any] | None, method: str) -> dict[str, Any]:

@@ -50,6 +50,13 @@ from typing import IO, Any
 
 import attrs
 
+from llmos.config import PluginSettings
+from llmos.errors import LlmosError
+from llmos.logs import configure_logging
+from llmos.plugin.manager import PluginManager
+from llmos.tuning.data import Dataset, load_splits
+from llmos.types import ModelCard, TuningRequest, TuningResult
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows
@@ -320,9 +327,19 @@ def main() -> None:
     channel.send("result", result)
 
 
-def _message(exc: BaseException) -> str:
-    from llmos.errors import LlmosError
+def methods_hint(plugins: PluginManager) -> str:
+    """The installed tuning methods, for an error message."""
+    methods = plugins.tuning_methods
+    if not methods:
+        return (
+            "no tuning method is installed; install one (pip install llmos-peft for LoRA and"
+            " the other PEFT methods) and see `llmos plugins`"
+        )
+    listed = ", ".join(f"{name} ({r.plugin})" for name, r in sorted(methods.items()))
+    return f"installed tuning methods: {listed}"
 
+
+def _message(exc: BaseException) -> str:
     if isinstance(exc, LlmosError):
         return exc.message
     if isinstance(exc, SystemExit):
@@ -331,14 +348,6 @@ def _message(exc: BaseException) -> str:
 
 
 def _run(payload: WorkerPayload, channel: _Channel) -> dict[str, Any]:
-    from llmos.config import PluginSettings
-    from llmos.errors import LlmosError
-    from llmos.logs import configure_logging
-    from llmos.plugin.manager import PluginManager
-    from llmos.tuning.data import Dataset, load_splits
-    from llmos.tuning.jobs import methods_hint
-    from llmos.types import ModelCard, TuningRequest, TuningResult
-
     configure_logging(os.environ.get("LLMOS_LOG_LEVEL", "info"), fmt="json")
     settings = dict(payload.plugins)
     if settings.get("load") is not None:

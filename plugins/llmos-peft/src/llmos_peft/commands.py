@@ -6,6 +6,10 @@ from pathlib import Path
 
 import click
 
+from llmos.cli_context import current_kernel
+from llmos.errors import UsageError
+from llmos.registry.sources import check_source
+
 __all__ = ["peft_group"]
 
 
@@ -33,8 +37,7 @@ def peft_group() -> None:
 def merge_command(ctx: click.Context, adapter: str, out: Path, base_path: Path | None) -> None:
     """Fold ADAPTER (a registered model, name[@version], or an adapter folder
     with --base) into its base model and save a standalone safetensors model."""
-    from llmos.errors import UsageError
-    from llmos_peft.merge import export_merged
+    from llmos_peft.merge import export_merged  # torch: only when merging
 
     if Path(adapter).is_dir():
         if base_path is None:
@@ -42,9 +45,6 @@ def merge_command(ctx: click.Context, adapter: str, out: Path, base_path: Path |
         export_merged(Path(adapter), base_path, out)
         click.echo(f"merged {adapter} into {out}")
         return
-    from llmos.cli import current_kernel
-    from llmos.registry.sources import check_source
-
     kernel = current_kernel(ctx)
     registry = kernel.registry
     card = registry.store.get(adapter)
