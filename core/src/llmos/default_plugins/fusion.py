@@ -54,6 +54,7 @@ from llmos.types import (
     ClassifyRequest,
     ClassifyResult,
     CompletionRequest,
+    EmbedRequest,
     FitData,
     FusionCall,
     FusionStrategySpec,
@@ -479,8 +480,6 @@ def _matches(rule: Mapping[str, Any], text: str) -> bool:
 
 
 def _embed(helper: Callable[..., list[Any]], embedder: str, texts: Sequence[str]) -> list[list]:
-    from llmos.types import EmbedRequest
-
     vectors: list[list[float]] = []
     for at in range(0, len(texts), 32):
         batch = [EmbedRequest(text=t) for t in texts[at : at + 32]]

@@ -20,6 +20,7 @@ from llmos.fusion.service import strategy_rows
 from llmos.output import emit_json, json_option
 from llmos.registry.commands import _options
 from llmos.runtime.kernel import Kernel
+from llmos.tuning.data import load_file
 from llmos.types import ModelCard, ModelFormat
 
 __all__ = ["fuse_group"]
@@ -144,7 +145,6 @@ def fuse_group(get_kernel: KernelGetter) -> click.Group:
         as_json: bool,
     ) -> None:
         """Create (and, with --dev, fit) a fusion NAME, registered as a model."""
-        from llmos.tuning.data import load_file
 
         kernel = get_kernel(ctx)
         kernel.start()

@@ -73,6 +73,8 @@ from llmos.fusion import combine
 from llmos.fusion.call import Asked, Call, Member
 from llmos.fusion.model import FusedModel
 from llmos.registry.sources import check_source
+from llmos.tuning.data import load_file
+from llmos.tuning.jobs import check_artifact
 from llmos.types import (
     Capability,
     ClassifyRequest,
@@ -820,8 +822,6 @@ class Fusions:
 
     def _fit_rows(self, conf: Mapping[str, Any]) -> list[dict[str, str]] | None:
         """The rows a fusion was fitted on, when they are still there."""
-        from llmos.tuning.data import load_file
-
         where = (conf.get("fit") or {}).get("data") or conf.get("dev_file")
         if not where or not isinstance(where, str):
             return None
@@ -1011,8 +1011,6 @@ class Fusions:
         tags: Sequence[str],
         created_by: str | None,
     ) -> ModelCard:
-        from llmos.tuning.jobs import check_artifact
-
         spec = registered.spec
         assert spec.merge is not None
         policy = self.kernel.registry.policy
@@ -1165,8 +1163,6 @@ class Fusions:
         dev_file: str,
     ) -> dict[str, Any]:
         """A config fusion's fit, cached by data and options under LLMOS_HOME."""
-        from llmos.tuning.data import load_file
-
         rows = load_file(_config_path(dev_file))
         key = hashlib.sha256(
             json.dumps(

@@ -28,6 +28,7 @@ from llmos.errors import LlmosError, UsageError
 from llmos.fusion.service import strategy_rows
 from llmos.registry.sources import check_source
 from llmos.runtime.kernel import Kernel
+from llmos.tuning.data import load_file
 from llmos.types import ModelFormat
 
 __all__ = ["fusions_router"]
@@ -61,7 +62,6 @@ def fusions_router(kernel: Kernel) -> APIRouter:
     def dev_rows(value: list[dict[str, Any]] | str | None) -> list[dict[str, Any]] | None:
         if not isinstance(value, str):
             return value
-        from llmos.tuning.data import load_file
 
         try:
             parsed = check_source(value, kernel.registry.policy)

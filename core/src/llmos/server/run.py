@@ -40,6 +40,7 @@ from uvicorn.importer import import_from_string
 
 from llmos.config import ServerSettings
 from llmos.errors import ConfigError, LlmosError
+from llmos.logs import configure_logging
 from llmos.runtime.kernel import Kernel
 from llmos.server.app import DaemonState, create_app
 
@@ -326,8 +327,6 @@ def serve(kernel: Kernel, host: str | None = None, port: int | None = None) -> i
     port = settings.port if port is None else port
     check_bind(host, settings.api_keys)
     if not structlog.is_configured():
-        from llmos.logs import configure_logging
-
         configure_logging(settings.log_level)
 
     app = create_app(kernel)
