@@ -79,6 +79,10 @@ GRID: list[tuple[str, dict[str, Any]]] = [
     ("lora", {"learning_rate": 1e-3, "r": 16, "lora_alpha": 32}),
     ("adalora", {"learning_rate": 2e-4}),  # the old default
     ("adalora", {"learning_rate": 5e-4}),
+    # AdaLoRA lagged LoRA at 2e-3: larger rates, and a larger scale at 2e-3
+    ("adalora", {"learning_rate": 1e-2}),
+    ("adalora", {"learning_rate": 2e-2}),
+    ("adalora", {"learning_rate": 2e-3, "lora_alpha": 64}),
 ]
 
 
