@@ -30,6 +30,7 @@ from llmos.plugin.manager import PluginManager
 from llmos.registry import sources
 from llmos.registry.service import DiscoverReport, Providers, Registry
 from llmos.registry.sources import policy_from_config
+from llmos.registry.store import RegistryStore
 from llmos.runtime import limits, models, router
 from llmos.runtime.models import ModelManager
 from llmos.runtime.router import Router
@@ -397,7 +398,7 @@ class Kernel:
             bus_health=self.bus.health,
         )
 
-    def _open_registry_store(self) -> Any:
+    def _open_registry_store(self) -> RegistryStore:
         """The store ``[registry] store`` names, opened by the plugin that registers it."""
         name = self.config.section("registry")["store"]
         registered = self.load_plugins().registry_stores.get(name)
