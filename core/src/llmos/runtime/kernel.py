@@ -180,7 +180,7 @@ class Kernel:
         """Deployment groups (``[groups.NAME]``): retries, fallbacks, cooldowns."""
         with self._lock:
             if self._router is None:
-                self._router = Router(self)
+                self._router = Router(self.config.section("groups"), self.submit, self.emit)
             return self._router
 
     @property

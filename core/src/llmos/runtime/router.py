@@ -45,8 +45,8 @@ import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import attrs
 import structlog
@@ -54,9 +54,6 @@ import structlog
 from llmos.config import Field, Section, check_table
 from llmos.errors import ConfigError, LlmosError, Unavailable
 from llmos.types import Capability, MonitorEvent, validate_model_name
-
-if TYPE_CHECKING:
-    from llmos.runtime.kernel import Kernel
 
 __all__ = ["STRATEGIES", "GroupSettings", "Router", "retryable"]
 
@@ -265,24 +262,41 @@ class _Attempts:
             current.cancel()
 
 
-class Router:
-    """The kernel's deployment groups (see the module docstring)."""
+#: how the router sends requests on to a deployment (the kernel's ``submit``:
+#: a model's worker, or another group)
+Submit = Callable[[str, Capability, Sequence[Any]], concurrent.futures.Future[list[Any]]]
 
-    def __init__(self, kernel: Kernel) -> None:
-        self.kernel = kernel
+
+class Router:
+    """The kernel's deployment groups (see the module docstring).
+
+    ``groups`` is the checked ``[groups]`` config section; ``submit`` sends
+    requests to a deployment (which may itself be a group); ``emit`` sends
+    the router's monitor events.
+    """
+
+    def __init__(
+        self,
+        groups: Mapping[str, Any],
+        submit: Submit,
+        emit: Callable[[MonitorEvent], None],
+    ) -> None:
+        self._tables = groups
+        self._send = submit
+        self._events = emit
         self._groups: dict[str, _Group] = {}
         self._lock = threading.Lock()
 
     # -- groups ----------------------------------------------------------------
 
     def has(self, name: str) -> bool:
-        return isinstance(name, str) and name in self.kernel.config.section("groups")
+        return isinstance(name, str) and name in self._tables
 
     def group(self, name: str) -> _Group:
         with self._lock:
             group = self._groups.get(name)
             if group is None:
-                table = self.kernel.config.section("groups").get(name)
+                table = self._tables.get(name)
                 group = _Group(GroupSettings.from_table(name, table))
                 self._groups[name] = group
             return group
@@ -291,7 +305,7 @@ class Router:
         """Each group's deployments: calls, errors, in flight, latency, cooldown."""
         now = time.monotonic()
         out: dict[str, Any] = {}
-        for name in self.kernel.config.section("groups"):
+        for name in self._tables:
             try:
                 group = self.group(name)
             except LlmosError as exc:
@@ -333,7 +347,7 @@ class Router:
         return state.outer
 
     def _emit(self, kind: str, group: str, **fields: Any) -> None:
-        self.kernel.emit(MonitorEvent(kind=kind, model=group, fields=fields))
+        self._events(MonitorEvent(kind=kind, model=group, fields=fields))
 
     def _attempt(self, group: _Group, state: _Attempts) -> None:
         if state.outer.done():  # the caller gave up (timeout, disconnect)
@@ -350,7 +364,7 @@ class Router:
         with group.lock:
             group.states[deployment].in_flight += 1
         try:
-            future = self.kernel.submit(deployment, state.capability, state.requests)
+            future = self._send(deployment, state.capability, state.requests)
         except Exception as exc:  # refused at once (queue full, cannot load)
             self._done(group, state, deployment, entry, sent, None, exc)
             return
@@ -501,7 +515,7 @@ class Router:
         state.log.append(entry)
         sent = time.monotonic()
         try:
-            future = self.kernel.submit(target, state.capability, state.requests)
+            future = self._send(target, state.capability, state.requests)
         except Exception as exc:
             self._fallback_done(target, state, entry, sent, None, exc)
             return
