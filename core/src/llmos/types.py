@@ -21,6 +21,7 @@ rest) are at the end of this module.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import contextvars
 import enum
@@ -903,6 +904,37 @@ class ProviderSpec:
     formats: tuple[str, ...] = attrs.field(default=(), converter=_tuple_of_str)
     batching: bool = True
     check: Callable[[CheckRequest], Mapping[str, Any]] | None = None
+
+
+class ModelCaller(Protocol):
+    """What a model made of other models needs from the kernel: asking them
+    (through their own workers, batching and monitoring) and reporting.
+    The kernel is one; a model that holds this holds nothing else of it."""
+
+    @property
+    def request_timeout(self) -> float:
+        """The longest a call may take, queue included (``[runtime] request_timeout_s``)."""
+        ...
+
+    def submit(
+        self, model: str, capability: Capability, requests: Sequence[Any]
+    ) -> concurrent.futures.Future[list[Any]]:
+        """Queue ``requests`` for ``model``; its results come through the future."""
+        ...
+
+    def call(
+        self,
+        model: str,
+        capability: Capability,
+        requests: Sequence[Any],
+        timeout: float | None = None,
+    ) -> list[Any]:
+        """Run ``requests`` on ``model`` and wait for the results."""
+        ...
+
+    def emit(self, event: MonitorEvent) -> None:
+        """Send a monitor event to the kernel's sinks; never blocks, never raises."""
+        ...
 
 
 class FusionCall(Protocol):

@@ -22,15 +22,19 @@ import concurrent.futures
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 
 from llmos.errors import UsageError
-from llmos.types import Budget, Capability, ClassifyRequest, ClassifyResult, ModelCard
-
-if TYPE_CHECKING:
-    from llmos.runtime.kernel import Kernel
+from llmos.types import (
+    Budget,
+    Capability,
+    ClassifyRequest,
+    ClassifyResult,
+    ModelCaller,
+    ModelCard,
+)
 
 __all__ = ["Asked", "Call", "Member"]
 
@@ -87,7 +91,7 @@ class Call:
 
     def __init__(
         self,
-        kernel: Kernel,
+        models: ModelCaller,
         members: Sequence[Member],
         capability: Capability,
         requests: Sequence[Any],
@@ -95,7 +99,7 @@ class Call:
         budget: Budget | None,
         timeout: float | None = None,
     ) -> None:
-        self.kernel = kernel
+        self.models = models
         self._members = list(members)
         self.members = [m.card for m in self._members]
         self.capability = capability
@@ -110,7 +114,7 @@ class Call:
         )
         self.max_members = budget.max_members if budget is not None else None
         #: a member call's own limit: the kernel's request timeout
-        self.timeout = timeout or kernel.request_timeout
+        self.timeout = timeout or models.request_timeout
         self.asked: list[dict[int, Asked]] = [{} for _ in self.requests]
         self.notes: list[dict[str, Any]] = [{} for _ in self.requests]
         #: rows the budget cut short (a member not asked or left behind)
@@ -131,7 +135,7 @@ class Call:
         return self._ask_many(indexes, rows, None)
 
     def helper(self, model: str, capability: Capability, requests: Sequence[Any]) -> list[Any]:
-        return self.kernel.call(model, capability, requests, timeout=self.timeout)
+        return self.models.call(model, capability, requests, timeout=self.timeout)
 
     def note(self, row: int, **facts: Any) -> None:
         self.notes[row].update(facts)
@@ -190,7 +194,7 @@ class Call:
             spec = self._members[member]
             batch = [spec.request(own.get(row, self.requests[row])) for row in allowed]
             try:
-                future = self.kernel.submit(spec.ref, self.capability, batch)
+                future = self.models.submit(spec.ref, self.capability, batch)
             except Exception as exc:  # a member that cannot be queued fails its rows alone
                 self._failed(member, allowed, exc)
                 continue

@@ -12,7 +12,7 @@ members not asked, and whether the budget cut the request short. One
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 import structlog
@@ -32,13 +32,11 @@ from llmos.types import (
     EmbedResult,
     FusionStrategySpec,
     ModelBase,
+    ModelCaller,
     ModelCard,
     MonitorEvent,
     StreamChunk,
 )
-
-if TYPE_CHECKING:
-    from llmos.runtime.kernel import Kernel
 
 __all__ = ["FusedModel"]
 
@@ -50,7 +48,7 @@ class FusedModel(ModelBase):
 
     def __init__(
         self,
-        kernel: Kernel,
+        models: ModelCaller,
         card: ModelCard,
         strategy: FusionStrategySpec,
         members: Sequence[Member],
@@ -59,7 +57,7 @@ class FusedModel(ModelBase):
         max_batch_size: int = 8,
     ) -> None:
         super().__init__(card)
-        self.kernel = kernel
+        self.models = models
         self.strategy = strategy
         self.members = list(members)
         self.options = dict(options)
@@ -111,7 +109,7 @@ class FusedModel(ModelBase):
     def _group(
         self, capability: Capability, requests: Sequence[Any], budget: Budget | None
     ) -> list[Any]:
-        call = Call(self.kernel, self.members, capability, requests, self.options, budget)
+        call = Call(self.models, self.members, capability, requests, self.options, budget)
         combine = self.strategy.combine
         assert combine is not None  # a merge strategy makes no served model
         try:
@@ -193,7 +191,7 @@ class FusedModel(ModelBase):
                 member["answered"] += int(entry["answered"])
                 member["agreed"] += int(entry.get("agreed") is True)
                 member["latency_s"] = max(member["latency_s"], entry["latency_s"] or 0.0)
-        self.kernel.emit(
+        self.models.emit(
             MonitorEvent(
                 kind="fusion.call",
                 model=self.card.ref,
