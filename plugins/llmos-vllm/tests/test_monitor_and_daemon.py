@@ -12,7 +12,14 @@ import openai
 from llmos.runtime.kernel import Kernel
 from llmos.server.app import create_app
 from llmos.testing import serve_app
-from llmos.types import Capability, ChatRequest, CompletionRequest, ModelCard, Sampling
+from llmos.types import (
+    Capability,
+    ChatRequest,
+    CompletionRequest,
+    ModelCard,
+    MonitorEvent,
+    Sampling,
+)
 from llmos_vllm import engine as engines
 
 from .conftest import MakeKernel
@@ -35,10 +42,17 @@ def test_vllms_figures_reach_the_monitor(kernel: Kernel) -> None:
         t.start()
     for t in threads:
         t.join()
-    # events reach the sinks off the callers' threads: wait for the idle one
+    # events reach the sinks off the callers' threads, and a call's own event
+    # is emitted just after its caller has its answer: wait for the idle engine
+    # and for every call's event
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not any(
-        e.fields["running"] == 0 for e in kernel.recorder.of("engine.stats")
+
+    def tiny_calls() -> list[MonitorEvent]:
+        return [e for e in kernel.recorder.of("request") if e.model == "tiny@1"]
+
+    while time.monotonic() < deadline and not (
+        any(e.fields["running"] == 0 for e in kernel.recorder.of("engine.stats"))
+        and len(tiny_calls()) >= 6
     ):
         time.sleep(0.05)
     stats = kernel.recorder.of("engine.stats")
@@ -57,7 +71,7 @@ def test_vllms_figures_reach_the_monitor(kernel: Kernel) -> None:
     last = fields[-1]
     assert (last["running"], last["waiting"]) == (0, 0)  # the last event: idle
     # and the kernel's own per-call events are there as for any model
-    calls = [e for e in kernel.recorder.of("request") if e.model == "tiny@1"]
+    calls = tiny_calls()
     assert len(calls) == 6 and all(e.fields["status"] == "ok" for e in calls)
 
 
