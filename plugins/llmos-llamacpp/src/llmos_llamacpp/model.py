@@ -183,8 +183,9 @@ class LlamaCppModel(ModelBase):
             raise CallAbandoned(f"model {self.card.ref!r}: every caller went away; stopped")
 
     def _prompt(self, ids: list[int], sampling: Sampling) -> _Prompt:
-        cap = self.settings.max_new_tokens
-        limit = min(sampling.max_tokens or cap, cap, tokens.room(self.card.ref, ids, self.context))
+        limit = tokens.generation_limit(
+            self.card.ref, ids, sampling, self.settings.max_new_tokens, self.context
+        )
         return _Prompt(ids=ids, sampling=sampling, limit=limit)
 
     def _chat_prompt(self, request: ChatRequest) -> _Prompt:
@@ -201,13 +202,8 @@ class LlamaCppModel(ModelBase):
         )
 
     def _request_prompt(self, request: CompletionRequest | ChatRequest) -> _Prompt:
+        tokens.check_streamable(request)
         if isinstance(request, ChatRequest):
-            if request.tools and request.tool_choice != "none":
-                raise UsageError(
-                    "tools are not supported with streaming (yet): leave stream out, or send"
-                    ' tool_choice "none"',
-                    param="stream",
-                )
             return self._chat_prompt(request)
         return self._prompt(tokens.prompt_ids(self.vocab, request), request.sampling)
 

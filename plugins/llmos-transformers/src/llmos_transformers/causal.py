@@ -355,11 +355,9 @@ class CausalLM(ModelBase):
         return tokens.chat_ids(self.tokenizer, self.card.ref, messages)
 
     def _prompt(self, ids: list[int], sampling: Sampling) -> _Prompt:
-        limit = min(
-            sampling.max_tokens or self.settings.max_new_tokens, self.settings.max_new_tokens
+        limit = tokens.generation_limit(
+            self.card.ref, ids, sampling, self.settings.max_new_tokens, self.context
         )
-        if self.context is not None:
-            limit = min(limit, tokens.room(self.card.ref, ids, self.context))
         return _Prompt(ids=ids, sampling=sampling, limit=limit)
 
     def _chat_prompt(self, request: ChatRequest) -> _Prompt:
@@ -384,13 +382,8 @@ class CausalLM(ModelBase):
         return attrs.evolve(prompt, constraint=constraint)
 
     def _request_prompt(self, request: CompletionRequest | ChatRequest) -> _Prompt:
+        tokens.check_streamable(request)
         if isinstance(request, ChatRequest):
-            if request.tools and request.tool_choice != "none":
-                raise UsageError(
-                    "tools are not supported with streaming (yet): leave stream out, or send"
-                    ' tool_choice "none"',
-                    param="stream",
-                )
             return self._chat_prompt(request)
         return self._prompt(tokens.prompt_ids(self.tokenizer, request), request.sampling)
 

@@ -16,6 +16,7 @@ from typing import Any
 from llmos.errors import UsageError
 from llmos.types import (
     ChatMessage,
+    ChatRequest,
     ChatResult,
     ClassifyRequest,
     ClassifyResult,
@@ -206,6 +207,27 @@ def room(model: str, ids: Sequence[int], context: int) -> int:
             param="prompt",
         )
     return left
+
+
+def generation_limit(
+    model: str, ids: Sequence[int], sampling: Sampling, cap: int, context: int | None
+) -> int:
+    """Tokens a request may generate: its ``max_tokens``, within the
+    provider's ``cap`` and the room a ``context`` (``None``: unknown) leaves
+    after the prompt ``ids``; a prompt that leaves none is refused."""
+    limit = min(sampling.max_tokens or cap, cap)
+    return limit if context is None else min(limit, room(model, ids, context))
+
+
+def check_streamable(request: CompletionRequest | ChatRequest) -> None:
+    """Refuse a stream whose chat may call tools (tool calls are parsed from
+    the whole answer, never streamed)."""
+    if isinstance(request, ChatRequest) and request.tools and request.tool_choice != "none":
+        raise UsageError(
+            "tools are not supported with streaming (yet): leave stream out, or send"
+            ' tool_choice "none"',
+            param="stream",
+        )
 
 
 def check_scored(model: str, what: str, prompt: int, continuation: int, context: int) -> None:
