@@ -53,6 +53,10 @@ from llmos.types import ModelCard, validate_model_name
 __all__ = [
     "COUNT_LIMIT",
     "LATEST",
+    "MAX_INT",
+    "MAX_ITEMS",
+    "MAX_LIMIT",
+    "MAX_OFFSET",
     "MIGRATIONS",
     "SORTS",
     "RegistryStore",
@@ -61,7 +65,15 @@ __all__ = [
     "SearchPage",
     "VersionInfo",
     "VersionStatus",
+    "card_json",
+    "check_card",
+    "clean_tags",
+    "decode_cursor",
+    "encode_cursor",
+    "load_card",
     "parse_ref",
+    "same_content",
+    "text_problem",
     "validate_alias",
 ]
 
@@ -1268,3 +1280,18 @@ class SQLiteStore:
             next_cursor=next_cursor,
             next_offset=next_offset,
         )
+
+
+# ------------------------------------------------- shared with other stores
+
+#: The checks and encodings a :class:`RegistryStore` on another database
+#: shares with this one, so that it refuses the same cards with the same
+#: words and reads the same cursors (plugins' stores import them from here).
+check_card = _check_card
+card_json = _card_json
+load_card = _load_card
+same_content = _same_content
+clean_tags = _clean_tags
+text_problem = _text_problem
+encode_cursor = _encode_cursor
+decode_cursor = _decode_cursor
