@@ -11,6 +11,7 @@ raise (``raise_at``) or ignore a cancel (``ignore_stop``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -24,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from llmos.errors import ConfigError, NotFoundError, PayloadTooLarge, PluginError, UsageError
+from llmos.registry.fsstore import MANIFEST
 from llmos.registry.service import Registry
 from llmos.runtime.kernel import Kernel
 from llmos.testing import EventRecorder, write_distribution, write_safetensors
@@ -254,8 +256,14 @@ def test_a_job_runs_in_a_worker_and_registers_the_tuned_model(make_kernel) -> No
     assert 5e6 < usage["peak_rss_bytes"] < 5e9 and usage["cpu_seconds"] > 0
     assert card.parents == ("base@1",)
     assert card.scores == {"dev/accuracy": 1.0, "test/accuracy": 1.0}
-    artifact = kernel.home / "artifacts" / "acme" / "sentiment" / job.id
+    # stored in the artifact store (the data folder's by default), under the
+    # sha256 of its manifest, which lists every file's hash
+    artifact = Path(card.source).parent
+    assert artifact.parent == kernel.home / "artifacts" / "acme" / "sentiment"
     assert card.source == str(artifact / "model.safetensors")
+    manifest = (artifact / MANIFEST).read_bytes()
+    assert artifact.name == hashlib.sha256(manifest).hexdigest()
+    assert {f["name"] for f in json.loads(manifest)["files"]} == {"model.safetensors", "meta.json"}
     assert card.tasks == ("text-classification",) and "tuned" in card.tags
     tuning = card.options["tuning"]
     assert tuning["method"] == "count" and tuning["job"] == job.id and tuning["seed"] == 7

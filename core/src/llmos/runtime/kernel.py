@@ -49,6 +49,7 @@ KERNEL_SECTIONS: tuple[Section, ...] = (
     limits.SECTION,
     router.SECTION,
     sources.SECTION,
+    sources.ARTIFACTS_SECTION,
     jobs.SECTION,
     fusion_service.SECTION,
     alerts.MONITOR_SECTION,

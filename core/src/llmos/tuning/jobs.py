@@ -16,9 +16,10 @@ Each job has a folder, ``home/jobs/<id>/``:
 
 * ``data.json`` — the splits, when they came inline (files are read again
   by the worker, and their hashes checked);
-* ``output/`` — where the method writes its artifact, moved on success to
-  ``home/artifacts/<new name>/<job id>/`` and registered as a new model whose
-  parent is the base;
+* ``output/`` — where the method writes its artifact, stored on success in
+  the artifact store (``[artifacts] root``: ``home/artifacts/<new name>/<sha256>/``
+  by default, :mod:`llmos.registry.fsstore`) and registered as a new model
+  whose parent is the base;
 * ``checkpoints/`` — the method's own, for resuming (and any other scratch
   folder the method makes there);
 * ``progress.jsonl`` — every figure the method reported, a line each;
@@ -65,6 +66,7 @@ from llmos.errors import (
     Unavailable,
     UsageError,
 )
+from llmos.registry.fsstore import ArtifactStore
 from llmos.registry.sources import check_source
 from llmos.registry.weights import pickle_reason, read_safetensors_header
 from llmos.tuning.data import DEFAULT_MAX_DATA_BYTES, SPLITS, load_splits
@@ -1048,8 +1050,17 @@ class JobManager:
                 f" returned (its output: {folder / 'worker.log'})",
             )
 
+    def _artifacts(self) -> ArtifactStore:
+        """The kernel's artifact store (``[artifacts]``), or the data folder's."""
+        policy = self.kernel.registry.policy
+        if policy.artifacts is not None:
+            return policy.artifacts
+        home = self.kernel.home
+        return ArtifactStore(home / "artifacts", home / "cache" / "artifacts", policy)
+
     def _register(self, job: Job, result: Mapping[str, Any]) -> dict[str, Any]:
-        """Move the artifact under the data folder and register the new model."""
+        """Store the artifact in the artifact store and register the new model
+        with its address as the source."""
         folder = self.folder(job.id)
         output = folder / "output"
         check_artifact(output, self.kernel.registry.policy.allow_pickle)
@@ -1059,15 +1070,15 @@ class JobManager:
             if k not in ("version", "created_at", "created_by")
         }
         card = ModelCard.from_dict({**fields, "name": job.name})
-        dest = self.kernel.home / "artifacts" / job.name / job.id
-        shutil.rmtree(dest, ignore_errors=True)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        source = dest
+        inner = ""
         if card.source:
-            inner = Path(card.source).resolve()
-            if inner.is_relative_to(output.resolve()):
-                source = dest / inner.relative_to(output.resolve())
-        shutil.move(output, dest)
+            path = Path(card.source).resolve()
+            if path.is_relative_to(output.resolve()):
+                inner = path.relative_to(output.resolve()).as_posix()
+                inner = "" if inner == "." else inner
+        # the artifact store: the data folder's artifacts/, or a cluster's shared root
+        address = self._artifacts().put(output, job.name)
+        source = f"{address}/{inner}" if inner else address
         scores = {
             key: float(value)
             for key, value in {**card.scores, **dict(result.get("scores") or {})}.items()

@@ -1,0 +1,554 @@
+"""The artifact store: tuned adapters and converted weights, kept where every daemon can read them.
+
+A tuning job's result (and any folder of weights llmos makes) is stored with
+:meth:`ArtifactStore.put` under ``[artifacts] root``: the data folder's
+``artifacts/`` by default, or any folder or `fsspec <https://filesystem-spec.readthedocs.io>`_
+URL the operator names (``s3://bucket/llmos``, ``gs://…``, ``memory://…``,
+an NFS mount, ``https://mirror/llmos`` read-only) so that the daemons of a
+cluster share one copy. Each artifact is a folder::
+
+    ROOT/<model name>/<sha256 of its manifest>/
+        llmos-artifact.json      the manifest: every file's name, size and sha256
+        adapter_model.safetensors, tokenizer.json, …
+
+Its address is content-addressed: the last segment is the hash of the
+manifest, and the manifest holds the hash of every file, so an address names
+one set of bytes; a copy changed in the store (or in the local cache) after
+it was put is refused, not served.
+
+Where the root is a local folder, an artifact's address is its path and
+providers read it in place, as they read any model folder (the root is an
+allowed source root). Where it is a URL, a card's ``source`` is the URL, and
+:meth:`ArtifactStore.fetch` copies the artifact into the local cache
+(``[artifacts] cache``, ``home/cache/artifacts/<digest>``) before it is
+loaded, with the checks a push gets (:mod:`llmos.registry.artifacts`): names
+that stay inside the folder, regular files only (no links), at most
+``[registry] max_push_bytes`` in all, no pickles unless ``[registry]
+allow_pickle``, valid safetensors and GGUF headers; and, on top of those,
+every byte against its hash. A copy already in the cache is hashed again
+before it is used.
+
+The root is the operator's config, so it is trusted, ``file://`` and plain
+``http://`` included; a card that comes from anyone else (the HTTP API) may
+name a URL only inside it (:func:`llmos.registry.sources.check_source`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import urllib.parse
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import fsspec
+import structlog
+
+from llmos.errors import LlmosError, NotFoundError, PayloadTooLarge, UnsafeSourceError, UsageError
+from llmos.registry.artifacts import check_folder, store_upload
+from llmos.types import validate_model_name
+
+if TYPE_CHECKING:
+    from llmos.registry.sources import SourcePolicy
+
+__all__ = ["MANIFEST", "ArtifactStore", "Manifest", "ManifestEntry", "is_url"]
+
+log = structlog.get_logger("llmos.registry")
+
+#: the manifest's file name inside an artifact's folder
+MANIFEST = "llmos-artifact.json"
+#: what a manifest says it is
+FORMAT = "llmos-artifact/1"
+#: a manifest larger than this is refused before it is parsed
+MAX_MANIFEST_BYTES = 16 << 20
+_CHUNK = 1 << 20
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_SEGMENT = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+def is_url(root: str) -> bool:
+    """Whether ``root`` is a URL (``scheme://…``) rather than a local folder."""
+    found = _SCHEME.match(root)
+    return found is not None and len(found.group(1)) > 1  # C:// is a drive
+
+
+@attrs.frozen
+class ManifestEntry:
+    """One file of an artifact."""
+
+    name: str
+    size: int
+    sha256: str
+
+
+@attrs.frozen
+class Manifest:
+    """What an artifact holds; its hash is the last segment of the artifact's address."""
+
+    name: str
+    files: tuple[ManifestEntry, ...]
+
+    def to_bytes(self) -> bytes:
+        body = {
+            "format": FORMAT,
+            "name": self.name,
+            "files": [attrs.asdict(entry) for entry in self.files],
+        }
+        return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+    @property
+    def total(self) -> int:
+        return sum(entry.size for entry in self.files)
+
+    @classmethod
+    def parse(cls, data: bytes, where: str) -> Manifest:
+        """A manifest read from the store, every field checked; the names are
+        checked again as members before anything is written."""
+
+        def bad(why: str) -> UnsafeSourceError:
+            return UnsafeSourceError(f"artifact {where}: its manifest {why}", param="source")
+
+        try:
+            body = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise bad(f"is not JSON ({exc})") from None
+        if not isinstance(body, dict) or body.get("format") != FORMAT:
+            raise bad(f"is not an {FORMAT} manifest")
+        files = body.get("files")
+        if not isinstance(files, list) or not files:
+            raise bad("lists no files")
+        entries = []
+        seen: set[str] = set()
+        for item in files:
+            if not isinstance(item, dict) or set(item) != {"name", "size", "sha256"}:
+                raise bad(f"has a malformed entry {str(item)[:200]!r}")
+            name, size, digest = item["name"], item["size"], item["sha256"]
+            if not isinstance(name, str) or not _safe_member(name) or name == MANIFEST:
+                raise bad(f"names a file {str(name)[:200]!r} that is not a plain relative path")
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise bad(f"gives {name!r} a size of {size!r}")
+            if not isinstance(digest, str) or not _DIGEST.match(digest):
+                raise bad(f"gives {name!r} a malformed sha256")
+            if name in seen:
+                raise bad(f"lists {name!r} twice")
+            seen.add(name)
+            entries.append(ManifestEntry(name, size, digest))
+        name = body.get("name")
+        if not isinstance(name, str):
+            raise bad("has no model name")
+        return cls(name, tuple(entries))
+
+
+def _safe_member(name: str) -> bool:
+    """``a/b.safetensors``: relative, no empty, ``.`` or ``..`` segment, no odd characters."""
+    parts = name.split("/")
+    return all(part not in ("", ".", "..") and _SEGMENT.match(part) for part in parts)
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _manifest_of(folder: Path, name: str) -> Manifest:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    return Manifest(
+        name,
+        tuple(
+            ManifestEntry(p.relative_to(folder).as_posix(), p.stat().st_size, _sha256_file(p))
+            for p in files
+        ),
+    )
+
+
+@attrs.frozen
+class Located:
+    """An address inside the store, taken apart."""
+
+    #: the artifact's folder, as a path on the store's filesystem
+    folder: str
+    digest: str
+    #: a file or folder inside the artifact the address points at ("" for the artifact)
+    inner: str
+
+
+@attrs.frozen
+class ArtifactStore:
+    """Artifacts under ``root`` (a local folder or an fsspec URL), fetched into ``cache``.
+
+    ``limits`` is the registry's source policy: fetched artifacts are held to
+    its ``max_push_bytes`` and ``allow_pickle`` like pushes.
+    ``storage_options`` go to fsspec (credentials, endpoints), never into a
+    log or a repr.
+    """
+
+    root: str = attrs.field(converter=lambda root: str(root).rstrip("/") or "/")
+    cache: Path = attrs.field(converter=Path)
+    limits: SourcePolicy
+    storage_options: Mapping[str, Any] = attrs.field(factory=dict, repr=False, eq=False)
+
+    @property
+    def local(self) -> bool:
+        """Whether the root is a local folder, read in place (no cache)."""
+        return not is_url(self.root)
+
+    @property
+    def read_only(self) -> bool:
+        """Whether the root can only be read (``http://``, ``https://``: a mirror)."""
+        return self.root.split("://", 1)[0].lower() in ("http", "https")
+
+    @property
+    def local_root(self) -> Path | None:
+        """The root as a resolved local folder; ``None`` for a URL root."""
+        return Path(self.root).resolve() if self.local else None
+
+    def _fs(self) -> tuple[Any, str]:
+        try:
+            fs, path = fsspec.core.url_to_fs(self.root, **dict(self.storage_options))
+        except (ImportError, ValueError) as exc:
+            raise LlmosError(
+                f"[artifacts] root {self.root!r}: fsspec cannot open it ({exc}); install the"
+                " filesystem's package (s3fs for s3://, gcsfs for gs://, …)"
+            ) from None
+        return fs, str(path).rstrip("/")
+
+    # -- addresses ------------------------------------------------------------
+
+    def owns(self, source: str) -> bool:
+        """Whether ``source`` is a URL inside a URL root (a local root's
+        artifacts are plain paths, checked like any other)."""
+        return not self.local and source.startswith(self.root + "/")
+
+    def _locate(self, source: str) -> Located:
+        """``source`` taken apart: ROOT/<name>/<digest>[/inner]; a refusal otherwise."""
+        if self.local:
+            base = self.local_root
+            assert base is not None
+            try:
+                rest = Path(source).resolve().relative_to(base).as_posix()
+            except ValueError:
+                raise self._outside(source) from None
+        elif self.owns(source):
+            rest = urllib.parse.unquote(source[len(self.root) + 1 :])
+        else:
+            raise self._outside(source)
+        parts = rest.split("/")
+        for at in (1, 2):  # a name is `model` or `vendor/model`
+            if len(parts) > at and _DIGEST.match(parts[at]):
+                name, inner = "/".join(parts[:at]), "/".join(parts[at + 1 :])
+                if not _valid_name(name) or (inner and not _safe_member(inner)):
+                    break
+                _, path = self._fs() if not self.local else (None, self.root)
+                return Located(f"{path}/{name}/{parts[at]}", parts[at], inner)
+        raise UnsafeSourceError(
+            f"source {source[:200]!r} refused: inside the artifact root it must be"
+            f" {self.root}/<model name>/<sha256>[/<file>]",
+            param="source",
+        )
+
+    def _outside(self, source: str) -> UnsafeSourceError:
+        return UnsafeSourceError(
+            f"source {source[:200]!r} refused: it is not inside [artifacts] root ({self.root})",
+            param="source",
+        )
+
+    def address(self, name: str, digest: str) -> str:
+        """The address an artifact of ``name`` with manifest hash ``digest`` has."""
+        return f"{self.root}/{name}/{digest}"
+
+    # -- put ------------------------------------------------------------------
+
+    def put(self, folder: Path, name: str) -> str:
+        """Store the folder of weights at ``folder`` as an artifact of model
+        ``name`` and return its address (a path for a local root, a URL
+        otherwise).
+
+        The folder gets the checks a push gets (links, names, size, pickles,
+        headers: :func:`~llmos.registry.artifacts.store_upload`) while it is
+        copied into a staging folder; the manifest is made from that copy, so
+        what is stored is what was checked. Storing the same files again
+        returns the same address and writes nothing. With a URL root the
+        staged copy becomes the local cache's, so this daemon does not fetch
+        what it has just put.
+        """
+        validate_model_name(name)
+        if self.read_only:
+            raise UsageError(
+                f"[artifacts] root {self.root!r} is read-only (an HTTP mirror); tuned models"
+                " and converted weights are stored by a daemon whose root is the store itself"
+            )
+        staging_parent = self._staging_parent(name)
+        staging_parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=".put-", dir=staging_parent))
+        try:
+            staged = scratch / "files"
+            store_upload(Path(folder), staged, self.limits)
+            manifest = _manifest_of(staged, name)
+            data = manifest.to_bytes()
+            digest = hashlib.sha256(data).hexdigest()
+            (staged / MANIFEST).write_bytes(data)
+            if self.local:
+                final = Path(self.root) / name / digest
+            else:
+                self._upload(staged, name, digest, data)
+                final = self.cache / digest
+            _settle(staged, final)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        address = str(final) if self.local else self.address(name, digest)
+        log.info("artifact.put", model=name, address=address, bytes=manifest.total)
+        return address
+
+    def _staging_parent(self, name: str) -> Path:
+        # beside where it ends up, so that the last step is a rename
+        return Path(self.root) / name if self.local else self.cache
+
+    def _upload(self, staged: Path, name: str, digest: str, data: bytes) -> None:
+        fs, path = self._fs()
+        folder = f"{path}/{name}/{digest}"
+        try:
+            if (
+                fs.exists(f"{folder}/{MANIFEST}")
+                and _read_capped(fs, f"{folder}/{MANIFEST}") == data
+            ):
+                return  # the same files are there already
+            for file in sorted(p for p in staged.rglob("*") if p.is_file() and p.name != MANIFEST):
+                remote = f"{folder}/{file.relative_to(staged).as_posix()}"
+                fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
+                fs.put_file(str(file), remote)
+            # the manifest last: an artifact whose manifest is there is complete
+            with fs.open(f"{folder}/{MANIFEST}", "wb") as out:
+                out.write(data)
+        except NotImplementedError:
+            raise UsageError(
+                f"[artifacts] root {self.root!r} is read-only here (its filesystem cannot"
+                " write); point this daemon's root at the store itself"
+            ) from None
+        except OSError as exc:
+            raise LlmosError(f"storing the artifact under {self.root} failed: {exc}") from exc
+
+    # -- fetch ----------------------------------------------------------------
+
+    def fetch(self, source: str) -> Path:
+        """The local, verified folder (or file inside it) of the artifact at ``source``.
+
+        A local root's artifact is verified in place. A URL root's is taken
+        from the cache when a copy there still matches every hash, else copied
+        into the cache with the checks of a push (see the module docstring).
+        """
+        where = self._locate(source)
+        if self.local:
+            folder = Path(where.folder)
+            problem = _verify(folder, where.digest)
+            if problem is not None:
+                raise UnsafeSourceError(
+                    f"artifact {source[:200]!r}: {problem}; it changed after it was stored",
+                    param="source",
+                )
+        else:
+            folder = self.cache / where.digest
+            problem = _verify(folder, where.digest) if folder.exists() else "not cached"
+            if problem is not None:
+                if folder.exists():
+                    log.warning("artifact.cache_invalid", address=source, problem=problem)
+                    shutil.rmtree(folder, ignore_errors=True)
+                self._download(source, where, folder)
+        target = folder.joinpath(*where.inner.split("/")) if where.inner else folder
+        if not target.exists():
+            raise NotFoundError(
+                f"artifact {source[:200]!r}: it holds no {where.inner!r}", param="source"
+            )
+        return target
+
+    def _download(self, source: str, where: Located, dest: Path) -> None:
+        fs, _ = self._fs()
+        shown = source[:200]
+        try:
+            if not fs.exists(f"{where.folder}/{MANIFEST}"):
+                raise NotFoundError(
+                    f"artifact {shown!r} is not in the store (no {MANIFEST}); was it deleted,"
+                    " or is this daemon's [artifacts] root another store?",
+                    param="source",
+                )
+            data = _read_capped(fs, f"{where.folder}/{MANIFEST}")
+        except OSError as exc:
+            raise LlmosError(f"artifact {shown!r}: reading its manifest failed: {exc}") from exc
+        if data is None:
+            raise UnsafeSourceError(
+                f"artifact {shown!r}: its manifest is over {MAX_MANIFEST_BYTES} bytes",
+                param="source",
+            )
+        if hashlib.sha256(data).hexdigest() != where.digest:
+            raise UnsafeSourceError(
+                f"artifact {shown!r}: its manifest does not match the address's sha256 (it was"
+                " changed after it was stored); nothing was fetched",
+                param="source",
+            )
+        manifest = Manifest.parse(data, shown)
+        if manifest.total > self.limits.max_push_bytes:
+            raise PayloadTooLarge(
+                f"artifact {shown!r}: holds {manifest.total} bytes, over [registry]"
+                f" max_push_bytes = {self.limits.max_push_bytes}; nothing was fetched",
+                param="source",
+            )
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{where.digest[:16]}.", dir=dest.parent))
+        try:
+            staged = scratch / "files"
+            staged.mkdir()
+            for entry in manifest.files:
+                self._download_file(fs, where.folder, entry, staged, shown)
+            (staged / MANIFEST).write_bytes(data)
+            # the checks a push gets: links, names, size, pickles, headers
+            check_folder(staged, self.limits, label=shown)
+            _settle(staged, dest)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        log.info("artifact.fetched", address=source, bytes=manifest.total, cache=str(dest))
+
+    def _download_file(
+        self, fs: Any, folder: str, entry: ManifestEntry, staged: Path, shown: str
+    ) -> None:
+        remote = f"{folder}/{entry.name}"
+        try:
+            info = fs.info(remote)
+        except FileNotFoundError:
+            raise UnsafeSourceError(
+                f"artifact {shown!r}: {entry.name!r} is listed but missing", param="source"
+            ) from None
+        if info.get("islink") or info.get("type") != "file":
+            raise UnsafeSourceError(
+                f"artifact {shown!r}: member {entry.name!r} is not a regular file (a link or a"
+                " folder); nothing was fetched",
+                param="source",
+            )
+        target = staged.joinpath(*entry.name.split("/"))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        written = 0
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+        with fs.open(remote, "rb") as stream, os.fdopen(os.open(target, flags, 0o644), "wb") as out:
+            while chunk := stream.read(_CHUNK):
+                written += len(chunk)
+                if written > entry.size:
+                    raise UnsafeSourceError(
+                        f"artifact {shown!r}: member {entry.name!r} holds more than the"
+                        f" {entry.size} bytes its manifest declares; nothing was fetched",
+                        param="source",
+                    )
+                digest.update(chunk)
+                out.write(chunk)
+        if written != entry.size or digest.hexdigest() != entry.sha256:
+            raise UnsafeSourceError(
+                f"artifact {shown!r}: member {entry.name!r} does not match its manifest's size"
+                " and sha256 (changed after it was stored); nothing was fetched",
+                param="source",
+            )
+
+    # -- exists, delete -------------------------------------------------------
+
+    def exists(self, source: str) -> bool:
+        """Whether the artifact at ``source`` is complete in the store."""
+        where = self._locate(source)
+        if self.local:
+            return (Path(where.folder) / MANIFEST).is_file()
+        fs, _ = self._fs()
+        return bool(fs.exists(f"{where.folder}/{MANIFEST}"))
+
+    def delete(self, source: str) -> None:
+        """Remove the artifact at ``source`` from the store and the local cache.
+        Cards that name it fail to load afterwards (with a message saying so)."""
+        where = self._locate(source)
+        if where.inner:
+            raise UsageError(
+                f"delete the artifact itself ({source.rsplit('/' + where.inner, 1)[0]}),"
+                " not a file inside it",
+                param="source",
+            )
+        if self.local:
+            shutil.rmtree(where.folder, ignore_errors=True)
+        else:
+            fs, _ = self._fs()
+            with contextlib.suppress(FileNotFoundError):
+                # the manifest first: a half-deleted artifact is not complete
+                fs.rm(f"{where.folder}/{MANIFEST}")
+                fs.rm(where.folder, recursive=True)
+            shutil.rmtree(self.cache / where.digest, ignore_errors=True)
+        log.info("artifact.deleted", address=source)
+
+
+def _valid_name(name: str) -> bool:
+    try:
+        validate_model_name(name)
+    except UsageError:
+        return False
+    return True
+
+
+def _read_capped(fs: Any, path: str) -> bytes | None:
+    """The file's bytes, or ``None`` when it is over :data:`MAX_MANIFEST_BYTES`."""
+    with fs.open(path, "rb") as file:
+        data = file.read(MAX_MANIFEST_BYTES + 1)
+    return None if len(data) > MAX_MANIFEST_BYTES else data
+
+
+def _verify(folder: Path, digest: str) -> str | None:
+    """Why the artifact folder at ``folder`` is not the one ``digest`` names, or ``None``."""
+    manifest_path = folder / MANIFEST
+    if folder.is_symlink() or not manifest_path.is_file() or manifest_path.is_symlink():
+        return f"{folder} has no {MANIFEST}"
+    data = manifest_path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != digest:
+        return "its manifest does not match its sha256"
+    try:
+        manifest = Manifest.parse(data, str(folder))
+    except UnsafeSourceError as exc:
+        return exc.message
+    expected = {entry.name: entry for entry in manifest.files}
+    found = set()
+    for path in _walk(folder):
+        name = path.relative_to(folder).as_posix()
+        if name == MANIFEST:
+            continue
+        entry = expected.get(name)
+        if path.is_symlink() or entry is None:
+            return f"{name!r} is not in its manifest"
+        if path.stat().st_size != entry.size or _sha256_file(path) != entry.sha256:
+            return f"{name!r} does not match its manifest's sha256"
+        found.add(name)
+    missing = sorted(set(expected) - found)
+    return f"{missing[0]!r} is missing" if missing else None
+
+
+def _walk(folder: Path) -> Iterator[Path]:
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        path = Path(entry.path)
+        if entry.is_dir(follow_symlinks=False):
+            yield from _walk(path)
+        else:
+            yield path
+
+
+def _settle(staged: Path, final: Path) -> None:
+    """Rename the checked ``staged`` folder to ``final``, unless a complete
+    copy (another put or fetch of the same artifact) got there first."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(staged, final)
+    except OSError:
+        if not (final / MANIFEST).is_file():
+            raise
+    else:
+        return
+    log.info("artifact.already_there", folder=str(final))
