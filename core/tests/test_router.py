@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from llmos.errors import ConfigError, Unavailable, UsageError
+from llmos.plugin import hookimpl
 from llmos.runtime.kernel import Kernel
 from llmos.testing import EventRecorder, serve_in_thread
 from llmos.types import (
@@ -21,6 +22,8 @@ from llmos.types import (
     ChatRequest,
     ClassifyRequest,
     CompletionRequest,
+    ModelCard,
+    ProviderSpec,
 )
 
 from .tables import add, install, table_kernel
@@ -323,3 +326,61 @@ def test_a_caller_that_gives_up_stops_the_attempt_under_way(make_kernel, table_m
     state = kernel.router.status()["g"]["deployments"]["slow"]
     assert state["in_flight"] == 0
     assert state["errors"] == 0, "a caller leaving is not the deployment's failure"
+
+
+# --------------------------------------------------------------------------
+# a group is a model: the kernel's own ``group`` provider serves it
+
+
+def test_a_group_is_served_by_the_kernels_group_provider_like_any_model(
+    make_kernel, table_module
+) -> None:
+    recorder = EventRecorder()
+    kernel = make_kernel(*group("g", deployments=["a", "b"]), recorder=recorder)
+    registered = kernel.plugins.providers["group"]
+    assert registered.plugin == "llmos" and registered.spec.batching is False
+    answered = [served_by(ask(kernel)) for _ in range(3)]
+    worker = kernel.models.get("g")
+    assert worker.card.provider == "group" and worker.card.format == "group"
+    assert worker.card.description == "deployment group of a, b"
+    assert "g" in [w.name for w in kernel.models.loaded()]
+    kernel.bus.flush()
+    # the group adds no request event of its own: the deployment that answered reports it
+    assert sorted(e.model for e in recorder.of("request")) == sorted(f"{a}@1" for a in answered)
+    # unloading the group's model unloads no deployment
+    assert kernel.models.unload("g")
+    assert {"a@1", "b@1"} <= {w.name for w in kernel.models.loaded()}
+    assert served_by(ask(kernel)) in ("a", "b"), "reloaded on the next call"
+
+
+def test_a_group_can_be_a_fusion_member(make_kernel, table_module) -> None:
+    """Groups and fusions are both models made of models, served by providers:
+    a fusion may ask a group (which fails over inside) as one of its members."""
+    kernel = make_kernel(*group("g", deployments=["a", "b"]))
+    add(kernel, "c2", capabilities=["classify"], default={"a": 0.2, "b": 0.2, "c2": 0.6})
+    card = kernel.fusions.create("fz", strategy="mean", members=["g", "c2"])
+    assert card.parents  # members pinned (a group by its name)
+    (result,) = kernel.call("fz", Capability.CLASSIFY, [ClassifyRequest(text="x")])
+    # the group's deployment (a or b) answers 1.0 for its own name, c2 0.2 for it
+    assert result.label in ("a", "b")
+    assert result.scores[result.label] == pytest.approx(0.6)
+    assert result.scores["c2"] == pytest.approx(0.3)
+
+
+def test_no_card_poses_as_a_group_and_no_plugin_takes_the_name(make_kernel, table_module) -> None:
+    kernel = make_kernel(*group("g", deployments=["a"]))
+    with pytest.raises(
+        UsageError, match=r"provider 'group' is not registered from a card.*\[groups"
+    ):
+        kernel.registry.submit(ModelCard(name="fake", provider="group"))
+    with pytest.raises(UsageError, match=r"format 'group' is not registered from a card"):
+        kernel.registry.submit(ModelCard(name="fake", provider="table", format="group"))
+
+    class Thief:
+        @hookimpl
+        def llmos_register_providers(self, register):
+            register(ProviderSpec(name="group", load=lambda request: None))
+
+    info = kernel.plugins.register(Thief(), "thief")
+    assert info.status == "failed" and "'group' is registered by both" in (info.error or "")
+    assert kernel.plugins.providers["group"].plugin == "llmos"

@@ -436,3 +436,62 @@ def test_a_call_larger_than_the_whole_queue_is_a_usage_error(make_kernel) -> Non
     with pytest.raises(UsageError, match=r"queues at most 4 .*smaller batches"):
         kernel.call("up", "complete", prompts(*"abcde"))
     assert [r.text for r in kernel.call("up", "complete", prompts(*"abcd"))] == list("ABCD")
+
+
+# --------------------------------------------------------------------------
+# a plugin's model made of other models: LoadRequest.models, DispatchingModel
+
+
+class Relay:
+    """A dispatching model (what a remote executor's handle is): each call
+    goes on, unchanged, to the model its card names, through the kernel."""
+
+    max_batch_size = None
+
+    def __init__(self, request: LoadRequest) -> None:
+        assert request.models is not None
+        self.card = request.card
+        self.capabilities = frozenset({Capability.COMPLETE, Capability.STREAM})
+        self.models = request.models
+        self.to = request.card.options["to"]
+        self.closed = False
+
+    def submit(self, capability, requests):
+        return self.models.submit(self.to, capability, requests)
+
+    def submit_stream(self, request):
+        return self.models.stream(self.to, request)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class RelayPlugin:
+    @hookimpl
+    def llmos_register_providers(self, register):
+        register(ProviderSpec(name="relay", load=Relay, batching=False))
+
+
+def test_a_plugins_dispatching_model_calls_others_through_the_kernel(make_kernel, recorder) -> None:
+    kernel = make_kernel(
+        'models.shout.provider="upper"',
+        'models.relay.provider="relay"',
+        'models.relay.options.to="shout"',
+    )
+    kernel.plugins.register(RelayPlugin(), "relay-plugin")
+    (result,) = kernel.call("relay", Capability.COMPLETE, prompts("hi"))
+    assert result.text == "HI" and recorder.loads == ["shout"]
+    worker = kernel.models.get("relay")
+    assert isinstance(worker.model, Relay), "the kernel calls it directly, with no queue"
+    assert worker.queued == 0 and not worker.busy
+    chunks = kernel.stream("relay", CompletionRequest(prompt="x"))
+    assert next(iter(chunks)).text == "0"
+    chunks.cancel()
+    with pytest.raises(CapabilityNotSupported, match="'relay' does not support embed"):
+        kernel.call("relay", Capability.EMBED, [])
+    kernel.bus.flush()
+    # the model that computed the answer reports it, the relay adds nothing
+    assert {e.model for e in recorder.events if e.kind == "request"} == {"shout"}
+    model = worker.model
+    assert kernel.models.unload("relay") and model.closed
+    assert "shout" in [w.name for w in kernel.models.loaded()]

@@ -50,11 +50,13 @@ __all__ = [
     "ChatRequest",
     "ChatResult",
     "CheckRequest",
+    "ChunkStream",
     "ClassifyRequest",
     "ClassifyResult",
     "CommandSpec",
     "CompletionRequest",
     "CompletionResult",
+    "DispatchingModel",
     "EmbedRequest",
     "EmbedResult",
     "FitData",
@@ -65,12 +67,15 @@ __all__ = [
     "Logprobs",
     "MergeRequest",
     "ModelBase",
+    "ModelCaller",
     "ModelCard",
     "ModelFormat",
     "MonitorEvent",
     "MonitorSink",
     "MonitorSinkSpec",
+    "PluginContext",
     "ProviderSpec",
+    "RegistryStoreSpec",
     "ResponseFormat",
     "RouteSpec",
     "Sampling",
@@ -133,6 +138,8 @@ class ModelFormat(enum.StrEnum):
     REMOTE_API = "remote-api"
     ADAPTER = "adapter"
     FUSION = "fusion"
+    #: a deployment group (``[groups.NAME]``): a card the kernel makes from config
+    GROUP = "group"
     OTHER = "other"
 
 
@@ -858,6 +865,10 @@ class LoadRequest:
     #: measures itself (a serving engine's running and waiting requests, its
     #: cache use), which no single call's event carries
     emit: Callable[[MonitorEvent], None] | None = None
+    #: the kernel's models, for a model made of other models (a fusion, a
+    #: deployment group): its calls go through their own workers, batching
+    #: and monitoring
+    models: ModelCaller | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -932,9 +943,53 @@ class ModelCaller(Protocol):
         """Run ``requests`` on ``model`` and wait for the results."""
         ...
 
+    def stream(self, model: str, request: Any) -> ChunkStream:
+        """Start streaming one request on ``model``."""
+        ...
+
+    def capabilities(self, model: str) -> frozenset[Capability]:
+        """What ``model`` serves (loading it on first use)."""
+        ...
+
     def emit(self, event: MonitorEvent) -> None:
         """Send a monitor event to the kernel's sinks; never blocks, never raises."""
         ...
+
+
+class ChunkStream(Protocol):
+    """The chunks of one streamed request, as they come (the kernel's
+    :class:`~llmos.runtime.worker.StreamHandle` is one)."""
+
+    def get(self, timeout: float | None = None) -> StreamChunk | None:
+        """The next chunk; ``None`` at the end. Raises what the model raised."""
+        ...
+
+    def cancel(self) -> None:
+        """Stop the generation at the next token."""
+        ...
+
+    def __iter__(self) -> Iterator[StreamChunk]: ...
+
+
+@runtime_checkable
+class DispatchingModel(Protocol):
+    """A loaded model that sends each call elsewhere — a deployment group to
+    one of its deployments, an executor to a remote replica — instead of
+    computing it: the kernel hands it calls as they come, with no queue or
+    thread of its own, and the model that answers batches and reports them.
+    ``submit`` must not block (chain futures); ``submit_stream`` returns the
+    stream of the model that answers."""
+
+    card: ModelCard
+    capabilities: frozenset[Capability]
+
+    def submit(
+        self, capability: Capability, requests: Sequence[Any]
+    ) -> concurrent.futures.Future[list[Any]]: ...
+
+    def submit_stream(self, request: Any) -> ChunkStream: ...
+
+    def close(self) -> None: ...
 
 
 class FusionCall(Protocol):

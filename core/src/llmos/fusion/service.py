@@ -6,9 +6,11 @@ its members (pinned to versions), its strategy and the strategy's options
 members are its ``parents``. It is created three ways, all through
 :meth:`Fusions.create`: ``[fusions.NAME]`` tables in config (registered when
 the kernel starts, fitted when first loaded), ``llmos fuse create`` and
-``POST /api/fusions``. The model manager loads it through
-:attr:`Fusions.provider` like any other model; a fusion can be a member of
-another.
+``POST /api/fusions``. The model manager loads it like any other model,
+through the kernel's own ``fusion`` provider (:func:`provider_spec`), whose
+:class:`~llmos.types.LoadRequest` carries the kernel's models
+(``request.models``) for the fused model to ask its members; a fusion (or a
+deployment group) can be a member of another.
 
 A member is a model name (``a``, ``b@2``, ``b@prod``) or a table::
 
@@ -67,7 +69,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import structlog
 
-from llmos.config import Field, Section, check_table
+from llmos.config import Config, Field, Section, check_table
 from llmos.errors import ConfigError, LlmosError, PluginError, UsageError
 from llmos.fusion import combine
 from llmos.fusion.call import Asked, Call, Member
@@ -82,6 +84,7 @@ from llmos.types import (
     FusionStrategySpec,
     LoadRequest,
     MergeRequest,
+    ModelCaller,
     ModelCard,
     ModelFormat,
     ProviderSpec,
@@ -90,7 +93,8 @@ from llmos.types import (
 
 if TYPE_CHECKING:
     from llmos.plugin.manager import PluginManager, Registered
-    from llmos.runtime.kernel import Kernel
+    from llmos.registry.service import Registry
+    from llmos.runtime.models import ModelManager
 
 __all__ = [
     "PROVIDER",
@@ -98,6 +102,7 @@ __all__ = [
     "HelperMemo",
     "OfflineCall",
     "offline_results",
+    "provider_spec",
     "served_strategy",
     "strategy_rows",
 ]
@@ -154,6 +159,17 @@ MIN_FOLD_ROWS = 10
 GUARD_MARGIN_SD = 1.0
 #: how a strategy calls a model that is not a member (``FitData.helper``)
 Helper = Callable[[str, Capability, Sequence[Any]], list[Any]]
+
+
+def provider_spec(fusions: Callable[[], Fusions]) -> ProviderSpec:
+    """The kernel's ``fusion`` provider: a fusion card loads through
+    :meth:`Fusions.load` of ``fusions()`` (the kernel's, made on first use)."""
+    return ProviderSpec(
+        name=PROVIDER,
+        load=lambda request: fusions().load(request),
+        description="models combined by a fusion strategy (built in)",
+        formats=(ModelFormat.FUSION,),
+    )
 
 
 def strategy_rows(plugins: PluginManager) -> list[dict[str, Any]]:
@@ -228,7 +244,7 @@ class OfflineCall(Call):
 
     def __init__(
         self,
-        kernel: Kernel,
+        models: ModelCaller,
         members: Sequence[Member],
         requests: Sequence[Any],
         options: Mapping[str, Any],
@@ -236,7 +252,7 @@ class OfflineCall(Call):
         seconds: Sequence[float],
         helper: Helper | None = None,
     ) -> None:
-        super().__init__(kernel, members, Capability.CLASSIFY, requests, options, None)
+        super().__init__(models, members, Capability.CLASSIFY, requests, options, None)
         self._outputs = outputs
         self._seconds = seconds
         self._helper = helper
@@ -267,7 +283,7 @@ class OfflineCall(Call):
 
 
 def offline_results(
-    kernel: Kernel,
+    models: ModelCaller,
     strategy: FusionStrategySpec,
     members: Sequence[Member],
     options: Mapping[str, Any],
@@ -282,7 +298,7 @@ def offline_results(
     strategy = served_strategy(strategy, options)
     assert strategy.combine is not None
     requests = [ClassifyRequest(text=t) for t in texts]
-    call = OfflineCall(kernel, members, requests, options, outputs, seconds, helper)
+    call = OfflineCall(models, members, requests, options, outputs, seconds, helper)
     results = strategy.combine(call)
     return list(results), [sorted(call.asked[row]) for row in range(len(texts))]
 
@@ -296,22 +312,22 @@ class HelperMemo:
 
     KEPT = frozenset({Capability.EMBED, Capability.CLASSIFY})
 
-    def __init__(self, kernel: Kernel) -> None:
-        self.kernel = kernel
+    def __init__(self, models: ModelCaller) -> None:
+        self.models = models
         self.answers: dict[tuple[str, str, Any], Any] = {}
         self.asked = 0  # requests the kernel answered
         self.reused = 0  # requests answered from the memo
 
     def __call__(self, model: str, capability: Capability, requests: Sequence[Any]) -> list[Any]:
         if Capability(capability) not in self.KEPT:
-            return self.kernel.call(model, capability, requests)
+            return self.models.call(model, capability, requests)
         keys = [(model, str(capability), _request_key(r)) for r in requests]
         missing: dict[Any, Any] = {}
         for key, request in zip(keys, requests, strict=True):
             if key not in self.answers and key not in missing:
                 missing[key] = request
         if missing:
-            got = self.kernel.call(model, capability, list(missing.values()))
+            got = self.models.call(model, capability, list(missing.values()))
             self.answers.update(zip(missing, got, strict=True))
             self.asked += len(missing)
         self.reused += len(keys) - len(missing)
@@ -357,22 +373,33 @@ def _best_member(accuracy: Sequence[float], seconds: Sequence[float]) -> int:
 
 
 class Fusions:
-    """Fusions of one kernel (see the module docstring)."""
+    """Fusions of one kernel (see the module docstring).
 
-    def __init__(self, kernel: Kernel) -> None:
-        self.kernel = kernel
-        self.provider = ProviderSpec(
-            name=PROVIDER,
-            load=self._load,
-            description="models combined by a fusion strategy (built in)",
-            formats=(ModelFormat.FUSION,),
-        )
+    ``config`` gives the ``[fusions]`` tables and the data folder (where fits
+    and merges are written); ``registry`` stores fusion cards; ``models``
+    resolves and loads members; ``caller`` asks them (the kernel, through
+    their workers); ``strategies`` are the installed fusion strategies.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        registry: Registry,
+        models: ModelManager,
+        caller: ModelCaller,
+        strategies: Callable[[], Mapping[str, Registered[FusionStrategySpec]]],
+    ) -> None:
+        self._config = config
+        self._registry = registry
+        self._models = models
+        self._caller = caller
+        self._strategies = strategies
         self._fit_lock = threading.Lock()
 
     # -- lookups ---------------------------------------------------------------
 
     def strategy(self, name: str) -> Registered[FusionStrategySpec]:
-        strategies = self.kernel.load_plugins().fusion_strategies
+        strategies = self._strategies()
         registered = strategies.get(name) if isinstance(name, str) else None
         if registered is None:
             have = ", ".join(f"{n} ({r.plugin})" for n, r in sorted(strategies.items())) or "none"
@@ -385,7 +412,7 @@ class Fusions:
     def list(self) -> list[ModelCard]:
         """The latest version of every registered fusion."""
         cards = []
-        store = self.kernel.registry.store
+        store = self._registry.store
         cursor = None
         while True:
             page = store.search(
@@ -397,7 +424,7 @@ class Fusions:
                 return cards
 
     def _member(self, table: Mapping[str, Any], where: str) -> Member:
-        deployment = self.kernel.models.resolve(table["model"])
+        deployment = self._models.resolve(table["model"])
         return Member(
             ref=deployment.key,
             card=deployment.card,
@@ -498,7 +525,7 @@ class Fusions:
                 }
             },
         )
-        stored = self.kernel.registry.register(card, created_by, if_changed=if_changed)
+        stored = self._registry.register(card, created_by, if_changed=if_changed)
         log.info("fusion.created", model=stored.ref, strategy=strategy, members=card.parents)
         risk = self.risk(stored)
         if risk is not None:
@@ -516,7 +543,7 @@ class Fusions:
         if not isinstance(conf, Mapping) or "fit" in conf or conf.get("dev_file"):
             return None
         members = conf.get("members") or []
-        strategies = self.kernel.load_plugins().fusion_strategies
+        strategies = self._strategies()
         registered = strategies.get(str(conf.get("strategy")))
         if len(members) < 2 or registered is None:
             return None
@@ -574,14 +601,14 @@ class Fusions:
         outputs: list[list[Any]] = []
         seconds: list[float] = []
         for member in members:
-            self.kernel.models.get(member.ref)  # loaded before timing: a load is no cost per row
+            self._models.get(member.ref)  # loaded before timing: a load is no cost per row
             started = time.perf_counter()
             answers: list[Any] = []
             for at in range(0, len(texts), FIT_BATCH):
                 batch = [
                     member.request(ClassifyRequest(text=t)) for t in texts[at : at + FIT_BATCH]
                 ]
-                results = self.kernel.call(member.ref, Capability.CLASSIFY, batch)
+                results = self._caller.call(member.ref, Capability.CLASSIFY, batch)
                 answers.extend(member.result(r) for r in results)
             outputs.append(answers)
             seconds.append((time.perf_counter() - started) / max(len(texts), 1))
@@ -612,14 +639,14 @@ class Fusions:
         gold = [r["label"] for r in rows]
         outputs, seconds = self.member_outputs(members, texts)
         # the embedder of a router is asked each row once, for the fit and every fold
-        helper = HelperMemo(self.kernel)
+        helper = HelperMemo(self._caller)
         fitted = dict(options)
         learned: dict[str, Any] = {}
         if spec.fit is not None:
             learned = self._fit_on(spec, members, options, texts, gold, outputs, seconds, helper)
             fitted.update(learned)
         results, asked = offline_results(
-            self.kernel, spec, members, fitted, texts, outputs, seconds, helper
+            self._caller, spec, members, fitted, texts, outputs, seconds, helper
         )
         fused = combine.accuracy([r.label for r in results], gold)
         accuracy = [
@@ -792,7 +819,7 @@ class Fusions:
                     " judged on the rows it was fitted on",
                 }
             results, _ = offline_results(
-                self.kernel, spec, members, {**options, **learned},
+                self._caller, spec, members, {**options, **learned},
                 [texts[i] for i in held], pick(held), seconds, helper,
             )  # fmt: skip
             for result, i in zip(results, held, strict=True):
@@ -846,7 +873,7 @@ class Fusions:
         fusion without it: re-checked, and re-fitted on its dev rows when it
         was fitted (a fusion of the one member left is that member).
         """
-        card = self.kernel.registry.store.get(name)
+        card = self._registry.store.get(name)
         if card.format != ModelFormat.FUSION:
             raise UsageError(f"{card.ref!r} is not a fusion (its format is {card.format})")
         conf = self._conf(card)
@@ -859,9 +886,9 @@ class Fusions:
         gold = [r["label"] for r in checked]
         outputs, seconds = self.member_outputs(members, texts)
         # a router's embedder answers each row once for the fusion and every ablation
-        helper = HelperMemo(self.kernel)
+        helper = HelperMemo(self._caller)
         fused, asked = offline_results(
-            self.kernel, spec, members, options, texts, outputs, seconds, helper
+            self._caller, spec, members, options, texts, outputs, seconds, helper
         )
 
         def accuracy(results: Sequence[Any]) -> float:
@@ -972,7 +999,7 @@ class Fusions:
         elif spec.fit_required(options):
             raise UsageError("its dev rows are gone: it cannot be re-fitted without the member")
         results, _ = offline_results(
-            self.kernel,
+            self._caller,
             spec,
             kept,
             options,
@@ -1013,7 +1040,7 @@ class Fusions:
     ) -> ModelCard:
         spec = registered.spec
         assert spec.merge is not None
-        policy = self.kernel.registry.policy
+        policy = self._registry.policy
         paths = []
         for member in members:
             if not member.card.source:
@@ -1021,7 +1048,7 @@ class Fusions:
             paths.append(Path(check_source(member.card.source, policy).path))
         base = base_path = None
         if members[0].card.format == ModelFormat.ADAPTER and members[0].card.parents:
-            base = self.kernel.registry.store.get(members[0].card.parents[0])
+            base = self._registry.store.get(members[0].card.parents[0])
             if base.source:
                 base_path = Path(check_source(base.source, policy).path)
         scratch = Path(tempfile.mkdtemp(prefix="merge-", dir=self._scratch()))
@@ -1047,7 +1074,7 @@ class Fusions:
                     f" merging: {type(exc).__name__}: {exc}"
                 ) from exc
             check_artifact(output, policy.allow_pickle)
-            dest = self.kernel.home / "artifacts" / name / f"merge-{int(time.time() * 1000)}"
+            dest = self._config.home / "artifacts" / name / f"merge-{int(time.time() * 1000)}"
             dest.parent.mkdir(parents=True, exist_ok=True)
             source = dest
             if made.source:
@@ -1075,12 +1102,12 @@ class Fusions:
                 },
             },
         )
-        stored = self.kernel.registry.register(card, created_by)
+        stored = self._registry.register(card, created_by)
         log.info("fusion.merged", model=stored.ref, members=[m.ref for m in members])
         return stored
 
     def _scratch(self) -> Path:
-        folder = self.kernel.home / "fusions"
+        folder = self._config.home / "fusions"
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         return folder
 
@@ -1091,7 +1118,7 @@ class Fusions:
         registered again); fitting waits for the first load. A bad table is
         logged and skipped: it fails its own requests, not the daemon."""
         done = []
-        for name, table in self.kernel.config.section("fusions").items():
+        for name, table in self._config.section("fusions").items():
             try:
                 done.append(self._from_table(name, table).ref)
             except LlmosError as exc:
@@ -1124,8 +1151,13 @@ class Fusions:
 
     # -- loading ---------------------------------------------------------------
 
-    def _load(self, request: LoadRequest) -> FusedModel:
+    def load(self, request: LoadRequest) -> FusedModel:
+        """The provider's ``load``: a fusion card becomes a model whose calls
+        ask its members through ``request.models``."""
         card = request.card
+        models = request.models
+        if models is None:
+            raise ConfigError(f"fusion {card.ref!r}: the kernel gave no way to call its members")
         conf = self._conf(card)
         registered = self.strategy(conf.get("strategy", ""))
         spec = registered.spec
@@ -1135,8 +1167,7 @@ class Fusions:
         options = self._served_options(card, spec, members)
         capabilities = set(spec.capabilities) - {Capability.STREAM}
         for member in members:
-            worker = self.kernel.models.get(member.ref)
-            capabilities &= set(worker.model.capabilities)
+            capabilities &= set(models.capabilities(member.ref))
         if capabilities & {Capability.COMPLETE, Capability.CHAT}:
             capabilities.add(Capability.STREAM)  # the whole answer as one chunk
         if not capabilities:
@@ -1145,13 +1176,13 @@ class Fusions:
                 f" serves ({', '.join(sorted(spec.capabilities))})"
             )
         return FusedModel(
-            self.kernel,
+            models,
             card,
             served_strategy(spec, options),
             members,
             options,
             frozenset(capabilities),
-            max_batch_size=self.kernel.models.defaults.max_batch_size,
+            max_batch_size=self._models.defaults.max_batch_size,
         )
 
     def _fit_from_file(

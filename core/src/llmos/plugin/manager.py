@@ -59,6 +59,10 @@ log = structlog.get_logger("llmos.plugins")
 ENTRY_POINT_GROUP = spec.NAME
 
 #: plugins that ship inside the kernel, loaded first; each can be disabled by name
+#: the owner of the specs the kernel provides itself (:meth:`PluginManager.reserve`:
+#: its config sections, the ``fusion`` and ``group`` providers)
+KERNEL_OWNER = "llmos"
+
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "llmos.default_plugins.log_sink",
     "llmos.default_plugins.sqlite_sink",
@@ -271,7 +275,7 @@ class PluginManager:
             self.pm.unregister(obj)
         self._infos.pop(name, None)
 
-    def reserve(self, family: str, specs: Iterable[Any], owner: str = "llmos") -> None:
+    def reserve(self, family: str, specs: Iterable[Any], owner: str = KERNEL_OWNER) -> None:
         """Record specs the kernel provides itself (the CLI's built-in commands)
         before loading, so a plugin taking one of their names is a duplicate
         like any other."""

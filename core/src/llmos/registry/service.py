@@ -11,8 +11,8 @@ Built by the kernel, it also knows the installed providers
 ``[plugins.<plugin>]`` table before it is stored, and a card someone wrote
 (:meth:`Registry.submit`: the HTTP API, the CLI, a push naming a provider,
 a plugin's discovered cards) must name an installed provider and may not
-pose as a fusion — a version that nothing can serve would otherwise shadow
-a working one as the name's ``latest``.
+pose as a fusion or a deployment group — a version that nothing can serve
+would otherwise shadow a working one as the name's ``latest``.
 """
 
 from __future__ import annotations
@@ -41,6 +41,21 @@ log = structlog.get_logger("llmos.registry")
 DATABASE = "registry.db"
 #: the provider of fusion cards (the kernel's own, :mod:`llmos.fusion.service`)
 FUSION_PROVIDER = "fusion"
+#: the provider of deployment groups (the kernel's own, :mod:`llmos.runtime.router`)
+GROUP_PROVIDER = "group"
+#: models the kernel makes itself, never registered from a card someone wrote:
+#: provider -> (the format of their cards, how one is made)
+KERNEL_MADE: Mapping[str, tuple[ModelFormat, str]] = {
+    FUSION_PROVIDER: (
+        ModelFormat.FUSION,
+        "a fusion is made with `llmos fuse create` or POST /api/fusions, which check its"
+        " members and strategy",
+    ),
+    GROUP_PROVIDER: (
+        ModelFormat.GROUP,
+        "a deployment group is declared in config, as a [groups.NAME] table",
+    ),
+}
 #: providers of first-party plugins, and the distribution that brings each
 FIRST_PARTY_PROVIDERS = {
     "transformers": "llmos-transformers",
@@ -89,15 +104,26 @@ def provider_checked(
     return card if checked == card.options else attrs.evolve(card, options=dict(checked))
 
 
-def _is_fusion(card: ModelCard) -> bool:
-    return card.provider == FUSION_PROVIDER or card.format == ModelFormat.FUSION
+def _kernel_made(card: ModelCard) -> tuple[str, str] | None:
+    """``(field, how it is made)`` for a card posing as a model the kernel makes."""
+    for provider, (fmt, how) in KERNEL_MADE.items():
+        if card.provider == provider or card.format == fmt:
+            return ("provider" if card.provider == provider else "format"), how
+    return None
 
 
 def unknown_provider(
     provider: str, installed: Mapping[str, Registered[ProviderSpec]]
 ) -> UsageError:
     """The error for a card naming a provider that is not installed."""
-    have = ", ".join(f"{name} ({r.plugin})" for name, r in sorted(installed.items())) or "none"
+    have = (
+        ", ".join(
+            f"{name} ({r.plugin})"
+            for name, r in sorted(installed.items())
+            if name not in KERNEL_MADE
+        )
+        or "none"
+    )
     dist = FIRST_PARTY_PROVIDERS.get(provider)
     how = (
         f"install it with `pip install {dist}`"
@@ -166,19 +192,19 @@ class Registry:
 
         ``named``: someone chose the provider (a card written by hand, a
         push's ``provider``, a plugin's card), so it must be installed, and a
-        fusion card is refused — fusions are made by the fusion service,
-        which checks members and strategy. Otherwise (a kernel service, or
+        fusion or group card is refused — the kernel makes those (the fusion
+        service, which checks members and strategy; config). Otherwise (a kernel service, or
         the provider llmos itself guessed for scanned weights) a provider
         that is not installed yet is let through: loading the model says
         what to install.
         """
-        if _is_fusion(card):
+        if (made := _kernel_made(card)) is not None:
             if named:
+                field, how = made
                 raise UsageError(
-                    f"model {card.name!r}: a fusion is not registered as a card; make it with"
-                    " `llmos fuse create` or POST /api/fusions, which check its members and"
-                    " strategy",
-                    param="provider" if card.provider == FUSION_PROVIDER else "format",
+                    f"model {card.name!r}: {field} {str(getattr(card, field))!r} is not registered"
+                    f" from a card; {how}",
+                    param=field,
                 )
             return card
         if self.providers is None:
@@ -197,10 +223,9 @@ class Registry:
         """Refuse a provider someone names that no card could be served by:
         one that is not installed, or the fusion service's own (checked before
         a push's body is read)."""
-        if provider == FUSION_PROVIDER:
+        if provider in KERNEL_MADE:
             raise UsageError(
-                "provider 'fusion' is the fusion service's own; make a fusion with"
-                " `llmos fuse create` or POST /api/fusions",
+                f"provider {provider!r} is the kernel's own; {KERNEL_MADE[provider][1]}",
                 param="provider",
             )
         if self.providers is not None:
@@ -224,7 +249,7 @@ class Registry:
         self, card: ModelCard, created_by: str | None = None, *, if_changed: bool = False
     ) -> ModelCard:
         """:meth:`register` for a card someone wrote: its provider must be
-        installed, and it may not be a fusion."""
+        installed, and it may not be a fusion or a group."""
         card = self.admitted(self.checked(card), named=True)
         return self.store.register(card, created_by, if_changed=if_changed)
 

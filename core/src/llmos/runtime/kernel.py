@@ -26,18 +26,17 @@ from llmos.fusion.service import Fusions
 from llmos.monitor import alerts
 from llmos.monitor.bus import EventBus
 from llmos.monitor.service import Monitor
-from llmos.plugin.manager import PluginManager
+from llmos.plugin.manager import KERNEL_OWNER, PluginManager
 from llmos.registry import sources
 from llmos.registry.service import DiscoverReport, Providers, Registry
 from llmos.registry.sources import policy_from_config
 from llmos.registry.store import RegistryStore
 from llmos.runtime import limits, models, router
-from llmos.runtime.models import ModelManager
+from llmos.runtime.models import ModelManager, Worker
 from llmos.runtime.router import Router
-from llmos.runtime.worker import ModelWorker, StreamHandle
 from llmos.tuning import jobs
 from llmos.tuning.jobs import JobManager
-from llmos.types import Capability, MonitorEvent, MonitorSink, PluginContext
+from llmos.types import Capability, ChunkStream, MonitorEvent, MonitorSink, PluginContext
 
 log = structlog.get_logger("llmos.kernel")
 
@@ -73,6 +72,17 @@ class Kernel:
         self._config_lock = threading.RLock()
         self.plugins = plugins if plugins is not None else PluginManager(config.plugins)
         self.plugins.reserve("config_sections", KERNEL_SECTIONS)
+        # Models made of models are served by providers of the kernel's own,
+        # found like any plugin's: a fusion card, a [groups.NAME] table.
+        self.plugins.reserve(
+            "providers",
+            (
+                fusion_service.provider_spec(lambda: self.fusions),
+                router.provider_spec(lambda: self.router),
+            ),
+        )
+        #: the installed providers (the kernel's own among them) and their options
+        self._providers = Providers(lambda: self.load_plugins().providers, self.plugin_options)
         self.bus = EventBus()
         self._state = KernelState.CREATED
         self._lock = threading.Lock()
@@ -134,12 +144,11 @@ class Kernel:
         with self._lock:
             if self._registry is None:
                 # Cards are checked by their providers as they are registered.
-                providers = Providers(lambda: self.load_plugins().providers, self.plugin_options)
                 self._registry = Registry(
                     self._open_registry_store(),
                     policy_from_config(self.config),
                     self.home,
-                    providers,
+                    self._providers,
                 )
             return self._registry
 
@@ -148,7 +157,9 @@ class Kernel:
         """Loaded models: resolution, lazy loading, batching workers."""
         with self._lock:
             if self._models is None:
-                self._models = ModelManager(self)
+                self._models = ModelManager(
+                    self.config, lambda: self.registry, self._providers, self, self.emit
+                )
             return self._models
 
     @property
@@ -171,10 +182,18 @@ class Kernel:
     @property
     def fusions(self) -> Fusions:
         """Fusions: created, fitted, registered, and loaded as models."""
-        with self._lock:
-            if self._fusions is None:
-                self._fusions = Fusions(self)
-            return self._fusions
+        if self._fusions is None:
+            registry, models = self.registry, self.models  # each takes the lock
+            with self._lock:
+                if self._fusions is None:
+                    self._fusions = Fusions(
+                        self.config,
+                        registry,
+                        models,
+                        self,
+                        lambda: self.load_plugins().fusion_strategies,
+                    )
+        return self._fusions
 
     @property
     def router(self) -> Router:
@@ -193,8 +212,6 @@ class Kernel:
     ) -> concurrent.futures.Future[list[Any]]:
         """Queue one caller's requests for ``model`` (loading it on first use);
         a deployment group routes them to one of its deployments."""
-        if self.router.has(model):
-            return self.router.submit(model, Capability(capability), requests)
         return self._worker(model).submit(Capability(capability), requests)
 
     def call(
@@ -228,13 +245,10 @@ class Kernel:
         time spent loading the model (``load_s``) when this call waited for a
         load."""
         loading: dict[str, float] = {}
-        if self.router.has(model):
-            future = self.router.submit(model, Capability(capability), requests)
-        else:
-            worker = self.models.peek(model) or await asyncio.to_thread(
-                self.models.get, model, timing=loading
-            )
-            future = worker.submit(Capability(capability), requests)
+        worker = self.models.peek(model) or await asyncio.to_thread(
+            self.models.get, model, timing=loading
+        )
+        future = worker.submit(Capability(capability), requests)
         limit = timeout or self.request_timeout
         try:
             results = await asyncio.wait_for(asyncio.wrap_future(future), limit)
@@ -245,14 +259,16 @@ class Kernel:
             timing.update(loading)
         return results
 
-    def stream(self, model: str, request: Any) -> StreamHandle:
-        """Start streaming one request; iterate the handle, cancel it to stop."""
-        if self.router.has(model):
-            model = self.router.stream_target(model)
-            return self.stream(model, request)  # the target may itself be a group
+    def stream(self, model: str, request: Any) -> ChunkStream:
+        """Start streaming one request; iterate the handle, cancel it to stop
+        (a :class:`~llmos.runtime.worker.StreamHandle`)."""
         return self._worker(model).submit_stream(request)
 
-    def _worker(self, model: str) -> ModelWorker:
+    def capabilities(self, model: str) -> frozenset[Capability]:
+        """What ``model`` serves (loading it on first use)."""
+        return frozenset(self._worker(model).model.capabilities)
+
+    def _worker(self, model: str) -> Worker:
         return self.models.peek(model) or self.models.get(model)
 
     def discover_models(self) -> DiscoverReport:
@@ -302,7 +318,7 @@ class Kernel:
             if self._state is KernelState.STARTING:
                 self._state = KernelState.READY
         failed = [p.name for p in self.plugins.failed()]
-        if not self.plugins.providers:
+        if all(r.plugin == KERNEL_OWNER for r in self.plugins.providers.values()):
             # `pip install llmos` alone serves no model: say so once, with what to install.
             log.warning(
                 "kernel.no_provider",

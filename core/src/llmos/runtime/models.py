@@ -1,11 +1,16 @@
-"""Model resolution and loading: a name becomes a running :class:`ModelWorker`.
+"""Model resolution and loading: a name becomes a running worker.
 
-A name resolves to a deployment declared in config (``[models.NAME]``:
-provider, source, options, batching) or to a registry entry (``name``,
-``name@3``, ``name@prod``). The model is loaded once, lazily, under a lock per
-model — concurrent first requests wait for one load — and kept until it is
-idle and the memory budget needs room (least recently used first) or it has
-been idle for ``runtime.idle_unload_s``.
+A name resolves to a deployment group (``[groups.NAME]``, served by the
+kernel's own ``group`` provider), a deployment declared in config
+(``[models.NAME]``: provider, source, options, batching) or a registry entry
+(``name``, ``name@3``, ``name@prod``; a fusion card is served by the kernel's
+own ``fusion`` provider) — every one through a provider, none special-cased.
+A loaded model that computes gets a :class:`ModelWorker` (a queue and a
+thread); one that sends its calls on (:class:`~llmos.types.DispatchingModel`:
+a group, a remote executor's replicas) a :class:`DirectWorker`. The model is
+loaded once, lazily, under a lock per model — concurrent first requests wait
+for one load — and kept until it is idle and the memory budget needs room
+(least recently used first) or it has been idle for ``runtime.idle_unload_s``.
 """
 
 from __future__ import annotations
@@ -13,30 +18,31 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 import structlog
 
-from llmos.config import Field, Section, check_table
+from llmos.config import Config, Field, Section, check_table
 from llmos.errors import ConfigError, LlmosError, NotFoundError
-from llmos.registry.service import provider_checked
+from llmos.plugin.manager import KERNEL_OWNER
+from llmos.registry.service import Providers, Registry, provider_checked
 from llmos.registry.sources import check_source
-from llmos.runtime.worker import BatchSettings, ModelWorker
+from llmos.runtime.router import group_card
+from llmos.runtime.worker import BatchSettings, DirectWorker, ModelWorker
 from llmos.types import (
+    DispatchingModel,
     LoadRequest,
+    ModelCaller,
     ModelCard,
     ModelFormat,
     MonitorEvent,
     ProviderSpec,
     validate_model_name,
 )
-
-if TYPE_CHECKING:
-    from llmos.runtime.kernel import Kernel
 
 log = structlog.get_logger("llmos.runtime")
 
@@ -212,9 +218,12 @@ def _memory_budget(config_mb: int) -> int:
         return 8 * 1024**3
 
 
-#: formats whose weights are not in this process: a remote API, a fusion (its
-#: members are loaded, and counted, on their own)
-_ELSEWHERE = frozenset({ModelFormat.REMOTE_API, ModelFormat.FUSION})
+#: formats whose weights are not in this process: a remote API, a fusion or a
+#: group (its members are loaded, and counted, on their own)
+_ELSEWHERE = frozenset({ModelFormat.REMOTE_API, ModelFormat.FUSION, ModelFormat.GROUP})
+#: a loaded model behind its worker: one that computes (a queue and a thread)
+#: or one that sends its calls on (:class:`~llmos.types.DispatchingModel`)
+Worker = ModelWorker | DirectWorker
 
 
 def _expected_bytes(card: ModelCard | None) -> int:
@@ -225,7 +234,7 @@ def _expected_bytes(card: ModelCard | None) -> int:
     return 4 * (card.parameters or 0)
 
 
-def _footprint(worker: ModelWorker) -> int:
+def _footprint(worker: Worker) -> int:
     """Bytes a loaded model takes: what it reports, else what its card says."""
     reported = getattr(worker.model, "memory_bytes", None)
     if isinstance(reported, int):
@@ -234,11 +243,29 @@ def _footprint(worker: ModelWorker) -> int:
 
 
 class ModelManager:
-    """Loaded models of one kernel, by resolved reference."""
+    """Loaded models of one kernel, by resolved reference.
 
-    def __init__(self, kernel: Kernel) -> None:
-        self.kernel = kernel
-        runtime = kernel.config.section("runtime")
+    ``config`` gives the ``[runtime]``, ``[models]`` and ``[groups]`` tables
+    and the data folder; ``registry`` the registry (opened on first use);
+    ``providers`` the installed providers and their plugins' options;
+    ``models`` is handed to models made of models (fusions, groups) to call
+    others; ``emit`` reports loads and unloads.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        registry: Callable[[], Registry],
+        providers: Providers,
+        models: ModelCaller,
+        emit: Callable[[MonitorEvent], None],
+    ) -> None:
+        self._config = config
+        self._registry = registry
+        self._providers = providers
+        self._caller = models
+        self._emit = emit
+        runtime = config.section("runtime")
         self.budget = _memory_budget(int(runtime.get("memory_budget_mb", 0)))
         self.idle_unload_s = float(runtime.get("idle_unload_s", 0.0))
         self.defaults = BatchSettings(
@@ -246,7 +273,7 @@ class ModelManager:
             max_wait_ms=float(runtime.get("max_wait_ms", 0.0)),
             max_queue=int(runtime.get("max_queue", 64)),
         )
-        self._workers: dict[str, ModelWorker] = {}
+        self._workers: dict[str, Worker] = {}
         #: name as asked -> (resolved key, until when the answer holds)
         self._keys: dict[str, tuple[str, float]] = {}
         self._locks: dict[str, threading.Lock] = {}
@@ -255,18 +282,22 @@ class ModelManager:
     # -- resolution -----------------------------------------------------------
 
     def resolve(self, name: str) -> Deployment:
-        """The deployment ``name`` refers to: config first, then the registry."""
+        """The deployment ``name`` refers to: a ``[groups.NAME]`` group, a
+        ``[models.NAME]`` deployment, then the registry."""
         if not isinstance(name, str) or not name:
             raise NotFoundError(
                 "no model given; `llmos models search` lists models",
                 param="model",
                 code="model_not_found",
             )
-        deployments = self.kernel.config.section("models")
+        groups = self._config.section("groups")
+        if name in groups:
+            return self._deployment(name, group_card(name, groups[name]), self.defaults)
+        deployments = self._config.section("models")
         if name in deployments:
             return self._from_config(name, deployments[name])
         try:
-            card = self.kernel.registry.store.get(name)
+            card = self._registry().store.get(name)
         except NotFoundError:
             raise NotFoundError(
                 f"model {name!r} not found: it is neither a [models.{name}] deployment nor a "
@@ -297,11 +328,13 @@ class ModelManager:
         )
 
     def _deployment(self, key: str, card: ModelCard, settings: BatchSettings) -> Deployment:
-        if card.format == ModelFormat.FUSION:
-            return Deployment(key, card, "llmos", self.kernel.fusions.provider, settings)
-        registered = self.kernel.plugins.providers.get(card.provider)
+        installed = self._providers.installed()
+        registered = installed.get(card.provider)
         if registered is None:
-            have = ", ".join(sorted(self.kernel.plugins.providers)) or "none"
+            have = (
+                ", ".join(sorted(n for n, r in installed.items() if r.plugin != KERNEL_OWNER))
+                or "none"
+            )
             package = PROVIDER_PACKAGES.get(card.provider)
             if package is None:
                 install = "install its plugin"
@@ -320,7 +353,7 @@ class ModelManager:
 
     # -- loading --------------------------------------------------------------
 
-    def peek(self, name: str) -> ModelWorker | None:
+    def peek(self, name: str) -> Worker | None:
         """The worker for ``name`` if it is loaded and was resolved less than
         ``RESOLVE_TTL_S`` ago — the hot path, with no registry query and no
         thread hop. ``None``: call :meth:`get`."""
@@ -329,7 +362,7 @@ class ModelManager:
             return None
         return self._workers.get(entry[0])
 
-    def get(self, name: str, *, timing: dict[str, float] | None = None) -> ModelWorker:
+    def get(self, name: str, *, timing: dict[str, float] | None = None) -> Worker:
         """The running worker for ``name``, loading the model on first use.
 
         ``timing``, when given, gets ``load_s``: the seconds this call spent
@@ -356,33 +389,30 @@ class ModelManager:
             timing["load_s"] = time.perf_counter() - started
         return worker
 
-    def _load(self, deployment: Deployment) -> ModelWorker:
+    def _load(self, deployment: Deployment) -> Worker:
         card = deployment.card
         path = None
         if card.source:
-            parsed = check_source(card.source, self.kernel.registry.policy)
+            parsed = check_source(card.source, self._registry().policy)
             path = parsed.path
         # The provider's check again, before anything is loaded: a card
         # registered before it existed, a [models.NAME] deployment, or a card
         # the operator's config no longer allows is refused here.
-        card = provider_checked(
-            deployment.spec,
-            deployment.provider,
-            card,
-            self.kernel.plugin_options(deployment.provider),
-        )
+        options = self._providers.options(deployment.provider)
+        card = provider_checked(deployment.spec, deployment.provider, card, options)
         base, base_path = self._base_of(card)
-        cache_dir = self.kernel.home / "cache" / deployment.spec.name
+        cache_dir = self._config.home / "cache" / deployment.spec.name
         cache_dir.mkdir(parents=True, exist_ok=True)
         self._make_room(_expected_bytes(card) + _expected_bytes(base))
         request = LoadRequest(
             card=card,
-            options=self.kernel.plugin_options(deployment.provider),
+            options=options,
             path=Path(path) if path is not None else None,
             cache_dir=cache_dir,
             base=base,
             base_path=base_path,
-            emit=self.kernel.emit,
+            emit=self._emit,
+            models=self._caller,
         )
         started = time.perf_counter()
         log.info("runtime.loading", model=deployment.key, provider=card.provider)
@@ -402,8 +432,12 @@ class ModelManager:
             settings = attrs.evolve(settings, max_batch_size=reported)
         elif reported is None:
             settings = attrs.evolve(settings, batching=False)
-        worker = ModelWorker(deployment.key, model, settings, self.kernel.emit)
-        self.kernel.emit(
+        worker: Worker
+        if isinstance(model, DispatchingModel):
+            worker = DirectWorker(deployment.key, model, settings)
+        else:
+            worker = ModelWorker(deployment.key, model, settings, self._emit)
+        self._emit(
             MonitorEvent(
                 kind="model.loaded",
                 model=deployment.key,
@@ -419,10 +453,11 @@ class ModelManager:
             return None, None
         if not card.parents:
             raise ConfigError(f"adapter {card.ref!r} names no base model in its parents")
-        base = self.kernel.registry.store.get(card.parents[0])
+        registry = self._registry()
+        base = registry.store.get(card.parents[0])
         if not base.source:
             return base, None
-        return base, check_source(base.source, self.kernel.registry.policy).path
+        return base, check_source(base.source, registry.policy).path
 
     def _make_room(self, needed: int) -> None:
         """Unload idle models, least recently used first, until ``needed``
@@ -466,7 +501,7 @@ class ModelManager:
             self._close(worker, "requested")
         return worker is not None
 
-    def loaded(self) -> list[ModelWorker]:
+    def loaded(self) -> list[Worker]:
         with self._lock:
             return list(self._workers.values())
 
@@ -476,9 +511,7 @@ class ModelManager:
         for worker in workers:
             self._close(worker, "shutdown")
 
-    def _close(self, worker: ModelWorker, why: str) -> None:
+    def _close(self, worker: Worker, why: str) -> None:
         worker.close()
-        self.kernel.emit(
-            MonitorEvent(kind="model.unloaded", model=worker.name, fields={"why": why})
-        )
+        self._emit(MonitorEvent(kind="model.unloaded", model=worker.name, fields={"why": why}))
         log.info("runtime.unloaded", model=worker.name, why=why)

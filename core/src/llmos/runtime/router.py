@@ -53,9 +53,28 @@ import structlog
 
 from llmos.config import Field, Section, check_table
 from llmos.errors import ConfigError, LlmosError, Unavailable
-from llmos.types import Capability, MonitorEvent, validate_model_name
+from llmos.types import (
+    Capability,
+    ChunkStream,
+    LoadRequest,
+    ModelCaller,
+    ModelCard,
+    ModelFormat,
+    MonitorEvent,
+    ProviderSpec,
+    validate_model_name,
+)
 
-__all__ = ["STRATEGIES", "GroupSettings", "Router", "retryable"]
+__all__ = [
+    "PROVIDER",
+    "STRATEGIES",
+    "GroupModel",
+    "GroupSettings",
+    "Router",
+    "group_card",
+    "provider_spec",
+    "retryable",
+]
 
 log = structlog.get_logger("llmos.router")
 
@@ -94,6 +113,9 @@ SECTION = Section(
 
 #: the weight of the newest latency in a deployment's moving average
 EWMA_ALPHA = 0.3
+#: the provider of deployment groups: the kernel serves a ``[groups.NAME]``
+#: table like any model, through :attr:`Router.provider`
+PROVIDER = "group"
 
 
 def retryable(exc: BaseException) -> bool:
@@ -288,6 +310,13 @@ class Router:
         self._lock = threading.Lock()
 
     # -- groups ----------------------------------------------------------------
+
+    def load(self, request: LoadRequest) -> GroupModel:
+        """The provider's ``load``: the group as a model that routes each call."""
+        if request.models is None:
+            raise ConfigError(f"group {request.card.name!r}: the kernel gave no way to call models")
+        self.group(request.card.name)  # a bad table fails here, with its reason
+        return GroupModel(self, request.card, request.models)
 
     def has(self, name: str) -> bool:
         return isinstance(name, str) and name in self._tables
@@ -591,3 +620,55 @@ class Router:
         for fallback in group.settings.fallbacks:
             return self.stream_target(fallback) if self.has(fallback) else fallback
         raise Unavailable(f"group {name!r} could not answer: every deployment is cooling down")
+
+
+def group_card(name: str, table: Any) -> ModelCard:
+    """The card group ``name`` is served under: made from its ``[groups.NAME]``
+    table each time it is resolved, never registered."""
+    deployments = table.get("deployments") if isinstance(table, Mapping) else None
+    listed = ", ".join(map(str, deployments)) if isinstance(deployments, list) else "?"
+    return ModelCard(
+        name=name,
+        provider=PROVIDER,
+        format=ModelFormat.GROUP,
+        description=f"deployment group of {listed}",
+    )
+
+
+def provider_spec(router: Callable[[], Router]) -> ProviderSpec:
+    """The kernel's ``group`` provider: a :func:`group_card` loads as a
+    :class:`GroupModel` of ``router()`` (the kernel's router, made on first use)."""
+    return ProviderSpec(
+        name=PROVIDER,
+        load=lambda request: router().load(request),
+        description="deployment groups of config ([groups.NAME]): retries, fallbacks,"
+        " cooldowns (built in)",
+        formats=(ModelFormat.GROUP,),
+        batching=False,
+    )
+
+
+class GroupModel:
+    """A deployment group served like a model: each call goes at once to
+    :meth:`Router.submit` (which picks, retries and falls back), each stream
+    to the deployment :meth:`Router.stream_target` picks. It claims every
+    capability: the deployment that answers checks its own."""
+
+    max_batch_size = None
+
+    def __init__(self, router: Router, card: ModelCard, models: ModelCaller) -> None:
+        self.card = card
+        self.capabilities = frozenset(Capability)
+        self._router = router
+        self._models = models
+
+    def submit(
+        self, capability: Capability, requests: Sequence[Any]
+    ) -> concurrent.futures.Future[list[Any]]:
+        return self._router.submit(self.card.name, capability, requests)
+
+    def submit_stream(self, request: Any) -> ChunkStream:
+        return self._models.stream(self._router.stream_target(self.card.name), request)
+
+    def close(self) -> None:
+        """Nothing to release: the deployments are models of their own."""

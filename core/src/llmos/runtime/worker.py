@@ -43,6 +43,8 @@ from llmos.errors import CapabilityNotSupported, LlmosError, Overloaded, UsageEr
 from llmos.types import (
     CallAbandoned,
     Capability,
+    ChunkStream,
+    DispatchingModel,
     LoadedModel,
     ModelCard,
     MonitorEvent,
@@ -192,11 +194,7 @@ class ModelWorker:
             return bool(self._jobs) or self.in_flight > 0
 
     def check(self, capability: Capability) -> None:
-        if capability not in self.model.capabilities:
-            have = ", ".join(sorted(self.model.capabilities)) or "nothing"
-            raise CapabilityNotSupported(
-                f"model {self.name!r} does not support {capability}; it supports: {have}"
-            )
+        _check_capability(self.name, self.model, capability)
 
     def submit(
         self, capability: Capability, requests: Sequence[Any]
@@ -451,6 +449,88 @@ class ModelWorker:
             model=self.name,
             capability=str(job.capability),
             fields={"status": status, "requests": len(job.requests), **fields},
+        )
+
+
+class DirectWorker:
+    """A model that sends its calls elsewhere (:class:`~llmos.types.DispatchingModel`:
+    a deployment group, a remote executor's replicas), behind the worker's
+    interface: no queue and no thread of its own — each call goes on at once
+    and the model that answers it queues, batches and reports it. It counts
+    what is in flight, so the model manager does not unload it mid-call."""
+
+    def __init__(self, name: str, model: DispatchingModel, settings: BatchSettings) -> None:
+        self.name = name
+        self.model = model
+        self.settings = attrs.evolve(settings, batching=False)
+        self.in_flight = 0
+        self.last_used = time.monotonic()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @property
+    def card(self) -> ModelCard:
+        return self.model.card
+
+    @property
+    def queued(self) -> int:
+        return 0
+
+    @property
+    def busy(self) -> bool:
+        with self._lock:
+            return self.in_flight > 0
+
+    def check(self, capability: Capability) -> None:
+        _check_capability(self.name, self.model, capability)
+
+    def submit(
+        self, capability: Capability, requests: Sequence[Any]
+    ) -> concurrent.futures.Future[list[Any]]:
+        self.check(capability)
+        self._begin(len(requests))
+        try:
+            future = self.model.submit(capability, requests)
+        except BaseException:
+            self._end(len(requests))
+            raise
+        future.add_done_callback(lambda _: self._end(len(requests)))
+        return future
+
+    def submit_stream(self, request: Any) -> ChunkStream:
+        self.check(Capability.STREAM)
+        with self._lock:
+            if self._closed:
+                raise Overloaded(f"model {self.name!r} is being unloaded; retry")
+            self.last_used = time.monotonic()
+        return self.model.submit_stream(request)
+
+    def close(self, timeout: float = 30.0) -> None:
+        with self._lock:
+            self._closed = True
+        try:
+            self.model.close()
+        except Exception as exc:
+            log.warning("runtime.close_failed", model=self.name, error=repr(exc))
+
+    def _begin(self, size: int) -> None:
+        with self._lock:
+            if self._closed:
+                raise Overloaded(f"model {self.name!r} is being unloaded; retry")
+            self.in_flight += size
+            self.last_used = time.monotonic()
+
+    def _end(self, size: int) -> None:
+        with self._lock:
+            self.in_flight -= size
+            self.last_used = time.monotonic()
+
+
+def _check_capability(name: str, model: Any, capability: Capability) -> None:
+    if capability not in model.capabilities:
+        have = ", ".join(sorted(model.capabilities)) or "nothing"
+        raise CapabilityNotSupported(
+            f"model {name!r} does not support {capability}; it supports: {have}"
         )
 
 
