@@ -48,7 +48,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
-import fsspec
 import structlog
 
 from llmos.errors import LlmosError, NotFoundError, PayloadTooLarge, UnsafeSourceError, UsageError
@@ -214,6 +213,10 @@ class ArtifactStore:
         return Path(self.root).resolve() if self.local else None
 
     def _fs(self) -> tuple[Any, str]:
+        # imported here: fsspec takes ~0.1 s to import, and only a URL root
+        # needs it (every CLI command builds the source policy)
+        import fsspec
+
         try:
             fs, path = fsspec.core.url_to_fs(self.root, **dict(self.storage_options))
         except (ImportError, ValueError) as exc:
