@@ -562,3 +562,27 @@ class HTTPFolder:
     def __exit__(self, *exc: object) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def test_storage_options_are_handed_to_the_store_and_masked_in_config_show(
+    tmp_path: Path,
+) -> None:
+    file = tmp_path / "llmos.toml"
+    file.write_text(
+        '[artifacts]\nroot = "memory://bucket/llmos"\n'
+        'storage_options = { key = "AKIAEXAMPLEKEY1234", secret = "s3cr3t-value-5678" }\n'
+    )
+    config = load_config(
+        [file], env={"LLMOS_HOME": str(tmp_path / "home")}, sections=KERNEL_SECTIONS
+    )
+    store = policy_from_config(config).artifacts
+    assert store is not None
+    assert dict(store.storage_options) == {
+        "key": "AKIAEXAMPLEKEY1234",
+        "secret": "s3cr3t-value-5678",
+    }
+    assert "s3cr3t" not in repr(store)
+    shown = config.to_dict()["artifacts"]["storage_options"]
+    assert shown == {"key": "****1234", "secret": "****5678"}
+    explained = dict((key, value) for key, value, _ in config.explain())
+    assert "s3cr3t" not in json.dumps(explained)

@@ -531,14 +531,22 @@ def _export(schema: _Schema, value: Any, path: tuple[str, ...], redact: bool) ->
     """``value`` made JSON-serialisable, masked if ``path`` names a secret field."""
     if isinstance(value, Mapping):
         return {key: _export(schema, item, (*path, key), redact) for key, item in value.items()}
-    field = schema.field_at(path)
-    if redact and value is not None and field is not None and field.secret:
+    if redact and value is not None and _secret(schema, path):
         return [_mask(item) for item in value] if isinstance(value, list | tuple) else _mask(value)
     if isinstance(value, list | tuple):
         return [_export(schema, item, path, redact) for item in value]
     if isinstance(value, date | time):  # TOML dates and times, datetime included
         return value.isoformat()
     return str(value) if isinstance(value, Path) else value
+
+
+def _secret(schema: _Schema, path: tuple[str, ...]) -> bool:
+    """Whether ``path`` is a secret field or lies inside one (a secret table's
+    keys: ``[artifacts] storage_options``' credentials)."""
+    return any(
+        (field := schema.field_at(path[:end])) is not None and field.secret
+        for end in range(1, len(path) + 1)
+    )
 
 
 def _mask(secret: Any) -> str:
