@@ -10,9 +10,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.llmos-installed
 
 # every first-party plugin is installed editable next to the kernel, but
-# llmos-vllm and llmos-llamacpp: each lives in an environment of its own
-# (`make test-vllm`, `make test-llamacpp`)
-PLUGIN_DIRS := $(filter-out plugins/llmos-vllm plugins/llmos-llamacpp,$(patsubst %/pyproject.toml,%,$(wildcard plugins/*/pyproject.toml)))
+# llmos-vllm, llmos-llamacpp and llmos-postgres: each lives in an environment of
+# its own (`make test-vllm`, `make test-llamacpp`, `make test-postgres`)
+PLUGIN_DIRS := $(filter-out plugins/llmos-vllm plugins/llmos-llamacpp plugins/llmos-postgres,$(patsubst %/pyproject.toml,%,$(wildcard plugins/*/pyproject.toml)))
 # and the contrib plugins whose tests `make test` runs (the rest of contrib/ is not installed)
 CONTRIB_DIRS := contrib/llmos-openai
 INSTALL_INPUTS := pyproject.toml constraints.txt core/pyproject.toml \
@@ -26,7 +26,7 @@ export OMP_NUM_THREADS ?= 1
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 PIP_CONSTRAINT := -c constraints.txt
 
-.PHONY: install system-packages run test test-vllm test-llamacpp dist lint clean
+.PHONY: install system-packages run test test-vllm test-llamacpp test-postgres dist lint clean
 
 install: $(STAMP)
 
@@ -112,6 +112,30 @@ $(LLAMACPP_STAMP): $(LLAMACPP_BIN)/python $(LLAMACPP_INPUTS)
 test-llamacpp: $(LLAMACPP_STAMP)
 	$(LLAMACPP_BIN)/python -m pytest plugins/llmos-llamacpp/tests
 
+# The PostgreSQL registry store (psycopg 3, libpq bundled in its wheel) in
+# .venv-postgres, beside the kernel: its own environment so that the main
+# suite's kernels never load it. Its tests start a throwaway PostgreSQL server
+# from Debian's binaries (the postgresql package, installed by system-packages)
+# and run the kernel's store contract (llmos.store_contract) against it, with
+# several processes registering at once; about 20 s. Idempotent like `install`.
+POSTGRES_VENV  ?= .venv-postgres
+POSTGRES_BIN   := $(POSTGRES_VENV)/bin
+POSTGRES_STAMP := $(POSTGRES_VENV)/.llmos-postgres-installed
+POSTGRES_PIP   := $(POSTGRES_BIN)/python -m pip --disable-pip-version-check
+POSTGRES_INPUTS := constraints.txt core/pyproject.toml plugins/llmos-postgres/pyproject.toml
+
+$(POSTGRES_BIN)/python:
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11 ...'" >&2; exit 1; }
+	$(PYTHON) -m venv $(POSTGRES_VENV)
+	$(POSTGRES_PIP) install --quiet --upgrade "pip>=25.1"
+
+$(POSTGRES_STAMP): $(POSTGRES_BIN)/python $(POSTGRES_INPUTS)
+	$(POSTGRES_PIP) install --quiet $(PIP_CONSTRAINT) "pytest>=8.2" -e core -e plugins/llmos-postgres
+	@touch $@
+
+test-postgres: $(POSTGRES_STAMP) system-packages
+	$(POSTGRES_BIN)/python -m pytest plugins/llmos-postgres/tests
+
 # Every distribution's sdist and wheel in dist/, built as `python -m build` builds them
 # for anyone (the wheel from the sdist, each in a fresh isolated environment with its
 # build-system requirements), then checked as the package index checks them.
@@ -126,4 +150,4 @@ lint: install
 	$(BIN)/ruff check core plugins contrib tests bench
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) $(LLAMACPP_VENV)
+	rm -rf $(VENV) $(VLLM_VENV) $(LLAMACPP_VENV) $(POSTGRES_VENV)

@@ -1,0 +1,1011 @@
+""":class:`PostgresStore`: the registry on a PostgreSQL server.
+
+The same contract as the kernel's :class:`~llmos.registry.store.SQLiteStore`
+(the conformance suite in :mod:`llmos.store_contract` runs against both): the
+same refs, errors, query language, sorts, cursors and bm25 scores, for
+several daemons on several machines sharing one registry.
+
+How it keeps that contract on a server:
+
+* **gapless versions**: a registration inserts its model's row if missing
+  and then locks it (``SELECT … FOR UPDATE``); the next number comes from the
+  locked row, so concurrent registrations of one name, from any number of
+  processes, queue there and number 1, 2, 3 … with no gap or duplicate. A
+  unique ``(name, version)`` backs it. Registrations of different names only
+  meet at the one-row ``corpus`` table (the search statistics), updated last;
+  a deadlock between two bulk registrations that lock names in opposite
+  orders is retried.
+* **snapshots**: a search's statements share one ``REPEATABLE READ, READ
+  ONLY`` transaction.
+* **search**: free text is the ``postings`` table, one row per term and
+  version with the term's weighted count (name 10, description 1, tags 4,
+  tasks 4 per occurrence) and positions, filled from the kernel's tokenizer
+  (:class:`llmos.registry.ranking.Tokenizer`, the one SQLite's index uses), so
+  both stores agree on what a card contains. A ranked search scores every
+  match with bm25 computed in SQL in the same operations and order as the
+  kernel's :func:`~llmos.registry.ranking.bm25`, so the scores are the same
+  floats; ``corpus`` holds the version count and token total for the IDF and
+  the average length.
+* **migrations**: ``registry_schema`` holds the schema version; the steps of
+  :data:`MIGRATIONS` run in one transaction under an advisory lock, and a
+  schema newer than this plugin is refused.
+* **connections**: one per thread per process (never across a fork), in
+  autocommit mode with explicit transactions. A server that cannot be reached
+  is a :class:`~llmos.errors.ConfigError` at start-up (host and database
+  named, never the password) and :class:`~llmos.errors.Unavailable` (503,
+  retry) later; the thread's connection is then dropped and the next call
+  connects again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import attrs
+import psycopg
+import structlog
+from psycopg import errors as pg_errors
+from psycopg.conninfo import conninfo_to_dict
+
+from llmos.errors import ConfigError, LlmosError, NotFoundError, Unavailable, UsageError
+from llmos.registry import ranking
+from llmos.registry.query import parse_query, plan_search
+from llmos.registry.store import (
+    COUNT_LIMIT,
+    LATEST,
+    MAX_INT,
+    MAX_ITEMS,
+    MAX_LIMIT,
+    MAX_OFFSET,
+    SORTS,
+    SearchHit,
+    SearchPage,
+    VersionInfo,
+    VersionStatus,
+    card_json,
+    check_card,
+    clean_tags,
+    decode_cursor,
+    encode_cursor,
+    load_card,
+    parse_ref,
+    same_content,
+    text_problem,
+    validate_alias,
+)
+from llmos.types import ModelCard, validate_model_name
+from llmos_postgres.query import POSITION_BITS, TRUE, PgSql, phrase_weight, to_pg
+
+__all__ = ["MIGRATIONS", "PostgresStore", "describe_dsn"]
+
+log = structlog.get_logger("llmos.registry.postgres")
+
+T = TypeVar("T")
+
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+#: how often a transaction that lost a deadlock is tried again
+_RETRIES = 20
+
+
+def _migration_1() -> list[str]:
+    """The first schema: models (with their last version number), versions
+    (filter columns lowercased, the card's JSON), tags, tasks, aliases, the
+    postings of the search and the corpus statistics."""
+    # COLLATE "C": byte order, as SQLite's BINARY sorts and compares names.
+    text = 'text COLLATE "C"'
+    return [
+        f"""CREATE TABLE models (
+            name {text} PRIMARY KEY,
+            created_at double precision NOT NULL,
+            last_version bigint NOT NULL DEFAULT 0
+        )""",
+        f"""CREATE TABLE versions (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            name {text} NOT NULL REFERENCES models (name),
+            version bigint NOT NULL CHECK (version >= 1),
+            status {text} NOT NULL DEFAULT 'active'
+                CHECK (status IN ('active', 'deprecated', 'deleted')),
+            is_latest boolean NOT NULL DEFAULT false,
+            created_at double precision NOT NULL,
+            created_by {text},
+            provider {text} NOT NULL,
+            family {text},
+            format {text} NOT NULL,
+            license {text},
+            parameters bigint,
+            size integer NOT NULL,
+            card text NOT NULL,
+            UNIQUE (name, version)
+        )""",
+        # Partial indexes on the latest versions: what a per-model search reads.
+        "CREATE INDEX versions_latest_name ON versions (name) WHERE is_latest",
+        "CREATE INDEX versions_latest_created ON versions (created_at) WHERE is_latest",
+        "CREATE INDEX versions_latest_parameters ON versions (parameters) WHERE is_latest",
+        "CREATE INDEX versions_provider ON versions (provider, name)",
+        "CREATE INDEX versions_family ON versions (family, name)",
+        "CREATE INDEX versions_format ON versions (format, name)",
+        "CREATE INDEX versions_license ON versions (license, name)",
+        f"""CREATE TABLE tags (
+            version_id bigint NOT NULL REFERENCES versions (id),
+            tag {text} NOT NULL,
+            PRIMARY KEY (version_id, tag)
+        )""",
+        "CREATE INDEX tags_by_tag ON tags (tag, version_id)",
+        f"""CREATE TABLE tasks (
+            version_id bigint NOT NULL REFERENCES versions (id),
+            task {text} NOT NULL,
+            PRIMARY KEY (version_id, task)
+        )""",
+        "CREATE INDEX tasks_by_task ON tasks (task, version_id)",
+        f"""CREATE TABLE aliases (
+            name {text} NOT NULL,
+            alias {text} NOT NULL,
+            version bigint NOT NULL,
+            PRIMARY KEY (name, alias),
+            FOREIGN KEY (name, version) REFERENCES versions (name, version)
+        )""",
+        "CREATE INDEX aliases_by_version ON aliases (name, version)",
+        # One row per term of each version not deleted: bm25's weighted count
+        # and the positions phrases are matched on.
+        f"""CREATE TABLE postings (
+            term {text} NOT NULL,
+            version_id bigint NOT NULL REFERENCES versions (id),
+            weight integer NOT NULL,
+            positions integer[] NOT NULL,
+            PRIMARY KEY (term, version_id)
+        )""",
+        "CREATE INDEX postings_by_version ON postings (version_id)",
+        # N and the token total of the versions not deleted (bm25's IDF and
+        # average length), kept by every write.
+        """CREATE TABLE corpus (
+            id integer PRIMARY KEY CHECK (id = 1),
+            versions bigint NOT NULL,
+            tokens bigint NOT NULL
+        )""",
+        "INSERT INTO corpus VALUES (1, 0, 0)",
+    ]
+
+
+#: schema migrations, each a list of statements, applied in order; the schema
+#: version is their count. Append, never edit or reorder.
+MIGRATIONS: list[Callable[[], list[str]]] = [_migration_1]
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def describe_dsn(dsn: str) -> str:
+    """Where a DSN points, for messages: host (or socket folder), port,
+    database and user; never the password."""
+    try:
+        info = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "an unparseable DSN"
+    host = info.get("host") or info.get("hostaddr") or "the default socket"
+    parts = [f"host {host}"]
+    for key, word in (("port", "port"), ("dbname", "database"), ("user", "user")):
+        if info.get(key):
+            parts.append(f"{word} {info[key]}")
+    return ", ".join(parts)
+
+
+def _scrub(text: str, dsn: str) -> str:
+    """``text`` (a driver's message) with the DSN's password, if any, masked."""
+    try:
+        password = conninfo_to_dict(dsn).get("password")
+    except psycopg.ProgrammingError:
+        password = None
+    if password:
+        text = text.replace(str(password), "****")
+    text = re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1****", text)
+    return re.sub(r"(://[^:/@\s]+:)[^@\s]+@", r"\1****@", text)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _lower(value: str | None) -> str | None:
+    return None if value is None else value.lower()
+
+
+def _columns(card: ModelCard) -> tuple[str, str, str, str]:
+    """The text a version is searched by: name, description, tags, tasks."""
+    return card.name, card.description or "", " ".join(card.tags), " ".join(card.tasks)
+
+
+def postings(
+    tokenizer: ranking.Tokenizer, card: ModelCard
+) -> tuple[int, list[tuple[str, int, list[int]]]]:
+    """A version's length (bm25's D) and its postings: ``(term, weighted
+    count, positions)``, positions tagged with their column."""
+    size = 0
+    weight: Counter[str] = Counter()
+    where: dict[str, list[int]] = {}
+    for column, (factor, text) in enumerate(zip(ranking.WEIGHTS, _columns(card), strict=True)):
+        words = tokenizer.tokens(text)
+        size += len(words)
+        for index, word in enumerate(words):
+            weight[word] += factor
+            where.setdefault(word, []).append(column << POSITION_BITS | index)
+    return size, [(term, weight[term], where[term]) for term in where]
+
+
+def _bm25_sql(f: str, avgdl: str) -> str:
+    """:func:`llmos.registry.ranking.bm25` in SQL: the same operations in the
+    same order on float8, so the same bits."""
+    k1, b = f"{ranking.K1!r}::float8", f"{ranking.B!r}::float8"
+    return (
+        f"((({f}) * ({k1} + 1.0::float8))"
+        f" / (({f}) + {k1} * (1::float8 - {b} + {b} * v.size::float8 / {avgdl})))"
+    )
+
+
+_SORT_KEYS = {
+    "name": ("v.name", False),
+    "created": ("v.created_at", True),
+    "parameters": ("COALESCE(v.parameters, -1)", True),
+}
+
+
+@attrs.frozen
+class _Row:
+    id: int
+    name: str
+    version: int
+    status: VersionStatus
+    card: ModelCard
+
+
+# -------------------------------------------------------------------- store
+
+
+class PostgresStore:
+    """:class:`~llmos.registry.store.RegistryStore` on a PostgreSQL server.
+
+    ``dsn``: a libpq connection string or URL (a password in it is never
+    shown; libpq's ``PGPASSWORD`` and ``~/.pgpass`` work too). ``schema``:
+    the PostgreSQL schema that holds the tables (created if missing), so
+    several registries can share a database. ``lock_timeout``: seconds a
+    write waits for another's lock before it is :class:`Unavailable`.
+    ``count_limit``: as :class:`~llmos.registry.store.SQLiteStore`'s.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schema: str = "llmos",
+        connect_timeout: float = 10.0,
+        lock_timeout: float = 30.0,
+        count_limit: int = COUNT_LIMIT,
+    ) -> None:
+        if not isinstance(count_limit, int) or isinstance(count_limit, bool) or count_limit < 1:
+            raise UsageError(
+                f"count_limit must be a whole number of at least 1, got {count_limit!r}"
+            )
+        if not isinstance(schema, str) or not _SCHEMA_NAME.fullmatch(schema):
+            raise ConfigError(
+                f"schema {schema!r} is invalid: use 1-63 lowercase letters, digits and _,"
+                " not starting with a digit"
+            )
+        self.dsn = dsn
+        self.schema = schema
+        self.connect_timeout = connect_timeout
+        self.lock_timeout = lock_timeout
+        self.count_limit = count_limit
+        self.where = describe_dsn(dsn)
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._connections: list[tuple[int, psycopg.Connection[Any]]] = []
+        self._closed = False
+        self._tokenizer = ranking.Tokenizer()
+        try:
+            conn = self._connect(first=True)
+            self._local.conn, self._local.pid = conn, os.getpid()
+            with self._lock:
+                self._connections.append((os.getpid(), conn))
+            self._migrate(conn)
+        except BaseException:
+            self.close()
+            raise
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({self.where!r}, schema={self.schema!r})"
+
+    def __enter__(self) -> PostgresStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ connections
+
+    def _connect(self, *, first: bool = False) -> psycopg.Connection[Any]:
+        try:
+            conn = psycopg.connect(
+                self.dsn,
+                autocommit=True,
+                connect_timeout=max(1, round(self.connect_timeout)),
+                application_name="llmos-registry",
+            )
+        except psycopg.ProgrammingError as exc:
+            raise ConfigError(
+                f"the PostgreSQL registry's dsn is not a valid connection string:"
+                f" {_scrub(str(exc), self.dsn)}; write 'host=... dbname=... user=...' or"
+                " 'postgresql://user@host:port/dbname'"
+            ) from None
+        except psycopg.OperationalError as exc:
+            reason = _scrub(str(exc).strip(), self.dsn)
+            what = f"cannot connect to the PostgreSQL registry at {self.where}: {reason}"
+            if first:
+                raise ConfigError(
+                    f"{what}; check that the server is running and reachable there and that"
+                    " the dsn ([plugins.postgres] dsn, or the LLMOS_POSTGRES_DSN environment"
+                    " variable) names the right host, port, database and user"
+                ) from None
+            raise Unavailable(what) from None
+        try:
+            conn.execute(f"SET search_path TO {self.schema}")
+            conn.execute(f"SET lock_timeout = {int(self.lock_timeout * 1000)}")
+        except psycopg.Error:
+            conn.close()
+            raise
+        return conn
+
+    def _conn(self) -> psycopg.Connection[Any]:
+        if self._closed:
+            raise LlmosError(f"registry store {self!r} is closed")
+        pid = os.getpid()
+        conn = getattr(self._local, "conn", None)
+        # A connection must not cross a fork: the child opens its own.
+        if conn is None or self._local.pid != pid or conn.closed:
+            conn = self._connect()
+            self._local.conn, self._local.pid = conn, pid
+            with self._lock:
+                self._connections.append((pid, conn))
+        return conn
+
+    def _drop(self) -> None:
+        """Forget this thread's connection (the server went away)."""
+        conn = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            pid = os.getpid()
+            for owner, conn in self._connections:
+                if owner == pid:
+                    conn.close()
+            self._connections.clear()
+        self._tokenizer.close()
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        """Server trouble as llmos errors: a lost connection or a lock held
+        too long is :class:`Unavailable` (retry)."""
+        try:
+            yield
+        except pg_errors.LockNotAvailable as exc:
+            raise Unavailable(
+                f"the PostgreSQL registry stayed locked for {self.lock_timeout:g} s: {exc}"
+            ) from exc
+        except psycopg.OperationalError as exc:
+            self._drop()
+            raise Unavailable(
+                f"the PostgreSQL registry at {self.where} is unavailable:"
+                f" {_scrub(str(exc).strip(), self.dsn)}"
+            ) from exc
+
+    def _write(self, work: Callable[[psycopg.Cursor[Any]], T]) -> T:
+        """``work(cursor)`` in a write transaction, tried again when it lost a
+        deadlock (another transaction locked the same models in the other
+        order) or a serialization conflict."""
+        for attempt in range(_RETRIES):
+            with self._errors():
+                conn = self._conn()
+                try:
+                    with conn.transaction(), conn.cursor() as cur:
+                        return work(cur)
+                except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure):
+                    if attempt == _RETRIES - 1:
+                        raise
+                    time.sleep(0.005 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def _read(self, work: Callable[[psycopg.Cursor[Any]], T]) -> T:
+        """``work(cursor)`` in a read-only transaction: one snapshot."""
+        with self._errors():
+            conn = self._conn()
+            with conn.transaction(), conn.cursor() as cur:
+                cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                return work(cur)
+
+    def _migrate(self, conn: psycopg.Connection[Any]) -> None:
+        target = len(MIGRATIONS)
+        what = f"PostgreSQL registry at {self.where} (schema {self.schema})"
+        with self._errors(), conn.transaction(), conn.cursor() as cur:
+            # One migrator at a time across every process and machine.
+            cur.execute(
+                "SELECT pg_advisory_xact_lock(hashtext(%s))", (f"llmos-registry:{self.schema}",)
+            )
+            cur.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema}")
+            cur.execute(
+                "CREATE TABLE IF NOT EXISTS registry_schema ("
+                " id integer PRIMARY KEY CHECK (id = 1), version integer NOT NULL)"
+            )
+            cur.execute("SELECT version FROM registry_schema WHERE id = 1")
+            row = cur.fetchone()
+            current = 0 if row is None else int(row[0])
+            if current > target:
+                raise ConfigError(
+                    f"the {what} has schema version {current}, newer than this llmos-postgres"
+                    f" understands ({target}); upgrade llmos-postgres or use another schema"
+                )
+            for step in MIGRATIONS[current:]:
+                for statement in step():
+                    cur.execute(statement)
+            cur.execute(
+                "INSERT INTO registry_schema VALUES (1, %s)"
+                " ON CONFLICT (id) DO UPDATE SET version = excluded.version",
+                (target,),
+            )
+        if current != target:
+            log.info("registry migrated", where=what, schema_from=current, schema_to=target)
+
+    @property
+    def schema_version(self) -> int:
+        """The registry's schema version (``registry_schema``)."""
+        return self._read(
+            lambda c: int(c.execute("SELECT version FROM registry_schema").fetchone()[0])
+        )
+
+    # --------------------------------------------------------------- writing
+
+    def register(
+        self, card: ModelCard, created_by: str | None = None, *, if_changed: bool = False
+    ) -> ModelCard:
+        now = _now()
+
+        def work(c: psycopg.Cursor[Any]) -> ModelCard:
+            delta = [0, 0]
+            stored = self._insert(c, card, created_by, now, if_changed, delta)
+            self._count(c, delta)
+            return stored
+
+        stored = self._write(work)
+        log.info("model registered", model=stored.ref)
+        return stored
+
+    def register_many(
+        self, cards: Iterable[ModelCard], created_by: str | None = None
+    ) -> list[ModelCard]:
+        cards = list(cards)
+        now = _now()
+
+        def work(c: psycopg.Cursor[Any]) -> list[ModelCard]:
+            delta = [0, 0]
+            stored = [self._insert(c, card, created_by, now, False, delta) for card in cards]
+            self._count(c, delta)
+            return stored
+
+        stored = self._write(work)
+        log.info("models registered", count=len(stored))
+        return stored
+
+    @staticmethod
+    def _count(c: psycopg.Cursor[Any], delta: list[int]) -> None:
+        """Add ``[versions, tokens]`` to the corpus statistics: last in a
+        transaction, so the one row every writer updates is held briefly."""
+        if delta != [0, 0]:
+            c.execute(
+                "UPDATE corpus SET versions = versions + %s, tokens = tokens + %s WHERE id = 1",
+                tuple(delta),
+            )
+
+    def _insert(
+        self,
+        c: psycopg.Cursor[Any],
+        card: ModelCard,
+        created_by: str | None,
+        now: datetime,
+        if_changed: bool,
+        delta: list[int],
+    ) -> ModelCard:
+        name = check_card(card).name
+        c.execute(
+            "INSERT INTO models (name, created_at) VALUES (%s, %s) ON CONFLICT (name) DO NOTHING",
+            (name, now.timestamp()),
+        )
+        # The model's row, locked: registrations of this name queue here, so
+        # last_version + 1 is this one's alone (gapless, whoever registers).
+        last = c.execute(
+            "SELECT last_version FROM models WHERE name = %s FOR UPDATE", (name,)
+        ).fetchone()[0]
+        if if_changed and last:
+            latest = self._alias_row(c, name, LATEST)
+            if latest is not None and same_content(latest.card, card):
+                return latest.card
+        stored = attrs.evolve(
+            card,
+            version=last + 1,
+            created_at=now,
+            created_by=created_by if created_by is not None else card.created_by,
+        )
+        c.execute("UPDATE models SET last_version = %s WHERE name = %s", (stored.version, name))
+        if last:
+            c.execute(
+                "UPDATE versions SET is_latest = false WHERE name = %s AND is_latest", (name,)
+            )
+        size, rows = postings(self._tokenizer, stored)
+        row_id = c.execute(
+            "INSERT INTO versions (name, version, is_latest, created_at, created_by, provider,"
+            " family, format, license, parameters, size, card)"
+            " VALUES (%s, %s, true, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+            (
+                name,
+                stored.version,
+                now.timestamp(),
+                stored.created_by,
+                stored.provider.lower(),
+                _lower(stored.family),
+                str(stored.format),
+                _lower(stored.license),
+                stored.parameters,
+                size,
+                card_json(stored),
+            ),
+        ).fetchone()[0]
+        self._many(c, "tasks", "task", row_id, stored.tasks)
+        self._many(c, "tags", "tag", row_id, stored.tags)
+        self._post(c, row_id, rows)
+        self._point(c, name, LATEST, stored.version)
+        delta[0] += 1
+        delta[1] += size
+        return stored
+
+    @staticmethod
+    def _many(
+        c: psycopg.Cursor[Any], table: str, column: str, row_id: int, values: Sequence[str]
+    ) -> None:
+        lowered = sorted({value.lower() for value in values})
+        if lowered:
+            c.execute(
+                f"INSERT INTO {table} (version_id, {column}) SELECT %s, unnest(%s::text[])",
+                (row_id, lowered),
+            )
+
+    @staticmethod
+    def _post(c: psycopg.Cursor[Any], row_id: int, rows: list[tuple[str, int, list[int]]]) -> None:
+        if rows:
+            c.execute(
+                "INSERT INTO postings (term, version_id, weight, positions)"
+                " SELECT t, %s, w, string_to_array(p, ',')::integer[]"
+                " FROM unnest(%s::text[], %s::integer[], %s::text[]) AS r (t, w, p)",
+                (
+                    row_id,
+                    [term for term, _, _ in rows],
+                    [weight for _, weight, _ in rows],
+                    [",".join(map(str, where)) for _, _, where in rows],
+                ),
+            )
+
+    @staticmethod
+    def _point(c: psycopg.Cursor[Any], name: str, alias: str, version: int) -> None:
+        c.execute(
+            "INSERT INTO aliases (name, alias, version) VALUES (%s, %s, %s)"
+            " ON CONFLICT (name, alias) DO UPDATE SET version = excluded.version",
+            (name, alias, version),
+        )
+
+    def _refresh_latest(self, c: psycopg.Cursor[Any], name: str) -> None:
+        """Point ``latest`` (and ``is_latest``) at the newest version not deleted."""
+        newest = c.execute(
+            "SELECT max(version) FROM versions WHERE name = %s AND status <> 'deleted'", (name,)
+        ).fetchone()[0]
+        c.execute("UPDATE versions SET is_latest = false WHERE name = %s AND is_latest", (name,))
+        if newest is None:
+            c.execute("DELETE FROM aliases WHERE name = %s AND alias = %s", (name, LATEST))
+            return
+        c.execute(
+            "UPDATE versions SET is_latest = true WHERE name = %s AND version = %s",
+            (name, newest),
+        )
+        self._point(c, name, LATEST, newest)
+
+    @staticmethod
+    def _lock_model(c: psycopg.Cursor[Any], name: str) -> None:
+        """Queue behind registrations of ``name`` (they move ``latest``)."""
+        c.execute("SELECT 1 FROM models WHERE name = %s FOR UPDATE", (name,))
+
+    def set_alias(self, name: str, alias: str, version: int) -> None:
+        self._check_manual_alias(alias)
+        if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= MAX_INT:
+            raise UsageError(f"version must be a positive integer up to {MAX_INT}, got {version!r}")
+        ref = f"{validate_model_name(name)}@{version}"
+
+        def work(c: psycopg.Cursor[Any]) -> None:
+            self._lock_model(c, name)
+            row = self._resolve(c, ref)
+            self._point(c, row.name, alias, row.version)
+
+        self._write(work)
+        log.info("alias set", model=f"{name}@{alias}", version=version)
+
+    def remove_alias(self, name: str, alias: str) -> None:
+        self._check_manual_alias(alias)
+        validate_model_name(name)
+
+        def work(c: psycopg.Cursor[Any]) -> None:
+            c.execute("DELETE FROM aliases WHERE name = %s AND alias = %s", (name, alias))
+            if c.rowcount == 0:
+                self._missing(c, name, alias)
+
+        self._write(work)
+        log.info("alias removed", model=f"{name}@{alias}")
+
+    @staticmethod
+    def _check_manual_alias(alias: str) -> None:
+        validate_alias(alias)
+        if alias == LATEST:
+            raise UsageError(
+                "'latest' is kept by the registry on the newest version that is not "
+                "deleted; it cannot be set or removed by hand",
+                param="alias",
+            )
+
+    def _edit(self, ref: str, change: Callable[[ModelCard], ModelCard]) -> ModelCard:
+        def work(c: psycopg.Cursor[Any]) -> ModelCard:
+            row = self._resolve(c, ref, lock=True)
+            card = change(row.card)
+            if card == row.card:
+                return card
+            c.execute("UPDATE versions SET card = %s WHERE id = %s", (card_json(card), row.id))
+            c.execute("DELETE FROM tags WHERE version_id = %s", (row.id,))
+            self._many(c, "tags", "tag", row.id, card.tags)
+            old = c.execute("SELECT size FROM versions WHERE id = %s", (row.id,)).fetchone()[0]
+            c.execute("DELETE FROM postings WHERE version_id = %s", (row.id,))
+            size, rows = postings(self._tokenizer, card)
+            self._post(c, row.id, rows)
+            c.execute("UPDATE versions SET size = %s WHERE id = %s", (size, row.id))
+            self._count(c, [0, size - old])
+            return card
+
+        return self._write(work)
+
+    def tag(self, ref: str, *tags: str) -> ModelCard:
+        wanted = clean_tags(tags)
+
+        def add(card: ModelCard) -> ModelCard:
+            have = [t.lower() for t in card.tags]
+            new = list(card.tags)
+            for tag in wanted:
+                if tag.lower() not in have:
+                    new.append(tag)
+                    have.append(tag.lower())
+            if len(new) > MAX_ITEMS:
+                raise UsageError(
+                    f"{card.ref} would carry {len(new)} tags, more than the {MAX_ITEMS} allowed"
+                )
+            return attrs.evolve(card, tags=tuple(new))
+
+        return self._edit(ref, add)
+
+    def untag(self, ref: str, *tags: str) -> ModelCard:
+        unwanted = {t.lower() for t in clean_tags(tags)}
+        return self._edit(
+            ref,
+            lambda card: attrs.evolve(
+                card, tags=tuple(t for t in card.tags if t.lower() not in unwanted)
+            ),
+        )
+
+    def set_description(self, ref: str, text: str) -> ModelCard:
+        if not isinstance(text, str):
+            raise UsageError(f"a description must be a string, got {type(text).__name__}")
+        problem = text_problem("the description", text, lines=True)
+        if problem is not None:
+            raise UsageError(problem, param="description")
+        return self._edit(ref, lambda card: attrs.evolve(card, description=text))
+
+    def deprecate(self, ref: str) -> ModelCard:
+        def work(c: psycopg.Cursor[Any]) -> _Row:
+            row = self._resolve(c, ref, lock=True)
+            c.execute("UPDATE versions SET status = 'deprecated' WHERE id = %s", (row.id,))
+            return row
+
+        row = self._write(work)
+        log.info("model deprecated", model=row.card.ref)
+        return row.card
+
+    def delete(self, ref: str) -> ModelCard:
+        name, _ = parse_ref(ref)
+
+        def work(c: psycopg.Cursor[Any]) -> _Row:
+            self._lock_model(c, name)
+            row = self._resolve(c, ref, lock=True)
+            size = c.execute(
+                "UPDATE versions SET status = 'deleted', is_latest = false WHERE id = %s"
+                " RETURNING size",
+                (row.id,),
+            ).fetchone()[0]
+            c.execute(
+                "DELETE FROM aliases WHERE name = %s AND version = %s", (row.name, row.version)
+            )
+            c.execute("DELETE FROM postings WHERE version_id = %s", (row.id,))
+            self._refresh_latest(c, row.name)
+            self._count(c, [-1, -size])
+            return row
+
+        row = self._write(work)
+        log.info("model deleted", model=row.card.ref)
+        return row.card
+
+    # --------------------------------------------------------------- reading
+
+    _ROW_COLUMNS = "v.id, v.name, v.version, v.status, v.card"
+
+    @staticmethod
+    def _row(found: tuple[Any, ...] | None) -> _Row | None:
+        if found is None:
+            return None
+        row_id, name, version, status, card = found
+        return _Row(row_id, name, version, VersionStatus(status), load_card(card))
+
+    def _alias_row(self, c: psycopg.Cursor[Any], name: str, alias: str) -> _Row | None:
+        return self._row(
+            c.execute(
+                f"SELECT {self._ROW_COLUMNS} FROM aliases a"
+                " JOIN versions v ON v.name = a.name AND v.version = a.version"
+                " WHERE a.name = %s AND a.alias = %s",
+                (name, alias),
+            ).fetchone()
+        )
+
+    def _resolve(self, c: psycopg.Cursor[Any], ref: str, *, lock: bool = False) -> _Row:
+        name, selector = parse_ref(ref)
+        if isinstance(selector, int):
+            row = self._row(
+                c.execute(
+                    f"SELECT {self._ROW_COLUMNS} FROM versions v"
+                    " WHERE v.name = %s AND v.version = %s",
+                    (name, selector),
+                ).fetchone()
+            )
+        else:
+            row = self._alias_row(c, name, selector)
+        if row is None:
+            self._missing(c, name, selector)
+        assert row is not None
+        if lock:
+            # The version's row, locked and read again: a concurrent edit of
+            # it either went first (and is seen) or waits.
+            locked = self._row(
+                c.execute(
+                    f"SELECT {self._ROW_COLUMNS} FROM versions v WHERE v.id = %s FOR UPDATE",
+                    (row.id,),
+                ).fetchone()
+            )
+            assert locked is not None
+            row = locked
+        if row.status is VersionStatus.DELETED:
+            raise NotFoundError(f"model {name}@{row.version} was deleted")
+        return row
+
+    @staticmethod
+    def _missing(c: psycopg.Cursor[Any], name: str, selector: int | str) -> None:
+        """Raise the NotFoundError that says best what is missing."""
+        if c.execute("SELECT 1 FROM models WHERE name = %s", (name,)).fetchone() is None:
+            raise NotFoundError(f"no model named {name!r}")
+        if isinstance(selector, int):
+            last = c.execute(
+                "SELECT max(version) FROM versions WHERE name = %s", (name,)
+            ).fetchone()[0]
+            raise NotFoundError(f"model {name!r} has no version {selector} (versions 1-{last})")
+        if selector == LATEST:
+            raise NotFoundError(f"every version of model {name!r} is deleted")
+        have = [
+            a
+            for (a,) in c.execute(
+                "SELECT alias FROM aliases WHERE name = %s ORDER BY alias", (name,)
+            ).fetchall()
+        ]
+        raise NotFoundError(
+            f"model {name!r} has no alias {selector!r} (aliases: {', '.join(have) or 'none'})"
+        )
+
+    def get(self, ref: str) -> ModelCard:
+        parse_ref(ref)  # a malformed ref is a UsageError before any connection
+        return self._read(lambda c: self._resolve(c, ref).card)
+
+    def versions(self, name: str) -> list[VersionInfo]:
+        validate_model_name(name)
+
+        def work(c: psycopg.Cursor[Any]) -> list[VersionInfo]:
+            rows = c.execute(
+                "SELECT version, status, card FROM versions WHERE name = %s ORDER BY version",
+                (name,),
+            ).fetchall()
+            if not rows:
+                raise NotFoundError(f"no model named {name!r}")
+            aliases = self._aliases(c, [name])
+            return [
+                VersionInfo(
+                    card=load_card(card),
+                    status=VersionStatus(status),
+                    aliases=aliases.get((name, version), ()),
+                )
+                for version, status, card in rows
+            ]
+
+        return self._read(work)
+
+    @staticmethod
+    def _aliases(
+        c: psycopg.Cursor[Any], names: Sequence[str]
+    ) -> dict[tuple[str, int], tuple[str, ...]]:
+        found: dict[tuple[str, int], list[str]] = {}
+        for name, version, alias in c.execute(
+            "SELECT name, version, alias FROM aliases WHERE name = ANY (%s)"
+            " ORDER BY alias = 'latest' DESC, alias",
+            (list(names),),
+        ).fetchall():
+            found.setdefault((name, version), []).append(alias)
+        return {key: tuple(value) for key, value in found.items()}
+
+    def _score(self, c: psycopg.Cursor[Any], phrases: Sequence[tuple[str, ...]]) -> PgSql | None:
+        """bm25 of the version ``v`` for the scoring phrases, in SQL, with the
+        IDFs and average length of now; None when nothing can score."""
+        versions, tokens = c.execute("SELECT versions, tokens FROM corpus").fetchone()
+        phrases = [p for p in phrases if p]
+        if not versions or not phrases:
+            return None
+        avgdl = tokens / versions
+        docs: dict[str, int] = {}
+        for word in {w for phrase in phrases for w in phrase}:
+            docs[word] = c.execute(
+                "SELECT count(*) FROM postings WHERE term = %s", (word,)
+            ).fetchone()[0]
+        terms = ["0.0::float8"]
+        params: list[Any] = []
+        for phrase in phrases:
+            weight = sum(ranking.idf(versions, docs[w]) for w in phrase)
+            f = phrase_weight(phrase, "v.id")
+            terms.append(f"%s::float8 * {_bm25_sql(f.sql, '%s::float8')}")
+            # f appears twice in bm25: its parameters twice, around avgdl.
+            params += [weight, *f.params, *f.params, avgdl]
+        return PgSql("(" + " + ".join(terms) + ")", tuple(params))
+
+    def search(
+        self,
+        query: str = "",
+        *,
+        sort: str = "relevance",
+        descending: bool | None = None,
+        limit: int = 20,
+        offset: int = 0,
+        cursor: str | None = None,
+        all_versions: bool = False,
+    ) -> SearchPage:
+        if sort not in SORTS:
+            raise UsageError(f"sort must be one of {', '.join(SORTS)}, not {sort!r}", param="sort")
+        if not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
+            raise UsageError(
+                f"limit must be between 1 and {MAX_LIMIT}, got {limit!r}", param="limit"
+            )
+        if not isinstance(offset, int) or not 0 <= offset <= MAX_OFFSET:
+            raise UsageError(
+                f"offset must be between 0 and {MAX_OFFSET}, got {offset!r}", param="offset"
+            )
+        if cursor is not None and offset:
+            raise UsageError("give a cursor or an offset, not both", param="cursor")
+        node = parse_query(query)
+        plan = plan_search(node)
+        ranked = sort == "relevance" and plan.has_text
+        if ranked:
+            desc = True if descending is None else bool(descending)
+            key = ""
+        else:
+            key, desc = _SORT_KEYS["name" if sort == "relevance" else sort]
+            if descending is not None:
+                desc = bool(descending)
+        # The same fingerprint as SQLite's: its cursors are this store's too.
+        fingerprint = hashlib.sha1(
+            json.dumps([query, sort, desc, all_versions]).encode()
+        ).hexdigest()[:12]
+        after: tuple[Any, ...] = ()
+        if cursor is not None:
+            after = decode_cursor(cursor, fingerprint)
+            # A key of another type than the order's (a forged cursor) is
+            # refused: PostgreSQL does not compare text with numbers.
+            text_key = not ranked and key == "v.name"
+            if isinstance(after[0], str) != text_key:
+                raise UsageError("invalid search cursor", param="cursor")
+        where = to_pg(node, self._tokenizer.phrase) if node is not None else TRUE
+        scope = "v.status <> 'deleted'" if all_versions else "v.is_latest"
+        condition = f"{scope} AND {where.sql}"
+        phrases = [self._tokenizer.phrase(text) for text in plan.phrases]
+
+        def work(c: psycopg.Cursor[Any]) -> SearchPage:
+            total = c.execute(
+                f"SELECT count(*) FROM (SELECT 1 FROM versions v WHERE {condition} LIMIT %s) s",
+                (*where.params, self.count_limit + 1),
+            ).fetchone()[0]
+            rows: list[tuple[Any, ...]] = []
+            if ranked:
+                score = self._score(c, phrases)
+                if score is not None:
+                    rows = self._page(c, score, condition, where.params, desc, limit, offset, after)
+            else:
+                rows = self._page(
+                    c, PgSql(key), condition, where.params, desc, limit, offset, after
+                )
+            more = len(rows) > limit
+            rows = rows[:limit]
+            ids = [row[0] for row in rows]
+            details = {
+                row_id: (VersionStatus(status), load_card(card))
+                for row_id, status, card in c.execute(
+                    "SELECT id, status, card FROM versions WHERE id = ANY (%s)", (ids,)
+                ).fetchall()
+            }
+            aliases = self._aliases(c, sorted({details[i][1].name for i in ids}))
+            items = []
+            for row_id, key_value in rows:
+                status, card = details[row_id]
+                items.append(
+                    SearchHit(
+                        card=card,
+                        status=status,
+                        aliases=aliases.get((card.name, card.version or 0), ()),
+                        score=float(key_value) if ranked else None,
+                    )
+                )
+            next_cursor = next_offset = None
+            if more:
+                next_cursor = encode_cursor(fingerprint, rows[-1][1], rows[-1][0])
+                next_offset = None if cursor is not None else offset + len(rows)
+            return SearchPage(
+                items=items,
+                total=min(total, self.count_limit),
+                total_exact=total <= self.count_limit,
+                next_cursor=next_cursor,
+                next_offset=next_offset,
+            )
+
+        return self._read(work)
+
+    @staticmethod
+    def _page(
+        c: psycopg.Cursor[Any],
+        key: PgSql,
+        condition: str,
+        params: tuple[Any, ...],
+        desc: bool,
+        limit: int,
+        offset: int,
+        after: tuple[Any, ...],
+    ) -> list[tuple[Any, ...]]:
+        """``(id, key)`` rows of one page in ``key`` order (ties by id), one
+        more than ``limit`` if there are more."""
+        direction, beyond = ("DESC", "<") if desc else ("ASC", ">")
+        inner = f"SELECT v.id AS id, {key.sql} AS k FROM versions v WHERE {condition}"
+        cursor = f" WHERE (k, id) {beyond} (%s, %s)" if after else ""
+        return c.execute(
+            f"SELECT id, k FROM ({inner}) s{cursor}"
+            f" ORDER BY k {direction}, id {direction} LIMIT %s OFFSET %s",
+            (*key.params, *params, *after, limit + 1, offset),
+        ).fetchall()

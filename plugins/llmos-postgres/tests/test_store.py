@@ -1,0 +1,226 @@
+"""What the PostgreSQL store adds to the contract: its schema and migrations,
+several processes registering at once, and a server that is wrong or gone."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Callable
+
+import psycopg
+import pytest
+
+from llmos.errors import ConfigError, Unavailable
+from llmos.store_contract import card
+from llmos_postgres import store as store_module
+from llmos_postgres.store import PostgresStore, describe_dsn
+from llmos_postgres.testing import Server
+
+OpenPg = Callable[..., PostgresStore]
+
+
+def _sql(server: Server, statement: str, *params: object) -> list[tuple[object, ...]]:
+    with psycopg.connect(server.dsn, autocommit=True) as conn:
+        cur = conn.execute(statement, params or None)
+        return cur.fetchall() if cur.description else []
+
+
+# --------------------------------------------------------------- migrations
+
+
+def test_a_fresh_schema_gets_the_current_version(server: Server, open_pg: OpenPg) -> None:
+    store = open_pg()
+    assert store.schema_version == len(store_module.MIGRATIONS) >= 1
+    tables = {
+        row[0]
+        for row in _sql(
+            server,
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = %s",
+            store.schema,
+        )
+    }
+    assert {"registry_schema", "models", "versions", "postings", "aliases"} <= tables
+
+
+def test_migrations_run_once_and_in_order(
+    server: Server, open_pg: OpenPg, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = open_pg()
+    first.register(card("m"))
+    ran: list[str] = []
+
+    def second() -> list[str]:
+        ran.append("second")
+        return ["CREATE TABLE extra (x integer)"]
+
+    def third() -> list[str]:
+        ran.append("third")
+        return ["INSERT INTO extra VALUES (1)"]  # needs second's table
+
+    base = list(store_module.MIGRATIONS)
+    monkeypatch.setattr(store_module, "MIGRATIONS", [*base, second, third])
+    again = open_pg()
+    assert again.schema_version == len(base) + 2
+    assert again.get("m").version == 1  # data survives
+    assert open_pg().schema_version == len(base) + 2  # reopening runs nothing
+    assert ran == ["second", "third"]
+    assert _sql(server, f"SELECT x FROM {first.schema}.extra") == [(1,)]
+
+
+def test_a_failing_migration_changes_nothing(
+    server: Server, open_pg: OpenPg, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    schema = open_pg().schema
+
+    def broken() -> list[str]:
+        return ["CREATE TABLE half_done (x integer)", "SELECT 1 / 0"]
+
+    monkeypatch.setattr(store_module, "MIGRATIONS", [*store_module.MIGRATIONS, broken])
+    with pytest.raises(psycopg.errors.DivisionByZero):
+        open_pg()
+    assert _sql(server, f"SELECT version FROM {schema}.registry_schema") == [(1,)]
+    assert _sql(server, "SELECT to_regclass(%s)", f"{schema}.half_done") == [(None,)]
+
+
+def test_a_newer_schema_is_refused(server: Server, open_pg: OpenPg) -> None:
+    schema = open_pg().schema
+    _sql(server, f"UPDATE {schema}.registry_schema SET version = 99")
+    with pytest.raises(ConfigError) as caught:
+        open_pg()
+    assert "has schema version 99, newer than this llmos-postgres understands (1)" in str(
+        caught.value
+    )
+    assert "upgrade llmos-postgres or use another schema" in str(caught.value)
+
+
+def test_stores_that_open_one_new_schema_at_once_migrate_it_once(open_pg: OpenPg) -> None:
+    """The advisory lock: several daemons starting on an empty database."""
+    got: list[object] = []
+
+    def start() -> None:
+        try:
+            got.append(open_pg("shared").schema_version)
+        except Exception as exc:  # shown by the assertion below
+            got.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert got == [len(store_module.MIGRATIONS)] * 5
+
+
+def test_schema_names_are_checked(server: Server) -> None:
+    with pytest.raises(ConfigError, match="schema 'Bad; DROP' is invalid"):
+        PostgresStore(server.dsn, schema="Bad; DROP")
+
+
+# ------------------------------------------------------ several processes
+
+_WRITER = textwrap.dedent(
+    """
+    import json, sys
+    from llmos.types import ModelCard
+    from llmos_postgres.store import PostgresStore
+
+    dsn, schema, count, who = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    sys.stdin.readline()  # start together
+    with PostgresStore(dsn, schema=schema) as store:
+        got = []
+        for i in range(count):
+            card = ModelCard(name="shared/model", provider="none", description=f"{who} {i}")
+            got.append(store.register(card, created_by=who).version)
+    print(json.dumps(got))
+    """
+)
+
+
+def test_processes_registering_one_name_get_gapless_versions(
+    server: Server, open_pg: OpenPg
+) -> None:
+    """Four processes (four daemons, as far as the server can tell) register
+    versions of one model at once: 1..N, each number once."""
+    schema = open_pg().schema  # created and migrated
+    processes, each = 4, 15
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WRITER, server.dsn, schema, str(each), f"p{n}"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for n in range(processes)
+    ]
+    for writer in writers:
+        assert writer.stdin is not None
+        writer.stdin.write("go\n")
+        writer.stdin.flush()
+    versions: list[int] = []
+    for writer in writers:
+        out, err = writer.communicate(timeout=120)
+        assert writer.returncode == 0, err[-2000:]
+        mine = json.loads(out.strip().splitlines()[-1])
+        assert mine == sorted(mine)  # each process's own versions rise
+        versions += mine
+    total = processes * each
+    assert sorted(versions) == list(range(1, total + 1))
+    listed = open_pg().versions("shared/model")
+    assert [v.card.version for v in listed] == list(range(1, total + 1))
+    by = {v.card.created_by for v in listed}
+    assert by == {f"p{n}" for n in range(processes)}
+    assert open_pg().get("shared/model").version == total
+
+
+# ------------------------------------------------------- bad input, lost server
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_an_unreachable_server_names_the_host_never_the_password() -> None:
+    dsn = f"host=127.0.0.1 port={_closed_port()} dbname=registry user=llmos password=s3cr3t-pw"
+    with pytest.raises(ConfigError) as caught:
+        PostgresStore(dsn, connect_timeout=2)
+    message = str(caught.value)
+    assert message.startswith("cannot connect to the PostgreSQL registry at host 127.0.0.1")
+    assert "database registry, user llmos" in message
+    assert "check that the server is running" in message and "LLMOS_POSTGRES_DSN" in message
+    assert "s3cr3t-pw" not in message
+
+
+def test_a_url_dsn_hides_its_password_too() -> None:
+    dsn = f"postgresql://llmos:s3cr3t-pw@127.0.0.1:{_closed_port()}/registry"
+    with pytest.raises(ConfigError) as caught:
+        PostgresStore(dsn, connect_timeout=2)
+    assert "s3cr3t-pw" not in str(caught.value)
+    assert "host 127.0.0.1" in str(caught.value)
+    assert describe_dsn(dsn).startswith("host 127.0.0.1, port ")
+
+
+def test_a_missing_database_is_a_config_error(server: Server) -> None:
+    with pytest.raises(ConfigError, match=r'database "nope" does not exist'):
+        PostgresStore(f"host=127.0.0.1 port={server.port} dbname=nope user=postgres")
+
+
+def test_a_malformed_dsn_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="not a valid connection string"):
+        PostgresStore("host=127.0.0.1 port")
+
+
+def test_a_lost_connection_is_unavailable_then_reconnects(server: Server, open_pg: OpenPg) -> None:
+    store = open_pg()
+    store.register(card("m"))
+    pid = store._conn().info.backend_pid  # the test thread's connection
+    _sql(server, "SELECT pg_terminate_backend(%s)", pid)
+    with pytest.raises(Unavailable, match=r"PostgreSQL registry at host 127\.0\.0\.1"):
+        store.get("m")
+    assert store.get("m").version == 1  # the next call connects again
