@@ -72,7 +72,7 @@ def test_queueing_with_batches_of_one_advises_a_larger_batch_and_top_shows_it(
     with serve_in_thread(kernel) as url:
         assert hammer(url, "m") == [200] * 32
         settle(kernel, "m@1", 32)
-        (advice,) = [a for a in advise(kernel) if a.id == "raise-batch-size"]
+        (advice,) = [a for a in advise(kernel.monitor) if a.id == "raise-batch-size"]
         assert advice.model == "m@1" and advice.severity == "warning"
         assert advice.evidence["max_batch_size"] == 1
         assert advice.evidence["batch_size_mean"] == 1.0
@@ -100,7 +100,7 @@ def test_the_same_traffic_with_batching_on_gets_no_batch_advice(
         settle(kernel, "m@1", 32)
         figures = kernel.monitor.windows.summary(60)["models"]["m@1"]
         assert figures["batch_size_mean"] > 1.5  # the queue was shared by each call
-        assert [a.id for a in advise(kernel)] == []
+        assert [a.id for a in advise(kernel.monitor)] == []
         assert "No advice" in run("advise", "--url", url)
 
 
@@ -113,7 +113,7 @@ def test_failing_requests_are_advised_on_with_their_kind(tmp_path: Path, table_m
         statuses = hammer(url, "flaky", threads=1, each=25)
         assert set(statuses) == {503}
         settle(kernel, "flaky@1", 25)
-        (advice,) = advise(kernel)
+        (advice,) = advise(kernel.monitor)
     assert (advice.id, advice.severity) == ("errors", "critical")
     assert advice.evidence["error_rate"] == 1.0
     assert advice.evidence["errors_by_kind"] == {"unavailable": 25}
@@ -141,7 +141,7 @@ def test_a_slow_transformers_model_is_pointed_at_vllm(tmp_path: Path, table_modu
                     fields={"status": "ok", "requests": 1, "latency_s": 3.0, "tokens_out": 60},
                 )
             )
-        (advice,) = advise(kernel)
+        (advice,) = advise(kernel.monitor)
     finally:
         kernel.stop()
     assert advice.id == "try-vllm"
@@ -169,14 +169,14 @@ def test_an_engine_short_of_kv_cache_is_told_to_get_more(tmp_path: Path, table_m
             MonitorEvent(kind="engine.stats", model="gen@1", fields=stats)
         )
         assert kernel.monitor.windows.summary(60)["models"]["gen@1"]["engine"]["waiting"] == 5
-        (advice,) = advise(kernel)
+        (advice,) = advise(kernel.monitor)
         # the same engine with room to spare: nothing to say
         kernel.monitor.windows.observe(
             MonitorEvent(
                 kind="engine.stats", model="gen@1", fields={**stats, "kv_cache_usage": 0.5}
             )
         )
-        assert advise(kernel) == []
+        assert advise(kernel.monitor) == []
     finally:
         kernel.stop()
     assert (advice.id, advice.model, advice.severity) == ("kv-cache", "gen@1", "warning")
@@ -198,7 +198,7 @@ def test_calls_one_after_another_need_no_larger_batch(tmp_path: Path, table_modu
         figures = kernel.monitor.windows.summary(60)["models"]["m@1"]
         assert figures["batch_size_mean"] == 1.0
         assert figures["queue_wait_p95_ms"] < figures["model_p50_ms"]
-        assert advise(kernel) == []
+        assert advise(kernel.monitor) == []
 
 
 def test_too_little_traffic_gets_no_advice(tmp_path: Path, table_module: Any) -> None:
@@ -207,7 +207,7 @@ def test_too_little_traffic_gets_no_advice(tmp_path: Path, table_module: Any) ->
     with serve_in_thread(kernel) as url:
         hammer(url, "m", threads=4, each=4)  # 16 rows < 20
         settle(kernel, "m@1", 16)
-        assert advise(kernel) == []
+        assert advise(kernel.monitor) == []
 
 
 def test_llmos_alerts_lists_rules_states_and_refusals(tmp_path: Path, table_module: Any) -> None:

@@ -19,7 +19,7 @@ import attrs
 from llmos.errors import LlmosError
 
 if TYPE_CHECKING:
-    from llmos.runtime.kernel import Kernel
+    from llmos.monitor.service import Monitor
 
 __all__ = ["Advice", "advise"]
 
@@ -77,33 +77,32 @@ class Advice:
 
 
 def advise(
-    kernel: Kernel, *, window_s: float = 600.0, min_requests: int = MIN_REQUESTS
+    monitor: Monitor, *, window_s: float = 600.0, min_requests: int = MIN_REQUESTS
 ) -> list[Advice]:
     """Advice for every model with traffic in the last ``window_s``, most
     severe first."""
-    monitor = kernel.monitor
     summary = monitor.windows.summary(window_s)
-    workers = {w.name: w for w in kernel.models.loaded()}
+    workers = {w.name: w for w in monitor.loaded()}
     out: list[Advice] = []
     for model, figures in summary["models"].items():
-        card = _card(kernel, model)
+        card = _card(monitor, model)
         worker = workers.get(model)
         enough = figures["requests"] >= min_requests
         if enough:
-            out += _batching(kernel, model, figures, worker)
-            out += _latency(kernel, model, figures, card, monitor.latency_target_ms)
+            out += _batching(monitor, model, figures, worker)
+            out += _latency(monitor, model, figures, card, monitor.latency_target_ms)
             out += _errors(model, figures)
         out += _engine(model, figures)
-        out += _accuracy(kernel, model, figures, card)
-    out += _fusions(kernel, min_requests)
+        out += _accuracy(monitor, model, figures, card)
+    out += _fusions(monitor, min_requests)
     order = {"critical": 0, "warning": 1, "info": 2}
     out.sort(key=lambda a: (order.get(a.severity, 3), a.model or "", a.id))
     return out
 
 
-def _card(kernel: Kernel, model: str) -> Any:
+def _card(monitor: Monitor, model: str) -> Any:
     try:
-        return kernel.registry.store.get(model)
+        return monitor.cards(model)
     except LlmosError:
         return None
 
@@ -112,13 +111,13 @@ def _ms(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.0f} ms" if value >= 10 else f"{value:.1f} ms"
 
 
-def _settings_config(kernel: Kernel, model: str, key: str, value: Any) -> str:
+def _settings_config(monitor: Monitor, model: str, key: str, value: Any) -> str:
     """Where a deployment's batching key is set: its ``[models.NAME]`` table
     when the config declares it, else the registered card's options (or, for
     every model at once, ``[runtime]``)."""
     name = model.partition("@")[0]
     text = json.dumps(value)
-    if name in kernel.config.section("models"):
+    if name in monitor.config.section("models"):
         return f"[models.{name}]\n{key} = {text}"
     return (
         f"# {model} is a registered card: set its option {key} = {text}, or for every model\n"
@@ -126,7 +125,9 @@ def _settings_config(kernel: Kernel, model: str, key: str, value: Any) -> str:
     )
 
 
-def _batching(kernel: Kernel, model: str, figures: Mapping[str, Any], worker: Any) -> list[Advice]:
+def _batching(
+    monitor: Monitor, model: str, figures: Mapping[str, Any], worker: Any
+) -> list[Advice]:
     """Requests queue while the model's calls hold one request each."""
     if worker is None or not worker.settings.batching:
         return []
@@ -159,7 +160,7 @@ def _batching(kernel: Kernel, model: str, figures: Mapping[str, Any], worker: An
                     f"{_ms(wait)} (p95) for calls of {_ms(call)} that take one request each"
                 ),
                 evidence=evidence,
-                config=_settings_config(kernel, model, "max_batch_size", target),
+                config=_settings_config(monitor, model, "max_batch_size", target),
             )
         ]
     return [
@@ -173,13 +174,13 @@ def _batching(kernel: Kernel, model: str, figures: Mapping[str, Any], worker: An
                 f"requests arriving together; batches average {batch:.2f} of up to {size}"
             ),
             evidence=evidence,
-            config=_settings_config(kernel, model, "max_wait_ms", 5),
+            config=_settings_config(monitor, model, "max_wait_ms", 5),
         )
     ]
 
 
 def _latency(
-    kernel: Kernel, model: str, figures: Mapping[str, Any], card: Any, target_ms: float
+    monitor: Monitor, model: str, figures: Mapping[str, Any], card: Any, target_ms: float
 ) -> list[Advice]:
     """p95 above the target on the transformers provider: vLLM serves faster."""
     p95 = figures.get("latency_p95_ms")
@@ -187,7 +188,7 @@ def _latency(
         return []
     if card.provider != "transformers" or not _GENERATIVE & set(card.tasks):
         return []
-    installed = "vllm" in kernel.load_plugins().providers
+    installed = "vllm" in monitor.providers()
     ratio = VLLM_BENCHMARK.get("tokens_per_s_ratio")
     measured = (
         f" (measured x{ratio:.2f} tokens/s with enable_lora off in {VLLM_BENCHMARK['benchmark']})"
@@ -213,14 +214,14 @@ def _latency(
                 "vllm_installed": installed,
                 **{k: v for k, v in VLLM_BENCHMARK.items() if v is not None},
             },
-            config=_vllm_config(kernel, model, card),
+            config=_vllm_config(monitor, model, card),
         )
     ]
 
 
-def _vllm_config(kernel: Kernel, model: str, card: Any) -> str:
+def _vllm_config(monitor: Monitor, model: str, card: Any) -> str:
     name = model.partition("@")[0]
-    if name in kernel.config.section("models"):
+    if name in monitor.config.section("models"):
         return f'[models.{name}]\nprovider = "vllm"'
     return f'[models.{name}-vllm]\nprovider = "vllm"\nsource = {json.dumps(card.source)}'
 
@@ -277,14 +278,14 @@ def _engine(model: str, figures: Mapping[str, Any]) -> list[Advice]:
     ]
 
 
-def _accuracy(kernel: Kernel, model: str, figures: Mapping[str, Any], card: Any) -> list[Advice]:
+def _accuracy(monitor: Monitor, model: str, figures: Mapping[str, Any], card: Any) -> list[Advice]:
     """The latest accuracy check fell below the registered score: re-tune."""
     evaluation = figures.get("evaluation") or {}
     score, registered = evaluation.get("score"), evaluation.get("registered")
     if score is None or registered is None or card is None:
         return []
     tolerance = 0.02
-    for rule in kernel.monitor.alerts.rules:
+    for rule in monitor.alerts.rules:
         if rule.metric == "accuracy" and rule.model == model:
             tolerance = rule.tolerance
     if score >= registered - tolerance:
@@ -324,10 +325,10 @@ def _accuracy(kernel: Kernel, model: str, figures: Mapping[str, Any], card: Any)
     ]
 
 
-def _fusions(kernel: Kernel, min_requests: int) -> list[Advice]:
+def _fusions(monitor: Monitor, min_requests: int) -> list[Advice]:
     """A member that always agrees with the fused answer adds nothing but cost."""
     out = []
-    for fusion, members in kernel.monitor.windows.fusions().items():
+    for fusion, members in monitor.windows.fusions().items():
         for member, f in members.items():
             if f["answered"] < min_requests:
                 continue

@@ -39,7 +39,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 import structlog
@@ -49,10 +49,7 @@ from llmos.errors import ConfigError, LlmosError
 from llmos.monitor.metrics import METRICS, PROCESS_METRICS, MetricWindows, parse_duration
 from llmos.tuning.data import load_file
 from llmos.tuning.evaluation import evaluate
-from llmos.types import Capability, ClassifyRequest, MonitorEvent
-
-if TYPE_CHECKING:
-    from llmos.runtime.kernel import Kernel
+from llmos.types import Capability, ClassifyRequest, ModelCaller, ModelCard, MonitorEvent
 
 log = structlog.get_logger("llmos.monitor")
 
@@ -411,11 +408,14 @@ class AlertManager:
 
     @classmethod
     def from_config(
-        cls, kernel: Kernel, windows: MetricWindows, rules: Sequence[AlertRule]
+        cls,
+        monitor: Mapping[str, Any],
+        windows: MetricWindows,
+        rules: Sequence[AlertRule],
+        emit: Callable[[MonitorEvent], None],
     ) -> AlertManager:
-        """The manager for ``rules`` with the ``[monitor]`` webhook; a rule
-        with its own webhook URL posts there instead."""
-        monitor = kernel.config.section("monitor")
+        """The manager for ``rules`` with the ``[monitor]`` webhook (``monitor``
+        is that section); a rule with its own webhook URL posts there instead."""
         timeout_s = float(monitor.get("webhook_timeout_s", 5.0))
         url = str(monitor.get("webhook_url") or "")
         token = None
@@ -430,7 +430,7 @@ class AlertManager:
         webhook = None
         if url or own:
             webhook = Webhook(str(url or own), token=token, timeout_s=timeout_s)
-        return cls(rules, windows, kernel.emit, webhook=webhook, default_webhook=bool(url))
+        return cls(rules, windows, emit, webhook=webhook, default_webhook=bool(url))
 
     def evaluate(self, now: float | None = None) -> list[dict[str, Any]]:
         """One pass over every rule; returns the events it emitted (as dicts)."""
@@ -526,14 +526,17 @@ class AlertManager:
 # --------------------------------------------------------------------------
 
 
-def run_accuracy_check(kernel: Kernel, rule: AlertRule) -> MonitorEvent:
-    """Score ``rule.model`` on its labelled data through the kernel and
+def run_accuracy_check(
+    cards: Callable[[str], ModelCard], models: ModelCaller, rule: AlertRule
+) -> MonitorEvent:
+    """Score ``rule.model`` (its card from ``cards``) on its labelled data
+    through ``models`` (the kernel: the model's own worker) and
     return the ``eval.result`` event (also when the check itself fails: the
     event then carries ``error`` and no score)."""
     started = time.perf_counter()
     fields: dict[str, Any] = {"alert": rule.name}
     try:
-        card = kernel.registry.store.get(rule.model)
+        card = cards(rule.model)
         provenance = dict(card.options.get("tuning") or {})
         sources = dict(dict(provenance.get("data") or {}).get("sources") or {})
         data = rule.data or sources.get("test") or sources.get("dev")
@@ -556,7 +559,7 @@ def run_accuracy_check(kernel: Kernel, rule: AlertRule) -> MonitorEvent:
 
         def predict(texts: Sequence[str]) -> list[str]:
             requests = [ClassifyRequest(text=t) for t in texts]
-            return [r.label for r in kernel.call(card.ref, Capability.CLASSIFY, requests)]
+            return [r.label for r in models.call(card.ref, Capability.CLASSIFY, requests)]
 
         report = evaluate(predict, rows, mapping=_label_map(labels, rows))
         fields.update(

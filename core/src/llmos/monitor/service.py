@@ -17,17 +17,17 @@ import resource
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import structlog
 
+from llmos.config import Config
 from llmos.errors import ConfigError
 from llmos.monitor.alerts import AlertManager, AlertRule, run_accuracy_check
+from llmos.monitor.bus import EventBus
 from llmos.monitor.metrics import MetricWindows
-from llmos.types import MonitorEvent
-
-if TYPE_CHECKING:
-    from llmos.runtime.kernel import Kernel
+from llmos.types import ModelCaller, ModelCard, MonitorEvent
 
 log = structlog.get_logger("llmos.monitor")
 
@@ -61,9 +61,27 @@ def _rss_bytes() -> int | None:
 class Monitor:
     """Metric windows, alerts and accuracy checks of one kernel."""
 
-    def __init__(self, kernel: Kernel) -> None:
-        self.kernel = kernel
-        section = kernel.config.section("monitor")
+    def __init__(
+        self,
+        config: Config,
+        bus: EventBus,
+        caller: ModelCaller,
+        loaded: Callable[[], Sequence[Any]],
+        cards: Callable[[str], ModelCard],
+        providers: Callable[[], Mapping[str, Any]],
+    ) -> None:
+        """``config`` gives ``[monitor]``, ``[alerts]`` and (for advice)
+        ``[models]``; ``bus`` takes its events (and reports drops);
+        ``caller`` runs accuracy checks; ``loaded`` lists the loaded models'
+        workers, ``cards`` reads a registered card, ``providers`` lists the
+        installed providers (for advice)."""
+        self.config = config
+        self.bus = bus
+        self.caller = caller
+        self.loaded = loaded
+        self.cards = cards
+        self.providers = providers
+        section = config.section("monitor")
         self.windows = MetricWindows(
             bucket_s=float(section.get("bucket_s", 10.0)),
             keep_s=float(section.get("keep_s", 3600.0)),
@@ -74,18 +92,18 @@ class Monitor:
         #: alert rules the config got wrong: name -> why (shown by /api/alerts)
         self.refused: dict[str, str] = {}
         rules = []
-        for name, table in kernel.config.section("alerts").items():
+        for name, table in config.section("alerts").items():
             try:
                 rules.append(AlertRule.from_table(name, table))
             except ConfigError as exc:
                 self.refused[name] = exc.message
                 log.error("monitor.alert_refused", alert=name, error=exc.message)
         try:
-            self.alerts = AlertManager.from_config(kernel, self.windows, rules)
+            self.alerts = AlertManager.from_config(section, self.windows, rules, bus.emit)
         except ConfigError as exc:
             self.refused["(webhook)"] = exc.message
             log.error("monitor.webhook_refused", error=exc.message)
-            self.alerts = AlertManager(rules, self.windows, kernel.emit)
+            self.alerts = AlertManager(rules, self.windows, bus.emit)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._checks: dict[str, threading.Thread] = {}
@@ -101,7 +119,7 @@ class Monitor:
     def close_buckets(self, now: float | None = None) -> None:
         """Hand the finished metric buckets on to the sinks (``request.bucket``)."""
         for event in self.windows.close_buckets(now):
-            self.kernel.emit(event)
+            self.bus.emit(event)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the clock, hand every bucket on (the running ones too); wait
@@ -112,7 +130,7 @@ class Monitor:
             self._thread.join(5)
         # Calls emitted just before the stop may still wait on the bus: fold
         # them into the windows first, or their buckets are never handed on.
-        self.kernel.bus.flush()
+        self.bus.flush()
         self.close_buckets(math.inf)
         deadline = time.monotonic() + timeout
         for thread in list(self._checks.values()):
@@ -123,13 +141,13 @@ class Monitor:
         """Sample the process now and emit ``process.sample``."""
         fields, self._mark = process_sample(self._mark)
         try:
-            workers = self.kernel.models.loaded()
+            workers = self.loaded()
         except Exception:  # the models manager may be closing
             workers = []
         fields["models_loaded"] = len(workers)
         fields["queued"] = sum(w.queued for w in workers)
-        fields["events_dropped"] = self.kernel.bus.dropped
-        self.kernel.emit(MonitorEvent(kind="process.sample", fields=fields))
+        fields["events_dropped"] = self.bus.dropped
+        self.bus.emit(MonitorEvent(kind="process.sample", fields=fields))
         return fields
 
     def _run(self) -> None:
@@ -171,11 +189,11 @@ class Monitor:
         result: list[MonitorEvent] = []
 
         def run() -> None:
-            event = run_accuracy_check(self.kernel, rule)
+            event = run_accuracy_check(self.cards, self.caller, rule)
             # The windows get it at once (the alert is judged on it next tick);
             # the sinks through the bus.
             self.windows.observe(event)
-            self.kernel.emit(event)
+            self.bus.emit(event)
             result.append(event)
 
         thread = threading.Thread(target=run, name=f"llmos-accuracy-{rule.name}", daemon=True)

@@ -175,7 +175,14 @@ class Kernel:
         """Metric windows, alert rules, accuracy checks (fed by the bus)."""
         with self._lock:
             if self._monitor is None:
-                self._monitor = Monitor(self)
+                self._monitor = Monitor(
+                    self.config,
+                    self.bus,
+                    self,
+                    lambda: self.models.loaded(),
+                    lambda ref: self.registry.store.get(ref),
+                    lambda: self.load_plugins().providers,
+                )
                 self.bus.observers.append(self._monitor.windows.observe)
             return self._monitor
 

@@ -147,7 +147,7 @@ def monitor_router(kernel: Kernel) -> APIRouter:
     @router.get("/api/advice", tags=_TAGS, summary="Advice from the measured figures")
     async def advice(window: str = Query("600")) -> dict[str, Any]:
         span = duration(window, "window", 600.0)
-        found = await run_in_threadpool(advise, kernel, window_s=span)
+        found = await run_in_threadpool(advise, kernel.monitor, window_s=span)
         return {"window_s": span, "data": [a.to_dict() for a in found]}
 
     return router
