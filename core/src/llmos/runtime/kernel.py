@@ -167,7 +167,9 @@ class Kernel:
         """Tuning jobs: the queue in the data folder and their worker processes."""
         with self._lock:
             if self._jobs is None:
-                self._jobs = JobManager(self)
+                self._jobs = JobManager(
+                    self.config, lambda: self.registry, self.load_plugins, self.emit
+                )
             return self._jobs
 
     @property

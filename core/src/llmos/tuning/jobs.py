@@ -47,7 +47,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -57,7 +57,7 @@ import attrs
 import structlog
 
 from llmos import db
-from llmos.config import Field, Section
+from llmos.config import Config, Field, Section
 from llmos.errors import (
     LlmosError,
     NotFoundError,
@@ -81,8 +81,8 @@ from llmos.tuning.worker import (
 from llmos.types import ModelCard, MonitorEvent, TuningMethodSpec, validate_model_name
 
 if TYPE_CHECKING:
-    from llmos.plugin.manager import Registered
-    from llmos.runtime.kernel import Kernel
+    from llmos.plugin.manager import PluginManager, Registered
+    from llmos.registry.service import Registry
 
 __all__ = [
     "DATABASE",
@@ -607,15 +607,28 @@ class JobManager:
     exits.
     """
 
-    def __init__(self, kernel: Kernel) -> None:
-        self.kernel = kernel
-        section = kernel.config.section("tuning")
+    def __init__(
+        self,
+        config: Config,
+        registry: Callable[[], Registry],
+        plugins: Callable[[], PluginManager],
+        emit: Callable[[MonitorEvent], None],
+    ) -> None:
+        """``config`` gives ``[tuning]``, the data folder (the job queue and
+        its folders) and the plugin settings a worker process loads with;
+        ``registry`` stores tuned models (opened on first use); ``plugins``
+        has the tuning methods (loaded on first use); ``emit`` reports jobs."""
+        self._config = config
+        self._registry = registry
+        self._plugins = plugins
+        self._emit = emit
+        section = config.section("tuning")
         self.max_concurrent = int(section.get("max_concurrent_jobs", 1))
         self.grace = float(section.get("cancel_grace_s", 10.0))
         self.default_method = str(section.get("default_method", "lora"))
         self.max_queued = int(section.get("max_queued_jobs", 16))
         self.max_data_bytes = int(section.get("max_data_bytes", DEFAULT_MAX_DATA_BYTES))
-        self.root = kernel.home / "jobs"
+        self.root = config.home / "jobs"
         self._store: JobStore | None = None
         self._store_lock = threading.Lock()
         self.adopt = False
@@ -633,8 +646,8 @@ class JobManager:
         """The job database (opened on first use)."""
         with self._store_lock:
             if self._store is None:
-                self.kernel.home.mkdir(parents=True, exist_ok=True, mode=0o700)
-                self._store = JobStore(self.kernel.home / DATABASE)
+                self._config.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+                self._store = JobStore(self._config.home / DATABASE)
             return self._store
 
     def folder(self, job_id: str) -> Path:
@@ -697,7 +710,7 @@ class JobManager:
         """
         if run and self._stopping.is_set():
             raise Unavailable("llmos is stopping and takes no new tuning jobs")
-        plugins = self.kernel.load_plugins()
+        plugins = self._plugins()
         method = method or self.default_method
         registered = plugins.tuning_methods.get(method)
         if registered is None:
@@ -768,7 +781,7 @@ class JobManager:
     def _base(self, ref: str) -> tuple[ModelCard, Path]:
         """The base model's card and its checked local weights."""
         try:
-            card = self.kernel.registry.store.get(ref)
+            card = self._registry().store.get(ref)
         except NotFoundError as exc:
             raise NotFoundError(f"base model: {exc.message}", param="model") from None
         if not card.source:
@@ -777,7 +790,7 @@ class JobManager:
                 param="model",
             )
         try:
-            parsed = check_source(card.source, self.kernel.registry.policy)
+            parsed = check_source(card.source, self._registry().policy)
         except LlmosError as exc:
             raise BaseModelUnavailable(
                 f"base model {card.ref!r} cannot be loaded: {exc.message}", param="model"
@@ -939,7 +952,7 @@ class JobManager:
                 checkpoint_dir=str(folder / "checkpoints"),
                 log_file=str(folder / "worker.log"),
                 lock_file=str(folder / "worker.lock"),
-                plugins=attrs.asdict(self.kernel.config.plugins),
+                plugins=attrs.asdict(self._config.plugins),
                 sys_path=tuple(sys.path),
             )
             # A fresh output folder: a resumed job writes its artifact again.
@@ -995,7 +1008,7 @@ class JobManager:
             run.latest.update(body)
             if time.monotonic() - run.written_at >= PROGRESS_WRITE_S:
                 self._write_progress(run)
-            self.kernel.emit(
+            self._emit(
                 MonitorEvent(
                     kind="tuning.progress", model=run.job.name, fields={"job": run.job.id, **body}
                 )
@@ -1052,10 +1065,10 @@ class JobManager:
 
     def _artifacts(self) -> ArtifactStore:
         """The kernel's artifact store (``[artifacts]``), or the data folder's."""
-        policy = self.kernel.registry.policy
+        policy = self._registry().policy
         if policy.artifacts is not None:
             return policy.artifacts
-        home = self.kernel.home
+        home = self._config.home
         return ArtifactStore(home / "artifacts", home / "cache" / "artifacts", policy)
 
     def _register(self, job: Job, result: Mapping[str, Any]) -> dict[str, Any]:
@@ -1063,7 +1076,7 @@ class JobManager:
         with its address as the source."""
         folder = self.folder(job.id)
         output = folder / "output"
-        check_artifact(output, self.kernel.registry.policy.allow_pickle)
+        check_artifact(output, self._registry().policy.allow_pickle)
         fields = {
             k: v
             for k, v in dict(result["card"]).items()
@@ -1105,7 +1118,7 @@ class JobManager:
             or f"{job.method} tuning of {job.base} for {job.task} (job {job.id})",
             options={**card.options, "tuning": provenance},
         )
-        stored = self.kernel.registry.register(card, f"tuning:{job.id}", if_changed=True)
+        stored = self._registry().register(card, f"tuning:{job.id}", if_changed=True)
         log.info("tuning.registered", job=job.id, model=stored.ref, scores=scores)
         out = {"model": stored.ref, "scores": scores, "source": str(source)}
         if isinstance(result.get("usage"), Mapping):
@@ -1144,7 +1157,7 @@ class JobManager:
             fields["error"] = job.error
         if job.result:
             fields.update(result_model=job.result.get("model"), scores=job.result.get("scores"))
-        self.kernel.emit(MonitorEvent(kind="tuning.job", model=job.name, fields=fields))
+        self._emit(MonitorEvent(kind="tuning.job", model=job.name, fields=fields))
 
 
 # --------------------------------------------------------------------------
