@@ -87,3 +87,33 @@ def test_no_function_local_imports_but_the_listed_ones() -> None:
         "import these at the top of the module (a cycle is fixed by moving code, not"
         " by hiding the import in a function)"
     )
+
+
+#: the modules that may name the Kernel (the composition root itself, the front
+#: ends, the hook specs that hand it to ``llmos_startup``, the test helpers):
+#: every service is handed narrow collaborators instead — not even an
+#: annotation of a service names it
+MAY_NAME_KERNEL = (
+    "llmos.runtime.kernel",
+    "llmos.server",
+    "llmos.cli",
+    "llmos.cli_context",
+    "llmos.plugin.spec",
+    "llmos.plugin.manager",
+    "llmos.testing",
+)
+
+
+def test_no_service_names_the_kernel_even_for_annotations() -> None:
+    graph = grimp.build_graph("llmos", exclude_type_checking_imports=False)
+    naming = sorted(
+        module
+        for module in graph.find_modules_that_directly_import("llmos.runtime.kernel")
+        if not module.startswith(MAY_NAME_KERNEL)
+        and not module.endswith(".commands")
+        and module != "llmos.tuning.evaluate"
+    )
+    assert naming == [], (
+        f"{naming} import the Kernel: hand the service what it uses (a section, a"
+        " ModelCaller, a registry opener) in its constructor instead"
+    )
