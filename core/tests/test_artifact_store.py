@@ -586,3 +586,30 @@ def test_storage_options_are_handed_to_the_store_and_masked_in_config_show(
     assert shown == {"key": "****1234", "secret": "****5678"}
     explained = dict((key, value) for key, value, _ in config.explain())
     assert "s3cr3t" not in json.dumps(explained)
+
+
+@pytest.mark.parametrize("kind", ["memory", "folder"])
+def test_keys_find_what_was_put_under_them(tmp_path: Path, kind: str) -> None:
+    root = memory_root() if kind == "memory" else str(tmp_path / "shared")
+    a = store_at(root, tmp_path / "a")
+    b = store_at(root, tmp_path / "b")
+    assert b.lookup("gguf-0123") is None
+    address = a.put(weights_folder(tmp_path / "out"), "vendor/m", key="gguf-0123")
+    assert b.lookup("gguf-0123") == address
+    assert (b.fetch(address) / "adapter_model.safetensors").is_file()
+    for bad in ("../x", "A", "", "a/b", "x" * 200):
+        with pytest.raises(UsageError, match="artifact key"):
+            b.lookup(bad)
+    # a key leads only to an artifact of the store, complete
+    b.delete(address)
+    assert b.lookup("gguf-0123") is None
+
+
+def test_a_key_rewritten_to_point_elsewhere_is_ignored(tmp_path: Path) -> None:
+    root = memory_root()
+    store = store_at(root, tmp_path / "cache")
+    store.put(weights_folder(tmp_path / "out"), "m", key="k")
+    fs, path = fsspec.core.url_to_fs(root)
+    for pointer in (b"../../etc", b"m/" + b"0" * 64 + b"/x", b"memory://elsewhere/m/" + b"0" * 64):
+        fs.pipe_file(f"{path}/.keys/k", pointer)
+        assert store.lookup("k") is None

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHAT_FEATURES",
+    "Artifacts",
     "Budget",
     "CallAbandoned",
     "Capability",
@@ -869,6 +870,10 @@ class LoadRequest:
     #: deployment group): its calls go through their own workers, batching
     #: and monitoring
     models: ModelCaller | None = None
+    #: the kernel's artifact store (``[artifacts]``): what a provider makes
+    #: from a model and another daemon would make again (converted weights)
+    #: can be kept there under a key, and looked up before it is made
+    artifacts: Artifacts | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -915,6 +920,31 @@ class ProviderSpec:
     formats: tuple[str, ...] = attrs.field(default=(), converter=_tuple_of_str)
     batching: bool = True
     check: Callable[[CheckRequest], Mapping[str, Any]] | None = None
+
+
+class Artifacts(Protocol):
+    """The kernel's artifact store as a provider sees it
+    (:class:`llmos.registry.fsstore.ArtifactStore`): folders of weights kept
+    under ``[artifacts] root`` (a folder, or an fsspec URL a cluster shares),
+    each fetched into a local, verified copy before it is used."""
+
+    @property
+    def shared(self) -> bool:
+        """Whether the operator named the root: only then is it worth keeping
+        there what this daemon could make again itself."""
+        ...
+
+    def lookup(self, key: str) -> str | None:
+        """The address of the artifact filed under ``key``, if it is in the store."""
+        ...
+
+    def fetch(self, source: str) -> Path:
+        """The verified local folder of the artifact at ``source``."""
+        ...
+
+    def put(self, folder: Path, name: str, *, key: str | None = None) -> str:
+        """Store ``folder`` (checked like a push) for model ``name``; its address."""
+        ...
 
 
 class ModelCaller(Protocol):

@@ -71,6 +71,10 @@ _CHUNK = 1 << 20
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _SEGMENT = re.compile(r"^[A-Za-z0-9._-]+$")
+#: a key names an artifact anyone could remake from it (``gguf-<sha256>``)
+_KEY = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
+#: where keys are kept, under the root: ``ROOT/.keys/<key>`` holds an address
+KEYS = ".keys"
 
 
 def is_url(root: str) -> bool:
@@ -196,6 +200,10 @@ class ArtifactStore:
     cache: Path = attrs.field(converter=Path)
     limits: SourcePolicy
     storage_options: Mapping[str, Any] = attrs.field(factory=dict, repr=False, eq=False)
+    #: whether the operator named the root (``[artifacts] root``): then it is
+    #: worth sharing what a daemon could remake (converted weights) there; the
+    #: default root is the data folder's own
+    shared: bool = True
 
     @property
     def local(self) -> bool:
@@ -272,10 +280,12 @@ class ArtifactStore:
 
     # -- put ------------------------------------------------------------------
 
-    def put(self, folder: Path, name: str) -> str:
+    def put(self, folder: Path, name: str, *, key: str | None = None) -> str:
         """Store the folder of weights at ``folder`` as an artifact of model
         ``name`` and return its address (a path for a local root, a URL
-        otherwise).
+        otherwise). ``key`` (``gguf-<sha256>``) also files the address under
+        that key, for :meth:`lookup`: what another daemon would otherwise
+        make again (converted weights) is found by what it was made from.
 
         The folder gets the checks a push gets (links, names, size, pickles,
         headers: :func:`~llmos.registry.artifacts.store_upload`) while it is
@@ -286,6 +296,7 @@ class ArtifactStore:
         what it has just put.
         """
         validate_model_name(name)
+        _check_key(key)
         if self.read_only:
             raise UsageError(
                 f"[artifacts] root {self.root!r} is read-only (an HTTP mirror); tuned models"
@@ -310,8 +321,55 @@ class ArtifactStore:
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         address = str(final) if self.local else self.address(name, digest)
-        log.info("artifact.put", model=name, address=address, bytes=manifest.total)
+        if key is not None:
+            self._write_key(key, f"{name}/{digest}")
+        log.info("artifact.put", model=name, address=address, bytes=manifest.total, key=key)
         return address
+
+    # -- keys -----------------------------------------------------------------
+
+    def lookup(self, key: str) -> str | None:
+        """The address :meth:`put` filed under ``key``, if that artifact is
+        (still) complete in the store. The address's digest is checked when
+        it is fetched, so a key can only lead to an artifact of the store."""
+        _check_key(key)
+        try:
+            if self.local:
+                pointer = Path(self.root) / KEYS / key
+                text = pointer.read_bytes()[:512] if pointer.is_file() else None
+            else:
+                fs, path = self._fs()
+                remote = f"{path}/{KEYS}/{key}"
+                text = _read_capped(fs, remote) if fs.exists(remote) else None
+        except OSError as exc:
+            log.warning("artifact.key_unreadable", key=key, error=str(exc))
+            return None
+        if not text:
+            return None
+        relative = text.decode("utf-8", "replace").strip()
+        address = str(Path(self.root) / relative) if self.local else f"{self.root}/{relative}"
+        try:
+            located = self._locate(address)
+        except UnsafeSourceError:
+            log.warning("artifact.key_invalid", key=key, address=address[:200])
+            return None
+        if located.inner or not self.exists(address):
+            return None
+        return address
+
+    def _write_key(self, key: str, relative: str) -> None:
+        data = relative.encode()
+        if self.local:
+            pointer = Path(self.root) / KEYS / key
+            pointer.parent.mkdir(parents=True, exist_ok=True)
+            temp = pointer.with_name(f".{key}.{os.getpid()}.partial")
+            temp.write_bytes(data)
+            os.replace(temp, pointer)
+            return
+        fs, path = self._fs()
+        fs.makedirs(f"{path}/{KEYS}", exist_ok=True)
+        with fs.open(f"{path}/{KEYS}/{key}", "wb") as out:
+            out.write(data)
 
     def _staging_parent(self, name: str) -> Path:
         # beside where it ends up, so that the last step is a rename
@@ -489,6 +547,14 @@ class ArtifactStore:
                 fs.rm(where.folder, recursive=True)
             shutil.rmtree(self.cache / where.digest, ignore_errors=True)
         log.info("artifact.deleted", address=source)
+
+
+def _check_key(key: str | None) -> None:
+    if key is not None and not _KEY.match(key):
+        raise UsageError(
+            f"artifact key {str(key)[:200]!r}: use lowercase letters, digits, '.', '_' and '-'"
+            " (at most 128)"
+        )
 
 
 def _valid_name(name: str) -> bool:

@@ -251,6 +251,7 @@ def artifact_store(config: Config, policy: SourcePolicy) -> ArtifactStore:
         cache=cache_dir,
         limits=policy,
         storage_options=dict(section.get("storage_options") or {}),
+        shared=bool(section.get("root")),
     )
 
 

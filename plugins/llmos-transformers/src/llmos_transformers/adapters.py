@@ -36,7 +36,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from llmos.errors import UnsafeSourceError, UsageError
 from llmos.registry.weights import PICKLE_SUFFIXES
-from llmos.types import LoadedModel, LoadRequest, ModelCard
+from llmos.types import Artifacts, LoadedModel, LoadRequest, ModelCard
 from llmos_transformers.layout import Kind, Layout, inspect
 from llmos_transformers.options import Settings, settings_for
 
@@ -137,14 +137,21 @@ def read_adapter(folder: Path, card: ModelCard, settings: Settings) -> AdapterIn
     return AdapterInfo(folder=folder, peft_type=peft_type, kind=kind, labels=labels)
 
 
-def base_layout(path: Path, card: ModelCard, settings: Settings, cache_dir: Path | None) -> Layout:
+def base_layout(
+    path: Path,
+    card: ModelCard,
+    settings: Settings,
+    cache_dir: Path | None,
+    artifacts: Artifacts | None = None,
+) -> Layout:
     """The base model at ``path`` as a folder transformers reads: a GGUF file
-    is converted (once) into ``cache_dir`` under ``card``'s name."""
+    is converted (once) into ``cache_dir`` under ``card``'s name, or taken
+    from a shared ``artifacts`` store that holds its conversion."""
     from llmos_transformers.loader import converted
 
     # The base's own task option (``encoder``, say) is not the head it gets here.
     layout = inspect(path, attrs.evolve(settings, task=None))
-    return converted(layout, card, cache_dir)
+    return converted(layout, card, cache_dir, artifacts)
 
 
 def load_base(
@@ -280,7 +287,9 @@ def load(request: LoadRequest) -> LoadedModel:
     runtime.apply_threads(settings)
     device = runtime.pick_device(settings.device)
     with runtime.quiet_progress():
-        layout = base_layout(request.base_path, request.base, settings, request.cache_dir)
+        layout = base_layout(
+            request.base_path, request.base, settings, request.cache_dir, request.artifacts
+        )
         # tuning saves the tokenizer it trained with (padding side, pad token) beside the adapter
         own = info.folder if (info.folder / "tokenizer_config.json").is_file() else None
         base, tokenizer = load_base(layout, info.kind, settings, info.labels, own)

@@ -7,6 +7,12 @@ file>`` and every later load, in any process, reads that folder. The folder
 is written under a temporary name and renamed into place, so a reader never
 sees half of it and two processes converting at once both end up with one
 complete copy. The hash in the name means a changed file is converted again.
+
+With a shared artifact store (``[artifacts] root`` set: a bucket, an NFS
+mount, handed over as ``LoadRequest.artifacts``) the converted folder is also
+put there under the key ``gguf-<sha256 of the file>``, and a daemon that has
+not converted the file yet fetches that folder (checked and verified like
+any artifact) instead of converting it again.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ from pathlib import Path
 import structlog
 import torch
 
-from llmos.types import ModelCard
+from llmos.errors import LlmosError
+from llmos.types import Artifacts, ModelCard
 from llmos_transformers.runtime import dtype_kwarg
 
 __all__ = ["MARKER", "convert", "converted_folder", "sha256_of"]
@@ -45,14 +52,35 @@ def _folder_name(card: ModelCard) -> str:
     return card.name.replace("/", "--")
 
 
-def converted_folder(gguf: Path, cache_dir: Path, card: ModelCard) -> Path:
+def converted_folder(
+    gguf: Path, cache_dir: Path, card: ModelCard, artifacts: Artifacts | None = None
+) -> Path:
     """The safetensors folder converted from ``gguf``, converting it first if
-    no complete copy is in ``cache_dir`` yet."""
+    no complete copy is in ``cache_dir`` yet, nor in a shared ``artifacts``
+    store (where a conversion is put for the other daemons)."""
     digest = sha256_of(gguf)
     target = cache_dir / _folder_name(card) / digest
     if (target / MARKER).is_file():
         log.info("transformers.gguf_cached", model=card.ref, folder=str(target))
         return target
+    shared = artifacts if artifacts is not None and artifacts.shared else None
+    key = f"gguf-{digest}"
+    if shared is not None:
+        address = shared.lookup(key)
+        if address is not None:
+            folder = shared.fetch(address)
+            log.info("transformers.gguf_shared", model=card.ref, address=address)
+            return folder
+    _convert_into(gguf, target, card, digest)
+    if shared is not None:
+        try:
+            shared.put(target, card.name, key=key)
+        except LlmosError as exc:  # the model still loads; the next daemon converts too
+            log.warning("transformers.gguf_not_shared", model=card.ref, error=exc.message)
+    return target
+
+
+def _convert_into(gguf: Path, target: Path, card: ModelCard, digest: str) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
     try:
@@ -76,7 +104,6 @@ def converted_folder(gguf: Path, cache_dir: Path, card: ModelCard) -> Path:
             log.info("transformers.gguf_converted", model=card.ref, seconds=round(seconds, 1))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return target
 
 
 def convert(gguf: Path, out: Path) -> None:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from llmos.errors import UsageError
-from llmos.types import LoadedModel, LoadRequest, ModelCard, ModelFormat
+from llmos.types import Artifacts, LoadedModel, LoadRequest, ModelCard, ModelFormat
 from llmos_transformers.layout import Layout, inspect
 from llmos_transformers.options import Settings, settings_for
 
@@ -52,7 +52,7 @@ def load(request: LoadRequest) -> LoadedModel:
     runtime.apply_threads(settings)
     device = runtime.pick_device(settings.device)
     with runtime.quiet_progress():
-        layout = converted(layout, card, request.cache_dir)
+        layout = converted(layout, card, request.cache_dir, request.artifacts)
         model = _build(request, layout, settings, device)
     log.info(
         "transformers.loaded",
@@ -65,9 +65,12 @@ def load(request: LoadRequest) -> LoadedModel:
     return model
 
 
-def converted(layout: Layout, card: ModelCard, cache_dir: Path | None) -> Layout:
+def converted(
+    layout: Layout, card: ModelCard, cache_dir: Path | None, artifacts: Artifacts | None = None
+) -> Layout:
     """``layout`` itself, or for a GGUF file the safetensors folder it was
-    converted into (once) under ``cache_dir``; ``card`` names the cache entry."""
+    converted into (once) under ``cache_dir``, or that a shared ``artifacts``
+    store holds; ``card`` names the cache entry."""
     if layout.gguf is None:
         return layout
     import attrs
@@ -80,7 +83,7 @@ def converted(layout: Layout, card: ModelCard, cache_dir: Path | None) -> Layout
             " provider's cache folder; this load was given none (the kernel gives one)",
             param="source",
         )
-    folder = gguf.converted_folder(layout.gguf, cache_dir, card)
+    folder = gguf.converted_folder(layout.gguf, cache_dir, card, artifacts)
     return attrs.evolve(layout, folder=folder, gguf=None)
 
 
