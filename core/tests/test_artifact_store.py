@@ -15,10 +15,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
+import io
 import json
 import os
 import shutil
 import sys
+import tarfile
 import threading
 import time
 import uuid
@@ -522,6 +524,46 @@ def test_an_adapter_tuned_by_one_daemon_is_served_by_another_sharing_only_the_ro
             )
             assert refused.status_code == 400, refused.text
             assert "refused" in refused.json()["error"]["message"]
+
+
+@pytest.mark.slow
+def test_a_push_to_one_daemon_is_served_by_another_sharing_the_root(
+    tmp_path: Path, site: Path
+) -> None:
+    root = memory_root()
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
+        for name, data in (("model.safetensors", WEIGHTS), ("labels.json", b'["a", "b"]')):
+            info = tarfile.TarInfo(f"m/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with ExitStack() as stack:
+        urls = []
+        for home in ("a", "b"):
+            kernel = kernel_for(tmp_path / home, f"artifacts.root={root}")
+            urls.append(stack.enter_context(serve_app(create_app(kernel))).url)
+        a, b = (stack.enter_context(httpx.Client(base_url=u, timeout=30)) for u in urls)
+        pushed = a.put(
+            "/api/models/acme/pushed/artifact",
+            params={"filename": "m.tgz", "provider": "probe"},
+            content=archive.getvalue(),
+        )
+        assert pushed.status_code == 201, pushed.text
+        card = pushed.json()["card"]
+        assert card["source"].startswith(f"{root}/acme/pushed/"), card["source"]
+        assert not list((tmp_path / "a" / "artifacts").rglob("*.safetensors"))
+        made = b.post(
+            "/api/models",
+            json={
+                "name": "acme/pushed",
+                "provider": "probe",
+                "source": f"{card['source']}/model.safetensors",
+            },
+        )
+        assert made.status_code == 201, made.text
+        answer = b.post("/v1/completions", json={"model": "acme/pushed", "prompt": "hi"})
+        assert answer.status_code == 200, answer.text
+        assert json.loads(answer.json()["choices"][0]["text"])["labels"] == ["a", "b"]
 
 
 @pytest.mark.slow

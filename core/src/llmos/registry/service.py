@@ -303,7 +303,10 @@ class Registry:
         The card is what a scan of the stored files says (family, size, tasks,
         format), with ``name`` and any ``fields`` given (description, tags …)
         taking precedence. A ``provider`` given must be installed (see
-        :meth:`admitted`). Nothing is stored when a check fails.
+        :meth:`admitted`). Nothing is stored when a check fails. With a shared
+        artifact store (``[artifacts] root`` set) the checked files are put
+        there and the card names their address, so that every daemon of a
+        cluster can load what one was sent.
         """
         named = fields.get("provider") not in (None, "")
         if named:
@@ -322,6 +325,10 @@ class Registry:
             base.update({k: v for k, v in fields.items() if v not in (None, (), [])})
             base.update(name=name, source=str(dest))
             card = self.admitted(ModelCard.from_dict(base), named=named)
+            shared = self.policy.artifacts
+            if shared is not None and shared.shared:
+                card = attrs.evolve(card, source=shared.put(dest, name))
+                shutil.rmtree(dest, ignore_errors=True)  # the store (and its cache) has it
             return self.store.register(card, created_by)
         except BaseException:
             shutil.rmtree(dest, ignore_errors=True)
