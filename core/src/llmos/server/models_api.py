@@ -79,7 +79,9 @@ class CardIn(_Body):
         " made with POST /api/fusions)"
     )
     source: str = Field(
-        "", description="A path under an allowed root, pkg://dist/path, hf://org/name or https://"
+        "",
+        description="A path under an allowed root, pkg://dist/path, hf://org/name, https://, or"
+        " an artifact's URL inside [artifacts] root",
     )
     tasks: list[str] = []
     family: str | None = None
