@@ -224,3 +224,46 @@ def test_a_lost_connection_is_unavailable_then_reconnects(server: Server, open_p
     with pytest.raises(Unavailable, match=r"PostgreSQL registry at host 127\.0\.0\.1"):
         store.get("m")
     assert store.get("m").version == 1  # the next call connects again
+
+
+# ------------------------------------------------------------------- search
+
+
+@pytest.mark.parametrize("query", ["model", "model tag:odd", "model NOT vendor3", "number"])
+@pytest.mark.parametrize("descending", [True, False])
+def test_walking_the_impact_index_pages_as_scoring_every_match_does(
+    open_pg: OpenPg, query: str, descending: bool
+) -> None:
+    """Past the count limit a one-word query is read best first from the
+    impact index instead of scoring every match: same hits, same scores,
+    same order (ties newest first), across cursors and offsets."""
+    cards = [
+        card(
+            f"vendor{i % 7}/model-{i:03d}",
+            description="model " * (1 + i % 5) + f"number {i}" + " padding" * (i % 3),
+            tags=["even" if i % 2 == 0 else "odd"],
+        )
+        for i in range(150)
+    ]
+    open_pg().register_many(cards)
+    every = open_pg().search(query, descending=descending, limit=1000)
+    assert every.total_exact and every.total > 5
+    walked = open_pg(count_limit=5)
+
+    def key(page: object) -> list[tuple[str, float | None]]:
+        return [(hit.card.name, hit.score) for hit in page.items]  # type: ignore[attr-defined]
+
+    seen, cursor = [], None
+    while True:
+        page = walked.search(query, descending=descending, limit=7, cursor=cursor)
+        assert not page.total_exact
+        seen += key(page)
+        if (cursor := page.next_cursor) is None:
+            break
+    by_offset: list[tuple[str, float | None]] = []
+    offset: int | None = 0
+    while offset is not None:
+        page = walked.search(query, descending=descending, limit=7, offset=offset)
+        by_offset += key(page)
+        offset = page.next_offset
+    assert seen == by_offset == key(every)

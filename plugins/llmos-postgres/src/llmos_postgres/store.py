@@ -59,7 +59,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from llmos.errors import ConfigError, LlmosError, NotFoundError, Unavailable, UsageError
 from llmos.registry import ranking
-from llmos.registry.query import parse_query, plan_search
+from llmos.registry.query import And, Text, parse_query, plan_search
 from llmos.registry.store import (
     COUNT_LIMIT,
     LATEST,
@@ -155,15 +155,22 @@ def _migration_1() -> list[str]:
             FOREIGN KEY (name, version) REFERENCES versions (name, version)
         )""",
         "CREATE INDEX aliases_by_version ON aliases (name, version)",
-        # One row per term of each version not deleted: bm25's weighted count
-        # and the positions phrases are matched on.
+        # One row per term of each version not deleted: bm25's weighted count,
+        # the version's length (a copy: bm25 needs both) and the positions
+        # phrases are matched on. The key carries weight and size, so that
+        # scoring and counting read the index alone.
         f"""CREATE TABLE postings (
             term {text} NOT NULL,
             version_id bigint NOT NULL REFERENCES versions (id),
             weight integer NOT NULL,
+            size integer NOT NULL,
             positions integer[] NOT NULL,
-            PRIMARY KEY (term, version_id)
+            PRIMARY KEY (term, version_id) INCLUDE (weight, size)
         )""",
+        # A term's versions by weight, then length: within one weight, bm25
+        # falls as the length grows, so each weight's versions come best first
+        # (ties newest first, as searches break them).
+        "CREATE INDEX postings_impact ON postings (term, weight, size, version_id DESC)",
         "CREATE INDEX postings_by_version ON postings (version_id)",
         # N and the token total of the versions not deleted (bm25's IDF and
         # average length), kept by every write.
@@ -250,6 +257,8 @@ def _bm25_sql(f: str, avgdl: str) -> str:
         f" / (({f}) + {k1} * (1::float8 - {b} + {b} * v.size::float8 / {avgdl})))"
     )
 
+
+_NO_JOINS = PgSql("")
 
 _SORT_KEYS = {
     "name": ("v.name", False),
@@ -571,7 +580,7 @@ class PostgresStore:
         ).fetchone()[0]
         self._many(c, "tasks", "task", row_id, stored.tasks)
         self._many(c, "tags", "tag", row_id, stored.tags)
-        self._post(c, row_id, rows)
+        self._post(c, row_id, size, rows)
         self._point(c, name, LATEST, stored.version)
         delta[0] += 1
         delta[1] += size
@@ -589,14 +598,17 @@ class PostgresStore:
             )
 
     @staticmethod
-    def _post(c: psycopg.Cursor[Any], row_id: int, rows: list[tuple[str, int, list[int]]]) -> None:
+    def _post(
+        c: psycopg.Cursor[Any], row_id: int, size: int, rows: list[tuple[str, int, list[int]]]
+    ) -> None:
         if rows:
             c.execute(
-                "INSERT INTO postings (term, version_id, weight, positions)"
-                " SELECT t, %s, w, string_to_array(p, ',')::integer[]"
+                "INSERT INTO postings (term, version_id, weight, size, positions)"
+                " SELECT t, %s, w, %s, string_to_array(p, ',')::integer[]"
                 " FROM unnest(%s::text[], %s::integer[], %s::text[]) AS r (t, w, p)",
                 (
                     row_id,
+                    size,
                     [term for term, _, _ in rows],
                     [weight for _, weight, _ in rows],
                     [",".join(map(str, where)) for _, _, where in rows],
@@ -679,7 +691,7 @@ class PostgresStore:
             old = c.execute("SELECT size FROM versions WHERE id = %s", (row.id,)).fetchone()[0]
             c.execute("DELETE FROM postings WHERE version_id = %s", (row.id,))
             size, rows = postings(self._tokenizer, card)
-            self._post(c, row.id, rows)
+            self._post(c, row.id, size, rows)
             c.execute("UPDATE versions SET size = %s WHERE id = %s", (size, row.id))
             self._count(c, [0, size - old])
             return card
@@ -866,9 +878,14 @@ class PostgresStore:
             found.setdefault((name, version), []).append(alias)
         return {key: tuple(value) for key, value in found.items()}
 
-    def _score(self, c: psycopg.Cursor[Any], phrases: Sequence[tuple[str, ...]]) -> PgSql | None:
+    def _score(
+        self, c: psycopg.Cursor[Any], phrases: Sequence[tuple[str, ...]]
+    ) -> tuple[PgSql, PgSql, tuple[float, float]] | None:
         """bm25 of the version ``v`` for the scoring phrases, in SQL, with the
-        IDFs and average length of now; None when nothing can score."""
+        IDFs and average length of now, and the joins it reads (a word's
+        postings row, joined: a hash join over its matches, where a lookup per
+        version costs an index probe each), and the first phrase's IDF weight
+        and the average length; None when nothing can score."""
         versions, tokens = c.execute("SELECT versions, tokens FROM corpus").fetchone()
         phrases = [p for p in phrases if p]
         if not versions or not phrases:
@@ -881,13 +898,77 @@ class PostgresStore:
             ).fetchone()[0]
         terms = ["0.0::float8"]
         params: list[Any] = []
-        for phrase in phrases:
+        joins: list[str] = []
+        words: list[str] = []
+        for i, phrase in enumerate(phrases):
             weight = sum(ranking.idf(versions, docs[w]) for w in phrase)
-            f = phrase_weight(phrase, "v.id")
+            if len(phrase) == 1:
+                joins.append(
+                    f"LEFT JOIN postings s{i} ON s{i}.version_id = v.id AND s{i}.term = %s"
+                )
+                words.append(phrase[0])
+                f = PgSql(f"COALESCE(s{i}.weight, 0)::float8")
+            else:
+                f = phrase_weight(phrase, "v.id")
             terms.append(f"%s::float8 * {_bm25_sql(f.sql, '%s::float8')}")
             # f appears twice in bm25: its parameters twice, around avgdl.
             params += [weight, *f.params, *f.params, avgdl]
-        return PgSql("(" + " + ".join(terms) + ")", tuple(params))
+        return (
+            PgSql("(" + " + ".join(terms) + ")", tuple(params)),
+            PgSql(" ".join(joins), tuple(words)),
+            (params[0], avgdl),
+        )
+
+    @staticmethod
+    def _walk(
+        c: psycopg.Cursor[Any],
+        word: str,
+        factors: tuple[float, float],
+        condition: str,
+        params: tuple[Any, ...],
+        desc: bool,
+        limit: int,
+        offset: int,
+        after: tuple[Any, ...],
+    ) -> list[tuple[Any, ...]]:
+        """A ranked page of a one-word query with many matches, from the
+        impact index: for each weight the word has (a loose index scan), its
+        versions shortest first (best first: bm25 falls with the length at
+        one weight), checked against the rest of the query (``condition``)
+        until the page is full; the weights' pages merged. Reads about a page
+        per weight where scoring reads every match. Same scores, same order,
+        same ties (newest first) as the full scoring."""
+        score = f"(0.0::float8 + %s::float8 * {_bm25_sql('p.weight::float8', '%s::float8')})"
+        order, direction, beyond = (
+            ("p.size ASC, p.version_id DESC", "DESC", "<")
+            if desc
+            else ("p.size DESC, p.version_id ASC", "ASC", ">")
+        )
+        cursor = f" AND ({score}, v.id) {beyond} (%s, %s)" if after else ""
+        return c.execute(
+            "WITH RECURSIVE w (weight) AS ("
+            " SELECT min(weight) FROM postings WHERE term = %s"
+            " UNION ALL"
+            " SELECT (SELECT min(weight) FROM postings WHERE term = %s AND weight > w.weight)"
+            " FROM w WHERE w.weight IS NOT NULL)"
+            " SELECT id, k FROM w CROSS JOIN LATERAL ("
+            f" SELECT v.id AS id, {score} AS k"
+            " FROM postings p JOIN versions v ON v.id = p.version_id"
+            f" WHERE p.term = %s AND p.weight = w.weight AND {condition}{cursor}"
+            f" ORDER BY {order} LIMIT %s) page"
+            f" ORDER BY k {direction}, id {direction} LIMIT %s OFFSET %s",
+            (
+                word,
+                word,
+                *factors,
+                word,
+                *params,
+                *((*factors, *after) if after else ()),
+                offset + limit + 1,
+                limit + 1,
+                offset,
+            ),
+        ).fetchall()
 
     def search(
         self,
@@ -938,6 +1019,19 @@ class PostgresStore:
         scope = "v.status <> 'deleted'" if all_versions else "v.is_latest"
         condition = f"{scope} AND {where.sql}"
         phrases = [self._tokenizer.phrase(text) for text in plan.phrases]
+        # One word that every hit contains (ANDed with the rest): its many
+        # matches can be walked best first instead of all scored.
+        rest = None
+        if ranked and plan.match is not None and len(phrases) == 1 and len(phrases[0]) == 1:
+            assert node is not None
+            conjuncts = list(node.items) if isinstance(node, And) else [node]
+            word = next(
+                i
+                for i, item in enumerate(conjuncts)
+                if isinstance(item, Text) and item.searchable and item.text == plan.phrases[0]
+            )
+            others = conjuncts[:word] + conjuncts[word + 1 :]
+            rest = to_pg(And(tuple(others)), self._tokenizer.phrase) if others else TRUE
 
         def work(c: psycopg.Cursor[Any]) -> SearchPage:
             total = c.execute(
@@ -946,9 +1040,24 @@ class PostgresStore:
             ).fetchone()[0]
             rows: list[tuple[Any, ...]] = []
             if ranked:
-                score = self._score(c, phrases)
-                if score is not None:
-                    rows = self._page(c, score, condition, where.params, desc, limit, offset, after)
+                scoring = self._score(c, phrases)
+                if scoring is not None and rest is not None and total > self.count_limit:
+                    rows = self._walk(
+                        c,
+                        phrases[0][0],
+                        scoring[2],
+                        f"{scope} AND {rest.sql}",
+                        rest.params,
+                        desc,
+                        limit,
+                        offset,
+                        after,
+                    )
+                elif scoring is not None:
+                    score, joins, _ = scoring
+                    rows = self._page(
+                        c, score, condition, where.params, desc, limit, offset, after, joins
+                    )
             else:
                 rows = self._page(
                     c, PgSql(key), condition, where.params, desc, limit, offset, after
@@ -998,14 +1107,16 @@ class PostgresStore:
         limit: int,
         offset: int,
         after: tuple[Any, ...],
+        joins: PgSql = _NO_JOINS,
     ) -> list[tuple[Any, ...]]:
         """``(id, key)`` rows of one page in ``key`` order (ties by id), one
-        more than ``limit`` if there are more."""
+        more than ``limit`` if there are more; ``joins`` (tables ``key``
+        reads) follow ``versions v``."""
         direction, beyond = ("DESC", "<") if desc else ("ASC", ">")
-        inner = f"SELECT v.id AS id, {key.sql} AS k FROM versions v WHERE {condition}"
+        inner = f"SELECT v.id AS id, {key.sql} AS k FROM versions v {joins.sql} WHERE {condition}"
         cursor = f" WHERE (k, id) {beyond} (%s, %s)" if after else ""
         return c.execute(
             f"SELECT id, k FROM ({inner}) s{cursor}"
             f" ORDER BY k {direction}, id {direction} LIMIT %s OFFSET %s",
-            (*key.params, *params, *after, limit + 1, offset),
+            (*key.params, *joins.params, *params, *after, limit + 1, offset),
         ).fetchall()
