@@ -37,6 +37,7 @@ from llmos.config import load_config
 from llmos.errors import (
     NotFoundError,
     PayloadTooLarge,
+    Unavailable,
     UnsafeSourceError,
     UsageError,
 )
@@ -655,3 +656,18 @@ def test_a_key_rewritten_to_point_elsewhere_is_ignored(tmp_path: Path) -> None:
     for pointer in (b"../../etc", b"m/" + b"0" * 64 + b"/x", b"memory://elsewhere/m/" + b"0" * 64):
         fs.pipe_file(f"{path}/.keys/k", pointer)
         assert store.lookup("k") is None
+
+
+def test_a_store_that_cannot_be_reached_is_a_503_naming_the_root(tmp_path: Path) -> None:
+    pytest.importorskip("aiohttp", reason="fsspec's HTTP filesystem needs aiohttp")
+    shared = tmp_path / "shared"
+    address = store_at(shared, tmp_path / "a").put(weights_folder(tmp_path / "out"), "adapter")
+    with HTTPFolder(shared) as base:
+        pass  # the server has stopped: its port refuses connections now
+    mirror = store_at(base, tmp_path / "b")
+    url = f"{base}/adapter/{Path(address).name}"
+    with pytest.raises(Unavailable, match=f"artifact store at {base} failed") as caught:
+        mirror.fetch(url)
+    assert caught.value.status == 503
+    assert mirror.lookup("gguf-0123") is None, "a lookup that fails is a miss, not an error"
+    assert leftovers(tmp_path / "b") == []

@@ -50,7 +50,14 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import structlog
 
-from llmos.errors import LlmosError, NotFoundError, PayloadTooLarge, UnsafeSourceError, UsageError
+from llmos.errors import (
+    LlmosError,
+    NotFoundError,
+    PayloadTooLarge,
+    Unavailable,
+    UnsafeSourceError,
+    UsageError,
+)
 from llmos.registry.artifacts import check_folder, store_upload
 from llmos.types import validate_model_name
 
@@ -234,6 +241,21 @@ class ArtifactStore:
             ) from None
         return fs, str(path).rstrip("/")
 
+    @contextlib.contextmanager
+    def _reaching(self, what: str) -> Iterator[None]:
+        """The store failing under us (a network error, an outage, refused
+        credentials: whatever the filesystem's package raises) as a 503 that
+        names the root; llmos's own refusals pass as they are."""
+        try:
+            yield
+        except LlmosError:
+            raise
+        except Exception as exc:
+            raise Unavailable(
+                f"{what}: the artifact store at {self.root} failed ({type(exc).__name__}:"
+                f" {str(exc)[:300]}); retry, or check [artifacts] root and storage_options"
+            ) from exc
+
     # -- addresses ------------------------------------------------------------
 
     def owns(self, source: str) -> bool:
@@ -315,7 +337,8 @@ class ArtifactStore:
             if self.local:
                 final = Path(self.root) / name / digest
             else:
-                self._upload(staged, name, digest, data)
+                with self._reaching(f"storing an artifact of {name!r}"):
+                    self._upload(staged, name, digest, data)
                 final = self.cache / digest
             _settle(staged, final)
         finally:
@@ -340,9 +363,14 @@ class ArtifactStore:
             else:
                 fs, path = self._fs()
                 remote = f"{path}/{KEYS}/{key}"
-                text = _read_capped(fs, remote) if fs.exists(remote) else None
-        except OSError as exc:
-            log.warning("artifact.key_unreadable", key=key, error=str(exc))
+                try:
+                    text = _read_capped(fs, remote)
+                except FileNotFoundError as exc:
+                    if not _missing(exc):
+                        raise
+                    text = None
+        except Exception as exc:  # whatever the filesystem raises: the caller makes it anew
+            log.warning("artifact.key_unreadable", key=key, error=f"{type(exc).__name__}: {exc}")
             return None
         if not text:
             return None
@@ -353,9 +381,12 @@ class ArtifactStore:
         except UnsafeSourceError:
             log.warning("artifact.key_invalid", key=key, address=address[:200])
             return None
-        if located.inner or not self.exists(address):
+        try:
+            complete = not located.inner and self.exists(address)
+        except Unavailable as exc:
+            log.warning("artifact.key_unreadable", key=key, error=exc.message)
             return None
-        return address
+        return address if complete else None
 
     def _write_key(self, key: str, relative: str) -> None:
         data = relative.encode()
@@ -396,8 +427,6 @@ class ArtifactStore:
                 f"[artifacts] root {self.root!r} is read-only here (its filesystem cannot"
                 " write); point this daemon's root at the store itself"
             ) from None
-        except OSError as exc:
-            raise LlmosError(f"storing the artifact under {self.root} failed: {exc}") from exc
 
     # -- fetch ----------------------------------------------------------------
 
@@ -424,7 +453,8 @@ class ArtifactStore:
                 if folder.exists():
                     log.warning("artifact.cache_invalid", address=source, problem=problem)
                     shutil.rmtree(folder, ignore_errors=True)
-                self._download(source, where, folder)
+                with self._reaching(f"fetching {source[:200]!r}"):
+                    self._download(source, where, folder)
         target = folder.joinpath(*where.inner.split("/")) if where.inner else folder
         if not target.exists():
             raise NotFoundError(
@@ -435,16 +465,17 @@ class ArtifactStore:
     def _download(self, source: str, where: Located, dest: Path) -> None:
         fs, _ = self._fs()
         shown = source[:200]
+        # read, not fs.exists: some filesystems (HTTP) answer False for an outage
         try:
-            if not fs.exists(f"{where.folder}/{MANIFEST}"):
-                raise NotFoundError(
-                    f"artifact {shown!r} is not in the store (no {MANIFEST}); was it deleted,"
-                    " or is this daemon's [artifacts] root another store?",
-                    param="source",
-                )
             data = _read_capped(fs, f"{where.folder}/{MANIFEST}")
-        except OSError as exc:
-            raise LlmosError(f"artifact {shown!r}: reading its manifest failed: {exc}") from exc
+        except FileNotFoundError as exc:
+            if not _missing(exc):
+                raise
+            raise NotFoundError(
+                f"artifact {shown!r} is not in the store (no {MANIFEST}); was it deleted,"
+                " or is this daemon's [artifacts] root another store?",
+                param="source",
+            ) from None
         if data is None:
             raise UnsafeSourceError(
                 f"artifact {shown!r}: its manifest is over {MAX_MANIFEST_BYTES} bytes",
@@ -484,7 +515,9 @@ class ArtifactStore:
         remote = f"{folder}/{entry.name}"
         try:
             info = fs.info(remote)
-        except FileNotFoundError:
+        except FileNotFoundError as exc:
+            if not _missing(exc):
+                raise
             raise UnsafeSourceError(
                 f"artifact {shown!r}: {entry.name!r} is listed but missing", param="source"
             ) from None
@@ -525,7 +558,14 @@ class ArtifactStore:
         if self.local:
             return (Path(where.folder) / MANIFEST).is_file()
         fs, _ = self._fs()
-        return bool(fs.exists(f"{where.folder}/{MANIFEST}"))
+        with self._reaching(f"looking for {source[:200]!r}"):
+            try:
+                fs.info(f"{where.folder}/{MANIFEST}")  # not fs.exists, which hides outages
+            except FileNotFoundError as exc:
+                if not _missing(exc):
+                    raise
+                return False
+            return True
 
     def delete(self, source: str) -> None:
         """Remove the artifact at ``source`` from the store and the local cache.
@@ -541,12 +581,25 @@ class ArtifactStore:
             shutil.rmtree(where.folder, ignore_errors=True)
         else:
             fs, _ = self._fs()
-            with contextlib.suppress(FileNotFoundError):
+            with (
+                self._reaching(f"deleting {source[:200]!r}"),
+                contextlib.suppress(FileNotFoundError),
+            ):
                 # the manifest first: a half-deleted artifact is not complete
                 fs.rm(f"{where.folder}/{MANIFEST}")
                 fs.rm(where.folder, recursive=True)
             shutil.rmtree(self.cache / where.digest, ignore_errors=True)
         log.info("artifact.deleted", address=source)
+
+
+def _missing(exc: FileNotFoundError) -> bool:
+    """Whether ``exc`` means the file is not there, rather than an outage
+    dressed as one: fsspec's HTTP filesystem raises FileNotFoundError for a
+    refused connection too, chained to the real cause (a 404 is one)."""
+    cause = exc.__cause__
+    while isinstance(cause, FileNotFoundError):
+        cause = cause.__cause__
+    return cause is None or getattr(cause, "status", None) == 404
 
 
 def _check_key(key: str | None) -> None:
