@@ -345,7 +345,8 @@ class ArtifactStore:
             shutil.rmtree(scratch, ignore_errors=True)
         address = str(final) if self.local else self.address(name, digest)
         if key is not None:
-            self._write_key(key, f"{name}/{digest}")
+            with self._reaching(f"filing {address!r} under the key {key!r}"):
+                self._write_key(key, f"{name}/{digest}")
         log.info("artifact.put", model=name, address=address, bytes=manifest.total, key=key)
         return address
 
