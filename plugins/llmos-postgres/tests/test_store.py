@@ -267,3 +267,27 @@ def test_walking_the_impact_index_pages_as_scoring_every_match_does(
         by_offset += key(page)
         offset = page.next_offset
     assert seen == by_offset == key(every)
+
+
+def test_the_search_statistics_follow_every_write(server: Server, open_pg: OpenPg) -> None:
+    """Document counts and the corpus totals (bm25's IDF and average length),
+    kept by each write, equal what the postings hold after registrations,
+    edits and deletions."""
+    store = open_pg()
+    store.register_many(
+        [card(f"m{i}", description="alpha beta " * i, tags=["gamma"]) for i in range(1, 6)]
+    )
+    store.register(card("m1", description="delta"))
+    store.tag("m2", "alpha", "epsilon")
+    store.untag("m2", "gamma")
+    store.set_description("m3", "beta beta zeta")
+    store.delete("m4")
+    store.delete("m1@1")
+    schema = store.schema
+    kept = dict(_sql(server, f"SELECT term, docs FROM {schema}.terms WHERE docs <> 0"))
+    counted = dict(_sql(server, f"SELECT term, count(*) FROM {schema}.postings GROUP BY term"))
+    assert kept == counted and kept["gamma"] == 2 and kept["epsilon"] == 1
+    assert _sql(server, f"SELECT versions, tokens FROM {schema}.corpus") == _sql(
+        server,
+        f"SELECT count(*), sum(size) FROM {schema}.versions WHERE status <> 'deleted'",
+    )

@@ -19,7 +19,7 @@ import attrs
 from llmos.registry.query import And, Compare, Filter, Node, Not, Or, Text
 from llmos.registry.ranking import WEIGHTS
 
-__all__ = ["POSITION_BITS", "PgSql", "like_pattern", "phrase_weight", "to_pg"]
+__all__ = ["POSITION_BITS", "PgSql", "column_weight", "like_pattern", "phrase_weight", "to_pg"]
 
 #: a posting's position is ``column << POSITION_BITS | index``: a column holds
 #: at most 65,536 characters, so fewer tokens than ``1 << 20``, and a phrase
@@ -65,7 +65,7 @@ def like_pattern(glob: str) -> str:
     return "".join(out)
 
 
-def _column_weight(position: str) -> str:
+def column_weight(position: str) -> str:
     """The bm25 weight of the column a position lies in."""
     cases = " ".join(f"WHEN {i} THEN {w}" for i, w in enumerate(WEIGHTS))
     return f"(CASE {position} >> {POSITION_BITS} {cases} END)"
@@ -97,7 +97,7 @@ def phrase_weight(words: Sequence[str], version: str) -> PgSql:
             (words[0],),
         )
     source, params = _phrase_join(words, version)
-    return PgSql(f"COALESCE((SELECT sum({_column_weight('x')}) FROM {source}), 0)::float8", params)
+    return PgSql(f"COALESCE((SELECT sum({column_weight('x')}) FROM {source}), 0)::float8", params)
 
 
 def _contains(words: Sequence[str], row: str) -> PgSql:

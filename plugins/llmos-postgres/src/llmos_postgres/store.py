@@ -12,7 +12,8 @@ How it keeps that contract on a server:
   locked row, so concurrent registrations of one name, from any number of
   processes, queue there and number 1, 2, 3 … with no gap or duplicate. A
   unique ``(name, version)`` backs it. Registrations of different names only
-  meet at the one-row ``corpus`` table (the search statistics), updated last;
+  meet at the search statistics (the one-row ``corpus`` table, then
+  ``terms``, in that order), updated last;
   a deadlock between two bulk registrations that lock names in opposite
   orders is retried.
 * **snapshots**: a search's statements share one ``REPEATABLE READ, READ
@@ -24,8 +25,10 @@ How it keeps that contract on a server:
   both stores agree on what a card contains. A ranked search scores every
   match with bm25 computed in SQL in the same operations and order as the
   kernel's :func:`~llmos.registry.ranking.bm25`, so the scores are the same
-  floats; ``corpus`` holds the version count and token total for the IDF and
-  the average length.
+  floats; ``corpus`` holds the version count and token total, ``terms`` each
+  term's document count, for the IDF and the average length. A one-word
+  query with many matches reads them best first from an index on (term,
+  weight, length) instead of scoring them all.
 * **migrations**: ``registry_schema`` holds the schema version; the steps of
   :data:`MIGRATIONS` run in one transaction under an advisory lock, and a
   schema newer than this plugin is refused.
@@ -46,7 +49,7 @@ import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -59,7 +62,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from llmos.errors import ConfigError, LlmosError, NotFoundError, Unavailable, UsageError
 from llmos.registry import ranking
-from llmos.registry.query import And, Text, parse_query, plan_search
+from llmos.registry.query import And, Node, Text, parse_query, plan_search
 from llmos.registry.store import (
     COUNT_LIMIT,
     LATEST,
@@ -84,7 +87,7 @@ from llmos.registry.store import (
     validate_alias,
 )
 from llmos.types import ModelCard, validate_model_name
-from llmos_postgres.query import POSITION_BITS, TRUE, PgSql, phrase_weight, to_pg
+from llmos_postgres.query import POSITION_BITS, TRUE, PgSql, column_weight, phrase_weight, to_pg
 
 __all__ = ["MIGRATIONS", "PostgresStore", "describe_dsn"]
 
@@ -172,6 +175,11 @@ def _migration_1() -> list[str]:
         # (ties newest first, as searches break them).
         "CREATE INDEX postings_impact ON postings (term, weight, size, version_id DESC)",
         "CREATE INDEX postings_by_version ON postings (version_id)",
+        # Each term's document count (bm25's IDF), kept by every write.
+        f"""CREATE TABLE terms (
+            term {text} PRIMARY KEY,
+            docs bigint NOT NULL
+        )""",
         # N and the token total of the versions not deleted (bm25's IDF and
         # average length), kept by every write.
         """CREATE TABLE corpus (
@@ -258,13 +266,32 @@ def _bm25_sql(f: str, avgdl: str) -> str:
     )
 
 
-_NO_JOINS = PgSql("")
-
 _SORT_KEYS = {
     "name": ("v.name", False),
     "created": ("v.created_at", True),
     "parameters": ("COALESCE(v.parameters, -1)", True),
 }
+
+
+@attrs.define
+class _Delta:
+    """What a write transaction changes in the search statistics."""
+
+    versions: int = 0
+    tokens: int = 0
+    terms: Counter[str] = attrs.field(factory=Counter)
+
+
+@attrs.frozen
+class _Drive:
+    """How a search finds its rows: ``source``, joins after ``versions v``
+    (a postings row per word that every hit contains: the search can start
+    from the rarest of them), and ``rest``, the query's other conditions;
+    ``scores`` maps a driving word's phrase index to its weight column."""
+
+    source: PgSql
+    rest: PgSql
+    scores: dict[int, str]
 
 
 @attrs.frozen
@@ -490,7 +517,7 @@ class PostgresStore:
         now = _now()
 
         def work(c: psycopg.Cursor[Any]) -> ModelCard:
-            delta = [0, 0]
+            delta = _Delta()
             stored = self._insert(c, card, created_by, now, if_changed, delta)
             self._count(c, delta)
             return stored
@@ -506,7 +533,7 @@ class PostgresStore:
         now = _now()
 
         def work(c: psycopg.Cursor[Any]) -> list[ModelCard]:
-            delta = [0, 0]
+            delta = _Delta()
             stored = [self._insert(c, card, created_by, now, False, delta) for card in cards]
             self._count(c, delta)
             return stored
@@ -516,13 +543,23 @@ class PostgresStore:
         return stored
 
     @staticmethod
-    def _count(c: psycopg.Cursor[Any], delta: list[int]) -> None:
-        """Add ``[versions, tokens]`` to the corpus statistics: last in a
-        transaction, so the one row every writer updates is held briefly."""
-        if delta != [0, 0]:
+    def _count(c: psycopg.Cursor[Any], delta: _Delta) -> None:
+        """Add a transaction's changes to the search statistics: last in it,
+        so that the rows every writer updates are held briefly, and always
+        the corpus row first, then the terms in order, so that writers queue
+        at the corpus row and never deadlock on the terms."""
+        if delta.versions or delta.tokens or delta.terms:
             c.execute(
                 "UPDATE corpus SET versions = versions + %s, tokens = tokens + %s WHERE id = 1",
-                tuple(delta),
+                (delta.versions, delta.tokens),
+            )
+        changed = sorted(term for term, n in delta.terms.items() if n)
+        if changed:
+            c.execute(
+                "INSERT INTO terms (term, docs)"
+                " SELECT * FROM unnest(%s::text[], %s::bigint[]) ORDER BY 1"
+                " ON CONFLICT (term) DO UPDATE SET docs = terms.docs + excluded.docs",
+                (changed, [delta.terms[term] for term in changed]),
             )
 
     def _insert(
@@ -532,7 +569,7 @@ class PostgresStore:
         created_by: str | None,
         now: datetime,
         if_changed: bool,
-        delta: list[int],
+        delta: _Delta,
     ) -> ModelCard:
         name = check_card(card).name
         c.execute(
@@ -582,8 +619,9 @@ class PostgresStore:
         self._many(c, "tags", "tag", row_id, stored.tags)
         self._post(c, row_id, size, rows)
         self._point(c, name, LATEST, stored.version)
-        delta[0] += 1
-        delta[1] += size
+        delta.versions += 1
+        delta.tokens += size
+        delta.terms.update(term for term, _, _ in rows)
         return stored
 
     @staticmethod
@@ -689,11 +727,16 @@ class PostgresStore:
             c.execute("DELETE FROM tags WHERE version_id = %s", (row.id,))
             self._many(c, "tags", "tag", row.id, card.tags)
             old = c.execute("SELECT size FROM versions WHERE id = %s", (row.id,)).fetchone()[0]
-            c.execute("DELETE FROM postings WHERE version_id = %s", (row.id,))
+            gone = c.execute(
+                "DELETE FROM postings WHERE version_id = %s RETURNING term", (row.id,)
+            ).fetchall()
             size, rows = postings(self._tokenizer, card)
             self._post(c, row.id, size, rows)
             c.execute("UPDATE versions SET size = %s WHERE id = %s", (size, row.id))
-            self._count(c, [0, size - old])
+            delta = _Delta(tokens=size - old)
+            delta.terms.update(term for term, _, _ in rows)
+            delta.terms.subtract(term for (term,) in gone)
+            self._count(c, delta)
             return card
 
         return self._write(work)
@@ -757,9 +800,13 @@ class PostgresStore:
             c.execute(
                 "DELETE FROM aliases WHERE name = %s AND version = %s", (row.name, row.version)
             )
-            c.execute("DELETE FROM postings WHERE version_id = %s", (row.id,))
+            gone = c.execute(
+                "DELETE FROM postings WHERE version_id = %s RETURNING term", (row.id,)
+            ).fetchall()
             self._refresh_latest(c, row.name)
-            self._count(c, [-1, -size])
+            delta = _Delta(versions=-1, tokens=-size)
+            delta.terms.subtract(term for (term,) in gone)
+            self._count(c, delta)
             return row
 
         row = self._write(work)
@@ -879,30 +926,37 @@ class PostgresStore:
         return {key: tuple(value) for key, value in found.items()}
 
     def _score(
-        self, c: psycopg.Cursor[Any], phrases: Sequence[tuple[str, ...]]
+        self,
+        c: psycopg.Cursor[Any],
+        phrases: Sequence[tuple[str, ...]],
+        joined: Mapping[int, str],
     ) -> tuple[PgSql, PgSql, tuple[float, float]] | None:
         """bm25 of the version ``v`` for the scoring phrases, in SQL, with the
         IDFs and average length of now, and the joins it reads (a word's
         postings row, joined: a hash join over its matches, where a lookup per
         version costs an index probe each), and the first phrase's IDF weight
-        and the average length; None when nothing can score."""
+        and the average length; None when nothing can score. ``joined``: the
+        phrases whose weighted count a driving join already reads (phrase
+        index -> column)."""
         versions, tokens = c.execute("SELECT versions, tokens FROM corpus").fetchone()
-        phrases = [p for p in phrases if p]
-        if not versions or not phrases:
+        if not versions or not phrases or not all(phrases):
             return None
         avgdl = tokens / versions
-        docs: dict[str, int] = {}
-        for word in {w for phrase in phrases for w in phrase}:
-            docs[word] = c.execute(
-                "SELECT count(*) FROM postings WHERE term = %s", (word,)
-            ).fetchone()[0]
+        docs: dict[str, int] = dict.fromkeys((w for phrase in phrases for w in phrase), 0)
+        docs.update(
+            c.execute(
+                "SELECT term, docs FROM terms WHERE term = ANY (%s)", (list(docs),)
+            ).fetchall()
+        )
         terms = ["0.0::float8"]
         params: list[Any] = []
         joins: list[str] = []
         words: list[str] = []
         for i, phrase in enumerate(phrases):
             weight = sum(ranking.idf(versions, docs[w]) for w in phrase)
-            if len(phrase) == 1:
+            if i in joined:
+                f = PgSql(f"{joined[i]}::float8")
+            elif len(phrase) == 1:
                 joins.append(
                     f"LEFT JOIN postings s{i} ON s{i}.version_id = v.id AND s{i}.term = %s"
                 )
@@ -918,6 +972,47 @@ class PostgresStore:
             PgSql(" ".join(joins), tuple(words)),
             (params[0], avgdl),
         )
+
+    def _drive(self, node: Node | None, has_match: bool) -> _Drive:
+        """Split ``node`` into the words every hit contains (the free text
+        ANDed at the top, when the plan has it: ``has_match``), joined, and
+        the rest; the n-th such text is the plan's n-th scoring phrase."""
+        if node is None:
+            return _Drive(PgSql(""), TRUE, {})
+        conjuncts = list(node.items) if isinstance(node, And) else [node]
+        joins: list[str] = []
+        words: list[str] = []
+        scores: dict[int, str] = {}
+        rest: list[Node] = []
+        adjacent: list[str] = []
+        phrase = 0
+        for item in conjuncts:
+            if not (has_match and isinstance(item, Text) and item.searchable):
+                rest.append(item)
+                continue
+            tokens = self._tokenizer.phrase(item.text)
+            if not tokens:  # scores nothing, as in SQLite: still the plan's phrase
+                rest.append(item)
+                phrase += 1
+                continue
+            first = len(joins)
+            for n, token in enumerate(tokens, start=first):
+                joins.append(f"JOIN postings d{n} ON d{n}.version_id = v.id AND d{n}.term = %s")
+                words.append(token)
+            if len(tokens) == 1:
+                scores[phrase] = f"d{first}.weight"
+            else:
+                # A phrase: its words' rows joined, their positions in a row.
+                starts = f"FROM unnest(d{first}.positions) AS u (x) WHERE " + " AND ".join(
+                    f"x + {k} = ANY (d{first + k}.positions)" for k in range(1, len(tokens))
+                )
+                adjacent.append(f"EXISTS (SELECT 1 {starts})")
+                scores[phrase] = f"(SELECT sum({column_weight('x')}) {starts})"
+            phrase += 1
+        where = to_pg(And(tuple(rest)), self._tokenizer.phrase) if rest else TRUE
+        if adjacent:
+            where = PgSql(" AND ".join([where.sql, *adjacent]), where.params)
+        return _Drive(PgSql(" ".join(joins), tuple(words)), where, scores)
 
     @staticmethod
     def _walk(
@@ -1015,39 +1110,30 @@ class PostgresStore:
             text_key = not ranked and key == "v.name"
             if isinstance(after[0], str) != text_key:
                 raise UsageError("invalid search cursor", param="cursor")
-        where = to_pg(node, self._tokenizer.phrase) if node is not None else TRUE
         scope = "v.status <> 'deleted'" if all_versions else "v.is_latest"
-        condition = f"{scope} AND {where.sql}"
+        drive = self._drive(node, plan.match is not None)
+        condition = f"{scope} AND {drive.rest.sql}"
+        params = (*drive.source.params, *drive.rest.params)
         phrases = [self._tokenizer.phrase(text) for text in plan.phrases]
-        # One word that every hit contains (ANDed with the rest): its many
-        # matches can be walked best first instead of all scored.
-        rest = None
-        if ranked and plan.match is not None and len(phrases) == 1 and len(phrases[0]) == 1:
-            assert node is not None
-            conjuncts = list(node.items) if isinstance(node, And) else [node]
-            word = next(
-                i
-                for i, item in enumerate(conjuncts)
-                if isinstance(item, Text) and item.searchable and item.text == plan.phrases[0]
-            )
-            others = conjuncts[:word] + conjuncts[word + 1 :]
-            rest = to_pg(And(tuple(others)), self._tokenizer.phrase) if others else TRUE
+        # One word every hit contains: its many matches are walked best first.
+        walkable = ranked and len(phrases) == 1 and drive.scores == {0: "d0.weight"}
 
         def work(c: psycopg.Cursor[Any]) -> SearchPage:
             total = c.execute(
-                f"SELECT count(*) FROM (SELECT 1 FROM versions v WHERE {condition} LIMIT %s) s",
-                (*where.params, self.count_limit + 1),
+                f"SELECT count(*) FROM (SELECT 1 FROM versions v {drive.source.sql}"
+                f" WHERE {condition} LIMIT %s) s",
+                (*params, self.count_limit + 1),
             ).fetchone()[0]
             rows: list[tuple[Any, ...]] = []
             if ranked:
-                scoring = self._score(c, phrases)
-                if scoring is not None and rest is not None and total > self.count_limit:
+                scoring = self._score(c, phrases, drive.scores)
+                if scoring is not None and walkable and total > self.count_limit:
                     rows = self._walk(
                         c,
                         phrases[0][0],
                         scoring[2],
-                        f"{scope} AND {rest.sql}",
-                        rest.params,
+                        condition,
+                        drive.rest.params,
                         desc,
                         limit,
                         offset,
@@ -1055,12 +1141,23 @@ class PostgresStore:
                     )
                 elif scoring is not None:
                     score, joins, _ = scoring
+                    source = PgSql(
+                        f"{drive.source.sql} {joins.sql}", (*drive.source.params, *joins.params)
+                    )
                     rows = self._page(
-                        c, score, condition, where.params, desc, limit, offset, after, joins
+                        c, score, source, condition, drive.rest.params, desc, limit, offset, after
                     )
             else:
                 rows = self._page(
-                    c, PgSql(key), condition, where.params, desc, limit, offset, after
+                    c,
+                    PgSql(key),
+                    drive.source,
+                    condition,
+                    drive.rest.params,
+                    desc,
+                    limit,
+                    offset,
+                    after,
                 )
             more = len(rows) > limit
             rows = rows[:limit]
@@ -1101,22 +1198,22 @@ class PostgresStore:
     def _page(
         c: psycopg.Cursor[Any],
         key: PgSql,
+        source: PgSql,
         condition: str,
         params: tuple[Any, ...],
         desc: bool,
         limit: int,
         offset: int,
         after: tuple[Any, ...],
-        joins: PgSql = _NO_JOINS,
     ) -> list[tuple[Any, ...]]:
         """``(id, key)`` rows of one page in ``key`` order (ties by id), one
-        more than ``limit`` if there are more; ``joins`` (tables ``key``
-        reads) follow ``versions v``."""
+        more than ``limit`` if there are more; ``source`` (joins after
+        ``versions v``) and ``condition`` find the rows."""
         direction, beyond = ("DESC", "<") if desc else ("ASC", ">")
-        inner = f"SELECT v.id AS id, {key.sql} AS k FROM versions v {joins.sql} WHERE {condition}"
+        inner = f"SELECT v.id AS id, {key.sql} AS k FROM versions v {source.sql} WHERE {condition}"
         cursor = f" WHERE (k, id) {beyond} (%s, %s)" if after else ""
         return c.execute(
             f"SELECT id, k FROM ({inner}) s{cursor}"
             f" ORDER BY k {direction}, id {direction} LIMIT %s OFFSET %s",
-            (*key.params, *joins.params, *params, *after, limit + 1, offset),
+            (*key.params, *source.params, *params, *after, limit + 1, offset),
         ).fetchall()
