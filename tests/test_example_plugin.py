@@ -97,6 +97,7 @@ def test_the_installed_example_plugin_is_discovered_with_every_hook(env: dict[st
         "commands",
         "config_sections",
         "registry_stores",
+        "executors",
         "routes",  # `llmos plugins` checks every plugin's routes for collisions
     }
 

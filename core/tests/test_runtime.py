@@ -8,6 +8,7 @@ cancellation), which is what these properties are about.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -21,6 +22,7 @@ from llmos.errors import (
     ConfigError,
     NotFoundError,
     Overloaded,
+    PluginError,
     RequestTimeout,
     UsageError,
 )
@@ -32,11 +34,13 @@ from llmos.types import (
     ChatRequest,
     CompletionRequest,
     CompletionResult,
+    ExecutorSpec,
     LoadRequest,
     ModelBase,
     ModelCard,
     MonitorEvent,
     MonitorSinkSpec,
+    PlacementRequest,
     ProviderSpec,
     ResponseFormat,
     StreamChunk,
@@ -197,9 +201,9 @@ def test_unknown_model_and_unknown_provider_say_what_to_do(make_kernel) -> None:
     with pytest.raises(ConfigError) as caught:
         _ = make_kernel('models.bad.provider="upper"', "models.bad.colour=1").config
     assert str(caught.value) == (
-        "--set models.bad.colour=1: models.bad.colour: unknown key (known: description, family,"
-        " format, license, max_batch_size, max_queue, max_wait_ms, options, parameters,"
-        " provider, source, tags, tasks)"
+        "--set models.bad.colour=1: models.bad.colour: unknown key (known: description,"
+        " executor, family, format, license, max_batch_size, max_queue, max_wait_ms, options,"
+        " parameters, provider, source, tags, tasks)"
     )
 
 
@@ -495,3 +499,137 @@ def test_a_plugins_dispatching_model_calls_others_through_the_kernel(make_kernel
     model = worker.model
     assert kernel.models.unload("relay") and model.closed
     assert "shout" in [w.name for w in kernel.models.loaded()]
+
+
+# --------------------------------------------------------------------------
+# executors: [runtime] executor places models somewhere else
+
+
+class Replica:
+    """A placed model as an executor returns it: its calls run on a thread
+    pool of the 'replica' (a real executor: a remote process)."""
+
+    max_batch_size = None
+
+    def __init__(self, model: Upper, pool: concurrent.futures.ThreadPoolExecutor) -> None:
+        self.card = model.card
+        self.capabilities = model.capabilities
+        self.model = model
+        self.pool = pool
+
+    def submit(self, capability, requests):
+        return self.pool.submit(getattr(self.model, str(capability)), list(requests))
+
+    def submit_stream(self, request):
+        raise CapabilityNotSupported("no streams on this replica")
+
+    def close(self) -> None:
+        self.model.close()
+
+
+class PoolExecutor:
+    def __init__(self, recorder: Recorder, broken: bool = False) -> None:
+        self.recorder = recorder
+        self.broken = broken
+        self.placed: list[PlacementRequest] = []
+        self.pool = concurrent.futures.ThreadPoolExecutor(2)
+        self.closed = False
+
+    def place(self, request: PlacementRequest):
+        self.placed.append(request)
+        if self.broken:
+            return object()  # not a DispatchingModel
+        # a replica rebuilds the model from plain values, with the provider named
+        assert request.provider == "upper"
+        return Replica(Upper(request.card, self.recorder), self.pool)
+
+    def close(self) -> None:
+        self.closed = True
+        self.pool.shutdown()
+
+
+class PoolPlugin:
+    def __init__(self, recorder: Recorder) -> None:
+        self.recorder = recorder
+        self.executors: list[PoolExecutor] = []
+
+    @hookimpl
+    def llmos_register_executors(self, register):
+        def create(context, broken=False):
+            assert context.options == {"replicas": 2}  # its [plugins.pool-plugin] table
+            self.executors.append(PoolExecutor(self.recorder, broken))
+            return self.executors[-1]
+
+        register(ExecutorSpec(name="pool", create=create, description="a test pool"))
+        register(ExecutorSpec(name="broken", create=lambda c: create(c, broken=True)))
+
+
+@pytest.fixture
+def placing_kernel(tmp_path: Path, recorder: Recorder):
+    kernels: list[tuple[Kernel, PoolPlugin]] = []
+
+    def make(*overrides: str) -> tuple[Kernel, PoolPlugin]:
+        kernel = Kernel(
+            load_config(
+                overrides=['plugins."pool-plugin".replicas=2', *overrides],
+                env={"LLMOS_HOME": str(tmp_path / "home"), "LLMOS_LOAD_PLUGINS": ""},
+            )
+        )
+        kernel.load_plugins()
+        kernel.plugins.register(UpperPlugin(recorder), "upper-plugin")
+        pool = PoolPlugin(recorder)
+        kernel.plugins.register(pool, "pool-plugin")
+        kernel.start()
+        kernels.append((kernel, pool))
+        return kernel, pool
+
+    yield make
+    for kernel, _ in kernels:
+        kernel.stop()
+
+
+def test_the_configured_executor_places_models_and_the_kernel_dispatches_to_them(
+    placing_kernel, recorder
+) -> None:
+    kernel, pool = placing_kernel(
+        'runtime.executor="pool"',
+        'models.shout.provider="upper"',
+        "models.shout.max_batch_size=4",
+        'models.here.provider="upper"',
+        'models.here.executor="local"',
+        'groups.g.deployments=["shout"]',
+    )
+    (result,) = kernel.call("shout", Capability.COMPLETE, prompts("hi"))
+    assert result.text == "HI"
+    (executor,) = pool.executors
+    (placed,) = executor.placed
+    assert (placed.key, placed.provider, placed.plugin) == ("shout", "upper", "upper-plugin")
+    assert placed.max_batch_size == 4 and placed.batching and placed.emit is not None
+    assert recorder.loads == [], "the provider's load ran on the replica, not in the kernel"
+    # a deployment that says local is loaded here; a group runs here, its member is placed
+    kernel.call("here", Capability.COMPLETE, prompts("x"))
+    assert recorder.loads == ["here"]
+    (routed,) = kernel.call("g", Capability.COMPLETE, prompts("y"))
+    assert routed.text == "Y" and [p.key for p in executor.placed] == ["shout"]
+    kernel.bus.flush()
+    loaded = {e.model: e.fields for e in recorder.events if e.kind == "model.loaded"}
+    assert loaded["shout"]["executor"] == "pool" and "executor" not in loaded["here"]
+    kernel.stop()
+    assert executor.closed and recorder.closed.count("shout") == 1
+
+
+def test_an_unknown_or_broken_executor_is_refused_with_the_known_ones(
+    placing_kernel, tmp_path
+) -> None:
+    with pytest.raises(ConfigError, match=r"executor 'ray'.*executors: local, broken, pool"):
+        placing_kernel('runtime.executor="ray"')
+    kernel, _ = placing_kernel(
+        'models.a.provider="upper"',
+        'models.a.executor="nowhere"',
+        'models.b.provider="upper"',
+        'models.b.executor="broken"',
+    )
+    with pytest.raises(ConfigError, match=r"executor 'nowhere'.*executors: local, broken, pool"):
+        kernel.call("a", Capability.COMPLETE, prompts("x"))
+    with pytest.raises(PluginError, match=r"'broken' placed 'b' but returned object"):
+        kernel.call("b", Capability.COMPLETE, prompts("x"))

@@ -97,6 +97,7 @@ def test_the_entry_point_is_loaded_with_every_hook(pm: PluginManager) -> None:
         "commands": ["example"],
         "config_sections": ["example"],
         "registry_stores": ["example-audited"],
+        "executors": ["example-pool"],
     }
     assert pm.providers["example-keyword"].plugin == PLUGIN
     assert pm.fusion_strategies["example-first-confident"].plugin == PLUGIN
@@ -237,6 +238,38 @@ def test_the_audited_registry_store_sends_every_write_to_the_monitor(
     assert ("audited", "set_alias") in writes
     assert any(operation == "register" for _, operation in writes)
     assert (tmp_path / "registry.db").is_file()  # the kernel's own file, behind the audit
+
+
+def test_the_pool_executor_places_keyword_models_and_a_group_calls_them(
+    tmp_path: Path, recorder: Recorder
+) -> None:
+    kernel = Kernel(
+        load_config(
+            overrides=[
+                'runtime.executor="example-pool"',
+                "plugins.example.pool_threads=1",
+                'groups.g.deployments=["pooled"]',
+            ],
+            env={"LLMOS_HOME": str(tmp_path), "LLMOS_LOAD_PLUGINS": PLUGIN},
+        )
+    )
+    kernel.load_plugins()
+    kernel.plugins.register(recorder, "test-recorder")
+    kernel.start()
+    try:
+        kernel.registry.register(keyword_card("pooled", ["good"], ["bad"]))
+        (result,) = kernel.call("g", Capability.CLASSIFY, texts("good"))
+        assert result.label == "positive"
+        worker = kernel.models.get("pooled")
+        assert type(worker.model).__name__ == "PooledModel"
+    finally:
+        kernel.bus.flush()
+        kernel.stop()
+    loaded = [e for e in recorder.events if e.kind == "model.loaded"]
+    assert {e.model: e.fields.get("executor") for e in loaded} == {
+        "pooled@1": "example-pool",
+        "g": None,
+    }
 
 
 def classify(kernel: Kernel, model: str, requests: list[ClassifyRequest]) -> list[ClassifyResult]:

@@ -60,6 +60,8 @@ __all__ = [
     "DispatchingModel",
     "EmbedRequest",
     "EmbedResult",
+    "Executor",
+    "ExecutorSpec",
     "FitData",
     "FusionCall",
     "FusionStrategySpec",
@@ -74,6 +76,7 @@ __all__ = [
     "MonitorEvent",
     "MonitorSink",
     "MonitorSinkSpec",
+    "PlacementRequest",
     "PluginContext",
     "ProviderSpec",
     "RegistryStoreSpec",
@@ -1216,6 +1219,67 @@ class RegistryStoreSpec:
 
     name: str = attrs.field(validator=_check_spec_name)
     create: Callable[[PluginContext], Any]
+    description: str = ""
+
+
+@attrs.frozen(kw_only=True)
+class PlacementRequest:
+    """What an executor gets to serve one model somewhere else than this
+    process (replicas on a cluster): everything the provider's ``load`` would
+    get here, as plain values a remote process can rebuild it from.
+
+    The executor loads the model where it places it with the provider named
+    here (the same plugin, installed there), keeps the kernel's batching
+    settings on each replica, and returns a :class:`DispatchingModel` whose
+    calls go to the replicas. ``emit`` is this kernel's: an executor relays
+    what its replicas measure to it (it cannot be sent to them)."""
+
+    #: the name the kernel serves it under (``name@3`` or a ``[models.NAME]``)
+    key: str
+    #: the card, checked by its provider
+    card: ModelCard
+    #: the provider's name and the plugin that registered it
+    provider: str
+    plugin: str
+    #: the plugin's ``[plugins.<plugin>]`` table
+    options: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_mapping)
+    #: the card's source as a checked local path (which the executor's nodes must
+    #: see at the same place: shared storage), or ``None``
+    path: str | None = None
+    #: an adapter's base model: its card and checked path
+    base: ModelCard | None = None
+    base_path: str | None = None
+    #: the kernel's batching for this model, for each replica's own worker
+    max_batch_size: int = 8
+    max_wait_ms: float = 0.0
+    max_queue: int = 64
+    batching: bool = True
+    #: sends a monitor event to this kernel's sinks
+    emit: Callable[[MonitorEvent], None] | None = None
+
+
+class Executor(Protocol):
+    """Where served models run, when not in the kernel's process
+    (``[runtime] executor``): ``place`` puts a model there and returns the
+    model the kernel calls (it dispatches each call to a replica); ``close``
+    releases what the kernel placed (at stop)."""
+
+    def place(self, request: PlacementRequest) -> DispatchingModel: ...
+
+    def close(self) -> None: ...
+
+
+@attrs.frozen(kw_only=True)
+class ExecutorSpec:
+    """An executor a plugin offers: ``create(context)`` (a
+    :class:`PluginContext`: the plugin's options, the data folder, emit)
+    returns the :class:`Executor`; ``[runtime] executor`` (or a
+    ``[models.NAME]`` deployment's ``executor``) names the one a model uses.
+    ``local`` — the kernel's own worker threads — is the default, and no
+    spec."""
+
+    name: str = attrs.field(validator=_check_spec_name)
+    create: Callable[[PluginContext], Executor]
     description: str = ""
 
 

@@ -19,6 +19,7 @@ What it adds:
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import re
 import threading
@@ -40,6 +41,7 @@ from llmos.types import (
     ClassifyRequest,
     ClassifyResult,
     CommandSpec,
+    ExecutorSpec,
     FusionCall,
     FusionStrategySpec,
     LoadedModel,
@@ -48,6 +50,7 @@ from llmos.types import (
     ModelCard,
     MonitorEvent,
     MonitorSinkSpec,
+    PlacementRequest,
     PluginContext,
     ProviderSpec,
     RegistryStoreSpec,
@@ -411,6 +414,70 @@ def llmos_register_registry_stores(register: Callable[[RegistryStoreSpec], None]
             name="example-audited",
             create=AuditedStore,
             description="the SQLite registry, every write sent to the monitor (registry.write)",
+        )
+    )
+
+
+# --------------------------------------------------------------------------
+# Executor: where models run ([runtime] executor = "example-pool")
+# --------------------------------------------------------------------------
+
+
+class PooledModel:
+    """A model placed on the example executor: each call runs on the
+    executor's thread pool (what a cluster executor's replica does in another
+    process), and the kernel gets its future without waiting."""
+
+    max_batch_size = None
+
+    def __init__(self, model: KeywordClassifier, pool: concurrent.futures.Executor) -> None:
+        self.card = model.card
+        self.capabilities = model.capabilities
+        self._model = model
+        self._pool = pool
+
+    def submit(
+        self, capability: Capability, requests: Sequence[Any]
+    ) -> concurrent.futures.Future[list[Any]]:
+        return self._pool.submit(getattr(self._model, str(capability)), list(requests))
+
+    def submit_stream(self, request: Any) -> Any:
+        raise UsageError(f"model {self.card.ref!r} does not stream")
+
+    def close(self) -> None:
+        self._model.close()
+
+
+class PoolExecutor:
+    """Runs this plugin's keyword models on a private thread pool of
+    ``[plugins.example] pool_threads`` threads (default 2). A real executor
+    rebuilds each model on a replica from the plain values of the
+    :class:`PlacementRequest` with the provider it names, installed there."""
+
+    def __init__(self, context: PluginContext) -> None:
+        threads = int(context.options.get("pool_threads", 2))
+        self._pool = concurrent.futures.ThreadPoolExecutor(threads, "example-pool")
+
+    def place(self, request: PlacementRequest) -> PooledModel:
+        if request.provider != "example-keyword":
+            raise UsageError(
+                f"the example-pool executor runs example-keyword models only, not"
+                f' {request.provider!r} ({request.key}); give that model executor = "local"'
+            )
+        model = load_keyword_classifier(LoadRequest(card=request.card, options=request.options))
+        return PooledModel(model, self._pool)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+@hookimpl
+def llmos_register_executors(register: Callable[[ExecutorSpec], None]) -> None:
+    register(
+        ExecutorSpec(
+            name="example-pool",
+            create=PoolExecutor,
+            description="this plugin's keyword models on a private thread pool",
         )
     )
 

@@ -39,6 +39,7 @@ from llmos.errors import DuplicateNameError, PluginError
 from llmos.plugin import spec
 from llmos.types import (
     CommandSpec,
+    ExecutorSpec,
     FusionStrategySpec,
     ModelCard,
     MonitorSinkSpec,
@@ -131,6 +132,7 @@ _FAMILIES: tuple[_Family, ...] = (
     _Family(
         "registry_stores", "llmos_register_registry_stores", RegistryStoreSpec, lambda s: s.name
     ),
+    _Family("executors", "llmos_register_executors", ExecutorSpec, lambda s: s.name),
     _Family("commands", "llmos_register_commands", CommandSpec, lambda s: s.command.name),
     _Family("config_sections", "llmos_register_config", Section, lambda s: s.name),
 )
@@ -187,6 +189,10 @@ class PluginManager:
     @property
     def registry_stores(self) -> Mapping[str, Registered[RegistryStoreSpec]]:
         return self._registries["registry_stores"]
+
+    @property
+    def executors(self) -> Mapping[str, Registered[ExecutorSpec]]:
+        return self._registries["executors"]
 
     @property
     def commands(self) -> Mapping[str, Registered[CommandSpec]]:

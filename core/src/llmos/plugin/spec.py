@@ -34,6 +34,7 @@ import pluggy
 from llmos.config import Section
 from llmos.types import (
     CommandSpec,
+    ExecutorSpec,
     FusionStrategySpec,
     ModelCard,
     MonitorSinkSpec,
@@ -165,6 +166,28 @@ def llmos_register_registry_stores(register: Callable[[RegistryStoreSpec], None]
     :param register: call ``register(RegistryStoreSpec(name=..., create=...))``
         once per store; ``create(context)`` gets a
         :class:`~llmos.types.PluginContext` and returns the open store.
+    """
+
+
+@hookspec
+def llmos_register_executors(register: Callable[[ExecutorSpec], None]) -> None:
+    """Register places served models can run other than the kernel's process
+    (a cluster's replicas, say).
+
+    Called once when plugins are loaded. ``[runtime] executor`` names the
+    executor every model is placed on (``local``, the default, is the
+    kernel's own worker threads); a ``[models.NAME]`` deployment's
+    ``executor`` overrides it for that model. Models made of models (fusions,
+    deployment groups) always run in the kernel: their members are placed.
+    The kernel creates the executor when it first places a model on it and
+    closes it at stop.
+
+    :param register: call ``register(ExecutorSpec(name=..., create=...))``
+        once per executor; ``create(context)`` gets a
+        :class:`~llmos.types.PluginContext` and returns an
+        :class:`~llmos.types.Executor`, whose ``place(request)`` gets a
+        :class:`~llmos.types.PlacementRequest` and returns a
+        :class:`~llmos.types.DispatchingModel`.
     """
 
 

@@ -36,7 +36,16 @@ from llmos.runtime.models import ModelManager, Worker
 from llmos.runtime.router import Router
 from llmos.tuning import jobs
 from llmos.tuning.jobs import JobManager
-from llmos.types import Capability, ChunkStream, MonitorEvent, MonitorSink, PluginContext
+from llmos.types import (
+    Capability,
+    ChunkStream,
+    DispatchingModel,
+    Executor,
+    MonitorEvent,
+    MonitorSink,
+    PlacementRequest,
+    PluginContext,
+)
 
 log = structlog.get_logger("llmos.kernel")
 
@@ -92,6 +101,9 @@ class Kernel:
         self._fusions: Fusions | None = None
         self._router: Router | None = None
         self._monitor: Monitor | None = None
+        #: executors models were placed on, by name (created on first use)
+        self._executors: dict[str, Executor] = {}
+        self._executors_lock = threading.Lock()
         self._stopping = threading.Event()
 
     @classmethod
@@ -158,7 +170,12 @@ class Kernel:
         with self._lock:
             if self._models is None:
                 self._models = ModelManager(
-                    self.config, lambda: self.registry, self._providers, self, self.emit
+                    self.config,
+                    lambda: self.registry,
+                    self._providers,
+                    self,
+                    self.emit,
+                    self._place,
                 )
             return self._models
 
@@ -304,6 +321,7 @@ class Kernel:
         try:
             self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
             self.load_plugins()
+            self._check_executor()
             self.bus.sinks = self._create_sinks()
             self.monitor  # noqa: B018 — created before the first event
             self.bus.start()
@@ -371,6 +389,7 @@ class Kernel:
         self._stopping.set()
         if self._models is not None:
             self._models.close()
+        self._close_executors()
         if self._jobs is not None:
             self._jobs.stop()
         self.plugins.shutdown(self)
@@ -445,6 +464,60 @@ class Kernel:
                 f"registry store {name!r} of plugin {registered.plugin!r} failed to open:"
                 f" {type(exc).__name__}: {exc}"
             ) from exc
+
+    def _check_executor(self) -> None:
+        """``[runtime] executor`` must name ``local`` or an executor a loaded
+        plugin registers: a daemon that would fail every call does not start."""
+        name = self.config.section("runtime").get("executor", models.LOCAL)
+        if name != models.LOCAL and name not in self.plugins.executors:
+            raise self._unknown_executor(name, "runtime.executor")
+
+    def _unknown_executor(self, name: str, param: str) -> ConfigError:
+        known = ", ".join([models.LOCAL, *sorted(self.plugins.executors)])
+        return ConfigError(
+            f"executor {name!r}: no loaded plugin registers an executor of that name"
+            f" (executors: {known}); install or enable the plugin that provides it,"
+            ' or set executor = "local"',
+            param=param,
+        )
+
+    def _place(self, executor: str, request: PlacementRequest) -> DispatchingModel:
+        """Place one model on ``executor`` (created, with its plugin's
+        context, the first time a model is placed on it)."""
+        with self._executors_lock:
+            placed = self._executors.get(executor)
+            if placed is None:
+                registered = self.load_plugins().executors.get(executor)
+                if registered is None:
+                    raise self._unknown_executor(executor, "executor")
+                try:
+                    placed = registered.spec.create(self.context(registered.plugin))
+                except LlmosError:
+                    raise
+                except Exception as exc:
+                    raise PluginError(
+                        f"executor {executor!r} of plugin {registered.plugin!r} failed to"
+                        f" start: {type(exc).__name__}: {exc}"
+                    ) from exc
+                self._executors[executor] = placed
+        try:
+            return placed.place(request)
+        except LlmosError:
+            raise
+        except Exception as exc:
+            raise LlmosError(
+                f"executor {executor!r} failed to place {request.key!r}:"
+                f" {type(exc).__name__}: {exc}"
+            ) from exc
+
+    def _close_executors(self) -> None:
+        with self._executors_lock:
+            executors, self._executors = dict(self._executors), {}
+        for name, executor in executors.items():
+            try:
+                executor.close()
+            except Exception as exc:
+                log.warning("kernel.executor_close_failed", executor=name, error=repr(exc))
 
     def _create_sinks(self) -> dict[str, MonitorSink]:
         sinks: dict[str, MonitorSink] = {}

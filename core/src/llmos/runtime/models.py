@@ -27,7 +27,7 @@ import attrs
 import structlog
 
 from llmos.config import Config, Field, Section, check_table
-from llmos.errors import ConfigError, LlmosError, NotFoundError
+from llmos.errors import ConfigError, LlmosError, NotFoundError, PluginError
 from llmos.plugin.manager import KERNEL_OWNER
 from llmos.registry.service import Providers, Registry, provider_checked
 from llmos.registry.sources import check_source
@@ -40,11 +40,17 @@ from llmos.types import (
     ModelCard,
     ModelFormat,
     MonitorEvent,
+    PlacementRequest,
     ProviderSpec,
     validate_model_name,
 )
 
 log = structlog.get_logger("llmos.runtime")
+
+#: the executor that is the kernel's own worker threads
+LOCAL = "local"
+#: how the kernel places a model on a named executor (``[runtime] executor``)
+Place = Callable[[str, PlacementRequest], DispatchingModel]
 
 #: the [runtime] config section (the kernel passes it to load_config)
 RUNTIME_SECTION = Section(
@@ -94,6 +100,13 @@ RUNTIME_SECTION = Section(
             expect="a number of seconds",
             above=0,
         ),
+        "executor": Field(
+            "str",
+            LOCAL,
+            "Where served models run: local (this process's worker threads) or an"
+            " executor a plugin registers (`llmos plugins`), e.g. a cluster's replicas."
+            " Fusions and deployment groups always run here; their members are placed.",
+        ),
     },
     doc="Loading models and batching requests.",
 )
@@ -119,6 +132,7 @@ MODELS_SECTION = Section(
             "float", None, "[runtime] max_wait_ms for this model.", expect="a number of ms", min=0
         ),
         "max_queue": Field("int", None, "[runtime] max_queue for this model.", min=1),
+        "executor": Field("str", None, "[runtime] executor for this model."),
     },
     doc="Deployments: [models.NAME] with provider, source, options and batching overrides.",
 )
@@ -127,6 +141,8 @@ MODELS_SECTION = Section(
 RESOLVE_TTL_S = 1.0
 
 _BATCH_KEYS = ("max_batch_size", "max_wait_ms", "max_queue")
+#: deployment keys that are not card fields: how the kernel serves the model
+_SERVING_KEYS = (*_BATCH_KEYS, "executor")
 _DEPLOYMENT_KEYS = {
     "provider",
     "source",
@@ -141,6 +157,7 @@ _DEPLOYMENT_KEYS = {
     "max_batch_size",
     "max_wait_ms",
     "max_queue",
+    "executor",
 }
 
 
@@ -204,9 +221,12 @@ class Deployment:
 
     key: str
     card: ModelCard
-    provider: str
+    #: the plugin that registered the provider (its options are its table)
+    plugin: str
     spec: ProviderSpec
     settings: BatchSettings
+    #: where it runs: :data:`LOCAL` or an executor's name
+    executor: str = "local"
 
 
 def _memory_budget(config_mb: int) -> int:
@@ -235,10 +255,13 @@ def _expected_bytes(card: ModelCard | None) -> int:
 
 
 def _footprint(worker: Worker) -> int:
-    """Bytes a loaded model takes: what it reports, else what its card says."""
+    """Bytes a loaded model takes here: what it reports, else what its card
+    says (nothing for one whose calls are answered elsewhere)."""
     reported = getattr(worker.model, "memory_bytes", None)
     if isinstance(reported, int):
         return reported
+    if isinstance(worker, DirectWorker):
+        return 0
     return _expected_bytes(worker.card)
 
 
@@ -259,13 +282,17 @@ class ModelManager:
         providers: Providers,
         models: ModelCaller,
         emit: Callable[[MonitorEvent], None],
+        place: Place | None = None,
     ) -> None:
         self._config = config
+        self._place = place
         self._registry = registry
         self._providers = providers
         self._caller = models
         self._emit = emit
         runtime = config.section("runtime")
+        #: where models run unless their deployment says otherwise
+        self.executor = str(runtime.get("executor", LOCAL))
         self.budget = _memory_budget(int(runtime.get("memory_budget_mb", 0)))
         self.idle_unload_s = float(runtime.get("idle_unload_s", 0.0))
         self.defaults = BatchSettings(
@@ -314,12 +341,12 @@ class ModelManager:
         if "provider" not in table:
             raise ConfigError(f"{where}: 'provider' is required")
         validate_model_name(name)
-        fields = {k: v for k, v in table.items() if k not in _BATCH_KEYS}
+        fields = {k: v for k, v in table.items() if k not in _SERVING_KEYS}
         try:
             card = ModelCard.from_dict({"name": name, **fields})
         except LlmosError as exc:
             raise ConfigError(f"{where}: {exc.message}") from exc
-        return self._deployment(name, card, self._settings(table))
+        return self._deployment(name, card, self._settings(table), table.get("executor"))
 
     def _settings(self, overrides: Mapping[str, Any]) -> BatchSettings:
         """The runtime defaults with a deployment's or card's own batching keys."""
@@ -327,7 +354,9 @@ class ModelManager:
             self.defaults, **{k: overrides[k] for k in _BATCH_KEYS if k in overrides}
         )
 
-    def _deployment(self, key: str, card: ModelCard, settings: BatchSettings) -> Deployment:
+    def _deployment(
+        self, key: str, card: ModelCard, settings: BatchSettings, executor: str | None = None
+    ) -> Deployment:
         installed = self._providers.installed()
         registered = installed.get(card.provider)
         if registered is None:
@@ -349,7 +378,11 @@ class ModelManager:
         spec = registered.spec
         if not spec.batching:
             settings = attrs.evolve(settings, batching=False)
-        return Deployment(key, card, registered.plugin, spec, settings)
+        if registered.plugin == KERNEL_OWNER:
+            executor = LOCAL  # a fusion, a group: here; the models they call are placed
+        elif executor is None:
+            executor = self.executor
+        return Deployment(key, card, registered.plugin, spec, settings, executor)
 
     # -- loading --------------------------------------------------------------
 
@@ -398,9 +431,11 @@ class ModelManager:
         # The provider's check again, before anything is loaded: a card
         # registered before it existed, a [models.NAME] deployment, or a card
         # the operator's config no longer allows is refused here.
-        options = self._providers.options(deployment.provider)
-        card = provider_checked(deployment.spec, deployment.provider, card, options)
+        options = self._providers.options(deployment.plugin)
+        card = provider_checked(deployment.spec, deployment.plugin, card, options)
         base, base_path = self._base_of(card)
+        if deployment.executor != LOCAL:
+            return self._placed(deployment, card, options, path, base, base_path)
         cache_dir = self._config.home / "cache" / deployment.spec.name
         cache_dir.mkdir(parents=True, exist_ok=True)
         self._make_room(_expected_bytes(card) + _expected_bytes(base))
@@ -413,6 +448,7 @@ class ModelManager:
             base_path=base_path,
             emit=self._emit,
             models=self._caller,
+            artifacts=self._registry().policy.artifacts,
         )
         started = time.perf_counter()
         log.info("runtime.loading", model=deployment.key, provider=card.provider)
@@ -437,15 +473,55 @@ class ModelManager:
             worker = DirectWorker(deployment.key, model, settings)
         else:
             worker = ModelWorker(deployment.key, model, settings, self._emit)
-        self._emit(
-            MonitorEvent(
-                kind="model.loaded",
-                model=deployment.key,
-                fields={"load_s": seconds, "provider": card.provider},
-            )
-        )
-        log.info("runtime.loaded", model=deployment.key, seconds=round(seconds, 3))
+        self._loaded(deployment, card, seconds)
         return worker
+
+    def _placed(
+        self,
+        deployment: Deployment,
+        card: ModelCard,
+        options: Mapping[str, Any],
+        path: Any,
+        base: ModelCard | None,
+        base_path: Path | None,
+    ) -> Worker:
+        """The model placed on its executor: the kernel keeps only the
+        dispatching model it returns (no weights here, no local budget)."""
+        if self._place is None:
+            raise ConfigError(f"model {deployment.key!r}: this kernel places no models elsewhere")
+        settings = deployment.settings
+        request = PlacementRequest(
+            key=deployment.key,
+            card=card,
+            provider=deployment.spec.name,
+            plugin=deployment.plugin,
+            options=options,
+            path=None if path is None else str(path),
+            base=base,
+            base_path=None if base_path is None else str(base_path),
+            max_batch_size=settings.max_batch_size,
+            max_wait_ms=settings.max_wait_ms,
+            max_queue=settings.max_queue,
+            batching=settings.batching,
+            emit=self._emit,
+        )
+        started = time.perf_counter()
+        log.info("runtime.placing", model=deployment.key, executor=deployment.executor)
+        model = self._place(deployment.executor, request)
+        if not isinstance(model, DispatchingModel):
+            raise PluginError(
+                f"executor {deployment.executor!r} placed {deployment.key!r} but returned"
+                f" {type(model).__name__}, not a DispatchingModel (submit, submit_stream, close)"
+            )
+        self._loaded(deployment, card, time.perf_counter() - started)
+        return DirectWorker(deployment.key, model, settings)
+
+    def _loaded(self, deployment: Deployment, card: ModelCard, seconds: float) -> None:
+        fields = {"load_s": seconds, "provider": card.provider}
+        if deployment.executor != LOCAL:
+            fields["executor"] = deployment.executor
+        self._emit(MonitorEvent(kind="model.loaded", model=deployment.key, fields=fields))
+        log.info("runtime.loaded", model=deployment.key, seconds=round(seconds, 3))
 
     def _base_of(self, card: ModelCard) -> tuple[ModelCard | None, Path | None]:
         """An adapter's base model (its first parent) and the base's checked path."""
