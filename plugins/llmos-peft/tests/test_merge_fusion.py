@@ -5,6 +5,7 @@ tuned one; and the checks that refuse members before any work."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -590,7 +591,10 @@ def test_the_kernel_merges_registers_and_serves_the_merged_adapter(
         assert {"fusion", "merge"} <= set(card.tags)
         assert card.parents == (f"{bert_card.name}@1",)  # the base, pinned: what serves it
         artifact = Path(card.source)
-        assert artifact.is_relative_to(kernel.home / "artifacts" / "merged-ab")
+        # in the artifact store, content-addressed: artifacts/<name>/<sha256 of its manifest>
+        assert artifact.parent == kernel.home / "artifacts" / "merged-ab"
+        assert re.fullmatch(r"[0-9a-f]{64}", artifact.name)
+        assert (artifact / "llmos-artifact.json").is_file()
         assert (artifact / "adapter_model.safetensors").is_file()
         assert not [p for p in artifact.rglob("*") if p.suffix in PICKLES]
         requests = [ClassifyRequest(text=text) for text in texts]

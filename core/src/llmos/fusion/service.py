@@ -74,6 +74,7 @@ from llmos.errors import ConfigError, LlmosError, PluginError, UsageError
 from llmos.fusion import combine
 from llmos.fusion.call import Asked, Call, Member
 from llmos.fusion.model import FusedModel
+from llmos.registry.fsstore import store_of
 from llmos.registry.sources import check_source
 from llmos.tuning.data import load_file
 from llmos.tuning.jobs import check_artifact
@@ -1074,14 +1075,15 @@ class Fusions:
                     f" merging: {type(exc).__name__}: {exc}"
                 ) from exc
             check_artifact(output, policy.allow_pickle)
-            dest = self._config.home / "artifacts" / name / f"merge-{int(time.time() * 1000)}"
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            source = dest
+            inner = ""
             if made.source:
-                inner = Path(made.source).resolve()
-                if inner.is_relative_to(output.resolve()):
-                    source = dest / inner.relative_to(output.resolve())
-            shutil.move(output, dest)
+                made_at = Path(made.source).resolve()
+                if made_at.is_relative_to(output.resolve()):
+                    inner = made_at.relative_to(output.resolve()).as_posix()
+                    inner = "" if inner == "." else inner
+            # the artifact store: the data folder's artifacts/, or a cluster's shared root
+            address = store_of(policy, self._config.home).put(output, name)
+            source = f"{address}/{inner}" if inner else address
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         card = attrs.evolve(

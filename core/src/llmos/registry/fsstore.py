@@ -64,7 +64,7 @@ from llmos.types import validate_model_name
 if TYPE_CHECKING:
     from llmos.registry.sources import SourcePolicy
 
-__all__ = ["MANIFEST", "ArtifactStore", "Manifest", "ManifestEntry", "is_url"]
+__all__ = ["MANIFEST", "ArtifactStore", "Manifest", "ManifestEntry", "is_url", "store_of"]
 
 log = structlog.get_logger("llmos.registry")
 
@@ -591,6 +591,14 @@ class ArtifactStore:
                 fs.rm(where.folder, recursive=True)
             shutil.rmtree(self.cache / where.digest, ignore_errors=True)
         log.info("artifact.deleted", address=source)
+
+
+def store_of(policy: SourcePolicy, home: Path) -> ArtifactStore:
+    """Where made models go: the ``[artifacts]`` store the policy carries, or
+    the data folder's ``artifacts/`` (with its cache beside it)."""
+    if policy.artifacts is not None:
+        return policy.artifacts
+    return ArtifactStore(home / "artifacts", home / "cache" / "artifacts", policy)
 
 
 def _missing(exc: FileNotFoundError) -> bool:

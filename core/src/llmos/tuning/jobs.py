@@ -66,7 +66,7 @@ from llmos.errors import (
     Unavailable,
     UsageError,
 )
-from llmos.registry.fsstore import ArtifactStore
+from llmos.registry.fsstore import store_of
 from llmos.registry.sources import check_source
 from llmos.registry.weights import pickle_reason, read_safetensors_header
 from llmos.tuning.data import DEFAULT_MAX_DATA_BYTES, SPLITS, load_splits
@@ -1063,14 +1063,6 @@ class JobManager:
                 f" returned (its output: {folder / 'worker.log'})",
             )
 
-    def _artifacts(self) -> ArtifactStore:
-        """The kernel's artifact store (``[artifacts]``), or the data folder's."""
-        policy = self._registry().policy
-        if policy.artifacts is not None:
-            return policy.artifacts
-        home = self._config.home
-        return ArtifactStore(home / "artifacts", home / "cache" / "artifacts", policy)
-
     def _register(self, job: Job, result: Mapping[str, Any]) -> dict[str, Any]:
         """Store the artifact in the artifact store and register the new model
         with its address as the source."""
@@ -1090,7 +1082,7 @@ class JobManager:
                 inner = path.relative_to(output.resolve()).as_posix()
                 inner = "" if inner == "." else inner
         # the artifact store: the data folder's artifacts/, or a cluster's shared root
-        address = self._artifacts().put(output, job.name)
+        address = store_of(self._registry().policy, self._config.home).put(output, job.name)
         source = f"{address}/{inner}" if inner else address
         scores = {
             key: float(value)
