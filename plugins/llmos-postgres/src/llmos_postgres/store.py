@@ -1002,12 +1002,17 @@ class PostgresStore:
             if len(tokens) == 1:
                 scores[phrase] = f"d{first}.weight"
             else:
-                # A phrase: its words' rows joined, their positions in a row.
-                starts = f"FROM unnest(d{first}.positions) AS u (x) WHERE " + " AND ".join(
+                # A phrase: its words' rows joined, and its weighted count
+                # from where their positions follow each other (none: NULL).
+                follow = " AND ".join(
                     f"x + {k} = ANY (d{first + k}.positions)" for k in range(1, len(tokens))
                 )
-                adjacent.append(f"EXISTS (SELECT 1 {starts})")
-                scores[phrase] = f"(SELECT sum({column_weight('x')}) {starts})"
+                joins.append(
+                    f"CROSS JOIN LATERAL (SELECT sum({column_weight('x')}) AS f"
+                    f" FROM unnest(d{first}.positions) AS u (x) WHERE {follow}) ph{first}"
+                )
+                adjacent.append(f"ph{first}.f IS NOT NULL")
+                scores[phrase] = f"ph{first}.f"
             phrase += 1
         where = to_pg(And(tuple(rest)), self._tokenizer.phrase) if rest else TRUE
         if adjacent:
