@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import attrs
 import pytest
 
 from llmos.config import load_config
@@ -633,3 +634,18 @@ def test_an_unknown_or_broken_executor_is_refused_with_the_known_ones(
         kernel.call("a", Capability.COMPLETE, prompts("x"))
     with pytest.raises(PluginError, match=r"'broken' placed 'b' but returned object"):
         kernel.call("b", Capability.COMPLETE, prompts("x"))
+
+
+def test_unloading_a_dispatching_model_waits_for_its_calls_in_flight(
+    placing_kernel, recorder
+) -> None:
+    kernel, pool = placing_kernel('runtime.executor="pool"', 'models.slow.provider="upper"')
+    kernel.call("slow", Capability.COMPLETE, prompts("warm"))  # placed
+    executor = pool.executors[0]
+    replica = kernel.models.get("slow").model
+    replica.model.card = attrs.evolve(replica.model.card, options={"delay": 0.5})
+    future = kernel.submit("slow", Capability.COMPLETE, prompts("late"))
+    assert recorder.started.wait(10), "the call is running on the replica"
+    assert kernel.models.unload("slow")
+    assert future.done() and future.result()[0].text == "LATE", "it finished first"
+    assert recorder.closed == ["slow"] and not executor.closed

@@ -465,7 +465,7 @@ class DirectWorker:
         self.settings = attrs.evolve(settings, batching=False)
         self.in_flight = 0
         self.last_used = time.monotonic()
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self._closed = False
 
     @property
@@ -506,8 +506,13 @@ class DirectWorker:
         return self.model.submit_stream(request)
 
     def close(self, timeout: float = 30.0) -> None:
+        """Take no new calls, let those in flight finish (up to ``timeout``),
+        then close the model (a placed model's replicas)."""
+        deadline = time.monotonic() + timeout
         with self._lock:
             self._closed = True
+            while self.in_flight and (left := deadline - time.monotonic()) > 0:
+                self._lock.wait(left)
         try:
             self.model.close()
         except Exception as exc:
@@ -524,6 +529,7 @@ class DirectWorker:
         with self._lock:
             self.in_flight -= size
             self.last_used = time.monotonic()
+            self._lock.notify_all()
 
 
 def _check_capability(name: str, model: Any, capability: Capability) -> None:
