@@ -10,9 +10,10 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.llmos-installed
 
 # every first-party plugin is installed editable next to the kernel, but
-# llmos-vllm, llmos-llamacpp and llmos-postgres: each lives in an environment of
-# its own (`make test-vllm`, `make test-llamacpp`, `make test-postgres`)
-PLUGIN_DIRS := $(filter-out plugins/llmos-vllm plugins/llmos-llamacpp plugins/llmos-postgres,$(patsubst %/pyproject.toml,%,$(wildcard plugins/*/pyproject.toml)))
+# llmos-vllm, llmos-llamacpp, llmos-postgres and llmos-ray: each lives in an
+# environment of its own (`make test-vllm`, `make test-llamacpp`, `make
+# test-postgres`, `make test-ray`)
+PLUGIN_DIRS := $(filter-out plugins/llmos-vllm plugins/llmos-llamacpp plugins/llmos-postgres plugins/llmos-ray,$(patsubst %/pyproject.toml,%,$(wildcard plugins/*/pyproject.toml)))
 # and the contrib plugins whose tests `make test` runs (the rest of contrib/ is not installed)
 CONTRIB_DIRS := contrib/llmos-openai
 INSTALL_INPUTS := pyproject.toml constraints.txt core/pyproject.toml \
@@ -26,7 +27,7 @@ export OMP_NUM_THREADS ?= 1
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 PIP_CONSTRAINT := -c constraints.txt
 
-.PHONY: install system-packages run test test-vllm test-llamacpp test-postgres dist lint clean
+.PHONY: install system-packages run test test-vllm test-llamacpp test-postgres test-ray dist lint clean
 
 install: $(STAMP)
 
@@ -136,6 +137,30 @@ $(POSTGRES_STAMP): $(POSTGRES_BIN)/python $(POSTGRES_INPUTS)
 test-postgres: $(POSTGRES_STAMP) system-packages
 	$(POSTGRES_BIN)/python -m pytest plugins/llmos-postgres/tests
 
+# Ray Serve (ray[serve], pinned in plugins/llmos-ray) in .venv-ray, beside the
+# kernel, llmos-transformers (what the replicas serve with) and llmos-peft. The
+# tests start a real two-node Ray cluster on this machine (127.0.0.3 and
+# 127.0.0.2) and stop it by PID. Idempotent like `install` (its own stamp file).
+RAY_VENV   ?= .venv-ray
+RAY_BIN    := $(RAY_VENV)/bin
+RAY_STAMP  := $(RAY_VENV)/.llmos-ray-installed
+RAY_PIP    := $(RAY_BIN)/python -m pip --disable-pip-version-check
+RAY_INPUTS := constraints.txt core/pyproject.toml plugins/llmos-transformers/pyproject.toml \
+              plugins/llmos-peft/pyproject.toml plugins/llmos-ray/pyproject.toml
+
+$(RAY_BIN)/python:
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11 ...'" >&2; exit 1; }
+	$(PYTHON) -m venv $(RAY_VENV)
+	$(RAY_PIP) install --quiet --upgrade "pip>=25.1"
+
+$(RAY_STAMP): $(RAY_BIN)/python $(RAY_INPUTS)
+	$(RAY_PIP) install --quiet $(PIP_CONSTRAINT) "pytest>=8.2" "httpx>=0.27" \
+	    -e core -e plugins/llmos-transformers -e plugins/llmos-peft -e plugins/llmos-ray
+	@touch $@
+
+test-ray: $(RAY_STAMP)
+	RAY_USAGE_STATS_ENABLED=0 $(RAY_BIN)/python -m pytest -p no:cacheprovider plugins/llmos-ray/tests
+
 # Every distribution's sdist and wheel in dist/, built as `python -m build` builds them
 # for anyone (the wheel from the sdist, each in a fresh isolated environment with its
 # build-system requirements), then checked as the package index checks them.
@@ -150,4 +175,4 @@ lint: install
 	$(BIN)/ruff check core plugins contrib tests bench
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) $(LLAMACPP_VENV) $(POSTGRES_VENV)
+	rm -rf $(VENV) $(VLLM_VENV) $(LLAMACPP_VENV) $(RAY_VENV) $(POSTGRES_VENV)

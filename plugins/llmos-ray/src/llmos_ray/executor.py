@@ -1,0 +1,394 @@
+"""The kernel's side: served models as Ray Serve applications, called through handles.
+
+:class:`RayExecutor` connects the kernel's process to a Ray cluster (as a
+driver), starts Serve with no HTTP proxy (the llmos daemon is the front end)
+and the event queue actor. :meth:`RayExecutor.serve` deploys one model as one
+Serve application (its replicas each load the model, see
+:mod:`llmos_ray.replica`) and returns a :class:`RayModel`, which is what the
+kernel calls instead of its in-process worker: ``submit`` (a
+:class:`concurrent.futures.Future`, like the worker's), ``stream`` (a
+:class:`RayStream`, like the worker's ``StreamHandle``), ``health``,
+``close``. Every call is one Serve request: the replica batches it with
+others; its answer carries the replica's timing, from which the request
+event is made here and emitted to the kernel's sinks (with ``replica`` and
+``ray_s``, the time spent in Ray rather than in the model or its queue).
+
+Calls run on one asyncio loop of the executor's own (a thread), so a sync
+caller waits on a future and an awaiting daemon wraps it, as with the
+in-process worker; cancelling the future cancels the Serve request.
+
+Failures a caller sees, never silence: a replica that dies under a call
+fails that call with :class:`~llmos.errors.Unavailable` (503, retry) —
+Serve does not replay a request that reached a replica, since it may have
+run — and new calls go to the replicas still alive while Serve starts a
+replacement; a full replica queue is :class:`~llmos.errors.Overloaded` (429).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import queue
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import ray
+import structlog
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from llmos.errors import LlmosError, Overloaded, Unavailable
+from llmos.types import Capability, MonitorEvent, StreamChunk
+from llmos_ray.events import Drainer, EventQueue
+from llmos_ray.options import ServeSettings
+from llmos_ray.replica import ModelReplica
+from llmos_ray.wire import Answer, ModelSpec
+
+__all__ = ["RayExecutor", "RayModel", "RayStream", "app_name"]
+
+log = structlog.get_logger("llmos.ray")
+
+#: the deployment's name inside each model's application
+DEPLOYMENT = "model"
+
+
+def app_name(key: str) -> str:
+    """The Serve application of a model key (``name@3`` -> ``llmos-name-3``)."""
+    return "llmos-" + re.sub(r"[^a-z0-9._-]+", "-", key.lower())
+
+
+def _mapped(exc: BaseException, what: str) -> BaseException:
+    """What a caller of the kernel sees for a failure on the Ray path."""
+    from ray import exceptions as rex
+    from ray.serve import exceptions as sex
+
+    if isinstance(exc, LlmosError):  # the model's own (a RayTaskError is also one)
+        cause = getattr(exc, "cause", None)
+        return cause if isinstance(cause, LlmosError) else exc
+    if isinstance(exc, rex.RayTaskError) and isinstance(exc.cause, LlmosError):
+        return exc.cause
+    if isinstance(exc, sex.BackPressureError):
+        return Overloaded(f"{what}: every replica's queue is full; retry shortly")
+    if isinstance(exc, rex.RayActorError | rex.ActorUnavailableError | rex.NodeDiedError):
+        return Unavailable(f"{what}: the replica serving it died ({type(exc).__name__}); retry")
+    if isinstance(exc, rex.RayTaskError):
+        return LlmosError(f"{what} failed on its replica: {exc.cause!r}")
+    return Unavailable(f"{what} failed on the Ray path: {type(exc).__name__}: {exc}")
+
+
+_END = object()
+
+
+class RayStream:
+    """Chunks of one streamed request from a replica: what the kernel's
+    ``StreamHandle`` offers (``get``, iteration, ``cancel``)."""
+
+    def __init__(self) -> None:
+        self._chunks: queue.Queue[Any] = queue.Queue()
+        self.cancelled = threading.Event()
+        self.first_chunk_at: float | None = None
+        self._on_cancel: Callable[[], None] | None = None
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+        if self._on_cancel is not None:
+            self._on_cancel()
+
+    def put(self, chunk: StreamChunk) -> None:
+        if self.first_chunk_at is None:
+            self.first_chunk_at = time.perf_counter()
+        self._chunks.put(chunk)
+
+    def finish(self, error: BaseException | None = None) -> None:
+        self._chunks.put(error if error is not None else _END)
+
+    def get(self, timeout: float | None = None) -> StreamChunk | None:
+        """The next chunk; ``None`` at the end. Raises what failed, or
+        :class:`queue.Empty` after ``timeout``."""
+        item = self._chunks.get(timeout=timeout)
+        if item is _END:
+            return None
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def __iter__(self) -> Iterator[StreamChunk]:
+        while (chunk := self.get()) is not None:
+            yield chunk
+
+
+class RayModel:
+    """One served model (or an adapter multiplexed on one) behind a Serve handle."""
+
+    def __init__(
+        self,
+        executor: RayExecutor,
+        key: str,
+        app: str,
+        handle: DeploymentHandle,
+        info: Mapping[str, Any],
+        adapter: ModelSpec | None = None,
+    ) -> None:
+        self.key = key
+        self.app = app
+        self.info = dict(info)
+        self.capabilities = frozenset(Capability(c) for c in info["capabilities"])
+        self.supports_logprobs = bool(info.get("supports_logprobs"))
+        self.chat_features = frozenset(info.get("chat_features", ()))
+        self._executor = executor
+        self._adapter = adapter
+        self._handle = handle if adapter is None else handle.options(multiplexed_model_id=key)
+        self._stream_handle = self._handle.options(stream=True)
+
+    # -- calls ---------------------------------------------------------------
+
+    def submit(
+        self, capability: Capability, requests: Sequence[Any]
+    ) -> concurrent.futures.Future[list[Any]]:
+        """Send one caller's requests; the future gets their results (its
+        ``timing`` attribute: queue wait, model time, batch size, replica)."""
+        timing: dict[str, Any] = {}
+        future = self._executor.run(self._call(Capability(capability), list(requests), timing))
+        future.timing = timing  # type: ignore[attr-defined]
+        return future
+
+    def call(
+        self, capability: Capability, requests: Sequence[Any], timeout: float = 300
+    ) -> list[Any]:
+        future = self.submit(capability, requests)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise
+
+    def stream(self, request: Any) -> RayStream:
+        """Start streaming one request; iterate the handle, cancel it to stop."""
+        out = RayStream()
+        future = self._executor.run(self._stream(request, out))
+        out._on_cancel = lambda: future.cancel()
+        return out
+
+    async def _call(
+        self, capability: Capability, requests: list[Any], timing: dict[str, Any]
+    ) -> list[Any]:
+        enqueued = time.perf_counter()
+        response = self._handle.call.remote(str(capability), requests, self._adapter)
+        try:
+            answer: Answer = await response
+        except asyncio.CancelledError:
+            response.cancel()
+            self._event(capability, len(requests), "cancelled", enqueued, {})
+            raise
+        except BaseException as exc:
+            error = _mapped(exc, f"{capability} on {self.key!r}")
+            self._event(
+                capability,
+                len(requests),
+                "error",
+                enqueued,
+                {
+                    "error": getattr(error, "type", type(error).__name__),
+                    "message": str(error)[:500],
+                },
+            )
+            raise error from exc
+        latency = time.perf_counter() - enqueued
+        timing.update(answer.timing, latency_s=latency, replica=answer.replica)
+        timing["ray_s"] = latency - answer.timing["model_s"] - answer.timing["queue_wait_s"]
+        self._event(
+            capability, len(requests), "ok", enqueued, {**timing, **_tokens(answer.results)}
+        )
+        return answer.results
+
+    async def _stream(self, request: Any, out: RayStream) -> None:
+        enqueued = time.perf_counter()
+        generator = self._stream_handle.stream.remote(request, self._adapter)
+        status, fields, chunks = "ok", {}, 0
+        try:
+            async for chunk in generator:
+                if out.cancelled.is_set():
+                    status = "cancelled"
+                    break
+                out.put(chunk)
+                chunks += 1
+                if chunk.usage is not None:
+                    fields.update(
+                        tokens_in=chunk.usage.prompt_tokens,
+                        tokens_out=chunk.usage.completion_tokens,
+                    )
+        except asyncio.CancelledError:
+            generator.cancel()
+            status = "cancelled"
+            out.finish()
+        except BaseException as exc:
+            error = _mapped(exc, f"stream on {self.key!r}")
+            status = "error"
+            fields = {"error": getattr(error, "type", type(error).__name__)}
+            out.finish(error)
+        else:
+            if status == "cancelled":
+                generator.cancel()
+            out.finish()
+        if out.first_chunk_at is not None:
+            fields["ttft_s"] = out.first_chunk_at - enqueued
+        fields["chunks"] = chunks
+        self._event(Capability.STREAM, 1, status, enqueued, fields)
+
+    def _event(
+        self,
+        capability: Capability,
+        size: int,
+        status: str,
+        enqueued: float,
+        fields: Mapping[str, Any],
+    ) -> None:
+        self._executor.emit(
+            MonitorEvent(
+                kind="request",
+                model=self.key,
+                capability=str(capability),
+                fields={
+                    "status": status,
+                    "requests": size,
+                    "latency_s": time.perf_counter() - enqueued,
+                    "executor": "ray",
+                    **fields,
+                },
+            )
+        )
+
+    # -- state ---------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        """Serve's view of the deployment: its status and replicas by state."""
+        return self._executor.health(self.app)
+
+    def adapter(self, spec: ModelSpec) -> RayModel:
+        """An adapter on this model's replicas (Serve multiplexing), called like a model."""
+        return RayModel(self._executor, spec.key, self.app, self._handle, self.info, adapter=spec)
+
+    def close(self) -> None:
+        """Delete the application (an adapter's close does nothing: its base holds the replicas)."""
+        if self._adapter is None:
+            self._executor.delete(self.app)
+
+
+def _tokens(results: Sequence[Any]) -> dict[str, int]:
+    usages = [r.usage for r in results if getattr(r, "usage", None) is not None]
+    return {
+        "tokens_in": sum(u.prompt_tokens for u in usages),
+        "tokens_out": sum(u.completion_tokens for u in usages),
+    }
+
+
+class RayExecutor:
+    """The kernel's connection to a Ray cluster and the models it serves there."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        emit: Callable[[MonitorEvent], None],
+        namespace: str = "llmos",
+        event_interval_s: float = 0.5,
+        node_ip_address: str | None = None,
+    ) -> None:
+        self.namespace = namespace
+        self.emit = emit
+        if not ray.is_initialized():
+            ray.init(
+                address=address,
+                namespace=namespace,
+                log_to_driver=False,
+                configure_logging=False,
+                _node_ip_address=node_ip_address,
+            )
+        serve.start(proxy_location="Disabled")
+        self.events_name = f"llmos-events-{uuid.uuid4().hex[:8]}"
+        self._queue = (
+            ray.remote(EventQueue)
+            .options(name=self.events_name, namespace=namespace, num_cpus=0, max_restarts=-1)
+            .remote()
+        )
+        self._drainer = Drainer(self._queue, emit, event_interval_s)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="llmos-ray", daemon=True
+        )
+        self._thread.start()
+        self._apps: set[str] = set()
+
+    def run(self, coroutine: Any) -> concurrent.futures.Future[Any]:
+        """Run ``coroutine`` on the executor's loop; cancelling the future cancels it."""
+        # its future's cancel() cancels the task on the loop (and so the Serve request)
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+
+    def serve(
+        self, spec: ModelSpec, settings: ServeSettings, *, timeout_s: float = 300
+    ) -> RayModel:
+        """Deploy ``spec`` as a Serve application and wait for its replicas;
+        a replica that fails to load the model fails this call with its reason."""
+        app = app_name(spec.key)
+        deployment = serve.deployment(ModelReplica).options(
+            name=DEPLOYMENT, max_constructor_retry_count=1, **settings.deployment_options()
+        )
+        started = time.perf_counter()
+        try:
+            handle = serve.run(
+                deployment.bind(spec, self.events_name, self.namespace), name=app, route_prefix=None
+            )
+        except Exception as exc:
+            self.delete(app)
+            raise LlmosError(
+                f"model {spec.key!r} could not be deployed on Ray Serve:"
+                f" {type(exc).__name__}: {exc}"
+            ) from exc
+        self._apps.add(app)
+        info = handle.describe.remote().result(timeout_s=timeout_s)
+        self.emit(
+            MonitorEvent(
+                kind="ray.deployed",
+                model=spec.key,
+                fields={"app": app, "seconds": time.perf_counter() - started, **self.health(app)},
+            )
+        )
+        return RayModel(self, spec.key, app, handle, info)
+
+    def health(self, app: str) -> dict[str, Any]:
+        """``status`` (Serve's: HEALTHY, UPDATING, UNHEALTHY …) and ``replicas``
+        (state -> count) of an application's deployment."""
+        status = serve.status().applications.get(app)
+        if status is None:
+            return {"status": "NOT_FOUND", "replicas": {}}
+        deployment = status.deployments.get(DEPLOYMENT)
+        if deployment is None:
+            return {"status": str(getattr(status.status, "value", status.status)), "replicas": {}}
+        return {
+            "status": str(getattr(deployment.status, "value", deployment.status)),
+            "replicas": {
+                str(getattr(k, "value", k)): v for k, v in deployment.replica_states.items()
+            },
+        }
+
+    def delete(self, app: str) -> None:
+        try:
+            serve.delete(app)
+        except Exception as exc:
+            log.warning("ray.delete_failed", app=app, error=repr(exc))
+        self._apps.discard(app)
+
+    def close(self) -> None:
+        """Delete the applications it deployed, drain the last events, stop its loop."""
+        for app in list(self._apps):
+            self.delete(app)
+        self._drainer.close()
+        with contextlib.suppress(Exception):
+            ray.kill(self._queue)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)

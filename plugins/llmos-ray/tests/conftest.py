@@ -1,0 +1,117 @@
+"""Fixtures: a real two-node Ray cluster on this machine, a tiny Llama, and an
+executor serving it through llmos-transformers on Serve replicas.
+
+The cluster (:class:`llmos_ray.testing.LocalCluster`: ``ray start --head`` on
+127.0.0.3 and ``ray start --address`` on 127.0.0.2 with a resource of its
+own) starts once per session and is always stopped, by PID, at the end. The
+tiny Llama (2 layers, hidden 32, a trained byte-level tokenizer) is written
+with ``save_pretrained`` in a second. The replicas find the transformers
+provider through its entry point, as the kernel does.
+
+These tests need Ray, which lives in its own environment (``make test-ray``);
+where it is not installed they are not collected.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import pytest
+
+from llmos.logs import configure_logging
+from llmos.types import ModelCard, MonitorEvent
+
+if importlib.util.find_spec("ray") is None or importlib.util.find_spec("llmos_ray") is None:
+    collect_ignore_glob = ["test_*.py"]
+
+TEXTS = [
+    "the cat sat on the mat.",
+    "a dog ran in the park!",
+    "hello world, how are you today?",
+    "greet anna hello anna, nice to see you",
+]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_logs() -> None:
+    configure_logging("warning", fmt="console")
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    from llmos_ray.testing import LocalCluster
+
+    cluster = LocalCluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from llmos_transformers.testing import write_llama
+
+    return write_llama(tmp_path_factory.mktemp("models") / "tiny", texts=TEXTS, context=256)
+
+
+class Events:
+    """The kernel's ``emit`` as the executor gets it: events, kept."""
+
+    def __init__(self) -> None:
+        self.events: list[MonitorEvent] = []
+
+    def __call__(self, event: MonitorEvent) -> None:
+        self.events.append(event)
+
+    def of(self, kind: str, model: str | None = None) -> list[MonitorEvent]:
+        return [e for e in self.events if e.kind == kind and (model is None or e.model == model)]
+
+
+@pytest.fixture(scope="session")
+def events() -> Events:
+    return Events()
+
+
+@pytest.fixture(scope="session")
+def executor(cluster: object, events: Events) -> Iterator[object]:
+    from llmos_ray.executor import RayExecutor
+    from llmos_ray.testing import HEAD_IP
+
+    executor = RayExecutor(
+        cluster.address,  # type: ignore[attr-defined]
+        emit=events,
+        event_interval_s=0.1,
+        node_ip_address=HEAD_IP,
+    )
+    try:
+        yield executor
+    finally:
+        executor.close()
+        import ray
+
+        ray.shutdown()
+
+
+def tiny_spec(key: str, tiny_dir: Path, cache: Path, **fields: object) -> object:
+    """The spec the kernel would send for the tiny Llama served by transformers."""
+    from llmos_ray.wire import ModelSpec
+
+    card = ModelCard(name=key.split("@")[0], provider="transformers", source=str(tiny_dir))
+    return ModelSpec(
+        key=key,
+        card=card,
+        plugin="transformers",
+        options={"threads": 1},
+        path=tiny_dir,
+        cache_dir=cache,
+        **fields,  # type: ignore[arg-type]
+    )
