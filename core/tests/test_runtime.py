@@ -28,6 +28,8 @@ from llmos.errors import (
     UsageError,
 )
 from llmos.plugin import hookimpl
+from llmos.plugin.manager import PluginManager
+from llmos.replica import Replica
 from llmos.runtime.kernel import Kernel
 from llmos.types import (
     Capability,
@@ -506,7 +508,7 @@ def test_a_plugins_dispatching_model_calls_others_through_the_kernel(make_kernel
 # executors: [runtime] executor places models somewhere else
 
 
-class Replica:
+class PooledModel:
     """A placed model as an executor returns it: its calls run on a thread
     pool of the 'replica' (a real executor: a remote process)."""
 
@@ -542,7 +544,7 @@ class PoolExecutor:
             return object()  # not a DispatchingModel
         # a replica rebuilds the model from plain values, with the provider named
         assert request.provider == "upper"
-        return Replica(Upper(request.card, self.recorder), self.pool)
+        return PooledModel(Upper(request.card, self.recorder), self.pool)
 
     def close(self) -> None:
         self.closed = True
@@ -649,3 +651,30 @@ def test_unloading_a_dispatching_model_waits_for_its_calls_in_flight(
     assert kernel.models.unload("slow")
     assert future.done() and future.result()[0].text == "LATE", "it finished first"
     assert recorder.closed == ["slow"] and not executor.closed
+
+
+def test_a_replica_loads_the_named_provider_here_and_batches_like_the_kernel(
+    tmp_path: Path, recorder: Recorder
+) -> None:
+    plugins = PluginManager()
+    plugins.load(entry_points=[])
+    plugins.register(UpperPlugin(recorder), "upper-plugin")
+    card = ModelCard(name="shout", provider="upper", options={"delay": 0.2})
+    request = PlacementRequest(key="shout", card=card, provider="upper", plugin="upper-plugin")
+    events: list[MonitorEvent] = []
+    replica = Replica(request, home=tmp_path, emit=events.append, plugins=plugins)
+    try:
+        assert recorder.loads == ["shout"] and (tmp_path / "cache" / "upper").is_dir()
+        first = replica.submit(Capability.COMPLETE, prompts("a"))
+        assert recorder.started.wait(10)
+        # queued while the model is busy: they share its next call
+        rest = [replica.submit(Capability.COMPLETE, prompts(t)) for t in ("b", "c")]
+        assert [f.result(10)[0].text for f in (first, *rest)] == ["A", "B", "C"]
+        assert recorder.batches == [1, 2]
+        assert [e.fields["batch_size"] for e in events if e.kind == "request"] == [1, 2, 2]
+    finally:
+        replica.close()
+    assert recorder.closed == ["shout"]
+    missing = attrs.evolve(request, provider="vllm")
+    with pytest.raises(NotFoundError, match=r"provider 'vllm'.*install llmos-vllm on every node"):
+        Replica(missing, home=tmp_path, plugins=plugins)

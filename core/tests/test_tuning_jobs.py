@@ -25,8 +25,10 @@ from pathlib import Path
 import pytest
 
 from llmos.errors import ConfigError, NotFoundError, PayloadTooLarge, PluginError, UsageError
+from llmos.plugin import hookimpl
 from llmos.registry.fsstore import MANIFEST
 from llmos.registry.service import Registry
+from llmos.replica import start_job
 from llmos.runtime.kernel import Kernel
 from llmos.testing import EventRecorder, write_distribution, write_safetensors
 from llmos.tuning.jobs import (
@@ -38,7 +40,7 @@ from llmos.tuning.jobs import (
     JobState,
     JobStore,
 )
-from llmos.types import ModelCard
+from llmos.types import ExecutorSpec, JobHandle, ModelCard
 
 COUNT = """
 import json
@@ -627,3 +629,108 @@ def test_a_job_survives_a_sigkilled_kernel_and_resumes_from_its_checkpoint(
         assert kernel.registry.store.get("base-count").parents == ("base@1",)
     finally:
         kernel.stop()
+
+
+# --------------------------------------------------------------------------
+# [tuning] executor: a job's worker started by an executor plugin (a cluster
+# node), through llmos.replica.start_job on "the node" (here: this machine)
+
+
+class LostNode:
+    """The job's handle while its node goes away mid-run: the worker is
+    killed after its third step and the handle says it was lost."""
+
+    where = "node test-2"
+
+    def __init__(self, inner: JobHandle) -> None:
+        self.inner = inner
+        self.lost = False
+
+    def receive(self, timeout: float) -> list | None:
+        messages = self.inner.receive(timeout)
+        for kind, body in messages or ():
+            if kind == "progress" and body.get("step", 0) >= 3 and not self.lost:
+                self.inner.kill()
+                self.lost = True
+        return messages
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+
+class NodesPlugin:
+    def __init__(self, lose_first: bool = False) -> None:
+        self.payloads: list[dict] = []
+        self.lose_first = lose_first
+
+    @hookimpl
+    def llmos_register_executors(self, register):
+        plugin = self
+
+        class Nodes:
+            def place(self, request):
+                raise UsageError("this test executor runs jobs only")
+
+            def start_job(self, payload):
+                plugin.payloads.append(dict(payload))
+                handle = start_job(payload)
+                if plugin.lose_first and len(plugin.payloads) == 1:
+                    return LostNode(handle)
+                return handle
+
+            def close(self):
+                pass
+
+        class ModelsOnly:
+            def place(self, request):
+                raise UsageError("no")
+
+            def close(self):
+                pass
+
+        register(ExecutorSpec(name="nodes", create=lambda context: Nodes()))
+        register(ExecutorSpec(name="models-only", create=lambda context: ModelsOnly()))
+
+
+def executor_kernel(home: Path, plugin: NodesPlugin, executor: str) -> Kernel:
+    kernel = kernel_for(home, f'tuning.executor="{executor}"')
+    kernel.load_plugins()
+    kernel.plugins.register(plugin, "nodes-plugin")
+    kernel.jobs.adopt = True
+    kernel.start()
+    add_base(kernel.registry, kernel.home)
+    return kernel
+
+
+def test_a_job_on_an_executor_whose_node_is_lost_resumes_from_its_checkpoint(
+    tmp_path: Path, site: Path
+) -> None:
+    plugin = NodesPlugin(lose_first=True)
+    kernel = executor_kernel(tmp_path / "home", plugin, "nodes")
+    try:
+        job = submit(kernel, steps=8, sleep=0.05)
+        done = wait_done(kernel, job.id, timeout=60)
+        assert done.state is JobState.SUCCEEDED, done.error
+        assert done.attempts == 2, "queued again when its node was lost, not failed"
+        assert len(plugin.payloads) == 2 and plugin.payloads[0]["job_id"] == job.id
+        # the worker ran on "the node": its folders are the job's, on shared storage
+        assert plugin.payloads[0]["checkpoint_dir"] == str(
+            kernel.jobs.folder(job.id) / "checkpoints"
+        )
+        second = [r for r in records(kernel, job.id) if r["attempt"] == 2]
+        assert second[0]["resumed_from"] >= 3, "the second node resumed from the checkpoint"
+        assert kernel.registry.store.get(done.result["model"]).parents == ("base@1",)
+    finally:
+        kernel.stop()
+
+
+def test_an_executor_that_runs_no_jobs_fails_the_job_saying_so(tmp_path: Path, site: Path) -> None:
+    kernel = executor_kernel(tmp_path / "home", NodesPlugin(), "models-only")
+    try:
+        done = wait_done(kernel, submit(kernel, steps=2).id)
+        assert done.state is JobState.FAILED
+        assert "places models but runs no tuning jobs" in done.error
+    finally:
+        kernel.stop()
+    with pytest.raises(ConfigError, match=r"executor 'nowhere'.*executors: local"):
+        kernel_for(tmp_path / "other", 'tuning.executor="nowhere"').start()

@@ -97,7 +97,7 @@ def test_the_entry_point_is_loaded_with_every_hook(pm: PluginManager) -> None:
         "commands": ["example"],
         "config_sections": ["example"],
         "registry_stores": ["example-audited"],
-        "executors": ["example-pool"],
+        "executors": ["example-replicas"],
     }
     assert pm.providers["example-keyword"].plugin == PLUGIN
     assert pm.fusion_strategies["example-first-confident"].plugin == PLUGIN
@@ -240,14 +240,13 @@ def test_the_audited_registry_store_sends_every_write_to_the_monitor(
     assert (tmp_path / "registry.db").is_file()  # the kernel's own file, behind the audit
 
 
-def test_the_pool_executor_places_keyword_models_and_a_group_calls_them(
+def test_the_replica_executor_places_models_and_a_group_calls_them(
     tmp_path: Path, recorder: Recorder
 ) -> None:
     kernel = Kernel(
         load_config(
             overrides=[
-                'runtime.executor="example-pool"',
-                "plugins.example.pool_threads=1",
+                'runtime.executor="example-replicas"',
                 'groups.g.deployments=["pooled"]',
             ],
             env={"LLMOS_HOME": str(tmp_path), "LLMOS_LOAD_PLUGINS": PLUGIN},
@@ -261,13 +260,14 @@ def test_the_pool_executor_places_keyword_models_and_a_group_calls_them(
         (result,) = kernel.call("g", Capability.CLASSIFY, texts("good"))
         assert result.label == "positive"
         worker = kernel.models.get("pooled")
-        assert type(worker.model).__name__ == "PooledModel"
+        assert type(worker.model).__name__ == "Replica"
+        assert worker.model.worker.settings.batching, "the replica batches, the kernel does not"
     finally:
         kernel.bus.flush()
         kernel.stop()
     loaded = [e for e in recorder.events if e.kind == "model.loaded"]
     assert {e.model: e.fields.get("executor") for e in loaded} == {
-        "pooled@1": "example-pool",
+        "pooled@1": "example-replicas",
         "g": None,
     }
 
@@ -519,9 +519,16 @@ def test_the_sink_without_a_path_writes_nothing(pm: PluginManager, tmp_path: Pat
 
 def test_startup_and_shutdown_log_the_home_folder(pm: PluginManager, tmp_path: Path) -> None:
     kernel = SimpleNamespace(home=tmp_path)  # the hooks read only kernel.home
-    with structlog.testing.capture_logs() as logs:
-        pm.startup(kernel)  # type: ignore[arg-type]
-        pm.shutdown(kernel)  # type: ignore[arg-type]
+    # an earlier test's configure_logging("warning") filters info out before
+    # any processor (capture_logs is one) sees it: let every level through here
+    saved = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(0))
+    try:
+        with structlog.testing.capture_logs() as logs:
+            pm.startup(kernel)  # type: ignore[arg-type]
+            pm.shutdown(kernel)  # type: ignore[arg-type]
+    finally:
+        structlog.configure(**saved)
     mine = [(e["event"], e["home"]) for e in logs if e.get("plugin") == PLUGIN]
     assert mine == [("example.started", str(tmp_path)), ("example.stopped", str(tmp_path))]
     assert {i.name: i for i in pm.plugins()}[PLUGIN].status == "loaded"

@@ -65,6 +65,7 @@ __all__ = [
     "FitData",
     "FusionCall",
     "FusionStrategySpec",
+    "JobHandle",
     "LoadRequest",
     "LoadedModel",
     "Logprobs",
@@ -1262,9 +1263,46 @@ class Executor(Protocol):
     """Where served models run, when not in the kernel's process
     (``[runtime] executor``): ``place`` puts a model there and returns the
     model the kernel calls (it dispatches each call to a replica); ``close``
-    releases what the kernel placed (at stop)."""
+    releases what the kernel placed (at stop).
+
+    An executor that runs tuning jobs too (``[tuning] executor``) also has
+    ``start_job(payload) -> JobHandle``: ``payload`` is the job's worker
+    payload (plain values: the method, the base model, the data, and the
+    job's folders — output, checkpoints, log — which the executor's nodes
+    must see at the same paths: shared storage), which
+    :func:`llmos.replica.start_job` runs where the executor places it."""
 
     def place(self, request: PlacementRequest) -> DispatchingModel: ...
+
+    def close(self) -> None: ...
+
+
+class JobHandle(Protocol):
+    """A tuning job's running worker, wherever it runs: the messages it
+    sends (``("progress", {...})``, ``("result", {...})``, ``("error", text)``),
+    a polite stop (its ``should_stop`` turns true), then terminate and kill.
+    ``lost`` turns true when the worker ended because the place it ran on
+    went away (a node of a cluster): the kernel queues the job again and it
+    resumes from its checkpoints, on whatever node runs it next."""
+
+    #: where it runs, for logs (``pid 123``, ``node 10.0.0.7``)
+    where: str
+    lost: bool
+
+    def receive(self, timeout: float) -> list[tuple[Any, ...]] | None:
+        """Messages that arrived within ``timeout``; ``None`` once the worker
+        has ended and everything it sent has been read."""
+        ...
+
+    def stop(self) -> None: ...
+
+    def terminate(self) -> None: ...
+
+    def kill(self) -> None: ...
+
+    def join(self, timeout: float | None = None) -> int | None:
+        """The worker's exit code (``None``: still running after ``timeout``)."""
+        ...
 
     def close(self) -> None: ...
 

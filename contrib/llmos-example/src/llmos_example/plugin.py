@@ -19,7 +19,6 @@ What it adds:
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import re
 import threading
@@ -36,6 +35,7 @@ from llmos.config import Field, Section
 from llmos.errors import UsageError
 from llmos.plugin import hookimpl
 from llmos.registry.store import SQLiteStore
+from llmos.replica import Replica
 from llmos.types import (
     Capability,
     ClassifyRequest,
@@ -419,65 +419,38 @@ def llmos_register_registry_stores(register: Callable[[RegistryStoreSpec], None]
 
 
 # --------------------------------------------------------------------------
-# Executor: where models run ([runtime] executor = "example-pool")
+# Executor: where models run ([runtime] executor = "example-replicas")
 # --------------------------------------------------------------------------
 
 
-class PooledModel:
-    """A model placed on the example executor: each call runs on the
-    executor's thread pool (what a cluster executor's replica does in another
-    process), and the kernel gets its future without waiting."""
-
-    max_batch_size = None
-
-    def __init__(self, model: KeywordClassifier, pool: concurrent.futures.Executor) -> None:
-        self.card = model.card
-        self.capabilities = model.capabilities
-        self._model = model
-        self._pool = pool
-
-    def submit(
-        self, capability: Capability, requests: Sequence[Any]
-    ) -> concurrent.futures.Future[list[Any]]:
-        return self._pool.submit(getattr(self._model, str(capability)), list(requests))
-
-    def submit_stream(self, request: Any) -> Any:
-        raise UsageError(f"model {self.card.ref!r} does not stream")
-
-    def close(self) -> None:
-        self._model.close()
-
-
-class PoolExecutor:
-    """Runs this plugin's keyword models on a private thread pool of
-    ``[plugins.example] pool_threads`` threads (default 2). A real executor
-    rebuilds each model on a replica from the plain values of the
-    :class:`PlacementRequest` with the provider it names, installed there."""
+class ReplicaExecutor:
+    """Each placed model gets a replica of its own in this process: the model
+    loaded again by :class:`llmos.replica.Replica` through the provider the
+    request names (found by entry points, as a cluster node would), behind
+    its own worker with the kernel's batching. A cluster executor runs the
+    same :class:`Replica` on its nodes and relays calls to it."""
 
     def __init__(self, context: PluginContext) -> None:
-        threads = int(context.options.get("pool_threads", 2))
-        self._pool = concurrent.futures.ThreadPoolExecutor(threads, "example-pool")
+        self._home = context.home / "example-replicas"
+        self._emit = context.emit
+        self._replicas: list[Replica] = []
 
-    def place(self, request: PlacementRequest) -> PooledModel:
-        if request.provider != "example-keyword":
-            raise UsageError(
-                f"the example-pool executor runs example-keyword models only, not"
-                f' {request.provider!r} ({request.key}); give that model executor = "local"'
-            )
-        model = load_keyword_classifier(LoadRequest(card=request.card, options=request.options))
-        return PooledModel(model, self._pool)
+    def place(self, request: PlacementRequest) -> Replica:
+        replica = Replica(request, home=self._home, emit=self._emit)
+        self._replicas.append(replica)
+        return replica
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        self._replicas.clear()  # each was closed when the kernel unloaded its model
 
 
 @hookimpl
 def llmos_register_executors(register: Callable[[ExecutorSpec], None]) -> None:
     register(
         ExecutorSpec(
-            name="example-pool",
-            create=PoolExecutor,
-            description="this plugin's keyword models on a private thread pool",
+            name="example-replicas",
+            create=ReplicaExecutor,
+            description="each placed model a replica of its own in this process",
         )
     )
 

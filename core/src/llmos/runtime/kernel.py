@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
 import structlog
 
 from llmos.config import Config, Section, load_config
@@ -36,11 +37,13 @@ from llmos.runtime.models import ModelManager, Worker
 from llmos.runtime.router import Router
 from llmos.tuning import jobs
 from llmos.tuning.jobs import JobManager
+from llmos.tuning.worker import WorkerPayload
 from llmos.types import (
     Capability,
     ChunkStream,
     DispatchingModel,
     Executor,
+    JobHandle,
     MonitorEvent,
     MonitorSink,
     PlacementRequest,
@@ -185,7 +188,11 @@ class Kernel:
         with self._lock:
             if self._jobs is None:
                 self._jobs = JobManager(
-                    self.config, lambda: self.registry, self.load_plugins, self.emit
+                    self.config,
+                    lambda: self.registry,
+                    self.load_plugins,
+                    self.emit,
+                    self._start_job,
                 )
             return self._jobs
 
@@ -466,11 +473,13 @@ class Kernel:
             ) from exc
 
     def _check_executor(self) -> None:
-        """``[runtime] executor`` must name ``local`` or an executor a loaded
-        plugin registers: a daemon that would fail every call does not start."""
-        name = self.config.section("runtime").get("executor", models.LOCAL)
-        if name != models.LOCAL and name not in self.plugins.executors:
-            raise self._unknown_executor(name, "runtime.executor")
+        """``[runtime] executor`` and ``[tuning] executor`` must name ``local``
+        or an executor a loaded plugin registers: a daemon that would fail
+        every call (or every job) does not start."""
+        for section in ("runtime", "tuning"):
+            name = self.config.section(section).get("executor", models.LOCAL)
+            if name != models.LOCAL and name not in self.plugins.executors:
+                raise self._unknown_executor(name, f"{section}.executor")
 
     def _unknown_executor(self, name: str, param: str) -> ConfigError:
         known = ", ".join([models.LOCAL, *sorted(self.plugins.executors)])
@@ -481,32 +490,56 @@ class Kernel:
             param=param,
         )
 
-    def _place(self, executor: str, request: PlacementRequest) -> DispatchingModel:
-        """Place one model on ``executor`` (created, with its plugin's
-        context, the first time a model is placed on it)."""
+    def _executor(self, name: str) -> Executor:
+        """The executor ``name``, created with its plugin's context the first
+        time something is placed on it."""
         with self._executors_lock:
-            placed = self._executors.get(executor)
-            if placed is None:
-                registered = self.load_plugins().executors.get(executor)
+            executor = self._executors.get(name)
+            if executor is None:
+                registered = self.load_plugins().executors.get(name)
                 if registered is None:
-                    raise self._unknown_executor(executor, "executor")
+                    raise self._unknown_executor(name, "executor")
                 try:
-                    placed = registered.spec.create(self.context(registered.plugin))
+                    executor = registered.spec.create(self.context(registered.plugin))
                 except LlmosError:
                     raise
                 except Exception as exc:
                     raise PluginError(
-                        f"executor {executor!r} of plugin {registered.plugin!r} failed to"
+                        f"executor {name!r} of plugin {registered.plugin!r} failed to"
                         f" start: {type(exc).__name__}: {exc}"
                     ) from exc
-                self._executors[executor] = placed
+                self._executors[name] = executor
+            return executor
+
+    def _place(self, executor: str, request: PlacementRequest) -> DispatchingModel:
+        """Place one model on ``executor``."""
+        placing = self._executor(executor)
         try:
-            return placed.place(request)
+            return placing.place(request)
         except LlmosError:
             raise
         except Exception as exc:
             raise LlmosError(
                 f"executor {executor!r} failed to place {request.key!r}:"
+                f" {type(exc).__name__}: {exc}"
+            ) from exc
+
+    def _start_job(self, executor: str, payload: WorkerPayload) -> JobHandle:
+        """Start a tuning job's worker on ``executor`` (``[tuning] executor``)."""
+        start = getattr(self._executor(executor), "start_job", None)
+        if not callable(start):
+            raise ConfigError(
+                f"[tuning] executor = {executor!r}: that executor places models but runs no"
+                ' tuning jobs; set [tuning] executor = "local"',
+                param="tuning.executor",
+            )
+        try:
+            return start(attrs.asdict(payload))
+        except LlmosError:
+            raise
+        except Exception as exc:
+            raise LlmosError(
+                f"executor {executor!r} failed to start job {payload.job_id}:"
                 f" {type(exc).__name__}: {exc}"
             ) from exc
 

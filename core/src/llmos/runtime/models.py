@@ -35,6 +35,7 @@ from llmos.runtime.router import group_card
 from llmos.runtime.worker import BatchSettings, DirectWorker, ModelWorker
 from llmos.types import (
     DispatchingModel,
+    LoadedModel,
     LoadRequest,
     ModelCaller,
     ModelCard,
@@ -265,6 +266,36 @@ def _footprint(worker: Worker) -> int:
     return _expected_bytes(worker.card)
 
 
+def load_model(spec: ProviderSpec, request: LoadRequest, key: str) -> LoadedModel:
+    """``spec.load(request)``, a failure that is not an llmos error said as
+    the provider's, naming the model (``key``)."""
+    try:
+        return spec.load(request)
+    except LlmosError:
+        raise
+    except Exception as exc:
+        raise LlmosError(
+            f"provider {request.card.provider!r} failed to load {key!r}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def worker_for(
+    key: str, model: LoadedModel, settings: BatchSettings, emit: Callable[[MonitorEvent], None]
+) -> Worker:
+    """The worker a loaded model runs behind: a :class:`DirectWorker` for a
+    dispatching model, else a :class:`ModelWorker` whose batching is what the
+    model allows (its ``max_batch_size``; ``None``: the backend batches)."""
+    if isinstance(model, DispatchingModel):
+        return DirectWorker(key, model, settings)
+    reported = getattr(model, "max_batch_size", None)
+    if isinstance(reported, int) and reported < settings.max_batch_size:
+        settings = attrs.evolve(settings, max_batch_size=reported)
+    elif reported is None:
+        settings = attrs.evolve(settings, batching=False)
+    return ModelWorker(key, model, settings, emit)
+
+
 class ModelManager:
     """Loaded models of one kernel, by resolved reference.
 
@@ -452,27 +483,9 @@ class ModelManager:
         )
         started = time.perf_counter()
         log.info("runtime.loading", model=deployment.key, provider=card.provider)
-        try:
-            model = deployment.spec.load(request)
-        except LlmosError:
-            raise
-        except Exception as exc:
-            raise LlmosError(
-                f"provider {card.provider!r} failed to load {deployment.key!r}: "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
+        model = load_model(deployment.spec, request, deployment.key)
         seconds = time.perf_counter() - started
-        settings = deployment.settings
-        reported = getattr(model, "max_batch_size", None)
-        if isinstance(reported, int) and reported < settings.max_batch_size:
-            settings = attrs.evolve(settings, max_batch_size=reported)
-        elif reported is None:
-            settings = attrs.evolve(settings, batching=False)
-        worker: Worker
-        if isinstance(model, DispatchingModel):
-            worker = DirectWorker(deployment.key, model, settings)
-        else:
-            worker = ModelWorker(deployment.key, model, settings, self._emit)
+        worker = worker_for(deployment.key, model, deployment.settings, self._emit)
         self._loaded(deployment, card, seconds)
         return worker
 

@@ -59,6 +59,7 @@ import structlog
 from llmos import db
 from llmos.config import Config, Field, Section
 from llmos.errors import (
+    ConfigError,
     LlmosError,
     NotFoundError,
     Overloaded,
@@ -71,14 +72,19 @@ from llmos.registry.sources import check_source
 from llmos.registry.weights import pickle_reason, read_safetensors_header
 from llmos.tuning.data import DEFAULT_MAX_DATA_BYTES, SPLITS, load_splits
 from llmos.tuning.worker import (
-    WorkerHandle,
     WorkerPayload,
     describe_exit,
     methods_hint,
     start_worker,
     try_lock,
 )
-from llmos.types import ModelCard, MonitorEvent, TuningMethodSpec, validate_model_name
+from llmos.types import (
+    JobHandle,
+    ModelCard,
+    MonitorEvent,
+    TuningMethodSpec,
+    validate_model_name,
+)
 
 if TYPE_CHECKING:
     from llmos.plugin.manager import PluginManager, Registered
@@ -101,6 +107,11 @@ __all__ = [
 ]
 
 log = structlog.get_logger("llmos.tuning")
+
+#: the executor that is this machine's own worker processes
+LOCAL = "local"
+#: how the manager starts a job's worker on a named executor (``[tuning] executor``)
+StartJob = Callable[[str, WorkerPayload], JobHandle]
 
 #: the [tuning] config section (the kernel passes it to load_config)
 SECTION = Section(
@@ -137,6 +148,13 @@ SECTION = Section(
             "The most bytes a job's data files may hold together (they are read when the job"
             " is submitted, and again by its worker).",
             min=1,
+        ),
+        "executor": Field(
+            "str",
+            LOCAL,
+            "Where job workers run: local (a process of this machine) or an executor a"
+            " plugin registers that runs jobs (a cluster's node, chosen by its resources;"
+            " the data folder's jobs/ must then be on storage every node shares).",
         ),
     },
     doc="Tuning jobs: how many run at once and may wait, how big their data may be, how they stop.",
@@ -579,7 +597,7 @@ class _Run:
     """A job this kernel runs: its worker and what the worker sent."""
 
     job: Job
-    handle: WorkerHandle
+    handle: JobHandle
     lock: IO[bytes]
     log: IO[str]
     thread: threading.Thread | None = None
@@ -613,16 +631,22 @@ class JobManager:
         registry: Callable[[], Registry],
         plugins: Callable[[], PluginManager],
         emit: Callable[[MonitorEvent], None],
+        start_job: StartJob | None = None,
     ) -> None:
         """``config`` gives ``[tuning]``, the data folder (the job queue and
         its folders) and the plugin settings a worker process loads with;
         ``registry`` stores tuned models (opened on first use); ``plugins``
-        has the tuning methods (loaded on first use); ``emit`` reports jobs."""
+        has the tuning methods (loaded on first use); ``emit`` reports jobs;
+        ``start_job`` starts a worker on a named executor (without it, only
+        ``local``: a process here)."""
         self._config = config
         self._registry = registry
         self._plugins = plugins
         self._emit = emit
+        self._start_job = start_job
         section = config.section("tuning")
+        #: where job workers run
+        self.executor = str(section.get("executor", LOCAL))
         self.max_concurrent = int(section.get("max_concurrent_jobs", 1))
         self.grace = float(section.get("cancel_grace_s", 10.0))
         self.default_method = str(section.get("default_method", "lora"))
@@ -957,7 +981,7 @@ class JobManager:
             )
             # A fresh output folder: a resumed job writes its artifact again.
             shutil.rmtree(folder / "output", ignore_errors=True)
-            handle = start_worker(payload)
+            handle = self._start(payload)
         except Exception as exc:
             message = exc.message if isinstance(exc, LlmosError) else f"{type(exc).__name__}: {exc}"
             self._end(job, JobState.FAILED, error=f"the job could not start: {message}")
@@ -974,9 +998,17 @@ class JobManager:
         )
         with self._lock:
             self._runs[job.id] = run
-        log.info("tuning.started", job=job.id, attempt=job.attempts, pid=handle.process.pid)
+        log.info("tuning.started", job=job.id, attempt=job.attempts, where=handle.where)
         self._emit_state(job)
         run.thread.start()
+
+    def _start(self, payload: WorkerPayload) -> JobHandle:
+        """The job's worker, started where ``[tuning] executor`` says."""
+        if self.executor == LOCAL:
+            return start_worker(payload)
+        if self._start_job is None:
+            raise ConfigError(f"[tuning] executor = {self.executor!r}: this kernel runs jobs here")
+        return self._start_job(self.executor, payload)
 
     # -- one running job ----------------------------------------------------
 
@@ -1038,6 +1070,11 @@ class JobManager:
         folder = self.folder(job.id)
         if job.cancel_requested:
             self._end(job, JobState.CANCELLED)
+        elif run.handle.lost and run.result is None:
+            # The node it ran on went away: run it again, from its checkpoints.
+            if self.store.requeue(job.id):
+                log.warning("tuning.worker_lost", job=job.id, where=run.handle.where)
+                self._emit_state(self.store.get(job.id))
         elif run.stop_at is not None and run.interrupted:
             # Whatever a stopped method returned is partial: run it again later.
             if self.store.requeue(job.id):

@@ -123,6 +123,12 @@ class WorkerHandle:
     _messages: queue.Queue[Any] = attrs.Factory(queue.Queue)
     _ended: bool = False
     _exited_at: float | None = None
+    #: a local process is never lost: it ends, and its exit code says how
+    lost: bool = False
+
+    @property
+    def where(self) -> str:
+        return f"pid {self.process.pid}"
 
     def _read(self) -> None:
         assert self.process.stdout is not None
