@@ -14,7 +14,10 @@ would build here — from the same plugins, installed on that node — with:
 * :func:`start_job` — a tuning job's worker process, started on that node,
   which reads its data, writes its checkpoints and output in the job's
   folders (on storage the kernel's node shares) and reports through the
-  returned :class:`~llmos.types.JobHandle`.
+  returned :class:`~llmos.types.JobHandle`;
+* :class:`StreamHandle` — the kernel's chunk stream (``put``, ``finish``,
+  ``get``, ``cancel``, iteration), for the kernel side of an executor to hand
+  back chunks that arrive from a replica as ``submit_stream``'s result.
 
 This is public API for plugins, like :mod:`llmos.types`: an executor plugin
 imports this module, not the kernel's runtime.
@@ -33,7 +36,7 @@ from llmos.errors import NotFoundError
 from llmos.plugin.manager import PluginManager
 from llmos.registry.service import provider_checked
 from llmos.runtime.models import PROVIDER_PACKAGES, Worker, load_model, worker_for
-from llmos.runtime.worker import BatchSettings
+from llmos.runtime.worker import BatchSettings, StreamHandle
 from llmos.tuning.worker import WorkerPayload, start_worker
 from llmos.types import (
     Capability,
@@ -45,7 +48,7 @@ from llmos.types import (
     PlacementRequest,
 )
 
-__all__ = ["Replica", "start_job"]
+__all__ = ["Replica", "StreamHandle", "start_job"]
 
 log = structlog.get_logger("llmos.replica")
 
