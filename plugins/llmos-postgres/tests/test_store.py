@@ -291,3 +291,16 @@ def test_the_search_statistics_follow_every_write(server: Server, open_pg: OpenP
         server,
         f"SELECT count(*), sum(size) FROM {schema}.versions WHERE status <> 'deleted'",
     )
+
+
+def test_a_schema_with_other_tables_of_those_names_is_refused(
+    server: Server, new_schema: Callable[[], str]
+) -> None:
+    schema = new_schema()
+    _sql(server, f"CREATE SCHEMA {schema}")
+    _sql(server, f"CREATE TABLE {schema}.models (id integer)")
+    with pytest.raises(
+        ConfigError, match=r"already holds tables llmos-postgres did not make \(models\)"
+    ):
+        PostgresStore(server.dsn, schema=schema)
+    assert _sql(server, "SELECT to_regclass(%s)", f"{schema}.versions") == [(None,)]
