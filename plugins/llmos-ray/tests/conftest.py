@@ -26,7 +26,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import pytest
 
 from llmos.logs import configure_logging
-from llmos.types import ModelCard, MonitorEvent
+from llmos.types import ModelCard, MonitorEvent, PlacementRequest
 
 if importlib.util.find_spec("ray") is None or importlib.util.find_spec("llmos_ray") is None:
     collect_ignore_glob = ["test_*.py"]
@@ -82,13 +82,17 @@ def events() -> Events:
 
 
 @pytest.fixture(scope="session")
-def executor(cluster: object, events: Events) -> Iterator[object]:
+def executor(
+    cluster: object, events: Events, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[object]:
     from llmos_ray.executor import RayExecutor
     from llmos_ray.testing import HEAD_IP
 
     executor = RayExecutor(
         cluster.address,  # type: ignore[attr-defined]
         emit=events,
+        options={"num_cpus": 0.5},
+        home=str(tmp_path_factory.mktemp("replica-home")),
         event_interval_s=0.1,
         node_ip_address=HEAD_IP,
     )
@@ -101,17 +105,15 @@ def executor(cluster: object, events: Events) -> Iterator[object]:
         ray.shutdown()
 
 
-def tiny_spec(key: str, tiny_dir: Path, cache: Path, **fields: object) -> object:
-    """The spec the kernel would send for the tiny Llama served by transformers."""
-    from llmos_ray.wire import ModelSpec
-
+def tiny_spec(key: str, tiny_dir: Path, **fields: object) -> PlacementRequest:
+    """What the kernel places for the tiny Llama served by transformers."""
     card = ModelCard(name=key.split("@")[0], provider="transformers", source=str(tiny_dir))
-    return ModelSpec(
+    return PlacementRequest(
         key=key,
         card=card,
+        provider="transformers",
         plugin="transformers",
         options={"threads": 1},
-        path=tiny_dir,
-        cache_dir=cache,
+        path=str(tiny_dir),
         **fields,  # type: ignore[arg-type]
     )

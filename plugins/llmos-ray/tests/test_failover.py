@@ -10,7 +10,6 @@ from typing import Any
 
 from llmos.errors import LlmosError, Unavailable
 from llmos.types import Capability, CompletionRequest, Sampling
-from llmos_ray.options import serve_settings
 
 from .conftest import tiny_spec
 
@@ -34,8 +33,8 @@ def _nodes(model: Any, tries: int = 12) -> dict[str, str]:
 def test_killing_a_replicas_node_under_load_loses_no_request_silently(
     executor: Any, cluster: Any, tiny_dir: Path, tmp_path: Path
 ) -> None:
-    settings = serve_settings("failover", {"num_replicas": 2, "num_cpus": 0.5})
-    model = executor.serve(tiny_spec("failover", tiny_dir, tmp_path / "cache"), settings)
+    executor.options["deployments"] = {"failover": {"num_replicas": 2}}
+    model = executor.place(tiny_spec("failover", tiny_dir))
     try:
         before = _nodes(model)
         assert len(set(before.values())) == 2, "the two replicas should be on both nodes"

@@ -13,7 +13,6 @@ import pytest
 from llmos.errors import CapabilityNotSupported
 from llmos.plugin.manager import PluginManager
 from llmos.types import Capability, CompletionRequest, EmbedRequest, LoadRequest, Sampling
-from llmos_ray.options import serve_settings
 
 from .conftest import Events, tiny_spec
 
@@ -27,8 +26,8 @@ def greedy(prompt: str, tokens: int = 8) -> CompletionRequest:
 @pytest.fixture(scope="module")
 def served(executor: Any, tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """The tiny Llama as a Serve application of 2 replicas (half a CPU each)."""
-    settings = serve_settings("tiny", {"num_replicas": 2, "num_cpus": 0.5})
-    model = executor.serve(tiny_spec("tiny", tiny_dir, tmp_path_factory.mktemp("cache")), settings)
+    executor.options["deployments"] = {"tiny": {"num_replicas": 2}}
+    model = executor.place(tiny_spec("tiny", tiny_dir))
     yield model
     model.close()
 
@@ -38,9 +37,14 @@ def in_process(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """The same model loaded by the same provider in this process: the reference."""
     plugins = PluginManager()
     plugins.load()
-    spec = tiny_spec("tiny", tiny_dir, tmp_path_factory.mktemp("cache-local"))
-    model = plugins.providers["transformers"].spec.load(spec.load_request(None))  # type: ignore[attr-defined]
-    assert isinstance(spec.load_request(None), LoadRequest)  # type: ignore[attr-defined]
+    card = tiny_spec("tiny", tiny_dir).card
+    request = LoadRequest(
+        card=card,
+        options={"threads": 1},
+        path=tiny_dir,
+        cache_dir=tmp_path_factory.mktemp("cache-local"),
+    )
+    model = plugins.providers["transformers"].spec.load(request)
     yield model
     model.close()
 
@@ -83,7 +87,7 @@ def test_a_caller_with_several_requests_gets_them_in_order(served: Any, in_proce
 
 def test_stream_gives_the_completion_chunk_by_chunk(served: Any, in_process: Any) -> None:
     (want,) = in_process.complete([greedy("the cat", 12)])
-    chunks = list(served.stream(greedy("the cat", 12)))
+    chunks = list(served.submit_stream(greedy("the cat", 12)))
     assert len(chunks) > 1
     assert "".join(c.text for c in chunks) == want.text
     assert chunks[-1].finish_reason is not None and chunks[-1].usage is not None
@@ -102,16 +106,26 @@ def test_the_models_own_errors_reach_the_caller_as_they_are(served: Any) -> None
 def test_events_from_replicas_and_calls_reach_the_kernels_emit(served: Any, events: Events) -> None:
     served.submit(Capability.COMPLETE, [greedy("a dog ran")]).result(60)
     deadline = time.monotonic() + 30
-    while len(events.of("model.loaded", "tiny")) < 2 and time.monotonic() < deadline:
+    while len(events.of("ray.replica.loaded", "tiny")) < 2 and time.monotonic() < deadline:
         time.sleep(0.1)
-    loaded = events.of("model.loaded", "tiny")
+    loaded = events.of("ray.replica.loaded", "tiny")
     assert len({e.fields["replica"] for e in loaded}) == 2  # one per replica, from the replica
     assert all(e.fields["provider"] == "transformers" for e in loaded)
+    # each call's request event, made by the replica's worker and relayed
+    while not events.of("request", "tiny") and time.monotonic() < deadline:
+        time.sleep(0.1)
     requests = [e for e in events.of("request", "tiny") if e.fields["status"] == "ok"]
-    assert requests and all(e.fields["executor"] == "ray" for e in requests)
+    assert requests and all(e.fields["replica"] for e in requests)
     last = requests[-1].fields
-    assert last["tokens_out"] > 0 and last["model_s"] > 0 and last["replica"]
-    assert last["latency_s"] >= last["model_s"] + last["queue_wait_s"]
+    assert last["tokens_out"] > 0 and last["model_s"] > 0
+    assert last["latency_s"] >= last["model_s"]
+    # and the kernel side's view of the same calls: the time Ray added
+    calls = [
+        e
+        for e in events.of("ray.call", "tiny")
+        if e.fields["status"] == "ok" and e.capability == "complete"
+    ]
+    assert calls and all(e.fields["call_s"] >= e.fields["ray_s"] > 0 for e in calls)
 
 
 def test_a_cancelled_call_is_not_left_running(served: Any) -> None:

@@ -37,17 +37,26 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+import attrs
 import ray
 import structlog
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from llmos.errors import LlmosError, Overloaded, Unavailable
-from llmos.types import Capability, MonitorEvent, StreamChunk
+from llmos.errors import ConfigError, LlmosError, Overloaded, Unavailable
+from llmos.types import (
+    Capability,
+    ModelCard,
+    ModelFormat,
+    MonitorEvent,
+    PlacementRequest,
+    PluginContext,
+    StreamChunk,
+)
 from llmos_ray.events import Drainer, EventQueue
-from llmos_ray.options import ServeSettings
+from llmos_ray.options import serve_settings
 from llmos_ray.replica import ModelReplica
-from llmos_ray.wire import Answer, ModelSpec
+from llmos_ray.wire import Answer
 
 __all__ = ["RayExecutor", "RayModel", "RayStream", "app_name"]
 
@@ -132,9 +141,11 @@ class RayModel:
         app: str,
         handle: DeploymentHandle,
         info: Mapping[str, Any],
-        adapter: ModelSpec | None = None,
+        card: ModelCard,
+        adapter: PlacementRequest | None = None,
     ) -> None:
         self.key = key
+        self.card = card
         self.app = app
         self.info = dict(info)
         self.capabilities = frozenset(Capability(c) for c in info["capabilities"])
@@ -167,7 +178,7 @@ class RayModel:
             future.cancel()
             raise
 
-    def stream(self, request: Any) -> RayStream:
+    def submit_stream(self, request: Any) -> RayStream:
         """Start streaming one request; iterate the handle, cancel it to stop."""
         out = RayStream()
         future = self._executor.run(self._stream(request, out))
@@ -199,11 +210,10 @@ class RayModel:
             )
             raise error from exc
         latency = time.perf_counter() - enqueued
-        timing.update(answer.timing, latency_s=latency, replica=answer.replica)
-        timing["ray_s"] = latency - answer.timing["model_s"] - answer.timing["queue_wait_s"]
-        self._event(
-            capability, len(requests), "ok", enqueued, {**timing, **_tokens(answer.results)}
-        )
+        # the replica's own latency (its queue and the model) vs the whole call: the rest is Ray's
+        timing.update(answer.timing, replica=answer.replica, call_s=latency)
+        timing["ray_s"] = latency - float(answer.timing.get("latency_s", 0.0))
+        self._event(capability, len(requests), "ok", enqueued, timing)
         return answer.results
 
     async def _stream(self, request: Any, out: RayStream) -> None:
@@ -248,16 +258,17 @@ class RayModel:
         enqueued: float,
         fields: Mapping[str, Any],
     ) -> None:
+        # the kernel's view of a call on the Ray path; the replica's worker
+        # emits the call's ``request`` event itself (relayed by the event queue)
         self._executor.emit(
             MonitorEvent(
-                kind="request",
+                kind="ray.call",
                 model=self.key,
                 capability=str(capability),
                 fields={
                     "status": status,
                     "requests": size,
-                    "latency_s": time.perf_counter() - enqueued,
-                    "executor": "ray",
+                    "call_s": time.perf_counter() - enqueued,
                     **fields,
                 },
             )
@@ -269,9 +280,12 @@ class RayModel:
         """Serve's view of the deployment: its status and replicas by state."""
         return self._executor.health(self.app)
 
-    def adapter(self, spec: ModelSpec) -> RayModel:
+    def adapter(self, request: PlacementRequest) -> RayModel:
         """An adapter on this model's replicas (Serve multiplexing), called like a model."""
-        return RayModel(self._executor, spec.key, self.app, self._handle, self.info, adapter=spec)
+        request = attrs.evolve(request, emit=None)
+        return RayModel(
+            self._executor, request.key, self.app, self._handle, self.info, request.card, request
+        )
 
     def close(self) -> None:
         """Delete the application (an adapter's close does nothing: its base holds the replicas)."""
@@ -279,28 +293,27 @@ class RayModel:
             self._executor.delete(self.app)
 
 
-def _tokens(results: Sequence[Any]) -> dict[str, int]:
-    usages = [r.usage for r in results if getattr(r, "usage", None) is not None]
-    return {
-        "tokens_in": sum(u.prompt_tokens for u in usages),
-        "tokens_out": sum(u.completion_tokens for u in usages),
-    }
-
-
 class RayExecutor:
-    """The kernel's connection to a Ray cluster and the models it serves there."""
+    """The kernel's connection to a Ray cluster and the models it places there
+    (an :class:`~llmos.types.Executor`)."""
 
     def __init__(
         self,
         address: str,
         *,
         emit: Callable[[MonitorEvent], None],
+        options: Mapping[str, Any] | None = None,
+        home: str = "",
         namespace: str = "llmos",
         event_interval_s: float = 0.5,
         node_ip_address: str | None = None,
     ) -> None:
         self.namespace = namespace
         self.emit = emit
+        #: the [plugins.ray] table: deployment defaults and per-model tables
+        self.options = dict(options or {})
+        #: the replicas' folder for the provider's cache (converted weights)
+        self.home = str(self.options.get("replica_home") or home)
         if not ray.is_initialized():
             ray.init(
                 address=address,
@@ -323,30 +336,74 @@ class RayExecutor:
         )
         self._thread.start()
         self._apps: set[str] = set()
+        self._models: dict[str, RayModel] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_context(cls, context: PluginContext) -> RayExecutor:
+        """What the ``ray`` executor spec's ``create`` does: ``[plugins.ray]``
+        ``address`` (``auto``, ``HOST:PORT``, ``ray://HOST:PORT``), checked."""
+        options = context.options
+        address = options.get("address")
+        if not isinstance(address, str) or not address:
+            raise ConfigError(
+                '[plugins.ray] address is required with executor = "ray": "auto" (the cluster'
+                ' this machine belongs to), "HOST:PORT" or "ray://HOST:PORT"',
+                param="address",
+            )
+        interval = options.get("event_interval_s", 0.5)
+        if isinstance(interval, bool) or not isinstance(interval, int | float) or interval <= 0:
+            raise ConfigError(
+                f"[plugins.ray] event_interval_s = {interval!r}; it takes a number of seconds > 0",
+                param="event_interval_s",
+            )
+        serve_settings("(defaults)", options)  # a bad default fails at once, not at first use
+        return cls(
+            address,
+            emit=context.emit,
+            options=options,
+            home=str(context.home),
+            namespace=str(options.get("namespace", "llmos")),
+            event_interval_s=float(interval),
+            node_ip_address=options.get("node_ip_address"),
+        )
 
     def run(self, coroutine: Any) -> concurrent.futures.Future[Any]:
         """Run ``coroutine`` on the executor's loop; cancelling the future cancels it."""
         # its future's cancel() cancels the task on the loop (and so the Serve request)
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
 
-    def serve(
-        self, spec: ModelSpec, settings: ServeSettings, *, timeout_s: float = 300
-    ) -> RayModel:
-        """Deploy ``spec`` as a Serve application and wait for its replicas;
-        a replica that fails to load the model fails this call with its reason."""
-        app = app_name(spec.key)
+    def place(self, request: PlacementRequest, *, timeout_s: float = 300) -> RayModel:
+        """Serve ``request`` on the cluster: a model as a Serve application
+        whose replicas load it; an adapter multiplexed on its base's
+        application (deployed for it if the base is not placed yet)."""
+        if request.card.format == ModelFormat.ADAPTER and request.base is not None:
+            base = self._base_of(request)
+            return base.adapter(request)
+        with self._lock:
+            placed = self._models.get(request.key)
+        if placed is not None:
+            return placed
+        settings = serve_settings(
+            request.key, self.options, request.card.options, max_batch_size=request.max_batch_size
+        )
+        app = app_name(request.key)
+        # the kernel's emit stays here; the card's ray options are not the provider's
+        shipped = attrs.evolve(request, emit=None, card=_without_ray(request.card))
         deployment = serve.deployment(ModelReplica).options(
             name=DEPLOYMENT, max_constructor_retry_count=1, **settings.deployment_options()
         )
         started = time.perf_counter()
         try:
             handle = serve.run(
-                deployment.bind(spec, self.events_name, self.namespace), name=app, route_prefix=None
+                deployment.bind(shipped, self.home, self.events_name, self.namespace),
+                name=app,
+                route_prefix=None,
             )
         except Exception as exc:
             self.delete(app)
             raise LlmosError(
-                f"model {spec.key!r} could not be deployed on Ray Serve:"
+                f"model {request.key!r} could not be deployed on Ray Serve:"
                 f" {type(exc).__name__}: {exc}"
             ) from exc
         self._apps.add(app)
@@ -354,11 +411,28 @@ class RayExecutor:
         self.emit(
             MonitorEvent(
                 kind="ray.deployed",
-                model=spec.key,
+                model=request.key,
                 fields={"app": app, "seconds": time.perf_counter() - started, **self.health(app)},
             )
         )
-        return RayModel(self, spec.key, app, handle, info)
+        model = RayModel(self, request.key, app, handle, info, request.card)
+        with self._lock:
+            self._models[request.key] = model
+        return model
+
+    def _base_of(self, adapter: PlacementRequest) -> RayModel:
+        base = adapter.base
+        assert base is not None
+        return self.place(
+            attrs.evolve(
+                adapter,
+                key=base.ref,
+                card=base,
+                path=adapter.base_path,
+                base=None,
+                base_path=None,
+            )
+        )
 
     def health(self, app: str) -> dict[str, Any]:
         """``status`` (Serve's: HEALTHY, UPDATING, UNHEALTHY …) and ``replicas``
@@ -369,14 +443,16 @@ class RayExecutor:
         deployment = status.deployments.get(DEPLOYMENT)
         if deployment is None:
             return {"status": str(getattr(status.status, "value", status.status)), "replicas": {}}
+        states = deployment.replica_states.items()
         return {
             "status": str(getattr(deployment.status, "value", deployment.status)),
-            "replicas": {
-                str(getattr(k, "value", k)): v for k, v in deployment.replica_states.items()
-            },
+            "replicas": {str(getattr(k, "value", k)): v for k, v in states},
         }
 
     def delete(self, app: str) -> None:
+        with self._lock:
+            for key in [k for k, m in self._models.items() if m.app == app]:
+                del self._models[key]
         try:
             serve.delete(app)
         except Exception as exc:
@@ -392,3 +468,9 @@ class RayExecutor:
             ray.kill(self._queue)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
+
+
+def _without_ray(card: ModelCard) -> ModelCard:
+    if "ray" not in card.options:
+        return card
+    return attrs.evolve(card, options={k: v for k, v in card.options.items() if k != "ray"})

@@ -43,7 +43,14 @@ AUTOSCALING_KEYS = {
     "target_ongoing_requests": "a number > 0",
 }
 #: the keys of [plugins.ray] that are not deployment keys
-CLUSTER_KEYS = {"address", "namespace", "deployments", "event_interval_s"}
+CLUSTER_KEYS = {
+    "address",
+    "namespace",
+    "deployments",
+    "event_interval_s",
+    "node_ip_address",
+    "replica_home",
+}
 
 
 @attrs.frozen(kw_only=True)
