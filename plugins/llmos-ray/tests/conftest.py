@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,10 +27,51 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import pytest
 
 from llmos.logs import configure_logging
+from llmos.testing import write_distribution
 from llmos.types import ModelCard, MonitorEvent, PlacementRequest
 
 if importlib.util.find_spec("ray") is None or importlib.util.find_spec("llmos_ray") is None:
     collect_ignore_glob = ["test_*.py"]
+
+#: a tuning method that counts steps, a checkpoint a step, resuming from the last
+STEPS = """
+import json
+import time
+
+from llmos.plugin import hookimpl
+from llmos.testing import write_safetensors
+from llmos.types import ModelCard, TuningMethodSpec, TuningResult
+
+
+def run(request):
+    steps = int(request.hyperparameters["steps"])
+    folder = request.checkpoint_dir
+    saved = sorted(folder.glob("step-*.json"))
+    step = json.loads(saved[-1].read_text())["step"] if saved else 0
+    resumed_from = step
+    while step < steps:
+        step += 1
+        part = folder / f".step-{step:06d}.part"
+        part.write_text(json.dumps({"step": step}))
+        part.rename(folder / f"step-{step:06d}.json")
+        request.report({"step": step, "total_steps": steps, "resumed_from": resumed_from})
+        time.sleep(float(request.hyperparameters.get("sleep", 0)))
+    out = request.output_dir
+    write_safetensors(out / "model.safetensors", {"w": [2, 2]})
+    card = ModelCard(
+        name=request.base.name, provider="steps", format="safetensors",
+        source=str(out / "model.safetensors"),
+    )
+    return TuningResult(card=card, scores={"dev/accuracy": 1.0})
+
+
+@hookimpl
+def llmos_register_tuning_methods(register):
+    register(TuningMethodSpec(
+        name="steps", run=run, tasks=("text-classification",),
+        defaults={"steps": 4, "sleep": 0.0},
+    ))
+"""
 
 TEXTS = [
     "the cat sat on the mat.",
@@ -48,7 +90,11 @@ def _quiet_logs() -> None:
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     from llmos_ray.testing import LocalCluster
 
-    cluster = LocalCluster(tmp_path_factory.mktemp("cluster"))
+    # the test tuning method's distribution, importable on the nodes and here
+    site = tmp_path_factory.mktemp("site")
+    write_distribution(site, "llmos-steps", STEPS)
+    sys.path.insert(0, str(site))
+    cluster = LocalCluster(tmp_path_factory.mktemp("cluster"), env={"PYTHONPATH": str(site)})
     try:
         cluster.start()
         yield cluster

@@ -54,6 +54,7 @@ from llmos.types import (
     StreamChunk,
 )
 from llmos_ray.events import Drainer, EventQueue
+from llmos_ray.jobs import RayJobHandle
 from llmos_ray.options import serve_settings
 from llmos_ray.replica import ModelReplica
 from llmos_ray.wire import Answer
@@ -433,6 +434,11 @@ class RayExecutor:
                 base_path=None,
             )
         )
+
+    def start_job(self, payload: Mapping[str, Any]) -> RayJobHandle:
+        """A tuning job's worker on the cluster (``[tuning] executor = "ray"``),
+        in an actor placed by ``[plugins.ray] tuning``'s resources."""
+        return RayJobHandle(payload, self.options)
 
     def health(self, app: str) -> dict[str, Any]:
         """``status`` (Serve's: HEALTHY, UPDATING, UNHEALTHY …) and ``replicas``

@@ -50,6 +50,7 @@ CLUSTER_KEYS = {
     "event_interval_s",
     "node_ip_address",
     "replica_home",
+    "tuning",
 }
 
 

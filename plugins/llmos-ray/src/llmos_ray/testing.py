@@ -60,6 +60,7 @@ class LocalCluster:
         worker_resources: Mapping[str, float] | None = None,
         object_store_mb: int = 100,
         memory_mb: int = 4096,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.root = Path(root)
         self.head_cpus = head_cpus
@@ -67,6 +68,8 @@ class LocalCluster:
         self.worker_resources = dict(worker_resources or {"worker": 1})
         self.object_store_mb = object_store_mb
         self.memory_mb = memory_mb
+        #: more environment for the nodes (their workers inherit it: PYTHONPATH, say)
+        self.extra_env = dict(env or {})
         self.port = _free_port(HEAD_IP)
         self.timings: dict[str, float] = {}
         self._ray = str(Path(sys.executable).with_name("ray"))
@@ -82,6 +85,7 @@ class LocalCluster:
             "RAY_USAGE_STATS_ENABLED": "0",
             "HF_HUB_OFFLINE": "1",
             "OMP_NUM_THREADS": "1",
+            **self.extra_env,
         }
 
     def _start(self, what: str, args: list[str]) -> None:
