@@ -22,6 +22,10 @@ p95 of each, and the ratios ray-2 / ray-1. On a 2-core machine the two
 replicas share the same cores, so the ratio says what Serve's routing costs
 or gains there, not what a second machine would give.
 
+Serve's floor: the p50 of ``--calls`` handle calls, made the way llmos-ray
+makes them, to a deployment that does nothing — what any Serve call costs on
+this machine, llmos or not.
+
 Cluster start time and memory (the RSS of every process of the cluster)
 are recorded too. JSON to bench/results/ray_scaling.json. Needs .venv-ray
 (``make test-ray``):
@@ -45,6 +49,8 @@ from typing import Any
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+from ray import serve
 
 from llmos.replica import Replica
 from llmos.types import (
@@ -72,6 +78,33 @@ def placement(key: str, folder: Path) -> PlacementRequest:
         options={"threads": 1},
         path=str(folder),
     )
+
+
+class Noop:
+    """A Serve deployment that answers at once: Serve's own floor."""
+
+    async def call(self, capability: str, requests: list[Any], adapter: Any = None) -> list[Any]:
+        return []
+
+
+def noop_floor(executor: RayExecutor, calls: int) -> float:
+    """p50 ms of a call through a handle, from a thread, to a deployment doing nothing."""
+    handle = serve.run(
+        serve.deployment(Noop).options(ray_actor_options={"num_cpus": 0.1}).bind(),
+        name="llmos-bench-noop",
+        route_prefix=None,
+    )
+
+    async def call() -> Any:
+        return await handle.call.remote("complete", [])
+
+    seconds = []
+    for _ in range(calls):
+        started = time.perf_counter()
+        executor.run(call()).result(60)
+        seconds.append(time.perf_counter() - started)
+    serve.delete("llmos-bench-noop")
+    return 1000 * statistics.median(seconds)
 
 
 def one(model: Any) -> float:
@@ -157,6 +190,8 @@ def main() -> None:
             "goal_added_p50_ms": 3.0,
         }
         record["overhead"]["goal_met"] = record["overhead"]["added_p50_ms"] < 3.0
+        # what any Serve call costs here, llmos or not: a handle call to a no-op deployment
+        record["overhead"]["serve_noop_p50_ms"] = noop_floor(executor, args.calls)
 
         first = load(ray1, args.clients, args.each)
         two = load(ray2, args.clients, args.each)

@@ -40,7 +40,9 @@ from typing import Any
 import attrs
 import ray
 import structlog
+from ray import exceptions as rex
 from ray import serve
+from ray.serve import exceptions as sex
 from ray.serve.handle import DeploymentHandle
 
 from llmos.errors import ConfigError, LlmosError, Overloaded, Unavailable
@@ -74,9 +76,6 @@ def app_name(key: str) -> str:
 
 def _mapped(exc: BaseException, what: str) -> BaseException:
     """What a caller of the kernel sees for a failure on the Ray path."""
-    from ray import exceptions as rex
-    from ray.serve import exceptions as sex
-
     if isinstance(exc, LlmosError):  # the model's own (a RayTaskError is also one)
         cause = getattr(exc, "cause", None)
         return cause if isinstance(cause, LlmosError) else exc
