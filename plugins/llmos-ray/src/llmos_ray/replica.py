@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -45,6 +46,8 @@ log = structlog.get_logger("llmos.ray")
 
 #: how many adapters a replica keeps loaded (Serve's multiplexing cache)
 MAX_ADAPTERS = 4
+#: how often a replica sends the events it has to the kernel's event queue
+FLUSH_S = 0.1
 
 
 class ModelReplica:
@@ -56,6 +59,10 @@ class ModelReplica:
         self.key = request.key
         self.home = Path(home)
         self._events = ray.get_actor(events, namespace=namespace) if events else None
+        # events leave in batches: an actor call per request event would cost each call
+        self._outbox: list[MonitorEvent] = []
+        self._outbox_lock = threading.Lock()
+        threading.Thread(target=self._flush_every, name="llmos-ray-events", daemon=True).start()
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.node = ray.get_runtime_context().get_node_id()
         started = time.perf_counter()
@@ -73,15 +80,24 @@ class ModelReplica:
         )
 
     def emit(self, event: MonitorEvent) -> None:
-        """To the kernel's sinks through the event queue, marked with this
-        replica; never blocks, never raises."""
+        """To the kernel's sinks through the event queue (in batches, every
+        ``FLUSH_S``), marked with this replica; never blocks, never raises."""
         if self._events is None:
             return
         event = attrs.evolve(event, fields={**event.fields, "replica": self.replica})
-        try:
-            self._events.put.remote([event])
-        except Exception as exc:  # the queue gone: an event is not worth a failed call
-            log.warning("ray.event_lost", kind=event.kind, error=repr(exc))
+        with self._outbox_lock:
+            self._outbox.append(event)
+
+    def _flush_every(self) -> None:
+        while True:
+            time.sleep(FLUSH_S)
+            with self._outbox_lock:
+                batch, self._outbox = self._outbox, []
+            if batch and self._events is not None:
+                try:
+                    self._events.put.remote(batch)
+                except Exception as exc:  # the queue gone: events are not worth a failed call
+                    log.warning("ray.events_lost", events=len(batch), error=repr(exc))
 
     def describe(self) -> dict[str, Any]:
         """What the kernel side needs to know of the model it serves."""
