@@ -621,6 +621,24 @@ def test_the_configured_executor_places_models_and_the_kernel_dispatches_to_them
     assert executor.closed and recorder.closed.count("shout") == 1
 
 
+def test_kernel_executor_is_the_one_models_are_placed_on_created_once(placing_kernel) -> None:
+    kernel, pool = placing_kernel('runtime.executor="pool"', 'models.shout.provider="upper"')
+    assert pool.executors == [], "not created at start"
+    executor = kernel.executor("pool")
+    assert pool.executors == [executor], "created on first use, with its plugin's context"
+    kernel.call("shout", Capability.COMPLETE, prompts("hi"))
+    assert kernel.executor("pool") is executor, "the model was placed on the same one"
+    assert [p.key for p in executor.placed] == ["shout"] and len(pool.executors) == 1
+    with pytest.raises(
+        ConfigError, match=r"executor 'ray'.*executors: local, broken, pool\).*install"
+    ):
+        kernel.executor("ray")
+    with pytest.raises(ConfigError, match=r"'local' is the kernel's own.*executors: broken, pool"):
+        kernel.executor("local")
+    kernel.stop()
+    assert executor.closed
+
+
 def test_an_unknown_or_broken_executor_is_refused_with_the_known_ones(
     placing_kernel, tmp_path
 ) -> None:

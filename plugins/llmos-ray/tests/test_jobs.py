@@ -68,7 +68,7 @@ def test_a_job_whose_node_is_killed_resumes_on_the_other_from_its_checkpoint(
     assert first_node
     # the job's worker process runs under the worker node's raylet
     # from now on, any node may run it: the worker node is about to go
-    kernel._executor("ray").options["tuning"] = {"num_cpus": 0.5}  # type: ignore[attr-defined]
+    kernel.executor("ray").options["tuning"] = {"num_cpus": 0.5}  # type: ignore[attr-defined]
     cluster.kill_worker()
     try:
         while not (done := kernel.jobs.get(job.id)).done:

@@ -490,9 +490,23 @@ class Kernel:
             param=param,
         )
 
-    def _executor(self, name: str) -> Executor:
-        """The executor ``name``, created with its plugin's context the first
-        time something is placed on it."""
+    def executor(self, name: str) -> Executor:
+        """The executor ``name`` (``[runtime] executor``, a deployment's
+        ``executor``), created with its plugin's context the first time it is
+        asked for — by this call or by a model placed on it — and closed at stop.
+
+        :raises ConfigError: no loaded plugin registers an executor ``name``
+            (the error lists those that do), or ``name`` is ``local``, the
+            kernel's own worker threads, which no executor object stands for.
+        :raises PluginError: the executor's ``create`` failed.
+        """
+        if name == models.LOCAL:
+            raise ConfigError(
+                f"executor {models.LOCAL!r} is the kernel's own worker threads, not an executor"
+                " a plugin creates; name one a plugin registers"
+                f" (executors: {', '.join(sorted(self.load_plugins().executors)) or 'none'})",
+                param="executor",
+            )
         with self._executors_lock:
             executor = self._executors.get(name)
             if executor is None:
@@ -513,7 +527,7 @@ class Kernel:
 
     def _place(self, executor: str, request: PlacementRequest) -> DispatchingModel:
         """Place one model on ``executor``."""
-        placing = self._executor(executor)
+        placing = self.executor(executor)
         try:
             return placing.place(request)
         except LlmosError:
@@ -526,7 +540,7 @@ class Kernel:
 
     def _start_job(self, executor: str, payload: WorkerPayload) -> JobHandle:
         """Start a tuning job's worker on ``executor`` (``[tuning] executor``)."""
-        start = getattr(self._executor(executor), "start_job", None)
+        start = getattr(self.executor(executor), "start_job", None)
         if not callable(start):
             raise ConfigError(
                 f"[tuning] executor = {executor!r}: that executor places models but runs no"
