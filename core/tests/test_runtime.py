@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -16,7 +17,9 @@ from pathlib import Path
 
 import attrs
 import pytest
+from click.testing import CliRunner
 
+from llmos.cli import cli
 from llmos.config import load_config
 from llmos.errors import (
     CapabilityNotSupported,
@@ -31,6 +34,8 @@ from llmos.plugin import hookimpl
 from llmos.plugin.manager import PluginManager
 from llmos.replica import Replica
 from llmos.runtime.kernel import Kernel
+from llmos.runtime.models import HEALTH_TIMEOUT_S
+from llmos.testing import serve_in_thread
 from llmos.types import (
     Capability,
     ChatMessage,
@@ -105,6 +110,8 @@ class Recorder:
         self.started = threading.Event()
         self.stream_closed = threading.Event()
         self.meeting = threading.Barrier(4)
+        self.health_calls: list[str] = []
+        self.release = threading.Event()
 
 
 class UpperPlugin:
@@ -526,6 +533,19 @@ class PooledModel:
     def submit_stream(self, request):
         raise CapabilityNotSupported("no streams on this replica")
 
+    def health(self):
+        """As the card's ``health`` option says: the replicas' state, an
+        unreachable cluster, an answer that is no mapping, or no answer."""
+        self.model.recorder.health_calls.append(self.card.name)
+        how = self.card.options.get("health")
+        if how == "raise":
+            raise RuntimeError("the cluster is unreachable")
+        if how == "text":
+            return "fine"
+        if how == "hang":
+            self.model.recorder.release.wait(30)
+        return {"status": "HEALTHY", "replicas": {"RUNNING": 2}}
+
     def close(self) -> None:
         self.model.close()
 
@@ -637,6 +657,58 @@ def test_kernel_executor_is_the_one_models_are_placed_on_created_once(placing_ke
         kernel.executor("local")
     kernel.stop()
     assert executor.closed
+
+
+def test_top_shows_placed_models_health_and_a_failing_or_hung_one_as_its_error(
+    placing_kernel, recorder
+) -> None:
+    kernel, _ = placing_kernel(
+        'runtime.executor="pool"',
+        *(f'models.{n}.provider="upper"' for n in ("ok", "down", "odd", "hung", "here")),
+        'models.down.options.health="raise"',
+        'models.odd.options.health="text"',
+        'models.hung.options.health="hang"',
+        'models.here.executor="local"',
+    )
+    for name in ("ok", "down", "odd", "hung", "here"):
+        kernel.call(name, Capability.COMPLETE, prompts("x"))
+    runner = CliRunner()
+    try:
+        with serve_in_thread(kernel) as url:
+            started = time.monotonic()
+            shown = runner.invoke(cli, ["top", "--url", url, "--json"], catch_exceptions=False)
+            took = time.monotonic() - started
+            assert shown.exit_code == 0, shown.output
+            models = json.loads(shown.output)["models"]
+            assert {n: models[n]["placed"] for n in models} == {
+                **dict.fromkeys(("ok", "down", "odd", "hung"), "pool"),
+                "here": None,
+            }
+            assert models["ok"]["health"] == {"status": "HEALTHY", "replicas": {"RUNNING": 2}}
+            assert models["down"]["health"] == {"error": "RuntimeError: the cluster is unreachable"}
+            assert models["odd"]["health"] == {
+                "error": "TypeError: health() returned str, not a mapping"
+            }
+            assert models["hung"]["health"]["error"].startswith("health() has not answered in 2.")
+            assert "health" not in models["here"], "a model computed here offers none"
+            # the hung call held up the listing for HEALTH_TIMEOUT_S, not more
+            assert HEALTH_TIMEOUT_S <= took < HEALTH_TIMEOUT_S + 3
+            started = time.monotonic()
+            frame = runner.invoke(cli, ["top", "--url", url, "--once"], catch_exceptions=False)
+            assert time.monotonic() - started < 1.5, "the call still hung is not waited for again"
+            assert recorder.health_calls.count("hung") == 1, "nor asked again"
+            assert recorder.health_calls.count("ok") == 2
+            rows = {
+                line.strip("│").split("│")[0].strip(): line
+                for line in frame.output.splitlines()
+                if line.startswith("│")
+            }
+            assert "pool HEALTHY 2 RUNNING" in rows["ok"]
+            assert "pool error: RuntimeError: the cluster is unreachable" in rows["down"]
+            assert "pool error: health() has not answered in" in rows["hung"]
+            assert rows["here"].rstrip(" │").endswith(" -")
+    finally:
+        recorder.release.set()
 
 
 def test_an_unknown_or_broken_executor_is_refused_with_the_known_ones(

@@ -24,11 +24,14 @@ from click.testing import CliRunner
 from fastapi import FastAPI
 
 import llmos_example
+from llmos.cli import cli
 from llmos.config import load_config
 from llmos.errors import CapabilityNotSupported, UsageError
 from llmos.plugin import hookimpl
 from llmos.plugin.manager import HOOK_NAMES, PluginManager
+from llmos.replica import Replica
 from llmos.runtime.kernel import Kernel
+from llmos.testing import serve_in_thread
 from llmos.types import (
     Budget,
     Capability,
@@ -260,7 +263,7 @@ def test_the_replica_executor_places_models_and_a_group_calls_them(
         (result,) = kernel.call("g", Capability.CLASSIFY, texts("good"))
         assert result.label == "positive"
         worker = kernel.models.get("pooled")
-        assert type(worker.model).__name__ == "Replica"
+        assert isinstance(worker.model, Replica)
         assert worker.model.worker.settings.batching, "the replica batches, the kernel does not"
     finally:
         kernel.bus.flush()
@@ -270,6 +273,47 @@ def test_the_replica_executor_places_models_and_a_group_calls_them(
         "pooled@1": "example-replicas",
         "g": None,
     }
+
+
+def test_top_shows_where_a_placed_model_runs_and_its_health(tmp_path: Path) -> None:
+    kernel = Kernel(
+        load_config(
+            overrides=[
+                'runtime.executor="example-replicas"',
+                # a deployment the kernel runs itself
+                'models.here.provider="example-keyword"',
+                'models.here.options.keywords={positive=["good"], negative=["bad"]}',
+                'models.here.executor="local"',
+            ],
+            env={"LLMOS_HOME": str(tmp_path), "LLMOS_LOAD_PLUGINS": PLUGIN},
+        )
+    )
+    # the daemon's logs would print into the CLI's captured output
+    with structlog.testing.capture_logs(), serve_in_thread(kernel) as url:
+        kernel.registry.register(keyword_card("pooled", ["good"], ["bad"]))
+        for model in ("pooled", "here"):
+            answer = httpx.post(
+                f"{url}/api/classify", json={"model": model, "texts": ["good"]}, timeout=30
+            )
+            assert answer.status_code == 200, answer.text
+        runner = CliRunner()
+        shown = runner.invoke(cli, ["top", "--url", url, "--json"], catch_exceptions=False)
+        assert shown.exit_code == 0, shown.output
+        models = json.loads(shown.output)["models"]
+        assert models["pooled@1"]["placed"] == "example-replicas"
+        assert models["pooled@1"]["health"] == {
+            "status": "HEALTHY",
+            "replicas": {"RUNNING": 1},
+            "queued": 0,
+        }
+        # a model the kernel runs itself: placed nowhere, and no health to ask
+        assert models["here"]["placed"] is None and "health" not in models["here"]
+        frame = runner.invoke(cli, ["top", "--url", url, "--once"], catch_exceptions=False)
+        assert frame.exit_code == 0, frame.output
+        (pooled,) = [line for line in frame.output.splitlines() if "pooled@1" in line]
+        assert pooled.rstrip(" │|").endswith("example-replicas HEALTHY 1 RUNNING"), pooled
+        (here,) = [line for line in frame.output.splitlines() if "│here " in line]
+        assert here.rstrip(" │|").endswith(" -"), here
 
 
 def classify(kernel: Kernel, model: str, requests: list[ClassifyRequest]) -> list[ClassifyResult]:

@@ -1012,7 +1012,16 @@ class DispatchingModel(Protocol):
     computing it: the kernel hands it calls as they come, with no queue or
     thread of its own, and the model that answers batches and reports them.
     ``submit`` must not block (chain futures); ``submit_stream`` returns the
-    stream of the model that answers."""
+    stream of the model that answers.
+
+    Optionally, ``health() -> Mapping[str, Any]``: what the place it sends
+    calls to says of itself, as JSON values — by convention ``status``
+    (``HEALTHY``, ``UPDATING``, ``UNHEALTHY`` …) and ``replicas`` (state ->
+    count), e.g. ``{"status": "HEALTHY", "replicas": {"RUNNING": 2}}``.
+    ``llmos top`` and ``GET /api/monitor/summary`` show it beside the
+    executor the model was placed on; a ``health()`` that raises or takes
+    over 2 s is shown as its error, never failing the listing. It is not
+    part of the protocol's ``isinstance`` check."""
 
     card: ModelCard
     capabilities: frozenset[Capability]

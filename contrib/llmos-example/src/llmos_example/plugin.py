@@ -423,6 +423,29 @@ def llmos_register_registry_stores(register: Callable[[RegistryStoreSpec], None]
 # --------------------------------------------------------------------------
 
 
+class ExampleReplica(Replica):
+    """A :class:`Replica` that reports its state (``DispatchingModel.health``,
+    which ``llmos top`` shows): a cluster executor would ask its nodes."""
+
+    def __init__(
+        self, request: PlacementRequest, *, home: Path, emit: Callable[[MonitorEvent], None]
+    ) -> None:
+        super().__init__(request, home=home, emit=emit)
+        self.closed = False
+
+    def health(self) -> dict[str, Any]:
+        state = "STOPPED" if self.closed else "RUNNING"
+        return {
+            "status": "STOPPED" if self.closed else "HEALTHY",
+            "replicas": {state: 1},
+            "queued": self.queued,
+        }
+
+    def close(self) -> None:
+        self.closed = True
+        super().close()
+
+
 class ReplicaExecutor:
     """Each placed model gets a replica of its own in this process: the model
     loaded again by :class:`llmos.replica.Replica` through the provider the
@@ -435,8 +458,8 @@ class ReplicaExecutor:
         self._emit = context.emit
         self._replicas: list[Replica] = []
 
-    def place(self, request: PlacementRequest) -> Replica:
-        replica = Replica(request, home=self._home, emit=self._emit)
+    def place(self, request: PlacementRequest) -> ExampleReplica:
+        replica = ExampleReplica(request, home=self._home, emit=self._emit)
         self._replicas.append(replica)
         return replica
 

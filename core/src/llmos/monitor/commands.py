@@ -72,6 +72,28 @@ def _rate(value: float | None) -> str:
     return "-" if not value else f"{value:.1f}" if value < 100 else f"{value:.0f}"
 
 
+def _placed(model: Mapping[str, Any]) -> Text:
+    """Where a loaded model runs and what its executor says of it:
+    ``ray HEALTHY 2 RUNNING``, ``-`` for this process."""
+    placed, health = model.get("placed"), model.get("health")
+    if health is None:
+        return Text(placed or ("-" if model.get("loaded") else ""))
+    where = f"{placed} " if placed else ""
+    if "error" in health:
+        error = str(health["error"])
+        error = error if len(error) <= 60 else error[:57] + "..."
+        return Text(f"{where}error: {error}", style="red")
+    status = str(health.get("status", "?"))
+    replicas = health.get("replicas")
+    counts = (
+        " ".join(f"{n} {state}" for state, n in replicas.items())
+        if isinstance(replicas, Mapping)
+        else ""
+    )
+    style = "green" if status == "HEALTHY" else "yellow"
+    return Text(f"{where}{status}{' ' + counts if counts else ''}", style=style)
+
+
 def top_frame(summary: Mapping[str, Any], url: str) -> Group:
     """One screen of ``llmos top`` from a ``/api/monitor/summary`` answer."""
     process = summary.get("process") or {}
@@ -98,6 +120,7 @@ def top_frame(summary: Mapping[str, Any], url: str) -> Group:
         ("tok/s out", "right"),
         ("batch", "right"),
         ("wait p95", "right"),
+        ("placed", "left"),
     ):
         table.add_column(column, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     models = sorted(
@@ -117,9 +140,10 @@ def top_frame(summary: Mapping[str, Any], url: str) -> Group:
             _rate(m.get("tokens_out_per_s")),
             "-" if m.get("batch_size_mean") is None else f"{m['batch_size_mean']:.1f}",
             _ms(m.get("queue_wait_p95_ms")),
+            _placed(m),
         )
     if not models:
-        table.add_row("[dim]no traffic yet[/]", *[""] * 10)
+        table.add_row("[dim]no traffic yet[/]", *[""] * 11)
     parts: list[Any] = [head, table]
     for alert in firing:
         parts.append(
@@ -163,7 +187,8 @@ def monitor_commands(get_kernel: KernelGetter) -> list[click.Command]:
         as_json: bool,
     ) -> None:
         """Live figures of every model the daemon serves: requests/s, latency
-        percentiles, errors, queue, tokens/s, batch sizes (Ctrl-C to quit)."""
+        percentiles, errors, queue, tokens/s, batch sizes, and where each
+        loaded model is placed with its executor's health (Ctrl-C to quit)."""
         client = _daemon(ctx, get_kernel, url, api_key_env)
         params = {"window": _window(window)}
         base = str(client.client.base_url)

@@ -15,6 +15,7 @@ for one load — and kept until it is idle and the memory budget needs room
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -140,6 +141,8 @@ MODELS_SECTION = Section(
 
 #: how long a name's resolution (alias -> version) is reused on the hot path
 RESOLVE_TTL_S = 1.0
+#: how long the model listing waits for placed models' ``health()`` (all at once)
+HEALTH_TIMEOUT_S = 2.0
 
 _BATCH_KEYS = ("max_batch_size", "max_wait_ms", "max_queue")
 #: deployment keys that are not card fields: how the kernel serves the model
@@ -266,6 +269,30 @@ def _footprint(worker: Worker) -> int:
     return _expected_bytes(worker.card)
 
 
+class _HealthCall:
+    """One model's ``health()``, run on a daemon thread of its own (a call
+    that never returns holds that thread, not the listing or the exit)."""
+
+    def __init__(self, name: str, method: Callable[[], Any]) -> None:
+        self.started = time.monotonic()
+        self.done = threading.Event()
+        self.answer: dict[str, Any] = {}
+        self._method = method
+        threading.Thread(target=self._run, name=f"llmos-health-{name}", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            answer = self._method()
+            if not isinstance(answer, Mapping):
+                raise TypeError(f"health() returned {type(answer).__name__}, not a mapping")
+            # plain JSON values: the listing is sent as JSON
+            self.answer = json.loads(json.dumps(dict(answer), default=str))
+        except Exception as exc:
+            self.answer = {"error": f"{type(exc).__name__}: {exc}"}
+        finally:
+            self.done.set()
+
+
 def load_model(spec: ProviderSpec, request: LoadRequest, key: str) -> LoadedModel:
     """``spec.load(request)``, a failure that is not an llmos error said as
     the provider's, naming the model (``key``)."""
@@ -336,6 +363,8 @@ class ModelManager:
         self._keys: dict[str, tuple[str, float]] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
+        #: the latest health() call of each model that offers one
+        self._health_calls: dict[str, _HealthCall] = {}
 
     # -- resolution -----------------------------------------------------------
 
@@ -527,7 +556,7 @@ class ModelManager:
                 f" {type(model).__name__}, not a DispatchingModel (submit, submit_stream, close)"
             )
         self._loaded(deployment, card, time.perf_counter() - started)
-        return DirectWorker(deployment.key, model, settings)
+        return DirectWorker(deployment.key, model, settings, placed_on=deployment.executor)
 
     def _loaded(self, deployment: Deployment, card: ModelCard, seconds: float) -> None:
         fields = {"load_s": seconds, "provider": card.provider}
@@ -593,6 +622,39 @@ class ModelManager:
     def loaded(self) -> list[Worker]:
         with self._lock:
             return list(self._workers.values())
+
+    def health(self, timeout_s: float = HEALTH_TIMEOUT_S) -> dict[str, dict[str, Any]]:
+        """What each loaded model that offers ``health()`` (an optional method
+        of :class:`~llmos.types.DispatchingModel`: a placed model's replicas)
+        says of itself, by name, as plain JSON values.
+
+        All are asked at once, each on a thread of its own, and each call is
+        waited for up to ``timeout_s`` from when it began: one that raises,
+        returns no mapping or is not back in time is ``{"error": "..."}``,
+        so a slow or broken executor never fails or stalls the listing. A
+        model whose previous ``health()`` is still running is not asked again
+        until it returns (and a listing does not wait for it twice)."""
+        asked: dict[str, _HealthCall] = {}
+        for worker in self.loaded():
+            method = getattr(worker.model, "health", None)
+            if not callable(method):
+                continue
+            with self._lock:
+                call = self._health_calls.get(worker.name)
+                if call is None or call.done.is_set():
+                    call = self._health_calls[worker.name] = _HealthCall(worker.name, method)
+            asked[worker.name] = call
+        out: dict[str, dict[str, Any]] = {}
+        for name, call in asked.items():
+            if call.done.wait(max(0.0, call.started + timeout_s - time.monotonic())):
+                out[name] = call.answer
+            else:
+                running = time.monotonic() - call.started
+                out[name] = {"error": f"health() has not answered in {running:.1f} s"}
+        with self._lock:  # forget the calls of models no longer loaded
+            for name in [n for n in self._health_calls if n not in self._workers]:
+                del self._health_calls[name]
+        return out
 
     def close(self) -> None:
         with self._lock:

@@ -150,6 +150,9 @@ class StreamHandle:
 class ModelWorker:
     """Runs one loaded model: a bounded queue, a thread, batching, events."""
 
+    #: a model computed here was placed on no executor
+    placed_on: str | None = None
+
     def __init__(
         self,
         name: str,
@@ -457,11 +460,21 @@ class DirectWorker:
     a deployment group, a remote executor's replicas), behind the worker's
     interface: no queue and no thread of its own — each call goes on at once
     and the model that answers it queues, batches and reports it. It counts
-    what is in flight, so the model manager does not unload it mid-call."""
+    what is in flight, so the model manager does not unload it mid-call.
+    ``placed_on`` names the executor that placed the model (``None``: a
+    group, or another model that runs here)."""
 
-    def __init__(self, name: str, model: DispatchingModel, settings: BatchSettings) -> None:
+    def __init__(
+        self,
+        name: str,
+        model: DispatchingModel,
+        settings: BatchSettings,
+        *,
+        placed_on: str | None = None,
+    ) -> None:
         self.name = name
         self.model = model
+        self.placed_on = placed_on
         self.settings = attrs.evolve(settings, batching=False)
         self.in_flight = 0
         self.last_used = time.monotonic()

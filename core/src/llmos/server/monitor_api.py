@@ -3,7 +3,10 @@
 
 * ``GET /api/monitor/summary?window=60`` — every model's figures over the
   window (requests, rps, errors by kind, latency/queue/ttft percentiles,
-  tokens/s, batch sizes), its live queue and batching settings, the
+  tokens/s, batch sizes), its live queue and batching settings, for a
+  loaded model the executor it was ``placed`` on (``null``: this process)
+  and its ``health`` when it offers one (an executor's view of its
+  replicas; ``{"error": ...}`` when that failed or took over 2 s), the
   process's latest sample, the firing alerts, and the monitor's
   ``bucket_s`` (the finest step) and ``keep_s`` (the longest window);
 * ``GET /api/monitor/series?model=M&window=600&step=10`` — points over time
@@ -63,6 +66,7 @@ def monitor_router(kernel: Kernel) -> APIRouter:
         monitor = kernel.monitor
         out = monitor.windows.summary(duration(window, "window", 60.0))
         live = {w.name: w for w in kernel.models.loaded()}
+        health = kernel.models.health()
         for name, worker in live.items():
             figures = out["models"].setdefault(
                 name, {**RequestStats().figures(out["window_s"]), "capabilities": {}}
@@ -74,7 +78,10 @@ def monitor_router(kernel: Kernel) -> APIRouter:
                 provider=worker.card.provider,
                 max_batch_size=worker.settings.max_batch_size,
                 batching=worker.settings.batching,
+                placed=worker.placed_on,
             )
+            if name in health:
+                figures["health"] = health[name]
         out["alerts_firing"] = monitor.alerts.firing()
         out["events_dropped"] = kernel.bus.dropped
         out["sink_errors"] = dict(kernel.bus.sink_errors)
