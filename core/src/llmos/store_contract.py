@@ -459,6 +459,32 @@ class RegistryStoreContract:
             with pytest.raises(UsageError, match="invalid search cursor"):
                 store.search("words", limit=1, cursor=forged)
 
+    def test_cursors_whose_key_does_not_fit_the_order_are_refused(
+        self, store: RegistryStore
+    ) -> None:
+        # Names page on text, every other order on numbers: a forged key of
+        # the other type is refused, not compared (PostgreSQL cannot).
+        store.register(card("a", parameters=1, description="words"))
+        store.register(card("b", parameters=2, description="words"))
+        for query, sort, forged_key in (
+            ("", "name", 1),
+            ("", "created", "a"),
+            ("", "parameters", "a"),
+            ("words", "relevance", "a"),
+            ("", "relevance", 1.5),  # no free text: by name
+        ):
+            cursor = store.search(query, sort=sort, limit=1).next_cursor
+            assert cursor is not None
+            mark, _, row_id = json.loads(
+                base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+            )
+            raw = json.dumps([mark, forged_key, row_id]).encode()
+            forged = base64.urlsafe_b64encode(raw).decode()
+            with pytest.raises(UsageError, match="invalid search cursor"):
+                store.search(query, sort=sort, limit=1, cursor=forged)
+            # the real cursor still leads on
+            assert len(store.search(query, sort=sort, limit=1, cursor=cursor).items) == 1
+
     # -------------------------------------------------------------- resolution
 
     def test_get_by_name_version_alias_and_latest(self, store: RegistryStore) -> None:

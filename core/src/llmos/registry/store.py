@@ -35,7 +35,7 @@ import os
 import re
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -59,22 +59,42 @@ __all__ = [
     "MAX_OFFSET",
     "MIGRATIONS",
     "SORTS",
+    "CardEdit",
     "RegistryStore",
     "SQLiteStore",
     "SearchHit",
     "SearchPage",
     "VersionInfo",
+    "VersionRow",
     "VersionStatus",
     "card_json",
     "check_card",
+    "check_count_limit",
+    "check_live",
+    "check_manual_alias",
+    "check_search",
+    "check_version_number",
     "clean_tags",
     "decode_cursor",
+    "edit_add_tags",
+    "edit_description",
+    "edit_remove_tags",
     "encode_cursor",
+    "filter_columns",
+    "filter_values",
+    "group_aliases",
     "load_card",
+    "missing_ref",
+    "new_version",
     "parse_ref",
+    "read_cursor",
     "same_content",
+    "search_fingerprint",
+    "search_order",
+    "search_page",
     "text_problem",
     "validate_alias",
+    "version_infos",
 ]
 
 log = structlog.get_logger("llmos.registry")
@@ -539,25 +559,6 @@ def _clean_tags(tags: Sequence[str]) -> list[str]:
     return cleaned
 
 
-@attrs.frozen
-class _Row:
-    id: int
-    name: str
-    version: int
-    status: VersionStatus
-    card: ModelCard
-
-
-# sort -> (key expression over the versions row ``v``, descending by default)
-_SORT_KEYS = {
-    "name": ("v.name", False),
-    "created": ("v.created_at", True),
-    "parameters": ("COALESCE(v.parameters, -1)", True),
-}
-#: the sorts an index on ``(is_latest, key)`` hands over in order
-_INDEXED_SORTS = frozenset({"name", "created"})
-
-
 def _encode_cursor(fingerprint: str, key: Any, row_id: int) -> str:
     raw = json.dumps([fingerprint, key, row_id], separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
@@ -586,9 +587,320 @@ def _decode_cursor(cursor: str, fingerprint: str) -> tuple[Any, int]:
     return key, row_id
 
 
+# --------------------------------------- decisions shared with other stores
+#
+# What a store decides apart from its database: the arguments it refuses and
+# with which words, what a tag edit does to a card, which error a ref that
+# does not resolve raises, how a search is ordered, paged and continued.
+# SQLiteStore and plugins' stores (llmos-postgres) call these, each with its
+# own SQL, so that a change to that behaviour lands here once and the stores
+# keep agreeing (the store contract, :mod:`llmos.store_contract`, checks they do).
+
+#: a change to one version's card (``tag``, ``untag``, ``set_description``),
+#: applied in the store's write transaction to the card it read there
+CardEdit = Callable[[ModelCard], ModelCard]
+
+#: each sort's direction when the caller gives none
+_DESCENDING = {"relevance": True, "name": False, "created": True, "parameters": True}
+
+
+@attrs.frozen
+class VersionRow:
+    """A version as a store reads it to act on it: its row id (the store's
+    own key), name, number, status and card."""
+
+    id: int
+    name: str
+    version: int
+    status: VersionStatus
+    card: ModelCard
+
+    @classmethod
+    def load(cls, found: Sequence[Any] | None) -> VersionRow | None:
+        """The row from a database's ``(id, name, version, status, card
+        JSON)``; None for no row."""
+        if found is None:
+            return None
+        row_id, name, version, status, card = found
+        return cls(row_id, name, version, VersionStatus(status), _load_card(card))
+
+
+def check_count_limit(count_limit: object) -> int:
+    """``count_limit`` if a store can take it (a whole number, at least 1),
+    else :class:`UsageError`."""
+    if not isinstance(count_limit, int) or isinstance(count_limit, bool) or count_limit < 1:
+        raise UsageError(f"count_limit must be a whole number of at least 1, got {count_limit!r}")
+    return count_limit
+
+
+def check_manual_alias(alias: str) -> str:
+    """``alias`` if ``set_alias`` and ``remove_alias`` may touch it: a valid
+    alias, and not ``latest``, which the registry keeps itself."""
+    validate_alias(alias)
+    if alias == LATEST:
+        raise UsageError(
+            "'latest' is kept by the registry on the newest version that is not "
+            "deleted; it cannot be set or removed by hand",
+            param="alias",
+        )
+    return alias
+
+
+def check_version_number(version: object) -> int:
+    """``version`` if it can number a version (1 to :data:`MAX_INT`)."""
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= MAX_INT:
+        raise UsageError(f"version must be a positive integer up to {MAX_INT}, got {version!r}")
+    return version
+
+
+def new_version(
+    card: ModelCard, last: int | None, now: datetime, created_by: str | None
+) -> ModelCard:
+    """``card`` as it is stored after version ``last`` (None or 0: the first
+    version), registered ``now``; ``created_by`` None keeps the card's own."""
+    return attrs.evolve(
+        card,
+        version=(last or 0) + 1,
+        created_at=now,
+        created_by=created_by if created_by is not None else card.created_by,
+    )
+
+
+def filter_columns(card: ModelCard) -> tuple[str, str | None, str, str | None, int | None]:
+    """What a version's filter columns hold: provider, family, format,
+    license and parameters, the text lowercased (filters compare
+    case-insensitively)."""
+    return (
+        card.provider.lower(),
+        _lower(card.family),
+        str(card.format),
+        _lower(card.license),
+        card.parameters,
+    )
+
+
+def filter_values(values: Iterable[str]) -> list[str]:
+    """The rows a ``tag:`` or ``task:`` filter matches for a card's tags or
+    tasks: each lowercased, once, in order."""
+    return sorted({value.lower() for value in values})
+
+
+def edit_add_tags(tags: Sequence[str]) -> CardEdit:
+    """The edit ``tag(ref, *tags)`` makes. The tags are checked now (a
+    :class:`UsageError` before the store reads anything); the edit appends
+    those the card lacks, compared case-insensitively and spelt as given,
+    and refuses a card that would carry more than :data:`MAX_ITEMS`."""
+    wanted = _clean_tags(tags)
+
+    def add(card: ModelCard) -> ModelCard:
+        have = {t.lower() for t in card.tags}
+        new = list(card.tags)
+        for tag in wanted:
+            if tag.lower() not in have:
+                new.append(tag)
+                have.add(tag.lower())
+        if len(new) > MAX_ITEMS:
+            raise UsageError(
+                f"{card.ref} would carry {len(new)} tags, more than the {MAX_ITEMS} allowed"
+            )
+        return attrs.evolve(card, tags=tuple(new))
+
+    return add
+
+
+def edit_remove_tags(tags: Sequence[str]) -> CardEdit:
+    """The edit ``untag(ref, *tags)`` makes: the tags checked now, then
+    removed case-insensitively; those the card lacks are ignored."""
+    unwanted = {t.lower() for t in _clean_tags(tags)}
+    return lambda card: attrs.evolve(
+        card, tags=tuple(t for t in card.tags if t.lower() not in unwanted)
+    )
+
+
+def edit_description(text: str) -> CardEdit:
+    """The edit ``set_description(ref, text)`` makes, ``text`` checked now."""
+    if not isinstance(text, str):
+        raise UsageError(f"a description must be a string, got {type(text).__name__}")
+    problem = _text_problem("the description", text, lines=True)
+    if problem is not None:
+        raise UsageError(problem, param="description")
+    return lambda card: attrs.evolve(card, description=text)
+
+
+def check_live(row: VersionRow) -> VersionRow:
+    """``row`` unless its version is deleted (then :class:`NotFoundError`):
+    a ref resolves to deprecated versions, never to deleted ones."""
+    if row.status is VersionStatus.DELETED:
+        raise NotFoundError(f"model {row.name}@{row.version} was deleted")
+    return row
+
+
+def missing_ref(
+    name: str,
+    selector: int | str,
+    *,
+    model_exists: Callable[[], bool],
+    last_version: Callable[[], int | None],
+    aliases: Callable[[], Sequence[str]],
+) -> NotFoundError:
+    """The error for ``name@selector`` (as :func:`parse_ref` split it) that
+    found no version, saying best what is missing. The callables read the
+    store, each only when the message needs it: whether the model exists,
+    its last version number, its aliases in order."""
+    if not model_exists():
+        return NotFoundError(f"no model named {name!r}")
+    if isinstance(selector, int):
+        return NotFoundError(
+            f"model {name!r} has no version {selector} (versions 1-{last_version()})"
+        )
+    if selector == LATEST:
+        return NotFoundError(f"every version of model {name!r} is deleted")
+    have = ", ".join(aliases()) or "none"
+    return NotFoundError(f"model {name!r} has no alias {selector!r} (aliases: {have})")
+
+
+def group_aliases(rows: Iterable[Sequence[Any]]) -> dict[tuple[str, int], tuple[str, ...]]:
+    """``(name, version, alias)`` rows, in any order, as each version's
+    aliases: ``latest`` first, the others in order."""
+    found: dict[tuple[str, int], list[str]] = {}
+    for name, version, alias in rows:
+        found.setdefault((name, version), []).append(alias)
+    return {
+        key: tuple(sorted(value, key=lambda alias: (alias != LATEST, alias)))
+        for key, value in found.items()
+    }
+
+
+def version_infos(
+    name: str,
+    rows: Sequence[Sequence[Any]],
+    aliases: Callable[[list[str]], Mapping[tuple[str, int], tuple[str, ...]]],
+) -> list[VersionInfo]:
+    """What ``versions(name)`` returns from its ``(version, status, card
+    JSON)`` rows, oldest first; none is :class:`NotFoundError`. ``aliases``
+    reads the aliases of names (as :func:`group_aliases` returns them)."""
+    if not rows:
+        raise NotFoundError(f"no model named {name!r}")
+    found = aliases([name])
+    return [
+        VersionInfo(
+            card=_load_card(card),
+            status=VersionStatus(status),
+            aliases=found.get((name, version), ()),
+        )
+        for version, status, card in rows
+    ]
+
+
+def check_search(sort: str, limit: int, offset: int, cursor: str | None) -> None:
+    """Refuse what ``search`` cannot take: an unknown sort, a limit or offset
+    out of bounds, a cursor and an offset together."""
+    if sort not in SORTS:
+        raise UsageError(f"sort must be one of {', '.join(SORTS)}, not {sort!r}", param="sort")
+    if not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
+        raise UsageError(f"limit must be between 1 and {MAX_LIMIT}, got {limit!r}", param="limit")
+    if not isinstance(offset, int) or not 0 <= offset <= MAX_OFFSET:
+        raise UsageError(
+            f"offset must be between 0 and {MAX_OFFSET}, got {offset!r}", param="offset"
+        )
+    if cursor is not None and offset:
+        raise UsageError("give a cursor or an offset, not both", param="cursor")
+
+
+def search_order(sort: str, has_text: bool, descending: bool | None) -> tuple[str | None, bool]:
+    """What a search orders by and whether descending. The order is None
+    for bm25 relevance (``relevance`` with free text in the query), else the
+    sort whose column orders the hits (``name`` for ``relevance`` without
+    free text); each order has its default direction, which ``descending``
+    overrides."""
+    order = None if sort == "relevance" and has_text else ("name" if sort == "relevance" else sort)
+    desc = _DESCENDING[order or "relevance"] if descending is None else bool(descending)
+    return order, desc
+
+
+def search_fingerprint(query: str, sort: str, descending: bool, all_versions: bool) -> str:
+    """What a cursor carries to tell its search from others: a search's
+    cursors lead on only in the same query, sort, direction and scope."""
+    search = json.dumps([query, sort, descending, all_versions]).encode()
+    return hashlib.sha1(search).hexdigest()[:12]
+
+
+def read_cursor(cursor: str | None, fingerprint: str, order: str | None) -> tuple[Any, ...]:
+    """A cursor's ``(key, id)`` to page on from (``()`` for no cursor): it
+    must belong to the search (``fingerprint``) and its key have the order's
+    type, text for ``name`` and a number otherwise (:func:`search_order`), so
+    that a forged one is a :class:`UsageError`, not a comparison the database
+    refuses or makes of different types."""
+    if cursor is None:
+        return ()
+    key, row_id = _decode_cursor(cursor, fingerprint)
+    if isinstance(key, str) != (order == "name"):
+        raise UsageError("invalid search cursor", param="cursor")
+    return key, row_id
+
+
+def search_page(
+    rows: Sequence[Sequence[Any]],
+    *,
+    limit: int,
+    offset: int,
+    cursor: str | None,
+    fingerprint: str,
+    ranked: bool,
+    total: int,
+    count_limit: int,
+    cards: Callable[[list[int]], Mapping[int, tuple[VersionStatus, ModelCard]]],
+    aliases: Callable[[list[str]], Mapping[tuple[str, int], tuple[str, ...]]],
+) -> SearchPage:
+    """The page a search returns. ``rows``: its ``(id, key)`` rows in order,
+    one more than ``limit`` when there are more, the key being the score
+    when ``ranked``; ``total``: the matches counted up to ``count_limit + 1``.
+    ``cards`` reads the status and card of row ids, ``aliases`` the aliases
+    of names (as :func:`group_aliases` returns them), each in the search's
+    read transaction and only when the page has hits."""
+    more = len(rows) > limit
+    rows = rows[:limit]
+    ids = [row_id for row_id, _ in rows]
+    details = cards(ids) if ids else {}
+    names = sorted({details[row_id][1].name for row_id in ids})
+    found = aliases(names) if names else {}
+    items = []
+    for row_id, key in rows:
+        status, card = details[row_id]
+        items.append(
+            SearchHit(
+                card=card,
+                status=status,
+                aliases=found.get((card.name, card.version or 0), ()),
+                score=float(key) if ranked else None,
+            )
+        )
+    next_cursor = next_offset = None
+    if more:
+        next_cursor = _encode_cursor(fingerprint, rows[-1][1], rows[-1][0])
+        next_offset = None if cursor is not None else offset + len(rows)
+    return SearchPage(
+        items=items,
+        total=min(total, count_limit),
+        total_exact=total <= count_limit,
+        next_cursor=next_cursor,
+        next_offset=next_offset,
+    )
+
+
+# order (:func:`search_order`) -> the key expression over the versions row ``v``
+_SORT_KEYS = {
+    "name": "v.name",
+    "created": "v.created_at",
+    "parameters": "COALESCE(v.parameters, -1)",
+}
+#: the orders an index on ``(is_latest, key)`` hands over
+_INDEXED_SORTS = frozenset({"name", "created"})
+
+
 @attrs.frozen
 class _Page:
-    """A page statement of ``(id, score, key)`` rows: ``first`` binds
+    """A page statement of ``(id, key)`` rows: ``first`` binds
     ``params``, LIMIT and OFFSET; ``after`` (a cursor's page) binds ``params``,
     the cursor's key and id, LIMIT and OFFSET."""
 
@@ -603,6 +915,7 @@ class _SearchSql:
     count_params: tuple[Any, ...]
     page: _Page | None  # the conditions find the rows, which are then sorted; None: ranked
     walk: _Page | None  # rows read in the order's index, each checked: for many matches
+    order: str | None  # as search_order says: None for relevance
     descending: bool
 
 
@@ -649,21 +962,16 @@ def _search_sql(
         params = (plan.match, *params)
     count = f"SELECT count(*) FROM (SELECT 1 FROM {source} WHERE {where} LIMIT ?)"
 
-    if sort == "relevance" and plan.has_text:
-        desc = True if descending is None else bool(descending)
-        return _SearchSql(count, params, page=None, walk=None, descending=desc)
+    order, desc = search_order(sort, plan.has_text, descending)
+    if order is None:
+        return _SearchSql(count, params, page=None, walk=None, order=None, descending=desc)
 
-    order = "name" if sort == "relevance" else sort
-    key, desc = _SORT_KEYS[order]
-    if descending is not None:
-        desc = bool(descending)
+    key = _SORT_KEYS[order]
     direction, after = ("DESC", "<") if desc else ("ASC", ">")
     tail = f"ORDER BY k {direction}, id {direction} LIMIT ? OFFSET ?"
 
     def page(source: str, where: str, params: tuple[Any, ...]) -> _Page:
-        outer = (
-            f"SELECT id, NULL, k FROM (SELECT v.id AS id, {key} AS k FROM {source} WHERE {where})"
-        )
+        outer = f"SELECT id, k FROM (SELECT v.id AS id, {key} AS k FROM {source} WHERE {where})"
         return _Page(
             first=f"{outer} {tail}",
             after=f"{outer} WHERE (k, id) {after} (?, ?) {tail}",
@@ -673,7 +981,9 @@ def _search_sql(
     walk = None
     if plan.match is None and not all_versions and order in _INDEXED_SORTS:
         walk = page(source, f"{scope} AND {plan.probes.sql}", plan.probes.params)
-    return _SearchSql(count, params, page=page(source, where, params), walk=walk, descending=desc)
+    return _SearchSql(
+        count, params, page=page(source, where, params), walk=walk, order=order, descending=desc
+    )
 
 
 # -------------------------------------------------------------------- store
@@ -695,13 +1005,9 @@ class SQLiteStore:
         busy_timeout: float = 30.0,
         count_limit: int = COUNT_LIMIT,
     ) -> None:
-        if not isinstance(count_limit, int) or isinstance(count_limit, bool) or count_limit < 1:
-            raise UsageError(
-                f"count_limit must be a whole number of at least 1, got {count_limit!r}"
-            )
+        self.count_limit = check_count_limit(count_limit)
         self.path = Path(path)
         self.busy_timeout = busy_timeout
-        self.count_limit = count_limit
         self._what = f"registry database {self.path}"
         self._local = threading.local()
         self._lock = threading.Lock()
@@ -871,29 +1177,14 @@ class SQLiteStore:
             latest = self._alias_row(c, name, LATEST)
             if latest is not None and _same_content(latest.card, card):
                 return latest.card
-        stored = attrs.evolve(
-            card,
-            version=(last or 0) + 1,
-            created_at=now,
-            created_by=created_by if created_by is not None else card.created_by,
-        )
+        stored = new_version(card, last, now, created_by)
         if last is not None:
             c.execute("UPDATE versions SET is_latest = 0 WHERE name = ? AND is_latest = 1", (name,))
         row_id = c.execute(
             "INSERT INTO versions (name, version, is_latest, created_at, created_by,"
             " provider, family, format, license, parameters)"
             " VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                name,
-                stored.version,
-                now.timestamp(),
-                stored.created_by,
-                stored.provider.lower(),
-                _lower(stored.family),
-                str(stored.format),
-                _lower(stored.license),
-                stored.parameters,
-            ),
+            (name, stored.version, now.timestamp(), stored.created_by, *filter_columns(stored)),
         ).lastrowid
         assert row_id is not None
         c.execute(
@@ -901,7 +1192,7 @@ class SQLiteStore:
         )
         c.executemany(
             "INSERT OR IGNORE INTO tasks (version_id, task) VALUES (?, ?)",
-            [(row_id, task.lower()) for task in stored.tasks],
+            [(row_id, task) for task in filter_values(stored.tasks)],
         )
         self._index(c, row_id, stored, new=True)
         self._point(c, name, LATEST, stored.version)
@@ -929,7 +1220,7 @@ class SQLiteStore:
             ranking.reindex(c, self._tokenizer, row_id, old, new)
         c.executemany(
             "INSERT OR IGNORE INTO tags (version_id, tag) VALUES (?, ?)",
-            [(row_id, tag.lower()) for tag in card.tags],
+            [(row_id, tag) for tag in filter_values(card.tags)],
         )
 
     @staticmethod
@@ -964,38 +1255,23 @@ class SQLiteStore:
         self._point(c, name, LATEST, newest)
 
     def set_alias(self, name: str, alias: str, version: int) -> None:
-        self._check_manual_alias(alias)
-        if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= MAX_INT:
-            raise UsageError(f"version must be a positive integer up to {MAX_INT}, got {version!r}")
+        check_manual_alias(alias)
+        check_version_number(version)
         with self._write() as c:
             row = self._resolve(c, f"{validate_model_name(name)}@{version}")
             self._point(c, row.name, alias, row.version)
         log.info("alias set", model=f"{name}@{alias}", version=version)
 
     def remove_alias(self, name: str, alias: str) -> None:
-        self._check_manual_alias(alias)
+        check_manual_alias(alias)
         validate_model_name(name)
         with self._write() as c:
-            if (
-                c.execute(
-                    "DELETE FROM aliases WHERE name = ? AND alias = ?", (name, alias)
-                ).rowcount
-                == 0
-            ):
-                self._missing(c, name, alias)
+            deleted = c.execute("DELETE FROM aliases WHERE name = ? AND alias = ?", (name, alias))
+            if deleted.rowcount == 0:
+                raise self._missing(c, name, alias)
         log.info("alias removed", model=f"{name}@{alias}")
 
-    @staticmethod
-    def _check_manual_alias(alias: str) -> None:
-        validate_alias(alias)
-        if alias == LATEST:
-            raise UsageError(
-                "'latest' is kept by the registry on the newest version that is not "
-                "deleted; it cannot be set or removed by hand",
-                param="alias",
-            )
-
-    def _edit(self, ref: str, change: Callable[[ModelCard], ModelCard]) -> ModelCard:
+    def _edit(self, ref: str, change: CardEdit) -> ModelCard:
         with self._write() as c:
             row = self._resolve(c, ref)
             card = change(row.card)
@@ -1004,39 +1280,13 @@ class SQLiteStore:
         return card
 
     def tag(self, ref: str, *tags: str) -> ModelCard:
-        wanted = _clean_tags(tags)
-
-        def add(card: ModelCard) -> ModelCard:
-            have = [t.lower() for t in card.tags]
-            new = list(card.tags)
-            for tag in wanted:
-                if tag.lower() not in have:
-                    new.append(tag)
-                    have.append(tag.lower())
-            if len(new) > MAX_ITEMS:
-                raise UsageError(
-                    f"{card.ref} would carry {len(new)} tags, more than the {MAX_ITEMS} allowed"
-                )
-            return attrs.evolve(card, tags=tuple(new))
-
-        return self._edit(ref, add)
+        return self._edit(ref, edit_add_tags(tags))
 
     def untag(self, ref: str, *tags: str) -> ModelCard:
-        unwanted = {t.lower() for t in _clean_tags(tags)}
-        return self._edit(
-            ref,
-            lambda card: attrs.evolve(
-                card, tags=tuple(t for t in card.tags if t.lower() not in unwanted)
-            ),
-        )
+        return self._edit(ref, edit_remove_tags(tags))
 
     def set_description(self, ref: str, text: str) -> ModelCard:
-        if not isinstance(text, str):
-            raise UsageError(f"a description must be a string, got {type(text).__name__}")
-        problem = _text_problem("the description", text, lines=True)
-        if problem is not None:
-            raise UsageError(problem, param="description")
-        return self._edit(ref, lambda card: attrs.evolve(card, description=text))
+        return self._edit(ref, edit_description(text))
 
     def deprecate(self, ref: str) -> ModelCard:
         with self._write() as c:
@@ -1062,15 +1312,8 @@ class SQLiteStore:
 
     _ROW_COLUMNS = "v.id, v.name, v.version, v.status, j.card"
 
-    @staticmethod
-    def _row(found: tuple[Any, ...] | None) -> _Row | None:
-        if found is None:
-            return None
-        row_id, name, version, status, card = found
-        return _Row(row_id, name, version, VersionStatus(status), _load_card(card))
-
-    def _alias_row(self, c: sqlite3.Connection, name: str, alias: str) -> _Row | None:
-        return self._row(
+    def _alias_row(self, c: sqlite3.Connection, name: str, alias: str) -> VersionRow | None:
+        return VersionRow.load(
             c.execute(
                 f"SELECT {self._ROW_COLUMNS} FROM aliases a"
                 " JOIN versions v ON v.name = a.name AND v.version = a.version"
@@ -1080,10 +1323,10 @@ class SQLiteStore:
             ).fetchone()
         )
 
-    def _resolve(self, c: sqlite3.Connection, ref: str) -> _Row:
+    def _resolve(self, c: sqlite3.Connection, ref: str) -> VersionRow:
         name, selector = parse_ref(ref)
         if isinstance(selector, int):
-            row = self._row(
+            row = VersionRow.load(
                 c.execute(
                     f"SELECT {self._ROW_COLUMNS} FROM versions v"
                     " JOIN cards j ON j.version_id = v.id WHERE v.name = ? AND v.version = ?",
@@ -1093,31 +1336,27 @@ class SQLiteStore:
         else:
             row = self._alias_row(c, name, selector)
         if row is None:
-            self._missing(c, name, selector)
-        assert row is not None
-        if row.status is VersionStatus.DELETED:
-            raise NotFoundError(f"model {name}@{row.version} was deleted")
-        return row
+            raise self._missing(c, name, selector)
+        return check_live(row)
 
-    def _missing(self, c: sqlite3.Connection, name: str, selector: int | str) -> None:
-        """Raise the NotFoundError that says best what is missing."""
-        if c.execute("SELECT 1 FROM models WHERE name = ?", (name,)).fetchone() is None:
-            raise NotFoundError(f"no model named {name!r}")
-        if isinstance(selector, int):
-            last = c.execute(
+    @staticmethod
+    def _missing(c: sqlite3.Connection, name: str, selector: int | str) -> NotFoundError:
+        """The NotFoundError that says best what is missing."""
+        return missing_ref(
+            name,
+            selector,
+            model_exists=lambda: (
+                c.execute("SELECT 1 FROM models WHERE name = ?", (name,)).fetchone() is not None
+            ),
+            last_version=lambda: c.execute(
                 "SELECT MAX(version) FROM versions WHERE name = ?", (name,)
-            ).fetchone()[0]
-            raise NotFoundError(f"model {name!r} has no version {selector} (versions 1-{last})")
-        if selector == LATEST:
-            raise NotFoundError(f"every version of model {name!r} is deleted")
-        have = [
-            a
-            for (a,) in c.execute(
-                "SELECT alias FROM aliases WHERE name = ? ORDER BY alias", (name,)
-            )
-        ]
-        raise NotFoundError(
-            f"model {name!r} has no alias {selector!r} (aliases: {', '.join(have) or 'none'})"
+            ).fetchone()[0],
+            aliases=lambda: [
+                a
+                for (a,) in c.execute(
+                    "SELECT alias FROM aliases WHERE name = ? ORDER BY alias", (name,)
+                )
+            ],
         )
 
     def get(self, ref: str) -> ModelCard:
@@ -1132,31 +1371,32 @@ class SQLiteStore:
                 " JOIN cards j ON j.version_id = v.id WHERE v.name = ? ORDER BY v.version",
                 (name,),
             ).fetchall()
-            if not rows:
-                raise NotFoundError(f"no model named {name!r}")
-            aliases = self._aliases(c, [name])
-        return [
-            VersionInfo(
-                card=_load_card(card),
-                status=VersionStatus(status),
-                aliases=aliases.get((name, version), ()),
-            )
-            for version, status, card in rows
-        ]
+            return version_infos(name, rows, lambda names: self._aliases(c, names))
 
     @staticmethod
     def _aliases(
         c: sqlite3.Connection, names: Sequence[str]
     ) -> dict[tuple[str, int], tuple[str, ...]]:
-        found: dict[tuple[str, int], list[str]] = {}
         marks = ", ".join("?" * len(names))
-        for name, version, alias in c.execute(
-            f"SELECT name, version, alias FROM aliases WHERE name IN ({marks})"
-            " ORDER BY alias = 'latest' DESC, alias",
-            tuple(names),
-        ):
-            found.setdefault((name, version), []).append(alias)
-        return {key: tuple(value) for key, value in found.items()}
+        return group_aliases(
+            c.execute(
+                f"SELECT name, version, alias FROM aliases WHERE name IN ({marks})", tuple(names)
+            )
+        )
+
+    @staticmethod
+    def _cards(
+        c: sqlite3.Connection, ids: Sequence[int]
+    ) -> dict[int, tuple[VersionStatus, ModelCard]]:
+        return {
+            row_id: (VersionStatus(status), _load_card(card))
+            for row_id, status, card in c.execute(
+                "SELECT v.id, v.status, j.card FROM versions v"
+                " JOIN cards j ON j.version_id = v.id"
+                f" WHERE v.id IN ({', '.join('?' * len(ids))})",
+                tuple(ids),
+            )
+        }
 
     def _ranked(
         self,
@@ -1167,10 +1407,9 @@ class SQLiteStore:
         limit: int,
         offset: int,
         after: tuple[Any, ...],
-    ) -> list[tuple[int, float, float]]:
+    ) -> list[tuple[int, float]]:
         """A relevance page of a query with free text, from the impact index:
-        ``(id, score, sort key)`` rows, one more than ``limit`` if there are
-        more."""
+        ``(id, score)`` rows, one more than ``limit`` if there are more."""
         # The unary plus keeps SQLite off the is_latest index, which lists
         # every latest version, when it looks for the matches that score 0
         # (text under OR): the filters' indexes find those.
@@ -1195,7 +1434,7 @@ class SQLiteStore:
         top = ranking.Ranker(c, self._tokenizer, query).top(
             offset + limit + 1, descending=descending, after=cursor
         )
-        return [(row_id, score, score) for score, row_id in top[offset:]]
+        return [(row_id, score) for score, row_id in top[offset:]]
 
     def search(
         self,
@@ -1208,85 +1447,40 @@ class SQLiteStore:
         cursor: str | None = None,
         all_versions: bool = False,
     ) -> SearchPage:
-        if sort not in SORTS:
-            raise UsageError(f"sort must be one of {', '.join(SORTS)}, not {sort!r}", param="sort")
-        if not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
-            raise UsageError(
-                f"limit must be between 1 and {MAX_LIMIT}, got {limit!r}", param="limit"
-            )
-        if not isinstance(offset, int) or not 0 <= offset <= MAX_OFFSET:
-            raise UsageError(
-                f"offset must be between 0 and {MAX_OFFSET}, got {offset!r}", param="offset"
-            )
-        if cursor is not None and offset:
-            raise UsageError("give a cursor or an offset, not both", param="cursor")
+        check_search(sort, limit, offset, cursor)
         plan = plan_search(parse_query(query))
         sql = _search_sql(plan, sort, descending, all_versions)
-        fingerprint = hashlib.sha1(
-            json.dumps([query, sort, sql.descending, all_versions]).encode()
-        ).hexdigest()[:12]
-        after: tuple[Any, ...] = ()
-        if cursor is not None:
-            after = _decode_cursor(cursor, fingerprint)
-            if sql.page is None and not isinstance(after[0], int | float):
-                # A ranked page's key is a score; a forged text one failed float().
-                raise UsageError("invalid search cursor", param="cursor")
+        fingerprint = search_fingerprint(query, sort, sql.descending, all_versions)
+        after = read_cursor(cursor, fingerprint, sql.order)
         with self._read() as c:
             total = c.execute(sql.count, (*sql.count_params, self.count_limit + 1)).fetchone()[0]
-            exact = total <= self.count_limit
             if sql.page is None:
                 rows = self._ranked(c, plan, all_versions, sql.descending, limit, offset, after)
             else:
-                page = sql.page if exact or sql.walk is None else sql.walk
+                page = sql.page if total <= self.count_limit or sql.walk is None else sql.walk
                 rows = c.execute(
                     page.after if after else page.first, (*page.params, *after, limit + 1, offset)
                 ).fetchall()
-            more = len(rows) > limit
-            rows = rows[:limit]
-            ids = [row[0] for row in rows]
-            details = (
-                {
-                    row_id: (VersionStatus(status), _load_card(card))
-                    for row_id, status, card in c.execute(
-                        "SELECT v.id, v.status, j.card FROM versions v"
-                        " JOIN cards j ON j.version_id = v.id"
-                        f" WHERE v.id IN ({', '.join('?' * len(ids))})",
-                        ids,
-                    )
-                }
-                if ids
-                else {}
+            return search_page(
+                rows,
+                limit=limit,
+                offset=offset,
+                cursor=cursor,
+                fingerprint=fingerprint,
+                ranked=sql.page is None,
+                total=total,
+                count_limit=self.count_limit,
+                cards=lambda ids: self._cards(c, ids),
+                aliases=lambda names: self._aliases(c, names),
             )
-            aliases = self._aliases(c, sorted({details[i][1].name for i in ids}))
-        items = []
-        for row_id, row_score, _ in rows:
-            status, card = details[row_id]
-            items.append(
-                SearchHit(
-                    card=card,
-                    status=status,
-                    aliases=aliases.get((card.name, card.version or 0), ()),
-                    score=None if row_score is None else float(row_score),
-                )
-            )
-        next_cursor = next_offset = None
-        if more:
-            next_cursor = _encode_cursor(fingerprint, rows[-1][2], rows[-1][0])
-            next_offset = None if cursor is not None else offset + len(rows)
-        return SearchPage(
-            items=items,
-            total=min(total, self.count_limit),
-            total_exact=exact,
-            next_cursor=next_cursor,
-            next_offset=next_offset,
-        )
 
 
 # ------------------------------------------------- shared with other stores
 
 #: The checks and encodings a :class:`RegistryStore` on another database
 #: shares with this one, so that it refuses the same cards with the same
-#: words and reads the same cursors (plugins' stores import them from here).
+#: words and reads the same cursors (plugins' stores import them from here,
+#: with the decisions of the section "decisions shared with other stores").
 check_card = _check_card
 card_json = _card_json
 load_card = _load_card

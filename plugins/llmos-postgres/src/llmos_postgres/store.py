@@ -42,8 +42,6 @@ How it keeps that contract on a server:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 import threading
@@ -60,31 +58,40 @@ import structlog
 from psycopg import errors as pg_errors
 from psycopg.conninfo import conninfo_to_dict
 
-from llmos.errors import ConfigError, LlmosError, NotFoundError, Unavailable, UsageError
+from llmos.errors import ConfigError, LlmosError, NotFoundError, Unavailable
 from llmos.registry import ranking
 from llmos.registry.query import And, Node, Text, parse_query, plan_search
 from llmos.registry.store import (
     COUNT_LIMIT,
     LATEST,
-    MAX_INT,
-    MAX_ITEMS,
-    MAX_LIMIT,
-    MAX_OFFSET,
-    SORTS,
-    SearchHit,
+    CardEdit,
     SearchPage,
     VersionInfo,
+    VersionRow,
     VersionStatus,
     card_json,
     check_card,
-    clean_tags,
-    decode_cursor,
-    encode_cursor,
+    check_count_limit,
+    check_live,
+    check_manual_alias,
+    check_search,
+    check_version_number,
+    edit_add_tags,
+    edit_description,
+    edit_remove_tags,
+    filter_columns,
+    filter_values,
+    group_aliases,
     load_card,
+    missing_ref,
+    new_version,
     parse_ref,
+    read_cursor,
     same_content,
-    text_problem,
-    validate_alias,
+    search_fingerprint,
+    search_order,
+    search_page,
+    version_infos,
 )
 from llmos.types import ModelCard, validate_model_name
 from llmos_postgres.query import POSITION_BITS, TRUE, PgSql, column_weight, phrase_weight, to_pg
@@ -233,10 +240,6 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _lower(value: str | None) -> str | None:
-    return None if value is None else value.lower()
-
-
 def _columns(card: ModelCard) -> tuple[str, str, str, str]:
     """The text a version is searched by: name, description, tags, tasks."""
     return card.name, card.description or "", " ".join(card.tags), " ".join(card.tasks)
@@ -269,10 +272,11 @@ def _bm25_sql(f: str, avgdl: str) -> str:
     )
 
 
+# order (:func:`~llmos.registry.store.search_order`) -> the key expression over ``v``
 _SORT_KEYS = {
-    "name": ("v.name", False),
-    "created": ("v.created_at", True),
-    "parameters": ("COALESCE(v.parameters, -1)", True),
+    "name": "v.name",
+    "created": "v.created_at",
+    "parameters": "COALESCE(v.parameters, -1)",
 }
 
 
@@ -295,15 +299,6 @@ class _Drive:
     source: PgSql
     rest: PgSql
     scores: dict[int, str]
-
-
-@attrs.frozen
-class _Row:
-    id: int
-    name: str
-    version: int
-    status: VersionStatus
-    card: ModelCard
 
 
 # -------------------------------------------------------------------- store
@@ -329,10 +324,7 @@ class PostgresStore:
         lock_timeout: float = 30.0,
         count_limit: int = COUNT_LIMIT,
     ) -> None:
-        if not isinstance(count_limit, int) or isinstance(count_limit, bool) or count_limit < 1:
-            raise UsageError(
-                f"count_limit must be a whole number of at least 1, got {count_limit!r}"
-            )
+        check_count_limit(count_limit)
         if not isinstance(schema, str) or not _SCHEMA_NAME.fullmatch(schema):
             raise ConfigError(
                 f"schema {schema!r} is invalid: use 1-63 lowercase letters, digits and _,"
@@ -605,12 +597,7 @@ class PostgresStore:
             latest = self._alias_row(c, name, LATEST)
             if latest is not None and same_content(latest.card, card):
                 return latest.card
-        stored = attrs.evolve(
-            card,
-            version=last + 1,
-            created_at=now,
-            created_by=created_by if created_by is not None else card.created_by,
-        )
+        stored = new_version(card, last, now, created_by)
         c.execute("UPDATE models SET last_version = %s WHERE name = %s", (stored.version, name))
         if last:
             c.execute(
@@ -626,11 +613,7 @@ class PostgresStore:
                 stored.version,
                 now.timestamp(),
                 stored.created_by,
-                stored.provider.lower(),
-                _lower(stored.family),
-                str(stored.format),
-                _lower(stored.license),
-                stored.parameters,
+                *filter_columns(stored),
                 size,
                 card_json(stored),
             ),
@@ -648,7 +631,7 @@ class PostgresStore:
     def _many(
         c: psycopg.Cursor[Any], table: str, column: str, row_id: int, values: Sequence[str]
     ) -> None:
-        lowered = sorted({value.lower() for value in values})
+        lowered = filter_values(values)
         if lowered:
             c.execute(
                 f"INSERT INTO {table} (version_id, {column}) SELECT %s, unnest(%s::text[])",
@@ -702,9 +685,8 @@ class PostgresStore:
         c.execute("SELECT 1 FROM models WHERE name = %s FOR UPDATE", (name,))
 
     def set_alias(self, name: str, alias: str, version: int) -> None:
-        self._check_manual_alias(alias)
-        if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= MAX_INT:
-            raise UsageError(f"version must be a positive integer up to {MAX_INT}, got {version!r}")
+        check_manual_alias(alias)
+        check_version_number(version)
         ref = f"{validate_model_name(name)}@{version}"
 
         def work(c: psycopg.Cursor[Any]) -> None:
@@ -716,28 +698,18 @@ class PostgresStore:
         log.info("alias set", model=f"{name}@{alias}", version=version)
 
     def remove_alias(self, name: str, alias: str) -> None:
-        self._check_manual_alias(alias)
+        check_manual_alias(alias)
         validate_model_name(name)
 
         def work(c: psycopg.Cursor[Any]) -> None:
             c.execute("DELETE FROM aliases WHERE name = %s AND alias = %s", (name, alias))
             if c.rowcount == 0:
-                self._missing(c, name, alias)
+                raise self._missing(c, name, alias)
 
         self._write(work)
         log.info("alias removed", model=f"{name}@{alias}")
 
-    @staticmethod
-    def _check_manual_alias(alias: str) -> None:
-        validate_alias(alias)
-        if alias == LATEST:
-            raise UsageError(
-                "'latest' is kept by the registry on the newest version that is not "
-                "deleted; it cannot be set or removed by hand",
-                param="alias",
-            )
-
-    def _edit(self, ref: str, change: Callable[[ModelCard], ModelCard]) -> ModelCard:
+    def _edit(self, ref: str, change: CardEdit) -> ModelCard:
         def work(c: psycopg.Cursor[Any]) -> ModelCard:
             row = self._resolve(c, ref, lock=True)
             card = change(row.card)
@@ -762,42 +734,16 @@ class PostgresStore:
         return self._write(work)
 
     def tag(self, ref: str, *tags: str) -> ModelCard:
-        wanted = clean_tags(tags)
-
-        def add(card: ModelCard) -> ModelCard:
-            have = [t.lower() for t in card.tags]
-            new = list(card.tags)
-            for tag in wanted:
-                if tag.lower() not in have:
-                    new.append(tag)
-                    have.append(tag.lower())
-            if len(new) > MAX_ITEMS:
-                raise UsageError(
-                    f"{card.ref} would carry {len(new)} tags, more than the {MAX_ITEMS} allowed"
-                )
-            return attrs.evolve(card, tags=tuple(new))
-
-        return self._edit(ref, add)
+        return self._edit(ref, edit_add_tags(tags))
 
     def untag(self, ref: str, *tags: str) -> ModelCard:
-        unwanted = {t.lower() for t in clean_tags(tags)}
-        return self._edit(
-            ref,
-            lambda card: attrs.evolve(
-                card, tags=tuple(t for t in card.tags if t.lower() not in unwanted)
-            ),
-        )
+        return self._edit(ref, edit_remove_tags(tags))
 
     def set_description(self, ref: str, text: str) -> ModelCard:
-        if not isinstance(text, str):
-            raise UsageError(f"a description must be a string, got {type(text).__name__}")
-        problem = text_problem("the description", text, lines=True)
-        if problem is not None:
-            raise UsageError(problem, param="description")
-        return self._edit(ref, lambda card: attrs.evolve(card, description=text))
+        return self._edit(ref, edit_description(text))
 
     def deprecate(self, ref: str) -> ModelCard:
-        def work(c: psycopg.Cursor[Any]) -> _Row:
+        def work(c: psycopg.Cursor[Any]) -> VersionRow:
             row = self._resolve(c, ref, lock=True)
             c.execute("UPDATE versions SET status = 'deprecated' WHERE id = %s", (row.id,))
             return row
@@ -809,7 +755,7 @@ class PostgresStore:
     def delete(self, ref: str) -> ModelCard:
         name, _ = parse_ref(ref)
 
-        def work(c: psycopg.Cursor[Any]) -> _Row:
+        def work(c: psycopg.Cursor[Any]) -> VersionRow:
             self._lock_model(c, name)
             row = self._resolve(c, ref, lock=True)
             size = c.execute(
@@ -837,15 +783,8 @@ class PostgresStore:
 
     _ROW_COLUMNS = "v.id, v.name, v.version, v.status, v.card"
 
-    @staticmethod
-    def _row(found: tuple[Any, ...] | None) -> _Row | None:
-        if found is None:
-            return None
-        row_id, name, version, status, card = found
-        return _Row(row_id, name, version, VersionStatus(status), load_card(card))
-
-    def _alias_row(self, c: psycopg.Cursor[Any], name: str, alias: str) -> _Row | None:
-        return self._row(
+    def _alias_row(self, c: psycopg.Cursor[Any], name: str, alias: str) -> VersionRow | None:
+        return VersionRow.load(
             c.execute(
                 f"SELECT {self._ROW_COLUMNS} FROM aliases a"
                 " JOIN versions v ON v.name = a.name AND v.version = a.version"
@@ -854,10 +793,10 @@ class PostgresStore:
             ).fetchone()
         )
 
-    def _resolve(self, c: psycopg.Cursor[Any], ref: str, *, lock: bool = False) -> _Row:
+    def _resolve(self, c: psycopg.Cursor[Any], ref: str, *, lock: bool = False) -> VersionRow:
         name, selector = parse_ref(ref)
         if isinstance(selector, int):
-            row = self._row(
+            row = VersionRow.load(
                 c.execute(
                     f"SELECT {self._ROW_COLUMNS} FROM versions v"
                     " WHERE v.name = %s AND v.version = %s",
@@ -867,12 +806,11 @@ class PostgresStore:
         else:
             row = self._alias_row(c, name, selector)
         if row is None:
-            self._missing(c, name, selector)
-        assert row is not None
+            raise self._missing(c, name, selector)
         if lock:
             # The version's row, locked and read again: a concurrent edit of
             # it either went first (and is seen) or waits.
-            locked = self._row(
+            locked = VersionRow.load(
                 c.execute(
                     f"SELECT {self._ROW_COLUMNS} FROM versions v WHERE v.id = %s FOR UPDATE",
                     (row.id,),
@@ -880,30 +818,26 @@ class PostgresStore:
             )
             assert locked is not None
             row = locked
-        if row.status is VersionStatus.DELETED:
-            raise NotFoundError(f"model {name}@{row.version} was deleted")
-        return row
+        return check_live(row)
 
     @staticmethod
-    def _missing(c: psycopg.Cursor[Any], name: str, selector: int | str) -> None:
-        """Raise the NotFoundError that says best what is missing."""
-        if c.execute("SELECT 1 FROM models WHERE name = %s", (name,)).fetchone() is None:
-            raise NotFoundError(f"no model named {name!r}")
-        if isinstance(selector, int):
-            last = c.execute(
+    def _missing(c: psycopg.Cursor[Any], name: str, selector: int | str) -> NotFoundError:
+        """The NotFoundError that says best what is missing."""
+        return missing_ref(
+            name,
+            selector,
+            model_exists=lambda: (
+                c.execute("SELECT 1 FROM models WHERE name = %s", (name,)).fetchone() is not None
+            ),
+            last_version=lambda: c.execute(
                 "SELECT max(version) FROM versions WHERE name = %s", (name,)
-            ).fetchone()[0]
-            raise NotFoundError(f"model {name!r} has no version {selector} (versions 1-{last})")
-        if selector == LATEST:
-            raise NotFoundError(f"every version of model {name!r} is deleted")
-        have = [
-            a
-            for (a,) in c.execute(
-                "SELECT alias FROM aliases WHERE name = %s ORDER BY alias", (name,)
-            ).fetchall()
-        ]
-        raise NotFoundError(
-            f"model {name!r} has no alias {selector!r} (aliases: {', '.join(have) or 'none'})"
+            ).fetchone()[0],
+            aliases=lambda: [
+                a
+                for (a,) in c.execute(
+                    "SELECT alias FROM aliases WHERE name = %s ORDER BY alias", (name,)
+                ).fetchall()
+            ],
         )
 
     def get(self, ref: str) -> ModelCard:
@@ -918,17 +852,7 @@ class PostgresStore:
                 "SELECT version, status, card FROM versions WHERE name = %s ORDER BY version",
                 (name,),
             ).fetchall()
-            if not rows:
-                raise NotFoundError(f"no model named {name!r}")
-            aliases = self._aliases(c, [name])
-            return [
-                VersionInfo(
-                    card=load_card(card),
-                    status=VersionStatus(status),
-                    aliases=aliases.get((name, version), ()),
-                )
-                for version, status, card in rows
-            ]
+            return version_infos(name, rows, lambda names: self._aliases(c, names))
 
         return self._read(work)
 
@@ -936,14 +860,22 @@ class PostgresStore:
     def _aliases(
         c: psycopg.Cursor[Any], names: Sequence[str]
     ) -> dict[tuple[str, int], tuple[str, ...]]:
-        found: dict[tuple[str, int], list[str]] = {}
-        for name, version, alias in c.execute(
-            "SELECT name, version, alias FROM aliases WHERE name = ANY (%s)"
-            " ORDER BY alias = 'latest' DESC, alias",
-            (list(names),),
-        ).fetchall():
-            found.setdefault((name, version), []).append(alias)
-        return {key: tuple(value) for key, value in found.items()}
+        return group_aliases(
+            c.execute(
+                "SELECT name, version, alias FROM aliases WHERE name = ANY (%s)", (list(names),)
+            ).fetchall()
+        )
+
+    @staticmethod
+    def _cards(
+        c: psycopg.Cursor[Any], ids: Sequence[int]
+    ) -> dict[int, tuple[VersionStatus, ModelCard]]:
+        return {
+            row_id: (VersionStatus(status), load_card(card))
+            for row_id, status, card in c.execute(
+                "SELECT id, status, card FROM versions WHERE id = ANY (%s)", (list(ids),)
+            ).fetchall()
+        }
 
     def _score(
         self,
@@ -1101,40 +1033,14 @@ class PostgresStore:
         cursor: str | None = None,
         all_versions: bool = False,
     ) -> SearchPage:
-        if sort not in SORTS:
-            raise UsageError(f"sort must be one of {', '.join(SORTS)}, not {sort!r}", param="sort")
-        if not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
-            raise UsageError(
-                f"limit must be between 1 and {MAX_LIMIT}, got {limit!r}", param="limit"
-            )
-        if not isinstance(offset, int) or not 0 <= offset <= MAX_OFFSET:
-            raise UsageError(
-                f"offset must be between 0 and {MAX_OFFSET}, got {offset!r}", param="offset"
-            )
-        if cursor is not None and offset:
-            raise UsageError("give a cursor or an offset, not both", param="cursor")
+        check_search(sort, limit, offset, cursor)
         node = parse_query(query)
         plan = plan_search(node)
-        ranked = sort == "relevance" and plan.has_text
-        if ranked:
-            desc = True if descending is None else bool(descending)
-            key = ""
-        else:
-            key, desc = _SORT_KEYS["name" if sort == "relevance" else sort]
-            if descending is not None:
-                desc = bool(descending)
-        # The same fingerprint as SQLite's: its cursors are this store's too.
-        fingerprint = hashlib.sha1(
-            json.dumps([query, sort, desc, all_versions]).encode()
-        ).hexdigest()[:12]
-        after: tuple[Any, ...] = ()
-        if cursor is not None:
-            after = decode_cursor(cursor, fingerprint)
-            # A key of another type than the order's (a forged cursor) is
-            # refused: PostgreSQL does not compare text with numbers.
-            text_key = not ranked and key == "v.name"
-            if isinstance(after[0], str) != text_key:
-                raise UsageError("invalid search cursor", param="cursor")
+        order, desc = search_order(sort, plan.has_text, descending)
+        ranked = order is None
+        # The same fingerprint and cursors as SQLite's: its cursors are this store's too.
+        fingerprint = search_fingerprint(query, sort, desc, all_versions)
+        after = read_cursor(cursor, fingerprint, order)
         scope = "v.status <> 'deleted'" if all_versions else "v.is_latest"
         drive = self._drive(node, plan.match is not None)
         condition = f"{scope} AND {drive.rest.sql}"
@@ -1173,9 +1079,10 @@ class PostgresStore:
                         c, score, source, condition, drive.rest.params, desc, limit, offset, after
                     )
             else:
+                assert order is not None
                 rows = self._page(
                     c,
-                    PgSql(key),
+                    PgSql(_SORT_KEYS[order]),
                     drive.source,
                     condition,
                     drive.rest.params,
@@ -1184,37 +1091,17 @@ class PostgresStore:
                     offset,
                     after,
                 )
-            more = len(rows) > limit
-            rows = rows[:limit]
-            ids = [row[0] for row in rows]
-            details = {
-                row_id: (VersionStatus(status), load_card(card))
-                for row_id, status, card in c.execute(
-                    "SELECT id, status, card FROM versions WHERE id = ANY (%s)", (ids,)
-                ).fetchall()
-            }
-            aliases = self._aliases(c, sorted({details[i][1].name for i in ids}))
-            items = []
-            for row_id, key_value in rows:
-                status, card = details[row_id]
-                items.append(
-                    SearchHit(
-                        card=card,
-                        status=status,
-                        aliases=aliases.get((card.name, card.version or 0), ()),
-                        score=float(key_value) if ranked else None,
-                    )
-                )
-            next_cursor = next_offset = None
-            if more:
-                next_cursor = encode_cursor(fingerprint, rows[-1][1], rows[-1][0])
-                next_offset = None if cursor is not None else offset + len(rows)
-            return SearchPage(
-                items=items,
-                total=min(total, self.count_limit),
-                total_exact=total <= self.count_limit,
-                next_cursor=next_cursor,
-                next_offset=next_offset,
+            return search_page(
+                rows,
+                limit=limit,
+                offset=offset,
+                cursor=cursor,
+                fingerprint=fingerprint,
+                ranked=ranked,
+                total=total,
+                count_limit=self.count_limit,
+                cards=lambda ids: self._cards(c, ids),
+                aliases=lambda names: self._aliases(c, names),
             )
 
         return self._read(work)
