@@ -563,7 +563,7 @@ class PoolExecutor:
         if self.broken:
             return object()  # not a DispatchingModel
         # a replica rebuilds the model from plain values, with the provider named
-        assert request.provider == "upper"
+        assert request.provider in ("upper", "strict")
         return PooledModel(Upper(request.card, self.recorder), self.pool)
 
     def close(self) -> None:
@@ -726,6 +726,84 @@ def test_an_unknown_or_broken_executor_is_refused_with_the_known_ones(
         kernel.call("a", Capability.COMPLETE, prompts("x"))
     with pytest.raises(PluginError, match=r"'broken' placed 'b' but returned object"):
         kernel.call("b", Capability.COMPLETE, prompts("x"))
+
+
+class StrictPlugin:
+    """A provider whose check refuses any option it does not know, as
+    llmos-openai's and llmos-llamacpp's do; it records what it is shown."""
+
+    def __init__(self, recorder: Recorder) -> None:
+        self.recorder = recorder
+        self.checked: list[dict] = []
+        self.loaded: list[dict] = []
+
+    @hookimpl
+    def llmos_register_providers(self, register):
+        def check(request):
+            self.checked.append(dict(request.card.options))
+            unknown = sorted(set(request.card.options) - {"delay", "batch"})
+            if unknown:
+                raise UsageError(f"unknown option(s) {', '.join(unknown)}", param="options")
+            return request.card.options
+
+        def load(request):
+            self.loaded.append(dict(request.card.options))
+            return Upper(request.card, self.recorder)
+
+        register(ProviderSpec(name="strict", load=load, check=check))
+
+
+def test_a_cards_table_for_an_executor_goes_to_it_and_never_to_the_provider(
+    placing_kernel, recorder
+) -> None:
+    kernel, pool = placing_kernel(
+        'runtime.executor="pool"',
+        'models.here.provider="strict"',
+        'models.here.executor="local"',
+        "models.here.options.pool={replicas=3}",
+        "models.here.options.broken={x=1}",
+    )
+    strict = StrictPlugin(recorder)
+    kernel.plugins.register(strict, "strict-plugin")
+    card = ModelCard(
+        name="placed", provider="strict", options={"batch": 4, "pool": {"replicas": 3}}
+    )
+    assert kernel.registry.register(card).options == card.options, "kept on the card"
+    assert strict.checked == [{"batch": 4}], "its provider's check is not shown it"
+    kernel.call("placed", Capability.COMPLETE, prompts("hi"))
+    (placed,) = pool.executors[0].placed
+    assert placed.card.options == {"batch": 4, "pool": {"replicas": 3}}, "the executor gets it"
+    assert strict.checked == [{"batch": 4}] * 2, "checked again at load, still without it"
+    # placed on pool, another executor's table is not sent along
+    kernel.registry.register(attrs.evolve(card, options={"batch": 4, "broken": {"x": 1}}))
+    kernel.call("placed", Capability.COMPLETE, prompts("hi"))  # still version 1, loaded
+    kernel.models.unload("placed@1")
+    kernel.call("placed@2", Capability.COMPLETE, prompts("hi"))
+    assert pool.executors[0].placed[-1].card.options == {"batch": 4}
+    # a model loaded here: its provider loads it without any executor's table
+    (result,) = kernel.call("here", Capability.COMPLETE, prompts("x"))
+    assert result.text == "X" and strict.loaded == [{}]
+    # a key that names no executor is still the provider's to refuse
+    with pytest.raises(UsageError, match=r"unknown option\(s\) poool"):
+        kernel.registry.register(attrs.evolve(card, options={"poool": {"replicas": 3}}))
+
+
+def test_a_replica_shows_its_provider_no_executors_table(
+    tmp_path: Path, recorder: Recorder
+) -> None:
+    plugins = PluginManager()
+    plugins.load(entry_points=[])
+    strict = StrictPlugin(recorder)
+    plugins.register(strict, "strict-plugin")
+    plugins.register(PoolPlugin(recorder), "pool-plugin")
+    card = ModelCard(name="shout", provider="strict", options={"pool": {"replicas": 3}})
+    request = PlacementRequest(key="shout", card=card, provider="strict", plugin="strict-plugin")
+    replica = Replica(request, home=tmp_path, plugins=plugins)
+    try:
+        assert strict.checked == [{}] and strict.loaded == [{}]
+        assert replica.card.options == {}
+    finally:
+        replica.close()
 
 
 def test_unloading_a_dispatching_model_waits_for_its_calls_in_flight(

@@ -17,6 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import attrs
 import httpx
 import pytest
 import structlog
@@ -273,6 +274,29 @@ def test_the_replica_executor_places_models_and_a_group_calls_them(
         "pooled@1": "example-replicas",
         "g": None,
     }
+
+
+def test_a_cards_table_for_the_executor_is_kept_for_it_and_not_loaded(tmp_path: Path) -> None:
+    kernel = Kernel(
+        load_config(
+            overrides=['runtime.executor="example-replicas"'],
+            env={"LLMOS_HOME": str(tmp_path), "LLMOS_LOAD_PLUGINS": PLUGIN},
+        )
+    )
+    kernel.start()
+    try:
+        card = keyword_card("pooled", ["good"], ["bad"])
+        options = {**card.options, "example-replicas": {"replicas": 2}}
+        card = kernel.registry.register(attrs.evolve(card, options=options))
+        assert card.options["example-replicas"] == {"replicas": 2}, "the registry keeps it"
+        (result,) = kernel.call("pooled", Capability.CLASSIFY, texts("good"))
+        assert result.label == "positive"
+        replica = kernel.models.get("pooled").model
+        assert isinstance(replica, Replica)
+        # the provider loaded the model without the executor's table
+        assert replica.card.options == {"keywords": {"positive": ["good"], "negative": ["bad"]}}
+    finally:
+        kernel.stop()
 
 
 def test_top_shows_where_a_placed_model_runs_and_its_health(tmp_path: Path) -> None:

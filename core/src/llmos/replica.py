@@ -34,7 +34,7 @@ import structlog
 
 from llmos.errors import NotFoundError
 from llmos.plugin.manager import PluginManager
-from llmos.registry.service import provider_checked
+from llmos.registry.service import executor_tables, provider_checked
 from llmos.runtime.models import PROVIDER_PACKAGES, Worker, load_model, worker_for
 from llmos.runtime.worker import BatchSettings, StreamHandle
 from llmos.tuning.worker import WorkerPayload, start_worker
@@ -87,7 +87,9 @@ class Replica:
                 " executor places models on"
             )
         events = emit or _drop
-        card = provider_checked(registered.spec, registered.plugin, request.card, request.options)
+        # the card's tables for executors (its own among them) are not the provider's
+        shown, _ = executor_tables(request.card, plugins.executors.keys())
+        card = provider_checked(registered.spec, registered.plugin, shown, request.options)
         cache_dir = Path(home) / "cache" / registered.spec.name
         cache_dir.mkdir(parents=True, exist_ok=True)
         load = LoadRequest(

@@ -914,7 +914,10 @@ class ProviderSpec:
     a model is loaded, for cards registered before the check existed,
     ``[models.NAME]`` deployments and config that changed since. It must be
     quick and must not need the model's weights or secrets: the CLI may run
-    it in a process without the daemon's environment.
+    it in a process without the daemon's environment. Neither ``check`` nor
+    ``load`` is shown an option named for an installed executor (a card's
+    ``options.ray`` table is llmos-ray's): it is the executor's, and the
+    card keeps it.
     """
 
     name: str = attrs.field(validator=_check_spec_name)
@@ -1246,7 +1249,9 @@ class PlacementRequest:
 
     #: the name the kernel serves it under (``name@3`` or a ``[models.NAME]``)
     key: str
-    #: the card, checked by its provider
+    #: the card, checked by its provider; its options keep the executor's own
+    #: table (``options.<executor>``, e.g. ``{"ray": {"num_replicas": 2}}``)
+    #: and no other executor's — the provider is never shown one
     card: ModelCard
     #: the provider's name and the plugin that registered it
     provider: str

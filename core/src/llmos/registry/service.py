@@ -18,7 +18,7 @@ would otherwise shadow a working one as the name's ``latest``.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -66,21 +66,49 @@ FIRST_PARTY_PROVIDERS = {
 }
 
 
+def _no_executors() -> Collection[str]:
+    return ()
+
+
 @attrs.frozen
 class Providers:
     """What the registry checks cards against: the installed providers by
-    name, and a plugin's ``[plugins.<plugin>]`` table. Functions, so that
+    name, a plugin's ``[plugins.<plugin>]`` table, and the names of the
+    installed executors (a card's ``options.<executor>`` table is theirs,
+    not its provider's: :func:`executor_tables`). Functions, so that
     plugins loaded after the registry was opened count."""
 
     installed: Callable[[], Mapping[str, Registered[ProviderSpec]]]
     options: Callable[[str], Mapping[str, Any]]
+    executors: Callable[[], Collection[str]] = _no_executors
+
+
+def executor_tables(
+    card: ModelCard, executors: Collection[str]
+) -> tuple[ModelCard, dict[str, Any]]:
+    """``card`` without the entries of its options named for an executor,
+    and those entries: ``options = {"ray": {"num_replicas": 2}}`` is
+    llmos-ray's, for the replicas it places the model on — how the model is
+    placed, not how it is loaded — so no provider is shown it, and the
+    executor that places the model gets it on ``PlacementRequest.card``."""
+    tables = {key: value for key, value in card.options.items() if key in executors}
+    if not tables:
+        return card, {}
+    kept = {key: value for key, value in card.options.items() if key not in tables}
+    return attrs.evolve(card, options=kept), tables
 
 
 def provider_checked(
-    spec: ProviderSpec, plugin: str, card: ModelCard, options: Mapping[str, Any]
+    spec: ProviderSpec,
+    plugin: str,
+    card: ModelCard,
+    options: Mapping[str, Any],
+    executors: Collection[str] = (),
 ) -> ModelCard:
     """``card`` with the options its provider's ``check`` returns (``card``
-    itself when the provider has no check).
+    itself when the provider has no check). The check is shown the card
+    without the tables named for one of ``executors``, which the returned
+    card keeps as they were (:func:`executor_tables`).
 
     :raises LlmosError: what the check raised (a card it refuses).
     :raises PluginError: the check failed in another way, or returned no mapping.
@@ -88,9 +116,10 @@ def provider_checked(
     check = spec.check
     if check is None:
         return card
+    shown, tables = executor_tables(card, executors)
     where = f"provider {spec.name!r} (plugin {plugin})"
     try:
-        checked = check(CheckRequest(card=card, options=options))
+        checked = check(CheckRequest(card=shown, options=options))
     except LlmosError:
         raise
     except Exception as exc:
@@ -101,7 +130,8 @@ def provider_checked(
         raise PluginError(
             f"{where}: its check returned {type(checked).__name__}, not the card's options"
         )
-    return card if checked == card.options else attrs.evolve(card, options=dict(checked))
+    merged = {**checked, **tables}
+    return card if merged == card.options else attrs.evolve(card, options=merged)
 
 
 def _kernel_made(card: ModelCard) -> tuple[str, str] | None:
@@ -216,7 +246,11 @@ class Registry:
                 raise unknown_provider(card.provider, installed)
             return card
         return provider_checked(
-            registered.spec, registered.plugin, card, self.providers.options(registered.plugin)
+            registered.spec,
+            registered.plugin,
+            card,
+            self.providers.options(registered.plugin),
+            self.providers.executors(),
         )
 
     def require_provider(self, provider: str) -> None:

@@ -93,8 +93,13 @@ class Kernel:
                 router.provider_spec(lambda: self.router),
             ),
         )
-        #: the installed providers (the kernel's own among them) and their options
-        self._providers = Providers(lambda: self.load_plugins().providers, self.plugin_options)
+        #: the installed providers (the kernel's own among them), their options,
+        #: and the executors whose tables a card's options may carry
+        self._providers = Providers(
+            lambda: self.load_plugins().providers,
+            self.plugin_options,
+            lambda: self.load_plugins().executors.keys(),
+        )
         self.bus = EventBus()
         self._state = KernelState.CREATED
         self._lock = threading.Lock()

@@ -30,7 +30,7 @@ import structlog
 from llmos.config import Config, Field, Section, check_table
 from llmos.errors import ConfigError, LlmosError, NotFoundError, PluginError
 from llmos.plugin.manager import KERNEL_OWNER
-from llmos.registry.service import Providers, Registry, provider_checked
+from llmos.registry.service import Providers, Registry, executor_tables, provider_checked
 from llmos.registry.sources import check_source
 from llmos.runtime.router import group_card
 from llmos.runtime.worker import BatchSettings, DirectWorker, ModelWorker
@@ -492,10 +492,14 @@ class ModelManager:
         # registered before it existed, a [models.NAME] deployment, or a card
         # the operator's config no longer allows is refused here.
         options = self._providers.options(deployment.plugin)
-        card = provider_checked(deployment.spec, deployment.plugin, card, options)
+        executors = frozenset(self._providers.executors())
+        card = provider_checked(deployment.spec, deployment.plugin, card, options, executors)
         base, base_path = self._base_of(card)
         if deployment.executor != LOCAL:
-            return self._placed(deployment, card, options, path, base, base_path)
+            # the executor gets its own table of the card's options, no other's
+            placed, _ = executor_tables(card, executors - {deployment.executor})
+            return self._placed(deployment, placed, options, path, base, base_path)
+        card, _ = executor_tables(card, executors)  # the provider loads it without them
         cache_dir = self._config.home / "cache" / deployment.spec.name
         cache_dir.mkdir(parents=True, exist_ok=True)
         self._make_room(_expected_bytes(card) + _expected_bytes(base))
