@@ -138,15 +138,18 @@ test-postgres: $(POSTGRES_STAMP) system-packages
 	$(POSTGRES_BIN)/python -m pytest plugins/llmos-postgres/tests
 
 # Ray Serve (ray[serve], pinned in plugins/llmos-ray) in .venv-ray, beside the
-# kernel, llmos-transformers (what the replicas serve with) and llmos-peft. The
-# tests start a real two-node Ray cluster on this machine (127.0.0.3 and
-# 127.0.0.2) and stop it by PID. Idempotent like `install` (its own stamp file).
+# kernel, llmos-transformers (what the replicas serve with), llmos-peft and
+# llmos-postgres (two daemons sharing a PostgreSQL registry and the cluster).
+# The tests start a real two-node Ray cluster on this machine (127.0.0.3 and
+# 127.0.0.2) and a throwaway PostgreSQL server, and stop them by PID.
+# Idempotent like `install` (its own stamp file).
 RAY_VENV   ?= .venv-ray
 RAY_BIN    := $(RAY_VENV)/bin
 RAY_STAMP  := $(RAY_VENV)/.llmos-ray-installed
 RAY_PIP    := $(RAY_BIN)/python -m pip --disable-pip-version-check
 RAY_INPUTS := constraints.txt core/pyproject.toml plugins/llmos-transformers/pyproject.toml \
-              plugins/llmos-peft/pyproject.toml plugins/llmos-ray/pyproject.toml
+              plugins/llmos-peft/pyproject.toml plugins/llmos-ray/pyproject.toml \
+              plugins/llmos-postgres/pyproject.toml
 
 $(RAY_BIN)/python:
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11 ...'" >&2; exit 1; }
@@ -155,10 +158,11 @@ $(RAY_BIN)/python:
 
 $(RAY_STAMP): $(RAY_BIN)/python $(RAY_INPUTS)
 	$(RAY_PIP) install --quiet $(PIP_CONSTRAINT) "pytest>=8.2" "httpx>=0.27" \
-	    -e core -e plugins/llmos-transformers -e plugins/llmos-peft -e plugins/llmos-ray
+	    -e core -e plugins/llmos-transformers -e plugins/llmos-peft -e plugins/llmos-ray \
+	    -e plugins/llmos-postgres
 	@touch $@
 
-test-ray: $(RAY_STAMP)
+test-ray: $(RAY_STAMP) system-packages
 	RAY_USAGE_STATS_ENABLED=0 $(RAY_BIN)/python -m pytest -p no:cacheprovider plugins/llmos-ray/tests
 
 # Every distribution's sdist and wheel in dist/, built as `python -m build` builds them

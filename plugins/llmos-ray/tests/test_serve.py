@@ -111,21 +111,15 @@ def test_events_from_replicas_and_calls_reach_the_kernels_emit(served: Any, even
     loaded = events.of("ray.replica.loaded", "tiny")
     assert len({e.fields["replica"] for e in loaded}) == 2  # one per replica, from the replica
     assert all(e.fields["provider"] == "transformers" for e in loaded)
-    # each call's request event, made by the replica's worker and relayed
-    while not events.of("request", "tiny") and time.monotonic() < deadline:
-        time.sleep(0.1)
+    # each call's request event: the replica worker's timing, made into the event here
     requests = [e for e in events.of("request", "tiny") if e.fields["status"] == "ok"]
     assert requests and all(e.fields["replica"] for e in requests)
     last = requests[-1].fields
-    assert last["tokens_out"] > 0 and last["model_s"] > 0
-    assert last["latency_s"] >= last["model_s"]
-    # and the kernel side's view of the same calls: the time Ray added
-    calls = [
-        e
-        for e in events.of("ray.call", "tiny")
-        if e.fields["status"] == "ok" and e.capability == "complete"
-    ]
-    assert calls and all(e.fields["call_s"] >= e.fields["ray_s"] > 0 for e in calls)
+    assert last["tokens_out"] > 0 and last["model_s"] > 0 and last["batch_size"] >= 1
+    # what the caller waited: the replica's latency and the time Ray added
+    assert last["latency_s"] >= last["call_s"] >= last["replica_latency_s"] >= last["model_s"]
+    assert last["ray_s"] == pytest.approx(last["call_s"] - last["replica_latency_s"])
+    assert last["ray_s"] > 0
 
 
 def test_a_cancelled_call_is_not_left_running(served: Any) -> None:

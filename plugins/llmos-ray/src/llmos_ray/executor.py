@@ -2,16 +2,22 @@
 
 :class:`RayExecutor` connects the kernel's process to a Ray cluster (as a
 driver), starts Serve with no HTTP proxy (the llmos daemon is the front end)
-and the event queue actor. :meth:`RayExecutor.serve` deploys one model as one
+and the event queue actor. :meth:`RayExecutor.place` serves one model as one
 Serve application (its replicas each load the model, see
 :mod:`llmos_ray.replica`) and returns a :class:`RayModel`, which is what the
 kernel calls instead of its in-process worker: ``submit`` (a
-:class:`concurrent.futures.Future`, like the worker's), ``stream`` (a
-:class:`RayStream`, like the worker's ``StreamHandle``), ``health``,
-``close``. Every call is one Serve request: the replica batches it with
-others; its answer carries the replica's timing, from which the request
-event is made here and emitted to the kernel's sinks (with ``replica`` and
-``ray_s``, the time spent in Ray rather than in the model or its queue).
+:class:`concurrent.futures.Future`, like the worker's), ``submit_stream`` (a
+:class:`RayStream`, the worker's ``StreamHandle``), ``health``, ``close``.
+Every call is one Serve request: the replica batches it with others; its
+answer carries the replica's timing, from which this side makes the call's
+``request`` event (with ``replica`` and ``ray_s``, the time spent in Ray
+rather than in the model or its queue) and emits it to the kernel's sinks.
+
+Several daemons share a cluster: an application is named by the model and a
+digest of how it is placed (:func:`fingerprint`), so daemons placing a model
+the same way share one application — the first deploys it, the others
+attach — and it is deleted when the last of them lets go
+(:mod:`llmos_ray.placements`). Each daemon makes the events of its own calls.
 
 Calls run on one asyncio loop of the executor's own (a thread), so a sync
 caller waits on a future and an awaiting daemon wraps it, as with the
@@ -29,12 +35,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import queue
+import hashlib
+import json
+import os
 import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -42,10 +50,12 @@ import ray
 import structlog
 from ray import exceptions as rex
 from ray import serve
+from ray._private import ray_constants
 from ray.serve import exceptions as sex
 from ray.serve.handle import DeploymentHandle
 
 from llmos.errors import ConfigError, LlmosError, Overloaded, Unavailable
+from llmos.replica import StreamHandle
 from llmos.types import (
     Capability,
     ModelCard,
@@ -53,15 +63,15 @@ from llmos.types import (
     MonitorEvent,
     PlacementRequest,
     PluginContext,
-    StreamChunk,
 )
 from llmos_ray.events import Drainer, EventQueue
 from llmos_ray.jobs import RayJobHandle
 from llmos_ray.options import serve_settings
+from llmos_ray.placements import placements
 from llmos_ray.replica import ModelReplica
 from llmos_ray.wire import Answer
 
-__all__ = ["RayExecutor", "RayModel", "RayStream", "app_name"]
+__all__ = ["RayExecutor", "RayModel", "RayStream", "app_name", "fingerprint"]
 
 log = structlog.get_logger("llmos.ray")
 
@@ -69,9 +79,31 @@ log = structlog.get_logger("llmos.ray")
 DEPLOYMENT = "model"
 
 
-def app_name(key: str) -> str:
-    """The Serve application of a model key (``name@3`` -> ``llmos-name-3``)."""
-    return "llmos-" + re.sub(r"[^a-z0-9._-]+", "-", key.lower())
+def app_name(key: str, fingerprint: str = "") -> str:
+    """The Serve application of a model key and what it serves
+    (``name@3`` -> ``llmos-name-3-1a2b3c4d``): daemons placing the same model
+    the same way share it; a daemon placing it otherwise (other weights,
+    options, replicas) gets its own."""
+    name = "llmos-" + re.sub(r"[^a-z0-9._-]+", "-", key.lower())
+    return f"{name}-{fingerprint[:8]}" if fingerprint else name
+
+
+#: a card's fields that describe it but do not change what serves it
+_DESCRIPTIVE = frozenset({"created_at", "created_by", "description", "license", "scores", "tags"})
+
+
+def fingerprint(request: PlacementRequest, deployment: Mapping[str, Any]) -> str:
+    """A digest of what a model's replicas serve (the shipped placement: card,
+    provider, options, paths, batching) and how they are deployed."""
+
+    def serving(field: attrs.Attribute, _value: Any) -> bool:  # type: ignore[type-arg]
+        return field.name != "emit" and not (
+            field.name in _DESCRIPTIVE and field in attrs.fields(ModelCard)
+        )
+
+    shipped = attrs.asdict(request, recurse=True, filter=serving)
+    text = json.dumps([shipped, dict(deployment)], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _mapped(exc: BaseException, what: str) -> BaseException:
@@ -90,45 +122,33 @@ def _mapped(exc: BaseException, what: str) -> BaseException:
     return Unavailable(f"{what} failed on the Ray path: {type(exc).__name__}: {exc}")
 
 
-_END = object()
+def _error_fields(error: BaseException) -> dict[str, Any]:
+    return {"error": getattr(error, "type", type(error).__name__), "message": str(error)[:500]}
 
 
-class RayStream:
-    """Chunks of one streamed request from a replica: what the kernel's
-    ``StreamHandle`` offers (``get``, iteration, ``cancel``)."""
+def _tokens(results: Sequence[Any]) -> dict[str, int]:
+    usages = [r.usage for r in results if getattr(r, "usage", None) is not None]
+    if not usages:
+        return {}
+    return {
+        "tokens_in": sum(u.prompt_tokens for u in usages),
+        "tokens_out": sum(u.completion_tokens for u in usages),
+    }
+
+
+class RayStream(StreamHandle):
+    """Chunks of one streamed request from a replica: the kernel's
+    :class:`~llmos.replica.StreamHandle`, whose ``cancel`` also cancels the
+    Serve request."""
 
     def __init__(self) -> None:
-        self._chunks: queue.Queue[Any] = queue.Queue()
-        self.cancelled = threading.Event()
-        self.first_chunk_at: float | None = None
+        super().__init__()
         self._on_cancel: Callable[[], None] | None = None
 
     def cancel(self) -> None:
-        self.cancelled.set()
+        super().cancel()
         if self._on_cancel is not None:
             self._on_cancel()
-
-    def put(self, chunk: StreamChunk) -> None:
-        if self.first_chunk_at is None:
-            self.first_chunk_at = time.perf_counter()
-        self._chunks.put(chunk)
-
-    def finish(self, error: BaseException | None = None) -> None:
-        self._chunks.put(error if error is not None else _END)
-
-    def get(self, timeout: float | None = None) -> StreamChunk | None:
-        """The next chunk; ``None`` at the end. Raises what failed, or
-        :class:`queue.Empty` after ``timeout``."""
-        item = self._chunks.get(timeout=timeout)
-        if item is _END:
-            return None
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def __iter__(self) -> Iterator[StreamChunk]:
-        while (chunk := self.get()) is not None:
-            yield chunk
 
 
 class RayModel:
@@ -198,30 +218,32 @@ class RayModel:
             raise
         except BaseException as exc:
             error = _mapped(exc, f"{capability} on {self.key!r}")
-            self._event(
-                capability,
-                len(requests),
-                "error",
-                enqueued,
-                {
-                    "error": getattr(error, "type", type(error).__name__),
-                    "message": str(error)[:500],
-                },
-            )
+            self._event(capability, len(requests), "error", enqueued, _error_fields(error))
             raise error from exc
-        latency = time.perf_counter() - enqueued
-        # the replica's own latency (its queue and the model) vs the whole call: the rest is Ray's
-        timing.update(answer.timing, replica=answer.replica, call_s=latency)
-        timing["ray_s"] = latency - float(answer.timing.get("latency_s", 0.0))
-        self._event(capability, len(requests), "ok", enqueued, timing)
+        call_s = time.perf_counter() - enqueued
+        # the replica's worker timed its queue and the model; the rest of the call is Ray's
+        replica_s = float(answer.timing.get("latency_s", 0.0))
+        timing.update(answer.timing, replica=answer.replica, call_s=call_s)
+        timing["ray_s"] = call_s - replica_s
+        self._event(
+            capability,
+            len(requests),
+            "ok",
+            enqueued,
+            {**timing, "replica_latency_s": replica_s, **_tokens(answer.results)},
+        )
         return answer.results
 
     async def _stream(self, request: Any, out: RayStream) -> None:
         enqueued = time.perf_counter()
         generator = self._stream_handle.stream.remote(request, self._adapter)
-        status, fields, chunks = "ok", {}, 0
+        status, chunks = "ok", 0
+        fields: dict[str, Any] = {}
         try:
             async for chunk in generator:
+                if isinstance(chunk, str):  # the replica's id comes first
+                    fields["replica"] = chunk
+                    continue
                 if out.cancelled.is_set():
                     status = "cancelled"
                     break
@@ -239,7 +261,7 @@ class RayModel:
         except BaseException as exc:
             error = _mapped(exc, f"stream on {self.key!r}")
             status = "error"
-            fields = {"error": getattr(error, "type", type(error).__name__)}
+            fields = {**fields, **_error_fields(error)}
             out.finish(error)
         else:
             if status == "cancelled":
@@ -247,7 +269,7 @@ class RayModel:
             out.finish()
         if out.first_chunk_at is not None:
             fields["ttft_s"] = out.first_chunk_at - enqueued
-        fields["chunks"] = chunks
+        fields.update(chunks=chunks, batch_size=1)
         self._event(Capability.STREAM, 1, status, enqueued, fields)
 
     def _event(
@@ -258,18 +280,21 @@ class RayModel:
         enqueued: float,
         fields: Mapping[str, Any],
     ) -> None:
-        # the kernel's view of a call on the Ray path; the replica's worker
-        # emits the call's ``request`` event itself (relayed by the event queue)
+        """The call's ``request`` event, made here — in the daemon that made
+        the call, so each daemon sharing the deployment counts its own calls —
+        from the replica's timing (queue wait, model time, batch size, which
+        replica) and this side's: ``latency_s`` is what the caller waited,
+        ``ray_s`` the part of it spent in Ray."""
         self._executor.emit(
             MonitorEvent(
-                kind="ray.call",
+                kind="request",
                 model=self.key,
                 capability=str(capability),
                 fields={
                     "status": status,
                     "requests": size,
-                    "call_s": time.perf_counter() - enqueued,
                     **fields,
+                    "latency_s": time.perf_counter() - enqueued,
                 },
             )
         )
@@ -314,7 +339,14 @@ class RayExecutor:
         self.options = dict(options or {})
         #: the replicas' folder for the provider's cache (converted weights)
         self.home = str(self.options.get("replica_home") or home)
-        if not ray.is_initialized():
+        #: this executor connected the process to Ray, so it disconnects it at close
+        self._owns_ray = not ray.is_initialized()
+        if self._owns_ray:
+            if "RAY_DISABLE_FAILURE_SIGNAL_HANDLER" not in os.environ:
+                # a Ray driver's SIGTERM handler (abseil's) aborts the process 3 s
+                # later, cutting a daemon's drain short (ray-project/ray#64830):
+                # the daemon handles SIGTERM itself
+                ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
             ray.init(
                 address=address,
                 namespace=namespace,
@@ -330,6 +362,7 @@ class RayExecutor:
             .remote()
         )
         self._drainer = Drainer(self._queue, emit, event_interval_s)
+        self._placements = placements(namespace)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="llmos-ray", daemon=True
@@ -387,38 +420,93 @@ class RayExecutor:
         settings = serve_settings(
             request.key, self.options, request.card.options, max_batch_size=request.max_batch_size
         )
-        app = app_name(request.key)
         # the kernel's emit stays here; the card's ray options are not the provider's
         shipped = attrs.evolve(request, emit=None, card=_without_ray(request.card))
-        deployment = serve.deployment(ModelReplica).options(
-            name=DEPLOYMENT, max_constructor_retry_count=1, **settings.deployment_options()
-        )
+        options = settings.deployment_options()
+        app = app_name(request.key, fingerprint(shipped, options))
         started = time.perf_counter()
+        handle = self._deploy_or_attach(request.key, app, shipped, options, timeout_s)
         try:
-            handle = serve.run(
-                deployment.bind(shipped, self.home, self.events_name, self.namespace),
-                name=app,
-                route_prefix=None,
-            )
+            info = handle.describe.remote().result(timeout_s=timeout_s)
         except Exception as exc:
             self.delete(app)
             raise LlmosError(
-                f"model {request.key!r} could not be deployed on Ray Serve:"
+                f"model {request.key!r} was deployed on Ray Serve but does not answer:"
                 f" {type(exc).__name__}: {exc}"
             ) from exc
-        self._apps.add(app)
-        info = handle.describe.remote().result(timeout_s=timeout_s)
         self.emit(
             MonitorEvent(
                 kind="ray.deployed",
                 model=request.key,
-                fields={"app": app, "seconds": time.perf_counter() - started, **self.health(app)},
+                fields={
+                    "app": app,
+                    "seconds": time.perf_counter() - started,
+                    "holders": len(self.holders(app)),
+                    **self.health(app),
+                },
             )
         )
         model = RayModel(self, request.key, app, handle, info, request.card)
         with self._lock:
             self._models[request.key] = model
         return model
+
+    def _deploy_or_attach(
+        self,
+        key: str,
+        app: str,
+        shipped: PlacementRequest,
+        options: Mapping[str, Any],
+        timeout_s: float,
+    ) -> DeploymentHandle:
+        """Deploy ``app``, or attach to it where another daemon deployed (or is
+        deploying) it: the cluster's :class:`~llmos_ray.placements.Placements`
+        says which. Either way this daemon holds it until :meth:`delete`."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            step = ray.get(self._placements.acquire.remote(app, self.events_name), timeout=30)
+            self._apps.add(app)
+            if step == "attach":
+                if app in serve.status().applications:
+                    return serve.get_app_handle(app)
+                # deleted behind llmos's back (serve shutdown, say): deploy it again
+                ray.get(self._placements.forget.remote(app), timeout=30)
+                continue
+            if step == "deploy":
+                return self._deploy(key, app, shipped, options)
+            if time.monotonic() > deadline:
+                self.delete(app)
+                raise Unavailable(
+                    f"model {key!r}: another llmos daemon has been deploying it on Ray Serve"
+                    f" for over {timeout_s:.0f} s; retry, or see `serve status` on the cluster"
+                )
+            time.sleep(0.5)
+
+    def _deploy(
+        self, key: str, app: str, shipped: PlacementRequest, options: Mapping[str, Any]
+    ) -> DeploymentHandle:
+        status = serve.status().applications.get(app)
+        if status is not None and str(getattr(status.status, "value", status.status)) == "RUNNING":
+            # left by a daemon that died holding it: the same placement (its name says so)
+            ray.get(self._placements.deployed.remote(app, self.events_name, True), timeout=30)
+            return serve.get_app_handle(app)
+        deployment = serve.deployment(ModelReplica).options(
+            name=DEPLOYMENT, max_constructor_retry_count=1, **options
+        )
+        try:
+            handle = serve.run(
+                deployment.bind(shipped, self.home, app, self.namespace),
+                name=app,
+                route_prefix=None,
+            )
+        except Exception as exc:
+            ray.get(self._placements.deployed.remote(app, self.events_name, False), timeout=30)
+            self.delete(app, force=True)
+            raise LlmosError(
+                f"model {key!r} could not be deployed on Ray Serve: {type(exc).__name__}: {exc}"
+            ) from exc
+        ray.get(self._placements.deployed.remote(app, self.events_name, True), timeout=30)
+        return handle
 
     def _base_of(self, adapter: PlacementRequest) -> RayModel:
         base = adapter.base
@@ -454,18 +542,33 @@ class RayExecutor:
             "replicas": {str(getattr(k, "value", k)): v for k, v in states},
         }
 
-    def delete(self, app: str) -> None:
+    def delete(self, app: str, *, force: bool = False) -> None:
+        """Let go of ``app``: Serve deletes it when no other daemon holds it
+        (``force``: whoever holds it, as after a failed deploy)."""
         with self._lock:
             for key in [k for k, m in self._models.items() if m.app == app]:
                 del self._models[key]
+        self._apps.discard(app)
+        try:
+            left = ray.get(self._placements.release.remote(app, self.events_name), timeout=30)
+        except Exception as exc:
+            log.warning("ray.release_failed", app=app, error=repr(exc))
+            left = 0
+        if left and not force:
+            log.info("ray.app_kept", app=app, holders=left)
+            return
         try:
             serve.delete(app)
         except Exception as exc:
             log.warning("ray.delete_failed", app=app, error=repr(exc))
-        self._apps.discard(app)
+
+    def holders(self, app: str) -> list[str]:
+        """The daemons (their event queues' names) holding ``app`` now."""
+        return list(ray.get(self._placements.queues.remote(app), timeout=30))
 
     def close(self) -> None:
-        """Delete the applications it deployed, drain the last events, stop its loop."""
+        """Let go of the applications it holds (each deleted where no other
+        daemon holds it), drain the last events, stop its loop."""
         for app in list(self._apps):
             self.delete(app)
         self._drainer.close()
@@ -473,6 +576,9 @@ class RayExecutor:
             ray.kill(self._queue)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
+        if self._owns_ray:
+            # a driver left connected at interpreter exit can abort the process
+            ray.shutdown()
 
 
 def _without_ray(card: ModelCard) -> ModelCard:

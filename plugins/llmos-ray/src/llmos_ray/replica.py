@@ -15,9 +15,13 @@ placement and Serve's ``multiplexed_model_id``; the replica loads it (an
 the most recently used ones (Serve evicts the rest, and their worker is
 closed).
 
-Every call's ``request`` event (the worker's: latency, queue wait, batch
-size, tokens) and what the provider measures go to the kernel through the
-event queue actor (:mod:`llmos_ray.events`), marked with the replica's id.
+Each call's answer carries the worker's timing of it (queue wait, model
+time, batch size) and the replica's id; the daemon that made the call makes
+its ``request`` event from them, so daemons sharing a deployment each count
+their own calls. The replica's own events (``ray.replica.loaded``, and what a
+provider emits outside a call's ``request``) go to the event queue actor of
+every daemon holding the deployment (:mod:`llmos_ray.events`,
+:mod:`llmos_ray.placements`), marked with the replica's id.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from ray import serve
 
 from llmos.replica import Replica
 from llmos.types import Capability, MonitorEvent, PlacementRequest
+from llmos_ray.placements import NAME as PLACEMENTS
 from llmos_ray.wire import Answer
 
 __all__ = ["ModelReplica"]
@@ -53,12 +58,13 @@ FLUSH_S = 0.1
 class ModelReplica:
     """A Serve deployment class: ``call``, ``stream``, ``describe``."""
 
-    def __init__(
-        self, request: PlacementRequest, home: str, events: str | None, namespace: str
-    ) -> None:
+    def __init__(self, request: PlacementRequest, home: str, app: str, namespace: str) -> None:
         self.key = request.key
         self.home = Path(home)
-        self._events = ray.get_actor(events, namespace=namespace) if events else None
+        self.app = app
+        self.namespace = namespace
+        self._placements = ray.get_actor(PLACEMENTS, namespace=namespace)
+        self._queues: dict[str, Any] = {}
         # events leave in batches: an actor call per request event would cost each call
         self._outbox: list[MonitorEvent] = []
         self._outbox_lock = threading.Lock()
@@ -80,9 +86,11 @@ class ModelReplica:
         )
 
     def emit(self, event: MonitorEvent) -> None:
-        """To the kernel's sinks through the event queue (in batches, every
-        ``FLUSH_S``), marked with this replica; never blocks, never raises."""
-        if self._events is None:
+        """To the sinks of every daemon holding the deployment, through their
+        event queues (in batches, every ``FLUSH_S``), marked with this
+        replica; never blocks, never raises. A call's ``request`` event is the
+        calling daemon's to make (from the answer's timing), not sent here."""
+        if event.kind == "request":
             return
         event = attrs.evolve(event, fields={**event.fields, "replica": self.replica})
         with self._outbox_lock:
@@ -93,11 +101,24 @@ class ModelReplica:
             time.sleep(FLUSH_S)
             with self._outbox_lock:
                 batch, self._outbox = self._outbox, []
-            if batch and self._events is not None:
+            if batch:
                 try:
-                    self._events.put.remote(batch)
-                except Exception as exc:  # the queue gone: events are not worth a failed call
+                    self._send(batch)
+                except Exception as exc:  # events are not worth a failed call
                     log.warning("ray.events_lost", events=len(batch), error=repr(exc))
+
+    def _send(self, batch: list[MonitorEvent]) -> None:
+        names = ray.get(self._placements.queues.remote(self.app), timeout=30)
+        for name in names:
+            queue = self._queues.get(name)
+            if queue is None:
+                try:
+                    queue = self._queues[name] = ray.get_actor(name, namespace=self.namespace)
+                except ValueError:  # that daemon just went
+                    continue
+            queue.put.remote(batch)
+        for gone in set(self._queues) - set(names):
+            del self._queues[gone]
 
     def describe(self) -> dict[str, Any]:
         """What the kernel side needs to know of the model it serves."""
@@ -129,13 +150,14 @@ class ModelReplica:
     async def stream(
         self, request: Any, adapter: PlacementRequest | None = None
     ) -> AsyncIterator[Any]:
-        """The chunks of one streamed request, as the model yields them; a
-        caller that goes away (Serve cancels this generator) cancels the
-        stream, so the provider stops at its next token."""
+        """This replica's id, then the chunks of one streamed request as the
+        model yields them; a caller that goes away (Serve cancels this
+        generator) cancels the stream, so the provider stops at its next token."""
         replica = self.model if adapter is None else await self._adapter(adapter)
         chunks = replica.submit_stream(request)
         loop = asyncio.get_running_loop()
         try:
+            yield self.replica
             while (chunk := await loop.run_in_executor(None, chunks.get)) is not None:
                 yield chunk
         finally:
