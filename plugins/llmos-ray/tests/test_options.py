@@ -71,6 +71,12 @@ def test_layers_plugin_then_card_then_operator_per_model() -> None:
             None,
             "target_ongoing_requests = 0; it takes a number > 0",
         ),
+        (
+            {"autoscaling": {"upscale_delay_s": -1}},
+            None,
+            "upscale_delay_s = -1; it takes a number of seconds >= 0",
+        ),
+        ({"autoscaling": {"look_back_period_s": 0}}, None, "look_back_period_s = 0; it takes"),
         ({"max_queued_requests": 0}, None, "or -1 for no limit"),
         ({"deployments": {"m": 3}}, None, "[plugins.ray.deployments.m] must be a table"),
         ({"max_ongoing_requests": 4}, None, "below its max_batch_size (8)"),
@@ -86,3 +92,14 @@ def test_bad_config_is_refused_with_the_key_and_what_it_takes(
 
 def test_max_queued_requests_may_be_unlimited() -> None:
     assert serve_settings("m", {"max_queued_requests": -1}).max_queued_requests == -1
+
+
+def test_autoscaling_timing_reaches_serve_only_when_set() -> None:
+    quick = {"autoscaling": {"max_replicas": 2, "upscale_delay_s": 0, "look_back_period_s": 2}}
+    assert serve_settings("m", quick).deployment_options()["autoscaling_config"] == {
+        "min_replicas": 1,
+        "max_replicas": 2,
+        "target_ongoing_requests": 2.0,
+        "upscale_delay_s": 0.0,
+        "look_back_period_s": 2.0,
+    }

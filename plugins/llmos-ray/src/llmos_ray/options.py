@@ -41,7 +41,12 @@ AUTOSCALING_KEYS = {
     "min_replicas": "an integer >= 0",
     "max_replicas": "an integer >= 1",
     "target_ongoing_requests": "a number > 0",
+    "upscale_delay_s": "a number of seconds >= 0 (Serve's default: 30)",
+    "downscale_delay_s": "a number of seconds >= 0 (Serve's default: 600)",
+    "look_back_period_s": "a number of seconds > 0 the load is averaged over (Serve's: 30)",
 }
+#: the autoscaling keys passed to Serve only when set (Serve's defaults otherwise)
+_TIMING_KEYS = ("upscale_delay_s", "downscale_delay_s", "look_back_period_s")
 #: the keys of [plugins.ray] that are not deployment keys
 CLUSTER_KEYS = {
     "address",
@@ -62,13 +67,21 @@ class Autoscaling:
     min_replicas: int = 1
     max_replicas: int = 1
     target_ongoing_requests: float = 2.0
+    #: how soon Serve acts on the load, and over how long it averages it (None: Serve's)
+    upscale_delay_s: float | None = None
+    downscale_delay_s: float | None = None
+    look_back_period_s: float | None = None
 
     def to_serve(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "min_replicas": self.min_replicas,
             "max_replicas": self.max_replicas,
             "target_ongoing_requests": self.target_ongoing_requests,
         }
+        for key in _TIMING_KEYS:
+            if (value := getattr(self, key)) is not None:
+                out[key] = value
+        return out
 
 
 @attrs.frozen(kw_only=True)
@@ -153,7 +166,14 @@ def _autoscaling(where: str, table: Mapping[str, Any]) -> Autoscaling:
     target = _number(
         where, "target_ongoing_requests", table.get("target_ongoing_requests", 2.0), positive=True
     )
-    return Autoscaling(min_replicas=low, max_replicas=high, target_ongoing_requests=target)
+    timing = {
+        key: _number(where, key, table[key], positive=key == "look_back_period_s")
+        for key in _TIMING_KEYS
+        if key in table
+    }
+    return Autoscaling(
+        min_replicas=low, max_replicas=high, target_ongoing_requests=target, **timing
+    )
 
 
 def _apply(settings: ServeSettings, where: str, table: Mapping[str, Any]) -> ServeSettings:
