@@ -35,7 +35,7 @@ from llmos.plugin.manager import PluginManager
 from llmos.replica import Replica
 from llmos.runtime.kernel import Kernel
 from llmos.runtime.models import HEALTH_TIMEOUT_S
-from llmos.testing import serve_in_thread
+from llmos.testing import serve_in_thread, write_safetensors
 from llmos.types import (
     Capability,
     ChatMessage,
@@ -846,3 +846,63 @@ def test_a_replica_loads_the_named_provider_here_and_batches_like_the_kernel(
     missing = attrs.evolve(request, provider="vllm")
     with pytest.raises(NotFoundError, match=r"provider 'vllm'.*install llmos-vllm on every node"):
         Replica(missing, home=tmp_path, plugins=plugins)
+
+
+class PathsPlugin:
+    """The ``upper`` provider, keeping the path each load was given."""
+
+    def __init__(self, recorder: Recorder) -> None:
+        self.recorder = recorder
+        self.paths: list[Path | None] = []
+
+    @hookimpl
+    def llmos_register_providers(self, register):
+        def load(request: LoadRequest) -> Upper:
+            self.paths.append(request.path)
+            return Upper(request.card, self.recorder)
+
+        register(ProviderSpec(name="upper", load=load))
+
+
+def test_a_replica_fetches_an_artifact_at_a_url_root_into_its_own_nodes_cache(
+    placing_kernel, recorder, tmp_path: Path
+) -> None:
+    root = (tmp_path / "bucket").as_uri()  # a URL root, as s3://… is for a cluster
+    kernel, pool = placing_kernel('runtime.executor="pool"', f'artifacts.root="{root}"')
+    store = kernel.registry.policy.artifacts
+    weights = tmp_path / "weights"
+    write_safetensors(weights / "model.safetensors", {"w": [2, 2]})
+    url = store.put(weights, "shout")
+    kernel.registry.register(ModelCard(name="shout", provider="upper", source=url))
+    kernel.call("shout", Capability.COMPLETE, prompts("hi"))
+    (placed,) = pool.executors[0].placed
+    assert placed.artifacts is store, "the executor gets the store to fetch from"
+    digest = url.rsplit("/", 1)[1]
+
+    # a replica on another node fetches it into that node's cache, verified
+    node = tmp_path / "node-b"
+    plugins = PluginManager()
+    plugins.load(entry_points=[])
+    paths = PathsPlugin(recorder)
+    plugins.register(paths, "upper-plugin")
+    replica = Replica(placed, home=node, plugins=plugins)
+    try:
+        (path,) = paths.paths
+        assert path is not None and path.is_relative_to(node / "cache" / "artifacts" / digest)
+        assert (path / "model.safetensors").is_file() if path.is_dir() else path.is_file()
+    finally:
+        replica.close()
+    # a changed copy in that node's cache is refused, not served
+    (node / "cache" / "artifacts" / digest / "model.safetensors").write_bytes(b"not weights")
+    Replica(placed, home=node, plugins=plugins).close()  # fetched again, verified
+    assert paths.paths[-1] == path
+
+
+def test_a_local_artifact_root_ships_no_store_the_nodes_read_it_by_path(
+    placing_kernel, tmp_path: Path
+) -> None:
+    kernel, pool = placing_kernel('runtime.executor="pool"', 'models.shout.provider="upper"')
+    assert kernel.registry.policy.artifacts is not None and kernel.registry.policy.artifacts.local
+    kernel.call("shout", Capability.COMPLETE, prompts("hi"))
+    (placed,) = pool.executors[0].placed
+    assert placed.artifacts is None

@@ -30,11 +30,14 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import attrs
 import structlog
 
 from llmos.errors import NotFoundError
 from llmos.plugin.manager import PluginManager
+from llmos.registry.fsstore import ArtifactStore
 from llmos.registry.service import executor_tables, provider_checked
+from llmos.registry.sources import check_source
 from llmos.runtime.models import PROVIDER_PACKAGES, Worker, load_model, worker_for
 from llmos.runtime.worker import BatchSettings, StreamHandle
 from llmos.tuning.worker import WorkerPayload, start_worker
@@ -92,14 +95,22 @@ class Replica:
         card = provider_checked(registered.spec, registered.plugin, shown, request.options)
         cache_dir = Path(home) / "cache" / registered.spec.name
         cache_dir.mkdir(parents=True, exist_ok=True)
+        path, base_path = request.path, request.base_path
+        if isinstance(request.artifacts, ArtifactStore):
+            # artifacts at a URL root come from there into this node's own cache
+            node = attrs.evolve(request.artifacts, cache=Path(home) / "cache" / "artifacts")
+            path = _fetched(node, request.card.source) or path
+            if request.base is not None:
+                base_path = _fetched(node, request.base.source) or base_path
         load = LoadRequest(
             card=card,
             options=request.options,
-            path=None if request.path is None else Path(request.path),
+            path=None if path is None else Path(path),
             cache_dir=cache_dir,
             base=request.base,
-            base_path=None if request.base_path is None else Path(request.base_path),
+            base_path=None if base_path is None else Path(base_path),
             emit=events,
+            artifacts=request.artifacts,
         )
         log.info("replica.loading", model=request.key, provider=request.provider)
         model = load_model(registered.spec, load, request.key)
@@ -137,6 +148,15 @@ class Replica:
     def close(self) -> None:
         """Finish what is queued, then release the model."""
         self.worker.close()
+
+
+def _fetched(store: ArtifactStore, source: str | None) -> str | None:
+    """The local copy of ``source`` where it is an artifact at the store's URL
+    root (fetched and verified into ``store``'s cache), else ``None``."""
+    if not source or not store.owns(source):
+        return None
+    parsed = check_source(source, attrs.evolve(store.limits, artifacts=store))
+    return None if parsed.path is None else str(parsed.path)
 
 
 def start_job(payload: Mapping[str, Any]) -> JobHandle:

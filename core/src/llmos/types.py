@@ -941,6 +941,12 @@ class Artifacts(Protocol):
         there what this daemon could make again itself."""
         ...
 
+    @property
+    def local(self) -> bool:
+        """Whether the root is a local folder, read in place (else a URL,
+        fetched from into a local cache)."""
+        ...
+
     def lookup(self, key: str) -> str | None:
         """The address of the artifact filed under ``key``, if it is in the store."""
         ...
@@ -1264,6 +1270,11 @@ class PlacementRequest:
     #: an adapter's base model: its card and checked path
     base: ModelCard | None = None
     base_path: str | None = None
+    #: the kernel's artifact store where its root is a URL (``s3://…``): a
+    #: replica fetches an artifact source (the card's, the base's) from it into
+    #: its own node's verified cache instead of reading ``path``; ``None`` for a
+    #: local root, whose folder the nodes share
+    artifacts: Artifacts | None = attrs.field(default=None, repr=False)
     #: the kernel's batching for this model, for each replica's own worker
     max_batch_size: int = 8
     max_wait_ms: float = 0.0

@@ -35,6 +35,7 @@ from llmos.registry.sources import check_source
 from llmos.runtime.router import group_card
 from llmos.runtime.worker import BatchSettings, DirectWorker, ModelWorker
 from llmos.types import (
+    Artifacts,
     DispatchingModel,
     LoadedModel,
     LoadRequest,
@@ -545,6 +546,7 @@ class ModelManager:
             path=None if path is None else str(path),
             base=base,
             base_path=None if base_path is None else str(base_path),
+            artifacts=_url_store(self._registry().policy.artifacts),
             max_batch_size=settings.max_batch_size,
             max_wait_ms=settings.max_wait_ms,
             max_queue=settings.max_queue,
@@ -670,3 +672,9 @@ class ModelManager:
         worker.close()
         self._emit(MonitorEvent(kind="model.unloaded", model=worker.name, fields={"why": why}))
         log.info("runtime.unloaded", model=worker.name, why=why)
+
+
+def _url_store(store: Artifacts | None) -> Artifacts | None:
+    """The artifact store a replica elsewhere fetches from: one at a URL root
+    (a local root's folder is read in place, by path, on every node)."""
+    return store if store is not None and not store.local else None

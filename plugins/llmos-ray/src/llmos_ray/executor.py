@@ -97,7 +97,9 @@ def fingerprint(request: PlacementRequest, deployment: Mapping[str, Any]) -> str
     provider, options, paths, batching) and how they are deployed."""
 
     def serving(field: attrs.Attribute, _value: Any) -> bool:  # type: ignore[type-arg]
-        return field.name != "emit" and not (
+        # not the kernel's emit, nor its artifact store (credentials; an artifact's
+        # source already names its bytes)
+        return field.name not in ("emit", "artifacts") and not (
             field.name in _DESCRIPTIVE and field in attrs.fields(ModelCard)
         )
 
