@@ -8,6 +8,8 @@ folder on ``PYTHONPATH`` and are found through entry points.
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from llmos import __version__
 from llmos.plugin.manager import DEFAULT_PLUGINS
 from llmos.testing import write_distribution
 
-from .conftest import llmos
+from .conftest import LLMOS, llmos
 
 
 def add_plugin(env: dict[str, str], dist: str, source: str, **kwargs: str) -> None:
@@ -170,6 +172,67 @@ def test_config_show_json_gives_values_and_origins(env: dict[str, str], tmp_path
     assert "sk-secret-1234" not in run.stdout
     table = llmos("--config", str(config), "config", "show", env=env)
     assert table.returncode == 0 and f"{config}:2" in table.stdout
+
+
+SECRETS = (
+    'plugins.postgres.dsn="host=db password=hunter2"',
+    'plugins.openai.api_key="sk-123"',
+    'plugins.openai.base_url="https://me:s3cret@llm.example.com/v1"',
+)
+
+
+def test_config_show_masks_credentials_in_plugin_tables(env: dict[str, str]) -> None:
+    overrides = [arg for text in SECRETS for arg in ("--set", text)]
+    table = llmos(*overrides, "config", "show", env=env)
+    assert table.returncode == 0, table.stderr
+    lines = {line.split("  ")[-1].strip() for line in table.stdout.splitlines()}
+    assert 'plugins.postgres.dsn = "host=db password=****"' in lines
+    assert 'plugins.openai.api_key = "****"' in lines
+    assert 'plugins.openai.base_url = "https://me:****@llm.example.com/v1"' in lines
+    assert '--set plugins.openai.api_key="****"' in table.stdout  # the origin column
+    run = llmos(*overrides, "config", "show", "--json", env=env)
+    assert run.returncode == 0, run.stderr
+    data = json.loads(run.stdout)
+    assert data["config"]["plugins"]["openai"]["api_key"] == "****"
+    assert data["config"]["plugins"]["postgres"]["dsn"] == "host=db password=****"
+    assert data["origins"]["plugins.postgres.dsn"] == (
+        '--set plugins.postgres.dsn="host=db password=****"'
+    )
+    for secret in ("hunter2", "sk-123", "s3cret"):
+        assert secret not in table.stdout + table.stderr
+        assert secret not in run.stdout + run.stderr
+
+
+def test_daemon_start_up_log_shows_no_credential(env: dict[str, str]) -> None:
+    """``llmos --debug serve``, every hook call traced, from start to a
+    SIGTERM's drain: no line of its log carries a credential of the config."""
+    assert LLMOS
+    overrides = [arg for text in SECRETS for arg in ("--set", text)]
+    proc = subprocess.Popen(
+        [LLMOS, "--debug", *overrides, "--set", "plugins.trace=true", "serve", "--port", "0"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        log: list[str] = []
+        for line in proc.stdout:
+            log.append(line)
+            if "llmos listening on" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = "".join(log) + out
+    assert proc.returncode == 0, text
+    assert "kernel.ready" in text and "llmos listening on" in text
+    for secret in ("hunter2", "sk-123", "s3cret"):
+        assert secret not in text
 
 
 def test_bad_config_is_exit_2_with_file_and_line(env: dict[str, str], tmp_path: Path) -> None:

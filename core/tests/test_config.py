@@ -486,6 +486,113 @@ def test_api_keys_file_is_read_and_keys_are_redacted(write: WriteToml) -> None:
     assert config.to_dict(redact=False)["server"]["api_keys"] == list(keys)
 
 
+def test_credentials_in_free_form_tables_are_masked_wherever_shown(write: WriteToml) -> None:
+    path = write(
+        "llmos.toml",
+        textwrap.dedent(
+            """\
+            [plugins.postgres]
+            dsn = "host=db.internal dbname=llmos user=me password=hunter2"
+            dsn_env = "PG_DSN"
+            [plugins.openai]
+            api_key = "sk-123"
+            hf_token = "hf_abcdefghijklmnop"
+            Client-Secret = "cs-42"
+            use_auth_token = true
+            max_tokens = 77
+            base_url = "https://user:s3cret@llm.example.com/v1"
+            mirror = "https://ghp_tok3n@git.example.com/x.git"
+            credentials = { user = "u", key = "k-secret-value" }
+            [plugins.token]
+            level = "debug"
+            [models.chat]
+            provider = "openai"
+            source = "postgresql://me:pa@ss@db:5432/llmos?sslmode=require&password=p2"
+            options = { api_key = "sk-opt-1234567890", dtype = "float32" }
+            """
+        ),
+    )
+    config = load(path)
+    shown = config.to_dict()
+    plugins = shown["plugins"]
+    assert plugins["postgres"] == {
+        "dsn": "host=db.internal dbname=llmos user=me password=****",
+        "dsn_env": "PG_DSN",
+    }
+    assert plugins["openai"] == {
+        "api_key": "****",  # short: none of it shown
+        "hf_token": "****mnop",
+        "Client-Secret": "****",
+        "use_auth_token": True,  # a switch, not a secret
+        "max_tokens": 77,
+        "base_url": "https://user:****@llm.example.com/v1",
+        "mirror": "https://****@git.example.com/x.git",
+        "credentials": {"user": "****", "key": "****alue"},
+    }
+    # A plugin named like a credential is a name, not a secret.
+    assert plugins["token"] == {"level": "debug"}
+    assert shown["models"]["chat"]["source"] == (
+        "postgresql://me:****@db:5432/llmos?sslmode=require&password=****"
+    )
+    assert shown["models"]["chat"]["options"] == {"api_key": "****7890", "dtype": "float32"}
+    rows = {key: value for key, value, _origin in config.explain()}
+    assert rows["plugins.openai.api_key"] == "****"
+    assert rows["plugins.postgres.dsn"].endswith("password=****")
+    everything = json.dumps(shown) + repr(config.explain())
+    for secret in ("hunter2", "sk-123", "hf_abcdefghijklmnop", "cs-42", "s3cret", "ghp_tok3n"):
+        assert secret not in everything
+    for secret in ("k-secret-value", "pa@ss", "p2", "sk-opt-1234567890"):
+        assert secret not in everything
+    # The values themselves are untouched: only what is shown is masked.
+    assert config.plugin_options("openai")["api_key"] == "sk-123"
+    assert config.to_dict(redact=False)["plugins"]["postgres"]["dsn"].endswith("hunter2")
+
+
+def test_a_set_origin_is_masked_like_the_value_it_set() -> None:
+    config = load(
+        overrides=(
+            'plugins.openai.api_key="sk-123"',
+            'plugins.postgres={dsn = "host=x password=hunter2", schema = "llmos"}',
+            'server.api_keys=["sk-abcdefgh5678"]',
+            "server.port=9001",
+        )
+    )
+    origins = {key: str(origin) for key, _value, origin in config.explain()}
+    assert origins["plugins.openai.api_key"] == '--set plugins.openai.api_key="****"'
+    # One --set gave two keys: each shows the whole text, masked.
+    masked = '--set plugins.postgres={"dsn": "host=x password=****", "schema": "llmos"}'
+    assert origins["plugins.postgres.dsn"] == masked
+    assert origins["plugins.postgres.schema"] == masked
+    assert origins["server.api_keys"] == '--set server.api_keys=["****5678"]'
+    assert origins["server.port"] == "--set server.port=9001"
+    assert str(config.origins["plugins.openai.api_key"]) == '--set plugins.openai.api_key="sk-123"'
+    unmasked = {key: str(origin) for key, _value, origin in config.explain(redact=False)}
+    assert "hunter2" in unmasked["plugins.postgres.dsn"]
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("host=db password=hunter2 user=me", "host=db password=**** user=me"),
+        ("host=db password = 'two words' user=me", "host=db password = **** user=me"),
+        ("host=db sslpassword=kp", "host=db sslpassword=****"),
+        ("Server=db;PWD=x;Database=d", "Server=db;PWD=****"),
+        ("postgresql://me:pw@db/llmos", "postgresql://me:****@db/llmos"),
+        ("postgresql://me@db/llmos", "postgresql://me@db/llmos"),
+        (
+            "postgres://db/llmos?password=pw&sslmode=require",
+            "postgres://db/llmos?password=****&sslmode=require",
+        ),
+        ("https://tok@example.com/repo", "https://****@example.com/repo"),
+        ("https://example.com/?q=compass=1", "https://example.com/?q=compass=1"),
+        ("no password here", "no password here"),
+    ],
+)
+def test_connection_string_passwords_are_masked(text: str, shown: str) -> None:
+    config = load(overrides=(f"plugins.x.where={json.dumps(text)}",))
+    assert config.to_dict()["plugins"]["x"]["where"] == shown
+
+
 def test_api_keys_from_the_environment(write: WriteToml) -> None:
     config = load(LLMOS_API_KEYS="sk-env-aaaaaaaa1, sk-env-bbbbbbbb2")
     assert config.server.api_keys == ("sk-env-aaaaaaaa1", "sk-env-bbbbbbbb2")

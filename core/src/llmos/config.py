@@ -507,14 +507,18 @@ class Config:
         return table if isinstance(table, Mapping) else {}
 
     def explain(self, *, redact: bool = True) -> list[tuple[str, Any, Origin]]:
-        """``(key, value, origin)`` for every leaf, sorted by key, values as in :meth:`to_dict`."""
-        return [
-            (key, _export(self.schema, self.get(key), _split_key(key), redact), origin)
-            for key, origin in sorted(self.origins.items())
-        ]
+        """``(key, value, origin)`` for every leaf, sorted by key, values as in
+        :meth:`to_dict`; with ``redact``, a ``--set`` origin's text is masked
+        like the value it set (see :func:`_export` for what is masked)."""
+        rows = []
+        for key, origin in sorted(self.origins.items()):
+            value = _export(self.schema, self.get(key), _split_key(key), redact)
+            rows.append((key, value, _redact_origin(self.schema, origin) if redact else origin))
+        return rows
 
     def to_dict(self, *, redact: bool = True) -> dict[str, Any]:
-        """The effective config as JSON-serialisable data; secrets masked if ``redact``."""
+        """The effective config as JSON-serialisable data; secrets masked if
+        ``redact`` (see :func:`_export` for what is masked)."""
         return _export(self.schema, self.data, (), redact)
 
 
@@ -528,31 +532,130 @@ class _Inputs:
 
 
 def _export(schema: _Schema, value: Any, path: tuple[str, ...], redact: bool) -> Any:
-    """``value`` made JSON-serialisable, masked if ``path`` names a secret field."""
+    """``value`` made JSON-serialisable; with ``redact``, secrets masked.
+
+    What is masked (README, "Configuration"):
+
+    * a field declared ``secret=True``, and everything inside it;
+    * a key no field declares (in a ``[plugins.NAME]`` table, in a declared
+      ``table`` field such as a card's ``options``) whose name says it holds a
+      credential (:func:`_credential_name`: ``api_key``, ``token``,
+      ``password``, ``*_secret`` …), and everything inside it; booleans are
+      left alone (``use_auth_token = true`` is a switch, not a secret);
+    * in every other string, the password of a connection string: a URL's
+      ``user:PASSWORD@`` (an ``http(s)://TOKEN@`` user too) and a libpq-style
+      ``password=…`` pair; the rest (host, database, user) stays readable.
+    """
     if isinstance(value, Mapping):
         return {key: _export(schema, item, (*path, key), redact) for key, item in value.items()}
     if redact and value is not None and _secret(schema, path):
+        if isinstance(value, bool):
+            return value
         return [_mask(item) for item in value] if isinstance(value, list | tuple) else _mask(value)
     if isinstance(value, list | tuple):
         return [_export(schema, item, path, redact) for item in value]
     if isinstance(value, date | time):  # TOML dates and times, datetime included
         return value.isoformat()
-    return str(value) if isinstance(value, Path) else value
+    if isinstance(value, Path):
+        value = str(value)
+    return _scrub(value) if redact and isinstance(value, str) else value
 
 
 def _secret(schema: _Schema, path: tuple[str, ...]) -> bool:
     """Whether ``path`` is a secret field or lies inside one (a secret table's
-    keys: ``[artifacts] storage_options``' credentials)."""
-    return any(
-        (field := schema.field_at(path[:end])) is not None and field.secret
-        for end in range(1, len(path) + 1)
-    )
+    keys: ``[artifacts] storage_options``' credentials), or is, or lies
+    inside, an undeclared key named for a credential. A section's name and
+    the name of a section's entry (``[models.NAME]``, ``[plugins.NAME]``)
+    are names, never credentials: they are not looked at."""
+    for end in range(1, len(path) + 1):
+        field = schema.field_at(path[:end])
+        if field is not None and field.secret:
+            return True
+        if field is None and end > 2 and _credential_name(path[end - 1]):
+            return True
+    return False
+
+
+#: key names that hold a credential, whole or as the last ``_`` word
+_CREDENTIAL_WORDS = frozenset(
+    {"key", "token", "password", "passwd", "secret", "credential", "credentials"}
+)
+#: whole key names that hold a credential though no word above ends them
+_CREDENTIAL_NAMES = frozenset(
+    {"apikey", "api_key", "pwd", "auth", "authorization", "bearer", "private_key"}
+)
+
+
+def _credential_name(key: str) -> bool:
+    """Whether an undeclared key's name says it holds a credential:
+    ``api_key``, ``key``, ``hf_token``, ``password``, ``client_secret``,
+    ``credentials``, ``Authorization`` (a header) … — the name, case and
+    ``-`` aside, is one of those words or ends in ``_`` and one of them."""
+    name = key.lower().replace("-", "_")
+    return name in _CREDENTIAL_NAMES or name.rsplit("_", 1)[-1] in _CREDENTIAL_WORDS
+
+
+#: a URL's userinfo: ``scheme://user:password@`` or ``scheme://user@``; a
+#: password runs to the last ``@`` before the path (an unescaped ``@`` in it too)
+_USERINFO = re.compile(
+    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<user>[^/@:\s]*)(?P<password>:[^/\s]*)?@"
+)
+#: a ``password=`` pair in a connection string: libpq's ``password=x`` or
+#: ``password='a b'`` (``sslpassword`` too), ODBC's ``PWD=x;…`` (masked to the
+#: next space: more than the password rather than less of it)
+_PASSWORD_PAIR = re.compile(
+    r"(?P<lead>(?<![A-Za-z0-9?&])(?:[A-Za-z]*pass(?:word|wd)|pwd)\s*=\s*)"
+    r"(?:'(?:[^'\\]|\\.)*'|[^\s'][^\s]*)",
+    re.IGNORECASE,
+)
+#: the same in a URL's query (``?sslmode=require&password=x``), which ``&`` ends
+_PASSWORD_PARAM = re.compile(
+    r"(?P<lead>[?&](?:[A-Za-z]*pass(?:word|wd)|pwd)=)[^&#\s]*", re.IGNORECASE
+)
+
+
+def _scrub(text: str) -> str:
+    """``text`` with the password of any connection string in it masked:
+    ``postgresql://me:****@db/llmos``, ``host=db password=****``,
+    ``…?password=****``; an ``http(s)://TOKEN@host`` URL's user, a token
+    as Git hosts take it, is masked too (``https://****@host``)."""
+
+    def userinfo(match: re.Match[str]) -> str:
+        scheme, user = match["scheme"], match["user"]
+        if match["password"] is not None:
+            return f"{scheme}://{user}:****@"
+        if scheme.lower() in ("http", "https") and user:
+            return f"{scheme}://****@"
+        return match[0]  # a database user and no password: nothing secret
+
+    if "@" in text:
+        text = _USERINFO.sub(userinfo, text)
+    if "=" in text:
+        text = _PASSWORD_PARAM.sub(lambda match: f"{match['lead']}****", text)
+        text = _PASSWORD_PAIR.sub(lambda match: f"{match['lead']}****", text)
+    return text
 
 
 def _mask(secret: Any) -> str:
     # The last four characters tell keys apart; a short key shows none of itself.
     text = str(secret)
     return "****" + text[-4:] if len(text) >= 12 else "****"
+
+
+def _redact_origin(schema: _Schema, origin: Origin) -> Origin:
+    """A ``--set`` origin whose text carries a value masked when shown, with
+    that text shown masked too (``--set plugins.openai.api_key="****"``)."""
+    if origin.kind != "set" or origin.detail is None:
+        return origin
+    try:
+        key, value = parse_override(origin.detail)
+    except ConfigError:  # not from a --set that loaded; show nothing of it
+        return attrs.evolve(origin, detail="****")
+    path = _split_key(key)
+    shown = _export(schema, value, path, True)
+    if shown == _export(schema, value, path, False):
+        return origin
+    return attrs.evolve(origin, detail=f"{key}={_show(shown)}")
 
 
 # ----------------------------------------------------------------- public API
