@@ -23,6 +23,7 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ["RAY_AUTH_MODE"] = "disabled"  # as the test cluster's nodes (llmos_ray.testing)
 
 import pytest
 

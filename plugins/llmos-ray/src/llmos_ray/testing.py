@@ -79,10 +79,13 @@ class LocalCluster:
         return f"{HEAD_IP}:{self.port}"
 
     def env(self) -> dict[str, str]:
-        # what the nodes' workers (the replicas) inherit: no hub, one torch thread
+        # what the nodes' workers (the replicas) inherit: no hub, one torch thread;
+        # no token auth, which a head turns on by itself where ~/.ray/auth_token
+        # exists and a second node started the same way then fails to join
         return {
             **os.environ,
             "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_AUTH_MODE": "disabled",
             "HF_HUB_OFFLINE": "1",
             "OMP_NUM_THREADS": "1",
             **self.extra_env,
