@@ -23,11 +23,28 @@ The JSON has each round's seconds, the medians and the median of the
 per-round ratios (checked / plain).
 
     python bench/artifact_store.py [--mb 256] [--rounds 5]
+
+``--prune-entries N`` measures instead what keeping the cache under
+``[artifacts] cache_max_gb`` costs with N entries in it (written to
+``results/artifact_store_prune.json``), side by side, in interleaved rounds:
+
+* ``fetch_no_prune`` — a fetch of a small artifact from a ``file://`` root
+  into the full cache with ``cache_max_gb = inf`` (no prune) against
+  ``fetch_prune``, the same fetch with a cap the cache is under (the prune
+  after it lists every entry and finds nothing to do: the common case);
+* ``prune_check`` — that prune alone (one ``stat`` per entry; sizes come from
+  a memo by digest) and ``prune_cold`` — the first prune of a process, which
+  reads every entry's manifest once;
+* ``prune_remove_one`` — a prune that finds the cache one entry over and
+  removes the least recently used.
+
+    python bench/artifact_store.py --prune-entries 10000 [--rounds 5]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -40,7 +57,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from llmos.registry.fsstore import ArtifactStore
+from llmos.registry import fsstore
+from llmos.registry.fsstore import GB, MANIFEST, ArtifactStore, Manifest, ManifestEntry
 from llmos.registry.sources import SourcePolicy
 
 RESULTS = Path(__file__).parent / "results"
@@ -74,12 +92,101 @@ def read_once(folder: Path) -> None:
                     pass
 
 
+def fill_cache(cache: Path, count: int) -> int:
+    """``count`` entries of 1 MiB each (as their manifests say; the files are
+    sparse) aged an hour and more, the oldest first; their bytes in all."""
+    cache.mkdir(parents=True)
+    total = 0
+    old = time.time() - 3600
+    for index in range(count):
+        name = f"weights-{index}.bin"
+        manifest = Manifest("bench", (ManifestEntry(name, 1 << 20, "0" * 64),)).to_bytes()
+        digest = hashlib.sha256(manifest).hexdigest()
+        folder = cache / digest
+        folder.mkdir()
+        (folder / MANIFEST).write_bytes(manifest)
+        with (folder / name).open("wb") as out:
+            out.truncate(1 << 20)
+        stamp = old - (count - index)
+        os.utime(folder, (stamp, stamp))
+        total += (1 << 20) + len(manifest)
+    return total
+
+
+def prune_main(args: argparse.Namespace) -> None:
+    policy = SourcePolicy(allowed_roots=())
+    rounds: list[dict[str, float]] = []
+    with tempfile.TemporaryDirectory(prefix="llmos-bench-prune-") as scratch:
+        work = Path(scratch)
+        cache = work / "cache"
+        started = time.perf_counter()
+        held = fill_cache(cache, args.prune_entries)
+        print(f"filled {args.prune_entries} entries in {time.perf_counter() - started:.1f} s")
+        make_folder(work / "adapter", 1)
+        root = (work / "root").as_uri()
+        url = ArtifactStore(root, work / "seed", policy).put(work / "adapter", "bench")
+        fetched = cache / url.rsplit("/", 1)[1]
+        roomy = (held + (8 << 20)) / GB  # a cap the cache stays under
+        plain = ArtifactStore(root, cache, policy, cache_max_gb=float("inf"))
+        capped = ArtifactStore(root, cache, policy, cache_max_gb=roomy)
+        fsstore._SIZES.clear()
+        cold = timed(lambda: capped.prune())
+        for _ in range(args.rounds):
+            row: dict[str, float] = {"prune_cold": cold}
+            row["fetch_no_prune"] = timed(lambda: plain.fetch(url))
+            shutil.rmtree(fetched)
+            row["fetch_prune"] = timed(lambda: capped.fetch(url))
+            shutil.rmtree(fetched)
+            row["prune_check"] = timed(lambda: capped.prune())
+            # one entry over: the oldest goes
+            began = time.perf_counter()
+            report = capped.prune((held - 1) / GB)
+            row["prune_remove_one"] = time.perf_counter() - began
+            assert len(report.removed) == 1, report
+            held -= report.removed[0].bytes
+            rounds.append(row)
+            print(json.dumps({k: round(v * 1000, 2) for k, v in row.items()}), flush=True)
+    medians_ms = {
+        key: round(statistics.median(r[key] for r in rounds) * 1000, 2) for key in rounds[0]
+    }
+    result = {
+        "entries": args.prune_entries,
+        "rounds_ms": [{k: round(v * 1000, 2) for k, v in r.items()} for r in rounds],
+        "median_ms": medians_ms,
+        "prune_added_to_a_fetch_ms": round(
+            statistics.median(r["fetch_prune"] - r["fetch_no_prune"] for r in rounds) * 1000, 2
+        ),
+        "machine": {
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "load_average": [round(x, 2) for x in os.getloadavg()],
+            "date": time.strftime("%Y-%m-%d"),
+        },
+    }
+    out = args.out or RESULTS / "artifact_store_prune.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "rounds_ms"}, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mb", type=int, default=256, help="size of the weights file, MiB")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=RESULTS / "artifact_store.json")
+    parser.add_argument(
+        "--prune-entries",
+        type=int,
+        default=0,
+        metavar="N",
+        help="measure the cache's prune with N entries instead",
+    )
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    if args.prune_entries:
+        prune_main(args)
+        return
+    args.out = args.out or RESULTS / "artifact_store.json"
     policy = SourcePolicy(allowed_roots=())
     rounds: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory(prefix="llmos-bench-artifacts-") as scratch:

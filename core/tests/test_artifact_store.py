@@ -671,3 +671,27 @@ def test_a_store_that_cannot_be_reached_is_a_503_naming_the_root(tmp_path: Path)
     assert caught.value.status == 503
     assert mirror.lookup("gguf-0123") is None, "a lookup that fails is a miss, not an error"
     assert leftovers(tmp_path / "b") == []
+
+
+def test_a_loaded_model_pins_its_cache_entry_until_it_is_unloaded(
+    tmp_path: Path, site: Path
+) -> None:
+    """``[artifacts] cache_max_gb`` never takes the folder a loaded model
+    was read from: the kernel pins it from load to unload."""
+    root = memory_root()
+    url = plant(root, "acme/pinned", {"model.safetensors": WEIGHTS, "labels.json": b'["a"]'})
+    kernel = kernel_for(tmp_path / "home", f"artifacts.root={root}", "artifacts.cache_max_gb=0")
+    kernel.registry.register(_card("acme/pinned", f"{url}/model.safetensors"))
+    store = kernel.registry.policy.artifacts
+    assert store is not None
+    entry = tmp_path / "home" / "cache" / "artifacts" / url.rsplit("/", 1)[1]
+    later = time.time() + 3600  # past the grace a fetch gets: only the pin keeps it
+    try:
+        worker = kernel.models.get("acme/pinned")
+        report = store.prune(now=later)
+        assert [e.path for e in report.kept_in_use] == [entry] and not report.removed
+        assert kernel.models.unload(worker.name)
+        assert [e.path for e in store.prune(now=later).removed] == [entry]
+        assert not entry.exists()
+    finally:
+        kernel.models.close()

@@ -22,13 +22,17 @@ from rich.table import Table
 
 from llmos import __version__
 from llmos.cli_context import cli_state, current_kernel
+from llmos.config import Config
 from llmos.errors import LlmosError
 from llmos.fusion.commands import fuse_group
 from llmos.logs import configure_logging
 from llmos.monitor.commands import monitor_commands
 from llmos.monitor.report import report_command
 from llmos.output import emit_json, json_option
+from llmos.registry.artifact_commands import artifacts_group
 from llmos.registry.commands import models_group
+from llmos.registry.fsstore import ArtifactStore, store_of
+from llmos.registry.sources import policy_from_config
 from llmos.runtime.commands import inference_commands
 from llmos.tuning.commands import tuning_commands
 from llmos.tuning.evaluate import eval_command
@@ -236,7 +240,13 @@ def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
     ctx.exit(run_server(kernel, host=host, port=port))
 
 
+def _artifact_store(config: Config) -> ArtifactStore:
+    """The ``[artifacts]`` store, as the daemon on this config sees it."""
+    return store_of(policy_from_config(config), config.home)
+
+
 cli.add_command(models_group(lambda ctx: current_kernel(ctx).registry))
+cli.add_command(artifacts_group(lambda ctx: _artifact_store(current_kernel(ctx).config)))
 for _command in inference_commands(current_kernel):
     cli.add_command(_command)
 cli.add_command(eval_command(current_kernel))

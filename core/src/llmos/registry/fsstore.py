@@ -28,6 +28,18 @@ allow_pickle``, valid safetensors and GGUF headers; and, on top of those,
 every byte against its hash. A copy already in the cache is hashed again
 before it is used.
 
+The cache is a copy (the root is the source of truth), kept under ``[artifacts]
+cache_max_gb``: after each fetch (and each put that leaves a copy there) the
+least recently used entries past the cap are removed (:meth:`ArtifactStore.prune`,
+``llmos artifacts prune``). An entry's last use is its folder's mtime, touched
+by every fetch; an entry a loaded model was read from is pinned (a shared
+``flock`` on its manifest, held by the daemon until the model is unloaded, so
+that another process's prune sees it too), and one used in the last
+:data:`RECENT_S` seconds is kept as well, for the time between a fetch and the
+load that pins it. Only ``CACHE/<sha256>/`` folders are ever removed (never a
+link, never anything else in the folder), and a cache that is, or lies inside
+or around, a local root is refused rather than pruned.
+
 The root is the operator's config, so it is trusted, ``file://`` and plain
 ``http://`` included; a card that comes from anyone else (the HTTP API) may
 name a URL only inside it (:func:`llmos.registry.sources.check_source`).
@@ -35,6 +47,7 @@ name a URL only inside it (:func:`llmos.registry.sources.check_source`).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
@@ -42,6 +55,8 @@ import os
 import re
 import shutil
 import tempfile
+import threading
+import time
 import urllib.parse
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -51,6 +66,7 @@ import attrs
 import structlog
 
 from llmos.errors import (
+    ConfigError,
     LlmosError,
     NotFoundError,
     PayloadTooLarge,
@@ -61,10 +77,26 @@ from llmos.errors import (
 from llmos.registry.artifacts import check_folder, store_upload
 from llmos.types import validate_model_name
 
+try:
+    import fcntl
+except ImportError:  # Windows: only this process's pins are seen
+    fcntl = None  # type: ignore[assignment]
+
 if TYPE_CHECKING:
     from llmos.registry.sources import SourcePolicy
 
-__all__ = ["MANIFEST", "ArtifactStore", "Manifest", "ManifestEntry", "is_url", "store_of"]
+__all__ = [
+    "MANIFEST",
+    "ArtifactStore",
+    "CacheEntry",
+    "CacheListing",
+    "Manifest",
+    "ManifestEntry",
+    "Pin",
+    "PruneReport",
+    "is_url",
+    "store_of",
+]
 
 log = structlog.get_logger("llmos.registry")
 
@@ -82,6 +114,14 @@ _SEGMENT = re.compile(r"^[A-Za-z0-9._-]+$")
 _KEY = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 #: where keys are kept, under the root: ``ROOT/.keys/<key>`` holds an address
 KEYS = ".keys"
+#: a cache entry used (fetched, or found in the cache) this recently is never
+#: pruned: the time between a fetch and the load that pins it, with room to spare
+RECENT_S = 10 * 60.0
+#: ``[artifacts] cache_max_gb`` is in GB of 10**9 bytes
+GB = 10**9
+#: with no ``cache_max_gb``, the cache may hold this share of what it could
+#: hold: its own bytes plus the free space of its disk
+DEFAULT_CACHE_SHARE = 0.5
 
 
 def is_url(root: str) -> bool:
@@ -211,6 +251,9 @@ class ArtifactStore:
     #: worth sharing what a daemon could remake (converted weights) there; the
     #: default root is the data folder's own
     shared: bool = True
+    #: ``[artifacts] cache_max_gb``: the cache's cap in GB (``inf``: none);
+    #: ``None``: :data:`DEFAULT_CACHE_SHARE` of what its disk could give it
+    cache_max_gb: float | None = None
 
     @property
     def local(self) -> bool:
@@ -343,6 +386,9 @@ class ArtifactStore:
             _settle(staged, final)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+        if not self.local:  # the staged copy is now the cache's
+            _touch(final)
+            self._prune_quietly()
         address = str(final) if self.local else self.address(name, digest)
         if key is not None:
             with self._reaching(f"filing {address!r} under the key {key!r}"):
@@ -449,6 +495,8 @@ class ArtifactStore:
                 )
         else:
             folder = self.cache / where.digest
+            # its last use, before it is verified: a prune running meanwhile keeps it
+            _touch(folder)
             problem = _verify(folder, where.digest) if folder.exists() else "not cached"
             if problem is not None:
                 if folder.exists():
@@ -456,6 +504,8 @@ class ArtifactStore:
                     shutil.rmtree(folder, ignore_errors=True)
                 with self._reaching(f"fetching {source[:200]!r}"):
                     self._download(source, where, folder)
+                _touch(folder)
+                self._prune_quietly()
         target = folder.joinpath(*where.inner.split("/")) if where.inner else folder
         if not target.exists():
             raise NotFoundError(
@@ -550,6 +600,142 @@ class ArtifactStore:
                 " and sha256 (changed after it was stored); nothing was fetched",
                 param="source",
             )
+
+    # -- the cache ------------------------------------------------------------
+
+    def cache_cap(self) -> int | None:
+        """The cache's cap in bytes (``None``: no cap): ``[artifacts]
+        cache_max_gb``, or :data:`DEFAULT_CACHE_SHARE` of the cache's bytes
+        plus its disk's free space."""
+        if self.cache_max_gb is not None:
+            return None if self.cache_max_gb == float("inf") else int(self.cache_max_gb * GB)
+        return self._default_cap(sum(size for _, _, size in _scan(self.cache)))
+
+    def _default_cap(self, held: int) -> int:
+        free = shutil.disk_usage(_existing(self.cache)).free
+        return int((held + free) * DEFAULT_CACHE_SHARE)
+
+    def cache_listing(self) -> CacheListing:
+        """What the cache holds, least recently used first, with its cap."""
+        self._check_cache_apart()
+        entries = _entries(self.cache)
+        held = sum(entry.bytes for entry in entries)
+        return CacheListing(
+            cache=self.cache,
+            cap_bytes=self.cache_cap()
+            if self.cache_max_gb is not None
+            else self._default_cap(held),
+            configured=self.cache_max_gb is not None,
+            entries=tuple(attrs.evolve(entry, in_use=_in_use(entry.path)) for entry in entries),
+        )
+
+    def prune(
+        self, max_gb: float | None = None, *, dry_run: bool = False, now: float | None = None
+    ) -> PruneReport:
+        """Remove the least recently used cache entries until the cache holds
+        at most ``max_gb`` GB (``inf``: no cap; default: :meth:`cache_cap`),
+        keeping entries in use (pinned by a loaded model, here or in another
+        process) and entries used in the last :data:`RECENT_S` seconds. ``dry_run`` says what would
+        go and removes nothing. Only ``CACHE/<sha256>/`` folders are touched."""
+        self._check_cache_apart()
+        now = time.time() if now is None else now
+        scanned = _scan(self.cache)
+        before = total = sum(size for _, _, size in scanned)
+        if max_gb is not None:
+            cap = None if max_gb == float("inf") else int(max_gb * GB)
+        elif self.cache_max_gb is not None:
+            cap = self.cache_cap()
+        else:
+            cap = self._default_cap(total)
+        removed: list[CacheEntry] = []
+        in_use: list[CacheEntry] = []
+        recent: list[CacheEntry] = []
+        for used, digest, size in scanned:
+            if cap is None or total <= cap:
+                break
+            entry = CacheEntry(digest, self.cache / digest, size, used)
+            if now - entry.last_used < RECENT_S:
+                recent.append(entry)
+            elif not _remove_entry(self.cache, entry, dry_run=dry_run):
+                in_use.append(attrs.evolve(entry, in_use=True))
+            else:
+                removed.append(entry)
+                total -= entry.bytes
+        report = PruneReport(
+            cache=self.cache,
+            cap_bytes=cap,
+            before_bytes=before,
+            after_bytes=total,
+            removed=tuple(removed),
+            kept_in_use=tuple(in_use),
+            kept_recent=tuple(recent),
+            dry_run=dry_run,
+        )
+        if removed and not dry_run:
+            log.info(
+                "artifact.cache_pruned",
+                cache=str(self.cache),
+                removed=len(removed),
+                freed=before - total,
+                bytes=total,
+                cap=cap,
+            )
+        if cap is not None and total > cap:
+            log.warning(
+                "artifact.cache_over_cap",
+                cache=str(self.cache),
+                bytes=total,
+                cap=cap,
+                in_use=len(in_use),
+                recent=len(recent),
+            )
+        return report
+
+    def _prune_quietly(self) -> None:
+        """The prune after a fetch or a put: a cache that cannot be pruned is
+        logged, never a failed fetch."""
+        if self.cache_max_gb == float("inf"):
+            return
+        try:
+            self.prune()
+        except (OSError, LlmosError) as exc:
+            log.warning("artifact.cache_prune_failed", cache=str(self.cache), error=str(exc))
+
+    def _check_cache_apart(self) -> None:
+        """Refuse a cache that is the root, or lies inside or around it (a
+        local or ``file://`` root): pruning it would remove the store's own
+        artifacts, of which the cache is only a copy."""
+        root = self._root_folder()
+        if root is None:
+            return
+        cache = self.cache.resolve()
+        if cache.is_relative_to(root) or root.is_relative_to(cache):
+            raise ConfigError(
+                f"[artifacts] cache {str(self.cache)!r} overlaps [artifacts] root {self.root!r};"
+                " the cache is a copy that llmos prunes: give it a folder of its own"
+            )
+
+    def _root_folder(self) -> Path | None:
+        """The root as a local folder: a folder root's, or a ``file://`` URL's path."""
+        if self.local:
+            return self.local_root
+        if self.root.split("://", 1)[0].lower() == "file":
+            return Path(urllib.parse.unquote(urllib.parse.urlsplit(self.root).path)).resolve()
+        return None
+
+    def pin(self, path: Path | None) -> Pin | None:
+        """A hold on the cache entry ``path`` lies in (a model is loaded from
+        it), so that no prune removes it until :meth:`Pin.close`; ``None``
+        when ``path`` is not in the cache."""
+        if path is None or self.local:
+            return None
+        try:
+            relative = Path(path).resolve().relative_to(self.cache.resolve())
+        except (ValueError, OSError):
+            return None
+        if not relative.parts or not _DIGEST.match(relative.parts[0]):
+            return None
+        return Pin(self.cache / relative.parts[0])
 
     # -- exists, delete -------------------------------------------------------
 
@@ -683,3 +869,247 @@ def _settle(staged: Path, final: Path) -> None:
     else:
         return
     log.info("artifact.already_there", folder=str(final))
+
+
+# -- the cache's entries --------------------------------------------------------
+
+
+@attrs.frozen
+class CacheEntry:
+    """One fetched artifact in the local cache: ``CACHE/<sha256>/``."""
+
+    digest: str
+    path: Path
+    bytes: int
+    #: when it was last fetched or found in the cache (its folder's mtime), epoch seconds
+    last_used: float
+    #: whether a loaded model holds it (set by listings and by a prune that skipped it)
+    in_use: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "digest": self.digest,
+            "path": str(self.path),
+            "bytes": self.bytes,
+            "last_used": _iso(self.last_used),
+            "in_use": self.in_use,
+        }
+
+
+@attrs.frozen
+class CacheListing:
+    """What ``llmos artifacts cache`` shows."""
+
+    cache: Path
+    #: the cap in bytes, ``None`` for none
+    cap_bytes: int | None
+    #: whether ``[artifacts] cache_max_gb`` set the cap (else it is the default share)
+    configured: bool
+    #: least recently used first
+    entries: tuple[CacheEntry, ...]
+
+    @property
+    def bytes(self) -> int:
+        return sum(entry.bytes for entry in self.entries)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "cache": str(self.cache),
+            "cap_bytes": self.cap_bytes,
+            "cap_from": "cache_max_gb" if self.configured else "default",
+            "bytes": self.bytes,
+            "entries": [entry.to_dict() for entry in self.entries],
+        }
+
+
+@attrs.frozen
+class PruneReport:
+    """What a prune removed (or, with ``dry_run``, would remove) and what it kept."""
+
+    cache: Path
+    cap_bytes: int | None
+    before_bytes: int
+    after_bytes: int
+    #: least recently used first
+    removed: tuple[CacheEntry, ...]
+    #: past the cap but pinned by a loaded model
+    kept_in_use: tuple[CacheEntry, ...]
+    #: past the cap but used in the last :data:`RECENT_S` seconds
+    kept_recent: tuple[CacheEntry, ...]
+    dry_run: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "cache": str(self.cache),
+            "cap_bytes": self.cap_bytes,
+            "before_bytes": self.before_bytes,
+            "after_bytes": self.after_bytes,
+            "dry_run": self.dry_run,
+            "removed": [entry.to_dict() for entry in self.removed],
+            "kept_in_use": [entry.to_dict() for entry in self.kept_in_use],
+            "kept_recent": [entry.to_dict() for entry in self.kept_recent],
+        }
+
+
+#: this process's pins, by entry folder: seen where ``flock`` is missing, and
+#: checked before asking the lock
+_PINNED: collections.Counter[str] = collections.Counter()
+_PINNED_LOCK = threading.Lock()
+#: each entry's bytes, by digest: an entry is content-addressed, so its size
+#: never changes, and a prune after each fetch does not read every manifest again
+_SIZES: dict[str, int] = {}
+
+
+class Pin:
+    """A hold on a cache entry while a model loaded from it is served: a
+    shared ``flock`` on its manifest (which another process's prune asks for
+    exclusively, without waiting) and a count in this process.
+    :meth:`close` lets it go; so does the process ending."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._file: Any = None
+        with _PINNED_LOCK:
+            _PINNED[str(folder)] += 1
+        if fcntl is not None:
+            try:
+                self._file = (folder / MANIFEST).open("rb")
+                fcntl.flock(self._file.fileno(), fcntl.LOCK_SH)
+            except OSError:  # gone already: the load that wants it fails on its own
+                if self._file is not None:
+                    self._file.close()
+                self._file = None
+        self._open = True
+
+    def close(self) -> None:
+        if not self._open:
+            return
+        self._open = False
+        if self._file is not None:
+            self._file.close()  # the lock goes with it
+        with _PINNED_LOCK:
+            _PINNED[str(self.folder)] -= 1
+            if _PINNED[str(self.folder)] <= 0:
+                del _PINNED[str(self.folder)]
+
+    def __repr__(self) -> str:
+        return f"Pin({str(self.folder)!r})"
+
+
+def _entries(cache: Path) -> list[CacheEntry]:
+    """The cache's entries (see :func:`_scan`)."""
+    return [CacheEntry(digest, cache / digest, size, used) for used, digest, size in _scan(cache)]
+
+
+def _scan(cache: Path) -> list[tuple[float, str, int]]:
+    """The cache's entries as (last use, digest, bytes), least recently used
+    first: real folders named by a sha256, directly in it (scratch folders,
+    links and anything else are not entries). Plain tuples: this runs after
+    every fetch, over every entry."""
+    try:
+        listed = os.scandir(cache)
+    except FileNotFoundError:
+        return []
+    out = []
+    with listed:
+        for item in listed:
+            if not _DIGEST.match(item.name) or not item.is_dir(follow_symlinks=False):
+                continue
+            try:
+                used = item.stat(follow_symlinks=False).st_mtime
+            except FileNotFoundError:  # pruned or refetched meanwhile
+                continue
+            size = _SIZES.get(item.name)
+            if size is None:
+                size = _entry_size(Path(item.path), item.name)
+            out.append((used, item.name, size))
+    out.sort()
+    return out
+
+
+def _entry_size(folder: Path, digest: str) -> int:
+    """An entry's bytes: its manifest's total, remembered by digest; an
+    entry whose manifest is not the one its name says is walked."""
+    known = _SIZES.get(digest)
+    if known is not None:
+        return known
+    try:
+        data = (folder / MANIFEST).read_bytes()[: MAX_MANIFEST_BYTES + 1]
+        if hashlib.sha256(data).hexdigest() == digest:
+            size = Manifest.parse(data, str(folder)).total + len(data)
+            _SIZES[digest] = size
+            return size
+    except (OSError, UnsafeSourceError):
+        pass
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
+def _in_use(folder: Path) -> bool:
+    """Whether a model loaded from ``folder`` holds it, in this process or another."""
+    with _PINNED_LOCK:
+        if _PINNED.get(str(folder)):
+            return True
+    if fcntl is None:
+        return False
+    try:
+        with (folder / MANIFEST).open("rb") as file:
+            try:
+                fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+    except OSError:
+        return False
+    return False
+
+
+def _remove_entry(cache: Path, entry: CacheEntry, *, dry_run: bool) -> bool:
+    """Remove ``entry`` (renamed out of the way under an exclusive lock, then
+    deleted), unless it is in use; whether it went (or, dry, would go)."""
+    with _PINNED_LOCK:
+        if _PINNED.get(str(entry.path)):
+            return False
+    with contextlib.ExitStack() as stack:
+        if fcntl is not None:
+            try:
+                file = stack.enter_context((entry.path / MANIFEST).open("rb"))
+            except OSError:
+                file = None  # no manifest: a broken entry nothing can load
+            if file is not None:
+                try:
+                    fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return False
+        if dry_run:
+            return True
+        try:
+            if entry.path.stat().st_mtime != entry.last_used:
+                return False  # used since it was listed: the next prune decides
+            doomed = Path(tempfile.mkdtemp(prefix=f".prune-{entry.digest[:16]}.", dir=cache))
+            os.rename(entry.path, doomed / "entry")
+        except FileNotFoundError:
+            return True  # removed meanwhile (a delete, another prune)
+    shutil.rmtree(doomed, ignore_errors=True)
+    return True
+
+
+def _touch(folder: Path) -> None:
+    """Mark a cache entry used now (its folder's mtime)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.utime(folder)
+
+
+def _existing(path: Path) -> Path:
+    """``path`` or its nearest folder that exists (for the disk it is on)."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return candidate
+    return path
+
+
+def _iso(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))

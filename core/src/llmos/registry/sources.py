@@ -131,6 +131,17 @@ ARTIFACTS_SECTION = Section(
             "The local folder artifacts at a URL root are fetched into before they are loaded"
             " (default: the data folder's cache/artifacts/).",
         ),
+        "cache_max_gb": Field(
+            "float",
+            None,
+            "The most the local cache may hold, in GB (10^9 bytes); past it, after each fetch,"
+            " the least recently used entries are removed (never one a loaded model was read"
+            " from, nor one used in the last 10 minutes). inf: no cap. Default: half of what"
+            " the cache could take (its own bytes plus its disk's free space).",
+            optional=True,
+            check=lambda gb: gb == gb and gb >= 0,  # NaN is not a size
+            expect="a number of GB >= 0 (inf: no cap)",
+        ),
         "storage_options": Field(
             "table",
             {},
@@ -233,7 +244,8 @@ def policy_from_config(config: Config) -> SourcePolicy:
 def artifact_store(config: Config, policy: SourcePolicy) -> ArtifactStore:
     """The store ``[artifacts]`` describes: ``root`` a URL or a folder (relative
     to its config file; default ``home/artifacts``), ``cache`` a folder
-    (default ``home/cache/artifacts``). ``policy``'s limits apply to what it fetches."""
+    (default ``home/cache/artifacts``) kept under ``cache_max_gb``. ``policy``'s
+    limits apply to what it fetches."""
     section = config.section("artifacts")
     root = str(section.get("root") or "")
     if not root:
@@ -252,6 +264,7 @@ def artifact_store(config: Config, policy: SourcePolicy) -> ArtifactStore:
         limits=policy,
         storage_options=dict(section.get("storage_options") or {}),
         shared=bool(section.get("root")),
+        cache_max_gb=section.get("cache_max_gb"),
     )
 
 

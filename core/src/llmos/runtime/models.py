@@ -30,6 +30,7 @@ import structlog
 from llmos.config import Config, Field, Section, check_table
 from llmos.errors import ConfigError, LlmosError, NotFoundError, PluginError
 from llmos.plugin.manager import KERNEL_OWNER
+from llmos.registry.fsstore import Pin
 from llmos.registry.service import Providers, Registry, executor_tables, provider_checked
 from llmos.registry.sources import check_source
 from llmos.runtime.router import group_card
@@ -366,6 +367,9 @@ class ModelManager:
         self._lock = threading.Lock()
         #: the latest health() call of each model that offers one
         self._health_calls: dict[str, _HealthCall] = {}
+        #: by id of worker: the artifact cache entries its model was loaded
+        #: from, held until it is unloaded so that no cache prune removes them
+        self._pins: dict[int, list[Pin]] = {}
 
     # -- resolution -----------------------------------------------------------
 
@@ -496,6 +500,30 @@ class ModelManager:
         executors = frozenset(self._providers.executors())
         card = provider_checked(deployment.spec, deployment.plugin, card, options, executors)
         base, base_path = self._base_of(card)
+        # artifact cache entries it is read from stay (no cache prune) until it is unloaded
+        store = self._registry().policy.artifacts
+        pins = [] if store is None else [p for p in map(store.pin, (path, base_path)) if p]
+        try:
+            worker = self._load_checked(deployment, card, options, executors, path, base, base_path)
+        except BaseException:
+            for pin in pins:
+                pin.close()
+            raise
+        if pins:
+            with self._lock:
+                self._pins[id(worker)] = pins
+        return worker
+
+    def _load_checked(
+        self,
+        deployment: Deployment,
+        card: ModelCard,
+        options: Mapping[str, Any],
+        executors: frozenset[str],
+        path: Any,
+        base: ModelCard | None,
+        base_path: Path | None,
+    ) -> Worker:
         if deployment.executor != LOCAL:
             # the executor gets its own table of the card's options, no other's
             placed, _ = executor_tables(card, executors - {deployment.executor})
@@ -669,7 +697,13 @@ class ModelManager:
             self._close(worker, "shutdown")
 
     def _close(self, worker: Worker, why: str) -> None:
-        worker.close()
+        try:
+            worker.close()
+        finally:
+            with self._lock:
+                pins = self._pins.pop(id(worker), [])
+            for pin in pins:
+                pin.close()
         self._emit(MonitorEvent(kind="model.unloaded", model=worker.name, fields={"why": why}))
         log.info("runtime.unloaded", model=worker.name, why=why)
 
