@@ -765,3 +765,61 @@ def test_max_inputs_and_max_n_are_capped_by_the_model_queue() -> None:
         "api.max_inputs",
     )
     assert defaults.get("api.max_inputs") <= queue and defaults.get("api.max_n") <= queue
+
+
+@pytest.fixture(scope="module")
+def capped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
+    """A daemon whose api.max_tokens is 5."""
+    home = tmp_path_factory.mktemp("capped")
+    kernel = Kernel(
+        load_config(
+            env={"LLMOS_HOME": str(home), "LLMOS_LOAD_PLUGINS": ""},
+            overrides=['models.parrot.provider="parrot"', "api.max_tokens=5"],
+        )
+    )
+    kernel.load_plugins()
+    kernel.plugins.register(ParrotPlugin(), "parrot-plugin")
+    with serve_in_thread(kernel) as url:
+        yield openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+
+
+LONG = "one two three four five six seven eight nine ten"
+
+
+@pytest.mark.parametrize("route", ["completions", "chat"])
+def test_an_omitted_max_tokens_is_held_to_api_max_tokens(capped: openai.OpenAI, route: str) -> None:
+    """A request that says nothing stops at the limit, with finish_reason
+    "length", as one that asked for it would; streamed the same."""
+    if route == "chat":
+        ask: dict = {"messages": [{"role": "user", "content": LONG}]}
+        create = capped.chat.completions.create
+        expected = "you said one two three"
+    else:
+        ask = {"prompt": LONG}
+        create = capped.completions.create  # type: ignore[assignment]
+        expected = "ten nine eight seven six"
+    reply = create(model="parrot", **ask)
+    (choice,) = reply.choices
+    text = choice.message.content if route == "chat" else choice.text  # type: ignore[union-attr]
+    assert text == expected
+    assert choice.finish_reason == "length"
+    assert reply.usage is not None and reply.usage.completion_tokens == 5
+
+    events = list(
+        create(model="parrot", stream=True, stream_options={"include_usage": True}, **ask)
+    )
+    pieces = [
+        (e.choices[0].delta.content if route == "chat" else e.choices[0].text) or ""
+        for e in events
+        if e.choices
+    ]
+    assert "".join(pieces) == expected
+    finishes = [e.choices[0].finish_reason for e in events if e.choices]
+    assert finishes[-1] == "length"
+    assert events[-1].usage is not None and events[-1].usage.completion_tokens == 5
+
+    # An explicit ask within the limit is the request's; past it, a 400.
+    short = create(model="parrot", max_tokens=2, **ask)
+    assert short.usage is not None and short.usage.completion_tokens == 2
+    with pytest.raises(openai.BadRequestError, match=r"max_tokens=6 is over the limit of 5"):
+        create(model="parrot", max_tokens=6, **ask)

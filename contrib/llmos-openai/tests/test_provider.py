@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 import pytest
-from openai import OpenAI
+from openai import APIError, BadRequestError, OpenAI
 
 from llmos.errors import CapabilityNotSupported, Unavailable, UsageError
 from llmos.plugin.manager import HOOK_NAMES, PluginManager
@@ -94,8 +94,9 @@ def test_sampling_reaches_the_upstream(upstream, downstream, register) -> None:
     kernel.call("remote", Capability.COMPLETE, [CompletionRequest(prompt="x")])
     [call] = upstream.calls
     # nothing given, nothing sent: the upstream's defaults (an llmos daemon's
-    # OpenAI routes sample at temperature 1 when a request names none, as OpenAI does)
-    assert call["sampling"] == Sampling(temperature=1.0)
+    # OpenAI routes sample at temperature 1 when a request names none, as OpenAI does,
+    # and hold it to their api.max_tokens)
+    assert call["sampling"] == Sampling(temperature=1.0, max_tokens=4096, max_tokens_is_limit=True)
 
 
 def test_max_completion_tokens_for_newer_vendors(scripted, downstream, register) -> None:
@@ -262,6 +263,75 @@ def test_through_a_downstream_daemon_with_the_openai_client(upstream, downstream
 
         embedded = client.embeddings.create(model="remote", input=["a b", "c"])
         assert [d.embedding for d in embedded.data] == [[3.0, 2.0, 1.0], [1.0, 1.0, 1.0]]
+
+
+SEVEN = "one two three four five six seven"
+
+
+def _reply(client: OpenAI, stream: bool, **extra: Any) -> tuple[str, str | None, int]:
+    """(text, finish_reason, completion tokens) of a chat, streamed or not."""
+    ask: dict[str, Any] = {"model": "remote", "messages": [{"role": "user", "content": SEVEN}]}
+    if not stream:
+        reply = client.chat.completions.create(**ask, **extra)
+        assert reply.usage is not None
+        choice = reply.choices[0]
+        return choice.message.content or "", choice.finish_reason, reply.usage.completion_tokens
+    events = list(
+        client.chat.completions.create(
+            **ask, **extra, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    text = "".join(e.choices[0].delta.content or "" for e in events if e.choices)
+    finish = [e.choices[0].finish_reason for e in events if e.choices][-1]
+    assert events[-1].usage is not None
+    return text, finish, events[-1].usage.completion_tokens
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_daemons_max_tokens_limit_is_sent_upstream(
+    upstream, downstream, register, stream
+) -> None:
+    """A request that leaves max_tokens out is held to the downstream daemon's
+    api.max_tokens: the provider sends it, the upstream stops there."""
+    kernel = downstream("api.max_tokens=5")
+    register(kernel, "remote", upstream.url)
+    with serve_in_thread(kernel) as url:
+        client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        upstream.clear()
+        assert _reply(client, stream) == ("reply to one two three", "length", 5)
+        [call] = upstream.calls
+        assert call["sampling"].max_tokens == 5
+        assert len(upstream.seen) == 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_limit_the_upstream_refuses_is_left_out_and_its_own_bounds_the_answer(
+    make_upstream, downstream, register, stream
+) -> None:
+    """An upstream that refuses max_tokens = the daemon's limit (a model whose
+    context or output maximum is smaller; here an llmos daemon whose own
+    api.max_tokens is 3) gets the request once more without it, and its
+    own default, below the limit, bounds the answer. A max_tokens the
+    client asked for is never left out: its refusal is the client's 400."""
+    with make_upstream("api.max_tokens=3") as small:
+        kernel = downstream("api.max_tokens=5")
+        register(kernel, "remote", small.url)
+        with serve_in_thread(kernel) as url:
+            client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+            small.clear()
+            assert _reply(client, stream) == ("reply to one", "length", 3)
+            assert len(small.seen) == 2, "the limit refused, then the request without it"
+            [call] = small.calls
+            assert call["sampling"].max_tokens == 3 and call["sampling"].max_tokens_is_limit
+
+            small.clear()
+            # (a stream that has begun can only break off: the daemon's
+            # streams start before the model's first chunk)
+            with pytest.raises(APIError if stream else BadRequestError) as refused:
+                _reply(client, stream, max_tokens=5)
+            if not stream:
+                assert "max_tokens=5 is over the limit of 3" in str(refused.value)
+            assert len(small.seen) == 1 and small.calls == []
 
 
 def test_concurrent_callers_share_the_pool(upstream, downstream, register) -> None:

@@ -290,6 +290,14 @@ class Sampling:
     """Generation parameters shared by completion, chat and streaming.
 
     ``None`` means "the provider's default". ``temperature=0`` is greedy.
+
+    ``max_tokens_is_limit``: the request did not ask for ``max_tokens``;
+    the value is the daemon's limit (``[api] max_tokens``), filled in so that
+    a request that says nothing does not generate to the end of the context.
+    A provider generates at most ``max_tokens`` tokens either way; one that
+    forwards requests to a server of its own (llmos-openai) may leave such
+    a limit out there when that server refuses it (a small model whose
+    context cannot hold it), since the server's own default is then smaller.
     """
 
     max_tokens: int | None = attrs.field(default=None, validator=_check_sampling)
@@ -297,6 +305,7 @@ class Sampling:
     top_p: float | None = attrs.field(default=None, validator=_check_sampling)
     stop: tuple[str, ...] = attrs.field(default=(), converter=_tuple_of_str)
     seed: int | None = None
+    max_tokens_is_limit: bool = False
 
 
 @attrs.frozen(kw_only=True)

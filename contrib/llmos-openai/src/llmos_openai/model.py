@@ -165,7 +165,8 @@ class OpenAICompatible(ModelBase):
     # -- one request --------------------------------------------------------
 
     def _complete_one(self, request: CompletionRequest) -> CompletionResult:
-        data = self._post("completions", self._completion_payload(request))
+        payload = self._completion_payload(request)
+        data = self._post("completions", payload, self._without_limit(request, payload))
         choice = self._choice(data, "completions")
         text = choice.get("text")
         if not isinstance(text, str):
@@ -177,7 +178,8 @@ class OpenAICompatible(ModelBase):
         )
 
     def _chat_one(self, request: ChatRequest) -> ChatResult:
-        data = self._post("chat/completions", self._chat_payload(request))
+        payload = self._chat_payload(request)
+        data = self._post("chat/completions", payload, self._without_limit(request, payload))
         choice = self._choice(data, "chat/completions")
         message = choice.get("message")
         if not isinstance(message, Mapping):
@@ -197,13 +199,12 @@ class OpenAICompatible(ModelBase):
         payload["stream"] = True
         if self.settings.stream_usage:
             payload["stream_options"] = {"include_usage": True}
+        unlimited = self._without_limit(request, payload)
         finish: str | None = None
         usage: Usage | None = None
         try:
-            with self._client.stream("POST", path, content=_json(payload)) as response:
-                if response.status_code >= 300:
-                    response.read()
-                    raise self._status_error(response, path)
+            response = self._open_stream(path, payload, unlimited)
+            try:
                 done = False
                 for line in response.iter_lines():
                     # Read to the end even after [DONE]: a response read to
@@ -233,6 +234,8 @@ class OpenAICompatible(ModelBase):
                         if piece:
                             yield StreamChunk(index=index, text=piece)
                         finish = choice.get("finish_reason") or finish
+            finally:
+                response.close()
         except httpx.HTTPError as exc:
             raise from_transport_error(exc, self.settings) from None
         yield StreamChunk(index=index, text="", finish_reason=finish or "stop", usage=usage)
@@ -267,11 +270,74 @@ class OpenAICompatible(ModelBase):
             **self._sampling(request.sampling),
         }
 
+    def _without_limit(
+        self, request: CompletionRequest | ChatRequest, payload: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """``payload`` without its max tokens when that is only the daemon's
+        limit (``[api] max_tokens``; the request asked for none), else ``None``.
+
+        The limit is sent, so that the upstream stops there with
+        finish_reason "length" like a local model. An upstream may refuse
+        it where it would take the request without it: a model whose context
+        cannot hold prompt + limit, or whose output maximum is below the
+        limit (vLLM, OpenAI: 400 "maximum context length"). The request is
+        then sent once more without it (:meth:`_limit_refused`), and the
+        upstream's own default — the rest of that context, or that maximum,
+        both below the limit — bounds the answer.
+        """
+        param = self.settings.max_tokens_param
+        if not request.sampling.max_tokens_is_limit or param not in payload:
+            return None
+        return {key: value for key, value in payload.items() if key != param}
+
+    def _limit_refused(self, response: httpx.Response, path: str) -> bool:
+        """Whether the upstream refused a request whose max tokens it was
+        sent only as the daemon's limit, for its tokens (a 400 or 422 whose
+        message speaks of tokens): it is sent once more without them."""
+        if response.status_code not in (400, 422) or b"token" not in response.content.lower():
+            return False
+        log.info(
+            "openai.limit_refused",
+            model=self.card.ref,
+            upstream=self.settings.netloc,
+            path=path,
+            status=response.status_code,
+            hint=f"the upstream refused {self.settings.max_tokens_param} set to [api]"
+            " max_tokens (the request set none); sent again without it. If it refused the"
+            " parameter's name, set the card's options.max_tokens_param",
+        )
+        return True
+
+    def _open_stream(
+        self, path: str, payload: dict[str, Any], unlimited: dict[str, Any] | None
+    ) -> httpx.Response:
+        """The upstream's streamed answer to ``payload`` (to ``unlimited``,
+        when the upstream refused the limit in ``payload``), its status checked."""
+        while True:
+            request = self._client.build_request("POST", path, content=_json(payload))
+            response = self._client.send(request, stream=True)
+            if response.status_code < 300:
+                return response
+            try:
+                response.read()
+            finally:
+                response.close()
+            if unlimited is not None and self._limit_refused(response, path):
+                payload, unlimited = unlimited, None
+                continue
+            raise self._status_error(response, path)
+
     # -- HTTP ---------------------------------------------------------------
 
-    def _post(self, path: str, payload: dict[str, Any]) -> Mapping[str, Any]:
+    def _post(
+        self, path: str, payload: dict[str, Any], unlimited: dict[str, Any] | None = None
+    ) -> Mapping[str, Any]:
+        """The upstream's answer to ``payload``; to ``unlimited`` (the same
+        without the daemon's limit on its tokens) when it refused that limit."""
         try:
             response = self._client.post(path, content=_json(payload))
+            if unlimited is not None and self._limit_refused(response, path):
+                response = self._client.post(path, content=_json(unlimited))
         except httpx.HTTPError as exc:
             raise from_transport_error(exc, self.settings) from None
         if response.status_code >= 300:

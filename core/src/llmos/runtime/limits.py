@@ -19,7 +19,13 @@ from llmos.config import Config, Field, Section
 SECTION = Section(
     "api",
     {
-        "max_tokens": Field("int", 4096, "Largest max_tokens a request may ask for.", min=1),
+        "max_tokens": Field(
+            "int",
+            4096,
+            "Largest max_tokens a request may ask for, and the max_tokens of one that asks"
+            " for none (it stops there, finish_reason length).",
+            min=1,
+        ),
         "max_n": Field(
             "int",
             8,

@@ -778,6 +778,10 @@ class _Caps:
                 f"max_tokens={max_tokens} is over the limit of {self.max_tokens} (api.max_tokens)",
                 param="max_tokens",
             )
+        # A request that leaves max_tokens out is held to the limit too, not
+        # to the provider's default (a local model's: the rest of its
+        # context); it stops there with finish_reason "length".
+        is_limit = max_tokens is None
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         self.lengths(stop, "stop")
         # OpenAI's default, not the provider's: a request that leaves it out
@@ -786,11 +790,12 @@ class _Caps:
         # provider reads that as 1, OpenAI's default, and a remote one is not
         # sent a parameter its model may refuse (OpenAI's reasoning models).
         return Sampling(
-            max_tokens=max_tokens,
+            max_tokens=self.max_tokens if max_tokens is None else max_tokens,
             temperature=DEFAULT_TEMPERATURE if body.temperature is None else body.temperature,
             top_p=body.top_p,
             stop=tuple(stop),
             seed=body.seed,
+            max_tokens_is_limit=is_limit,
         )
 
 
