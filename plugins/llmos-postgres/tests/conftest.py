@@ -20,7 +20,7 @@ try:
     import psycopg
 
     from llmos_postgres.store import PostgresStore
-    from llmos_postgres.testing import INSTALL_HINT, Server, find_binaries, temporary_server
+    from llmos_postgres.testing import Server, server_for_tests
 except ImportError:
     collect_ignore_glob = ["test_*.py"]
 
@@ -31,13 +31,7 @@ _schemas = itertools.count()
 def server() -> Iterator[Server]:
     """The session's server; missing binaries skip (fail where
     ``LLMOS_REQUIRE_SYSTEM_TOOLS=1``, as in CI)."""
-    bin_dir = find_binaries()
-    if bin_dir is None:
-        why = f"PostgreSQL's initdb and pg_ctl are not installed (run `{INSTALL_HINT}`)"
-        if os.environ.get("LLMOS_REQUIRE_SYSTEM_TOOLS") == "1":
-            pytest.fail(why + "; LLMOS_REQUIRE_SYSTEM_TOOLS=1 says they must be", pytrace=False)
-        pytest.skip(why)
-    with temporary_server(bin_dir) as running:
+    with server_for_tests() as running:
         yield running
 
 

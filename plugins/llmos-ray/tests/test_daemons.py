@@ -75,15 +75,9 @@ class Daemon:
 @pytest.fixture(scope="module")
 def dsn() -> Iterator[str]:
     """A throwaway PostgreSQL server from Debian's binaries."""
-    from llmos_postgres.testing import INSTALL_HINT, find_binaries, temporary_server
+    from llmos_postgres.testing import server_for_tests
 
-    bin_dir = find_binaries()
-    if bin_dir is None:
-        why = f"PostgreSQL's binaries are not installed ({INSTALL_HINT})"
-        if os.environ.get("LLMOS_REQUIRE_SYSTEM_TOOLS") == "1":
-            pytest.fail(why + "; LLMOS_REQUIRE_SYSTEM_TOOLS=1 says they must be", pytrace=False)
-        pytest.skip(why)
-    with temporary_server(bin_dir) as server:
+    with server_for_tests() as server:
         yield server.dsn
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import attrs
 
-__all__ = ["Server", "find_binaries", "temporary_server"]
+__all__ = ["Server", "find_binaries", "server_for_tests", "temporary_server"]
 
 #: what installs the binaries (the repository's script; Debian's package)
 INSTALL_HINT = "bash .ci/system-packages (Debian's postgresql package)"
@@ -157,3 +157,20 @@ def temporary_server(bin_dir: Path, *, settings: dict[str, str] | None = None) -
                 env=env,
             )
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def server_for_tests() -> Iterator[Server]:
+    """:func:`temporary_server` for a pytest session: where the binaries are
+    missing the tests skip, or fail where ``LLMOS_REQUIRE_SYSTEM_TOOLS=1``
+    (as in CI) says they must run."""
+    import pytest  # a test-time helper: pytest is not a dependency of the plugin
+
+    bin_dir = find_binaries()
+    if bin_dir is None:
+        why = f"PostgreSQL's initdb and pg_ctl are not installed (run `{INSTALL_HINT}`)"
+        if os.environ.get("LLMOS_REQUIRE_SYSTEM_TOOLS") == "1":
+            pytest.fail(why + "; LLMOS_REQUIRE_SYSTEM_TOOLS=1 says they must be", pytrace=False)
+        pytest.skip(why)
+    with temporary_server(bin_dir) as running:
+        yield running
