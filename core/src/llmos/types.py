@@ -492,6 +492,12 @@ class ChatRequest:
     #: ``False``: at most one tool call in the answer
     parallel_tool_calls: bool = True
 
+    @property
+    def may_call_tools(self) -> bool:
+        """Whether the answer may be tool calls: tools given, and a
+        ``tool_choice`` other than ``"none"``."""
+        return bool(self.tools) and self.tool_choice != "none"
+
     def features(self) -> list[str]:
         """The fields of :data:`CHAT_FEATURES` this request uses: a model
         must name them in ``chat_features`` to be given it."""
@@ -526,12 +532,19 @@ class StreamChunk:
     ``index`` is the position of the request in the batch handed to
     :meth:`LoadedModel.stream`; chunks of different requests may interleave.
     The last chunk of a request has a ``finish_reason`` and its ``usage``.
+
+    A streamed chat that may call tools (:attr:`ChatRequest.may_call_tools`)
+    is not given to ``stream``: the kernel answers it with the model's
+    ``chat``, as one chunk holding the whole answer — its text, its
+    ``tool_calls`` (``finish_reason`` ``"tool_calls"``) and its usage.
     """
 
     index: int
     text: str
     finish_reason: str | None = None
     usage: Usage | None = None
+    #: the tool calls of the answer (only on the last chunk of a chat that may call tools)
+    tool_calls: tuple[ToolCall, ...] = attrs.field(default=(), converter=tuple)
 
 
 @attrs.frozen(kw_only=True)

@@ -43,6 +43,7 @@ from llmos.errors import CapabilityNotSupported, LlmosError, Overloaded, UsageEr
 from llmos.types import (
     CallAbandoned,
     Capability,
+    ChatRequest,
     ChunkStream,
     DispatchingModel,
     LoadedModel,
@@ -403,7 +404,11 @@ class ModelWorker:
         try:
             # inside the try: a provider whose stream() raises at once (not a
             # generator) must end the caller's stream, not leave it waiting
-            stream = self.model.stream(job.requests)
+            [request] = job.requests
+            if isinstance(request, ChatRequest) and request.may_call_tools:
+                stream = self._whole_answer(request)
+            else:
+                stream = self.model.stream(job.requests)
             with cancel_scope(handle.cancelled):  # the provider's cancel_event()
                 for chunk in stream:
                     if handle.cancelled.is_set():
@@ -437,6 +442,22 @@ class ModelWorker:
         if usage is not None:
             fields.update(tokens_in=usage.prompt_tokens, tokens_out=usage.completion_tokens)
         self._emit(self._event(job, status, fields))
+
+    def _whole_answer(self, request: ChatRequest) -> Iterator[StreamChunk]:
+        """A streamed chat that may call tools, answered by the model's
+        ``chat``: whether an answer is a tool call is known only once it is
+        whole (the provider parses it out of the text, or constrained decoding
+        wrote it), so it is one chunk with the text, the ``tool_calls``, the
+        ``finish_reason`` and the usage. Runs under the stream's cancel scope:
+        a consumer that goes away stops the generation."""
+        [result] = self._call(Capability.CHAT, [request])
+        yield StreamChunk(
+            index=0,
+            text=result.message.content,
+            finish_reason=result.finish_reason,
+            usage=result.usage,
+            tool_calls=result.message.tool_calls,
+        )
 
     def _fail(
         self, job: _Job, exc: Exception, started: float, size: int, status: str = "error"

@@ -619,12 +619,6 @@ class ChatCompletionBody(_Sampled):
             raise UsageError(
                 "tool_choice asks for a tool call, but no tools are given", param="tool_choice"
             )
-        if self.stream and names and choice != "none":
-            raise UsageError(
-                "tools are not supported with stream: true (yet): leave stream out, or send"
-                ' tool_choice "none"',
-                param="stream",
-            )
         return self
 
     def tool_fields(self) -> dict[str, Any]:
@@ -894,37 +888,66 @@ async def _stream_response(
     # Resolve, load and queue before the response starts, so that an unknown
     # model or a full queue is an ordinary JSON error, not a broken stream.
     handle = await asyncio.to_thread(kernel.stream, model, request)
+    tools = isinstance(request, ChatRequest) and request.may_call_tools
     return StreamingResponse(
-        _stream_events(kernel, handle, envelope, chat, usage),
+        _stream_events(kernel, handle, envelope, chat, usage, tools=tools),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
+def _tool_call_deltas(chunk: StreamChunk) -> Iterator[dict[str, Any]]:
+    """The deltas of an answer that calls tools, as OpenAI streams them: its
+    text (if any), then each call — first its ``index``, ``id``, ``type``
+    and ``function.name`` (``arguments`` ``""``), then its arguments."""
+    if chunk.text:
+        yield {"content": chunk.text}
+    for i, call in enumerate(chunk.tool_calls):
+        function = {"name": call.name, "arguments": ""}
+        yield {
+            "tool_calls": [{"index": i, "id": call.id, "type": "function", "function": function}]
+        }
+        yield {"tool_calls": [{"index": i, "function": {"arguments": call.arguments}}]}
+
+
 async def _stream_events(
-    kernel: Kernel, handle: StreamHandle, envelope: dict[str, Any], chat: bool, usage: bool
+    kernel: Kernel,
+    handle: StreamHandle,
+    envelope: dict[str, Any],
+    chat: bool,
+    usage: bool,
+    *,
+    tools: bool = False,
 ) -> AsyncIterator[bytes]:
     """The stream's events. Without ``usage`` (``stream_options.include_usage``)
     the last choice's event carries the usage, as llmos always did; with it,
     as OpenAI does: ``"usage": null`` on every choice's event and one more
     event, with no choices, carrying it — never both, so that a client adding
-    up the usage it sees (LangChain does) counts it once."""
+    up the usage it sees (LangChain does) counts it once.
+
+    A chat that may call ``tools`` comes whole, in one chunk (the kernel
+    answers it with the model's ``chat``: a tool call is known only once the
+    answer is): its content or its ``tool_calls`` deltas, then the event
+    with the ``finish_reason``, as OpenAI sends them."""
     if usage:
         envelope = {**envelope, "usage": None}
     total: Usage | None = None
     try:
         if chat:
-            first = {**envelope, "choices": [{"index": 0, "delta": {"role": "assistant"}}]}
-            yield _sse(first)
+            # OpenAI's first delta: null content where tool calls may follow
+            role = {"role": "assistant", "content": None} if tools else {"role": "assistant"}
+            yield _sse({**envelope, "choices": [{"index": 0, "delta": role}]})
         while True:
             chunk: StreamChunk | None = await asyncio.to_thread(handle.get, kernel.request_timeout)
             if chunk is None:
                 break
-            if chat:
-                choice: dict[str, Any] = {
-                    "index": 0,
-                    "delta": {"content": chunk.text} if chunk.text else {},
-                }
+            if chat and chunk.tool_calls:
+                for delta in _tool_call_deltas(chunk):
+                    part = {"index": 0, "delta": delta, "finish_reason": None}
+                    yield _sse({**envelope, "choices": [part]})
+                choice: dict[str, Any] = {"index": 0, "delta": {}}
+            elif chat:
+                choice = {"index": 0, "delta": {"content": chunk.text} if chunk.text else {}}
             else:
                 choice = {"index": 0, "text": chunk.text}
             choice["finish_reason"] = chunk.finish_reason
