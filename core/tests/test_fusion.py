@@ -573,6 +573,32 @@ def test_fusions_over_http_with_budget_and_meta(make_kernel) -> None:
         assert outside.status_code == 400 and "dev:" in outside.json()["error"]["message"]
 
 
+def test_a_relative_dev_path_over_http_is_a_400_naming_dev(
+    make_kernel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kernel = make_kernel()
+    dev = kernel.home / "data" / "dev.jsonl"
+    dev.parent.mkdir()
+    rows = [("x", "neg"), ("y", "neg"), ("z", "pos")]
+    dev.write_text("".join(json.dumps({"text": t, "label": g}) + "\n" for t, g in rows))
+    # In the daemon's data folder, "data/dev.jsonl" would resolve to the file
+    # above: the client meant its own folder, which the daemon cannot see.
+    monkeypatch.chdir(kernel.home)
+    body = {"name": "st", "strategy": "stack", "members": ["m1", "m2"]}
+    with serve_in_thread(kernel) as url:
+        for relative in ("data/dev.jsonl", "./data/dev.jsonl"):
+            refused = httpx.post(f"{url}/api/fusions", json={**body, "dev": relative})
+            assert refused.status_code == 400, refused.text
+            error = refused.json()["error"]
+            assert error["param"] == "dev"
+            assert error["message"].startswith(f"dev {relative!r} refused: it is a relative path")
+            assert "the daemon's working directory is not yours" in error["message"]
+        assert kernel.fusions.list() == []
+        created = httpx.post(f"{url}/api/fusions", json={**body, "dev": str(dev)})
+        assert created.status_code == 201, created.text
+        assert created.json()["options"]["fusion"]["fit"]["rows"] == 3
+
+
 def test_a_fusion_refuses_response_format_and_tools_naming_the_field(make_kernel) -> None:
     # a fusion passes neither on to its members: a 400 naming the field, not
     # a fused free-text answer where JSON or a tool call was asked for

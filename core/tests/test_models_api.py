@@ -540,6 +540,65 @@ def test_scan_registers_what_it_finds_under_allowed_roots(
     assert _total(d) == 1
 
 
+#: each HTTP entry point that takes a local path: (method, route, body around the path, field)
+CLIENT_PATHS = [
+    ("POST", "/api/models", lambda path: {"name": "acme/x", "provider": "echo", "source": path},
+     "source"),
+    ("POST", "/api/models/scan", lambda path: {"path": path}, "path"),
+    ("POST", "/register", lambda path: {"model_name": "acme/x", "model_url": path}, "model_url"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("method", "route", "body", "field"), CLIENT_PATHS)
+def test_a_relative_local_path_is_a_400_naming_the_field(
+    daemon: Callable[..., Daemon],
+    monkeypatch: pytest.MonkeyPatch,
+    method: str,
+    route: str,
+    body: Callable[[str], dict[str, Any]],
+    field: str,
+) -> None:
+    d = daemon()
+    models = d.home / "models"
+    _write(models / "tiny-bert", model_files([8, 4]))
+    # The daemon runs in its data folder: a relative path resolved against its
+    # cwd would land under an allowed root and be taken, meaning what the client
+    # never said.
+    monkeypatch.chdir(d.home)
+    for relative in ("models", "models/tiny-bert", "./models/tiny-bert", "C:/models"):
+        error = _error(d.client.request(method, route, json=body(relative)), 400, "unsafe_source")
+        assert error["param"] == field, (relative, error)
+        message = error["message"]
+        assert message.startswith(f"{field} {relative!r} refused: it is a relative path")
+        assert "the daemon's working directory is not yours" in message
+        assert "give the absolute path" in message
+        assert f"[registry] allowed_roots ({d.home.resolve()}" in message
+    tilde = _error(d.client.request(method, route, json=body("~/models")), 400, "unsafe_source")
+    assert tilde["param"] == field and "'~' is not expanded" in tilde["message"]
+    assert _total(d) == 0
+
+    # The absolute path still works.
+    done = d.client.request(method, route, json=body(str(models / "tiny-bert")))
+    assert done.status_code in (200, 201), done.text
+    stored = d.client.get("/api/models", params={"all_versions": True}).json()["items"]
+    assert [hit["card"]["source"] for hit in stored] == [str((models / "tiny-bert").resolve())]
+
+
+@pytest.mark.parametrize(
+    "source",
+    ["hf://acme/bert", "pkg://attrs/attrs/__init__.py", "https://example.com/bert.tar.gz"],
+)
+def test_urls_are_no_relative_paths(
+    daemon: Callable[..., Daemon], monkeypatch: pytest.MonkeyPatch, source: str
+) -> None:
+    d = daemon("registry.allow_private_urls=true")  # example.com: not looked up
+    monkeypatch.chdir(d.home)
+    assert _register(d, "acme/card", source=source)["source"] == source
+    seed = d.client.post("/register", json={"model_name": "acme/seed", "model_url": source})
+    assert seed.status_code == 201, seed.text
+    assert seed.json()["model"]["source"] == source
+
+
 class Catalogue:
     """A model-source plugin whose offer can change while the daemon runs."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from llmos.registry.store import COUNT_LIMIT
 from llmos.testing import write_distribution, write_safetensors
 from llmos.types import ModelCard
 
-from .conftest import llmos
+from .conftest import LLMOS, llmos
 
 
 def ok(*args: str, env: dict[str, str]) -> str:
@@ -24,6 +25,16 @@ def ok(*args: str, env: dict[str, str]) -> str:
 
 def as_json(*args: str, env: dict[str, str]):
     return json.loads(ok(*args, "--json", env=env))
+
+
+def json_in(folder: Path, *args: str, env: dict[str, str]):
+    """``llmos ARGS --json`` run in ``folder``."""
+    run = subprocess.run(
+        [LLMOS, *args, "--json"],
+        env=env, cwd=folder, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout)
 
 
 @pytest.fixture
@@ -205,3 +216,44 @@ def test_scan_registers_a_local_folder(env: dict[str, str], tmp_path: Path) -> N
     assert as_json("models", "scan", str(home / "models"), env=env)["registered"][0]["version"] == 1
     outside = llmos("models", "scan", str(tmp_path), env=env)
     assert outside.returncode == 2 and "allowed" in outside.stderr
+    # a relative path is the user's, relative to where the command runs
+    (again,) = json_in(home, "models", "scan", "models", env=env)["registered"]
+    assert (again["version"], again["source"]) == (1, str(model.resolve()))
+
+
+def test_relative_sources_are_the_users_and_stored_absolute(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    home = Path(env["LLMOS_HOME"])
+    models = home / "models"
+    (models / "tiny").mkdir(parents=True)
+    (models / "other").mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    tiny = str((models / "tiny").resolve())
+
+    # --source: relative to where the command runs
+    flag = ("--provider", "transformers", "--source", "tiny")
+    card = json_in(models, "models", "register", "acme/flag", *flag, env=env)["card"]
+    assert card["source"] == tiny
+    outside = subprocess.run(
+        [LLMOS, "models", "register", "acme/flag", *flag],
+        env=env, cwd=elsewhere, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert outside.returncode == 2 and "outside the allowed roots" in outside.stderr
+
+    # a card file's source: relative to the card file, wherever the command runs
+    (models / "tiny.md").write_text(
+        '---\nname: "acme/filed"\nprovider: "transformers"\nsource: "tiny"\n---\n'
+    )
+    for folder, card_file in ((elsewhere, str(models / "tiny.md")), (home, "models/tiny.md")):
+        card = json_in(folder, "models", "register", "--from-file", card_file, env=env)["card"]
+        assert card["source"] == tiny, folder
+    # --source overrides the file's, and is relative to where the command runs
+    override = ("--from-file", "models/tiny.md", "--source", "models/other")
+    card = json_in(home, "models", "register", *override, env=env)["card"]
+    assert card["source"] == str((models / "other").resolve())
+    stored = [
+        as_json("models", "show", f"acme/filed@{v}", env=env)["card"]["source"] for v in (1, 2, 3)
+    ]
+    assert stored == [tiny, tiny, str((models / "other").resolve())]

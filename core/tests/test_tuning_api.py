@@ -211,22 +211,55 @@ def test_bad_values_are_400s_that_name_their_place(url: str) -> None:
     seed = post({**job_body(), "seed": 2**63})  # was a 500: SQLite holds 64-bit integers
     assert seed.status_code == 400 and error_of(seed)["param"] == "seed"
     assert "between 0 and 9223372036854775807" in error_of(seed)["message"]
-    for path in (
-        "~no-such-user-x/train.jsonl",
-        "~/train.jsonl",
-        "train.jsonl",
-        "https://x/t.jsonl",
+    for path, why in (
+        ("~no-such-user-x/train.jsonl", "'~no-such-user-x' is not expanded"),
+        ("~/train.jsonl", "'~' is not expanded"),
+        ("train.jsonl", "it is a relative path"),
+        ("https://x/t.jsonl", "is a URL, which is not read here"),
     ):
         refused = post({**job_body(), "data": {"train": path}})
         assert refused.status_code == 400, (path, refused.text)
         assert error_of(refused)["param"] == "data.train"
-        assert "not an absolute path" in error_of(refused)["message"]
+        assert why in error_of(refused)["message"]
     seed_route = httpx.post(
         f"{url}/microtune",
         json={"model_name": "base", "method": "count", "data": DATA, "params": {"stepz": 1}},
     )
     assert seed_route.status_code == 400 and error_of(seed_route)["param"] == "params.stepz"
     assert httpx.get(f"{url}/api/tuning/jobs").json()["jobs"] == []
+
+
+def test_relative_data_paths_are_400s_naming_the_split(
+    url: str, kernel: Kernel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = kernel.home / "data"
+    data.mkdir()
+    for split, rows in DATA.items():
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    files = {split: str(data / f"{split}.jsonl") for split in DATA}
+    # In the daemon's data folder, "data/train.jsonl" would resolve to the file
+    # above: the client meant its own folder, which the daemon cannot see.
+    monkeypatch.chdir(kernel.home)
+    for route, body in (
+        ("/api/tuning/jobs", job_body(steps=1)),
+        ("/microtune", {"model_name": "base", "method": "count", "params": {"steps": 1}}),
+    ):
+        for split in DATA:
+            relative = f"data/{split}.jsonl"
+            refused = httpx.post(f"{url}{route}", json={**body, "data": {**files, split: relative}})
+            assert refused.status_code == 400, (route, split, refused.text)
+            error = error_of(refused)
+            assert error["param"] == f"data.{split}"
+            assert error["message"].startswith(
+                f"data.{split} {relative!r} refused: it is a relative path, and the daemon's"
+                " working directory is not yours; give the absolute path"
+            )
+    assert httpx.get(f"{url}/api/tuning/jobs").json()["jobs"] == []
+    accepted = httpx.post(f"{url}/api/tuning/jobs", json={**job_body(steps=1), "data": files})
+    assert accepted.status_code == 202, accepted.text
+    sources = accepted.json()["job"]["data"]["sources"]
+    assert sources == {split: str((data / f"{split}.jsonl").resolve()) for split in DATA}
+    wait_done(kernel, accepted.json()["job"]["id"])
 
 
 def test_a_full_queue_answers_429_until_a_job_ends(tmp_path: Path, site: Path) -> None:

@@ -17,6 +17,10 @@ round-trips exactly), then a ``# name`` heading and the description::
 
 The heading is for people and is not read back; the description is the text
 after it, trimmed.
+
+A relative local ``source`` in a file (``"source": "weights/bert"``) is read
+by :func:`read_card_file` as relative to the file's folder, where its author
+wrote it, not to whichever directory the file is registered from.
 """
 
 from __future__ import annotations
@@ -26,7 +30,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+import attrs
+
 from llmos.errors import UsageError
+from llmos.registry.sources import is_path
 from llmos.types import ModelCard
 
 __all__ = ["card_from_markdown", "card_to_markdown", "read_card_file", "write_card_file"]
@@ -87,12 +94,18 @@ def card_from_markdown(text: str) -> ModelCard:
 
 
 def read_card_file(path: str | os.PathLike[str]) -> ModelCard:
-    """Read a card file; errors name the file."""
+    """Read a card file; errors name the file. A relative local ``source`` is
+    made relative to the file's folder (an absolute path, kept unresolved:
+    the source check resolves it)."""
     path = Path(path)
     try:
-        return card_from_markdown(path.read_text(encoding="utf-8"))
+        card = card_from_markdown(path.read_text(encoding="utf-8"))
     except UsageError as exc:
         raise UsageError(f"{path}: {exc.message}") from exc
+    source = card.source
+    if source and is_path(source) and not source.startswith("~") and not Path(source).is_absolute():
+        card = attrs.evolve(card, source=str(path.absolute().parent / source))
+    return card
 
 
 def write_card_file(path: str | os.PathLike[str], card: ModelCard) -> None:

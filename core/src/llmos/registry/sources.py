@@ -27,6 +27,11 @@ the URL rules for on-premises endpoints; metadata endpoints stay refused.
 The check is made when a card is registered and should be made again when
 weights are loaded (:func:`resolve_local`, and :func:`check_source` before a
 download), since a symlink or a DNS answer can change in between.
+
+A relative path is read against the working directory: what the user means
+on the command line, but not in a path a client sends the daemon over HTTP,
+where it would be the daemon's. The HTTP routes call
+:func:`check_client_path` first, which refuses it.
 """
 
 from __future__ import annotations
@@ -55,7 +60,9 @@ __all__ = [
     "Resolver",
     "SourcePolicy",
     "artifact_store",
+    "check_client_path",
     "check_source",
+    "is_path",
     "policy_from_config",
     "resolve_local",
 ]
@@ -280,9 +287,61 @@ _HF_REPO = re.compile(
 _DIST_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")
 
 
-def _refuse(source: str, why: str) -> UnsafeSourceError:
+def _refuse(source: str, why: str, param: str = "source") -> UnsafeSourceError:
     shown = source if len(source) <= 200 else source[:200] + "..."
-    return UnsafeSourceError(f"source {shown!r} refused: {why}", param="source")
+    return UnsafeSourceError(f"{param} {shown!r} refused: {why}", param=param)
+
+
+def _roots_text(policy: SourcePolicy) -> str:
+    return ", ".join(str(root) for root in policy.allowed_roots) or "none"
+
+
+def _unexpanded_home(source: str, policy: SourcePolicy, param: str = "source") -> UnsafeSourceError:
+    return _refuse(
+        source,
+        f"'{source.split('/')[0]}' is not expanded (the daemon's home is not yours); a"
+        " local source is an absolute path under the data folder or a folder in"
+        f" [registry] allowed_roots ({_roots_text(policy)}): give the full path",
+        param,
+    )
+
+
+def is_path(source: str) -> bool:
+    """Whether :func:`check_source` reads ``source`` as a local path: it has no
+    URL scheme (``C:`` is a drive letter, not a scheme)."""
+    found = _SCHEME.match(source)
+    return found is None or len(found.group(1)) == 1
+
+
+def check_client_path(source: str, policy: SourcePolicy, *, param: str = "source") -> None:
+    """Refuse a local path that a client sent the daemon, over HTTP, unless it
+    is absolute.
+
+    The daemon would read a relative path against its own working directory,
+    and ``~`` as its own account's home: places the client cannot know, so
+    ``models/x`` would quietly mean ``<wherever the daemon was started>/models/x``.
+    The CLI runs in the user's own directory, where a relative path is what
+    the user means; it calls :func:`check_source` alone, which stores the path
+    resolved.
+
+    URLs (``pkg://``, ``hf://``, ``https://``, an artifact's) and an empty
+    ``source`` pass; everything else about the source is :func:`check_source`'s
+    to check. ``param`` is the request's field, named in the error.
+
+    :raises UnsafeSourceError: saying to give the absolute path.
+    """
+    if not source or not is_path(source):
+        return
+    if source.startswith("~"):
+        raise _unexpanded_home(source, policy, param)
+    if not Path(source).is_absolute():
+        raise _refuse(
+            source,
+            "it is a relative path, and the daemon's working directory is not yours; give"
+            " the absolute path on the daemon's machine, under the data folder or a folder"
+            f" in [registry] allowed_roots ({_roots_text(policy)})",
+            param,
+        )
 
 
 def check_source(
@@ -300,7 +359,9 @@ def check_source(
     daemon's account's home and not the client's, and ``~user`` would name
     (and, by whether it expands, reveal) another account. A shell expands an
     unquoted ``~/models`` before the CLI sees it; anything else gives the
-    full path.
+    full path. A relative path is resolved against this process's working
+    directory (the ``value`` to store is absolute); a path from an HTTP
+    client goes through :func:`check_client_path` first.
     """
     if not isinstance(source, str) or not source.strip():
         raise UnsafeSourceError("source must be a non-empty string", param="source")
@@ -308,11 +369,10 @@ def check_source(
         raise _refuse(source, f"longer than {_MAX_SOURCE_LENGTH} characters")
     _check_text(source)
 
-    found = _SCHEME.match(source)
-    scheme = found.group(1).lower() if found else None
-    if scheme is None or len(scheme) == 1:  # "C:\models" has a drive letter, not a scheme
+    if is_path(source):
         path = _check_path(source, policy)
         return ParsedSource("path", str(path), path)
+    scheme = source.partition(":")[0].lower()  # what _SCHEME matched
     if policy.artifacts is not None and policy.artifacts.owns(source):
         # the operator's own store (file:// and http:// roots too): fetched and verified
         return ParsedSource("artifact", source, policy.artifacts.fetch(source))
@@ -386,20 +446,14 @@ def _check_path(source: str, policy: SourcePolicy) -> Path:
     if "\\" in source:
         raise _refuse(source, "backslashes are not path separators here; use '/'")
     if source.startswith("~"):
-        roots = ", ".join(str(root) for root in policy.allowed_roots) or "none"
-        raise _refuse(
-            source,
-            f"'{source.split('/')[0]}' is not expanded (the daemon's home is not yours); a"
-            " local source is an absolute path under the data folder or a folder in"
-            f" [registry] allowed_roots ({roots}): give the full path",
-        )
+        raise _unexpanded_home(source, policy)
     path = Path(source)
     try:
         resolved = path.resolve()
     except (OSError, RuntimeError) as exc:  # a symlink loop
         raise _refuse(source, f"cannot resolve the path: {exc}") from None
     if not any(resolved.is_relative_to(root) for root in policy.allowed_roots):
-        roots = ", ".join(str(root) for root in policy.allowed_roots) or "none"
+        roots = _roots_text(policy)
         via = f" (it resolves to {resolved})" if resolved != path.absolute() else ""
         raise _refuse(
             source,

@@ -1,8 +1,8 @@
 """Fusions over HTTP: ``/api/fusions``.
 
 * ``POST /api/fusions`` — create (and, with ``dev``, fit) a fusion; 201 with
-  its card. ``dev`` is rows (``[{"text": ..., "label": ...}]``) or the path of
-  a file under the data folder or ``[registry] allowed_roots``. Without
+  its card. ``dev`` is rows (``[{"text": ..., "label": ...}]``) or the absolute
+  path of a file under the data folder or ``[registry] allowed_roots``. Without
   ``dev`` a classification fusion is checked against nothing: the card comes
   with ``"warnings": [...]`` saying so;
 * ``GET /api/fusions`` — the registered fusions;
@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from llmos.errors import LlmosError, UsageError
 from llmos.fusion.service import strategy_rows
-from llmos.registry.sources import check_source
+from llmos.registry.sources import check_client_path, check_source
 from llmos.runtime.kernel import Kernel
 from llmos.tuning.data import load_file
 from llmos.types import ModelFormat
@@ -50,7 +50,7 @@ class FusionIn(BaseModel):
     )
     options: dict[str, Any] = Field(default_factory=dict, description="Strategy options")
     dev: list[dict[str, Any]] | str | None = Field(
-        None, description="Dev rows to fit on, or a file path under an allowed root"
+        None, description="Dev rows to fit on, or an absolute file path under an allowed root"
     )
     description: str = ""
     tags: list[str] = Field(default_factory=list)
@@ -62,7 +62,7 @@ def fusions_router(kernel: Kernel) -> APIRouter:
     def dev_rows(value: list[dict[str, Any]] | str | None) -> list[dict[str, Any]] | None:
         if not isinstance(value, str):
             return value
-
+        check_client_path(value, kernel.registry.policy, param="dev")
         try:
             parsed = check_source(value, kernel.registry.policy)
         except LlmosError as exc:

@@ -9,6 +9,10 @@ the daemon's one error shape. Handlers that touch SQLite or files are plain
 ``async`` only to stream the body to a file, and hands the file and
 database work to the thread pool too.
 
+A local path in a body (a card's ``source``, a scan's ``path``, the seed's
+``model_url``) must be absolute: the daemon's working directory is not the
+client's (:func:`~llmos.registry.sources.check_client_path`).
+
 Paths take model references with a ``/`` (``vendor/model``) and an
 ``@version`` or ``@alias``, so they use a ``{ref:path}`` parameter; the routes
 with a fixed tail (``/versions``, ``/aliases/...``, ``/tags``, ``/artifact``
@@ -36,6 +40,7 @@ from starlette.types import Scope
 
 from llmos.errors import LlmosError, NotFoundError, UsageError
 from llmos.registry.artifacts import ARCHIVE_SUFFIXES
+from llmos.registry.sources import check_client_path
 from llmos.registry.store import MAX_LIMIT, SORTS, RegistryStore
 from llmos.runtime.kernel import Kernel
 from llmos.types import ModelCard, ModelFormat, validate_model_name
@@ -80,8 +85,8 @@ class CardIn(_Body):
     )
     source: str = Field(
         "",
-        description="A path under an allowed root, pkg://dist/path, hf://org/name, https://, or"
-        " an artifact's URL inside [artifacts] root",
+        description="An absolute path under an allowed root, pkg://dist/path, hf://org/name,"
+        " https://, or an artifact's URL inside [artifacts] root",
     )
     tasks: list[str] = []
     family: str | None = None
@@ -113,7 +118,9 @@ class DescriptionIn(_Body):
 
 class ScanIn(_Body):
     path: str = Field(
-        min_length=1, description="A folder or .gguf file under home or [registry] allowed_roots"
+        min_length=1,
+        description="The absolute path of a folder or .gguf file under home or [registry]"
+        " allowed_roots",
     )
 
 
@@ -124,7 +131,8 @@ class SeedRegisterIn(_Body):
 
     model_name: str
     model_url: str = Field(
-        min_length=1, description="Where the weights are: https://, hf://, pkg:// or a path"
+        min_length=1,
+        description="Where the weights are: https://, hf://, pkg:// or an absolute path",
     )
     model_description: str = ""
     provider: str = Field(
@@ -177,12 +185,14 @@ def models_router(kernel: Kernel) -> APIRouter:
 
     @router.post(PREFIX, status_code=201, tags=_TAGS, summary="Register a model card")
     def register(body: CardIn) -> dict[str, Any]:
+        check_client_path(body.source, kernel.registry.policy)
         card = ModelCard.from_dict(body.model_dump(exclude={"if_changed"}))
         stored = kernel.registry.submit(card, CREATED_BY, if_changed=body.if_changed)
         return {"card": stored.to_dict()}
 
     @router.post(PREFIX + "/scan", tags=_TAGS, summary="Register the models found under a path")
     def scan(body: ScanIn) -> dict[str, Any]:
+        check_client_path(body.path, kernel.registry.policy, param="path")
         registered, result = kernel.registry.scan(Path(body.path), CREATED_BY)
         return {
             "registered": [card.to_dict() for card in registered],
@@ -309,6 +319,7 @@ def models_router(kernel: Kernel) -> APIRouter:
         ),
     )
     def seed_register(body: SeedRegisterIn) -> dict[str, Any]:
+        check_client_path(body.model_url, kernel.registry.policy, param="model_url")
         tasks = body.tasks if body.tasks is not None else _infer_tasks(body.model_description)
         card = ModelCard(
             name=body.model_name,

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -40,7 +39,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from llmos.errors import LlmosError, Unavailable, UsageError
-from llmos.registry.sources import check_source
+from llmos.registry.sources import check_client_path, check_source, is_path
 from llmos.runtime.kernel import Kernel
 from llmos.tuning.data import SPLITS
 from llmos.tuning.jobs import (
@@ -73,7 +72,9 @@ class _Body(BaseModel):
 
 
 class DataIn(_Body):
-    train: Split = Field(description="Rows ({text, label} …) or a file path under an allowed root")
+    train: Split = Field(
+        description="Rows ({text, label} …) or an absolute file path under an allowed root"
+    )
     dev: Split | None = None
     test: Split | None = None
 
@@ -117,12 +118,13 @@ def tuning_router(kernel: Kernel) -> APIRouter:
         for split in SPLITS:
             value = getattr(data, split)
             if isinstance(value, str):
-                if not (value.startswith("pkg://") or os.path.isabs(value)):
-                    # No "~" (whose home? a "~user" made a 500), no path relative to
-                    # wherever the daemon runs, no URL (looked up in DNS for nothing).
+                # No "~" (whose home? a "~user" made a 500), no path relative to
+                # wherever the daemon runs, no URL (looked up in DNS for nothing).
+                check_client_path(value, kernel.registry.policy, param=f"data.{split}")
+                if not (value.startswith("pkg://") or is_path(value)):
                     raise UsageError(
-                        f"data.{split}: {value[:200]!r} is not an absolute path; give rows,"
-                        " or the absolute path of a file under the data folder or"
+                        f"data.{split}: {value[:200]!r} is a URL, which is not read here;"
+                        " give rows, or the absolute path of a file under the data folder or"
                         " [registry] allowed_roots",
                         param=f"data.{split}",
                     )
