@@ -18,15 +18,13 @@ from typing import Any
 import attrs
 import httpx
 import pytest
-import structlog
 
 from llmos.config import load_config
 from llmos.errors import UsageError, error_type
-from llmos.logs import configure_logging
 from llmos.plugin import hookimpl
 from llmos.runtime.kernel import Kernel
 from llmos.server import DaemonServer, create_app
-from llmos.testing import safetensors_bytes, serve_app
+from llmos.testing import json_logs, safetensors_bytes, serve_app
 from llmos.types import (
     Capability,
     CheckRequest,
@@ -48,9 +46,8 @@ SEED_BODY = (
 
 @pytest.fixture(autouse=True, scope="module")
 def _json_logs() -> Iterator[None]:
-    configure_logging("warning", fmt="json")
-    yield
-    structlog.reset_defaults()
+    with json_logs():
+        yield
 
 
 # --------------------------------------------------------------------------

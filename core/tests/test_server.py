@@ -21,7 +21,6 @@ from typing import Any
 import attrs
 import httpx
 import pytest
-import structlog
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
@@ -29,11 +28,10 @@ from pydantic import BaseModel
 from llmos import __version__
 from llmos.config import load_config
 from llmos.errors import ConfigError, NotFoundError, error_type
-from llmos.logs import configure_logging
 from llmos.plugin import hookimpl
 from llmos.runtime.kernel import Kernel
 from llmos.server import DaemonServer, check_bind, create_app, serve
-from llmos.testing import serve_app
+from llmos.testing import json_logs, serve_app
 from llmos.types import RouteSpec
 
 CAP = 1024
@@ -43,9 +41,8 @@ CAP = 1024
 def _json_logs() -> Iterator[None]:
     # JSON lines render exceptions as plain text, quickly; the console
     # renderer's rich tracebacks take seconds per 500.
-    configure_logging("warning", fmt="json")
-    yield
-    structlog.reset_defaults()
+    with json_logs():
+        yield
 
 
 def _wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:

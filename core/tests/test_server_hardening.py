@@ -18,17 +18,15 @@ from typing import Any
 import attrs
 import httpx
 import pytest
-import structlog
 from fastapi import APIRouter, Request
 
 from llmos.config import load_config
 from llmos.errors import ConfigError, error_type
-from llmos.logs import configure_logging
 from llmos.plugin import hookimpl
 from llmos.runtime.kernel import Kernel
 from llmos.server import create_app
 from llmos.server.middleware import host_name
-from llmos.testing import RunningDaemon, serve_app
+from llmos.testing import RunningDaemon, json_logs, serve_app
 from llmos.types import NAME_PATTERN, RouteSpec
 
 #: what every operation but the probes declares, besides its own responses
@@ -37,9 +35,8 @@ ERRORS = ("400", "401", "404", "413", "429")
 
 @pytest.fixture(autouse=True, scope="module")
 def _json_logs() -> Iterator[None]:
-    configure_logging("warning", fmt="json")
-    yield
-    structlog.reset_defaults()
+    with json_logs():
+        yield
 
 
 class Routes:

@@ -51,6 +51,24 @@ def registered(pm: PluginManager, plugin: object, name: str) -> Iterator[PluginI
         pm.unregister(name)
 
 
+@contextlib.contextmanager
+def json_logs(level: str = "warning") -> Iterator[None]:
+    """llmos's logging as JSON lines at ``level`` for a block of tests (quick to
+    render, easy to parse), then structlog's configuration as it was before —
+    not structlog's defaults, which print every level to stdout and would
+    corrupt the ``--json`` output of a CLI test that runs later."""
+    import structlog
+
+    from llmos.logs import configure_logging
+
+    saved = structlog.get_config()
+    configure_logging(level, fmt="json")
+    try:
+        yield
+    finally:
+        structlog.configure(**saved)
+
+
 def write_distribution(
     root: Path, dist: str, source: str, *, entry: str | None = None, version: str = "1.0"
 ) -> None:
