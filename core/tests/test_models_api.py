@@ -525,9 +525,13 @@ def test_scan_registers_what_it_finds_under_allowed_roots(
 
     outside = tmp_path / "outside"
     _write(outside / "m", model_files([2, 2]))
-    for path in [str(outside), f"{models}/../../outside", "file:///etc"]:
+    for path in [str(outside), f"{models}/../../outside"]:
         error = _error(d.client.post("/api/models/scan", json={"path": path}), 400, "unsafe_source")
         assert error["param"] == "source"
+    for url in ["file:///etc", "hf://org/name"]:  # a folder to scan, not a source
+        response = d.client.post("/api/models/scan", json={"path": url})
+        error = _error(response, 400, "invalid_request_error")
+        assert error["param"] == "path" and f"{url!r} is a URL" in error["message"]
     _error(
         d.client.post("/api/models/scan", json={"path": str(models / "missing")}),
         400,

@@ -175,7 +175,7 @@ def test_a_streamed_json_answer_is_the_same(model: LoadedModel) -> None:
     jsonschema_rs.validate(SCHEMA, json.loads(text))
     with pytest.raises(UsageError) as caught:
         list(model.stream([ChatRequest(messages=ASK, tools=(WEATHER,), tool_choice="required")]))
-    assert caught.value.param == "stream"
+    assert caught.value.param == "stream" and "answered whole" in caught.value.message
 
 
 @pytest.mark.parametrize(

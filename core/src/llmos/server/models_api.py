@@ -40,7 +40,7 @@ from starlette.types import Scope
 
 from llmos.errors import LlmosError, NotFoundError, UsageError
 from llmos.registry.artifacts import ARCHIVE_SUFFIXES
-from llmos.registry.sources import check_client_path
+from llmos.registry.sources import check_client_path, is_path
 from llmos.registry.store import MAX_LIMIT, SORTS, RegistryStore
 from llmos.runtime.kernel import Kernel
 from llmos.types import ModelCard, ModelFormat, validate_model_name
@@ -192,6 +192,12 @@ def models_router(kernel: Kernel) -> APIRouter:
 
     @router.post(PREFIX + "/scan", tags=_TAGS, summary="Register the models found under a path")
     def scan(body: ScanIn) -> dict[str, Any]:
+        if not is_path(body.path):
+            raise UsageError(
+                f"path {body.path[:200]!r} is a URL; scan reads a folder on the daemon's"
+                " machine (register a URL source with POST /api/models)",
+                param="path",
+            )
         check_client_path(body.path, kernel.registry.policy, param="path")
         registered, result = kernel.registry.scan(Path(body.path), CREATED_BY)
         return {

@@ -220,12 +220,13 @@ def generation_limit(
 
 
 def check_streamable(request: CompletionRequest | ChatRequest) -> None:
-    """Refuse a stream whose chat may call tools (tool calls are parsed from
-    the whole answer, never streamed)."""
-    if isinstance(request, ChatRequest) and request.tools and request.tool_choice != "none":
+    """Refuse a stream whose chat may call tools: tool calls are parsed from the
+    whole answer, so the kernel answers such a stream with ``chat`` (one chunk);
+    only a caller of the provider's ``stream`` itself gets here."""
+    if isinstance(request, ChatRequest) and request.may_call_tools:
         raise UsageError(
-            "tools are not supported with streaming (yet): leave stream out, or send"
-            ' tool_choice "none"',
+            "a chat that may call tools is answered whole, not streamed token by token:"
+            ' call chat (the kernel does so for a streamed request), or send tool_choice "none"',
             param="stream",
         )
 
