@@ -529,3 +529,68 @@ def test_dashboard_without_data_or_keys_in_chromium(
     )
     save_screenshot(page, tmp_path / "dashboard-empty.png")
     assert page.problems == []
+
+
+class _WatchedReplicas:
+    """An executor whose placed models say how they are: HEALTHY with one
+    replica running, or (while ``sick`` exists) a failing health check."""
+
+    def __init__(self, context: Any, sick: Path) -> None:
+        self.home, self.emit, self.sick = context.home / "replicas", context.emit, sick
+
+    def place(self, request: Any) -> Any:
+        from llmos.replica import Replica
+
+        sick = self.sick
+
+        class Watched(Replica):
+            def health(self) -> dict[str, Any]:
+                if sick.exists():
+                    raise RuntimeError("the replica's node does not answer")
+                return {"status": "HEALTHY", "replicas": {"RUNNING": 1}}
+
+        return Watched(request, home=self.home, emit=self.emit)
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_state_column_shows_where_a_model_runs_and_its_health_in_chromium(
+    start_daemon: Callable[..., RunningDaemon], page: Any, tmp_path: Path
+) -> None:
+    from llmos.plugin import hookimpl
+    from llmos.types import ExecutorSpec
+
+    sick = tmp_path / "sick"
+
+    class Plugin:
+        @hookimpl
+        def llmos_register_executors(self, register: Callable[[Any], None]) -> None:
+            register(ExecutorSpec(name="watched", create=lambda c: _WatchedReplicas(c, sick)))
+
+    daemon = start_daemon('runtime.executor="watched"', plugin=Plugin())
+    api = httpx.Client(base_url=daemon.url, timeout=30)
+    answer = api.post("/v1/completions", json={"model": "slow", "prompt": "hi"})
+    assert answer.status_code == 200, answer.text
+    page.goto(daemon.url + "/")
+    state = page.locator('#models tr[data-model="slow@1"] [data-field="state"]')
+    page.wait_for_function(
+        """() => { const s = document.querySelector(
+                     '#models tr[data-model="slow@1"] [data-field="state"]');
+                   return s && s.dataset.health === "HEALTHY"; }""",
+        timeout=15_000,
+    )
+    assert state.get_attribute("data-placed") == "watched"
+    assert state.inner_text().strip() == "loaded · table · watched HEALTHY 1 RUNNING"
+    assert "bad" not in (state.get_attribute("class") or "")
+
+    sick.touch()  # its health check now fails: the row says so
+    page.wait_for_function(
+        """() => document.querySelector(
+                   '#models tr[data-model="slow@1"] [data-field="state"]').dataset.health
+                 === "error" """,
+        timeout=15_000,
+    )
+    assert "watched error: RuntimeError: the replica's node does not answer" in state.inner_text()
+    assert "bad" in (state.get_attribute("class") or "")
+    assert page.problems == []

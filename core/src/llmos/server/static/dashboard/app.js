@@ -442,7 +442,10 @@ function renderModels(summary) {
       const accuracy = evaluation && typeof evaluation.score === "number"
         ? `${evaluation.score.toFixed(3)}${typeof evaluation.registered === "number" ? ` (reg. ${evaluation.registered.toFixed(3)})` : ""}`
         : DASH;
-      const stateText = m.loaded ? `loaded${m.provider ? ` · ${m.provider}` : ""}` : "not loaded";
+      const where = placement(m);
+      const stateText = m.loaded
+        ? `loaded${m.provider ? ` · ${m.provider}` : ""}${where.text ? ` · ${where.text}` : ""}`
+        : "not loaded";
       return h(
         "tr",
         { "data-model": name, class: state.model === name ? "selected" : "" },
@@ -458,10 +461,40 @@ function renderModels(summary) {
         cell("batch_size_mean", m.batch_size_mean, batch),
         cell("queued", m.queued, live),
         cell("accuracy", evaluation ? evaluation.score : null, accuracy),
-        h("td", { class: m.loaded ? "state on" : "state" }, stateText),
+        h(
+          "td",
+          {
+            class: `state${m.loaded ? " on" : ""}${where.bad ? " bad" : ""}`,
+            "data-field": "state",
+            "data-placed": m.placed || "",
+            "data-health": where.health,
+          },
+          stateText,
+        ),
       );
     }),
   );
+}
+
+// Where a loaded model runs and what its executor says of it, as `llmos top`
+// shows it: "ray HEALTHY 2 RUNNING", "ray error: …"; nothing for this process.
+function placement(m) {
+  const health = m.health || null;
+  if (!health) return { text: m.placed || "", bad: false, health: "" };
+  const where = m.placed ? `${m.placed} ` : "";
+  if ("error" in health) {
+    const error = String(health.error);
+    return {
+      text: `${where}error: ${error.length <= 60 ? error : `${error.slice(0, 57)}...`}`,
+      bad: true,
+      health: "error",
+    };
+  }
+  const status = String(health.status || "?");
+  const replicas = health.replicas && typeof health.replicas === "object"
+    ? Object.entries(health.replicas).map(([state, n]) => `${n} ${state}`).join(" ")
+    : "";
+  return { text: `${where}${status}${replicas ? ` ${replicas}` : ""}`, bad: status !== "HEALTHY", health: status };
 }
 
 // The window's span of time; while the daemon is younger than the window,
