@@ -96,6 +96,8 @@ def test_a_daemon_placing_the_model_otherwise_gets_its_own_application(tiny_dir:
     assert app_name("tiny", fingerprint(request, two)) != same  # replicas differ
     other_options = tiny_spec("tiny", tiny_dir, max_batch_size=3)
     assert app_name("tiny", fingerprint(other_options, one)) != same  # batching differs
+    # another llmos installation (namespace) on the same cluster keeps its own
+    assert app_name("tiny", fingerprint(request, one, "staging")) != same
 
 
 def test_two_daemons_placing_at_once_deploy_it_once(

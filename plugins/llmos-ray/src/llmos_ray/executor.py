@@ -92,9 +92,13 @@ def app_name(key: str, fingerprint: str = "") -> str:
 _DESCRIPTIVE = frozenset({"created_at", "created_by", "description", "license", "scores", "tags"})
 
 
-def fingerprint(request: PlacementRequest, deployment: Mapping[str, Any]) -> str:
+def fingerprint(
+    request: PlacementRequest, deployment: Mapping[str, Any], namespace: str = "llmos"
+) -> str:
     """A digest of what a model's replicas serve (the shipped placement: card,
-    provider, options, paths, batching) and how they are deployed."""
+    provider, options, paths, batching), how they are deployed, and the llmos
+    namespace placing them (Serve's application names are the cluster's, so
+    two installations on one cluster keep apart)."""
 
     def serving(field: attrs.Attribute, _value: Any) -> bool:  # type: ignore[type-arg]
         # not the kernel's emit, nor its artifact store (credentials; an artifact's
@@ -104,7 +108,7 @@ def fingerprint(request: PlacementRequest, deployment: Mapping[str, Any]) -> str
         )
 
     shipped = attrs.asdict(request, recurse=True, filter=serving)
-    text = json.dumps([shipped, dict(deployment)], sort_keys=True, default=str)
+    text = json.dumps([shipped, dict(deployment), namespace], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -425,7 +429,7 @@ class RayExecutor:
         # the kernel's emit stays here; the card's ray options are not the provider's
         shipped = attrs.evolve(request, emit=None, card=_without_ray(request.card))
         options = settings.deployment_options()
-        app = app_name(request.key, fingerprint(shipped, options))
+        app = app_name(request.key, fingerprint(shipped, options, self.namespace))
         started = time.perf_counter()
         handle = self._deploy_or_attach(request.key, app, shipped, options, timeout_s)
         try:
