@@ -10,12 +10,15 @@ import sys
 import textwrap
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import psycopg
 import pytest
 
 from llmos.errors import ConfigError, Unavailable
+from llmos.registry.store import SearchPage
 from llmos.store_contract import card
+from llmos.types import ModelCard
 from llmos_postgres import store as store_module
 from llmos_postgres.store import PostgresStore, describe_dsn
 from llmos_postgres.testing import Server
@@ -267,6 +270,94 @@ def test_walking_the_impact_index_pages_as_scoring_every_match_does(
         by_offset += key(page)
         offset = page.next_offset
     assert seen == by_offset == key(every)
+
+
+def _phrase_cards() -> list[ModelCard]:
+    """Cards where "text" and "classification" are often far apart, in
+    columns of every weight, so that a word's weight says little about the
+    phrase's: what bounds the phrase must still find its best."""
+    cards = []
+    for i in range(160):
+        apart = "classification of " + "text " * (i % 4) if i % 3 else ""
+        close = "text classification " * (i % 5 == 0) + "a text classification model" * (i % 2)
+        cards.append(
+            card(
+                f"vendor{i % 7}/text-model-{i:03d}" if i % 11 == 0 else f"vendor{i % 7}/m-{i:03d}",
+                description=(f"{apart}{close}" + " bert" * (i % 5 < 2)) * (1 + i % 2)
+                + " padding" * (i % 9),
+                tasks=[["text-classification"], ["token-classification"], []][i % 3],
+                tags=["even" if i % 2 == 0 else "odd", *(["text"] if i % 4 == 1 else [])],
+            )
+        )
+    return cards
+
+
+@pytest.mark.parametrize(
+    ("query", "bounded", "zeros"),
+    [
+        ('"text classification"', True, False),
+        ('"text classification" NOT tag:odd', True, False),
+        ('"text classification" NOT vendor3', True, False),
+        ('"classification of text"', True, False),
+        ("bert OR tag:odd", False, True),
+        ("bert OR NOT tag:odd", False, True),
+        ('"text classification" OR tag:even', True, True),
+        ("(bert OR tag:odd) NOT vendor2", False, True),
+        ("tag:odd OR (bert NOT padding)", False, True),
+        # A tag filter ANDed at the top: every match scored, as before.
+        ('"text classification" tag:odd', False, False),
+        ("(bert OR vendor1) tag:odd", False, False),
+    ],
+)
+@pytest.mark.parametrize("descending", [True, False])
+def test_phrases_and_text_under_or_page_as_scoring_every_match_does(
+    open_pg: OpenPg,
+    monkeypatch: pytest.MonkeyPatch,
+    query: str,
+    bounded: bool,
+    zeros: bool,
+    descending: bool,
+) -> None:
+    """Past the count limit a quoted phrase scores only the versions its
+    bound lets rank on the page, and free text under OR only the hits that
+    contain it (the rest, scoring 0, follow newest first): same hits, same
+    scores, same order as scoring every match, across cursors and offsets."""
+    open_pg().register_many(_phrase_cards())
+    every = open_pg().search(query, descending=descending, limit=1000)
+    assert every.total_exact and every.total > 5
+    # Each way is taken (and counted) where it applies: it is what is tested.
+    taken: dict[str, int] = {"_bounded": 0, "_zeros": 0}
+    for name in taken:
+        real = getattr(PostgresStore, name)
+
+        def counted(*args: Any, _real: Any = real, _name: str = name, **kw: Any) -> Any:
+            taken[_name] += 1
+            return _real(*args, **kw)
+
+        monkeypatch.setattr(PostgresStore, name, counted)
+    quick = open_pg(count_limit=5)
+
+    def key(page: SearchPage) -> list[tuple[str, float | None]]:
+        return [(hit.card.name, hit.score) for hit in page.items]
+
+    seen, cursor = [], None
+    while True:
+        page = quick.search(query, descending=descending, limit=7, cursor=cursor)
+        assert not page.total_exact
+        seen += key(page)
+        if (cursor := page.next_cursor) is None:
+            break
+    by_offset: list[tuple[str, float | None]] = []
+    offset: int | None = 0
+    while offset is not None:
+        page = quick.search(query, descending=descending, limit=7, offset=offset)
+        by_offset += key(page)
+        offset = page.next_offset
+    assert seen == by_offset == key(every)
+    if descending:
+        assert (taken["_bounded"] > 0, taken["_zeros"] > 0) == (bounded, zeros), taken
+    else:  # worst first: every match is scored
+        assert taken == {"_bounded": 0, "_zeros": 0}
 
 
 def test_the_search_statistics_follow_every_write(server: Server, open_pg: OpenPg) -> None:

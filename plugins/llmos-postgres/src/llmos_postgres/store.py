@@ -28,7 +28,10 @@ How it keeps that contract on a server:
   floats; ``corpus`` holds the version count and token total, ``terms`` each
   term's document count, for the IDF and the average length. A one-word
   query with many matches reads them best first from an index on (term,
-  weight, length) instead of scoring them all.
+  weight, length) instead of scoring them all; so is a quoted phrase
+  (by its rarest word's weight, which bounds the phrase's), and free text
+  under ``OR`` scores only the hits that contain it, the others (score 0)
+  following by id.
 * **migrations**: ``registry_schema`` holds the schema version; the steps of
   :data:`MIGRATIONS` run in one transaction under an advisory lock, and a
   schema newer than this plugin is refused.
@@ -42,6 +45,7 @@ How it keeps that contract on a server:
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import threading
@@ -60,7 +64,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from llmos.errors import ConfigError, LlmosError, NotFoundError, Unavailable
 from llmos.registry import ranking
-from llmos.registry.query import And, Node, Text, parse_query, plan_search
+from llmos.registry.query import And, Filter, Node, Not, Or, Text, parse_query, plan_search
 from llmos.registry.store import (
     COUNT_LIMIT,
     LATEST,
@@ -272,6 +276,13 @@ def _bm25_sql(f: str, avgdl: str) -> str:
     )
 
 
+#: the version ``v`` of the postings row ``p``, read by its key for each row a
+#: walk reads: as a join, the planner may hash every version that passes the
+#: query's filters for each weight walked (a NOT on a tag: 35 ms each, 0.7 s
+#: a search, where the probes take 8 ms), and OFFSET 0 keeps it from merging
+#: this subquery into such a join
+_VERSION_OF_P = "(SELECT * FROM versions WHERE id = p.version_id OFFSET 0) v"
+
 # order (:func:`~llmos.registry.store.search_order`) -> the key expression over ``v``
 _SORT_KEYS = {
     "name": "v.name",
@@ -290,6 +301,19 @@ class _Delta:
 
 
 @attrs.frozen
+class _Scoring:
+    """How a ranked search scores: ``score``, bm25 of ``v`` in SQL; ``joins``,
+    the joins it reads; ``weight``, the first phrase's IDF weight; ``avgdl``;
+    ``docs``, each scoring word's document count."""
+
+    score: PgSql
+    joins: PgSql
+    weight: float
+    avgdl: float
+    docs: dict[str, int]
+
+
+@attrs.frozen
 class _Drive:
     """How a search finds its rows: ``source``, joins after ``versions v``
     (a postings row per word that every hit contains: the search can start
@@ -299,6 +323,41 @@ class _Drive:
     source: PgSql
     rest: PgSql
     scores: dict[int, str]
+
+
+def _semi(node: Node | bool | None) -> bool:
+    """Whether ``node`` ANDs a tag or task filter at its top: PostgreSQL makes
+    it a join, which a walk's plan repeats for each weight (a hash of every
+    version with the tag, each time), where a probe per version would do."""
+    conjuncts = node.items if isinstance(node, And) else (node,)
+    return any(isinstance(c, Filter) and c.field in ("tag", "task") for c in conjuncts)
+
+
+def _given(
+    node: Node | None, phrase: tuple[str, ...], tokens: Callable[[str], tuple[str, ...]]
+) -> Node | bool:
+    """``node`` for a version known to contain ``phrase``: each free text of
+    those very tokens is true, and what that decides is folded away."""
+    if node is None:
+        return True
+    if isinstance(node, Text):
+        return True if node.searchable and tokens(node.text) == phrase else node
+    if isinstance(node, Not):
+        inner = _given(node.item, phrase, tokens)
+        return (not inner) if isinstance(inner, bool) else Not(inner)
+    if isinstance(node, And | Or):
+        decides = isinstance(node, Or)  # the value that decides the whole
+        kept: list[Node] = []
+        for item in node.items:
+            value = _given(item, phrase, tokens)
+            if value is decides:
+                return decides
+            if not isinstance(value, bool):
+                kept.append(value)
+        if not kept:
+            return not decides
+        return kept[0] if len(kept) == 1 else type(node)(tuple(kept))
+    return node
 
 
 # -------------------------------------------------------------------- store
@@ -393,6 +452,10 @@ class PostgresStore:
             # and to hand rows back than they save (a broad phrase at 20k
             # cards, 2 cores: 213 ms a search with two workers, 61 ms without).
             conn.execute("SET max_parallel_workers_per_gather = 0")
+            # Nor is compiling a statement worth it: a walk's estimated cost
+            # passes jit_above_cost, and LLVM took 11 ms to compile one that
+            # runs in 7 ms.
+            conn.execute("SET jit = off")
         except psycopg.Error:
             conn.close()
             raise
@@ -882,14 +945,13 @@ class PostgresStore:
         c: psycopg.Cursor[Any],
         phrases: Sequence[tuple[str, ...]],
         joined: Mapping[int, str],
-    ) -> tuple[PgSql, PgSql, tuple[float, float]] | None:
+    ) -> _Scoring | None:
         """bm25 of the version ``v`` for the scoring phrases, in SQL, with the
         IDFs and average length of now, and the joins it reads (a word's
         postings row, joined: a hash join over its matches, where a lookup per
-        version costs an index probe each), and the first phrase's IDF weight
-        and the average length; None when nothing can score. ``joined``: the
-        phrases whose weighted count a driving join already reads (phrase
-        index -> column)."""
+        version costs an index probe each); None when nothing can score.
+        ``joined``: the phrases whose weighted count a driving join already
+        reads (phrase index -> column)."""
         versions, tokens = c.execute("SELECT versions, tokens FROM corpus").fetchone()
         if not versions or not phrases or not all(phrases):
             return None
@@ -919,10 +981,12 @@ class PostgresStore:
             terms.append(f"%s::float8 * {_bm25_sql(f.sql, '%s::float8')}")
             # f appears twice in bm25: its parameters twice, around avgdl.
             params += [weight, *f.params, *f.params, avgdl]
-        return (
+        return _Scoring(
             PgSql("(" + " + ".join(terms) + ")", tuple(params)),
             PgSql(" ".join(joins), tuple(words)),
-            (params[0], avgdl),
+            params[0],
+            avgdl,
+            docs,
         )
 
     def _drive(self, node: Node | None, has_match: bool) -> _Drive:
@@ -972,54 +1036,186 @@ class PostgresStore:
         return _Drive(PgSql(" ".join(joins), tuple(words)), where, scores)
 
     @staticmethod
+    def _weights(word: str) -> PgSql:
+        """A recursive CTE ``w (weight)``: the weights ``word`` has in the
+        postings, one index probe each (a loose index scan)."""
+        return PgSql(
+            "WITH RECURSIVE w (weight) AS ("
+            " SELECT min(weight) FROM postings WHERE term = %s"
+            " UNION ALL"
+            " SELECT (SELECT min(weight) FROM postings WHERE term = %s AND weight > w.weight)"
+            " FROM w WHERE w.weight IS NOT NULL)",
+            (word, word),
+        )
+
     def _walk(
+        self,
         c: psycopg.Cursor[Any],
         word: str,
-        factors: tuple[float, float],
-        condition: str,
-        params: tuple[Any, ...],
-        desc: bool,
-        limit: int,
-        offset: int,
+        score: PgSql,
+        source: PgSql,
+        condition: PgSql,
+        want: int,
         after: tuple[Any, ...],
+        desc: bool = True,
     ) -> list[tuple[Any, ...]]:
-        """A ranked page of a one-word query with many matches, from the
-        impact index: for each weight the word has (a loose index scan), its
-        versions shortest first (best first: bm25 falls with the length at
-        one weight), checked against the rest of the query (``condition``)
-        until the page is full; the weights' pages merged. Reads about a page
-        per weight where scoring reads every match. Same scores, same order,
-        same ties (newest first) as the full scoring."""
-        score = f"(0.0::float8 + %s::float8 * {_bm25_sql('p.weight::float8', '%s::float8')})"
+        """The best ``want`` of the versions that contain ``word``, pass
+        ``condition`` and lie beyond the cursor, by ``score`` (joins
+        ``source`` after ``versions v``), among the ``want`` shortest of
+        each weight ``word`` has (a loose index scan of the impact index):
+        ``(id, score)`` best first, ties newest first (``desc`` false: the
+        longest of each weight, worst first, ties oldest first).
+
+        For one word scored by its own weight, that is the best ``want`` of
+        all (bm25 falls with the length at one weight, and the index lists
+        equal lengths newest first): a page per weight where scoring reads
+        every match. For a phrase, a first guess (see :meth:`_bounded`)."""
         order, direction, beyond = (
             ("p.size ASC, p.version_id DESC", "DESC", "<")
             if desc
             else ("p.size DESC, p.version_id ASC", "ASC", ">")
         )
-        cursor = f" AND ({score}, v.id) {beyond} (%s, %s)" if after else ""
+        cursor = f" AND ({score.sql}, v.id) {beyond} (%s, %s)" if after else ""
+        weights = self._weights(word)
         return c.execute(
-            "WITH RECURSIVE w (weight) AS ("
-            " SELECT min(weight) FROM postings WHERE term = %s"
-            " UNION ALL"
-            " SELECT (SELECT min(weight) FROM postings WHERE term = %s AND weight > w.weight)"
-            " FROM w WHERE w.weight IS NOT NULL)"
-            " SELECT id, k FROM w CROSS JOIN LATERAL ("
-            f" SELECT v.id AS id, {score} AS k"
-            " FROM postings p JOIN versions v ON v.id = p.version_id"
-            f" WHERE p.term = %s AND p.weight = w.weight AND {condition}{cursor}"
+            f"{weights.sql} SELECT id, k FROM w CROSS JOIN LATERAL ("
+            f" SELECT v.id AS id, {score.sql} AS k"
+            f" FROM postings p CROSS JOIN LATERAL {_VERSION_OF_P} {source.sql}"
+            f" WHERE p.term = %s AND p.weight = w.weight AND {condition.sql}{cursor}"
             f" ORDER BY {order} LIMIT %s) page"
-            f" ORDER BY k {direction}, id {direction} LIMIT %s OFFSET %s",
+            f" ORDER BY k {direction}, id {direction} LIMIT %s",
             (
+                *weights.params,
+                *score.params,
+                *source.params,
                 word,
-                word,
-                *factors,
-                word,
-                *params,
-                *((*factors, *after) if after else ()),
-                offset + limit + 1,
-                limit + 1,
-                offset,
+                *condition.params,
+                *((*score.params, *after) if after else ()),
+                want,
+                want,
             ),
+        ).fetchall()
+
+    def _bounded(
+        self,
+        c: psycopg.Cursor[Any],
+        words: Sequence[str],
+        scoring: _Scoring,
+        source: PgSql,
+        condition: PgSql,
+        want: int,
+        after: tuple[Any, ...],
+    ) -> list[tuple[Any, ...]]:
+        """The best ``want`` versions for a query whose one scoring phrase is
+        ``words`` (several), every hit containing it (``source`` joins its
+        postings, ``condition`` requires its words to follow each other):
+        ``(id, score)`` best first, ties newest first, as scoring every match
+        gives them, reading only the matches that can rank among them.
+
+        A phrase's weighted count is at most each of its words' (every
+        occurrence of the phrase is one of each word, in the same column),
+        and bm25 grows with the count: ``weight * bm25(min of the words'
+        weights, length)`` bounds a version's score. First the shortest
+        versions of each weight of the rarest word are scored
+        (:meth:`_walk`); the ``want``-th best of them, ``T``, is a score that
+        ``want`` matches reach. Then only the versions whose bound reaches
+        ``T`` are scored: the others rank below ``want`` matches."""
+        rare = min(words, key=lambda w: (scoring.docs.get(w, 0), w))
+        found = self._walk(c, rare, scoring.score, source, condition, want, after)
+        if len(found) < want:
+            # Fewer than ``want`` at every weight: every match was scored.
+            return found
+        floor = float(found[-1][1])
+        k1, b = ranking.K1, ranking.B
+        # bm25(m, s) >= floor / weight  <=>  s <= (m * slope - base) * scale;
+        # one length more than that, so that rounding cannot drop a version.
+        slope = (k1 + 1.0) * scoring.weight / floor - 1.0 if floor > 0 else math.inf
+        base, scale = k1 * (1.0 - b), scoring.avgdl / (k1 * b)
+        others = [w for w in words if w != rare]
+        least = (
+            "LEAST(" + ", ".join(["w.weight", *(f"e{i}.weight" for i in range(len(others)))]) + ")"
+        )
+        longest = "({m}::float8 * %s::float8 - %s::float8) * %s::float8 + 1.0"
+        bounds = (slope, base, scale)
+        # An integer for the weight's own bound: a range of the impact index.
+        within = f"p.size <= LEAST(floor({longest.format(m='w.weight')}), 2147483647)::integer"
+        fits = f"p.size::float8 <= {longest.format(m=least)}"
+        # Index-only probes of the other words' weights, before any version is read.
+        probes = " ".join(
+            f"JOIN postings e{i} ON e{i}.term = %s AND e{i}.version_id = p.version_id"
+            for i in range(len(others))
+        )
+        cursor = f" AND ({scoring.score.sql}, v.id) < (%s, %s)" if after else ""
+        weights = self._weights(rare)
+        return c.execute(
+            f"{weights.sql} SELECT id, k FROM w CROSS JOIN LATERAL ("
+            f" SELECT v.id AS id, {scoring.score.sql} AS k FROM postings p {probes}"
+            f" CROSS JOIN LATERAL {_VERSION_OF_P} {source.sql}"
+            f" WHERE p.term = %s AND p.weight = w.weight AND {within}"
+            f" AND {fits} AND {condition.sql}{cursor}"
+            # Planned for one weight at a time (not flattened into hash joins
+            # of the words' every posting): a range of lengths, then probes.
+            " OFFSET 0) page"
+            " ORDER BY k DESC, id DESC LIMIT %s",
+            (
+                *weights.params,
+                *scoring.score.params,
+                *others,
+                *source.params,
+                rare,
+                *bounds,
+                *bounds,
+                *condition.params,
+                *((*scoring.score.params, *after) if after else ()),
+                want,
+            ),
+        ).fetchall()
+
+    def _best(
+        self,
+        c: psycopg.Cursor[Any],
+        phrase: tuple[str, ...],
+        scoring: _Scoring,
+        drive: _Drive,
+        scope: str,
+        want: int,
+        after: tuple[Any, ...],
+        desc: bool,
+    ) -> list[tuple[Any, ...]]:
+        """The best ``want`` hits beyond the cursor of a query with one
+        scoring phrase that every hit of ``drive`` contains (``desc`` false,
+        one word only: the worst)."""
+        condition = PgSql(f"{scope} AND {drive.rest.sql}", drive.rest.params)
+        if len(phrase) == 1:
+            # Scored from the walked row itself: no join to read.
+            score = PgSql(
+                f"(0.0::float8 + %s::float8 * {_bm25_sql('p.weight::float8', '%s::float8')})",
+                (scoring.weight, scoring.avgdl),
+            )
+            return self._walk(c, phrase[0], score, PgSql(""), condition, want, after, desc)
+        assert desc
+        return self._bounded(c, phrase, scoring, drive.source, condition, want, after)
+
+    def _zeros(
+        self,
+        c: psycopg.Cursor[Any],
+        node: Node,
+        text: str,
+        scope: str,
+        want: int,
+        after: tuple[Any, ...],
+    ) -> list[tuple[Any, ...]]:
+        """The first ``want`` hits of ``node`` beyond the cursor that do not
+        contain the scoring ``text`` (score 0, after every hit that does),
+        newest first."""
+        if after and after[0] < 0:
+            return []
+        rest = to_pg(And((node, Not(Text(text)))), self._tokenizer.phrase)
+        cursor = " AND v.id < %s" if after and after[0] == 0 else ""
+        return c.execute(
+            f"SELECT v.id, 0.0::float8 FROM versions v WHERE {scope} AND {rest.sql}{cursor}"
+            " ORDER BY v.id DESC LIMIT %s",
+            (*rest.params, *((after[1],) if cursor else ()), want),
         ).fetchall()
 
     def search(
@@ -1046,8 +1242,38 @@ class PostgresStore:
         condition = f"{scope} AND {drive.rest.sql}"
         params = (*drive.source.params, *drive.rest.params)
         phrases = [self._tokenizer.phrase(text) for text in plan.phrases]
-        # One word every hit contains: its many matches are walked best first.
-        walkable = ranked and len(phrases) == 1 and drive.scores == {0: "d0.weight"}
+        # One scoring phrase, and many matches, best first: read from the
+        # impact index, not scored all (free text under OR: the hits that
+        # contain the phrase, then those that score 0).
+        quick = ranked and len(phrases) == 1 and len(phrases[0]) > 0
+        positive = drive
+        if quick and plan.match is None:
+            # The hits that contain the phrase, as if it drove the search,
+            # and the query for them: the phrase true wherever it stands
+            # (left as it is, its test reads every hit of the phrase).
+            given = _given(node, phrases[0], self._tokenizer.phrase)
+            quick = desc and not _semi(given)
+            if quick:
+                contains = self._drive(Text(plan.phrases[0]), True)
+                whole = (
+                    TRUE
+                    if given is True
+                    else PgSql("FALSE")
+                    if given is False
+                    else to_pg(given, self._tokenizer.phrase)
+                )
+                positive = _Drive(
+                    contains.source,
+                    PgSql(
+                        f"{whole.sql} AND {contains.rest.sql}",
+                        (*whole.params, *contains.rest.params),
+                    ),
+                    contains.scores,
+                )
+        elif quick:
+            # One word every hit contains is walked whatever else the query
+            # says and either way; a phrase, best first only.
+            quick = 0 in drive.scores and (len(phrases[0]) == 1 or (desc and not _semi(node)))
 
         def work(c: psycopg.Cursor[Any]) -> SearchPage:
             total = c.execute(
@@ -1057,27 +1283,37 @@ class PostgresStore:
             ).fetchone()[0]
             rows: list[tuple[Any, ...]] = []
             if ranked:
-                scoring = self._score(c, phrases, drive.scores)
-                if scoring is not None and walkable and total > self.count_limit:
-                    rows = self._walk(
-                        c,
-                        phrases[0][0],
-                        scoring[2],
-                        condition,
-                        drive.rest.params,
-                        desc,
-                        limit,
-                        offset,
-                        after,
-                    )
-                elif scoring is not None:
-                    score, joins, _ = scoring
-                    source = PgSql(
-                        f"{drive.source.sql} {joins.sql}", (*drive.source.params, *joins.params)
-                    )
-                    rows = self._page(
-                        c, score, source, condition, drive.rest.params, desc, limit, offset, after
-                    )
+                want = offset + limit + 1
+                if quick and total > self.count_limit:
+                    scoring = self._score(c, phrases, positive.scores)
+                    if scoring is not None:
+                        best = self._best(
+                            c, phrases[0], scoring, positive, scope, want, after, desc
+                        )
+                        if plan.match is None and len(best) < want:
+                            assert node is not None
+                            best += self._zeros(
+                                c, node, plan.phrases[0], scope, want - len(best), after
+                            )
+                        rows = best[offset:]
+                else:
+                    scoring = self._score(c, phrases, drive.scores)
+                    if scoring is not None:
+                        source = PgSql(
+                            f"{drive.source.sql} {scoring.joins.sql}",
+                            (*drive.source.params, *scoring.joins.params),
+                        )
+                        rows = self._page(
+                            c,
+                            scoring.score,
+                            source,
+                            condition,
+                            drive.rest.params,
+                            desc,
+                            limit,
+                            offset,
+                            after,
+                        )
             else:
                 assert order is not None
                 rows = self._page(
