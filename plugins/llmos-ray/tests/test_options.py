@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from llmos.errors import ConfigError
@@ -103,3 +105,31 @@ def test_autoscaling_timing_reaches_serve_only_when_set() -> None:
         "upscale_delay_s": 0.0,
         "look_back_period_s": 2.0,
     }
+
+
+def test_an_address_nothing_answers_on_is_refused_at_once() -> None:
+    import socket
+    import time
+
+    from llmos.errors import Unavailable
+    from llmos_ray.executor import check_reachable
+
+    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    started = time.monotonic()
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        with pytest.raises(Unavailable) as caught:
+            check_reachable(address, timeout_s=5)
+        assert f"the Ray cluster at {address}" in caught.value.message
+        assert f"ray start --head --port {port}" in caught.value.message
+    assert time.monotonic() - started < 5  # refused, not retried for minutes
+    with pytest.raises(ConfigError, match='give "auto", "HOST:PORT"'):
+        check_reachable("head-node", timeout_s=1)
+    check_reachable("auto", timeout_s=1)  # Ray's to find
+
+
+def test_a_running_clusters_address_passes_the_check(cluster: Any) -> None:
+    from llmos_ray.executor import check_reachable
+
+    check_reachable(cluster.address, timeout_s=5)  # the test cluster's head answers

@@ -39,6 +39,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import threading
 import time
 import uuid
@@ -71,7 +72,14 @@ from llmos_ray.placements import placements
 from llmos_ray.replica import ModelReplica
 from llmos_ray.wire import Answer
 
-__all__ = ["RayExecutor", "RayModel", "RayStream", "app_name", "fingerprint"]
+__all__ = [
+    "RayExecutor",
+    "RayModel",
+    "RayStream",
+    "app_name",
+    "check_reachable",
+    "fingerprint",
+]
 
 log = structlog.get_logger("llmos.ray")
 
@@ -110,6 +118,32 @@ def fingerprint(
     shipped = attrs.asdict(request, recurse=True, filter=serving)
     text = json.dumps([shipped, dict(deployment), namespace], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def check_reachable(address: str, timeout_s: float) -> None:
+    """Refuse, at once, a cluster address nothing answers on: ``ray.init``
+    would retry it for minutes, holding up the request that placed the first
+    model. ``auto`` is Ray's to find (it fails fast when there is none).
+
+    :raises Unavailable: naming the address and what to do (503: the cluster
+        may come up, and the next request tries again)."""
+    target = address.removeprefix("ray://")
+    if target == "auto":
+        return
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(
+            f'[plugins.ray] address = {address!r}; give "auto", "HOST:PORT" or "ray://HOST:PORT"',
+            param="address",
+        )
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise Unavailable(
+            f"the Ray cluster at {address} ([plugins.ray] address) does not answer"
+            f" ({type(exc).__name__}: {exc}); start it (`ray start --head --port {port}`)"
+            " or fix the address"
+        ) from None
 
 
 def _mapped(exc: BaseException, what: str) -> BaseException:
@@ -338,6 +372,7 @@ class RayExecutor:
         namespace: str = "llmos",
         event_interval_s: float = 0.5,
         node_ip_address: str | None = None,
+        connect_timeout_s: float = 10.0,
     ) -> None:
         self.namespace = namespace
         self.emit = emit
@@ -348,6 +383,7 @@ class RayExecutor:
         #: this executor connected the process to Ray, so it disconnects it at close
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
+            check_reachable(address, connect_timeout_s)
             if "RAY_DISABLE_FAILURE_SIGNAL_HANDLER" not in os.environ:
                 # a Ray driver's SIGTERM handler (abseil's) aborts the process 3 s
                 # later, cutting a daemon's drain short (ray-project/ray#64830):
@@ -390,12 +426,15 @@ class RayExecutor:
                 ' this machine belongs to), "HOST:PORT" or "ray://HOST:PORT"',
                 param="address",
             )
-        interval = options.get("event_interval_s", 0.5)
-        if isinstance(interval, bool) or not isinstance(interval, int | float) or interval <= 0:
-            raise ConfigError(
-                f"[plugins.ray] event_interval_s = {interval!r}; it takes a number of seconds > 0",
-                param="event_interval_s",
-            )
+        seconds = {}
+        for key, default in (("event_interval_s", 0.5), ("connect_timeout_s", 10.0)):
+            value = options.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise ConfigError(
+                    f"[plugins.ray] {key} = {value!r}; it takes a number of seconds > 0",
+                    param=key,
+                )
+            seconds[key] = float(value)
         serve_settings("(defaults)", options)  # a bad default fails at once, not at first use
         return cls(
             address,
@@ -403,8 +442,9 @@ class RayExecutor:
             options=options,
             home=str(context.home),
             namespace=str(options.get("namespace", "llmos")),
-            event_interval_s=float(interval),
+            event_interval_s=seconds["event_interval_s"],
             node_ip_address=options.get("node_ip_address"),
+            connect_timeout_s=seconds["connect_timeout_s"],
         )
 
     def run(self, coroutine: Any) -> concurrent.futures.Future[Any]:

@@ -50,6 +50,7 @@ _TIMING_KEYS = ("upscale_delay_s", "downscale_delay_s", "look_back_period_s")
 #: the keys of [plugins.ray] that are not deployment keys
 CLUSTER_KEYS = {
     "address",
+    "connect_timeout_s",
     "namespace",
     "deployments",
     "event_interval_s",
