@@ -253,23 +253,7 @@ def test_walking_the_impact_index_pages_as_scoring_every_match_does(
     assert every.total_exact and every.total > 5
     walked = open_pg(count_limit=5)
 
-    def key(page: object) -> list[tuple[str, float | None]]:
-        return [(hit.card.name, hit.score) for hit in page.items]  # type: ignore[attr-defined]
-
-    seen, cursor = [], None
-    while True:
-        page = walked.search(query, descending=descending, limit=7, cursor=cursor)
-        assert not page.total_exact
-        seen += key(page)
-        if (cursor := page.next_cursor) is None:
-            break
-    by_offset: list[tuple[str, float | None]] = []
-    offset: int | None = 0
-    while offset is not None:
-        page = walked.search(query, descending=descending, limit=7, offset=offset)
-        by_offset += key(page)
-        offset = page.next_offset
-    assert seen == by_offset == key(every)
+    _assert_pages_walk_to(walked, query, descending, every)
 
 
 def _phrase_cards() -> list[ModelCard]:
@@ -337,23 +321,7 @@ def test_phrases_and_text_under_or_page_as_scoring_every_match_does(
         monkeypatch.setattr(PostgresStore, name, counted)
     quick = open_pg(count_limit=5)
 
-    def key(page: SearchPage) -> list[tuple[str, float | None]]:
-        return [(hit.card.name, hit.score) for hit in page.items]
-
-    seen, cursor = [], None
-    while True:
-        page = quick.search(query, descending=descending, limit=7, cursor=cursor)
-        assert not page.total_exact
-        seen += key(page)
-        if (cursor := page.next_cursor) is None:
-            break
-    by_offset: list[tuple[str, float | None]] = []
-    offset: int | None = 0
-    while offset is not None:
-        page = quick.search(query, descending=descending, limit=7, offset=offset)
-        by_offset += key(page)
-        offset = page.next_offset
-    assert seen == by_offset == key(every)
+    _assert_pages_walk_to(quick, query, descending, every)
     if descending:
         assert (taken["_bounded"] > 0, taken["_zeros"] > 0) == (bounded, zeros), taken
     else:  # worst first: every match is scored
@@ -395,3 +363,27 @@ def test_a_schema_with_other_tables_of_those_names_is_refused(
     ):
         PostgresStore(server.dsn, schema=schema)
     assert _sql(server, "SELECT to_regclass(%s)", f"{schema}.versions") == [(None,)]
+
+
+def _hits(page: SearchPage) -> list[tuple[str, float | None]]:
+    return [(hit.card.name, hit.score) for hit in page.items]
+
+
+def _assert_pages_walk_to(store: Any, query: str, descending: bool, every: SearchPage) -> None:
+    """Pages of 7 by cursor and by offset (under a count limit: totals not
+    exact) give the same hits, in the same order, as ``every`` at once."""
+    seen: list[tuple[str, float | None]] = []
+    cursor = None
+    while True:
+        page = store.search(query, descending=descending, limit=7, cursor=cursor)
+        assert not page.total_exact
+        seen += _hits(page)
+        if (cursor := page.next_cursor) is None:
+            break
+    by_offset: list[tuple[str, float | None]] = []
+    offset: int | None = 0
+    while offset is not None:
+        page = store.search(query, descending=descending, limit=7, offset=offset)
+        by_offset += _hits(page)
+        offset = page.next_offset
+    assert seen == by_offset == _hits(every)
