@@ -28,7 +28,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
+import structlog
 
+from llmos.logs import configure_logging
 from llmos.plugin import hookimpl
 from llmos.plugin.manager import PluginInfo, PluginManager
 from llmos.types import MonitorEvent, MonitorSinkSpec
@@ -57,10 +59,6 @@ def json_logs(level: str = "warning") -> Iterator[None]:
     render, easy to parse), then structlog's configuration as it was before —
     not structlog's defaults, which print every level to stdout and would
     corrupt the ``--json`` output of a CLI test that runs later."""
-    import structlog
-
-    from llmos.logs import configure_logging
-
     saved = structlog.get_config()
     configure_logging(level, fmt="json")
     try:
