@@ -159,3 +159,36 @@ def test_who_deploys_when_a_daemon_dies_or_fails_mid_deploy(executor: Any) -> No
     assert table.release("app", three) == 0  # the last holder's release: delete it
     assert table.holders() == {}
     ray.kill(queues[2])
+
+
+def test_the_placements_come_back_after_their_actor_restarts(
+    executor: Any, other: Any, tiny_dir: Path
+) -> None:
+    import ray
+
+    from llmos_ray.executor import HOLD_EVERY_S
+    from llmos_ray.placements import NAME
+
+    executor.options["deployments"] = {"shared": {"num_replicas": 2}}
+    first = executor.place(tiny_spec("shared", tiny_dir))
+    try:
+        deployed_at = _deployed_at(first.app)
+        actor = ray.get_actor(NAME, namespace=executor.namespace)
+        ray.kill(actor, no_restart=False)  # it restarts with no records
+        deadline = time.monotonic() + 10 * HOLD_EVERY_S
+        while True:  # the holder says again what it holds
+            try:
+                if executor.holders(first.app) == [executor.events_name]:
+                    break
+            except ray.exceptions.RayActorError:
+                pass  # still restarting
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        second = other.place(tiny_spec("shared", tiny_dir))
+        assert second.app == first.app
+        assert _deployed_at(first.app) == deployed_at  # attached, not deployed again
+        first.close()  # and one daemon letting go leaves it to the other
+        assert serve.status().applications[first.app].status == "RUNNING"
+        second.close()
+    finally:
+        first.close()

@@ -85,6 +85,8 @@ log = structlog.get_logger("llmos.ray")
 
 #: the deployment's name inside each model's application
 DEPLOYMENT = "model"
+#: how often a daemon tells the placements actor again what it holds
+HOLD_EVERY_S = 5.0
 
 
 def app_name(key: str, fingerprint: str = "") -> str:
@@ -411,8 +413,13 @@ class RayExecutor:
         )
         self._thread.start()
         self._apps: set[str] = set()
+        #: the applications it holds that are deployed (said again every HOLD_EVERY_S)
+        self._held: set[str] = set()
+        self._held_lock = threading.Lock()
         self._models: dict[str, RayModel] = {}
         self._lock = threading.Lock()
+        self._closing = threading.Event()
+        threading.Thread(target=self._hold_every, name="llmos-ray-holds", daemon=True).start()
 
     @classmethod
     def from_context(cls, context: PluginContext) -> RayExecutor:
@@ -472,6 +479,8 @@ class RayExecutor:
         app = app_name(request.key, fingerprint(shipped, options, self.namespace))
         started = time.perf_counter()
         handle = self._deploy_or_attach(request.key, app, shipped, options, timeout_s)
+        with self._held_lock:
+            self._held.add(app)
         try:
             info = handle.describe.remote().result(timeout_s=timeout_s)
         except Exception as exc:
@@ -595,8 +604,11 @@ class RayExecutor:
             for key in [k for k, m in self._models.items() if m.app == app]:
                 del self._models[key]
         self._apps.discard(app)
+        with self._held_lock:  # no hold of it is sent after this release (one caller: in order)
+            self._held.discard(app)
+            released = self._placements.release.remote(app, self.events_name)
         try:
-            left = ray.get(self._placements.release.remote(app, self.events_name), timeout=30)
+            left = ray.get(released, timeout=30)
         except Exception as exc:
             log.warning("ray.release_failed", app=app, error=repr(exc))
             left = 0
@@ -608,6 +620,13 @@ class RayExecutor:
         except Exception as exc:
             log.warning("ray.delete_failed", app=app, error=repr(exc))
 
+    def _hold_every(self) -> None:
+        while not self._closing.wait(HOLD_EVERY_S):
+            with self._held_lock:
+                if not self._held:
+                    continue
+                self._placements.hold.remote(sorted(self._held), self.events_name)
+
     def holders(self, app: str) -> list[str]:
         """The daemons (their event queues' names) holding ``app`` now."""
         return list(ray.get(self._placements.queues.remote(app), timeout=30))
@@ -615,6 +634,7 @@ class RayExecutor:
     def close(self) -> None:
         """Let go of the applications it holds (each deleted where no other
         daemon holds it), drain the last events, stop its loop."""
+        self._closing.set()
         for app in list(self._apps):
             self.delete(app)
         self._drainer.close()

@@ -14,7 +14,9 @@ application deploys it; the others wait until it is deployed and attach to
 it; if the deploying daemon fails or dies first, the next one to ask deploys
 it. :meth:`~Placements.release` says how many daemons still hold the
 application, and the last one out deletes it. Replicas send their own events
-(loaded, evicted) to every holder's queue (:meth:`~Placements.queues`).
+(loaded, evicted) to every holder's queue (:meth:`~Placements.queues`). Each
+daemon says again what it holds every few seconds (:meth:`~Placements.hold`),
+so the records come back if this actor is restarted.
 """
 
 from __future__ import annotations
@@ -99,6 +101,14 @@ class Placements:
         if not left:
             del self._apps[app]
         return left
+
+    def hold(self, apps: list[str], holder: str) -> None:
+        """``holder`` says again which deployed applications it holds (every
+        few seconds): records lost with this actor (a restart) come back."""
+        for app in apps:
+            entry = self._pruned(app)
+            entry.holders.add(holder)
+            entry.deployed, entry.deployer = True, None
 
     def queues(self, app: str) -> list[str]:
         """The event queues of the daemons holding ``app`` (live ones)."""
