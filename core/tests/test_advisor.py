@@ -177,6 +177,17 @@ def test_an_engine_short_of_kv_cache_is_told_to_get_more(tmp_path: Path, table_m
             )
         )
         assert advise(kernel.monitor) == []
+        # a burst that just ended: the engine is idle now, its peak in the interval is what counts
+        kernel.monitor.windows.observe(
+            MonitorEvent(
+                kind="engine.stats",
+                model="gen@1",
+                fields={**stats, "running": 0, "waiting": 0, "kv_cache_usage": 0.0,
+                        "kv_cache_usage_max": 0.97},
+            )
+        )  # fmt: skip
+        (after_burst,) = advise(kernel.monitor)
+        assert after_burst.evidence["kv_cache_usage"] == 0.97
     finally:
         kernel.stop()
     assert (advice.id, advice.model, advice.severity) == ("kv-cache", "gen@1", "warning")

@@ -253,7 +253,10 @@ def _errors(model: str, figures: Mapping[str, Any]) -> list[Advice]:
 def _engine(model: str, figures: Mapping[str, Any]) -> list[Advice]:
     """A self-batching engine (vLLM) whose requests wait for KV-cache room."""
     engine = figures.get("engine") or {}
-    usage, waiting = engine.get("kv_cache_usage"), engine.get("waiting_max", 0)
+    # the interval's peak where the engine says it: the latest reading of a burst
+    # that just ended is that of an idle engine
+    usage = engine.get("kv_cache_usage_max", engine.get("kv_cache_usage"))
+    waiting = engine.get("waiting_max", 0)
     if usage is None or usage < 0.9 or not waiting:
         return []
     return [

@@ -80,6 +80,7 @@ class _Figures:
         self.preempted = 0
         self.running_max = 0
         self.waiting_max = 0
+        self.kv_cache_usage_max = 0.0
 
     def record(self, scheduler: Any, iteration: Any) -> None:
         if iteration is not None:
@@ -91,6 +92,8 @@ class _Figures:
         running, waiting = int(scheduler.num_running_reqs), int(scheduler.num_waiting_reqs)
         self.running_max = max(self.running_max, running)
         self.waiting_max = max(self.waiting_max, waiting)
+        # the peak, not only the latest: the event of the step that goes idle says 0
+        self.kv_cache_usage_max = max(self.kv_cache_usage_max, float(scheduler.kv_cache_usage))
         now = time.monotonic()
         idle = running == 0 and waiting == 0
         # busy: one event per interval; the step that goes idle: one more
@@ -108,6 +111,7 @@ class _Figures:
             "running_max": self.running_max,
             "waiting_max": self.waiting_max,
             "kv_cache_usage": float(scheduler.kv_cache_usage),
+            "kv_cache_usage_max": self.kv_cache_usage_max,
             "prompt_tokens": self.prompt_tokens,
             "generation_tokens": self.generation_tokens,
             "generation_tokens_per_s": self.generation_tokens / seconds,
