@@ -70,7 +70,7 @@ def test_vllms_figures_reach_the_monitor(kernel: Kernel) -> None:
     assert max(f["kv_cache_usage_max"] for f in fields) > 0
     assert all(f["kv_cache_usage_max"] >= f["kv_cache_usage"] for f in fields)
     assert sum(f["generation_tokens"] for f in fields) >= 12 * 48
-    assert any(f["adapters_running"].get("lora-a@1", 0) >= 1 for f in fields)
+    assert any(f["adapters_running_max"].get("lora-a@1", 0) >= 1 for f in fields)
     last = fields[-1]
     assert (last["running"], last["waiting"]) == (0, 0)  # the last event: idle
     # and the kernel's own per-call events are there as for any model

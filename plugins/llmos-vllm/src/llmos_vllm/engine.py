@@ -81,6 +81,7 @@ class _Figures:
         self.running_max = 0
         self.waiting_max = 0
         self.kv_cache_usage_max = 0.0
+        self.adapters_running_max: dict[str, int] = {}
 
     def record(self, scheduler: Any, iteration: Any) -> None:
         if iteration is not None:
@@ -94,6 +95,8 @@ class _Figures:
         self.waiting_max = max(self.waiting_max, waiting)
         # the peak, not only the latest: the event of the step that goes idle says 0
         self.kv_cache_usage_max = max(self.kv_cache_usage_max, float(scheduler.kv_cache_usage))
+        for name, count in scheduler.running_lora_adapters.items():
+            self.adapters_running_max[name] = max(self.adapters_running_max.get(name, 0), count)
         now = time.monotonic()
         idle = running == 0 and waiting == 0
         # busy: one event per interval; the step that goes idle: one more
@@ -120,6 +123,7 @@ class _Figures:
             # by LoRA name: the adapter's card ref
             "adapters_running": {k: int(v) for k, v in scheduler.running_lora_adapters.items()},
             "adapters_waiting": {k: int(v) for k, v in scheduler.waiting_lora_adapters.items()},
+            "adapters_running_max": {k: int(v) for k, v in self.adapters_running_max.items()},
         }
         self.engine.emit(MonitorEvent(kind="engine.stats", model=self.engine.name, fields=fields))
         self.since = now
