@@ -29,6 +29,12 @@ def test_vllms_figures_reach_the_monitor(kernel: Kernel) -> None:
     """Twelve requests at once to the base and an adapter: ``engine.stats``
     events say how many ran together, the KV cache they took and which
     adapters ran — figures only vLLM has."""
+    # the earlier tests' last events first: a worker emits a call's event after
+    # its caller has the answer, and counts it done only then
+    deadline = time.monotonic() + 30
+    while any(w.busy for w in kernel.models.loaded()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    kernel.bus.flush()
     kernel.recorder.events.clear()
     sampling = Sampling(temperature=0, max_tokens=48)
 
