@@ -610,8 +610,9 @@ class RayExecutor:
         try:
             left = ray.get(released, timeout=30)
         except Exception as exc:
-            log.warning("ray.release_failed", app=app, error=repr(exc))
-            left = 0
+            # who else holds it is unknown: an application left running is the lesser harm
+            log.warning("ray.release_failed", app=app, error=repr(exc), deleted=force)
+            left = 1
         if left and not force:
             log.info("ray.app_kept", app=app, holders=left)
             return
@@ -625,7 +626,10 @@ class RayExecutor:
             with self._held_lock:
                 if not self._held:
                     continue
-                self._placements.hold.remote(sorted(self._held), self.events_name)
+                try:
+                    self._placements.hold.remote(sorted(self._held), self.events_name)
+                except Exception as exc:  # the next tick tries again
+                    log.warning("ray.hold_failed", error=repr(exc))
 
     def holders(self, app: str) -> list[str]:
         """The daemons (their event queues' names) holding ``app`` now."""
