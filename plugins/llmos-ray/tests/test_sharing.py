@@ -138,6 +138,7 @@ def test_who_deploys_when_a_daemon_dies_or_fails_mid_deploy(executor: Any) -> No
     one, two, three = names
     table = Placements(executor.namespace)
     assert table.acquire("app", one) == "deploy"
+    assert table.acquire("app", one) == "deploy"  # asked again (a retried call): the same
     assert table.acquire("app", two) == "wait"  # one is deploying it
     ray.kill(queues[0])  # the deploying daemon dies
     deadline = time.monotonic() + 30

@@ -44,7 +44,9 @@ class _App:
 
 
 class Placements:
-    """The actor's class: applications -> the daemons holding them."""
+    """The actor's class: applications -> the daemons holding them. Every
+    method gives the same answer run twice (Ray runs a call again when it met
+    a restart of the actor)."""
 
     def __init__(self, namespace: str) -> None:
         self.namespace = namespace
@@ -74,8 +76,8 @@ class Placements:
             return "attach"
         if entry.deployer is None:
             entry.deployer = holder
-            return "deploy"
-        return "wait"
+        # asked again by the deployer (a call Ray retried): still its to deploy
+        return "deploy" if entry.deployer == holder else "wait"
 
     def deployed(self, app: str, holder: str, ok: bool) -> None:
         """The deployer's word: ``ok`` (it runs), or it failed (the next asks deploy)."""
@@ -133,6 +135,8 @@ def placements(namespace: str) -> Any:
             get_if_exists=True,
             num_cpus=0,
             max_restarts=-1,
+            # a call that meets a restart is run again: every method may run twice
+            max_task_retries=-1,
             resources={"node:__internal_head__": 0.001},
         )
         .remote(namespace)
