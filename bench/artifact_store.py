@@ -78,6 +78,17 @@ def make_folder(folder: Path, mb: int) -> None:
     (folder / "tokenizer.json").write_text('{"version": "1.0"}')
 
 
+def machine() -> dict[str, Any]:
+    """Where the figures came from, as each result file records it."""
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
 def timed(run: Callable[[], Any]) -> float:
     started = time.perf_counter()
     run()
@@ -156,13 +167,7 @@ def prune_main(args: argparse.Namespace) -> None:
         "prune_added_to_a_fetch_ms": round(
             statistics.median(r["fetch_prune"] - r["fetch_no_prune"] for r in rounds) * 1000, 2
         ),
-        "machine": {
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "load_average": [round(x, 2) for x in os.getloadavg()],
-            "date": time.strftime("%Y-%m-%d"),
-        },
+        "machine": machine(),
     }
     out = args.out or RESULTS / "artifact_store_prune.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -232,13 +237,7 @@ def main() -> None:
             "put_file / (2 x copytree)": ratio("put_file", "copytree", 2.0),
         },
         "verify_hit_mb_per_s": round(args.mb / medians["verify_hit"], 1),
-        "machine": {
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "load_average": [round(x, 2) for x in os.getloadavg()],
-            "date": time.strftime("%Y-%m-%d"),
-        },
+        "machine": machine(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
