@@ -541,7 +541,7 @@ class RayExecutor:
         self, key: str, app: str, shipped: PlacementRequest, options: Mapping[str, Any]
     ) -> DeploymentHandle:
         status = serve.status().applications.get(app)
-        if status is not None and str(getattr(status.status, "value", status.status)) == "RUNNING":
+        if status is not None and _name(status.status) == "RUNNING":
             # left by a daemon that died holding it: the same placement (its name says so)
             ray.get(self._placements.deployed.remote(app, self.events_name, True), timeout=30)
             return serve.get_app_handle(app)
@@ -590,11 +590,11 @@ class RayExecutor:
             return {"status": "NOT_FOUND", "replicas": {}}
         deployment = status.deployments.get(DEPLOYMENT)
         if deployment is None:
-            return {"status": str(getattr(status.status, "value", status.status)), "replicas": {}}
+            return {"status": _name(status.status), "replicas": {}}
         states = deployment.replica_states.items()
         return {
-            "status": str(getattr(deployment.status, "value", deployment.status)),
-            "replicas": {str(getattr(k, "value", k)): v for k, v in states},
+            "status": _name(deployment.status),
+            "replicas": {_name(k): v for k, v in states},
         }
 
     def delete(self, app: str, *, force: bool = False) -> None:
@@ -649,6 +649,11 @@ class RayExecutor:
         if self._owns_ray:
             # a driver left connected at interpreter exit can abort the process
             ray.shutdown()
+
+
+def _name(state: Any) -> str:
+    """A Serve status or replica state (an enum, or its string) as its name."""
+    return str(getattr(state, "value", state))
 
 
 def _without_ray(card: ModelCard) -> ModelCard:
